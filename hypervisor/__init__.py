@@ -1,0 +1,1 @@
+"""The hypervisor: the sans-I/O model of Xen (`core`) and its gRPC adapter (`server`)."""

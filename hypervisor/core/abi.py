@@ -1,0 +1,227 @@
+"""The numbers of Xen's public ABI (xen/include/public) that the model and the wire share.
+
+Every constant lives here once, named as Xen names it; reference: xen-semantics.md section 0
+and the section cited beside each group. The proto's enums mirror these (a test checks).
+"""
+
+from enum import IntEnum
+
+
+class Errno(IntEnum):
+    """xen/include/public/errno.h; hypercalls return these negated."""
+
+    EPERM = 1
+    ENOENT = 2
+    ESRCH = 3
+    ENXIO = 6
+    E2BIG = 7
+    EAGAIN = 11
+    ENOMEM = 12
+    EACCES = 13
+    EFAULT = 14
+    EBUSY = 16
+    EEXIST = 17
+    EINVAL = 22
+    ENOSPC = 28
+    ERANGE = 34
+    ENOSYS = 38
+    EILSEQ = 84
+    EOPNOTSUPP = 95
+
+
+class Hypercall(IntEnum):
+    """Hypercall numbers (xen.h); multicall entries name their sub-call by these."""
+
+    MMU_UPDATE = 1
+    SET_TIMER_OP = 15
+    UPDATE_VA_MAPPING = 14
+    MULTICALL = 13
+    VCPU_OP = 24
+    MMUEXT_OP = 26
+    SCHED_OP = 29
+    EVENT_CHANNEL_OP = 32
+    XEN_VERSION = 17
+
+
+# Domain ids (section 0.3).
+DOMID_SELF = 0x7FF0
+DOMID_IO = 0x7FF1
+DOMID_XEN = 0x7FF2
+DOMID_COW = 0x7FF3
+DOMID_INVALID = 0x7FF4
+DOMID_FIRST_RESERVED = DOMID_SELF
+
+# Paging geometry: x86-64, 4 levels of 512 eight-byte entries.
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+ENTRIES_PER_TABLE = 512
+PADDR_BITS = 52
+PTE_MFN_MASK = ((1 << PADDR_BITS) - 1) & ~(PAGE_SIZE - 1)  # pte bits 12..51
+INVALID_MFN = (1 << (PADDR_BITS - PAGE_SHIFT)) - 1  # the all-ones frame number
+
+
+class Pte(IntEnum):
+    """PTE flag bits in pte-bit terms (section 0.4)."""
+
+    PRESENT = 1 << 0
+    RW = 1 << 1
+    USER = 1 << 2
+    PWT = 1 << 3
+    PCD = 1 << 4
+    ACCESSED = 1 << 5
+    DIRTY = 1 << 6
+    PSE = 1 << 7  # PAT in an L1
+    GLOBAL = 1 << 8
+    AVAIL = 0x7 << 9
+    GUEST_KERNEL = 1 << 52  # Xen's marker for a 64-bit PV guest-kernel page (section 2.5)
+    AVAIL_HIGH = 0x7FF << 52  # pte bits 52..62
+    NX = 1 << 63
+
+
+class PageType(IntEnum):
+    """A frame's type: the top three bits of Xen's type_info, shifted down (section 1.1)."""
+
+    NONE = 0
+    L1 = 1
+    L2 = 2
+    L3 = 3
+    L4 = 4
+    SEG_DESC = 5
+    SHARED = 6
+    WRITABLE = 7
+
+
+# Xen's reserved L4 slots for a 64-bit PV guest (section 9.1).
+HYPERVISOR_L4_FIRST = 256
+HYPERVISOR_L4_LAST = 271
+HYPERVISOR_VIRT_START = 0xFFFF800000000000
+HYPERVISOR_VIRT_END = 0xFFFF880000000000
+L4_SLOT_LINEAR = 258  # Xen's own self-map of every L4
+
+
+class MmuCmd(IntEnum):
+    """mmu_update request commands: ptr & 7 (section 4.2)."""
+
+    NORMAL_PT_UPDATE = 0
+    MACHPHYS_UPDATE = 1
+    PT_UPDATE_PRESERVE_AD = 2
+    PT_UPDATE_NO_TRANSLATE = 3
+
+
+class MmuextCmd(IntEnum):
+    """mmuext_op commands (section 5.1)."""
+
+    PIN_L1_TABLE = 0
+    PIN_L2_TABLE = 1
+    PIN_L3_TABLE = 2
+    PIN_L4_TABLE = 3
+    UNPIN_TABLE = 4
+    NEW_BASEPTR = 5
+    TLB_FLUSH_LOCAL = 6
+    INVLPG_LOCAL = 7
+    TLB_FLUSH_MULTI = 8
+    INVLPG_MULTI = 9
+    TLB_FLUSH_ALL = 10
+    INVLPG_ALL = 11
+    FLUSH_CACHE = 12
+    SET_LDT = 13
+    NEW_USER_BASEPTR = 15
+    CLEAR_PAGE = 16
+    COPY_PAGE = 17
+    FLUSH_CACHE_GLOBAL = 18
+    MARK_SUPER = 19
+    UNMARK_SUPER = 20
+
+
+# update_va_mapping flags (section 6): the low two bits pick the flush, the rest its scope.
+UVMF_NONE = 0
+UVMF_TLB_FLUSH = 1
+UVMF_INVLPG = 2
+UVMF_FLUSHTYPE_MASK = 3
+UVMF_LOCAL = 0
+UVMF_ALL = 4
+
+# Size limits of batched calls (not Xen's: Xen takes any count and preempts; a simulator that
+# runs a batch atomically bounds it so that one call cannot hold the hypervisor for long).
+MAX_BATCH = 4096
+
+# The start-info page (section 17), in xensim's layout: the magic, then these fields as
+# little-endian u64 in this order. The first six are Xen's; the rest are xensim's, so that a
+# guest need not guess its own layout.
+START_INFO_MAGIC = b"xen-3.0-x86_64"
+START_INFO_FIELDS = (
+    "nr_pages",  # pages of guest pseudo-physical memory
+    "shared_info",  # machine address of the shared-info frame
+    "flags",
+    "pt_base",  # virtual address of the initial L4 (pinned, loaded on vCPU 0)
+    "nr_pt_frames",  # frames of the initial pagetable, pfns from the L4's on
+    "mfn_list",  # virtual address of the P2M list: one u64 mfn per pfn
+    "first_free_pfn",  # pfns below this are used by the boot layout
+    "nr_vcpus",
+    "nr_lowmem_pages",  # pfns below this are in the kernel's direct map; the rest is highmem
+    "pt_base_mfn",
+)
+START_INFO_FIELD_OFFSET = 32
+PAGE_OFFSET = 0xFFFF880000000000  # 64-bit Linux's direct map, L4 slot 272
+MAX_VCPUS = 32  # vcpu_info areas in the shared-info frame (XEN_LEGACY_MAX_VCPUS)
+
+# Event channel operations (public/event_channel.h; section 16.3).
+EVTCHNOP_bind_interdomain = 0
+EVTCHNOP_bind_virq = 1
+EVTCHNOP_bind_pirq = 2
+EVTCHNOP_close = 3
+EVTCHNOP_send = 4
+EVTCHNOP_status = 5
+EVTCHNOP_alloc_unbound = 6
+EVTCHNOP_bind_ipi = 7
+EVTCHNOP_bind_vcpu = 8
+EVTCHNOP_unmask = 9
+EVTCHNOP_reset = 10
+
+# EVTCHNOP_status states (section 16.1).
+EVTCHNSTAT_closed = 0
+EVTCHNSTAT_unbound = 1
+EVTCHNSTAT_interdomain = 2
+EVTCHNSTAT_pirq = 3
+EVTCHNSTAT_virq = 4
+EVTCHNSTAT_ipi = 5
+
+# Ports of the 2-level ABI for a 64-bit guest: 64 words of 64 bits (section 16.2).
+EVTCHN_2L_NR_CHANNELS = 4096
+
+# Virtual IRQs (xen.h; section 16.4). Per-vCPU: TIMER, DEBUG, XENOPROF, XENPMU.
+VIRQ_TIMER = 0
+VIRQ_DEBUG = 1
+VIRQ_CONSOLE = 2
+VIRQ_DOM_EXC = 3
+VIRQ_TBUF = 4
+VIRQ_DEBUGGER = 6
+VIRQ_XENOPROF = 7
+VIRQ_CON_RING = 8
+VIRQ_PCPU_STATE = 9
+VIRQ_MEM_EVENT = 10
+VIRQ_ARGO = 11
+VIRQ_ENOMEM = 12
+VIRQ_XENPMU = 13
+VIRQ_ARCH_0 = 16
+NR_VIRQS = 24
+
+# vcpu_op commands (public/vcpu.h; section 14) and vcpu_guest_context flags (arch-x86/xen.h).
+VCPUOP_initialise = 0
+VCPUOP_up = 1
+VCPUOP_down = 2
+VCPUOP_is_up = 3
+VGCF_in_kernel = 1 << 2
+VGCF_online = 1 << 5
+
+# sched_op commands and shutdown reasons (public/sched.h; section 15).
+SCHEDOP_yield = 0
+SCHEDOP_block = 1
+SCHEDOP_shutdown = 2
+SCHEDOP_poll = 3
+SHUTDOWN_poweroff = 0
+SHUTDOWN_reboot = 1
+SHUTDOWN_suspend = 2
+SHUTDOWN_crash = 3
+SHUTDOWN_watchdog = 4
+SHUTDOWN_soft_reset = 5

@@ -1,0 +1,36 @@
+"""How a hypercall fails: `XenError` is the guest's errno; `SimulatorBug` is ours.
+
+A guest must never see a bug of the simulator as an errno (STYLE.md): the adapter turns
+`SimulatorBug` (and any other exception) into a loud INTERNAL status, never into a Xen error.
+"""
+
+from .abi import Errno
+
+
+class XenError(Exception):
+    """A hypercall failed the way Xen fails it: an errno and a message naming the rule.
+
+    For batched calls (mmu_update, mmuext_op) `index` is the failing entry and `done` the
+    number of entries committed before it, which is what Xen writes to `*pdone`.
+    """
+
+    def __init__(self, errno: Errno, message: str, *, index: int | None = None, done: int | None = None):
+        super().__init__(message)
+        self.errno = Errno(errno)
+        self.message = message
+        self.index = index
+        self.done = done
+
+    def at(self, index: int, what: str) -> "XenError":
+        """The same failure, placed at entry `index` of a batch (entries before it are done)."""
+        return XenError(self.errno, f"{what} entry {index}: {self.message}", index=index, done=index)
+
+    def __repr__(self) -> str:
+        return f"XenError({self.errno.name}, {self.message!r})"
+
+    def __str__(self) -> str:
+        return f"-{self.errno.name}: {self.message}"
+
+
+class SimulatorBug(AssertionError):
+    """An internal invariant broke (for example a frame freed with type references left)."""

@@ -1,0 +1,262 @@
+"""The frame table: per-mfn owner, type, counts and flags, and the reference primitives.
+
+Theory of operation (reference: xen-semantics.md sections 1 and 12).
+
+Every machine frame has a general reference count and a type with a type count. Whoever
+depends on a frame existing holds a general reference: the owning domain's allocation (the
+`ALLOCATED` bit plus one count), a pin, each vCPU base pointer, each present pagetable entry
+that points at the frame. Whoever depends on the frame keeping its *type* also holds a type
+reference: a pin, a base pointer and an upper-level entry hold a pagetable type (L1..L4), a
+writable L1 entry holds the `WRITABLE` type. A frame has one type at a time, so a frame with
+writable mappings cannot become a pagetable and a live pagetable cannot be mapped writable.
+
+A frame is *validated* when it first gains a pagetable type: every present entry is checked
+and takes its own references (recursively for upper levels). When its type count falls to
+zero it is *devalidated*: every entry's references are dropped (recursively). Pinning holds one
+type reference for as long as the guest wants, so the table stays validated and a cr3 load of a
+pinned table is O(1) instead of a walk over the whole tree: that is why guests pin.
+
+All counts change only in the primitives of this module (`get_page`, `put_page`,
+`get_page_type`, `put_page_type`, and their bulk forms used by vectorised L1 validation);
+`audit` recomputes them from first principles.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .abi import PageType
+from .errors import SimulatorBug, XenError
+from .abi import Errno
+from .memory import MachineMemory
+
+NO_OWNER = -1
+
+# Frame flags (Xen's PGC_allocated, PGT_validated, PGT_pinned, PGC_xen_heap).
+ALLOCATED = 1
+VALIDATED = 2
+PINNED = 4
+XEN_HEAP = 8
+
+PAGETABLE_TYPES = (PageType.L1, PageType.L2, PageType.L3, PageType.L4)
+_WRITABLE = int(PageType.WRITABLE)
+_NONE = int(PageType.NONE)
+
+
+class FrameTable:
+    """Per-frame metadata as numpy arrays indexed by mfn, plus the free-frame allocator."""
+
+    def __init__(self, nr_frames: int, memory: MachineMemory):
+        self.nr_frames = nr_frames
+        self.memory = memory
+        self.owner = np.full(nr_frames, NO_OWNER, dtype=np.int32)
+        self.type = np.zeros(nr_frames, dtype=np.int8)
+        self.type_count = np.zeros(nr_frames, dtype=np.int64)
+        self.count = np.zeros(nr_frames, dtype=np.int64)
+        self.flags = np.zeros(nr_frames, dtype=np.uint8)
+        # Xen's linear_pt_count: > 0 the table holds that many linear entries, < 0 it is the
+        # target of that many linear entries (section 2.3).
+        self.linear = np.zeros(nr_frames, dtype=np.int32)
+        # Hooks set by the owner of the model: (de)validation of pagetable frames, and Xen's
+        # safety TLB flush when a frame changes type or is freed.
+        self.promote: Callable[[int, PageType], None] = _unset
+        self.demote: Callable[[int, PageType], None] = _unset
+        self.forget_mappings: Callable[[int], None] = lambda mfn: None
+        self._alloc_cursor = 0
+
+    # -- allocation ---------------------------------------------------------------------
+
+    def alloc(self, domid: int, n: int) -> np.ndarray:
+        """Assign `n` free frames to `domid` (lowest free first), each with the allocation ref."""
+        free = np.flatnonzero(self.owner[self._alloc_cursor :] == NO_OWNER)[:n] + self._alloc_cursor
+        if len(free) < n:
+            free = np.flatnonzero(self.owner == NO_OWNER)[:n]
+        if len(free) < n:
+            raise XenError(Errno.ENOMEM, f"machine has {len(free)} free frames, {n} wanted")
+        self.owner[free] = domid
+        self.count[free] = 1
+        self.flags[free] = ALLOCATED
+        self.type[free] = _NONE
+        self._alloc_cursor = int(free[-1]) + 1 if n else self._alloc_cursor
+        return free
+
+    def free_frames(self) -> int:
+        return int(np.count_nonzero(self.owner == NO_OWNER))
+
+    # -- general references ---------------------------------------------------------------
+
+    def get_page(self, mfn: int, domid: int) -> bool:
+        """Take a general reference on a frame owned by `domid` (Xen's get_page)."""
+        if not 0 <= mfn < self.nr_frames or self.count.item(mfn) == 0 or self.owner.item(mfn) != domid:
+            return False
+        self.count[mfn] += 1
+        return True
+
+    def put_page(self, mfn: int) -> None:
+        """Drop a general reference; the last one frees the frame (Xen's put_page)."""
+        left = self.count.item(mfn) - 1
+        if left < 0:
+            raise SimulatorBug(f"put_page of mfn {mfn:#x} with no references")
+        self.count[mfn] = left
+        if left == 0:
+            self._free(mfn)
+
+    def _free(self, mfn: int) -> None:
+        if self.type_count.item(mfn):
+            raise SimulatorBug(f"mfn {mfn:#x} freed with {self.type_count.item(mfn)} type references")
+        self.owner[mfn] = NO_OWNER
+        self.type[mfn] = _NONE
+        self.flags[mfn] = 0
+        self.linear[mfn] = 0
+        self.memory.scrub(mfn)
+        self.forget_mappings(mfn)
+
+    def release(self, mfns: np.ndarray) -> np.ndarray:
+        """Drop the allocation reference of every frame in `mfns` at once (Xen's
+        put_page_alloc_ref over a dying domain's page list) and free those left with none.
+        Returns the frames that stay alive because something still references them."""
+        mfns = mfns[(self.flags[mfns] & ALLOCATED) != 0]
+        self.flags[mfns] &= ~np.uint8(ALLOCATED)
+        self.count[mfns] -= 1
+        gone = mfns[self.count[mfns] == 0]
+        if (self.type_count[gone] != 0).any():
+            raise SimulatorBug("frames freed with type references left")
+        self.owner[gone] = NO_OWNER
+        self.type[gone] = _NONE
+        self.flags[gone] = 0
+        self.linear[gone] = 0
+        for mfn in gone.tolist():
+            self.memory.scrub(mfn)
+        return mfns[self.count[mfns] != 0]
+
+    # -- type references ------------------------------------------------------------------
+
+    def get_page_type(self, mfn: int, want: PageType) -> None:
+        """Take a type reference of type `want`, validating on first use (section 1.4).
+
+        Raises `XenError(EINVAL)` on a type conflict, or the validation errno; on failure no
+        reference is kept and, as in Xen, a frame whose validation failed loses its type.
+        """
+        count = self.type_count.item(mfn)
+        have = self.type.item(mfn)
+        if count:
+            if have != want:
+                raise XenError(
+                    Errno.EINVAL,
+                    f"mfn {mfn:#x} has type {PageType(have).name} with {count} type references, "
+                    f"cannot take type {PageType(want).name}",
+                )
+            if not self.flags.item(mfn) & VALIDATED:
+                raise XenError(Errno.EINVAL, f"mfn {mfn:#x} is being validated as {PageType(have).name}")
+            self.type_count[mfn] = count + 1
+            return
+        if have != want:
+            self.type[mfn] = want
+            self.flags[mfn] &= ~np.uint8(VALIDATED)
+            self.forget_mappings(mfn)  # Xen's filtered TLB flush on a type change (step 7)
+        self.type_count[mfn] = 1
+        if self.flags.item(mfn) & VALIDATED:
+            return
+        if want in PAGETABLE_TYPES:
+            try:
+                self.promote(mfn, PageType(want))
+            except XenError:
+                self.type_count[mfn] = 0
+                self.type[mfn] = _NONE
+                raise
+        self.flags[mfn] |= VALIDATED
+
+    def put_page_type(self, mfn: int) -> None:
+        """Drop a type reference; the last one of a pagetable devalidates it (section 1.6).
+
+        The type bits stay, so taking the same type again re-validates from scratch.
+        """
+        count = self.type_count.item(mfn)
+        if count <= 0:
+            raise SimulatorBug(f"put_page_type of mfn {mfn:#x} with no type references")
+        kind = self.type.item(mfn)
+        if count == 1 and kind in PAGETABLE_TYPES and self.flags.item(mfn) & VALIDATED:
+            self.flags[mfn] &= ~np.uint8(VALIDATED)
+            self.demote(mfn, PageType(kind))
+            self.linear[mfn] = 0
+        self.type_count[mfn] = count - 1
+
+    def get_page_and_type(self, mfn: int, domid: int, want: PageType) -> None:
+        """A general and a type reference together (Xen's get_page_and_type_from_mfn)."""
+        if not self.get_page(mfn, domid):
+            raise XenError(Errno.EINVAL, f"mfn {mfn:#x} is {self.describe_owner(mfn)}, not owned by dom{domid}")
+        try:
+            self.get_page_type(mfn, want)
+        except XenError:
+            self.put_page(mfn)
+            raise
+
+    def put_page_and_type(self, mfn: int) -> None:
+        self.put_page_type(mfn)
+        self.put_page(mfn)
+
+    # -- bulk forms for vectorised L1 (de)validation ----------------------------------------
+
+    def get_pages_bulk(self, mfns: np.ndarray, writable: np.ndarray) -> None:
+        """Commit the references of a validated L1: a general ref per entry and a writable
+        type ref per RW entry. The caller has already checked every entry."""
+        np.add.at(self.count, mfns, 1)
+        if len(writable):
+            retype = writable[(self.type_count[writable] == 0) & (self.type[writable] != _WRITABLE)]
+            for mfn in np.unique(retype).tolist():
+                self.type[mfn] = _WRITABLE
+                self.forget_mappings(mfn)
+            self.flags[writable] |= np.uint8(VALIDATED)
+            np.add.at(self.type_count, writable, 1)
+
+    def put_pages_bulk(self, mfns: np.ndarray, writable: np.ndarray) -> None:
+        """Drop what `get_pages_bulk` took; frames whose last reference goes are freed."""
+        if len(writable):
+            np.subtract.at(self.type_count, writable, 1)
+            if (self.type_count[writable] < 0).any():
+                raise SimulatorBug("writable type count below zero while devalidating an L1")
+        np.subtract.at(self.count, mfns, 1)
+        gone = mfns[self.count[mfns] <= 0]
+        if len(gone):
+            if (self.count[gone] < 0).any():
+                raise SimulatorBug("general count below zero while devalidating an L1")
+            for mfn in np.unique(gone).tolist():
+                self._free(mfn)
+
+    # -- pins --------------------------------------------------------------------------------
+
+    def is_pinned(self, mfn: int) -> bool:
+        return bool(self.flags.item(mfn) & PINNED)
+
+    def set_pinned(self, mfn: int, pinned: bool) -> None:
+        if pinned:
+            self.flags[mfn] |= np.uint8(PINNED)
+        else:
+            self.flags[mfn] &= ~np.uint8(PINNED)
+
+    # -- descriptions for error messages and FrameInfo -----------------------------------
+
+    def describe_owner(self, mfn: int) -> str:
+        if not 0 <= mfn < self.nr_frames:
+            return "outside machine memory"
+        owner = self.owner.item(mfn)
+        return "free" if owner == NO_OWNER else f"owned by dom{owner}"
+
+    def info(self, mfn: int) -> dict:
+        flags = self.flags.item(mfn)
+        owner = self.owner.item(mfn)
+        return {
+            "mfn": mfn,
+            "owner": None if owner == NO_OWNER else owner,
+            "type": PageType(self.type.item(mfn)).name,
+            "type_count": self.type_count.item(mfn),
+            "count": self.count.item(mfn),
+            "allocated": bool(flags & ALLOCATED),
+            "validated": bool(flags & VALIDATED),
+            "pinned": bool(flags & PINNED),
+            "xen_heap": bool(flags & XEN_HEAP),
+        }
+
+
+def _unset(mfn: int, kind: PageType) -> None:
+    raise SimulatorBug("frame table used before its pagetable hooks were set")

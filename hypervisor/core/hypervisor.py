@@ -1,0 +1,173 @@
+"""The model's single entry point: one dispatch table for every hypercall and toolstack op.
+
+Every call goes through `Hypervisor.hypercall` (a guest vCPU's) or `Hypervisor.toolstack`
+(the admin's), which look the op up in one table; this is the one place where the trace and
+the statistics attach. A call returns a JSON-able result or raises `XenError`.
+"""
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import mmu
+from .abi import DOMID_FIRST_RESERVED, DOMID_XEN, Errno
+from .domain import INVALID_M2P, Domain, Vcpu, build, relinquish
+from .errors import SimulatorBug, XenError
+from .frames import ALLOCATED, XEN_HEAP, FrameTable
+from .memory import MachineMemory
+from .pagetable import PageTables
+
+DEFAULT_FRAMES = 1 << 20  # 4 GiB of machine memory
+RESERVED_FRAMES = 16  # the low frames belong to Xen, so mfn 0 never names a guest frame
+MAX_DOMAINS = 256
+
+
+def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list) -> list[dict]:
+    """HYPERVISOR_multicall (section 13): run each {"op", "args"} entry, record its result,
+    and go on past failures; a multicall inside a multicall fails with EINVAL."""
+    results = []
+    for call in calls:
+        op, args = call["op"], call.get("args", {})
+        if op == "multicall":
+            results.append(error_result(XenError(Errno.EINVAL, "multicall may not be nested")))
+            continue
+        handler = HYPERCALLS.get(op)
+        if handler is None:
+            results.append(error_result(XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")))
+            continue
+        try:
+            results.append({"result": handler(hv, vcpu, **args)})
+        except XenError as e:
+            results.append(error_result(e))
+    return results
+
+
+def error_result(e: XenError) -> dict:
+    out = {"errno": e.errno.name, "message": e.message}
+    if e.done is not None:
+        out["done"] = e.done
+    return out
+
+
+HYPERCALLS: dict[str, Callable[..., Any]] = {
+    "mmu_update": mmu.mmu_update,
+    "mmuext_op": mmu.mmuext_op,
+    "update_va_mapping": mmu.update_va_mapping,
+    "multicall": multicall,
+}
+
+
+class Hypervisor:
+    """Machine memory, the frame table, the M2P, and every domain with its vCPUs."""
+
+    def __init__(self, nr_frames: int = DEFAULT_FRAMES):
+        self.nr_frames = nr_frames
+        self.memory = MachineMemory(nr_frames)
+        self.frames = FrameTable(nr_frames, self.memory)
+        self.pagetables = PageTables(self.frames)
+        self.frames.forget_mappings = self._forget_mappings
+        self.m2p = np.full(nr_frames, INVALID_M2P, dtype=np.uint64)
+        self.domains: dict[int, Domain] = {}
+        self._next_domid = 1
+        self.tracer: Callable[[dict], None] | None = None
+        self.stats: Counter = Counter()
+        xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES)
+        self.frames.flags[xen] |= np.uint8(XEN_HEAP)
+
+    # -- the dispatch ------------------------------------------------------------------------
+
+    def hypercall(self, domid: int, vcpu_id: int, op: str, **args) -> Any:
+        """Run hypercall `op` as vCPU `vcpu_id` of `domid`."""
+        return self._dispatch([domid, vcpu_id], op, args)
+
+    def toolstack(self, op: str, **args) -> Any:
+        """Run a toolstack (domain-control) operation."""
+        return self._dispatch(None, op, args)
+
+    def _dispatch(self, caller: list | None, op: str, args: dict) -> Any:
+        record = {"caller": caller, "op": op, "args": args}
+        try:
+            if caller is None:
+                handler = TOOLSTACK.get(op)
+                if handler is None:
+                    raise XenError(Errno.ENOSYS, f"unknown toolstack op {op!r}")
+                result = handler(self, **args)
+            else:
+                handler = HYPERCALLS.get(op)
+                if handler is None:
+                    raise XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")
+                result = handler(self, self.vcpu(*caller), **args)
+        except XenError as e:
+            self.stats[(op, e.errno.name)] += 1
+            if self.tracer:
+                record["error"] = error_result(e)
+                self.tracer(record)
+            raise
+        self.stats[(op, "ok")] += 1
+        if self.tracer:
+            record["result"] = result
+            self.tracer(record)
+        return result
+
+    def vcpu(self, domid: int, vcpu_id: int) -> Vcpu:
+        domain = self.domain(domid)
+        if not 0 <= vcpu_id < len(domain.vcpus):
+            raise XenError(Errno.ENOENT, f"dom{domid} has no vCPU {vcpu_id}")
+        return domain.vcpus[vcpu_id]
+
+    def domain(self, domid: int) -> Domain:
+        domain = self.domains.get(domid)
+        if domain is None:
+            raise XenError(Errno.ESRCH, f"no domain {domid}")
+        return domain
+
+    def _forget_mappings(self, mfn: int) -> None:
+        """Xen's safety flush when a frame changes type: no vCPU keeps a translation to it.
+        Only the owner's vCPUs can have one (nobody else may map the frame)."""
+        domain = self.domains.get(self.frames.owner.item(mfn))
+        if domain is not None:
+            for vcpu in domain.vcpus:
+                if vcpu.tlb.maps(mfn):
+                    vcpu.tlb.forget_mfn(mfn)
+
+    # -- toolstack ---------------------------------------------------------------------------
+
+    def create_domain(self, nr_pages: int, nr_vcpus: int = 1, name: str = "", highmem_pages: int = 0) -> dict:
+        if len(self.domains) >= MAX_DOMAINS:
+            raise XenError(Errno.ENOSPC, f"the machine already runs {MAX_DOMAINS} domains")
+        domid = self._next_domid
+        while domid in self.domains:
+            domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
+        domain = build(self.frames, self.m2p, domid, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages)
+        self.domains[domid] = domain
+        self._next_domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
+        return {"domid": domid, "start_info": dict(domain.start_info)}
+
+    def destroy_domain(self, domid: int) -> dict:
+        domain = self.domain(domid)
+        owned = np.flatnonzero(self.frames.owner == domid)
+        leaked = relinquish(self.frames, self.pagetables, domain)
+        del self.domains[domid]
+        freed = owned[self.frames.owner[owned] != domid]
+        self.m2p[freed] = INVALID_M2P
+        if len(leaked):
+            raise SimulatorBug(f"dom{domid} destroyed with {len(leaked)} frames still referenced: {leaked[:8].tolist()}")
+        return {"freed_frames": len(freed)}
+
+    def frame_info(self, mfn: int) -> dict:
+        if not 0 <= mfn < self.nr_frames:
+            raise XenError(Errno.EINVAL, f"mfn {mfn:#x} is outside machine memory (0..{self.nr_frames - 1:#x})")
+        info = self.frames.info(mfn)
+        info["m2p"] = int(self.m2p[mfn])
+        return info
+
+    def allocated_frames(self) -> int:
+        return int(np.count_nonzero(self.frames.flags & ALLOCATED))
+
+
+TOOLSTACK: dict[str, Callable[..., Any]] = {
+    "create_domain": Hypervisor.create_domain,
+    "destroy_domain": Hypervisor.destroy_domain,
+}

@@ -1,0 +1,56 @@
+"""Machine memory: 4 KiB frames stored sparsely, each as 512 little-endian 64-bit words.
+
+A frame that was never written reads as zeros and costs nothing, so a host with many large
+guests stays small. Pagetable code sees a frame as a numpy array of 512 entries, which is what
+lets validation work on a whole frame at once; byte access views the same array.
+"""
+
+import numpy as np
+
+from .abi import ENTRIES_PER_TABLE, PAGE_SIZE
+
+_ZERO = np.zeros(ENTRIES_PER_TABLE, dtype=np.uint64)
+_ZERO.flags.writeable = False
+
+
+class MachineMemory:
+    """The contents of every machine frame, keyed by mfn."""
+
+    def __init__(self, nr_frames: int):
+        self.nr_frames = nr_frames
+        self._frames: dict[int, np.ndarray] = {}
+
+    def entries(self, mfn: int) -> np.ndarray:
+        """The frame's 512 words for reading (a shared read-only zero frame if never written)."""
+        return self._frames.get(mfn, _ZERO)
+
+    def frame(self, mfn: int) -> np.ndarray:
+        """The frame's 512 words for writing; the frame becomes stored."""
+        words = self._frames.get(mfn)
+        if words is None:
+            words = self._frames[mfn] = np.zeros(ENTRIES_PER_TABLE, dtype=np.uint64)
+        return words
+
+    def read(self, mfn: int, offset: int, length: int) -> bytes:
+        return self.entries(mfn).view(np.uint8)[offset : offset + length].tobytes()
+
+    def write(self, mfn: int, offset: int, data: bytes) -> None:
+        self.frame(mfn).view(np.uint8)[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
+    def scrub(self, mfn: int) -> None:
+        """Zero a frame (it reads as zeros again and stops costing memory)."""
+        self._frames.pop(mfn, None)
+
+    def copy(self, dst: int, src: int) -> None:
+        source = self._frames.get(src)
+        if source is None:
+            self.scrub(dst)
+        else:
+            self.frame(dst)[:] = source
+
+    @property
+    def stored_frames(self) -> int:
+        return len(self._frames)
+
+
+assert PAGE_SIZE == ENTRIES_PER_TABLE * 8

@@ -1,0 +1,303 @@
+"""Pagetable entry rules per level: validation (promote), devalidation (demote), mod_lN_entry.
+
+Reference: xen-semantics.md sections 2 and 3. The per-level differences (disallowed flags,
+which type an entry's target takes, which slots belong to the guest, how Xen adjusts stored
+entries) are one table, `LEVELS`; the code below is written once for all levels.
+
+An L1 is validated as a whole with numpy: every check of section 2.2 is computed for all 512
+entries at once, the first failing entry (in slot order, checks in Xen's order) is reported,
+and only when none fails are the references taken, in bulk. Because nothing is committed
+before every entry has passed, a failed validation leaves no trace, which is the state Xen
+reaches after dropping the references of slots 0..i-1. Upper levels have few present
+entries and recurse, so they loop in Python.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .abi import (
+    ENTRIES_PER_TABLE,
+    HYPERVISOR_L4_FIRST,
+    HYPERVISOR_L4_LAST,
+    INVALID_MFN,
+    L4_SLOT_LINEAR,
+    PAGE_SHIFT,
+    PTE_MFN_MASK,
+    Errno,
+    PageType,
+    Pte,
+)
+from .errors import SimulatorBug, XenError
+from .frames import VALIDATED, FrameTable
+
+P, RW, US, A, D, G = (int(f) for f in (Pte.PRESENT, Pte.RW, Pte.USER, Pte.ACCESSED, Pte.DIRTY, Pte.GLOBAL))
+GUEST_KERNEL = int(Pte.GUEST_KERNEL)
+CACHE_BITS = int(Pte.PWT | Pte.PCD)
+
+# Flags whose change alone takes the fast path of mod_lN_entry (FASTPATH_FLAG_WHITELIST).
+FASTPATH_WHITELIST = int(Pte.NX | Pte.AVAIL_HIGH | Pte.AVAIL | Pte.GLOBAL | Pte.DIRTY | Pte.ACCESSED | Pte.USER)
+
+
+def _guest_slots(level: int) -> np.ndarray:
+    slots = np.ones(ENTRIES_PER_TABLE, dtype=bool)
+    if level == 4:
+        slots[HYPERVISOR_L4_FIRST : HYPERVISOR_L4_LAST + 1] = False
+    return slots
+
+
+@dataclass(frozen=True)
+class Level:
+    """What differs between pagetable levels (sections 2.1, 2.4, 2.5, 3)."""
+
+    level: int
+    page_type: PageType
+    target_type: PageType | None  # the type an entry's target takes; None for leaf entries
+    disallow: int  # present entries with any of these bits fail with EINVAL
+    adjust: int  # flags Xen adds to every present entry it stores (L1 is special, see below)
+    guest_slots: np.ndarray  # slots the guest may write; the rest belong to Xen
+
+    @property
+    def name(self) -> str:
+        return f"L{self.level}"
+
+
+LEVELS: dict[int, Level] = {
+    1: Level(1, PageType.L1, None, int(Pte.PWT | Pte.PCD | Pte.PSE), 0, _guest_slots(1)),
+    2: Level(2, PageType.L2, PageType.L1, int(Pte.PWT | Pte.PCD | Pte.PSE | Pte.GLOBAL), US, _guest_slots(2)),
+    3: Level(3, PageType.L3, PageType.L2, int(Pte.PWT | Pte.PCD | Pte.PSE | Pte.GLOBAL), US, _guest_slots(3)),
+    4: Level(4, PageType.L4, PageType.L3, int(Pte.PWT | Pte.PCD | Pte.PSE | Pte.GLOBAL), A | US, _guest_slots(4)),
+}
+LEVEL_OF_TYPE = {lv.page_type: lv for lv in LEVELS.values()}
+
+_U64 = np.uint64
+_MFN_MASK = _U64(PTE_MFN_MASK)
+
+
+def entry_mfn(entry: int) -> int:
+    return (entry & PTE_MFN_MASK) >> PAGE_SHIFT
+
+
+def flag_names(entry: int) -> str:
+    return "|".join(f.name for f in Pte if f.bit_count() == 1 and entry & f) or "0"
+
+
+def adjust_l1e(entry: int) -> int:
+    """adjust_guest_l1e for a 64-bit guest: kernel pages get USER|GUEST_KERNEL, user pages
+    USER|GLOBAL (the guest kernel runs in ring 3). Idempotent, like Xen's."""
+    if not entry & US:
+        entry |= US | GUEST_KERNEL
+    if not entry & GUEST_KERNEL:
+        entry |= G | US
+    return entry
+
+
+def adjust_entry(level: Level, entry: int) -> int:
+    if not entry & P:
+        return entry
+    return adjust_l1e(entry) if level.level == 1 else entry | level.adjust
+
+
+def has_changed(old: int, new: int) -> bool:
+    """lNe_has_changed(old, new, ~whitelist): frame or a non-whitelisted flag differs."""
+    return bool((old ^ new) & ~FASTPATH_WHITELIST & 0xFFFFFFFFFFFFFFFF)
+
+
+class PageTables:
+    """Validation and checked updates of pagetable frames, over one frame table."""
+
+    def __init__(self, frames: FrameTable):
+        self.frames = frames
+        self.memory = frames.memory
+        frames.promote = self.promote
+        frames.demote = self.demote
+        self.entries_validated = 0  # counter for benchmarks and stats
+
+    # -- leaf entries (section 2.2) ------------------------------------------------------
+
+    def get_page_from_l1e(self, entry: int, pg_owner: int) -> None:
+        """Take the references a present L1 entry holds, or raise Xen's errno."""
+        level = LEVELS[1]
+        frames = self.frames
+        if entry & level.disallow:
+            raise XenError(Errno.EINVAL, f"bad L1 flags {flag_names(entry & level.disallow)}")
+        mfn = entry_mfn(entry)
+        if mfn >= frames.nr_frames:
+            if mfn == INVALID_MFN:
+                raise XenError(Errno.EINVAL, "maps the invalid mfn")
+            raise XenError(Errno.EPERM, f"maps mfn {mfn:#x} outside RAM (MMIO) without I/O memory permission")
+        if not frames.get_page(mfn, pg_owner):
+            raise XenError(Errno.EBUSY, f"maps mfn {mfn:#x} {frames.describe_owner(mfn)}, not dom{pg_owner}")
+        if entry & RW:
+            try:
+                frames.get_page_type(mfn, PageType.WRITABLE)
+            except XenError as e:
+                frames.put_page(mfn)
+                raise XenError(Errno.EBUSY, f"maps mfn {mfn:#x} writable but {e.message}") from None
+
+    def put_page_from_l1e(self, entry: int) -> None:
+        if not entry & P:
+            return
+        mfn = entry_mfn(entry)
+        if entry & RW:
+            self.frames.put_page_and_type(mfn)
+        else:
+            self.frames.put_page(mfn)
+
+    # -- upper-level entries (section 2.3) -------------------------------------------------
+
+    def get_page_from_upper(self, level: Level, entry: int, table: int, domid: int) -> None:
+        """Take the references an L2..L4 entry of `table` holds: the next level's type on its
+        target, or, failing that with EINVAL, a read-only linear reference to a same-level
+        table (self-references take none)."""
+        frames = self.frames
+        if entry & level.disallow:
+            raise XenError(Errno.EINVAL, f"bad {level.name} flags {flag_names(entry & level.disallow)}")
+        mfn = entry_mfn(entry)
+        try:
+            frames.get_page_and_type(mfn, domid, level.target_type)
+        except XenError as e:
+            if e.errno != Errno.EINVAL or not self._get_linear(level, entry, mfn, table, domid):
+                raise XenError(e.errno, f"points at mfn {mfn:#x}: {e.message}") from None
+
+    def _get_linear(self, level: Level, entry: int, mfn: int, table: int, domid: int) -> bool:
+        frames = self.frames
+        if entry & RW:
+            return False
+        if mfn == table:
+            return True
+        if frames.owner.item(table) != domid or not 0 <= mfn < frames.nr_frames:
+            return False
+        if frames.type.item(mfn) != level.page_type or not frames.flags.item(mfn) & VALIDATED:
+            return False
+        if frames.linear.item(table) < 0 or frames.linear.item(mfn) > 0:
+            return False
+        if not frames.get_page(mfn, domid):
+            return False
+        frames.get_page_type(mfn, level.page_type)  # validated and same type: cannot fail
+        frames.linear[table] += 1
+        frames.linear[mfn] -= 1
+        return True
+
+    def put_page_from_upper(self, level: Level, entry: int, table: int) -> None:
+        if not entry & P:
+            return
+        mfn = entry_mfn(entry)
+        if mfn == table:
+            return
+        frames = self.frames
+        if frames.type.item(mfn) == level.page_type:
+            frames.linear[table] -= 1
+            frames.linear[mfn] += 1
+        frames.put_page_and_type(mfn)
+
+    # -- whole tables ----------------------------------------------------------------------
+
+    def promote(self, mfn: int, kind: PageType) -> None:
+        """Validate every entry of a frame that is gaining pagetable type `kind` (section 2.4)."""
+        level = LEVEL_OF_TYPE[kind]
+        domid = self.frames.owner.item(mfn)
+        if level.level == 1:
+            self._promote_l1(mfn, domid)
+        else:
+            self._promote_upper(level, mfn, domid)
+        self.entries_validated += ENTRIES_PER_TABLE
+
+    def _promote_l1(self, mfn: int, domid: int) -> None:
+        frames = self.frames
+        words = self.memory.entries(mfn)
+        slots = np.flatnonzero(words & _U64(P))
+        if not len(slots):
+            return
+        entries = words[slots]
+        targets = ((entries & _MFN_MASK) >> _U64(PAGE_SHIFT)).astype(np.int64)
+        bad_flags = (entries & _U64(LEVELS[1].disallow)) != 0
+        outside = targets >= frames.nr_frames
+        safe = np.where(outside, 0, targets)
+        foreign = (frames.owner[safe] != domid) | (frames.count[safe] == 0)
+        rw = (entries & _U64(RW)) != 0
+        busy = rw & (frames.type_count[safe] != 0) & (frames.type[safe] != PageType.WRITABLE)
+        failed = bad_flags | outside | foreign | busy
+        if failed.any():
+            i = int(np.argmax(failed))
+            try:
+                self.get_page_from_l1e(int(entries[i]), domid)
+            except XenError as e:
+                raise XenError(e.errno, f"L1 entry {int(slots[i])} of mfn {mfn:#x} {e.message}") from None
+            raise SimulatorBug(f"vectorised L1 check refused entry {int(slots[i])} of mfn {mfn:#x}, scalar accepted")
+        frames.get_pages_bulk(targets, targets[rw])
+        kernel = (entries & _U64(US)) == 0
+        adjusted = entries | np.where(kernel, _U64(US | GUEST_KERNEL), _U64(0))
+        adjusted |= np.where((adjusted & _U64(GUEST_KERNEL)) == 0, _U64(G | US), _U64(0))
+        if (adjusted != entries).any():
+            self.memory.frame(mfn)[slots] = adjusted
+
+    def _promote_upper(self, level: Level, mfn: int, domid: int) -> None:
+        words = self.memory.entries(mfn)
+        present = (words & _U64(P)) != 0
+        slots = np.flatnonzero(present & level.guest_slots).tolist()
+        done: list[int] = []
+        for slot in slots:
+            entry = int(words[slot])
+            try:
+                self.get_page_from_upper(level, entry, mfn, domid)
+            except XenError as e:
+                for taken in reversed(done):
+                    self.put_page_from_upper(level, int(words[taken]), mfn)
+                raise XenError(e.errno, f"{level.name} entry {slot} of mfn {mfn:#x} {e.message}") from None
+            done.append(slot)
+        if slots:
+            table = self.memory.frame(mfn)
+            index = np.asarray(slots)
+            table[index] |= _U64(level.adjust)
+        if level.level == 4:
+            self.memory.frame(mfn)[L4_SLOT_LINEAR] = _U64((mfn << PAGE_SHIFT) | P | RW | A | D)
+
+    def demote(self, mfn: int, kind: PageType) -> None:
+        """Drop the references every entry of a table holds (section 1.6); cannot fail."""
+        level = LEVEL_OF_TYPE[kind]
+        words = self.memory.entries(mfn)
+        if level.level == 1:
+            entries = words[(words & _U64(P)) != 0]
+            targets = ((entries & _MFN_MASK) >> _U64(PAGE_SHIFT)).astype(np.int64)
+            self.frames.put_pages_bulk(targets, targets[(entries & _U64(RW)) != 0])
+            return
+        slots = np.flatnonzero(((words & _U64(P)) != 0) & level.guest_slots).tolist()
+        for slot in slots:
+            self.put_page_from_upper(level, int(words[slot]), mfn)
+
+    # -- checked single-entry update (section 3) -------------------------------------------
+
+    def mod_entry(self, level: Level, table: int, slot: int, new: int, pt_owner: int, pg_owner: int, preserve_ad: bool = False) -> None:
+        """Xen's mod_lN_entry: write entry `slot` of validated table `table`, taking the new
+        entry's references before dropping the old one's. Raises with nothing changed."""
+        if not level.guest_slots[slot]:
+            raise XenError(Errno.EINVAL, f"{level.name} entry {slot} of mfn {table:#x} is in Xen's private area")
+        if level.level > 1 and pg_owner != pt_owner:
+            raise XenError(Errno.EINVAL, f"{level.name} update of mfn {table:#x} with a foreign page owner")
+        words = self.memory.entries(table)
+        old = int(words[slot])
+        if preserve_ad:
+            new |= old & (A | D)
+        if new & P:
+            if new & level.disallow:
+                raise XenError(
+                    Errno.EINVAL,
+                    f"{level.name} entry {slot} of mfn {table:#x}: bad {level.name} flags {flag_names(new & level.disallow)}",
+                )
+            new = adjust_entry(level, new)
+            if old & P and not has_changed(old, new):
+                self.memory.frame(table)[slot] = new
+                return
+            try:
+                if level.level == 1:
+                    self.get_page_from_l1e(new, pg_owner)
+                else:
+                    self.get_page_from_upper(level, new, table, pt_owner)
+            except XenError as e:
+                raise XenError(e.errno, f"{level.name} entry {slot} of mfn {table:#x} {e.message}") from None
+        self.memory.frame(table)[slot] = new
+        if level.level == 1:
+            self.put_page_from_l1e(old)
+        else:
+            self.put_page_from_upper(level, old, table)

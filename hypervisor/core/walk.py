@@ -1,0 +1,66 @@
+"""Walking a guest's 4-level pagetable: how Xen itself reads guest virtual memory.
+
+Xen copies hypercall arguments that live in guest memory (the vCPU bitmaps of the MULTI
+flushes, section 10) through the calling vCPU's current kernel pagetable, as supervisor, so
+only presence matters here. The guest's own loads and stores, with permissions, accessed and
+dirty bits and the TLB, are the CPU model's business and build on `walk_entries`.
+"""
+
+from .abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, PAGE_SIZE, PTE_MFN_MASK, Pte
+from .memory import MachineMemory
+
+_P = int(Pte.PRESENT)
+LEVEL_SHIFTS = (39, 30, 21, 12)
+
+
+def canonical(va: int) -> bool:
+    """A 48-bit canonical address."""
+    return 0 <= va < (1 << 47) or (0xFFFF800000000000 <= va < (1 << 64))
+
+
+def guest_addr_ok(va: int) -> bool:
+    """Xen's __addr_ok for a 64-bit PV guest: canonical and outside Xen's reserved range."""
+    return canonical(va) and not HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END
+
+
+def walk_entries(memory: MachineMemory, l4: int, va: int) -> list[tuple[int, int, int]]:
+    """The (table mfn, slot, entry) of each level visited for `va`, stopping after the first
+    non-present entry. A complete walk has four items and a present last entry."""
+    path = []
+    table = l4
+    for shift in LEVEL_SHIFTS:
+        slot = (va >> shift) & 511
+        entry = int(memory.entries(table)[slot])
+        path.append((table, slot, entry))
+        if not entry & _P:
+            break
+        table = (entry & PTE_MFN_MASK) >> PAGE_SHIFT
+        if table >= memory.nr_frames:
+            break
+    return path
+
+
+def translate(memory: MachineMemory, l4: int, va: int) -> int | None:
+    """The mfn backing `va` under the table `l4`, or None where the walk finds no page."""
+    if not l4 or not canonical(va):
+        return None
+    path = walk_entries(memory, l4, va)
+    last = path[-1][2]
+    if len(path) < 4 or not last & _P:
+        return None
+    mfn = (last & PTE_MFN_MASK) >> PAGE_SHIFT
+    return mfn if mfn < memory.nr_frames else None
+
+
+def copy_from_guest(memory: MachineMemory, l4: int, va: int, length: int) -> bytes | None:
+    """Read `length` bytes at guest virtual `va` as Xen's copy_from_guest does; None on a fault."""
+    out = bytearray()
+    while length:
+        mfn = translate(memory, l4, va)
+        if mfn is None:
+            return None
+        offset = va & (PAGE_SIZE - 1)
+        chunk = min(length, PAGE_SIZE - offset)
+        out += memory.read(mfn, offset, chunk)
+        va, length = va + chunk, length - chunk
+    return bytes(out)
