@@ -63,6 +63,8 @@ class FrameTable:
         self.demote: Callable[[int, PageType], None] = _unset
         self.forget_mappings: Callable[[int], None] = lambda mfn: None
         self._alloc_cursor = 0
+        # Undo records of the type acquisition in progress (see get_page_type).
+        self._journal: list[tuple[int, int, int, np.ndarray | None]] | None = None
 
     # -- allocation ---------------------------------------------------------------------
 
@@ -134,9 +136,40 @@ class FrameTable:
     def get_page_type(self, mfn: int, want: PageType) -> None:
         """Take a type reference of type `want`, validating on first use (section 1.4).
 
-        Raises `XenError(EINVAL)` on a type conflict, or the validation errno; on failure no
-        reference is kept and, as in Xen, a frame whose validation failed loses its type.
+        Raises `XenError(EINVAL)` on a type conflict, or the validation errno. On failure no
+        reference is kept and nothing else changes either: Xen leaves the type bits of frames
+        it tried to validate (and the entries it adjusted) behind, which no guest can tell
+        apart from before since those frames have no type references; we undo them so that a
+        failed call leaves the model exactly as it was.
         """
+        if self._journal is not None:
+            return self._get_page_type(mfn, want)
+        self._journal = []
+        try:
+            self._get_page_type(mfn, want)
+        except XenError:
+            for frame, kind, flags, words in reversed(self._journal):
+                if words is not None:
+                    self.memory.frame(frame)[:] = words
+                elif not self.type_count.item(frame):
+                    self.type[frame] = kind
+                    self.flags[frame] = flags
+            raise
+        finally:
+            self._journal = None
+
+    def note_write(self, mfn: int) -> None:
+        """Record a frame's contents before validation rewrites its entries (see above)."""
+        if self._journal is not None:
+            self._journal.append((mfn, 0, 0, self.memory.entries(mfn).copy()))
+
+    def _retype(self, mfn: int, want: int) -> None:
+        if self._journal is not None:
+            self._journal.append((mfn, self.type.item(mfn), self.flags.item(mfn), None))
+        self.type[mfn] = want
+        self.forget_mappings(mfn)  # Xen's filtered TLB flush on a type change (step 7)
+
+    def _get_page_type(self, mfn: int, want: PageType) -> None:
         count = self.type_count.item(mfn)
         have = self.type.item(mfn)
         if count:
@@ -151,9 +184,8 @@ class FrameTable:
             self.type_count[mfn] = count + 1
             return
         if have != want:
-            self.type[mfn] = want
+            self._retype(mfn, want)
             self.flags[mfn] &= ~np.uint8(VALIDATED)
-            self.forget_mappings(mfn)  # Xen's filtered TLB flush on a type change (step 7)
         self.type_count[mfn] = 1
         if self.flags.item(mfn) & VALIDATED:
             return
@@ -162,7 +194,6 @@ class FrameTable:
                 self.promote(mfn, PageType(want))
             except XenError:
                 self.type_count[mfn] = 0
-                self.type[mfn] = _NONE
                 raise
         self.flags[mfn] |= VALIDATED
 
@@ -204,8 +235,7 @@ class FrameTable:
         if len(writable):
             retype = writable[(self.type_count[writable] == 0) & (self.type[writable] != _WRITABLE)]
             for mfn in np.unique(retype).tolist():
-                self.type[mfn] = _WRITABLE
-                self.forget_mappings(mfn)
+                self._retype(mfn, _WRITABLE)
             self.flags[writable] |= np.uint8(VALIDATED)
             np.add.at(self.type_count, writable, 1)
 

@@ -230,6 +230,7 @@ class PageTables:
         adjusted = entries | np.where(kernel, _U64(US | GUEST_KERNEL), _U64(0))
         adjusted |= np.where((adjusted & _U64(GUEST_KERNEL)) == 0, _U64(G | US), _U64(0))
         if (adjusted != entries).any():
+            self.frames.note_write(mfn)
             self.memory.frame(mfn)[slots] = adjusted
 
     def _promote_upper(self, level: Level, mfn: int, domid: int) -> None:
@@ -246,6 +247,7 @@ class PageTables:
                     self.put_page_from_upper(level, int(words[taken]), mfn)
                 raise XenError(e.errno, f"{level.name} entry {slot} of mfn {mfn:#x} {e.message}") from None
             done.append(slot)
+        self.frames.note_write(mfn)
         if slots:
             table = self.memory.frame(mfn)
             index = np.asarray(slots)

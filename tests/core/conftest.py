@@ -1,0 +1,40 @@
+from contextlib import contextmanager
+
+import pytest
+
+from hypervisor.core import Hypervisor, XenError, audit
+from hypervisor.core.trace import state_digest
+
+from .guest import Guest
+
+
+@pytest.fixture
+def hv():
+    hv = Hypervisor(nr_frames=1 << 14)
+    yield hv
+    assert audit(hv) == []
+
+
+@pytest.fixture
+def guest(hv):
+    return Guest(hv)
+
+
+@pytest.fixture
+def other(hv):
+    return Guest(hv)
+
+
+@contextmanager
+def fails_with(hv, errno, *, done=None, match=None):
+    """Assert the block raises XenError(errno) (with the given done-count) and that the whole
+    model state is exactly as before: a failed entry commits nothing."""
+    before = state_digest(hv)
+    with pytest.raises(XenError) as caught:
+        yield caught
+    assert caught.value.errno == errno, caught.value
+    if done is not None:
+        assert caught.value.done == done
+    if match is not None:
+        assert match in caught.value.message, caught.value.message
+    assert state_digest(hv) == before, "a failed call changed the model"

@@ -1,0 +1,114 @@
+"""A test guest: a domain on a small machine plus the bookkeeping a guest kernel would keep.
+
+Tests say what they build in guest terms (pfns, virtual addresses, entries) and this turns it
+into hypercalls, so each test reads as the protocol it exercises.
+"""
+
+from hypervisor.core import Hypervisor
+from hypervisor.core.abi import DOMID_SELF, PAGE_OFFSET, PAGE_SHIFT, MmuCmd, MmuextCmd, Pte
+
+P, RW, US, A, D = (int(f) for f in (Pte.PRESENT, Pte.RW, Pte.USER, Pte.ACCESSED, Pte.DIRTY))
+TABLE = P | RW | A | D  # how Linux writes upper-level entries (_KERNPG_TABLE)
+
+
+def slot(va: int, level: int) -> int:
+    return (va >> (12 + 9 * (level - 1))) & 511
+
+
+class Guest:
+    """One domain of `hv`, with a bump allocator over its free pfns."""
+
+    def __init__(self, hv: Hypervisor, nr_pages: int = 2048, nr_vcpus: int = 2, **kw):
+        self.hv = hv
+        created = hv.toolstack("create_domain", nr_pages=nr_pages, nr_vcpus=nr_vcpus, **kw)
+        self.domid = created["domid"]
+        self.start_info = created["start_info"]
+        self.domain = hv.domains[self.domid]
+        self.next_pfn = self.start_info["first_free_pfn"]
+        self.l4 = self.start_info["pt_base_mfn"]
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def mfn(self, pfn: int) -> int:
+        return int(self.domain.p2m[pfn])
+
+    def alloc(self) -> tuple[int, int]:
+        """A fresh page: (pfn, mfn). It is mapped writable in the kernel's direct map."""
+        pfn = self.next_pfn
+        self.next_pfn += 1
+        return pfn, self.mfn(pfn)
+
+    def direct_va(self, pfn: int) -> int:
+        return PAGE_OFFSET + (pfn << PAGE_SHIFT)
+
+    def direct_l1(self, pfn: int) -> tuple[int, int]:
+        """(mfn of the boot L1 that maps pfn in the direct map, slot), from the boot layout:
+        the L4, one L3, the L2s, then the L1s."""
+        nr_l1 = -(-self.start_info["nr_lowmem_pages"] // 512)
+        nr_l2 = -(-nr_l1 // 512)
+        pt_base_pfn = (self.start_info["pt_base"] - PAGE_OFFSET) >> PAGE_SHIFT
+        return self.mfn(pt_base_pfn + 2 + nr_l2 + pfn // 512), pfn % 512
+
+    # -- hypercalls as vCPU n ------------------------------------------------------------------
+
+    def call(self, op: str, vcpu: int = 0, **args):
+        return self.hv.hypercall(self.domid, vcpu, op, **args)
+
+    def mmu_update(self, *reqs, vcpu: int = 0, foreigndom: int = DOMID_SELF) -> int:
+        return self.call("mmu_update", vcpu, reqs=[list(r) for r in reqs], foreigndom=foreigndom)
+
+    def mmuext(self, *ops, vcpu: int = 0, foreigndom: int = DOMID_SELF) -> int:
+        return self.call("mmuext_op", vcpu, ops=[[int(c), a1, a2] for c, a1, a2 in (o + (0,) * (3 - len(o)) for o in ops)], foreigndom=foreigndom)
+
+    def set_entry(self, table_mfn: int, index: int, value: int, vcpu: int = 0) -> int:
+        return self.mmu_update(((table_mfn << PAGE_SHIFT) + 8 * index, value), vcpu=vcpu)
+
+    def pin(self, level: int, mfn: int, vcpu: int = 0) -> int:
+        return self.mmuext((MmuextCmd.PIN_L1_TABLE + level - 1, mfn), vcpu=vcpu)
+
+    def unpin(self, mfn: int, vcpu: int = 0) -> int:
+        return self.mmuext((MmuextCmd.UNPIN_TABLE, mfn), vcpu=vcpu)
+
+    def new_baseptr(self, mfn: int, vcpu: int = 0) -> int:
+        return self.mmuext((MmuextCmd.NEW_BASEPTR, mfn), vcpu=vcpu)
+
+    def machphys(self, mfn: int, pfn: int, vcpu: int = 0) -> int:
+        return self.mmu_update(((mfn << PAGE_SHIFT) | MmuCmd.MACHPHYS_UPDATE, pfn), vcpu=vcpu)
+
+    def make_readonly(self, pfn: int) -> None:
+        """Drop the direct map's write access to pfn, as a guest does before pinning it."""
+        l1, index = self.direct_l1(pfn)
+        self.set_entry(l1, index, (self.mfn(pfn) << PAGE_SHIFT) | P | A | D)
+
+    def make_writable(self, pfn: int) -> None:
+        l1, index = self.direct_l1(pfn)
+        self.set_entry(l1, index, (self.mfn(pfn) << PAGE_SHIFT) | P | RW | A | D)
+
+    # -- building address spaces ------------------------------------------------------------
+
+    def new_table(self, entries: dict[int, int] | None = None) -> tuple[int, int]:
+        """A page filled with `entries` (index -> raw value), written while still plain memory."""
+        pfn, mfn = self.alloc()
+        for index, value in (entries or {}).items():
+            self.set_entry(mfn, index, value)
+        return pfn, mfn
+
+    def new_pgd(self, user_pages: dict[int, int] | None = None, user_rw: bool = True, kernel: bool = True) -> dict:
+        """An L4 with the boot kernel half copied in and a fresh L3/L2/L1 chain mapping
+        `user_pages` (va -> mfn). All its table pages are made read-only in the direct map, as
+        Linux does before pinning. Returns the tree's mfns and pfns."""
+        l1_pfn, l1 = self.new_table(
+            {slot(va, 1): (m << PAGE_SHIFT) | P | US | A | D | (RW if user_rw else 0) for va, m in (user_pages or {}).items()}
+        )
+        any_va = next(iter(user_pages)) if user_pages else 0x400000
+        l2_pfn, l2 = self.new_table({slot(any_va, 2): (l1 << PAGE_SHIFT) | TABLE | US})
+        l3_pfn, l3 = self.new_table({slot(any_va, 3): (l2 << PAGE_SHIFT) | TABLE | US})
+        entries = {slot(any_va, 4): (l3 << PAGE_SHIFT) | TABLE | US}
+        if kernel:
+            boot = self.hv.memory.entries(self.l4)
+            entries.update({i: int(boot[i]) for i in range(272, 512) if int(boot[i]) & P})
+        l4_pfn, l4 = self.new_table(entries)
+        tree = {"l4": l4, "l3": l3, "l2": l2, "l1": l1, "pfns": [l4_pfn, l3_pfn, l2_pfn, l1_pfn]}
+        for pfn in tree["pfns"]:
+            self.make_readonly(pfn)
+        return tree
