@@ -1,0 +1,36 @@
+"""The benchmark suite behind `xensim bench`: groups of keys, one JSON report.
+
+Each module named in GROUPS has `run() -> {key: {"value": ..., "unit": ..., ...}}`. Ratios are
+taken side by side within one module's run, since these machines are shared and noisy.
+"""
+
+import importlib
+import os
+import platform
+import time
+
+GROUPS = {
+    "core": ["xensim.bench.core_mmu"],
+}
+
+
+def run(only: str | None = None, progress=print) -> dict:
+    if only is not None and only not in GROUPS:
+        raise SystemExit(f"unknown benchmark group {only!r}; groups: {', '.join(GROUPS)}")
+    report = {
+        "_context": {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    }
+    for group, modules in GROUPS.items():
+        if only not in (None, group):
+            continue
+        for name in modules:
+            progress(f"running {name} ...")
+            for key, result in importlib.import_module(name).run().items():
+                report[key] = result
+                progress(f"  {key} = {result['value']:.6g} {result['unit']}")
+    return report
