@@ -63,8 +63,9 @@ class FrameTable:
         self.demote: Callable[[int, PageType], None] = _unset
         self.forget_mappings: Callable[[int], None] = lambda mfn: None
         self._alloc_cursor = 0
-        # Undo records of the type acquisition in progress (see get_page_type).
-        self._journal: list[tuple[int, int, int, np.ndarray | None]] | None = None
+        # Undo records of the type acquisition in progress (see get_page_type): (mfn, old
+        # type, old flags, None) for a retype, (mfn, None, 0, old contents) for a rewrite.
+        self._journal: list[tuple[int, int | None, int, np.ndarray | None]] | None = None
 
     # -- allocation ---------------------------------------------------------------------
 
@@ -149,8 +150,8 @@ class FrameTable:
             self._get_page_type(mfn, want)
         except XenError:
             for frame, kind, flags, words in reversed(self._journal):
-                if words is not None:
-                    self.memory.frame(frame)[:] = words
+                if kind is None:
+                    self.memory.restore(frame, words)
                 elif not self.type_count.item(frame):
                     self.type[frame] = kind
                     self.flags[frame] = flags
@@ -161,7 +162,7 @@ class FrameTable:
     def note_write(self, mfn: int) -> None:
         """Record a frame's contents before validation rewrites its entries (see above)."""
         if self._journal is not None:
-            self._journal.append((mfn, 0, 0, self.memory.entries(mfn).copy()))
+            self._journal.append((mfn, None, 0, self.memory.snapshot(mfn)))
 
     def _retype(self, mfn: int, want: int) -> None:
         if self._journal is not None:

@@ -37,6 +37,21 @@ class MachineMemory:
     def write(self, mfn: int, offset: int, data: bytes) -> None:
         self.frame(mfn).view(np.uint8)[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
+    def snapshot(self, mfn: int) -> np.ndarray | None:
+        """A copy of the frame's contents (None for a frame never written), for `restore`."""
+        words = self._frames.get(mfn)
+        return None if words is None else words.copy()
+
+    def restore(self, mfn: int, snapshot: np.ndarray | None) -> None:
+        if snapshot is None:
+            self.scrub(mfn)
+        else:
+            self.frame(mfn)[:] = snapshot
+
+    def stored(self):
+        """(mfn, words) of every stored frame that is not all zeros, in mfn order."""
+        return ((mfn, self._frames[mfn]) for mfn in sorted(self._frames) if self._frames[mfn].any())
+
     def scrub(self, mfn: int) -> None:
         """Zero a frame (it reads as zeros again and stops costing memory)."""
         self._frames.pop(mfn, None)

@@ -64,9 +64,9 @@ def state_digest(hv: Hypervisor) -> str:
     frames = hv.frames
     for array in (frames.owner, frames.type, frames.type_count, frames.count, frames.flags, frames.linear, hv.m2p):
         h.update(array.tobytes())
-    for mfn in sorted(hv.memory._frames):
+    for mfn, words in hv.memory.stored():
         h.update(mfn.to_bytes(8, "little"))
-        h.update(hv.memory._frames[mfn].tobytes())
+        h.update(words.tobytes())
     for domid in sorted(hv.domains):
         domain = hv.domains[domid]
         h.update(repr((domain.info(), domain.p2m.tobytes(), sorted(domain.guest_m2p))).encode())
