@@ -187,7 +187,17 @@ EVTCHNSTAT_virq = 4
 EVTCHNSTAT_ipi = 5
 
 # Ports of the 2-level ABI for a 64-bit guest: 64 words of 64 bits (section 16.2).
-EVTCHN_2L_NR_CHANNELS = 4096
+BITS_PER_EVTCHN_WORD = 64
+EVTCHN_2L_NR_CHANNELS = BITS_PER_EVTCHN_WORD * BITS_PER_EVTCHN_WORD
+
+# struct shared_info for x86_64 (public/xen.h, arch-x86/xen.h; section 16.5): byte offsets.
+SHARED_INFO_VCPU_INFO = 0  # vcpu_info[MAX_VCPUS], VCPU_INFO_SIZE bytes each
+VCPU_INFO_SIZE = 64
+VCPU_INFO_UPCALL_PENDING = 0  # u8 evtchn_upcall_pending, within a vcpu_info
+VCPU_INFO_UPCALL_MASK = 1  # u8 evtchn_upcall_mask
+VCPU_INFO_PENDING_SEL = 8  # u64 evtchn_pending_sel: bit w = word w of evtchn_pending has news
+SHARED_INFO_EVTCHN_PENDING = 2048  # u64 evtchn_pending[64]: port p is bit p % 64 of word p / 64
+SHARED_INFO_EVTCHN_MASK = 2560  # u64 evtchn_mask[64], laid out likewise
 
 # Virtual IRQs (xen.h; section 16.4). Per-vCPU: TIMER, DEBUG, XENOPROF, XENPMU.
 VIRQ_TIMER = 0
@@ -225,3 +235,10 @@ SHUTDOWN_suspend = 2
 SHUTDOWN_crash = 3
 SHUTDOWN_watchdog = 4
 SHUTDOWN_soft_reset = 5
+
+# x86 page-fault error code bits, as Xen names them (PFEC_*). These data accesses never set
+# PFEC_reserved_bit (8: Xen's disallow masks keep reserved bits out of validated tables) or
+# PFEC_insn_fetch (16).
+PFEC_page_present = 1
+PFEC_write_access = 2
+PFEC_user_mode = 4

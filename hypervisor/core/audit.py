@@ -4,14 +4,15 @@ This is Xen 3.0's audit.c (section 12.5) over the holder table of section 12.1: 
 nothing, add one general reference for each allocation, pin, vCPU base pointer and present
 entry of a validated table, and one type reference for each pin, base pointer, upper-level
 entry and writable L1 entry; then every frame's counts must equal what the frame table says,
-along with the invariants of section 12.2 and P2M/M2P agreement. A healthy model has no
-findings.
+along with the invariants of section 12.2 and P2M/M2P agreement, then the event-channel
+port tables (`evtchn.audit`). A healthy model has no findings.
 """
 
 import numpy as np
 
 from .abi import DOMID_XEN, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
 from .domain import INVALID_M2P
+from .evtchn import audit as audit_ports
 from .frames import ALLOCATED, NO_OWNER, PINNED, VALIDATED, XEN_HEAP
 from .pagetable import LEVELS
 
@@ -90,4 +91,4 @@ def audit(hv) -> list[str]:
         checked = ~np.isin(p2m, list(domain.guest_m2p)) if domain.guest_m2p else np.ones(len(p2m), dtype=bool)
         for pfn in np.flatnonzero(checked & (hv.m2p[p2m] != expected_m2p)).tolist():
             findings.append(f"dom{domain.domid}: P2M says pfn {pfn:#x} is mfn {int(p2m[pfn]):#x}, M2P says that mfn is pfn {int(hv.m2p[p2m[pfn]]):#x}")
-    return findings
+    return findings + audit_ports(hv)

@@ -7,24 +7,30 @@ pins the L4 and loads it as vCPU 0's kernel base, all through the ordinary refer
 primitives, so a freshly built guest audits clean. Destruction follows section 12.4.
 """
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .abi import (
     ENTRIES_PER_TABLE,
+    EVTCHN_2L_NR_CHANNELS,
     MAX_VCPUS,
+    NR_VIRQS,
     PAGE_OFFSET,
     PAGE_SHIFT,
     PAGE_SIZE,
     START_INFO_FIELD_OFFSET,
     START_INFO_FIELDS,
     START_INFO_MAGIC,
+    VGCF_in_kernel,
+    VGCF_online,
     Errno,
     PageType,
     Pte,
 )
 from .errors import XenError
+from .evtchn import LIBXL_MAX_EVTCHN_PORT, evtchn_init
 from .frames import PAGETABLE_TYPES, PINNED, VALIDATED, XEN_HEAP, FrameTable
 from .tlb import Tlb
 
@@ -45,6 +51,17 @@ class Vcpu:
     initialised: bool = False
     down: bool = True
     tlb: Tlb = field(default_factory=Tlb)
+    # The stale-TLB oracle (cpu.py): hits on translations the current pagetables no longer
+    # back, and the last few of them as {"va", "mfn", "current_mfn", "write", "user"}.
+    stale_tlb_hits: int = 0
+    stale_tlb_records: deque = field(default_factory=lambda: deque(maxlen=16))
+    # VCPUOP_initialise's context: VGCF_* flags, and where the vCPU's process starts.
+    vgc_flags: int = 0
+    rip: int = 0
+    rsp: int = 0
+    blocked: bool = False  # _VPF_blocked: asleep in SCHEDOP_block or SCHEDOP_poll
+    poll_evtchn: int = 0  # SCHEDOP_poll's one port; -1 = several; 0 = not polling
+    virq_to_evtchn: list[int] = field(default_factory=lambda: [0] * NR_VIRQS)  # VIRQ -> port (section 16.4)
 
     def info(self) -> dict:
         return {
@@ -54,6 +71,8 @@ class Vcpu:
             "cr3": self.guest_table,
             "user_cr3": self.guest_table_user,
             "tlb_entries": len(self.tlb),
+            "blocked": self.blocked,
+            "stale_tlb_hits": self.stale_tlb_hits,
         }
 
 
@@ -72,6 +91,10 @@ class Domain:
     # mfns whose M2P entry the guest rewrote itself (MMU_MACHPHYS_UPDATE): audit does not
     # expect the builder's pfn there.
     guest_m2p: set[int] = field(default_factory=set)
+    max_evtchn_port: int = LIBXL_MAX_EVTCHN_PORT
+    evtchn: list = field(default_factory=list)  # the port table (evtchn.Evtchn), whole buckets
+    poll_mask: set[int] = field(default_factory=set)  # ids of the vCPUs in SCHEDOP_poll
+    shutdown_code: int | None = None  # SHUTDOWN_*, once the domain has shut down
 
     def info(self) -> dict:
         return {
@@ -81,6 +104,8 @@ class Domain:
             "nr_vcpus": len(self.vcpus),
             "online_vcpus": sum(not v.down for v in self.vcpus),
             "paused": self.paused,
+            "max_evtchn_port": self.max_evtchn_port,
+            "shutdown_code": self.shutdown_code,
         }
 
 
@@ -101,10 +126,21 @@ def _layout(nr_pages: int, nr_lowmem: int) -> dict:
     }
 
 
-def build(frames: FrameTable, m2p: np.ndarray, domid: int, name: str, nr_pages: int, nr_vcpus: int, highmem_pages: int) -> Domain:
+def build(
+    frames: FrameTable,
+    m2p: np.ndarray,
+    domid: int,
+    name: str,
+    nr_pages: int,
+    nr_vcpus: int,
+    highmem_pages: int,
+    max_evtchn_port: int = LIBXL_MAX_EVTCHN_PORT,
+) -> Domain:
     """Create a domain the way the toolstack's domain builder does (section 17)."""
     if not 1 <= nr_vcpus <= MAX_VCPUS:
         raise XenError(Errno.EINVAL, f"nr_vcpus {nr_vcpus} is outside 1..{MAX_VCPUS}")
+    if not 0 <= max_evtchn_port < EVTCHN_2L_NR_CHANNELS:
+        raise XenError(Errno.EINVAL, f"max_evtchn_port {max_evtchn_port} is outside 0..{EVTCHN_2L_NR_CHANNELS - 1} (2-level ABI)")
     nr_lowmem = nr_pages - highmem_pages
     if nr_pages < MIN_PAGES or highmem_pages < 0:
         raise XenError(Errno.EINVAL, f"nr_pages {nr_pages} (highmem {highmem_pages}) is below {MIN_PAGES} or negative")
@@ -119,7 +155,8 @@ def build(frames: FrameTable, m2p: np.ndarray, domid: int, name: str, nr_pages: 
     # A Xen-heap page shared with the guest: permanently writable (share_xen_page_with_guest).
     frames.flags[shared_info] |= np.uint8(XEN_HEAP)
     frames.get_page_type(shared_info, PageType.WRITABLE)
-    domain = Domain(domid, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info)
+    domain = Domain(domid, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port)
+    evtchn_init(domain)
 
     memory = frames.memory
     _write_words(memory, mfns, layout["p2m_pfn"], mfns.astype(np.uint64))
@@ -140,6 +177,7 @@ def build(frames: FrameTable, m2p: np.ndarray, domid: int, name: str, nr_pages: 
     frames.get_page_and_type(l4, domid, PageType.L4)  # vCPU 0's kernel base
     boot = domain.vcpus[0]
     boot.guest_table, boot.initialised, boot.down = l4, True, False
+    boot.vgc_flags = VGCF_in_kernel | VGCF_online  # libxenguest's context for vCPU 0
 
     domain.start_info = {
         "nr_pages": nr_pages,

@@ -107,12 +107,12 @@ class FrameTable:
     def _free(self, mfn: int) -> None:
         if self.type_count.item(mfn):
             raise SimulatorBug(f"mfn {mfn:#x} freed with {self.type_count.item(mfn)} type references")
+        self.forget_mappings(mfn)  # Xen's flush on free; needs the owner to find its vCPUs
         self.owner[mfn] = NO_OWNER
         self.type[mfn] = _NONE
         self.flags[mfn] = 0
         self.linear[mfn] = 0
         self.memory.scrub(mfn)
-        self.forget_mappings(mfn)
 
     def release(self, mfns: np.ndarray) -> np.ndarray:
         """Drop the allocation reference of every frame in `mfns` at once (Xen's
@@ -253,6 +253,13 @@ class FrameTable:
                 raise SimulatorBug("general count below zero while devalidating an L1")
             for mfn in np.unique(gone).tolist():
                 self._free(mfn)
+
+    def locked_type(self, mfn: int) -> int | None:
+        """The type of a frame that Xen's page_lock would accept (typed, with type references,
+        validated), else None: how mmu_update and ptwr decide a frame is a live pagetable."""
+        if self.type_count.item(mfn) and self.flags.item(mfn) & VALIDATED:
+            return self.type.item(mfn)
+        return None
 
     # -- pins --------------------------------------------------------------------------------
 

@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from . import mmu
+from . import cpu, evtchn, mmu, schedop, vcpuop
 from .abi import DOMID_FIRST_RESERVED, DOMID_XEN, Errno
 from .domain import INVALID_M2P, Domain, Vcpu, build, relinquish
 from .errors import SimulatorBug, XenError
 from .frames import ALLOCATED, XEN_HEAP, FrameTable
 from .memory import MachineMemory
 from .pagetable import PageTables
+from .sched import BLOCKED, Scheduler, advance_time, vcpu_unblock
 
 DEFAULT_FRAMES = 1 << 20  # 4 GiB of machine memory
 RESERVED_FRAMES = 16  # the low frames belong to Xen, so mfn 0 never names a guest frame
@@ -26,7 +27,9 @@ MAX_DOMAINS = 256
 
 def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list) -> list[dict]:
     """HYPERVISOR_multicall (section 13): run each {"op", "args"} entry, record its result,
-    and go on past failures; a multicall inside a multicall fails with EINVAL."""
+    and go on past failures; a multicall inside a multicall fails with EINVAL. A block or poll
+    that would sleep wakes at once with result 0 (a spurious wake-up, which guests allow for),
+    since the core cannot suspend a batch half-way as Xen's continuations do."""
     results = []
     for call in calls:
         op, args = call["op"], call.get("args", {})
@@ -38,7 +41,11 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list) -> list[dict]:
             results.append(error_result(XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")))
             continue
         try:
-            results.append({"result": handler(hv, vcpu, **args)})
+            result = handler(hv, vcpu, **args)
+            if result is BLOCKED:
+                vcpu_unblock(hv, vcpu)
+                result = 0
+            results.append({"result": result})
         except XenError as e:
             results.append(error_result(e))
     return results
@@ -56,14 +63,23 @@ HYPERCALLS: dict[str, Callable[..., Any]] = {
     "mmuext_op": mmu.mmuext_op,
     "update_va_mapping": mmu.update_va_mapping,
     "multicall": multicall,
+    "event_channel_op": evtchn.event_channel_op,
+    "vcpu_op": vcpuop.vcpu_op,
+    "sched_op": schedop.sched_op,
+    "set_timer_op": schedop.set_timer_op,
+    # The vCPU's memory path (cpu.py): load, store, atomic, read, write, phys_read, phys_write.
+    # Their arguments and results carry bytes, which the trace writes hex-encoded.
+    **cpu.HYPERCALLS,
 }
 
 
 class Hypervisor:
     """Machine memory, the frame table, the M2P, and every domain with its vCPUs."""
 
-    def __init__(self, nr_frames: int = DEFAULT_FRAMES):
+    def __init__(self, nr_frames: int = DEFAULT_FRAMES, strict_tlb: bool = False):
         self.nr_frames = nr_frames
+        # A stale TLB hit (cpu.py) faults instead of using the cached translation.
+        self.strict_tlb = strict_tlb
         self.memory = MachineMemory(nr_frames)
         self.frames = FrameTable(nr_frames, self.memory)
         self.pagetables = PageTables(self.frames)
@@ -73,6 +89,7 @@ class Hypervisor:
         self._next_domid = 1
         self.tracer: Callable[[dict], None] | None = None
         self.stats: Counter = Counter()
+        self.sched = Scheduler()  # kicks for the adapter, timers on the caller's clock
         xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES)
         self.frames.flags[xen] |= np.uint8(XEN_HEAP)
 
@@ -134,19 +151,23 @@ class Hypervisor:
 
     # -- toolstack ---------------------------------------------------------------------------
 
-    def create_domain(self, nr_pages: int, nr_vcpus: int = 1, name: str = "", highmem_pages: int = 0) -> dict:
+    def create_domain(
+        self, nr_pages: int, nr_vcpus: int = 1, name: str = "", highmem_pages: int = 0, max_evtchn_port: int = evtchn.LIBXL_MAX_EVTCHN_PORT
+    ) -> dict:
         if len(self.domains) >= MAX_DOMAINS:
             raise XenError(Errno.ENOSPC, f"the machine already runs {MAX_DOMAINS} domains")
         domid = self._next_domid
         while domid in self.domains:
             domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
-        domain = build(self.frames, self.m2p, domid, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages)
+        domain = build(self.frames, self.m2p, domid, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages, max_evtchn_port)
         self.domains[domid] = domain
         self._next_domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
         return {"domid": domid, "start_info": dict(domain.start_info)}
 
     def destroy_domain(self, domid: int) -> dict:
         domain = self.domain(domid)
+        evtchn.close_all(self, domain)  # evtchn_destroy comes first (section 12.4)
+        self.sched.forget(domain)
         owned = np.flatnonzero(self.frames.owner == domid)
         leaked = relinquish(self.frames, self.pagetables, domain)
         del self.domains[domid]
@@ -166,8 +187,25 @@ class Hypervisor:
     def allocated_frames(self) -> int:
         return int(np.count_nonzero(self.frames.flags & ALLOCATED))
 
+    # -- for the adapter: time in, kicks out (see sched) -------------------------------------
+
+    def advance_time(self, now_ns: int) -> int:
+        """The caller's clock reads `now_ns`: run the due timers (traced, as a toolstack op)."""
+        return self.toolstack("advance_time", now_ns=now_ns)
+
+    def next_deadline(self) -> int | None:
+        """When the next timer is due (ns on the caller's clock); None if none is armed."""
+        return self.sched.next_deadline()
+
+    def take_kicks(self) -> list[tuple[int, int]]:
+        """The (domid, vcpu_id) to look at since the last call: woken, kicked, up, down, or
+        shut down. An upcall is then delivered by the toolstack op "deliver_upcall"."""
+        return self.sched.take_kicks()
+
 
 TOOLSTACK: dict[str, Callable[..., Any]] = {
     "create_domain": Hypervisor.create_domain,
     "destroy_domain": Hypervisor.destroy_domain,
+    "advance_time": advance_time,
+    "deliver_upcall": evtchn.deliver_upcall,
 }

@@ -23,7 +23,6 @@ from .abi import (
 )
 from .domain import Domain, Vcpu
 from .errors import XenError
-from .frames import VALIDATED
 from .pagetable import LEVEL_OF_TYPE, LEVELS
 from .walk import copy_from_guest, guest_addr_ok, walk_entries
 
@@ -105,8 +104,8 @@ def _pt_update(hv: "Hypervisor", caller: Domain, addr: int, val: int, pt_owner: 
     if not frames.get_page(mfn, pt_owner):
         raise XenError(Errno.EINVAL, f"target mfn {mfn:#x} is {frames.describe_owner(mfn)}, not dom{pt_owner}")
     try:
-        kind = frames.type.item(mfn)
-        if frames.type_count.item(mfn) and frames.flags.item(mfn) & VALIDATED:  # page_lock
+        kind = frames.locked_type(mfn)
+        if kind is not None:
             if kind == PageType.WRITABLE:
                 hv.memory.frame(mfn)[slot] = val
                 return False
@@ -185,13 +184,13 @@ def _mmuext_one(hv: "Hypervisor", vcpu: Vcpu, caller: Domain, pg_owner: int, cmd
     if cmd in (MmuextCmd.MARK_SUPER, MmuextCmd.UNMARK_SUPER):
         raise XenError(Errno.EOPNOTSUPP, "superpages are not supported for PV guests")
     if cmd == MmuextCmd.CLEAR_PAGE:
-        _with_writable(hv, arg1, pg_owner, "clear", lambda: hv.memory.scrub(arg1))
+        with_writable(hv, arg1, pg_owner, "clear", lambda: hv.memory.scrub(arg1))
         return
     if cmd == MmuextCmd.COPY_PAGE:
         if not frames.get_page(arg2, pg_owner):
             raise XenError(Errno.EINVAL, f"copy source mfn {arg2:#x} {frames.describe_owner(arg2)}, not dom{pg_owner}")
         try:
-            _with_writable(hv, arg1, pg_owner, "copy to", lambda: hv.memory.copy(arg1, arg2))
+            with_writable(hv, arg1, pg_owner, "copy to", lambda: hv.memory.copy(arg1, arg2))
         finally:
             frames.put_page(arg2)
         return
@@ -202,7 +201,7 @@ def _mmuext_one(hv: "Hypervisor", vcpu: Vcpu, caller: Domain, pg_owner: int, cmd
     _LOCAL_OPS[cmd](hv, vcpu, caller, arg1, arg2)
 
 
-def _with_writable(hv: "Hypervisor", mfn: int, owner: int, what: str, action) -> None:
+def with_writable(hv: "Hypervisor", mfn: int, owner: int, what: str, action) -> None:
     """Run `action` holding a transient writable type reference (CLEAR_PAGE, COPY_PAGE)."""
     frames = hv.frames
     if not frames.get_page(mfn, owner):
@@ -318,9 +317,7 @@ def update_va_mapping(hv: "Hypervisor", vcpu: Vcpu, va: int, val: int, flags: in
         raise XenError(Errno.EINVAL, f"no L1 maps va {va:#x} in the current pagetable")
     l1, slot, _ = path[3]
     frames = hv.frames
-    if frames.owner.item(l1) != caller.domid or not (
-        frames.type.item(l1) == PageType.L1 and frames.type_count.item(l1) and frames.flags.item(l1) & VALIDATED
-    ):
+    if frames.owner.item(l1) != caller.domid or frames.locked_type(l1) != PageType.L1:
         raise XenError(Errno.EINVAL, f"mfn {l1:#x} mapping va {va:#x} is not a validated L1 of dom{caller.domid}")
     hv.pagetables.mod_entry(LEVELS[1], l1, slot, val, caller.domid, pg_owner)
     kind, scope = flags & UVMF_FLUSHTYPE_MASK, flags & ~UVMF_FLUSHTYPE_MASK

@@ -4,6 +4,10 @@ Hardware keeps a translation until it is flushed, even after the pagetable entry
 changed; the guest must flush (mmuext flush ops, UVMF flags), and Xen flushes on its own only
 where section 10 says. Global entries (Xen makes user pages global, section 2.5) survive the
 kernel/user toggle but not a base-pointer load, which is a full flush in Xen (section 8).
+Entries are tagged with the guest mode whose base filled them, as Xen's PCIDs for a PV
+guest's kernel and user halves tag them (PCID_PV_PRIV/PCID_PV_USER); a non-global entry serves
+only its own mode. Each entry also remembers where it came from (base, L1 frame, slot and the
+entry's value), which is what lets `cpu` tell a stale hit cheaply.
 A bounded capacity with FIFO eviction keeps it finite, deterministically.
 """
 
@@ -17,9 +21,13 @@ DEFAULT_CAPACITY = 1536
 @dataclass(slots=True)
 class TlbEntry:
     mfn: int
-    flags: int  # the effective pte flags of the walk (RW and USER ANDed over the levels)
+    flags: int  # the walk's effective flags: RW and USER ANDed over the levels, D and G of the L1e
     is_global: bool
     user: bool  # filled by a user-mode walk (of the user base) or a kernel-mode one
+    root: int = 0  # the base (L4 mfn) the walk started from
+    l1: int = 0  # the L1 frame and slot of the entry that mapped the page, and its value
+    slot: int = 0
+    pte: int = 0
 
 
 class Tlb:

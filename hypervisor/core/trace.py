@@ -15,6 +15,7 @@ from typing import IO
 
 from .errors import XenError
 from .hypervisor import Hypervisor, error_result
+from .schedop import POLL_TIMER, SINGLESHOT_TIMER
 
 FORMAT = 1
 
@@ -46,7 +47,7 @@ class TraceWriter:
         self.hv = hv
         self.out = out
         self.calls = 0
-        out.write(dumps({"xensim_trace": FORMAT, "nr_frames": hv.nr_frames}) + "\n")
+        out.write(dumps({"xensim_trace": FORMAT, "nr_frames": hv.nr_frames, "strict_tlb": hv.strict_tlb}) + "\n")
 
     def __call__(self, record: dict) -> None:
         self.calls += 1
@@ -59,7 +60,8 @@ class TraceWriter:
 
 
 def state_digest(hv: Hypervisor) -> str:
-    """A hash of everything the model holds: frame table, M2P, memory, domains and vCPUs."""
+    """A hash of everything the model holds: frame table, M2P, memory, domains and their
+    port tables, vCPUs with their TLBs, timers and scheduler state, pending kicks, the clock."""
     h = hashlib.sha256()
     frames = hv.frames
     for array in (frames.owner, frames.type, frames.type_count, frames.count, frames.flags, frames.linear, hv.m2p):
@@ -67,11 +69,15 @@ def state_digest(hv: Hypervisor) -> str:
     for mfn, words in hv.memory.stored():
         h.update(mfn.to_bytes(8, "little"))
         h.update(words.tobytes())
+    sched = hv.sched
     for domid in sorted(hv.domains):
         domain = hv.domains[domid]
-        h.update(repr((domain.info(), domain.p2m.tobytes(), sorted(domain.guest_m2p))).encode())
+        h.update(repr((domain.info(), domain.p2m.tobytes(), sorted(domain.guest_m2p), domain.evtchn, sorted(domain.poll_mask))).encode())
         for vcpu in domain.vcpus:
-            h.update(repr((vcpu.info(), sorted((k, repr(v)) for k, v in vcpu.tlb.entries.items()))).encode())
+            timers = [sched.timer_expires(vcpu, kind) for kind in (SINGLESHOT_TIMER, POLL_TIMER)]
+            state = (vcpu.info(), vcpu.poll_evtchn, vcpu.virq_to_evtchn, vcpu.vgc_flags, vcpu.rip, vcpu.rsp, timers)
+            h.update(repr((state, sorted((k, repr(v)) for k, v in vcpu.tlb.entries.items()))).encode())
+    h.update(repr((list(sched.kicks), sched.now_ns, hv.strict_tlb)).encode())
     return h.hexdigest()
 
 
@@ -95,7 +101,7 @@ def replay(lines: Iterable[str]) -> tuple[ReplayReport, Hypervisor]:
             continue
         record = loads(line)
         if "xensim_trace" in record:
-            hv = Hypervisor(nr_frames=record["nr_frames"])
+            hv = Hypervisor(nr_frames=record["nr_frames"], strict_tlb=record.get("strict_tlb", False))
             continue
         if hv is None:
             raise ValueError("a trace starts with its header line")

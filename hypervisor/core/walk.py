@@ -30,7 +30,7 @@ def walk_entries(memory: MachineMemory, l4: int, va: int) -> list[tuple[int, int
     table = l4
     for shift in LEVEL_SHIFTS:
         slot = (va >> shift) & 511
-        entry = int(memory.entries(table)[slot])
+        entry = memory.entries(table).item(slot)
         path.append((table, slot, entry))
         if not entry & _P:
             break

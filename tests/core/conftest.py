@@ -26,6 +26,14 @@ def other(hv):
 
 
 @contextmanager
+def unchanged(hv):
+    """Assert the block leaves the whole model (trace.state_digest) as it found it."""
+    before = state_digest(hv)
+    yield
+    assert state_digest(hv) == before, "the model changed"
+
+
+@contextmanager
 def fails_with(hv, errno, *, done=None, match=None):
     """Assert the block raises XenError(errno) (with the given done-count) and that the whole
     model state is exactly as before: a failed entry commits nothing."""

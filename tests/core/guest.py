@@ -4,8 +4,23 @@ Tests say what they build in guest terms (pfns, virtual addresses, entries) and 
 into hypercalls, so each test reads as the protocol it exercises.
 """
 
+
 from hypervisor.core import Hypervisor
-from hypervisor.core.abi import DOMID_SELF, PAGE_OFFSET, PAGE_SHIFT, MmuCmd, MmuextCmd, Pte
+from hypervisor.core.abi import (
+    DOMID_SELF,
+    PAGE_OFFSET,
+    PAGE_SHIFT,
+    SHARED_INFO_EVTCHN_MASK,
+    SHARED_INFO_EVTCHN_PENDING,
+    VCPU_INFO_PENDING_SEL,
+    VCPU_INFO_SIZE,
+    VCPU_INFO_UPCALL_MASK,
+    VCPU_INFO_UPCALL_PENDING,
+    MmuCmd,
+    MmuextCmd,
+    Pte,
+)
+from hypervisor.core.cpu import PageFault
 
 P, RW, US, A, D = (int(f) for f in (Pte.PRESENT, Pte.RW, Pte.USER, Pte.ACCESSED, Pte.DIRTY))
 TABLE = P | RW | A | D  # how Linux writes upper-level entries (_KERNPG_TABLE)
@@ -84,6 +99,38 @@ class Guest:
         l1, index = self.direct_l1(pfn)
         self.set_entry(l1, index, (self.mfn(pfn) << PAGE_SHIFT) | P | RW | A | D)
 
+    # -- memory accesses as vCPU n (the dispatch's result, unwrapped) ---------------------------
+
+    def access(self, op: str, vcpu: int = 0, **args):
+        """Run a memory access: its value (None for a store or write), or the PageFault."""
+        result = self.call(op, vcpu, **args)
+        if "fault" in result:
+            return PageFault(**result["fault"])
+        return next(iter(result.values()), None)
+
+    def load(self, va: int, size: int = 8, vcpu: int = 0, user: bool = False):
+        return self.access("load", vcpu, va=va, size=size, user=user)
+
+    def store(self, va: int, value: int, size: int = 8, vcpu: int = 0, user: bool = False):
+        return self.access("store", vcpu, va=va, size=size, value=value, user=user)
+
+    def atomic(self, operation: str, va: int, operand: int, size: int = 8, expected: int | None = None, vcpu: int = 0, user: bool = False):
+        cmp = {} if expected is None else {"expected": expected}
+        return self.access("atomic", vcpu, operation=operation, va=va, size=size, operand=operand, user=user, **cmp)
+
+    def new_data_page(self, value: int) -> tuple[int, int]:
+        """A fresh page whose first word holds `value`, written through the direct map."""
+        pfn, mfn = self.alloc()
+        assert self.store(self.direct_va(pfn), value) is None
+        return pfn, mfn
+
+    def vcpumask(self, *vcpus: int) -> int:
+        """The virtual address of a vCPU bitmap naming `vcpus`, kept in guest memory as Linux
+        keeps an mm's cpumask (what the MULTI flushes read)."""
+        pfn, _ = self.alloc()
+        assert self.store(self.direct_va(pfn), sum(1 << v for v in vcpus)) is None
+        return self.direct_va(pfn)
+
     # -- building address spaces ------------------------------------------------------------
 
     def new_table(self, entries: dict[int, int] | None = None) -> tuple[int, int]:
@@ -112,3 +159,61 @@ class Guest:
         for pfn in tree["pfns"]:
             self.make_readonly(pfn)
         return tree
+
+    # -- event channels, vCPU and scheduler ops (`caller`: the calling vCPU; the ops' own
+    # fields may name a `vcpu`) ------------------------------------------------------------
+
+    def evtchn(self, cmd: str, caller: int = 0, **fields):
+        return self.hv.hypercall(self.domid, caller, "event_channel_op", cmd=cmd, **fields)
+
+    def vcpu_op(self, cmd: str, vcpuid: int, caller: int = 0, **fields):
+        return self.hv.hypercall(self.domid, caller, "vcpu_op", cmd=cmd, vcpuid=vcpuid, **fields)
+
+    def sched_op(self, cmd: str, caller: int = 0, **fields):
+        return self.hv.hypercall(self.domid, caller, "sched_op", cmd=cmd, **fields)
+
+    # -- the shared-info frame, read and written as the guest does through its mapping --------
+
+    def _shared(self, offset: int, size: int = 8) -> int:
+        return int.from_bytes(self.hv.memory.read(self.domain.shared_info_mfn, offset, size), "little")
+
+    def _set_shared(self, offset: int, value: int, size: int = 8) -> None:
+        self.hv.memory.write(self.domain.shared_info_mfn, offset, value.to_bytes(size, "little"))
+
+    def _port_bit(self, base: int, port: int) -> tuple[int, int]:
+        return base + 8 * (port // 64), port % 64
+
+    def pending(self, port: int) -> bool:
+        offset, bit = self._port_bit(SHARED_INFO_EVTCHN_PENDING, port)
+        return bool(self._shared(offset) >> bit & 1)
+
+    def masked(self, port: int) -> bool:
+        offset, bit = self._port_bit(SHARED_INFO_EVTCHN_MASK, port)
+        return bool(self._shared(offset) >> bit & 1)
+
+    def mask(self, port: int, masked: bool = True) -> None:
+        """Set or clear the port's mask bit, as Linux's mask_evtchn does with sync_set_bit."""
+        offset, bit = self._port_bit(SHARED_INFO_EVTCHN_MASK, port)
+        word = self._shared(offset)
+        self._set_shared(offset, word | 1 << bit if masked else word & ~(1 << bit))
+
+    def clear_pending(self, port: int) -> None:
+        offset, bit = self._port_bit(SHARED_INFO_EVTCHN_PENDING, port)
+        self._set_shared(offset, self._shared(offset) & ~(1 << bit))
+
+    def pending_sel(self, vcpu: int) -> int:
+        return self._shared(VCPU_INFO_SIZE * vcpu + VCPU_INFO_PENDING_SEL)
+
+    def upcall_pending(self, vcpu: int) -> int:
+        return self._shared(VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_PENDING, 1)
+
+    def upcall_mask(self, vcpu: int) -> int:
+        return self._shared(VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_MASK, 1)
+
+    def set_upcall_mask(self, vcpu: int, value: int) -> None:
+        self._set_shared(VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_MASK, value, 1)
+
+    def ack_upcall(self, vcpu: int) -> None:
+        """What an upcall handler does first: clear upcall-pending and take the selector."""
+        self._set_shared(VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_PENDING, 0, 1)
+        self._set_shared(VCPU_INFO_SIZE * vcpu + VCPU_INFO_PENDING_SEL, 0)

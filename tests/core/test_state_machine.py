@@ -32,6 +32,7 @@ NR_PAGES = 160
 class HostileGuests(RuleBasedStateMachine):
     frames = Bundle("frames")
     tables = Bundle("tables")
+    ports = Bundle("ports")
 
     @initialize(target=frames)
     def boot(self):
@@ -42,12 +43,12 @@ class HostileGuests(RuleBasedStateMachine):
             interesting |= {g.mfn(pfn) for pfn in range(g.start_info["first_free_pfn"] + 8)}
         return multiple(*sorted(interesting))
 
-    def attempt(self, who: int, op: str, vcpu: int = 0, **args):
+    def attempt(self, who: int, op: str, caller: int = 0, **args):
         """Run a hypercall as guest `who`; a failure that committed nothing changed nothing."""
         guest = self.guests[who]
         before = state_digest(self.hv)
         try:
-            return self.hv.hypercall(guest.domid, vcpu, op, **args)
+            return self.hv.hypercall(guest.domid, caller, op, **args)
         except XenError as e:
             partial = e.done not in (None, 0) or (op == "update_va_mapping" and e.errno.name == "EFAULT")
             if not partial:
@@ -110,6 +111,39 @@ class HostileGuests(RuleBasedStateMachine):
         calls.append({"op": "multicall", "args": {"calls": []}})
         results = self.attempt(who, "multicall", calls=calls)
         assert results[-1]["errno"] == "EINVAL"
+
+    # -- event channels, vCPU ops and memory accesses, across both domains -------------------
+
+    @rule(target=ports, who=WHO, to_other=st.booleans(), vcpu=VCPU)
+    def open_port(self, who, to_other, vcpu):
+        other = self.guests[1 - who].domid if to_other else DOMID_SELF
+        outcome = self.attempt(who, "event_channel_op", cmd="alloc_unbound", remote_dom=other)
+        ipi = self.attempt(who, "event_channel_op", cmd="bind_ipi", vcpu=vcpu)
+        return multiple(*[p for p in (outcome, ipi) if isinstance(p, int)])
+
+    @rule(target=ports, who=WHO, port=ports)
+    def bind_interdomain(self, who, port):
+        outcome = self.attempt(who, "event_channel_op", cmd="bind_interdomain", remote_dom=self.guests[1 - who].domid, remote_port=port)
+        return multiple(outcome) if isinstance(outcome, int) else multiple()
+
+    @rule(who=WHO, vcpu=VCPU, cmd=st.sampled_from(["send", "close", "unmask", "status", "bind_vcpu"]), port=st.one_of(ports, st.integers(0, 5000)), target_vcpu=st.integers(0, 3))
+    def port_op(self, who, vcpu, cmd, port, target_vcpu):
+        fields = {"port": port} if cmd != "bind_vcpu" else {"port": port, "vcpu": target_vcpu}
+        self.attempt(who, "event_channel_op", vcpu, cmd=cmd, **fields)
+
+    @rule(who=WHO, caller=VCPU, cmd=st.sampled_from(["initialise", "up", "down", "is_up"]), vcpuid=st.integers(0, 2), cr3=st.one_of(tables, frames))
+    def vcpu_op(self, who, caller, cmd, vcpuid, cr3):
+        fields = {"context": {"flags": 1, "ctrlreg3": cr3, "ctrlreg1": 0, "rip": 0x1000, "rsp": 0x2000}} if cmd == "initialise" else {}
+        self.attempt(who, "vcpu_op", caller, cmd=cmd, vcpuid=vcpuid, **fields)
+
+    @rule(who=WHO, vcpu=VCPU, op=st.sampled_from(["load", "store", "atomic"]), va=st.sampled_from([0x400000, 0x400ff8, 0xFFFF880000000000, 0xFFFF880000012008, 0xFFFF800000000000, 0x7]), user=st.booleans())
+    def memory_access(self, who, vcpu, op, va, user):
+        args = {"va": va, "size": 8, "user": user}
+        if op == "store":
+            args["value"] = 0x1234
+        elif op == "atomic":
+            args.update(operation="cmpxchg", operand=0x67, expected=0)
+        self.attempt(who, op, vcpu, **args)
 
     @rule(who=WHO)
     def destroy_and_recreate(self, who):

@@ -10,7 +10,7 @@ import platform
 import time
 
 GROUPS = {
-    "core": ["xensim.bench.core_mmu"],
+    "core": ["xensim.bench.core_mmu", "xensim.bench.core_cpu", "xensim.bench.core_evtchn"],
 }
 
 

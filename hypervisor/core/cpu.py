@@ -1,0 +1,341 @@
+"""A vCPU's memory path: loads, stores, atomics and block copies through its TLB and MMU walk.
+
+Theory of operation (reference: xen-semantics.md sections 2.5, 9.2 and 10). vCPUs share guest
+memory only through the hypervisor, so the core plays each vCPU's MMU. An access at a virtual
+address looks its page up in the vCPU's TLB; on a miss it walks the 4-level table under the
+current mode's base (kernel mode: `guest_table`; user mode: `guest_table_user`, section 9.2),
+which needs P and USER at every level and, for a write, RW at every level; it then sets the
+accessed bit of every entry it used and, for a write, the L1 entry's dirty bit in the stored
+entries, as the hardware does, and caches the translation (global when the L1 entry has G).
+An access that cannot translate returns a `PageFault` (cr2 and the x86 error code) instead of
+its result, which the guest handles as its #PF handler would; as on the CPU, a fault also
+drops the address's TLB entry. A write hit on an entry cached read-only or clean re-walks,
+which is how the hardware sets the dirty bit.
+
+Why USER in kernel mode too: a 64-bit PV guest kernel runs in ring 3, so to the CPU all its
+accesses are user accesses. Xen adds USER to every entry it stores (section 2.5), so only Xen's
+own slots (the linear map in L4 slot 258) are out of the guest's reach, and the guest's kernel
+and user are kept apart by the two bases. The error code's U bit tells the guest's mode, as
+Xen's pv_inject_event rewrites it.
+
+The stale-TLB oracle. The CPU uses a cached translation until it is flushed, even after the
+entry behind it changed, and so does the model; but a hit that the current tables would not
+give (another frame, or a fault) is counted on the vCPU and, with `Hypervisor.strict_tlb`,
+faults instead: that is how a missing guest flush becomes visible. Checking a hit costs one
+word: a TLB entry remembers its base and the L1 entry it came from, and while both are the
+same so is the translation, because upper levels never change behind a TLB entry (Xen flushes
+every vCPU of the domain when an L2..L4 entry changes, section 4.3; a base load flushes,
+section 8; a validated table cannot be written otherwise). Only when they differ does a hit
+cost a walk.
+
+A store the kernel makes through a read-only mapping of one of its validated L1s is emulated
+as a checked entry update (`ptwr`).
+
+Argument errors are `XenError(EINVAL)`: a size other than 1, 2, 4 or 8, an access not aligned
+to its size (so a single access never crosses a page; misaligned ones are not modelled), a
+value wider than the access, a block of 0 or more than fits in its page, and a non-canonical
+address (the CPU's #GP, which the model does not deliver).
+"""
+
+import operator
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import ptwr
+from .abi import PAGE_SHIFT, PAGE_SIZE, PFEC_page_present, PFEC_user_mode, PFEC_write_access, Errno
+from .domain import Vcpu
+from .errors import SimulatorBug, XenError
+from .memory import MachineMemory
+from .mmu import with_writable
+from .pagetable import A, D, G, P, RW, US, entry_mfn
+from .tlb import TlbEntry
+from .walk import canonical, walk_entries
+
+if TYPE_CHECKING:
+    from .hypervisor import Hypervisor
+
+
+_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+_OFFSET = PAGE_SIZE - 1
+_RW_D = RW | D
+_LEVELS = (4, 3, 2, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class PageFault:
+    """A #PF raised by an access, returned instead of its result (memory.proto PageFault): the
+    faulting address (cr2), the x86 error code, and the cause naming the entry. The access had
+    no effect."""
+
+    va: int
+    error_code: int
+    detail: str
+
+
+def _error_code(user: bool, write: bool) -> int:
+    return (PFEC_write_access if write else 0) | (PFEC_user_mode if user else 0)
+
+
+# -- translation -------------------------------------------------------------------------
+
+
+def _translate(hv: "Hypervisor", vcpu: Vcpu, va: int, user: bool, write: bool) -> TlbEntry | PageFault:
+    """The translation an access uses: a TLB hit (checked by the oracle), or a fresh walk."""
+    hit = vcpu.tlb.entries.get(va >> PAGE_SHIFT)
+    if hit is not None and (hit.user == user or hit.is_global) and (not write or hit.flags & _RW_D == _RW_D):
+        root = vcpu.guest_table_user if user else vcpu.guest_table
+        if hit.root == root and hv.memory.entries(hit.l1).item(hit.slot) == hit.pte:
+            return hit
+        return _recheck(hv, vcpu, va, hit, root, user, write)
+    return _fill(hv, vcpu, va, user, write)
+
+
+def _walk(memory: MachineMemory, root: int, va: int, user: bool, write: bool) -> tuple[list, int] | PageFault:
+    """What the current tables say about an access, without side effects: the walk's
+    (table, slot, entry) per level and the effective P/RW/USER flags, or the fault."""
+    code = _error_code(user, write)
+    if not root:
+        return PageFault(va, code, f"the vCPU has no {'user' if user else 'kernel'} base pointer")
+    if not canonical(va):
+        raise XenError(Errno.EINVAL, f"va {va:#x} is not canonical (the CPU raises #GP, which the model does not deliver)")
+    path = walk_entries(memory, root, va)
+    flags = P | RW | US
+    for level, (table, slot, entry) in zip(_LEVELS, path):
+        if not entry & P:
+            return PageFault(va, code, f"L{level} entry {slot} of mfn {table:#x} is not present")
+        flags &= entry
+    if len(path) < 4:
+        raise SimulatorBug(f"the walk of va {va:#x} under mfn {root:#x} left machine memory")
+    need = US | RW if write else US
+    if flags & need != need:
+        bit = RW if flags & US else US
+        level, (table, slot, _) = next((lv, step) for lv, step in zip(_LEVELS, path) if not step[2] & bit)
+        what = "is read-only" if bit == RW else "lacks USER"
+        return PageFault(va, code | PFEC_page_present, f"L{level} entry {slot} of mfn {table:#x} {what}")
+    return path, flags
+
+
+def _fill(hv: "Hypervisor", vcpu: Vcpu, va: int, user: bool, write: bool) -> TlbEntry | PageFault:
+    """A TLB miss: walk, set the accessed (and dirty) bits, cache the translation."""
+    root = vcpu.guest_table_user if user else vcpu.guest_table
+    walked = _walk(hv.memory, root, va, user, write)
+    if walked.__class__ is PageFault:
+        vcpu.tlb.invlpg(va)
+        return walked
+    path, flags = walked
+    memory = hv.memory
+    for table, slot, entry in path[:3]:
+        if not entry & A:
+            memory.frame(table)[slot] = entry | A
+    l1, slot, pte = path[3]
+    stored = pte | A | (D if write else 0)
+    if stored != pte:
+        memory.frame(l1)[slot] = stored
+    hit = TlbEntry(entry_mfn(stored), flags | (stored & (D | G)), bool(stored & G), user, root, l1, slot, stored)
+    vcpu.tlb.fill(va >> PAGE_SHIFT, hit)
+    return hit
+
+
+def _recheck(hv: "Hypervisor", vcpu: Vcpu, va: int, hit: TlbEntry, root: int, user: bool, write: bool) -> TlbEntry | PageFault:
+    """The oracle, for a hit whose base or L1 entry changed since the fill. If the current
+    tables give this access the same frame it is no stale hit (and when they also agree on the
+    permissions, the entry is re-based so the next hit is cheap again). Otherwise the hit is
+    stale: counted, then used as the CPU would, or in strict mode dropped and faulted (with P
+    set when the current tables would translate, which a guest treats as a spurious fault)."""
+    walked = _walk(hv.memory, root, va, user, write)
+    if walked.__class__ is PageFault:
+        current, fault = None, walked
+    else:
+        path, flags = walked
+        l1, slot, pte = path[3]
+        current = entry_mfn(pte)
+        if current == hit.mfn:
+            if not (flags ^ hit.flags) & (RW | US):
+                hit.root, hit.l1, hit.slot, hit.pte = root, l1, slot, pte
+            return hit
+        fault = PageFault(va, _error_code(user, write) | PFEC_page_present, f"the current tables map mfn {current:#x}")
+    vcpu.stale_tlb_hits += 1
+    vcpu.stale_tlb_records.append({"va": va, "mfn": hit.mfn, "current_mfn": current, "write": write, "user": user})
+    if not hv.strict_tlb:
+        return hit
+    vcpu.tlb.invlpg(va)
+    return PageFault(va, fault.error_code, f"stale TLB entry maps mfn {hit.mfn:#x} (strict_tlb): {fault.detail}")
+
+
+# -- accesses ------------------------------------------------------------------------------
+
+
+def _mask(va: int, size: int) -> int:
+    mask = _MASKS.get(size)
+    if mask is None:
+        raise XenError(Errno.EINVAL, f"access size {size} is not 1, 2, 4 or 8")
+    if va & (size - 1) or va >> 64:
+        raise XenError(Errno.EINVAL, f"va {va:#x} is not a {size}-byte aligned address (misaligned accesses are not modelled)")
+    return mask
+
+
+def load(hv: "Hypervisor", vcpu: Vcpu, va: int, size: int, user: bool = False) -> int | PageFault:
+    """Read the little-endian integer of `size` bytes at `va`."""
+    mask = _mask(va, size)
+    hit = _translate(hv, vcpu, va, user, False)
+    if hit.__class__ is PageFault:
+        return hit
+    return (hv.memory.entries(hit.mfn).item((va & _OFFSET) >> 3) >> ((va & 7) << 3)) & mask
+
+
+def _replace(old: int, operand: int) -> int:
+    return operand
+
+
+ATOMIC_OPS: dict[str, Callable[[int, int], int]] = {
+    "cmpxchg": _replace,  # stores only when the old value equals `expected`
+    "xchg": _replace,
+    "fetch_add": operator.add,  # wraps at the access size
+    "fetch_or": operator.or_,
+    "fetch_and": operator.and_,
+}
+
+
+def atomic(hv: "Hypervisor", vcpu: Vcpu, operation: str, va: int, size: int, operand: int, expected: int | None = None, user: bool = False) -> int | PageFault:
+    """A locked read-modify-write (`ATOMIC_OPS`; named `operation` because `op` names the
+    hypercall in the dispatch); returns the old value. `expected` is given for cmpxchg only,
+    which exchanged iff the old value equals it. Like x86, every operation needs a writable
+    translation, even a cmpxchg that stores nothing."""
+    fn = ATOMIC_OPS.get(operation)
+    if fn is None:
+        raise XenError(Errno.EINVAL, f"unknown atomic operation {operation!r}; one of {', '.join(ATOMIC_OPS)}")
+    if (operation == "cmpxchg") != (expected is not None):
+        raise XenError(Errno.EINVAL, f"{operation} {'needs' if operation == 'cmpxchg' else 'takes no'} expected value")
+    return _rmw(hv, vcpu, va, size, user, fn, operand, expected)
+
+
+def store(hv: "Hypervisor", vcpu: Vcpu, va: int, size: int, value: int, user: bool = False) -> PageFault | None:
+    """Write the little-endian integer `value` of `size` bytes at `va`."""
+    result = _rmw(hv, vcpu, va, size, user, _replace, value)
+    return result if result.__class__ is PageFault else None
+
+
+def _rmw(hv: "Hypervisor", vcpu: Vcpu, va: int, size: int, user: bool, op: Callable[[int, int], int], operand: int, expected: int | None = None) -> int | PageFault:
+    """Every store and atomic: put op(old, operand) in place of the value at `va` within its
+    aligned 8-byte word, which is also how ptwr sees a store into an L1 entry."""
+    mask = _mask(va, size)
+    for name, value in (("operand", operand), ("expected", expected)):
+        if value is not None and not 0 <= value <= mask:
+            raise XenError(Errno.EINVAL, f"{name} {value:#x} does not fit in {size} bytes")
+    shift = (va & 7) << 3
+    hit = _translate(hv, vcpu, va, user, True)
+    if hit.__class__ is PageFault:
+        return _fixup_page_fault(hv, vcpu, hit, va, user, lambda word: _modify(word, shift, mask, op, operand, expected))
+    words = hv.memory.frame(hit.mfn)
+    index = (va & _OFFSET) >> 3
+    old, word, stored = _modify(words.item(index), shift, mask, op, operand, expected)
+    if stored:
+        words[index] = word
+    return old
+
+
+def _modify(word: int, shift: int, mask: int, op: Callable[[int, int], int], operand: int, expected: int | None) -> tuple[int, int, bool]:
+    """(old value, the word with op(old, operand) in its place, whether it is stored)."""
+    old = (word >> shift) & mask
+    new = (word & ~(mask << shift)) | ((op(old, operand) & mask) << shift)
+    return old, new, expected is None or old == expected
+
+
+def _fixup_page_fault(hv: "Hypervisor", vcpu: Vcpu, fault: PageFault, va: int, user: bool, modify: Callable[[int], tuple[int, int, bool]]) -> int | PageFault:
+    """Xen's fixup_page_fault for a PV guest: a kernel-mode write that faulted on a present
+    page may be a write to a read-only mapped L1, which ptwr emulates; otherwise the fault
+    stands."""
+    if user or fault.error_code != PFEC_page_present | PFEC_write_access:
+        return fault
+    old = ptwr.emulate(hv, vcpu, va, modify)
+    return fault if old is None else old
+
+
+def _block(addr: int, length: int) -> None:
+    if not 1 <= length <= PAGE_SIZE - (addr & _OFFSET) or addr >> 64:
+        raise XenError(Errno.EINVAL, f"{length} bytes at {addr:#x} do not lie within one page (1 to 4096 bytes)")
+
+
+def read(hv: "Hypervisor", vcpu: Vcpu, va: int, length: int, user: bool = False) -> bytes | PageFault:
+    """Copy `length` bytes out of one page at `va`."""
+    _block(va, length)
+    hit = _translate(hv, vcpu, va, user, False)
+    if hit.__class__ is PageFault:
+        return hit
+    return hv.memory.read(hit.mfn, va & _OFFSET, length)
+
+
+def write(hv: "Hypervisor", vcpu: Vcpu, va: int, data: bytes, user: bool = False) -> PageFault | None:
+    """Copy `data` into one page at `va`. A block copy is not emulated by ptwr (Xen emulates
+    one instruction's store of at most 8 bytes): into a read-only mapping it faults."""
+    _block(va, len(data))
+    hit = _translate(hv, vcpu, va, user, True)
+    if hit.__class__ is PageFault:
+        return hit
+    hv.memory.write(hit.mfn, va & _OFFSET, bytes(data))
+    return None
+
+
+# -- physical accesses for early boot ------------------------------------------------------
+
+
+def _phys_frame(hv: "Hypervisor", vcpu: Vcpu, addr: int, length: int, machine: bool) -> int:
+    """The frame of a pseudo-physical address (through the domain's P2M) or, with `machine`,
+    of a machine address (the shared-info frame's, from start-info); it must be the domain's."""
+    _block(addr, length)
+    domain = hv.domains[vcpu.domid]
+    frame = addr >> PAGE_SHIFT
+    if not machine:
+        if frame >= domain.nr_pages:
+            raise XenError(Errno.EINVAL, f"pfn {frame:#x} is beyond dom{domain.domid}'s {domain.nr_pages} pages")
+        frame = int(domain.p2m[frame])
+    frames = hv.frames
+    if not 0 <= frame < frames.nr_frames or frames.owner.item(frame) != domain.domid:
+        raise XenError(Errno.EINVAL, f"mfn {frame:#x} is {frames.describe_owner(frame)}, not dom{domain.domid}'s")
+    return frame
+
+
+def phys_read(hv: "Hypervisor", vcpu: Vcpu, addr: int, length: int, machine: bool = False) -> bytes:
+    """Read `length` bytes of one of the domain's frames by physical address, without any
+    mapping: for the guest's early boot, before it has pagetables of its own."""
+    mfn = _phys_frame(hv, vcpu, addr, length, machine)
+    return hv.memory.read(mfn, addr & _OFFSET, length)
+
+
+def phys_write(hv: "Hypervisor", vcpu: Vcpu, addr: int, data: bytes, machine: bool = False) -> None:
+    """Write one of the domain's frames by physical address, holding a transient writable type
+    reference as mmu_update's raw write does: a live pagetable (or any frame that cannot be
+    writable) is EINVAL, since a guest writes pagetables only through the checked paths."""
+    mfn = _phys_frame(hv, vcpu, addr, len(data), machine)
+    with_writable(hv, mfn, vcpu.domid, "phys_write to", lambda: hv.memory.write(mfn, addr & _OFFSET, bytes(data)))
+
+
+# -- the dispatch table's handlers -----------------------------------------------------------
+
+
+def _handler(access: Callable[..., Any], key: str | None) -> Callable[..., dict]:
+    """An access as the dispatch table runs it: the shape of its response in memory.proto,
+    {key: result} ({} for a store) or {"fault": {"va", "error_code", "detail"}}, JSON-able
+    except for bytes, which the trace hex-encodes."""
+
+    def handler(hv: "Hypervisor", vcpu: Vcpu, **args) -> dict:
+        result = access(hv, vcpu, **args)
+        if result.__class__ is PageFault:
+            return {"fault": asdict(result)}
+        return {} if key is None else {key: result}
+
+    handler.__name__ = handler.__qualname__ = access.__name__
+    handler.__doc__ = access.__doc__
+    return handler
+
+
+HYPERCALLS: dict[str, Callable[..., dict]] = {
+    "load": _handler(load, "value"),
+    "store": _handler(store, None),
+    "atomic": _handler(atomic, "old"),
+    "read": _handler(read, "data"),
+    "write": _handler(write, None),
+    "phys_read": _handler(phys_read, "data"),
+    "phys_write": _handler(phys_write, None),
+}

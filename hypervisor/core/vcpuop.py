@@ -1,0 +1,96 @@
+"""HYPERVISOR_vcpu_op (xen-semantics.md section 14): initialise, bring up and take down the
+vCPUs of the caller's domain.
+
+Every vCPU but 0 is created down and uninitialised. VCPUOP_initialise gives it a context whose
+kernel and user pagetables take their references exactly as MMUEXT_NEW_BASEPTR and
+NEW_USER_BASEPTR do (so an unpinned tree is validated here); VCPUOP_up then lets it run. A vCPU
+taken down keeps those references; taking down the last vCPU that is up shuts the domain down.
+"""
+
+from typing import TYPE_CHECKING
+
+from .abi import SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online, Errno
+from .errors import XenError
+from .mmu import new_guest_cr3, new_user_baseptr
+from .sched import domain_shutdown
+from .walk import canonical
+
+if TYPE_CHECKING:
+    from .domain import Domain, Vcpu
+    from .hypervisor import Hypervisor
+
+
+def vcpu_op(hv: "Hypervisor", current: "Vcpu", cmd: str, vcpuid: int, **fields):
+    """HYPERVISOR_vcpu_op(cmd, vcpuid, arg): `cmd` names the VCPUOP_* ("initialise", "up",
+    "down", "is_up"), `vcpuid` a vCPU of the caller's domain (any, the caller included) and
+    `fields` the op's argument (initialise: `context`). is_up returns 1 or 0, the others 0."""
+    target = hv.vcpu(current.domid, vcpuid)  # ENOENT, before the command is looked at
+    handler = VCPUOP.get(cmd)
+    if handler is None:
+        raise XenError(Errno.ENOSYS, f"unknown vcpu_op {cmd!r} (xensim has {', '.join(VCPUOP)})")
+    return handler(hv, hv.domains[current.domid], target, **fields)
+
+
+def initialise(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", context: dict) -> int:
+    """VCPUOP_initialise: `context` holds the fields of vcpu_guest_context that xensim uses:
+    flags (VGCF_*), ctrlreg3 and ctrlreg1 (the kernel and user L4 as mfns; ctrlreg1 0 = none),
+    rip and rsp (handed to the vCPU's process when it starts). Missing fields are 0."""
+    return _set_info_guest(hv, domain, vcpu, **context)
+
+
+def _set_info_guest(
+    hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", flags: int = 0, ctrlreg3: int = 0, ctrlreg1: int = 0, rip: int = 0, rsp: int = 0
+) -> int:
+    """arch_set_info_guest for a vCPU that never ran, with its checks in Xen's order."""
+    where = f"VCPUOP_initialise of dom{domain.domid} vCPU {vcpu.vcpu_id}"
+    if vcpu.initialised:
+        raise XenError(Errno.EEXIST, f"{where}: the vCPU is already initialised")
+    for name, va in (("rip", rip), ("rsp", rsp)):
+        if not canonical(va):
+            raise XenError(Errno.EINVAL, f"{where}: {name} {va:#x} is not canonical")
+    if not flags & VGCF_in_kernel and not ctrlreg1:
+        raise XenError(Errno.EINVAL, f"{where}: starts in user mode (no VGCF_in_kernel) without a user pagetable (ctrlreg1)")
+    if not ctrlreg3:  # new_guest_cr3 takes 0 for "unchanged" on a vCPU with no base yet
+        raise XenError(Errno.EINVAL, f"{where}: ctrlreg3 mfn 0x0 is {hv.frames.describe_owner(0)}, not owned by dom{domain.domid}")
+    try:
+        new_guest_cr3(hv, vcpu, ctrlreg3)
+    except XenError as e:
+        raise XenError(e.errno, f"{where}: ctrlreg3: {e.message}") from None
+    try:
+        new_user_baseptr(hv, vcpu, ctrlreg1)
+    except XenError as e:
+        hv.frames.put_page_and_type(vcpu.guest_table)  # xensim rolls back; Xen keeps the ref
+        vcpu.guest_table = 0
+        raise XenError(e.errno, f"{where}: ctrlreg1: {e.message}") from None
+    vcpu.initialised = True
+    vcpu.vgc_flags, vcpu.rip, vcpu.rsp = flags, rip, rsp
+    vcpu.down = not flags & VGCF_online  # VGCF_online clears _VPF_down without waking the vCPU
+    return 0
+
+
+def up(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> int:
+    """VCPUOP_up: clear _VPF_down; a vCPU that was down is woken (poked: the adapter starts it)."""
+    if not vcpu.initialised:
+        raise XenError(Errno.EINVAL, f"VCPUOP_up: dom{domain.domid} vCPU {vcpu.vcpu_id} is not initialised")
+    if vcpu.down:
+        vcpu.down = False
+        hv.sched.poke(vcpu)
+    return 0
+
+
+def down(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> int:
+    """VCPUOP_down: if no other vCPU is up, shut the domain down (SHUTDOWN_poweroff) and leave
+    the vCPU up; otherwise set _VPF_down (poked: the adapter stops it). References stay."""
+    if all(other.down for other in domain.vcpus if other is not vcpu):
+        domain_shutdown(hv, domain, SHUTDOWN_poweroff)
+    elif not vcpu.down:
+        vcpu.down = True
+        hv.sched.poke(vcpu)
+    return 0
+
+
+def is_up(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> int:
+    return int(not vcpu.down)
+
+
+VCPUOP = {"initialise": initialise, "up": up, "down": down, "is_up": is_up}
