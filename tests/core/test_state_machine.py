@@ -11,6 +11,7 @@ CI runs a few hundred examples; run it long with XENSIM_STATEFUL_EXAMPLES=20000.
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, rule
@@ -163,10 +164,11 @@ class HostileGuests(RuleBasedStateMachine):
             assert self.hv.allocated_frames() == 16, "destroying every domain must free every frame"
 
 
+EXAMPLES = int(os.environ.get("XENSIM_STATEFUL_EXAMPLES", "200"))
 HostileGuests.TestCase.settings = settings(
-    max_examples=int(os.environ.get("XENSIM_STATEFUL_EXAMPLES", "200")),
+    max_examples=EXAMPLES,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-TestHostileGuests = HostileGuests.TestCase
+TestHostileGuests = pytest.mark.timeout(60 + EXAMPLES)(HostileGuests.TestCase)
