@@ -1,0 +1,135 @@
+"""Event-channel upcalls, guest side: Linux's xen_evtchn_do_upcall over the 2-level ABI.
+
+The Upcall push is only the interrupt; the truth is in the shared-info frame (xen-semantics
+16.5-16.6), which the guest reads and clears with its own simulated loads, stores and atomics
+through the virtual address where it mapped that frame (Linux: set_fixmap of
+start_info->shared_info). The contract has no physical-memory access, so the frame must be
+mapped writable before events can be handled.
+"""
+
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+
+from .hypercalls import Batch, HypercallClient, PageFault, Pending
+from .xen import (
+    BITS_PER_EVTCHN_WORD,
+    SHARED_INFO_EVTCHN_MASK,
+    SHARED_INFO_EVTCHN_PENDING,
+    SHARED_INFO_VCPU_INFO,
+    VCPU_INFO_PENDING_SEL,
+    VCPU_INFO_SIZE,
+    VCPU_INFO_UPCALL_MASK,
+    VCPU_INFO_UPCALL_PENDING,
+)
+
+WORD_MASK = (1 << BITS_PER_EVTCHN_WORD) - 1
+_BITMAP_BYTES = SHARED_INFO_EVTCHN_MASK - SHARED_INFO_EVTCHN_PENDING
+_BITMAP = f"<{_BITMAP_BYTES // 8}Q"  # evtchn_pending / evtchn_mask: little-endian u64 words
+
+Handler = Callable[[int, Batch], Awaitable[None]]
+"""An event handler: `await handler(port, tail)`. It runs after the port's pending bit is
+cleared (Linux acks before it handles, so a new event during the handler is not lost) and with
+upcalls masked. Calls it queues on `tail` are sent in one message with the unmask that ends the
+upcall; calls whose results it needs it makes on the client directly."""
+
+
+class EventChannels:
+    """One vCPU's event dispatch: handlers per port, and the upcall task `run()`.
+
+    A port's handler must be bound on the vCPU that the port notifies (Linux's
+    bind_evtchn_to_cpu): the scan takes only this vCPU's ports out of the shared bitmaps.
+    """
+
+    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int):
+        self._client = client
+        self._shared_info = shared_info_va
+        self._vcpu_info = shared_info_va + SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu_id
+        self._handlers: dict[int, Handler] = {}
+
+    def bind(self, port: int, handler: Handler) -> None:
+        """Handle port's events on this vCPU (bind_evtchn_to_irqhandler, minus the hypercall)."""
+        self._handlers[port] = handler
+
+    def unbind(self, port: int) -> None:
+        del self._handlers[port]
+
+    async def local_irq_enable(self) -> None:
+        """Clear this vCPU's evtchn_upcall_mask; the hypervisor then delivers what is pending.
+        Xen's domain builder leaves it set (libxenguest's shared_info_x86_64), so a guest
+        calls this once it can take events."""
+        self._mapped(await self._client.store(self._vcpu_info + VCPU_INFO_UPCALL_MASK, 0, size=1))
+
+    async def run(self) -> None:
+        """The upcall task: handle each Upcall push until the Session ends."""
+        async for upcall in self._client.session.upcalls:
+            await self.do_upcall(upcall.pending_ports)
+
+    async def do_upcall(self, hint: Iterable[int] = ()) -> None:
+        """xen_evtchn_do_upcall, in as few messages as the hint allows (usually two).
+
+        Linux clears evtchn_upcall_pending, takes evtchn_pending_sel with xchg, scans
+        pending & ~mask in the selected words, clears each pending bit it handles, runs the
+        handlers, and leaves with the mask cleared (its iret). The first message here does the
+        first two steps, and also clears the bits of the ports in the push's hint (ours,
+        pending and unmasked when the push was sent; fetch_and's old value says which were
+        still pending) and reads both bitmaps for the scan. Only a port the hint missed needs a
+        second message to clear its bit before its handler runs. The last message carries what
+        the handlers queued and the unmask; if an event came in meanwhile the hypervisor
+        pushes a new Upcall as soon as the mask is clear.
+        """
+        mine = _words(self._handlers)
+        claimed = _words(port for port in hint if port in self._handlers)
+        async with self._client.batch() as first:
+            first.store(self._vcpu_info + VCPU_INFO_UPCALL_PENDING, 0, size=1)
+            selector = first.atomic("xchg", self._vcpu_info + VCPU_INFO_PENDING_SEL, 0)
+            cleared = self._clear(first, claimed)
+            bitmaps = first.read(self._shared_info + SHARED_INFO_EVTCHN_PENDING, 2 * _BITMAP_BYTES)
+        ports = self._taken(cleared, claimed)
+        pending, mask = (struct.unpack_from(_BITMAP, self._mapped(bitmaps.result()), offset) for offset in (0, _BITMAP_BYTES))
+        missed = {}
+        for word in _bits(self._mapped(selector.result())):
+            bits = pending[word] & ~mask[word] & mine.get(word, 0)
+            if bits:
+                missed[word] = bits
+        if missed:
+            async with self._client.batch() as second:
+                cleared = self._clear(second, missed)
+            ports |= self._taken(cleared, missed)
+
+        tail = self._client.batch()
+        for port in sorted(ports):
+            await self._handlers[port](port, tail)
+        tail.store(self._vcpu_info + VCPU_INFO_UPCALL_MASK, 0, size=1)
+        await tail.flush()
+
+    def _clear(self, batch: Batch, words: dict[int, int]) -> dict[int, Pending]:
+        """Queue sync_clear_bit for each word's bits; each Pending's value is the old word."""
+        base = self._shared_info + SHARED_INFO_EVTCHN_PENDING
+        return {word: batch.atomic("fetch_and", base + 8 * word, ~bits & WORD_MASK) for word, bits in words.items()}
+
+    def _taken(self, cleared: dict[int, Pending], wanted: dict[int, int]) -> set[int]:
+        """The ports whose bit fetch_and found set, i.e. that this vCPU took off the bitmap."""
+        return {
+            word * BITS_PER_EVTCHN_WORD + bit
+            for word, old in cleared.items()
+            for bit in _bits(self._mapped(old.result()) & wanted[word])
+        }
+
+    def _mapped(self, value):
+        """A shared-info access's value; a fault means the guest has not mapped the frame."""
+        if isinstance(value, PageFault):
+            raise RuntimeError(f"the shared-info frame is not mapped writable at {self._shared_info:#x}: {value}")
+        return value
+
+
+def _words(ports: Iterable[int]) -> dict[int, int]:
+    """Ports as {word index: bit mask}, the 2-level ABI's layout."""
+    words: dict[int, int] = {}
+    for port in ports:
+        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
+        words[word] = words.get(word, 0) | 1 << bit
+    return words
+
+
+def _bits(word: int) -> list[int]:
+    return [bit for bit in range(BITS_PER_EVTCHN_WORD) if word >> bit & 1]

@@ -1,0 +1,1 @@
+from tests.support.server import server  # noqa: F401

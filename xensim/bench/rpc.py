@@ -1,0 +1,139 @@
+"""Transport benchmarks: what a guest pays per hypercall and per batched entry, end to end.
+
+One guestlib client (trio, the grpc bridge, the vCPU's Session) talks to a hypervisor server
+subprocess on a free loopback port. The echo is the floor of that same stack, as
+reference/transport.md section 4 says it must be for the ratio to mean anything; echo and
+hypercall calls alternate one by one and the 512-entry batches follow in each round, so the
+noise of these shared machines hits all three alike (DESIGN.md section 6).
+"""
+
+import json
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import trio
+
+from guestlib import Toolstack, connect, ops
+from guestlib.layout import BootLayout
+from guestlib.xen import ENTRIES_PER_TABLE, PAGE_SHIFT, Pte
+
+ROUNDS = 7
+CALLS_PER_ROUND = 200  # of each of echo and hypercall
+BATCHES_PER_ROUND = 20
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+_DATA = int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY)
+
+
+@contextmanager
+def hypervisor_server():
+    """A `python -m hypervisor serve` subprocess on a free loopback port; yields its address."""
+    command = [sys.executable, "-m", "hypervisor", "serve", "--listen", "127.0.0.1:0", "--insecure-no-admin-token", "--frames", str(1 << 16)]
+    stderr = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            ready = json.loads(process.stdout.readline() or "{}") if selector.select(START_TIMEOUT) else {}
+        if ready.get("event") != "ready":
+            stderr.seek(0)
+            raise RuntimeError(f"the hypervisor did not start within {START_TIMEOUT} s (exit status {process.poll()}):\n{stderr.read().decode(errors='replace')}")
+        yield ready["listen"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        stderr.close()
+
+
+async def _batches(xen, layout: BootLayout) -> dict[str, list]:
+    """Two pairs of 512-entry mmu_update batches, each pair alternated so every run changes
+    memory. `raw`: plain writes into a data page (Xen's checked write to a frame that is not a
+    pagetable), what the RPC path costs with the least work in the core. `remap`: every entry
+    of a pinned L1 moved between two sets of data pages and back, so each entry is validated
+    with a reference taken and one dropped, as a guest's munmap + mmap does."""
+    raw_pfn, l1_pfn = layout.alloc(), layout.alloc()
+    raw, l1 = (layout.mfn(pfn) << PAGE_SHIFT for pfn in (raw_pfn, l1_pfn))
+    data = [[layout.mfn(layout.alloc()) for _ in range(ENTRIES_PER_TABLE)] for _ in range(2)]
+    remap = [[(l1 + 8 * i, (mfn << PAGE_SHIFT) | _DATA) for i, mfn in enumerate(pages)] for pages in data]
+    setup = [ops.mmu_update(remap[0]), ops.mmu_update([layout.remap(l1_pfn, False)]), ops.pin_table(1, layout.mfn(l1_pfn))]
+    for step in await xen.submit(setup, stop_on_error=True):
+        step.result()
+    return {
+        "raw": [[(raw + 8 * i, i + k) for i in range(ENTRIES_PER_TABLE)] for k in (1, 2)],
+        "remap": remap[::-1],  # the L1 maps the first set now
+    }
+
+
+async def _timed(fn) -> float:
+    start = time.perf_counter_ns()
+    await fn()
+    return (time.perf_counter_ns() - start) / 1e3
+
+
+async def _measure(address: str) -> dict:
+    """Median round trip (us) per round of: echo, hypercall, and each kind of batch."""
+    async with Toolstack(address) as xl:
+        created = await xl.create_domain(nr_pages=4096, nr_vcpus=1, name="bench-rpc")
+        try:
+            async with connect(address, created.token, 0) as xen:
+                await xen.wait_started()
+                batches = await _batches(xen, await BootLayout.read(xen, created.start_info))
+                rounds = {name: [] for name in ("echo", "hypercall", *batches)}
+                for _ in range(ROUNDS):
+                    pairs = [(await _timed(lambda: xen.echo(b"")), await _timed(xen.tlb_flush_local)) for _ in range(CALLS_PER_ROUND)]
+                    rounds["echo"].append(statistics.median(echo for echo, _ in pairs))
+                    rounds["hypercall"].append(statistics.median(hypercall for _, hypercall in pairs))
+                    for name, pair in batches.items():
+                        times = [await _timed(lambda i=i: xen.mmu_update(pair[i % 2])) for i in range(BATCHES_PER_ROUND)]
+                        rounds[name].append(statistics.median(times))
+        finally:
+            await xl.destroy_domain(created.domid)
+        findings = await xl.audit()
+    if findings:
+        raise RuntimeError(f"the benchmark left the hypervisor inconsistent: {findings[:5]}")
+    return _report(**rounds)
+
+
+def _report(echo: list[float], hypercall: list[float], raw: list[float], remap: list[float]) -> dict:
+    context = {"rounds": ROUNDS, "client": "guestlib (trio + grpc bridge), one Session, 1 in flight"}
+    ratios = [h / e for h, e in zip(hypercall, echo)]
+    rate = {name: statistics.median(ENTRIES_PER_TABLE / (t / 1e6) for t in times) for name, times in (("raw", raw), ("remap", remap))}
+    return {
+        "rpc.echo_rtt_us": {"value": statistics.median(echo), "unit": "us", "per_round": echo, "calls_per_round": CALLS_PER_ROUND, **context},
+        "rpc.hypercall_rtt_us": {
+            "value": statistics.median(hypercall),
+            "unit": "us",
+            "hypercall": "mmuext_op MMUEXT_TLB_FLUSH_LOCAL",
+            "per_round": hypercall,
+            "calls_per_round": CALLS_PER_ROUND,
+            **context,
+        },
+        "rpc.hypercall_rtt_over_echo": {"value": statistics.median(ratios), "unit": "ratio", "per_round": ratios, "target": "<= 1.25", **context},
+        "rpc.mmu_update_batch_entries_per_s": {
+            "value": rate["raw"],
+            "unit": "entries/s",
+            "batch": "one 512-entry mmu_update per message: checked writes into a data page",
+            "batch_rtt_us_per_round": raw,
+            "pinned_l1_remap_entries_per_s": rate["remap"],
+            "pinned_l1_remap_batch_rtt_us_per_round": remap,
+            "batches_per_round": BATCHES_PER_ROUND,
+            "target": ">= 4e5",
+            **context,
+        },
+    }
+
+
+def run() -> dict:
+    with hypervisor_server() as address:
+        return trio.run(_measure, address)
