@@ -4,6 +4,8 @@ import argparse
 import json
 import sys
 
+from hypervisor.server.config import add_arguments as add_serve_arguments
+
 
 def _bench(args) -> int:
     from xensim.bench import run
@@ -30,6 +32,12 @@ def _replay(args) -> int:
     return 0 if report.ok and not findings else 1
 
 
+def _serve(args) -> int:
+    from hypervisor.server.app import run
+
+    return run(args, args.serve_parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xensim", description="A simulator of Xen's PV MMU, SMP and event-channel interfaces.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     replay = sub.add_parser("replay", help="re-execute a hypercall trace into a fresh core and compare")
     replay.add_argument("trace", help="a trace file (JSON lines)")
     replay.set_defaults(run=_replay)
+    serve = sub.add_parser("serve", help="run the hypervisor: a gRPC server playing Xen for guest vCPU processes")
+    add_serve_arguments(serve)
+    serve.set_defaults(run=_serve, serve_parser=serve)
     args = parser.parse_args(argv)
     return args.run(args)
 

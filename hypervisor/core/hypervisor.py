@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import cpu, evtchn, mmu, schedop, vcpuop
-from .abi import DOMID_FIRST_RESERVED, DOMID_XEN, Errno
+from .abi import DOMID_FIRST_RESERVED, DOMID_XEN, HYPERVISOR_VIRT_START, PAGE_SIZE, Errno
 from .domain import INVALID_M2P, Domain, Vcpu, build, relinquish
 from .errors import SimulatorBug, XenError
 from .frames import ALLOCATED, XEN_HEAP, FrameTable
@@ -58,6 +58,23 @@ def error_result(e: XenError) -> dict:
     return out
 
 
+# XENVER_* answers: the Xen release whose interfaces the simulator follows, and its own version.
+XEN_VERSION = {
+    "major": 4,
+    "minor": 19,
+    "extraversion": ".0-xensim",
+    "capabilities": "xen-3.0-x86_64",
+    "virt_start": HYPERVISOR_VIRT_START,
+    "pagesize": PAGE_SIZE,
+    "simulator": "xensim 0.1.0",
+}
+
+
+def xen_version(hv: "Hypervisor", vcpu: Vcpu) -> dict:
+    """HYPERVISOR_xen_version: every XENVER_* query answered at once (hypercalls.proto)."""
+    return dict(XEN_VERSION)
+
+
 HYPERCALLS: dict[str, Callable[..., Any]] = {
     "mmu_update": mmu.mmu_update,
     "mmuext_op": mmu.mmuext_op,
@@ -67,6 +84,7 @@ HYPERCALLS: dict[str, Callable[..., Any]] = {
     "vcpu_op": vcpuop.vcpu_op,
     "sched_op": schedop.sched_op,
     "set_timer_op": schedop.set_timer_op,
+    "xen_version": xen_version,
     # The vCPU's memory path (cpu.py): load, store, atomic, read, write, phys_read, phys_write.
     # Their arguments and results carry bytes, which the trace writes hex-encoded.
     **cpu.HYPERCALLS,
@@ -95,11 +113,11 @@ class Hypervisor:
 
     # -- the dispatch ------------------------------------------------------------------------
 
-    def hypercall(self, domid: int, vcpu_id: int, op: str, **args) -> Any:
+    def hypercall(self, domid: int, vcpu_id: int, op: str, /, **args) -> Any:
         """Run hypercall `op` as vCPU `vcpu_id` of `domid`."""
         return self._dispatch([domid, vcpu_id], op, args)
 
-    def toolstack(self, op: str, **args) -> Any:
+    def toolstack(self, op: str, /, **args) -> Any:
         """Run a toolstack (domain-control) operation."""
         return self._dispatch(None, op, args)
 
@@ -177,6 +195,15 @@ class Hypervisor:
             raise SimulatorBug(f"dom{domid} destroyed with {len(leaked)} frames still referenced: {leaked[:8].tolist()}")
         return {"freed_frames": len(freed)}
 
+    def pause_domain(self, domid: int) -> int:
+        """xl pause: sets the flag EVTCHNOP_reset checks; the adapter holds the domain's calls."""
+        self.domain(domid).paused = True
+        return 0
+
+    def unpause_domain(self, domid: int) -> int:
+        self.domain(domid).paused = False
+        return 0
+
     def frame_info(self, mfn: int) -> dict:
         if not 0 <= mfn < self.nr_frames:
             raise XenError(Errno.EINVAL, f"mfn {mfn:#x} is outside machine memory (0..{self.nr_frames - 1:#x})")
@@ -206,6 +233,8 @@ class Hypervisor:
 TOOLSTACK: dict[str, Callable[..., Any]] = {
     "create_domain": Hypervisor.create_domain,
     "destroy_domain": Hypervisor.destroy_domain,
+    "pause_domain": Hypervisor.pause_domain,
+    "unpause_domain": Hypervisor.unpause_domain,
     "advance_time": advance_time,
     "deliver_upcall": evtchn.deliver_upcall,
 }

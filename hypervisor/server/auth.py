@@ -1,0 +1,74 @@
+"""Who is calling: the domain tokens and the admin token, checked against call metadata.
+
+Tokens live here, not in the core: the core stays deterministic (a replayed trace builds the
+same domains), while a token must be unguessable. Each domain gets one at CreateDomain; it
+names that domain only, so domain A's token can never act on domain B. Checks raise
+`Refused` with the status code hypercalls.proto / toolstack.proto document, before anything
+runs, so a refused call changes nothing.
+"""
+
+import hmac
+import secrets
+from collections.abc import Callable, Iterable
+
+import grpc
+
+from .errors import Refused
+
+VCPU_KEY = "x-xen-vcpu"
+
+
+def _bearer(metadata: Iterable) -> str | None:
+    for key, value in metadata:
+        if key == "authorization":
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+class Tokens:
+    """The admin token (None: toolstack calls need none) and one token per domain."""
+
+    def __init__(self, admin_token: str | None):
+        self.admin_token = admin_token
+        self._domid_of: dict[str, int] = {}
+        self._token_of: dict[int, str] = {}
+
+    def issue(self, domid: int) -> str:
+        token = secrets.token_urlsafe(24)
+        self._domid_of[token] = domid
+        self._token_of[domid] = token
+        return token
+
+    def revoke(self, domid: int) -> None:
+        self._domid_of.pop(self._token_of.pop(domid, ""), None)
+
+    def guest(self, metadata: Iterable, nr_vcpus: Callable[[int], int]) -> tuple[int, int]:
+        """The (domid, vcpu_id) a Hypercalls call acts as; `nr_vcpus(domid)` bounds the id."""
+        metadata = tuple(metadata)
+        token = _bearer(metadata)
+        if token is None:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "missing `authorization: Bearer <domain token>` metadata (CreateDomain returns the token)")
+        domid = self._domid_of.get(token)
+        if domid is None:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "unknown domain token (was the domain destroyed?)")
+        raw = next((value for key, value in metadata if key == VCPU_KEY), None)
+        if raw is None:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"missing `{VCPU_KEY}: <vCPU id>` metadata")
+        count = nr_vcpus(domid)
+        if not raw.isdecimal() or int(raw) >= count:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{VCPU_KEY} {raw!r} is not a vCPU of dom{domid} (0..{count - 1})")
+        return domid, int(raw)
+
+    def admin(self, metadata: Iterable) -> None:
+        """A Toolstack call: the admin token (any caller when the server runs without one),
+        never a domain token."""
+        token = _bearer(metadata)
+        if token is not None and token in self._domid_of:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, "a domain token cannot use the Toolstack service; use the admin token")
+        if self.admin_token is None:
+            return
+        if token is None:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "missing `authorization: Bearer <admin token>` metadata (the hypervisor printed it at start)")
+        if not hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "wrong admin token")

@@ -1,0 +1,72 @@
+"""The `serve` command's arguments, defined once for `python -m hypervisor serve` and
+`xensim serve`, and checked into a `Config`. Imports no gRPC, so the CLI starts quickly."""
+
+import argparse
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+
+from hypervisor.core.hypervisor import DEFAULT_FRAMES
+
+ADMIN_TOKEN_ENV = "XENSIM_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    frames: int
+    admin_token: str | None  # None: Toolstack calls need no token (loopback only)
+    tls: tuple[bytes, bytes] | None  # (key, certificate chain), PEM
+    trace: str | None
+    grace_s: float
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="where to listen (port 0: pick a free one; default %(default)s)")
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, metavar="N", help="machine memory in 4 KiB frames (default %(default)s)")
+    parser.add_argument("--admin-token", metavar="TOKEN", help=f"the Toolstack's bearer token (default: ${ADMIN_TOKEN_ENV}, else a generated one, shown in the ready line)")
+    parser.add_argument("--insecure-no-admin-token", action="store_true", help="let any caller use the Toolstack (only when listening on loopback)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument("--trace", metavar="FILE", help="record every call from the start (as Toolstack StartTrace)")
+    parser.add_argument("--grace", type=float, default=3.0, metavar="S", help="on SIGINT/SIGTERM, how long running calls get to finish (default %(default)s)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    """Check the arguments; `parser.error` (exit status 2) explains any that do not fit."""
+    host, sep, port = args.listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdecimal() or int(port) > 65535:
+        parser.error(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:50051 ([::1]:0 for IPv6)")
+    if args.frames <= 0:
+        parser.error("--frames must be positive")
+    if args.insecure_no_admin_token:
+        if args.admin_token:
+            parser.error("--admin-token and --insecure-no-admin-token contradict each other")
+        if not _is_loopback(host):
+            parser.error(f"--insecure-no-admin-token is refused on {host}: anyone who can reach it could destroy domains; listen on 127.0.0.1 or give an admin token")
+        admin_token = None
+    else:
+        admin_token = args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or secrets.token_urlsafe(24)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert:
+        with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
+            tls = (key.read(), cert.read())
+    return Config(host, int(port), args.frames, admin_token, tls, args.trace, args.grace)

@@ -1,0 +1,283 @@
+"""Protobuf <-> core: one table that turns each Call case into a core op with its arguments,
+and the op's result back into the case's response message; plus the Toolstack's records.
+
+`CALLS[case]` serves the unary RPCs, the Session's calls and the multicall entries alike (one
+code path). Argument builders check what the proto calls malformed (an enum value without a
+name, a size that is not 1/2/4/8, a batch beyond abi.MAX_BATCH, a missing oneof) and raise
+`BadRequest` naming the field, so nothing malformed reaches the core; everything else is the
+core's to judge. Proto enums that mirror a zero-based Xen numbering carry Xen's number + 1
+(common.proto), so builders subtract one and result builders add it back.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.protobuf.descriptor import EnumDescriptor
+from google.protobuf.message import Message
+
+from hypervisor.core.abi import DOMID_SELF, Errno, MAX_BATCH, PAGE_OFFSET, PAGE_SIZE, START_INFO_MAGIC
+from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2, toolstack_pb2
+
+from .errors import BadRequest, xen_status
+
+MAX_SESSION_CALLS = 1024  # hypercalls.proto SessionRequest.calls
+MAX_FRAME_INFO = 4096  # toolstack.proto FrameInfoRequest.count
+_SIZES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+
+
+class Clock(Protocol):
+    def deadline(self, relative_ns: int) -> int:
+        """The core's absolute deadline for a timeout `relative_ns` from now (0 stays 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """How one Call case runs: the core's op name (None: answered without the core), its
+    arguments from the request, and the response from the core's result and those arguments."""
+
+    name: str | None
+    args: Callable[[Message, str, Clock], dict]
+    result: Callable[[Any, dict], Message]
+
+
+# -- checks of malformed input ----------------------------------------------------------------
+
+
+def _count(items, path: str, limit: int) -> None:
+    if not 1 <= len(items) <= limit:
+        raise BadRequest(path, f"{len(items)} entries; 1 to {limit} allowed")
+
+
+def _enum(value: int, enum: EnumDescriptor, path: str) -> int:
+    """A named, specified enum value (proto3 enums are open: grpcurl sends any number)."""
+    if value == 0 or value not in enum.values_by_number:
+        raise BadRequest(path, f"{value} is not a named {enum.name} value (0 means unset)")
+    return value
+
+
+def _case(msg: Message, oneof: str, path: str) -> str:
+    case = msg.WhichOneof(oneof)
+    if case is None:
+        raise BadRequest(f"{path}{oneof}", f"no {oneof} set")
+    return case
+
+
+def _size(request, path: str) -> int:
+    if request.size not in _SIZES:
+        raise BadRequest(f"{path}size", f"{request.size} is not 1, 2, 4 or 8")
+    if request.va % request.size:
+        raise BadRequest(f"{path}va", f"{request.va:#x} is not a multiple of size {request.size}")
+    return _SIZES[request.size]
+
+
+def _fits(value: int, mask: int, path: str) -> int:
+    if value & ~mask:
+        raise BadRequest(path, f"{value:#x} has bits above the access size")
+    return value
+
+
+def _within_page(va: int, length: int, path: str) -> None:
+    if not 1 <= length <= PAGE_SIZE - va % PAGE_SIZE:
+        raise BadRequest(path, f"{length} bytes at {va:#x} do not lie within one 4 KiB page (1 to 4096 bytes)")
+
+
+def _set_fields(msg: Message) -> dict:
+    """A message's fields as core arguments, optional ones only when set (unset = the core's
+    default, DOMID_SELF for a domain)."""
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields if not f.has_presence or msg.HasField(f.name)}
+
+
+def _domid(msg: Message, name: str) -> int:
+    return getattr(msg, name) if msg.HasField(name) else DOMID_SELF
+
+
+# -- argument builders ----------------------------------------------------------------------
+
+
+def _mmu_update_args(msg, path, clock) -> dict:
+    _count(msg.reqs, f"{path}reqs", MAX_BATCH)
+    return {"reqs": [[r.ptr, r.val] for r in msg.reqs], "foreigndom": _domid(msg, "foreigndom")}
+
+
+def _mmuext_op_args(msg, path, clock) -> dict:
+    _count(msg.ops, f"{path}ops", MAX_BATCH)
+    cmd = common_pb2.MmuextCmd.DESCRIPTOR
+    ops = [[_enum(op.cmd, cmd, f"{path}ops[{i}].cmd") - 1, op.arg1, op.arg2] for i, op in enumerate(msg.ops)]
+    return {"ops": ops, "foreigndom": _domid(msg, "foreigndom")}
+
+
+def _update_va_mapping_args(msg, path, clock) -> dict:
+    args = {"va": msg.va, "val": msg.val, "flags": msg.flags}
+    if msg.HasField("otherdomain"):  # update_va_mapping_otherdomain
+        args["domid"] = msg.otherdomain
+    return args
+
+
+def _multicall_args(msg, path, clock) -> dict:
+    _count(msg.entries, f"{path}entries", MAX_BATCH)
+    calls = []
+    for i, entry in enumerate(msg.entries):
+        where = f"{path}entries[{i}]."
+        case = _case(entry, "call", where)
+        op = CALLS[case]
+        calls.append({"op": op.name, "args": op.args(getattr(entry, case), f"{where}{case}.", clock)})
+    return {"calls": calls}
+
+
+def _event_channel_op_args(msg, path, clock) -> dict:
+    cmd = _case(msg, "op", path)
+    return {"cmd": cmd, **_set_fields(getattr(msg, cmd))}
+
+
+def _vcpu_op_args(msg, path, clock) -> dict:
+    cmd = _case(msg, "op", path)
+    args = {"cmd": cmd, "vcpuid": msg.vcpuid}
+    if cmd == "initialise":
+        c = msg.initialise.context
+        args["context"] = {"flags": c.flags, "ctrlreg3": c.kernel_cr3_mfn, "ctrlreg1": c.user_cr3_mfn, "rip": c.rip, "rsp": c.rsp}
+    return args
+
+
+_SCHEDOP_CMD = {"sched_yield": "yield", "block": "block", "poll": "poll", "shutdown": "shutdown"}
+
+
+def _sched_op_args(msg, path, clock) -> dict:
+    case = _case(msg, "op", path)
+    args = {"cmd": _SCHEDOP_CMD[case]}
+    if case == "poll":
+        args.update(ports=list(msg.poll.ports), timeout_ns=clock.deadline(msg.poll.timeout_ns))
+    elif case == "shutdown":
+        args["reason"] = _enum(msg.shutdown.reason, common_pb2.ShutdownReason.DESCRIPTOR, f"{path}shutdown.reason") - 1
+    return args
+
+
+def _load_args(msg, path, clock) -> dict:
+    _size(msg, path)
+    return {"va": msg.va, "size": msg.size, "user": msg.user_mode}
+
+
+def _store_args(msg, path, clock) -> dict:
+    mask = _size(msg, path)
+    return {"va": msg.va, "size": msg.size, "value": _fits(msg.value, mask, f"{path}value"), "user": msg.user_mode}
+
+
+def _atomic_args(msg, path, clock) -> dict:
+    op = _enum(msg.op, memory_pb2.AtomicOp.DESCRIPTOR, f"{path}op")
+    mask = _size(msg, path)
+    args = {
+        "operation": memory_pb2.AtomicOp.Name(op).removeprefix("ATOMIC_OP_").lower(),
+        "va": msg.va,
+        "size": msg.size,
+        "operand": _fits(msg.operand, mask, f"{path}operand"),
+        "user": msg.user_mode,
+    }
+    if op == memory_pb2.ATOMIC_OP_CMPXCHG:
+        args["expected"] = _fits(msg.expected, mask, f"{path}expected")
+    return args
+
+
+def _read_args(msg, path, clock) -> dict:
+    _within_page(msg.va, msg.length, f"{path}length")
+    return {"va": msg.va, "length": msg.length, "user": msg.user_mode}
+
+
+def _write_args(msg, path, clock) -> dict:
+    _within_page(msg.va, len(msg.data), f"{path}data")
+    return {"va": msg.va, "data": msg.data, "user": msg.user_mode}
+
+
+# -- result builders ------------------------------------------------------------------------
+
+
+def _fault(fault: dict) -> memory_pb2.PageFault:
+    return memory_pb2.PageFault(address=fault["va"], error_code=fault["error_code"], detail=fault["detail"])
+
+
+def _access(response: type[Message]) -> Callable[[dict, dict], Message]:
+    """A memory access's response: the core's {key: value}, {} or {"fault": ...}."""
+
+    def build(result: dict, args: dict) -> Message:
+        if "fault" in result:
+            return response(fault=_fault(result["fault"]))
+        return response(**result)
+
+    return build
+
+
+def _multicall_result(results: list[dict], args: dict) -> hypercalls_pb2.MulticallResponse:
+    out = hypercalls_pb2.MulticallResponse()
+    for call, outcome in zip(args["calls"], results):
+        entry = out.results.add()
+        if "errno" in outcome:
+            done = outcome.get("done")
+            entry.status.CopyFrom(xen_status(Errno[outcome["errno"]], outcome["message"], call["op"], done, done))
+        else:
+            getattr(entry, CASE_OF_OP[call["op"]]).CopyFrom(CALLS[CASE_OF_OP[call["op"]]].result(outcome["result"], call["args"]))
+    return out
+
+
+def _event_channel_op_result(result, args: dict) -> hypercalls_pb2.EventChannelOpResponse:
+    if args["cmd"] == "status":
+        return hypercalls_pb2.EventChannelOpResponse(status=evtchn_status(result))
+    return hypercalls_pb2.EventChannelOpResponse(port=result)
+
+
+def evtchn_status(status: dict) -> hypercalls_pb2.EvtchnStatusResult:
+    return hypercalls_pb2.EvtchnStatusResult(**{**status, "state": status["state"] + 1})
+
+
+def _empty(response: type[Message]) -> Callable[[Any, dict], Message]:
+    return lambda result, args: response()
+
+
+CALLS: dict[str, Op] = {
+    "mmu_update": Op("mmu_update", _mmu_update_args, lambda done, args: hypercalls_pb2.MmuUpdateResponse(done=done)),
+    "mmuext_op": Op("mmuext_op", _mmuext_op_args, lambda done, args: hypercalls_pb2.MmuextOpResponse(done=done)),
+    "update_va_mapping": Op("update_va_mapping", _update_va_mapping_args, _empty(hypercalls_pb2.UpdateVaMappingResponse)),
+    "multicall": Op("multicall", _multicall_args, _multicall_result),
+    "event_channel_op": Op("event_channel_op", _event_channel_op_args, _event_channel_op_result),
+    "vcpu_op": Op("vcpu_op", _vcpu_op_args, lambda up, args: hypercalls_pb2.VcpuOpResponse(is_up=bool(up))),
+    "sched_op": Op("sched_op", _sched_op_args, _empty(hypercalls_pb2.SchedOpResponse)),
+    "set_timer_op": Op("set_timer_op", lambda msg, path, clock: {"timeout_ns": clock.deadline(msg.timeout_ns)}, _empty(hypercalls_pb2.SetTimerOpResponse)),
+    "xen_version": Op("xen_version", lambda msg, path, clock: {}, lambda version, args: hypercalls_pb2.XenVersionResponse(**version)),
+    "load": Op("load", _load_args, _access(memory_pb2.LoadResponse)),
+    "store": Op("store", _store_args, _access(memory_pb2.StoreResponse)),
+    "atomic": Op("atomic", _atomic_args, _access(memory_pb2.AtomicResponse)),
+    "read": Op("read", _read_args, _access(memory_pb2.ReadResponse)),
+    "write": Op("write", _write_args, _access(memory_pb2.WriteResponse)),
+    "echo": Op(None, lambda msg, path, clock: {"payload": msg.payload}, lambda result, args: hypercalls_pb2.EchoResponse(payload=args["payload"])),
+}
+CASE_OF_OP = {op.name: case for case, op in CALLS.items() if op.name}
+
+
+def faulted(result: Any) -> bool:
+    """A memory access that raised a page fault (which stop_on_error treats as a failure)."""
+    return isinstance(result, dict) and "fault" in result
+
+
+# -- Toolstack records ----------------------------------------------------------------------
+
+
+def start_info(info: dict) -> common_pb2.StartInfo:
+    return common_pb2.StartInfo(magic=START_INFO_MAGIC.decode(), page_offset=PAGE_OFFSET, **info)
+
+
+def frame(info: dict) -> toolstack_pb2.Frame:
+    owner = info.pop("owner")
+    record = toolstack_pb2.Frame(**{**info, "type": common_pb2.PageType.Value(f"PAGE_TYPE_{info['type']}")})
+    if owner is not None:
+        record.owner = owner
+    return record
+
+
+def vcpu_started(vcpu, domain) -> hypercalls_pb2.VcpuStarted:
+    """The push that starts a vCPU's process: its context now (VCPUOP_initialise's, or the
+    builder's for vCPU 0), and vCPU 0's start info."""
+    context = hypercalls_pb2.VcpuGuestContext(
+        flags=vcpu.vgc_flags, kernel_cr3_mfn=vcpu.guest_table, user_cr3_mfn=vcpu.guest_table_user, rip=vcpu.rip, rsp=vcpu.rsp
+    )
+    started = hypercalls_pb2.VcpuStarted(vcpu_id=vcpu.vcpu_id, context=context)
+    if vcpu.vcpu_id == 0:
+        started.start_info.CopyFrom(start_info(domain.start_info))
+    return started

@@ -1,0 +1,121 @@
+"""The Hypercalls service: the Session stream and its unary mirrors, one code path for both.
+
+Every call, whether a unary RPC, one call of a Session message or (inside the core) a
+multicall entry, goes through `convert.CALLS`: request -> core op and arguments -> core
+result -> response. `execute` runs one such call for the authenticated vCPU and returns its
+response or the google.rpc.Status it failed with; a unary RPC fails with that status, a
+Session puts it in the call's CallResult and carries on.
+"""
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+
+from hypervisor.core import XenError
+from xensim.v1 import hypercalls_pb2, hypercalls_pb2_grpc
+
+from . import convert
+from .auth import Tokens
+from .errors import BadRequest, abort, abort_with, status_of
+from .vcpus import Runtime, Stream, VcpuSlot
+
+Outcome = tuple[Message | None, status_pb2.Status | None, bool]  # response, status, failed
+
+
+class HypercallsServicer(hypercalls_pb2_grpc.HypercallsServicer):
+    """Authenticates the vCPU, converts, and hands the call to the runtime; nothing else.
+
+    The unary methods (MmuUpdate, ..., Echo) are added below from the service descriptor, one
+    per Call case, all running `_unary`.
+    """
+
+    def __init__(self, runtime: Runtime, tokens: Tokens):
+        self.runtime = runtime
+        self.tokens = tokens
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> VcpuSlot:
+        domains = self.runtime.hv.domains
+        domid, vcpu_id = self.tokens.guest(context.invocation_metadata(), lambda domid: len(domains[domid].vcpus))
+        return self.runtime.slot(domid, vcpu_id)
+
+    async def execute(self, slot: VcpuSlot, case: str, request: Message, path: str) -> Outcome:
+        """Run one call of `slot`'s vCPU; `path` prefixes field names in BadRequest."""
+        op = convert.CALLS[case]
+        try:
+            args = op.args(request, path, self.runtime)
+            if op.name is None:
+                return op.result(None, args), None, False
+            result = await self.runtime.call(slot, op.name, args)
+        except (XenError, BadRequest) as exc:
+            return None, status_of(exc, op.name or case), True
+        return op.result(result, args), None, convert.faulted(result)
+
+    async def _unary(self, case: str, request: Message, context: grpc.aio.ServicerContext) -> Message:
+        try:
+            slot = self._caller(context)
+            with self.runtime.guard(slot.domid):
+                async with slot.lock:
+                    response, status, _ = await self.execute(slot, case, request, "")
+            if slot.stream is not None:
+                slot.stream.attention.set()  # the call may have made an upcall deliverable
+        except Exception as exc:  # noqa: BLE001 - errors.status_of is the one mapping, INTERNAL included
+            await abort(context, exc, case)
+        if status is not None:
+            await abort_with(context, status)
+        return response
+
+    async def Session(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        try:
+            slot = self._caller(context)
+            with self.runtime.guard(slot.domid):
+                stream = self.runtime.attach(slot, context)
+                try:
+                    await self._serve(stream, context)
+                finally:
+                    self.runtime.detach(stream)
+                    await stream.close()
+        except Exception as exc:  # noqa: BLE001 - as in _unary
+            await abort(context, exc, "session")
+
+    async def _serve(self, stream: Stream, context: grpc.aio.ServicerContext) -> None:
+        """Messages one at a time, in arrival order; each answer goes out before the next read."""
+        slot = stream.slot
+        while (request := await context.read()) is not grpc.aio.EOF:
+            if request.request_id == 0:
+                raise BadRequest("request_id", "0 is reserved for server pushes; number requests from 1")
+            response = hypercalls_pb2.SessionResponse(request_id=request.request_id)
+            if not 1 <= len(request.calls) <= convert.MAX_SESSION_CALLS:
+                bad = BadRequest("calls", f"{len(request.calls)} calls; 1 to {convert.MAX_SESSION_CALLS} per message")
+                response.status.CopyFrom(status_of(bad, "session"))
+            else:
+                async with slot.lock:
+                    for i, call in enumerate(request.calls):
+                        outcome = await self._session_call(slot, call, i)
+                        result = response.results.add()
+                        payload, status, failed = outcome
+                        if status is not None:
+                            result.status.CopyFrom(status)
+                        else:
+                            getattr(result, call.WhichOneof("call")).CopyFrom(payload)
+                        if failed and request.stop_on_error:
+                            break
+            await stream.write(response)
+
+    async def _session_call(self, slot: VcpuSlot, call: hypercalls_pb2.Call, index: int) -> Outcome:
+        case = call.WhichOneof("call")
+        if case is None:
+            return None, status_of(BadRequest(f"calls[{index}].call", "no call set"), "session"), True
+        return await self.execute(slot, case, getattr(call, case), f"calls[{index}].{case}.")
+
+
+def _unary_method(case: str):
+    async def method(self: HypercallsServicer, request: Message, context: grpc.aio.ServicerContext) -> Message:
+        return await self._unary(case, request, context)
+
+    return method
+
+
+_CASE_OF_REQUEST = {f.message_type.full_name: f.name for f in hypercalls_pb2.Call.DESCRIPTOR.oneofs_by_name["call"].fields}
+for _method in hypercalls_pb2.DESCRIPTOR.services_by_name["Hypercalls"].methods:
+    if not _method.client_streaming:
+        setattr(HypercallsServicer, _method.name, _unary_method(_CASE_OF_REQUEST[_method.input_type.full_name]))

@@ -1,0 +1,281 @@
+"""The server's side of scheduling: per-vCPU streams, sleeps and wake-ups, pause, timers.
+
+Theory of operation. Everything runs on one asyncio loop, which is the hypervisor lock: a
+core call runs synchronously, atomically, inside a handler. What would wait in Xen waits here
+as an await that blocks nothing else:
+
+- A hypercall that sleeps (SCHEDOP_block / poll) answers `BLOCKED`; its caller awaits the
+  vCPU's `wake` event until the core says the vCPU is no longer blocked.
+- After every core call the runtime drains the core's kicks (a coalescing set of vCPUs to
+  look at): each kicked vCPU's `wake` is set and its Session stream, if any, gets `attention`.
+  Kicks for vCPUs without a stream or a waiter cost nothing and leave no backlog.
+- Pushes are not queued per event. A stream has one writer at a time (a lock) and, before each
+  answer and whenever it gets attention, looks at the vCPU's state: up and not yet announced
+  -> VcpuStarted; upcall deliverable -> the core's `deliver_upcall` (which masks further
+  upcalls until the guest unmasks) -> Upcall. So a storm of events costs one push.
+- Timers: the runtime keeps one `loop.call_at` for the core's next deadline and, when it
+  fires, moves the core's clock (`advance_time`, ns since the server started) and drains.
+- Pause (toolstack.proto PauseDomain): calls of a paused domain wait before they run, and no
+  push is made for it, until UnpauseDomain. Calls already sleeping stay asleep; one that wakes
+  while paused answers after the unpause.
+- Handlers register their task under their domain (`guard`), so DestroyDomain can end that
+  domain's calls and streams with ABORTED, and shutdown every call with UNAVAILABLE.
+"""
+
+import asyncio
+import logging
+from contextlib import contextmanager
+
+import grpc
+
+from hypervisor.core import Hypervisor
+from hypervisor.core.domain import Vcpu
+from hypervisor.core.evtchn import local_events_need_delivery
+from hypervisor.core.sched import BLOCKED
+from xensim.v1 import hypercalls_pb2
+
+from . import convert
+from .errors import Refused, status_of
+
+log = logging.getLogger("xensim.server")
+
+
+class Stream:
+    """A vCPU's open Session: the one writer (answers and the pusher task share a lock).
+
+    A write is never abandoned half-way: grpc sends a stream's final status as another
+    operation, which fails if a message is still being sent (TOO_MANY_OPERATIONS). So each
+    write is shielded from cancellation, and `close` waits for the last one.
+    """
+
+    def __init__(self, runtime: "Runtime", slot: "VcpuSlot", context: grpc.aio.ServicerContext):
+        self.runtime = runtime
+        self.slot = slot
+        self.context = context
+        self.task = asyncio.current_task()
+        self.write_lock = asyncio.Lock()
+        self.attention = asyncio.Event()
+        self.attention.set()  # a vCPU that is up is announced as soon as its Session opens
+        self.started_sent = False
+        self._sending: asyncio.Future | None = None
+        self._pusher = asyncio.create_task(self._push_loop())
+
+    async def write(self, response: hypercalls_pb2.SessionResponse) -> None:
+        """Send an answer, after any push that is due (an Upcall precedes the answer of the
+        block it woke, as hypercalls.proto SchedBlock says)."""
+        async with self.write_lock:
+            await self._push_due()
+            await self._send(response)
+
+    async def close(self) -> None:
+        """Stop pushing, and let a write in flight finish before the stream's status goes."""
+        self._pusher.cancel()
+        if self._sending is not None and not self._sending.done():
+            await asyncio.wait([self._sending])
+
+    async def _send(self, message: hypercalls_pb2.SessionResponse) -> None:
+        self._sending = asyncio.ensure_future(self.context.write(message))
+        await asyncio.shield(self._sending)
+
+    async def _push_loop(self) -> None:
+        """Push what became due while the vCPU's process is not waiting for an answer."""
+        try:
+            while True:
+                await self.attention.wait()
+                self.attention.clear()
+                async with self.write_lock:
+                    await self._push_due()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the handler turns it into the stream's status
+            if not self.context.done():
+                self.runtime.end_task(self.task, exc)
+
+    async def _push_due(self) -> None:
+        slot, hv = self.slot, self.runtime.hv
+        vcpu = slot.vcpu
+        if vcpu.down:
+            self.started_sent = False
+            return
+        if slot.domid in self.runtime.paused:
+            return
+        if not self.started_sent:
+            self.started_sent = True
+            started = convert.vcpu_started(vcpu, hv.domains[slot.domid])
+            await self._send(hypercalls_pb2.SessionResponse(started=started))
+        if local_events_need_delivery(hv, vcpu):
+            ports = hv.toolstack("deliver_upcall", domid=slot.domid, vcpu=slot.vcpu_id)
+            if ports is not None:
+                upcall = hypercalls_pb2.Upcall(vcpu_id=slot.vcpu_id, pending_ports=ports)
+                await self._send(hypercalls_pb2.SessionResponse(upcall=upcall))
+
+
+class VcpuSlot:
+    """What the server keeps for one vCPU: its stream, its wake-up, and the lock that makes
+    its calls (Session messages and unary calls) run one at a time, as on one CPU."""
+
+    def __init__(self, domid: int, vcpu: Vcpu):
+        self.domid = domid
+        self.vcpu_id = vcpu.vcpu_id
+        self.vcpu = vcpu
+        self.stream: Stream | None = None
+        self.wake = asyncio.Event()
+        self.lock = asyncio.Lock()
+
+
+class Runtime:
+    """The core plus the server's per-vCPU state, pauses, the timer and running calls."""
+
+    def __init__(self, hv: Hypervisor):
+        self.hv = hv
+        self.slots: dict[tuple[int, int], VcpuSlot] = {}
+        self.paused: dict[int, asyncio.Event] = {}  # domid -> set on unpause
+        self._loop = asyncio.get_running_loop()
+        self._epoch = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: int | None = None
+        self._tasks: dict[int | None, set[asyncio.Task]] = {}
+        self._endings: dict[asyncio.Task, Exception] = {}
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def now_ns(self) -> int:
+        """The core's clock: ns since the server started, never behind the core's own."""
+        return max(int((self._loop.time() - self._epoch) * 1e9), self.hv.sched.now_ns)
+
+    def deadline(self, relative_ns: int) -> int:
+        """convert.Clock: the proto's timeouts are relative, the core's deadlines absolute."""
+        if not relative_ns:
+            return 0
+        self.hv.advance_time(self.now_ns())
+        return self.hv.sched.now_ns + relative_ns
+
+    def _arm_timer(self) -> None:
+        deadline = self.hv.next_deadline()
+        if deadline == self._timer_deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_deadline = None, deadline
+        if deadline is not None:
+            self._timer = self._loop.call_at(self._epoch + deadline / 1e9, self._fire)
+
+    def _fire(self) -> None:
+        deadline, self._timer, self._timer_deadline = self._timer_deadline, None, None
+        try:
+            self.hv.advance_time(max(self.now_ns(), deadline))
+            self.drain()
+        except Exception as exc:  # noqa: BLE001 - a timer has no caller to fail; log it as the bug it is
+            status_of(exc, "advance_time")
+
+    # -- vCPUs --------------------------------------------------------------------------------
+
+    def slot(self, domid: int, vcpu_id: int) -> VcpuSlot:
+        key = (domid, vcpu_id)
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = VcpuSlot(domid, self.hv.domains[domid].vcpus[vcpu_id])
+        return slot
+
+    def attach(self, slot: VcpuSlot, context: grpc.aio.ServicerContext) -> Stream:
+        if slot.stream is not None:
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"dom{slot.domid} vCPU {slot.vcpu_id} already has a Session open")
+        slot.stream = Stream(self, slot, context)
+        return slot.stream
+
+    def detach(self, stream: Stream) -> None:
+        """The stream is gone; the vCPU's state stays for the next process that attaches."""
+        if stream.slot.stream is stream:
+            stream.slot.stream = None
+
+    def session_open(self, domid: int, vcpu_id: int) -> bool:
+        slot = self.slots.get((domid, vcpu_id))
+        return slot is not None and slot.stream is not None
+
+    async def call(self, slot: VcpuSlot, op: str, args: dict):
+        """Run one hypercall of `slot`'s vCPU: wait while its domain is paused, run it on the
+        core, then sleep if it blocked. Kicks are drained whatever the outcome."""
+        gate = self.paused.get(slot.domid)
+        if gate is not None:
+            await gate.wait()
+        try:
+            result = self.hv.hypercall(slot.domid, slot.vcpu_id, op, **args)
+        finally:
+            self.drain()
+        if result is BLOCKED:
+            while slot.vcpu.blocked:
+                slot.wake.clear()
+                await slot.wake.wait()
+            gate = self.paused.get(slot.domid)
+            if gate is not None:
+                await gate.wait()
+            result = 0
+        return result
+
+    def drain(self) -> None:
+        """Look at the vCPUs the core kicked, and re-arm the timer."""
+        for key in self.hv.take_kicks():
+            slot = self.slots.get(key)
+            if slot is not None:
+                slot.wake.set()
+                if slot.stream is not None:
+                    slot.stream.attention.set()
+        self._arm_timer()
+
+    def poke(self, domid: int) -> None:
+        """Have every stream of the domain look at its vCPU (after an unpause)."""
+        for slot in self.slots.values():
+            if slot.domid == domid and slot.stream is not None:
+                slot.stream.attention.set()
+
+    # -- pause ----------------------------------------------------------------------------------
+
+    def pause(self, domid: int) -> None:
+        self.paused.setdefault(domid, asyncio.Event())
+
+    def unpause(self, domid: int) -> None:
+        gate = self.paused.pop(domid, None)
+        if gate is not None:
+            gate.set()
+        self.poke(domid)
+
+    # -- ending calls from outside ------------------------------------------------------------
+
+    @contextmanager
+    def guard(self, domid: int | None):
+        """Register the running handler under `domid` (None: a toolstack stream), so that it
+        can be ended from outside: it then raises the exception it was ended with."""
+        task = asyncio.current_task()
+        tasks = self._tasks.setdefault(domid, set())
+        tasks.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            ending = self._endings.pop(task, None)
+            if ending is None:
+                raise
+            task.uncancel()
+            raise ending from None
+        finally:
+            tasks.discard(task)
+            self._endings.pop(task, None)
+
+    def end_task(self, task: asyncio.Task, exc: Exception) -> None:
+        if task not in self._endings:
+            self._endings[task] = exc
+            task.cancel()
+
+    def forget_domain(self, domid: int) -> None:
+        """DestroyDomain: end the domain's calls and streams with ABORTED, drop its state."""
+        for task in list(self._tasks.pop(domid, ())):
+            self.end_task(task, Refused(grpc.StatusCode.ABORTED, f"dom{domid} was destroyed"))
+        for key in [key for key in self.slots if key[0] == domid]:
+            del self.slots[key]
+        self.paused.pop(domid, None)
+
+    def end_all(self, exc: Exception) -> None:
+        for tasks in self._tasks.values():
+            for task in list(tasks):
+                self.end_task(task, exc)
+        if self._timer is not None:
+            self._timer.cancel()

@@ -1,0 +1,1 @@
+from tests.support.server import secure_server, server  # noqa: F401

@@ -1,0 +1,101 @@
+"""The server as a program: ready line, health, reflection, flags, signals, a taken port."""
+
+import json
+import os
+import signal
+import subprocess
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from hypervisor.__main__ import main as hypervisor_main
+from tests.support.server import TEST_FRAMES, server_command, start_server
+from xensim.cli import main as xensim_main
+
+from .helpers import SessionClient, WireGuest
+
+pytestmark = pytest.mark.timeout(60)
+SERVICES = ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "xensim.v1.Hypercalls", "xensim.v1.Toolstack"]
+
+
+def test_health_is_serving_for_the_server_and_both_services(server):
+    stub = health_pb2_grpc.HealthStub(server.channel())
+    for service in ("", "xensim.v1.Hypercalls", "xensim.v1.Toolstack"):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _reflect(server, **request):
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel())
+    (response,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**request)]), timeout=10)
+    return response
+
+
+def test_reflection_lists_every_service_and_serves_the_proto_comments(server):
+    listed = _reflect(server, list_services="")
+    assert sorted(s.name for s in listed.list_services_response.service) == SERVICES
+
+    found = _reflect(server, file_containing_symbol="xensim.v1.Hypercalls.MmuUpdate")  # a method, by its service
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in found.file_descriptor_response.file_descriptor_proto]
+    hypercalls = next(f for f in files if f.name == "xensim/v1/hypercalls.proto")
+    comments = [loc.leading_comments for loc in hypercalls.source_code_info.location]
+    assert any("HYPERVISOR_mmu_update (hypercall 1" in c for c in comments)
+    assert {"xensim/v1/common.proto", "google/rpc/status.proto"} <= {f.name for f in files}  # its imports come along
+
+    assert _reflect(server, file_containing_symbol="xensim.v1.NoSuchThing").HasField("error_response")
+
+
+def test_ready_line_carries_the_admin_token_given_in_the_environment():
+    env = {**os.environ, "XENSIM_ADMIN_TOKEN": "from-the-environment"}
+    process = subprocess.Popen(server_command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        ready = json.loads(process.stdout.readline())
+        assert ready["event"] == "ready" and ready["admin_token"] == "from-the-environment"
+        assert ready["listen"].startswith("127.0.0.1:") and int(ready["listen"].rsplit(":", 1)[1]) > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+
+
+def test_sigterm_ends_an_open_stream_with_unavailable_and_exits_cleanly():
+    with start_server() as server:
+        guest = WireGuest(server)
+        session = SessionClient(guest.hc, guest.md(0))
+        assert session.push().HasField("started")
+        server.process.send_signal(signal.SIGTERM)
+        end = session.end()
+        assert end.code() == grpc.StatusCode.UNAVAILABLE and "server shutting down" in end.details()
+        assert server.process.wait(10) == 0
+
+
+def test_a_second_server_on_a_taken_port_fails_loudly(server):
+    second = subprocess.run(
+        server_command("--insecure-no-admin-token", listen=server.address), capture_output=True, text=True, timeout=20
+    )
+    assert second.returncode != 0 and not second.stdout
+    assert f"cannot listen on {server.address}" in second.stderr
+    assert WireGuest(server).domid  # the first one still serves
+
+
+@pytest.mark.parametrize("main", [hypervisor_main, lambda argv: xensim_main(argv)], ids=["python -m hypervisor", "xensim"])
+def test_no_admin_token_is_refused_unless_listening_on_loopback(main, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--listen", "0.0.0.0:0", "--insecure-no-admin-token", "--frames", str(TEST_FRAMES)])
+    assert caught.value.code == 2
+    assert "--insecure-no-admin-token is refused on 0.0.0.0" in capsys.readouterr().err
+
+
+def test_tls_serves_with_the_given_certificate(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    with start_server("--tls-cert", str(cert), "--tls-key", str(key)) as server:
+        channel = grpc.secure_channel(server.address, grpc.ssl_channel_credentials(cert.read_bytes()))
+        stub = health_pb2_grpc.HealthStub(channel)
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+

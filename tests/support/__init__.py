@@ -1,0 +1,1 @@
+"""Helpers shared by the test packages (a hypervisor server in a subprocess, ...)."""
