@@ -1,0 +1,113 @@
+"""Start of day (vCPU 0) and attaching a vCPU to the running kernel (every vCPU).
+
+Reference: linux-guest.md sections 7.1 and 9. vCPU 0 boots from start-info: it reads the P2M,
+builds the page allocator's bitmap, marks the boot pagetable's pages PG_pinned (Linux's hook
+once the allocator exists: they were pinned by the domain builder), builds the fixmap (a kernel
+L3/L2/L1 under the swapper pgd's top slot) holding the shared-info frame and one kmap slot per
+CPU, binds every CPU's IPI ports, and brings the other vCPUs up with VCPUOP_initialise (on the
+swapper pgd) and VCPUOP_up. Secondary vCPU processes wait until they are started and the
+kernel's magic is written, then attach like vCPU 0.
+"""
+
+import struct
+from types import SimpleNamespace
+
+import trio
+
+from ..events import EventChannels
+from ..hypercalls import HypercallClient, ops
+from ..layout import BootLayout
+from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, VGCF_in_kernel, MmuCmd
+from .cpu import Cpu, Hook, _no_hook, checked
+from .layout import FIX_SHARED_INFO, FIXMAP_L4_SLOT, KERNEL_MAGIC, PG_PINNED, PG_TABLE, KernelLayout
+from .pgtable import KERNPG_TABLE, PAGE_KERNEL, PageTables
+from .shootdown import VARIANTS
+from .smp import Smp
+
+
+class Kernel:
+    """One vCPU's view of the running kernel: its Cpu, pagetables, known mms and SMP side."""
+
+    def __init__(self, cpu: Cpu, pt: PageTables, smp: Smp, variant: str, highpte: bool):
+        self.cpu, self.pt, self.smp, self.variant, self.highpte = cpu, pt, smp, variant, highpte
+        cpu.kernel = self
+
+
+async def read_start_info(client: HypercallClient) -> SimpleNamespace:
+    """The start-info record, from pfn 0 through the direct map (where every vCPU finds it)."""
+    data = await client.read(PAGE_OFFSET, START_INFO_FIELD_OFFSET + 8 * len(START_INFO_FIELDS))
+    if not data.startswith(START_INFO_MAGIC):
+        raise RuntimeError("no start-info record at the direct map's first page")
+    values = struct.unpack_from(f"<{len(START_INFO_FIELDS)}Q", data, START_INFO_FIELD_OFFSET)
+    return SimpleNamespace(**dict(zip(START_INFO_FIELDS, values)))
+
+
+async def start_of_day(client: HypercallClient, variant: str, highpte: bool) -> None:
+    """vCPU 0's boot, up to bringing the other vCPUs up."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown drop_mm_ref variant {variant!r}; one of {', '.join(VARIANTS)}")
+    info = await read_start_info(client)
+    boot = await BootLayout.read(client, info)
+    kl = KernelLayout(info)
+    cpu = Cpu(client, kl, 0)
+    pt = PageTables(boot, kl)
+    batch = cpu.msg()
+    for field, value in (("nr_cpus", kl.nr_cpus), ("variant", VARIANTS.index(variant)), ("highpte", int(highpte)), ("swapper_pfn", pt.swapper_pfn)):
+        batch.store(kl.kglobal(field)[0], value)
+    _write_bitmap(batch, kl)
+    boot_tables = range(pt.swapper_pfn, pt.swapper_pfn + info.nr_pt_frames)
+    for pfn in [*boot_tables, *kl.fixmap_pfns]:  # the post-allocator hook: mark them pinned
+        batch.store(kl.pageinfo(pfn)[0], PG_PINNED | PG_TABLE, size=4)
+    l3, l2, l1 = kl.fixmap_pfns
+    shared_info_mfn = info.shared_info >> PAGE_SHIFT
+    pt.write_new(cpu, batch, l1, {FIX_SHARED_INFO: (shared_info_mfn << PAGE_SHIFT) | PAGE_KERNEL})
+    pt.write_new(cpu, batch, l2, {0: pt.make(l1, KERNPG_TABLE)})
+    pt.write_new(cpu, batch, l3, {0: pt.make(l2, KERNPG_TABLE)})
+    batch.mmu_update(pt.remap_direct(list(kl.fixmap_pfns), writable=False))
+    batch.mmu_update([(pt.maddr(pt.swapper_pfn, FIXMAP_L4_SLOT) | MmuCmd.NORMAL_PT_UPDATE, pt.make(l3, KERNPG_TABLE))])
+    ports = [(batch.evtchn_bind_ipi(c), batch.evtchn_bind_ipi(c)) for c in range(kl.nr_cpus)]
+    await batch.flush()
+    batch = cpu.msg()
+    for c, (resched, callfunc) in enumerate(ports):
+        batch.store(kl.percpu(c, "resched_port")[0], checked(cpu, "boot", resched))
+        batch.store(kl.percpu(c, "callfunc_port")[0], checked(cpu, "boot", callfunc))
+        for field in ("xen_cr3", "xen_current_cr3"):
+            batch.store(kl.percpu(c, field)[0], pt.swapper_pfn)
+    bringup = [batch.vcpu_initialise(c, pt.mfn(pt.swapper_pfn), flags=VGCF_in_kernel) for c in range(1, kl.nr_cpus)]
+    batch.store(kl.kglobal("magic")[0], KERNEL_MAGIC)
+    bringup += [batch.vcpu_up(c) for c in range(1, kl.nr_cpus)]
+    await batch.flush()
+    for pending in bringup:
+        checked(cpu, "bring up", pending)
+
+
+def _write_bitmap(batch, kl: KernelLayout) -> None:
+    """Every pfn past the kernel's own pages is free (bit set)."""
+    bits = bytearray(kl.bitmap.count)
+    for pfn in range(kl.first_free_pfn, kl.nr_pages):
+        bits[pfn // 8] |= 1 << (pfn % 8)
+    for offset in range(0, len(bits), PAGE_SIZE):
+        batch.write(kl.bitmap.va(offset), bytes(bits[offset : offset + PAGE_SIZE]))
+
+
+async def attach(client: HypercallClient, vcpu_id: int, hook: Hook = _no_hook) -> Kernel:
+    """Join the running kernel as vCPU `vcpu_id`: wait for its magic, read the P2M, the
+    layout, the kernel half of swapper and the IPI ports, bind this CPU's handlers."""
+    info = await read_start_info(client)
+    kl = KernelLayout(info)
+    while await client.load(kl.kglobal("magic")[0]) != KERNEL_MAGIC:
+        await client.sched_yield()
+        await trio.sleep(0.01)
+    boot = await BootLayout.read(client, info)
+    cpu = Cpu(client, kl, vcpu_id, hook)
+    pt = PageTables(boot, kl)
+    await pt.read_kernel_half(cpu)
+    (variant, highpte) = await cpu.send(ops.load(kl.kglobal("variant")[0]), ops.load(kl.kglobal("highpte")[0]))
+    events = EventChannels(client, kl.fixmap_va(FIX_SHARED_INFO), vcpu_id)
+    smp = Smp(cpu, events, await Smp.read_ports(cpu))
+    kernel = Kernel(cpu, pt, smp, VARIANTS[checked(cpu, "attach", variant)], bool(checked(cpu, "attach", highpte)))
+    cpu.mirror.update(loaded_mm=0, active_mm=0, tlbstate=0, xen_cr3=pt.swapper_pfn, xen_current_cr3=pt.swapper_pfn, highpte=int(kernel.highpte))
+    batch = cpu.msg()
+    cpu.set_percpu(batch, "online", 1)
+    await batch.flush()
+    return kernel

@@ -1,0 +1,246 @@
+"""Address spaces: creation, fork with copy-on-write, page faults, munmap, teardown.
+
+Reference: linux-guest.md sections 2, 8 and 10. An mm lives in guest memory (`layout.MM`): its
+two pgds (kernel and user, 64-bit PV), the L3/L2/L1 pages it owns, its cpumask (which doubles
+as the vCPU bitmap TLB_FLUSH_MULTI reads from guest memory) and two counts: `users` (tasks
+using it) and `count` (one for all users, plus one per CPU borrowing it lazily). "Late pin,
+early unpin": a new mm is built while its pages are plain memory and pinned at the end of
+dup_mmap; exit_mmap (in `shootdown`) unpins it before tearing it down with plain writes.
+"""
+
+import struct
+from dataclasses import dataclass, field
+
+from ..hypercalls import PageFault, ops
+from ..xen import ENTRIES_PER_TABLE, PAGE_SIZE, MmuextCmd
+from .alloc import alloc_pages, free_pages
+from .cpu import Cpu, add, checked
+from .layout import MAX_MMS, MAX_TABLES, MAX_TASKS, MM, PAGE_COUNT_ONE
+from .pgtable import RW, US, USER_BASE, USER_TABLE, PageTables, slot
+
+P = 1
+PAGE_USER = P | RW | US | 0x60  # present, writable, user, accessed, dirty
+MM_FREE, MM_LIVE = 0, 1
+PFEC_PRESENT, PFEC_WRITE = 1, 2
+_U32 = 0xFFFFFFFF
+_MM_FORMAT = f"<8Q{MAX_TABLES}Q"
+
+
+@dataclass
+class Mm:
+    """A process address space as read from guest memory (ids from 1; 0 is init_mm)."""
+
+    id: int
+    pgd: int = 0
+    user_pgd: int = 0
+    tables: list[int] = field(default_factory=list)  # L3, L2, L1 pfns
+
+    @property
+    def l1(self) -> int:
+        return self.tables[-1]
+
+    @property
+    def pgds(self) -> list[int]:
+        return [self.pgd, self.user_pgd]
+
+
+def mm_va(cpu: Cpu, mm_id: int, name: str) -> int:
+    return cpu.kl.mm(mm_id, name)[0]
+
+
+def user_va(index: int) -> int:
+    return USER_BASE + index * PAGE_SIZE
+
+
+def pattern(task: int, index: int, generation: int) -> bytes:
+    """What a task writes into its page `index`: a wrong mapping or a stale TLB shows up as a
+    mismatch when the page is read back, from whichever CPU."""
+    word = struct.pack("<QQQ", task, index, generation)
+    return (word * (PAGE_SIZE // len(word) + 1))[:PAGE_SIZE]
+
+
+async def read_mm(cpu: Cpu, mm_id: int) -> Mm:
+    (data,) = await cpu.send(ops.read(mm_va(cpu, mm_id, "state"), MM.size))
+    fields = struct.unpack_from(_MM_FORMAT, checked(cpu, "read_mm", data))
+    if fields[0] != MM_LIVE:
+        raise cpu.bug("read_mm", f"mm {mm_id} is not live (state {fields[0]})")
+    return Mm(mm_id, fields[1], fields[2], list(fields[8 : 8 + fields[6]]))
+
+
+async def claim_slot(cpu: Cpu, counter: str, limit: int, state_va) -> int:
+    """A free mm or task slot (1..limit-1): candidates come round-robin from a global counter,
+    and a candidate is ours only if cmpxchg moves its state from free to live (a slot whose mm
+    a lazy CPU still holds is skipped)."""
+    for _ in range(limit):
+        (n,) = await cpu.send(ops.atomic("fetch_add", cpu.kl.kglobal(counter)[0], 1))
+        candidate = checked(cpu, "claim_slot", n) % (limit - 1) + 1
+        (old,) = await cpu.send(ops.atomic("cmpxchg", state_va(candidate), MM_LIVE, expected=MM_FREE))
+        if checked(cpu, "claim_slot", old) == MM_FREE:
+            return candidate
+    raise cpu.bug("claim_slot", f"every one of the {limit - 1} {counter} slots is in use")
+
+
+async def new_mm_id(cpu: Cpu) -> int:
+    return await claim_slot(cpu, "next_mm", MAX_MMS, lambda i: mm_va(cpu, i, "state"))
+
+
+async def new_task_id(cpu: Cpu) -> int:
+    return await claim_slot(cpu, "next_task", MAX_TASKS, lambda i: cpu.kl.task(i, "state")[0])
+
+
+def free_task(cpu: Cpu, task: int) -> None:
+    cpu.defer(ops.store(cpu.kl.task(task, "state")[0], MM_FREE))
+
+
+async def mm_alloc(cpu: Cpu, pt: PageTables, batch, mm_id: int, user_ptes: dict[int, int]) -> Mm:
+    """pgd_alloc and the user tables, filled while still plain memory (sections 2.2, 2.3): the
+    kernel half copied from swapper, the user half one L3 -> L2 -> L1 chain (the L1 from
+    highmem with highpte), and the mm struct."""
+    pgd, user_pgd, l3, l2 = await alloc_pages(cpu, 4)
+    (l1,) = await alloc_pages(cpu, 1, highmem=bool(cpu.mirror.get("highpte")))
+    mm = Mm(mm_id, pgd, user_pgd, [l3, l2, l1])
+    user_l4 = {slot(USER_BASE, 4): pt.make(l3, USER_TABLE)}
+    pt.write_new(cpu, batch, pgd, {**user_l4, **pt.kernel_half})
+    pt.write_new(cpu, batch, user_pgd, user_l4)
+    pt.write_new(cpu, batch, l3, {slot(USER_BASE, 3): pt.make(l2, USER_TABLE)})
+    pt.write_new(cpu, batch, l2, {slot(USER_BASE, 2): pt.make(l1, USER_TABLE)})
+    pt.write_new(cpu, batch, l1, user_ptes)
+    tables = mm.tables + [0] * (MAX_TABLES - len(mm.tables))
+    batch.write(mm_va(cpu, mm_id, "state"), struct.pack(_MM_FORMAT, MM_LIVE, pgd, user_pgd, 0, 1, 1, len(mm.tables), 0, *tables))
+    return mm
+
+
+def pin(cpu: Cpu, pt: PageTables, batch, mm: Mm) -> None:
+    """xen_pgd_pin: queue it in the lazy-MMU batch and flush that into `batch`."""
+    for call in pt.pin_ops(mm.pgds, mm.tables):
+        cpu.queue(call)
+    cpu.flush_into(batch)
+    pt.mark_pinned(batch, mm.pgds + mm.tables, True)
+    cpu.count("pins")
+
+
+def read_l1(cpu: Cpu, pt: PageTables, mm: Mm) -> list:
+    """Calls reading an mm's L1 (through a read-only kmap when it is a highmem page)."""
+    if cpu.kl.is_lowmem(mm.l1):
+        return [ops.read(pt.direct_va(mm.l1), PAGE_SIZE)]
+    return [pt.kmap_op(cpu, mm.l1, writable=False), ops.read(pt.kmap_va(cpu), PAGE_SIZE), pt.kunmap_op(cpu)]
+
+
+async def l1_entries(cpu: Cpu, pt: PageTables, mm: Mm, operation: str) -> tuple[int, ...]:
+    results = await cpu.send(*read_l1(cpu, pt, mm))
+    data = checked(cpu, operation, results[0 if len(results) == 1 else 1])
+    return struct.unpack(f"<{ENTRIES_PER_TABLE}Q", data)
+
+
+async def fork(cpu: Cpu, pt: PageTables, parent: Mm, child_id: int, shared: list[int]) -> Mm:
+    """dup_mmap: a child sharing the parent's pages in L1 slots `shared` copy-on-write. Both
+    entries lose RW, the parent's through mmu_update (its tables are pinned) then
+    flush_tlb_others on the parent's cpumask (TLB_FLUSH_MULTI reading it from guest memory);
+    each page's count goes up. The child is pinned at the end, in the same message."""
+    parent_l1 = await l1_entries(cpu, pt, parent, "fork")
+    cow = {i: parent_l1[i] & ~RW for i in shared if parent_l1[i] & P}
+    batch = cpu.msg()
+    child = await mm_alloc(cpu, pt, batch, child_id, cow)
+    if cow:
+        pt.set_entries(cpu, batch, parent.l1, cow, pinned=True)
+        batch.mmuext_op([(MmuextCmd.TLB_FLUSH_MULTI, 0, mm_va(cpu, parent.id, "cpumask"))])
+        for entry in cow.values():
+            batch.atomic("fetch_add", cpu.kl.pageinfo(pt.pfn_of(entry))[0], PAGE_COUNT_ONE, size=4)
+    pin(cpu, pt, batch, child)
+    await batch.flush()
+    cpu.count("forks")
+    return child
+
+
+async def touch(cpu: Cpu, pt: PageTables, mm: Mm, task: int, generation: int, indexes: list[int]) -> None:
+    """The running task writes its pattern into pages `indexes` as user code; the faults are
+    handled as Linux's: not present maps a fresh page (mmu_update on the pinned L1), a write to
+    a copy-on-write page copies it (or takes it over when this mm is its last user), then the
+    writes are retried, in one message."""
+    writes = {i: pattern(task, i, generation) for i in indexes}
+    results = await cpu.send(*(ops.write(user_va(i), data, user=True) for i, data in writes.items()))
+    faults = {i: r.result() for i, r in zip(writes, results) if isinstance(checked(cpu, "user write", r), PageFault)}
+    if not faults:
+        return
+    fresh = [i for i, f in faults.items() if not f.error_code & PFEC_PRESENT]
+    cow = [i for i, f in faults.items() if f.error_code & (PFEC_PRESENT | PFEC_WRITE) == PFEC_PRESENT | PFEC_WRITE]
+    if len(fresh) + len(cow) != len(faults):
+        raise cpu.bug("page fault", f"faults the kernel cannot explain: {faults}")
+    entries = {}
+    batch_ops = []
+    if cow:
+        l1 = await l1_entries(cpu, pt, mm, "cow fault")
+        olds = {i: pt.pfn_of(l1[i]) for i in cow}
+        counts = await cpu.send(*(ops.atomic("fetch_add", cpu.kl.pageinfo(pfn)[0], -PAGE_COUNT_ONE & _U32, size=4) for pfn in olds.values()))
+        copies = iter(await alloc_pages(cpu, len(cow)))
+        for (index, old), count in zip(olds.items(), counts):
+            if checked(cpu, "cow fault", count) >> 8 <= 1:  # the last user takes the page over
+                entries[index] = pt.make(old, PAGE_USER)
+                batch_ops.append(ops.store(cpu.kl.pageinfo(old)[0], PAGE_COUNT_ONE, size=4))
+                free_pages(cpu, [next(copies)])
+            else:
+                new = next(copies)
+                batch_ops.append(ops.mmuext_op([(MmuextCmd.COPY_PAGE, pt.mfn(new), pt.mfn(old))]))
+                batch_ops.append(ops.store(cpu.kl.pageinfo(new)[0], PAGE_COUNT_ONE, size=4))
+                entries[index] = pt.make(new, PAGE_USER)
+        cpu.count("cow", len(cow))
+    for index, pfn in zip(fresh, await alloc_pages(cpu, len(fresh))):
+        entries[index] = pt.make(pfn, PAGE_USER)
+        batch_ops.append(ops.store(cpu.kl.pageinfo(pfn)[0], PAGE_COUNT_ONE, size=4))
+    batch = cpu.msg()
+    for op in batch_ops:
+        add(batch, op)
+    pt.set_entries(cpu, batch, mm.l1, entries, pinned=True)
+    for index in cow:  # the old read-only translation may still be in this CPU's TLB
+        batch.mmuext_op([(MmuextCmd.INVLPG_LOCAL, user_va(index))])
+    retry = {i: batch.write(user_va(i), writes[i], user=True) for i in faults}
+    await batch.flush()
+    cpu.count("faults", len(faults))
+    for index, pending in retry.items():
+        if isinstance(checked(cpu, "page fault", pending), PageFault):
+            raise cpu.bug("page fault", f"page {index} faults again after its fault was handled: {pending.result()}")
+
+
+async def verify(cpu: Cpu, task: int, generation: int, indexes: list[int]) -> list[int]:
+    """Read the pages back as the task: the indexes whose contents are wrong."""
+    results = await cpu.send(*(ops.read(user_va(i), PAGE_SIZE, user=True) for i in indexes))
+    return [i for i, r in zip(indexes, results) if checked(cpu, "verify", r) != pattern(task, i, generation)]
+
+
+async def munmap(cpu: Cpu, pt: PageTables, mm: Mm, index: int) -> None:
+    """zap one page: clear its entry, flush it on every CPU in the mm's cpumask with
+    INVLPG_MULTI (flush_tlb_others: no IPI, Xen flushes them), and drop the page."""
+    old = (await l1_entries(cpu, pt, mm, "munmap"))[index]
+    if not old & P:
+        return
+    batch = cpu.msg()
+    pt.set_entries(cpu, batch, mm.l1, {index: 0}, pinned=True)
+    batch.mmuext_op([(MmuextCmd.INVLPG_MULTI, user_va(index), mm_va(cpu, mm.id, "cpumask"))])
+    count = batch.atomic("fetch_add", cpu.kl.pageinfo(pt.pfn_of(old))[0], -PAGE_COUNT_ONE & _U32, size=4)
+    await batch.flush()
+    if checked(cpu, "munmap", count) >> 8 == 1:
+        free_pages(cpu, [pt.pfn_of(old)])
+    cpu.count("munmaps")
+
+
+async def free_user_pages(cpu: Cpu, pt: PageTables, mm: Mm) -> None:
+    """unmap_vmas after the unpin: drop every data page's count, free those that hit zero,
+    and clear the L1 with plain writes (it is ordinary memory again)."""
+    l1 = await l1_entries(cpu, pt, mm, "exit_mmap")
+    pages = [pt.pfn_of(e) for e in l1 if e & P]
+    if not pages:
+        return
+    counts = await cpu.send(*(ops.atomic("fetch_add", cpu.kl.pageinfo(pfn)[0], -PAGE_COUNT_ONE & _U32, size=4) for pfn in pages))
+    free_pages(cpu, [pfn for pfn, c in zip(pages, counts) if checked(cpu, "exit_mmap", c) >> 8 == 1])
+
+
+def release_tables(cpu: Cpu, mm: Mm) -> None:
+    """free_pgtables: the L3/L2/L1 pages go back to the allocator (they were unpinned)."""
+    free_pages(cpu, mm.tables)
+
+
+def free_mm(cpu: Cpu, mm: Mm) -> None:
+    """__mmdrop's pgd_free: the last reference went, the pgds and the mm struct are free."""
+    free_pages(cpu, mm.pgds)
+    cpu.defer(ops.store(mm_va(cpu, mm.id, "state"), MM_FREE))
+

@@ -1,0 +1,137 @@
+"""Direct pagetables: pfn-to-mfn entries, table writes, the pin and unpin walks, highpte kmap.
+
+Every entry the kernel writes names a machine frame (pte_pfn_to_mfn through the P2M) and every
+entry it reads is turned back through the inverse (pte_mfn_to_pfn); linux-guest.md section 9.
+How a table is written depends on its state, as in Linux (section 4): an unpinned table is
+plain memory (a store through the direct map, or through this CPU's kmap slot for a highmem
+pte page); a pinned one only through mmu_update, batched in the lazy-MMU multicall.
+
+Pinning (xen_pgd_pin, section 3): remap every lowmem table page read-only in the direct map,
+then PIN_L4 the kernel and the user pgd. Unpinning is the reverse: UNPIN both, then make every
+table page writable again. A highmem pte page is in no permanent mapping, only in a kmap slot,
+which is mapped read-only while its table is pinned (xen_kmap_atomic_pte).
+"""
+
+import struct
+
+from ..hypercalls import Batch, ops
+from ..layout import BootLayout
+from ..xen import ENTRIES_PER_TABLE, PAGE_OFFSET, PAGE_SHIFT, PTE_MFN_MASK, UVMF_INVLPG, MmuCmd, MmuextCmd, Pte
+from .cpu import Cpu, add
+from .layout import FIX_KMAP_BEGIN, FIXMAP_L4_SLOT, PG_PINNED, PG_TABLE, KernelLayout
+
+P, RW, US, A, D = (int(f) for f in (Pte.PRESENT, Pte.RW, Pte.USER, Pte.ACCESSED, Pte.DIRTY))
+KERNPG_TABLE = P | RW | A | D
+USER_TABLE = KERNPG_TABLE | US
+PAGE_KERNEL = P | RW | A | D
+PAGE_KERNEL_RO = P | A | D
+KERNEL_SLOTS = range(272, 512)
+USER_BASE = 0x400000  # the first user page; a process's pages sit in one L1 from here
+
+
+def slot(va: int, level: int) -> int:
+    return (va >> (PAGE_SHIFT + 9 * (level - 1))) & (ENTRIES_PER_TABLE - 1)
+
+
+class PageTables:
+    """The P2M and its inverse, and how to reach and write any table page."""
+
+    def __init__(self, boot: BootLayout, layout: KernelLayout):
+        self.boot, self.kl = boot, layout
+        self.m2p = {mfn: pfn for pfn, mfn in enumerate(boot.p2m)}
+        self.kernel_half: dict[int, int] = {}
+        self.swapper_pfn = (boot.start_info.pt_base - PAGE_OFFSET) >> PAGE_SHIFT
+
+    def mfn(self, pfn: int) -> int:
+        return self.boot.p2m[pfn]
+
+    def make(self, pfn: int, flags: int) -> int:
+        """pte_pfn_to_mfn: an entry mapping pfn with flags, as the hardware wants it."""
+        return (self.mfn(pfn) << PAGE_SHIFT) | flags
+
+    def pfn_of(self, entry: int) -> int:
+        """pte_mfn_to_pfn: the pfn an entry maps (-1 for a frame that is not ours)."""
+        return self.m2p.get((entry & PTE_MFN_MASK) >> PAGE_SHIFT, -1)
+
+    def maddr(self, pfn: int, index: int) -> int:
+        """Machine address of entry `index` of table pfn (mmu_update's ptr)."""
+        return (self.mfn(pfn) << PAGE_SHIFT) + 8 * index
+
+    def direct_va(self, pfn: int) -> int:
+        return PAGE_OFFSET + (pfn << PAGE_SHIFT)
+
+    def kmap_va(self, cpu: Cpu) -> int:
+        return self.kl.fixmap_va(FIX_KMAP_BEGIN + cpu.id)
+
+    async def read_kernel_half(self, cpu: Cpu) -> None:
+        """The swapper pgd's kernel entries, which every pgd copies (pgd_ctor)."""
+        (data,) = await cpu.send(ops.read(self.direct_va(self.swapper_pfn) + 8 * KERNEL_SLOTS[0], 8 * len(KERNEL_SLOTS)))
+        words = struct.unpack(f"<{len(KERNEL_SLOTS)}Q", data.result())
+        self.kernel_half = {KERNEL_SLOTS[0] + i: w for i, w in enumerate(words) if w & P}
+        if FIXMAP_L4_SLOT not in self.kernel_half:
+            raise cpu.bug("read_kernel_half", "the swapper pgd has no fixmap slot: the kernel has not booted")
+
+    # -- writing tables -------------------------------------------------------------------------
+
+    def write_new(self, cpu: Cpu, batch: Batch, pfn: int, entries: dict[int, int]) -> None:
+        """Fill a fresh (unpinned, unreferenced) table page with `entries`, the rest zero:
+        plain memory, through the direct map or, for a highmem page, a kmap slot."""
+        page = bytearray(8 * ENTRIES_PER_TABLE)
+        for index, value in entries.items():
+            struct.pack_into("<Q", page, 8 * index, value)
+        if self.kl.is_lowmem(pfn):
+            batch.write(self.direct_va(pfn), bytes(page))
+        else:
+            add(batch, self.kmap_op(cpu, pfn, writable=True))
+            batch.write(self.kmap_va(cpu), bytes(page))
+            add(batch, self.kunmap_op(cpu))
+
+    def set_entries(self, cpu: Cpu, batch: Batch, pfn: int, entries: dict[int, int], pinned: bool) -> None:
+        """set_pte on a live table: mmu_update when pinned (one request per entry, one call),
+        otherwise plain stores as write_new does."""
+        if pinned:
+            batch.mmu_update([(self.maddr(pfn, i) | MmuCmd.NORMAL_PT_UPDATE, v) for i, v in entries.items()])
+        elif self.kl.is_lowmem(pfn):
+            for index, value in entries.items():
+                batch.store(self.direct_va(pfn) + 8 * index, value)
+        else:
+            add(batch, self.kmap_op(cpu, pfn, writable=True))
+            for index, value in entries.items():
+                batch.store(self.kmap_va(cpu) + 8 * index, value)
+            add(batch, self.kunmap_op(cpu))
+
+    def kmap_op(self, cpu: Cpu, pfn: int, writable: bool):
+        """xen_kmap_atomic_pte: this CPU's kmap slot onto pfn, read-only if its table is pinned."""
+        return ops.update_va_mapping(self.kmap_va(cpu), self.make(pfn, PAGE_KERNEL if writable else PAGE_KERNEL_RO), UVMF_INVLPG)
+
+    def kunmap_op(self, cpu: Cpu):
+        return ops.update_va_mapping(self.kmap_va(cpu), 0, UVMF_INVLPG)
+
+    # -- pin and unpin (xen_pgd_pin / xen_pgd_unpin) ---------------------------------------------
+
+    def remap_direct(self, pfns: list[int], writable: bool) -> list[tuple[int, int]]:
+        """mmu_update requests remapping the lowmem ones of pfns in the direct map."""
+        return [self.boot.remap(pfn, writable) for pfn in pfns if self.kl.is_lowmem(pfn)]
+
+    def pin_ops(self, pgds: list[int], tables: list[int]) -> list:
+        """The hypercalls of xen_pgd_pin: tables read-only (the pgds last), then PIN_L4 each pgd."""
+        return [
+            ops.mmu_update(self.remap_direct(tables + pgds, writable=False)),
+            ops.mmuext_op([(MmuextCmd.PIN_L4_TABLE, self.mfn(pgd)) for pgd in pgds]),
+        ]
+
+    def unpin_ops(self, pgds: list[int], tables: list[int]) -> list:
+        """The hypercalls of xen_pgd_unpin: UNPIN each pgd, then every table page writable."""
+        return [
+            ops.mmuext_op([(MmuextCmd.UNPIN_TABLE, self.mfn(pgd)) for pgd in pgds]),
+            ops.mmu_update(self.remap_direct(pgds + tables, writable=True)),
+        ]
+
+    def mark_pinned(self, batch: Batch, pfns: list[int], pinned: bool) -> None:
+        """PG_pinned (and PG_table) in struct page, which other vCPUs read."""
+        for pfn in pfns:
+            va, _ = self.kl.pageinfo(pfn)
+            if pinned:
+                batch.atomic("fetch_or", va, PG_PINNED | PG_TABLE, size=4)
+            else:
+                batch.atomic("fetch_and", va, ~(PG_PINNED | PG_TABLE) & 0xFFFFFFFF, size=4)

@@ -1,0 +1,144 @@
+"""Scripted interleavings that show the unpin race, step by step, on two vCPUs.
+
+The vCPUs are separate processes, so they order their steps through barrier words in guest
+memory (the kernel's control area), never through sleeps and luck. vCPU 1 runs task T, hands
+T to vCPU 0 and then either goes idle on T's mm (lazy TLB) or starts switching away from it
+and stops with the switch queued in its lazy batch (the stale-cr3 window); vCPU 0 finishes T and
+runs exit_mmap with the kernel's drop_mm_ref. Each returns what vCPU 0 saw: the kernel BUG, if
+any (xen-semantics.md section 11: -EBUSY on the writable remap of the pgd after UNPIN).
+
+- `lazy-exit`: `none` BUGs; `mask`, `current-cr3` and `modern` shoot vCPU 1 down and succeed.
+- `stale-cr3`: `mask` BUGs (vCPU 1 left the cpumask but Xen still has T's pgd as its cr3);
+  `current-cr3` and `modern` find vCPU 1 through xen_current_cr3, and succeed.
+"""
+
+import trio
+
+from ..hypercalls import ops
+from .cpu import Cpu, KernelBug, checked
+from .pgtable import PAGE_KERNEL
+from .mm import fork, mm_alloc, new_mm_id, new_task_id, pin, touch
+from .sched import enter_lazy, switch_mm
+from .shootdown import exit_mmap
+from .workload import WRITTEN, Task, Workload, WorkloadConfig
+
+SCENARIOS = ("lazy-exit", "stale-cr3", "kmap-readonly")
+HANDED_OVER, SWITCH_QUEUED, RELEASE, FINISHED = 1, 2, 3, 4  # barrier words in the control area
+
+
+def _barrier_va(cpu: Cpu, barrier: int) -> int:
+    return cpu.kl.kglobal("control")[0] + 8 * barrier
+
+
+async def signal(cpu: Cpu, barrier: int) -> None:
+    await cpu.send(ops.store(_barrier_va(cpu, barrier), 1))
+
+
+async def wait_for(cpu: Cpu, barrier: int) -> None:
+    """Spin (yielding the vCPU) until another vCPU signals `barrier`."""
+    while True:
+        loaded, _ = await cpu.send(ops.load(_barrier_va(cpu, barrier)), ops.sched_yield())
+        if checked(cpu, "wait_for", loaded):
+            return
+        await trio.sleep(0.002)
+
+
+async def run(kernel, scenario: str) -> dict:
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
+    if scenario == "kmap-readonly":
+        return await _kmap_readonly(kernel)
+    return await (_victim if kernel.cpu.id == 1 else _exiter)(kernel, scenario)
+
+
+async def _kmap_readonly(kernel) -> dict:
+    """highpte: a pinned highmem pte page is reached through a read-only kmap slot
+    (xen_kmap_atomic_pte). Xen refuses a writable kmap of it (-EBUSY: a live pagetable cannot
+    be mapped writable); a store through the read-only slot is a ptwr-emulated entry update,
+    accepted for a valid entry and a page fault for an invalid one (the page mapping itself
+    writable); once the mm is unpinned, a writable kmap works again."""
+    cpu, pt = kernel.cpu, kernel.pt
+    async with cpu.irq:
+        batch = cpu.msg()
+        mm = await mm_alloc(cpu, pt, batch, await new_mm_id(cpu), {})
+        pin(cpu, pt, batch, mm)
+        await batch.flush()
+        va = pt.kmap_va(cpu)
+        writable_while_pinned = await cpu.send(pt.kmap_op(cpu, mm.l1, writable=True))
+        readonly = await cpu.send(
+            pt.kmap_op(cpu, mm.l1, writable=False),
+            ops.store(va + 8 * 5, 0),  # a valid (empty) entry: emulated
+            ops.store(va, pt.make(mm.l1, PAGE_KERNEL)),  # the table mapping itself writable: refused
+            pt.kunmap_op(cpu),
+        )
+        await switch_mm(cpu, mm)
+        await exit_mmap(cpu, mm)
+        after_unpin = await cpu.send(pt.kmap_op(cpu, mm.l1, writable=True), ops.store(va, 0), pt.kunmap_op(cpu))
+    refused = writable_while_pinned[0].exception()
+    fault = readonly[2].result()
+    return {
+        "vcpu": cpu.id,
+        "scenario": "kmap-readonly",
+        "highmem_l1": not cpu.kl.is_lowmem(mm.l1),
+        "writable_kmap_while_pinned": refused.errno.name if refused is not None else "allowed",
+        "valid_entry_store_emulated": readonly[1].result() is None,
+        "invalid_entry_store_fault": fault.error_code if fault is not None else None,
+        "writable_kmap_after_unpin": all(p.exception() is None for p in after_unpin) and after_unpin[1].result() is None,
+        "bug": None,
+    }
+
+
+async def _victim(kernel, scenario: str) -> dict:
+    """vCPU 1: run T, hand it over, then sit in the window the scenario is about."""
+    cpu, pt = kernel.cpu, kernel.pt
+    workload = Workload(kernel, WorkloadConfig())
+    async with cpu.irq:
+        batch = cpu.msg()
+        parent = await mm_alloc(cpu, pt, batch, await new_mm_id(cpu), {})
+        pin(cpu, pt, batch, parent)
+        await batch.flush()
+        child = await fork(cpu, pt, parent, await new_mm_id(cpu), [])
+        task = Task(await new_task_id(cpu), child, 42)
+        await switch_mm(cpu, child)
+        await touch(cpu, pt, child, task.id, task.generation, WRITTEN)
+        await workload._migrate(task, 0)
+        if scenario == "lazy-exit":
+            await enter_lazy(cpu)
+    if scenario == "lazy-exit":  # idle with interrupts on, still on T's pgd
+        await signal(cpu, HANDED_OVER)
+        await wait_for(cpu, FINISHED)
+    else:
+
+        async def hold_the_switch(point: str, cpu: Cpu) -> None:
+            if point == "switch_mm:queued":
+                await signal(cpu, SWITCH_QUEUED)
+                await wait_for(cpu, RELEASE)
+
+        cpu.hook, usual = hold_the_switch, cpu.hook
+        async with cpu.irq:  # the context switch runs with interrupts off, as in Linux
+            await switch_mm(cpu, parent)
+        cpu.hook = usual
+        await wait_for(cpu, FINISHED)
+    return {"vcpu": 1, "scenario": scenario, "bug": None}
+
+
+async def _exiter(kernel, scenario: str) -> dict:
+    """vCPU 0: take T once vCPU 1 is in its window, finish it, report what exit_mmap did."""
+    cpu = kernel.cpu
+
+    async def release_victim(point: str, cpu: Cpu) -> None:
+        if point in ("call_function:sent", "exit_mmap:done"):
+            await signal(cpu, RELEASE)
+
+    await wait_for(cpu, HANDED_OVER if scenario == "lazy-exit" else SWITCH_QUEUED)
+    cpu.hook = release_victim
+    workload = Workload(kernel, WorkloadConfig())
+    bug = None
+    try:
+        async with cpu.irq:
+            await workload._drain_incoming()
+    except KernelBug as e:
+        bug = str(e)
+    await signal(cpu, FINISHED)
+    return {"vcpu": 0, "scenario": scenario, "variant": kernel.variant, "bug": bug, "lifecycles": workload.lifecycles}
+

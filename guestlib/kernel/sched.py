@@ -1,0 +1,97 @@
+"""Switching address spaces: switch_mm, lazy TLB for kernel threads, leave_mm, mmdrop.
+
+Reference: linux-guest.md sections 2.5 and 5. A context switch is two messages, as in Linux
+under Xen: first the plain memory writes that other CPUs may read at once (the cpumask bits,
+`loaded_mm`, `xen_cr3`), then, at the end of the switch, the lazy-CPU multicall with
+NEW_BASEPTR and NEW_USER_BASEPTR, followed by `xen_current_cr3`, which is only written once
+Xen has the new base. Between the two the switch is visible in memory but not yet at Xen: the
+stale-cr3 window that the 2.6.23 fix closes. A kernel thread borrows the previous mm (lazy TLB):
+cr3 stays, the CPU stays in the cpumask, and the mm's count holds it alive.
+"""
+
+from ..hypercalls import ops
+from ..xen import MmuextCmd
+from .cpu import Cpu, checked
+from .mm import Mm, free_mm, mm_va
+
+TLBSTATE_OK, TLBSTATE_LAZY = 0, 1
+_ALL = 2**64 - 1
+
+
+def load_cr3(cpu: Cpu, mm: Mm | None) -> None:
+    """xen_write_cr3: xen_cr3 at once (by the caller), NEW_BASEPTR and NEW_USER_BASEPTR in
+    the lazy batch, and set_current_cr3 after it."""
+    pt = cpu.kernel.pt
+    pgd = mm.pgd if mm else pt.swapper_pfn
+    cpu.queue(
+        ops.mmuext_op([(MmuextCmd.NEW_BASEPTR, pt.mfn(pgd)), (MmuextCmd.NEW_USER_BASEPTR, pt.mfn(mm.user_pgd) if mm else 0)]),
+        after=ops.store(cpu.kl.percpu(cpu.id, "xen_current_cr3")[0], pgd),
+    )
+    cpu.mirror["xen_current_cr3"] = pgd  # as of the flush
+
+
+async def switch_mm(cpu: Cpu, next_mm: Mm | None) -> None:
+    """switch_mm(prev, next) with interrupts off: the mask and per-CPU writes (message one),
+    then the cr3 switch at the end of the context switch (message two)."""
+    prev = cpu.mirror.get("loaded_mm", 0)
+    next_id = next_mm.id if next_mm else 0
+    cpu.loaded = next_mm
+    batch = cpu.msg()
+    if prev != next_id:
+        if prev:
+            batch.atomic("fetch_and", mm_va(cpu, prev, "cpumask"), _ALL ^ (1 << cpu.id))
+        if next_id:
+            batch.atomic("fetch_or", mm_va(cpu, next_id, "cpumask"), 1 << cpu.id)
+    cpu.set_percpu(batch, "tlbstate", TLBSTATE_OK)
+    cpu.set_percpu(batch, "loaded_mm", next_id)
+    cpu.set_percpu(batch, "xen_cr3", next_mm.pgd if next_mm else cpu.kernel.pt.swapper_pfn)
+    await batch.flush()
+    if prev != next_id:
+        load_cr3(cpu, next_mm)
+        await cpu.hook("switch_mm:queued", cpu)
+    await cpu.flush_lazy()
+    cpu.count("switches")
+
+
+async def enter_lazy(cpu: Cpu) -> None:
+    """A kernel thread runs: it borrows the loaded mm (its count goes up), cr3 stays."""
+    borrowed = cpu.loaded
+    batch = cpu.msg()
+    if borrowed:
+        batch.atomic("fetch_add", mm_va(cpu, borrowed.id, "count"), 1)
+    cpu.borrowed = borrowed
+    cpu.set_percpu(batch, "tlbstate", TLBSTATE_LAZY)
+    cpu.set_percpu(batch, "active_mm", borrowed.id if borrowed else 0)
+    await batch.flush()
+    cpu.count("lazy")
+
+
+async def leave_lazy(cpu: Cpu, next_mm: Mm | None) -> None:
+    """The kernel thread is switched out for a task of next_mm: switch_mm if cr3 must change
+    (or leave_mm took it away meanwhile), then drop the borrowed mm (finish_task_switch)."""
+    borrowed, cpu.borrowed = cpu.borrowed, None
+    await switch_mm(cpu, next_mm)
+    cpu.mirror["active_mm"] = next_mm.id if next_mm else 0
+    cpu.defer(ops.store(cpu.kl.percpu(cpu.id, "active_mm")[0], cpu.mirror["active_mm"]))
+    if borrowed:
+        await mmdrop(cpu, borrowed)
+
+
+def leave_mm(cpu: Cpu, batch) -> None:
+    """leave_mm: stop using the loaded mm (clear our cpumask bit, load swapper). The cr3
+    switch goes into the lazy batch; the caller flushes it. The borrowed count stays."""
+    loaded = cpu.mirror.get("loaded_mm", 0)
+    cpu.loaded = None
+    if loaded:
+        batch.atomic("fetch_and", mm_va(cpu, loaded, "cpumask"), _ALL ^ (1 << cpu.id))
+    cpu.set_percpu(batch, "loaded_mm", 0)
+    cpu.set_percpu(batch, "xen_cr3", cpu.kernel.pt.swapper_pfn)
+    load_cr3(cpu, None)
+
+
+async def mmdrop(cpu: Cpu, mm: Mm) -> None:
+    """Drop one count of mm; the last frees it (__mmdrop -> pgd_free)."""
+    (old,) = await cpu.send(ops.atomic("fetch_add", mm_va(cpu, mm.id, "count"), _ALL))
+    if checked(cpu, "mmdrop", old) == 1:
+        free_mm(cpu, mm)
+

@@ -1,0 +1,80 @@
+"""exit_mmap and drop_mm_ref: making sure no vCPU runs on a pgd before it is unpinned.
+
+Reference: linux-guest.md section 6. Lazy CPUs keep a dead mm's pgd as their cr3, and Xen
+refuses to make a pagetable writable while any vCPU's cr3 holds it, so exit_mmap must first
+push every such CPU off the pgd. Each historical form of the fix is here, chosen by name:
+
+- `none`: only the exiting CPU leaves the pgd (the pre-SMP code): any lazy CPU breaks unpin.
+- `mask` (mid 2007): IPI the mm's cpumask and wait; misses a CPU whose cr3 switch away is
+  still queued in its lazy batch (it left the mask, Xen still has the pgd): the stale-cr3 race.
+- `current-cr3` (2.6.23's fix): also IPI every CPU whose xen_current_cr3 still names the pgd;
+  the handler forces its pending batch out.
+- `modern` (4.14 and later): xen_current_cr3 alone chooses the targets.
+"""
+
+from .cpu import Cpu, checked
+from .mm import Mm, free_user_pages, mm_va, read_mm, release_tables
+from .sched import leave_mm, mmdrop
+from .smp import call_function
+
+VARIANTS = ("none", "mask", "current-cr3", "modern")
+DROP_MM_REF = 1
+
+
+@call_function(DROP_MM_REF)
+async def drop_mm_ref_this_cpu(cpu: Cpu, mm_id: int) -> None:
+    """The IPI handler (drop_other_mm_ref / drop_mm_ref_this_cpu, by variant)."""
+    kernel = cpu.kernel
+    pgd = (await read_mm(cpu, mm_id)).pgd
+    variant, mirror = kernel.variant, cpu.mirror
+    batch = cpu.msg()
+    if mirror.get("loaded_mm") == mm_id:  # only a lazy CPU can still have a dying mm loaded
+        leave_mm(cpu, batch)
+    cpu.flush_into(batch)  # current-cr3 and modern: force a queued switch out to Xen
+    await batch.flush()
+    if variant in ("current-cr3", "modern") and mirror.get("xen_current_cr3") == pgd:
+        raise cpu.bug("drop_mm_ref", f"pgd pfn {pgd:#x} is still this CPU's cr3 after leave_mm")
+
+
+async def drop_mm_ref(cpu: Cpu, mm: Mm) -> None:
+    """Switch this CPU off mm (all variants), then the variant's remote shootdown."""
+    kernel = cpu.kernel
+    batch = cpu.msg()
+    if cpu.mirror.get("loaded_mm") == mm.id:
+        leave_mm(cpu, batch)
+    cpu.flush_into(batch)
+    mask = batch.load(mm_va(cpu, mm.id, "cpumask"))
+    current = [batch.load(cpu.kl.percpu(c, "xen_current_cr3")[0]) for c in range(cpu.kl.nr_cpus)]
+    await batch.flush()
+    if kernel.variant == "none":
+        return
+    in_mask = {c for c in range(cpu.kl.nr_cpus) if checked(cpu, "drop_mm_ref", mask) >> c & 1}
+    on_pgd = {c for c, p in enumerate(current) if checked(cpu, "drop_mm_ref", p) == mm.pgd}
+    targets = {"mask": in_mask, "current-cr3": in_mask | on_pgd, "modern": on_pgd}[kernel.variant] - {cpu.id}
+    await cpu.hook("drop_mm_ref:targets", cpu)
+    await kernel.smp.call_function_many(sorted(targets), DROP_MM_REF, mm.id, wait=True)
+
+
+async def exit_mmap(cpu: Cpu, mm: Mm) -> None:
+    """xen_exit_mmap then the generic teardown: drop_mm_ref, unpin (the pgds first, then every
+    table page made writable again: a vCPU still on the pgd makes that -EBUSY, a kernel BUG),
+    free the pages with plain writes, and drop the users' count on the mm."""
+    kernel = cpu.kernel
+    pt = kernel.pt
+    await drop_mm_ref(cpu, mm)
+    batch = cpu.msg()
+    for call in pt.unpin_ops(mm.pgds, mm.tables):
+        cpu.queue(call)
+    pgd_mfns = ", ".join(f"{pt.mfn(pgd):#x}" for pgd in mm.pgds)
+    cpu.flush_into(batch, "exit_mmap", f"after UNPIN_TABLE of pgds {pgd_mfns}, making the pagetable pages writable again failed (a vCPU still has the pgd as its cr3)")
+    pt.mark_pinned(batch, mm.pgds + mm.tables, False)
+    batch.store(mm_va(cpu, mm.id, "users"), 0)
+    try:
+        await batch.flush()
+    finally:
+        await cpu.hook("exit_mmap:done", cpu)
+    cpu.count("unpins")
+    await free_user_pages(cpu, pt, mm)
+    release_tables(cpu, mm)
+    await mmdrop(cpu, mm)
+

@@ -1,0 +1,225 @@
+"""What the guest's tasks do: process lifecycles with data that is checked from any CPU.
+
+Each CPU runs a long-lived parent process with a few data pages. A lifecycle forks a child
+from it (the parent's pages shared copy-on-write), switches to the child, which writes its
+pattern into fresh pages and into some inherited ones (copy-on-write faults), then either
+finishes here (verify, munmap a page, exit) or migrates: it is handed to another CPU through a
+run-queue ring in guest memory, and this CPU runs a kernel thread that borrows the child's mm
+lazily before going back to the parent. The other CPU switches to the child, verifies its data
+(written on another CPU), and exits it, while the first CPU may still hold its pgd lazily, or be
+halfway through switching away from it: the two windows drop_mm_ref must close.
+"""
+
+import random
+import struct
+import time
+from dataclasses import dataclass
+
+import trio
+
+from ..hypercalls import ops
+from .cpu import Cpu, KernelBug, Panicked, checked
+from .layout import RING_SLOTS
+from .mm import Mm, fork, free_task, mm_alloc, munmap, new_mm_id, new_task_id, pin, read_mm, touch, verify
+from .sched import enter_lazy, leave_lazy, switch_mm
+from .shootdown import exit_mmap
+
+SHARED_PAGES = 4  # the parent's pages a child inherits
+FRESH_PAGES = 8  # pages a child faults in
+WRITTEN = [0, 1] + list(range(SHARED_PAGES, SHARED_PAGES + FRESH_PAGES))  # two inherited, all fresh
+
+
+@dataclass
+class WorkloadConfig:
+    seconds: float = 5.0
+    seed: int = 1
+    migrate: float = 0.5  # chance that a child is finished on another CPU
+    max_lifecycles: int = 0  # 0 = as many as fit in `seconds`
+    idle_ms: float = 20.0  # how long an idle CPU stays lazy on a borrowed mm, at most
+
+
+@dataclass
+class Task:
+    id: int
+    mm: Mm
+    generation: int
+
+    @property
+    def pages(self) -> list[int]:
+        return list(range(SHARED_PAGES + FRESH_PAGES))
+
+
+class Workload:
+    def __init__(self, kernel, config: WorkloadConfig):
+        self.k, self.cpu, self.config = kernel, kernel.cpu, config
+        self.rng = random.Random(config.seed * 1009 + self.cpu.id)
+        self.corruptions: list[str] = []
+        self.lifecycles = 0
+        self.ring_tail = [0] * self.cpu.kl.nr_cpus  # what this CPU produced into each ring
+        self.ring_head = [0] * self.cpu.kl.nr_cpus  # what it consumed from each ring
+
+    async def run(self) -> None:
+        cpu, k = self.cpu, self.k
+        deadline = time.monotonic() + self.config.seconds
+        async with cpu.irq:
+            parent = await self._make_parent()
+        while not self._done(deadline):
+            async with cpu.irq:
+                await self._drain_incoming()
+                if cpu.borrowed is not None:
+                    await self._kernel_thread()
+                await self._lifecycle(parent)
+            await trio.sleep(0)  # interrupts on between lifecycles
+        await self._finish(parent)
+
+    def _done(self, deadline: float) -> bool:
+        limit = self.config.max_lifecycles
+        return (limit and self.lifecycles >= limit) or time.monotonic() >= deadline
+
+    async def _make_parent(self) -> Mm:
+        cpu, k = self.cpu, self.k
+        mm_id = await new_mm_id(cpu)
+        batch = cpu.msg()
+        mm = await mm_alloc(cpu, k.pt, batch, mm_id, {})
+        pin(cpu, k.pt, batch, mm)
+        await batch.flush()
+        await switch_mm(cpu, mm)
+        await touch(cpu, k.pt, mm, 0, cpu.id, list(range(SHARED_PAGES)))
+        return mm
+
+    async def _lifecycle(self, parent: Mm) -> None:
+        cpu, k = self.cpu, self.k
+        await self._run_user(parent)  # the parent forks
+        task_id = await new_task_id(cpu)
+        child = await fork(cpu, k.pt, parent, await new_mm_id(cpu), list(range(SHARED_PAGES)))
+        task = Task(task_id, child, self.rng.randrange(1 << 32))
+        await self._preempt()
+        await self._run_user(child)
+        await touch(cpu, k.pt, child, task.id, task.generation, WRITTEN)
+        await self._preempt()
+        others = [c for c in range(cpu.kl.nr_cpus) if c != cpu.id]
+        if others and self.rng.random() < self.config.migrate and await self._migrate(task, self.rng.choice(others)):
+            await enter_lazy(cpu)  # the child is gone: a kernel thread runs, borrowing its mm
+        else:
+            await self._finish_task(task)
+
+    async def _preempt(self) -> None:
+        """A preemption point: after a reschedule IPI, run the tasks handed to this CPU."""
+        await self.cpu.irq_window()
+        if self.k.smp.need_resched:
+            self.k.smp.need_resched = False
+            await self._drain_incoming()
+
+    async def _run_user(self, mm: Mm) -> None:
+        """Switch to a task of mm: from a lazy kernel thread (dropping what it borrowed), or
+        from another user task."""
+        if self.cpu.borrowed is not None:
+            await leave_lazy(self.cpu, mm)
+        elif self.cpu.loaded is not mm:
+            await switch_mm(self.cpu, mm)
+
+    async def _kernel_thread(self) -> None:
+        """The idle task on its borrowed mm: cr3 untouched, interrupts on, for a while (Xen's
+        PV idle blocks until an event; a bounded sleep stands in for the timer)."""
+        self.cpu.irq.release()
+        try:
+            await trio.sleep(self.rng.uniform(0, self.config.idle_ms) / 1000)
+        finally:
+            await self.cpu.irq.acquire()
+
+    async def _finish_task(self, task: Task) -> None:
+        """The child's last steps, on whichever CPU it ended up: check its data, unmap a
+        page (flush_tlb_others), exit (exit_mmap with this kernel's drop_mm_ref)."""
+        cpu, k = self.cpu, self.k
+        await self._run_user(task.mm)
+        for index in await verify(cpu, task.id, task.generation, WRITTEN):
+            self.corruptions.append(f"task {task.id} page {index} on vCPU {cpu.id}: contents differ from what it wrote")
+        await munmap(cpu, k.pt, task.mm, SHARED_PAGES)
+        await exit_mmap(cpu, task.mm)
+        free_task(cpu, task.id)
+        self.lifecycles += 1
+        cpu.count("lifecycles")
+
+    # -- migration through the run-queue rings -----------------------------------------------
+
+    async def _migrate(self, task: Task, dst: int) -> bool:
+        cpu, kl = self.cpu, self.cpu.kl
+        tail = self.ring_tail[dst]
+        (head,) = await cpu.send(ops.load(kl.ring(cpu.id, dst, "head")[0]))
+        if tail - checked(cpu, "migrate", head) >= RING_SLOTS:
+            return False
+        batch = cpu.msg()
+        batch.write(kl.task(task.id, "state")[0], struct.pack("<4Q", 1, task.mm.id, task.mm.id, dst))
+        batch.store(kl.task(task.id, "generation")[0], task.generation)
+        batch.store(kl.ring(cpu.id, dst, "slots")[0] + 8 * (tail % RING_SLOTS), task.id)
+        batch.store(kl.ring(cpu.id, dst, "tail")[0], tail + 1)
+        batch.evtchn_send(self.k.smp.ports["resched"][dst])  # ttwu: wake it on its CPU
+        await batch.flush()
+        self.ring_tail[dst] = tail + 1
+        cpu.count("migrations")
+        return True
+
+    async def _drain_incoming(self) -> int:
+        """Finish the tasks other CPUs handed to this one; returns how many."""
+        cpu, k, kl = self.cpu, self.k, self.cpu.kl
+        srcs = [c for c in range(kl.nr_cpus) if c != cpu.id]
+        batch = cpu.msg()
+        tails = [batch.load(kl.ring(src, cpu.id, "tail")[0]) for src in srcs]
+        panicked = cpu.check_panic(batch)
+        await batch.flush()
+        panicked()
+        done = 0
+        for src, tail in zip(srcs, tails):
+            tail = checked(cpu, "drain", tail)
+            while self.ring_head[src] < tail:
+                slot = kl.ring(src, cpu.id, "slots")[0] + 8 * (self.ring_head[src] % RING_SLOTS)
+                (task_id,) = await cpu.send(ops.load(slot))
+                task_id = checked(cpu, "drain", task_id)
+                mm_field, gen = await cpu.send(ops.load(kl.task(task_id, "mm")[0]), ops.load(kl.task(task_id, "generation")[0]))
+                mm = await read_mm(cpu, checked(cpu, "drain", mm_field))
+                self.ring_head[src] += 1
+                cpu.defer(ops.store(kl.ring(src, cpu.id, "head")[0], self.ring_head[src]))
+                await self._finish_task(Task(task_id, mm, checked(cpu, "drain", gen)))
+                done += 1
+        return done
+
+    async def _finish(self, parent: Mm) -> None:
+        """Stop: keep finishing handed-over tasks until every CPU has stopped producing."""
+        cpu, kl = self.cpu, self.cpu.kl
+        async with cpu.irq:
+            await cpu.send(ops.atomic("fetch_add", kl.kglobal("control")[0], 1))
+        while True:
+            async with cpu.irq:
+                (stopped,) = await cpu.send(ops.load(kl.kglobal("control")[0]))
+                drained = await self._drain_incoming()
+            if checked(cpu, "finish", stopped) >= kl.nr_cpus and not drained:
+                break
+            await trio.sleep(0.005)
+        async with cpu.irq:
+            await self._drain_incoming()
+            await self._run_user(parent)
+            await exit_mmap(cpu, parent)
+
+
+async def run(kernel, config: WorkloadConfig) -> dict:
+    """Run the workload on this vCPU; a kernel BUG stops it and is reported."""
+    workload = Workload(kernel, config)
+    cpu: Cpu = kernel.cpu
+    bug = stopped = None
+    try:
+        await workload.run()
+    except KernelBug as e:
+        bug = str(e)
+        await cpu.client.atomic("fetch_add", cpu.kl.kglobal("bugs")[0], 1)  # panic: stop the others
+    except Panicked as e:
+        stopped = str(e)
+    return {
+        "vcpu": cpu.id,
+        "lifecycles": workload.lifecycles,
+        "messages": cpu.messages,
+        "stats": cpu.stats,
+        "data_corruptions": workload.corruptions,
+        "bug": bug,
+        "stopped": stopped,
+    }
+

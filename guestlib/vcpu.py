@@ -1,0 +1,56 @@
+"""A vCPU process: `python -m guestlib.vcpu --server HOST:PORT --token T --vcpu N`.
+
+One process per vCPU, one trio nursery per process (the upcall loop and the workload). vCPU 0
+boots the kernel; the others wait until Xen starts them. At the end the process prints its
+report as one JSON line on stdout; the exit status is 0, or 3 when the kernel hit a BUG or
+found corrupted data.
+"""
+
+import argparse
+import json
+import sys
+
+import trio
+
+from .hypercalls import connect
+from .kernel import scenarios
+from .kernel.boot import attach, start_of_day
+from .kernel.shootdown import VARIANTS
+from .kernel.workload import WorkloadConfig, run
+
+
+async def run_vcpu(server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None) -> dict:
+    async with connect(server, token, vcpu) as client:
+        await client.wait_started()
+        if vcpu == 0:
+            await start_of_day(client, variant, highpte)
+        kernel = await attach(client, vcpu)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.smp.upcall_loop)
+            await kernel.smp.events.local_irq_enable()
+            report = await (scenarios.run(kernel, scenario) if scenario else run(kernel, config))
+            nursery.cancel_scope.cancel()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m guestlib.vcpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--server", required=True, help="the hypervisor, HOST:PORT")
+    parser.add_argument("--token", required=True, help="the domain's token (from CreateDomain)")
+    parser.add_argument("--vcpu", type=int, required=True)
+    parser.add_argument("--variant", choices=VARIANTS, default="modern", help="drop_mm_ref form (vCPU 0 decides at boot)")
+    parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (vCPU 0 decides at boot)")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--lifecycles", type=int, default=0, help="stop after this many (0: run for --seconds)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--migrate", type=float, default=0.5)
+    parser.add_argument("--scenario", choices=scenarios.SCENARIOS, help="a scripted interleaving on two vCPUs instead of the workload")
+    args = parser.parse_args(argv)
+    config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles)
+    report = trio.run(run_vcpu, args.server, args.token, args.vcpu, args.variant, args.highpte, config, args.scenario)
+    print(json.dumps(report), flush=True)
+    return 3 if report["bug"] or report.get("data_corruptions") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
