@@ -9,6 +9,7 @@ mapped writable before events can be handled.
 
 import struct
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from .hypercalls import Batch, HypercallClient, PageFault, Pending
 from .xen import (
@@ -27,6 +28,10 @@ _BITMAP_BYTES = SHARED_INFO_EVTCHN_MASK - SHARED_INFO_EVTCHN_PENDING
 _BITMAP = f"<{_BITMAP_BYTES // 8}Q"  # evtchn_pending / evtchn_mask: little-endian u64 words
 
 Handler = Callable[[int, Batch], Awaitable[None]]
+Prefetch = Callable[[Batch], Any]
+"""A handler's prefetch: `prefetch(first)` queues the reads its handler will need on the upcall's
+first message (the one that takes the port's pending bit) and returns what the handler should
+get, so a handler that must read guest memory costs no message of its own."""
 """An event handler: `await handler(port, tail)`. It runs after the port's pending bit is
 cleared (Linux acks before it handles, so a new event during the handler is not lost) and with
 upcalls masked. Calls it queues on `tail` are sent in one message with the unmask that ends the
@@ -45,10 +50,14 @@ class EventChannels:
         self._shared_info = shared_info_va
         self._vcpu_info = shared_info_va + SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu_id
         self._handlers: dict[int, Handler] = {}
+        self._prefetch: dict[int, Prefetch] = {}
 
-    def bind(self, port: int, handler: Handler) -> None:
-        """Handle port's events on this vCPU (bind_evtchn_to_irqhandler, minus the hypercall)."""
+    def bind(self, port: int, handler: Handler, prefetch: Prefetch | None = None) -> None:
+        """Handle port's events on this vCPU (bind_evtchn_to_irqhandler, minus the hypercall).
+        With `prefetch`, the handler is called as `handler(port, tail, prefetched)`."""
         self._handlers[port] = handler
+        if prefetch is not None:
+            self._prefetch[port] = prefetch
 
     def unbind(self, port: int) -> None:
         del self._handlers[port]
@@ -84,6 +93,7 @@ class EventChannels:
             selector = first.atomic("xchg", self._vcpu_info + VCPU_INFO_PENDING_SEL, 0)
             cleared = self._clear(first, claimed)
             bitmaps = first.read(self._shared_info + SHARED_INFO_EVTCHN_PENDING, 2 * _BITMAP_BYTES)
+            prefetched = {port: self._prefetch[port](first) for port in hint if port in self._prefetch}
         ports = self._taken(cleared, claimed)
         pending, mask = (struct.unpack_from(_BITMAP, self._mapped(bitmaps.result()), offset) for offset in (0, _BITMAP_BYTES))
         missed = {}
@@ -98,7 +108,13 @@ class EventChannels:
 
         tail = self._client.batch()
         for port in sorted(ports):
-            await self._handlers[port](port, tail)
+            if port in self._prefetch:
+                if port not in prefetched:  # a port the hint missed reads on its own
+                    async with self._client.batch() as late:
+                        prefetched[port] = self._prefetch[port](late)
+                await self._handlers[port](port, tail, prefetched[port])
+            else:
+                await self._handlers[port](port, tail)
         tail.store(self._vcpu_info + VCPU_INFO_UPCALL_MASK, 0, size=1)
         await tail.flush()
 

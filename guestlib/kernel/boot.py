@@ -17,12 +17,12 @@ import trio
 from ..events import EventChannels
 from ..hypercalls import HypercallClient, ops
 from ..layout import BootLayout
-from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, VGCF_in_kernel, MmuCmd
+from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, SHARED_INFO_EVTCHN_MASK, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, VGCF_in_kernel, MmuCmd
 from .cpu import Cpu, Hook, _no_hook, checked
 from .layout import FIX_SHARED_INFO, FIXMAP_L4_SLOT, KERNEL_MAGIC, PG_PINNED, PG_TABLE, KernelLayout
 from .pgtable import KERNPG_TABLE, PAGE_KERNEL, PageTables
 from .shootdown import VARIANTS
-from .smp import Smp
+from .smp import IPI_KINDS, Smp
 
 
 class Kernel:
@@ -65,12 +65,15 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool) -> 
     pt.write_new(cpu, batch, l3, {0: pt.make(l2, KERNPG_TABLE)})
     batch.mmu_update(pt.remap_direct(list(kl.fixmap_pfns), writable=False))
     batch.mmu_update([(pt.maddr(pt.swapper_pfn, FIXMAP_L4_SLOT) | MmuCmd.NORMAL_PT_UPDATE, pt.make(l3, KERNPG_TABLE))])
-    ports = [(batch.evtchn_bind_ipi(c), batch.evtchn_bind_ipi(c)) for c in range(kl.nr_cpus)]
+    ports = [[batch.evtchn_bind_ipi(c) for _ in IPI_KINDS] for c in range(kl.nr_cpus)]
     await batch.flush()
     batch = cpu.msg()
-    for c, (resched, callfunc) in enumerate(ports):
-        batch.store(kl.percpu(c, "resched_port")[0], checked(cpu, "boot", resched))
-        batch.store(kl.percpu(c, "callfunc_port")[0], checked(cpu, "boot", callfunc))
+    shared_info = kl.fixmap_va(FIX_SHARED_INFO)
+    for c, bound in enumerate(ports):
+        for kind, pending in zip(IPI_KINDS, bound):
+            batch.store(kl.percpu(c, f"{kind}_port")[0], checked(cpu, "boot", pending))
+        kick = checked(cpu, "boot", bound[IPI_KINDS.index("kick")])  # masked: only polled for
+        batch.atomic("fetch_or", shared_info + SHARED_INFO_EVTCHN_MASK + 8 * (kick // 64), 1 << kick % 64)
         for field in ("xen_cr3", "xen_current_cr3"):
             batch.store(kl.percpu(c, field)[0], pt.swapper_pfn)
     bringup = [batch.vcpu_initialise(c, pt.mfn(pt.swapper_pfn), flags=VGCF_in_kernel) for c in range(1, kl.nr_cpus)]

@@ -52,7 +52,7 @@ PERCPU = Struct(
     ("tlbstate", 8),  # TLBSTATE_OK / TLBSTATE_LAZY
     ("active_mm", 8),  # the mm a lazy kernel thread borrows (holding a count)
     ("current", 8),  # running task id; 0 = idle
-    ("resched_port", 8), ("callfunc_port", 8), ("online", 8),
+    ("resched_port", 8), ("callfunc_port", 8), ("kick_port", 8), ("online", 8),
     ("pool_count", 8), ("hipool_count", 8),
     ("stats", 8 * 16),
     ("pool", 8 * POOL_SLOTS), ("hipool", 8 * POOL_SLOTS),
@@ -139,7 +139,8 @@ class KernelLayout:
         return self.regions["tasks"].va(task, TASK, field), TASK[field][1]
 
     def csd(self, src: int, dst: int, field: str) -> tuple[int, int]:
-        return self.regions["csd"].va(src * self.nr_cpus + dst, CSD, field), 8
+        """Target-major, so a CPU reads every slot addressed to it in one access."""
+        return self.regions["csd"].va(dst * self.nr_cpus + src, CSD, field), 8
 
     def ring(self, src: int, dst: int, field: str = "head") -> tuple[int, int]:
         return self.regions["rings"].va(src * self.nr_cpus + dst, RING, field), 8

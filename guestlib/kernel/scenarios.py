@@ -12,17 +12,24 @@ any (xen-semantics.md section 11: -EBUSY on the writable remap of the pgd after 
   `current-cr3` and `modern` find vCPU 1 through xen_current_cr3, and succeed.
 """
 
+import statistics
+import time
+
 import trio
 
 from ..hypercalls import ops
+from ..xen import MmuextCmd
 from .cpu import Cpu, KernelBug, checked
 from .pgtable import PAGE_KERNEL
 from .mm import fork, mm_alloc, new_mm_id, new_task_id, pin, touch
 from .sched import enter_lazy, switch_mm
+from .smp import call_function
 from .shootdown import exit_mmap
 from .workload import WRITTEN, Task, Workload, WorkloadConfig
 
-SCENARIOS = ("lazy-exit", "stale-cr3", "kmap-readonly")
+SCENARIOS = ("lazy-exit", "stale-cr3", "kmap-readonly", "ipi-rtt")
+NOP = 2  # a call function that does nothing: the IPI round trip alone
+IPI_ROUNDS = 60
 HANDED_OVER, SWITCH_QUEUED, RELEASE, FINISHED = 1, 2, 3, 4  # barrier words in the control area
 
 
@@ -40,7 +47,7 @@ async def wait_for(cpu: Cpu, barrier: int) -> None:
         loaded, _ = await cpu.send(ops.load(_barrier_va(cpu, barrier)), ops.sched_yield())
         if checked(cpu, "wait_for", loaded):
             return
-        await trio.sleep(0.002)
+        await trio.sleep(0.01)
 
 
 async def run(kernel, scenario: str) -> dict:
@@ -48,6 +55,8 @@ async def run(kernel, scenario: str) -> dict:
         raise ValueError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
     if scenario == "kmap-readonly":
         return await _kmap_readonly(kernel)
+    if scenario == "ipi-rtt":
+        return await _ipi_rtt(kernel)
     return await (_victim if kernel.cpu.id == 1 else _exiter)(kernel, scenario)
 
 
@@ -86,6 +95,33 @@ async def _kmap_readonly(kernel) -> dict:
         "writable_kmap_after_unpin": all(p.exception() is None for p in after_unpin) and after_unpin[1].result() is None,
         "bug": None,
     }
+
+
+@call_function(NOP)
+async def _nop(cpu: Cpu, arg: int) -> None:
+    return None
+
+
+async def _ipi_rtt(kernel) -> dict:
+    """vCPU 0 times smp_call_function_single to vCPU 1 (send, the handler on vCPU 1, its
+    acknowledgement in guest memory seen by vCPU 0) against a plain hypercall, alternating one
+    by one; vCPU 1 idles with interrupts on until told to stop."""
+    cpu = kernel.cpu
+    if cpu.id != 0:
+        await wait_for(cpu, FINISHED)
+        return {"vcpu": cpu.id, "scenario": "ipi-rtt", "bug": None}
+    ipi, hypercall = [], []
+    async with cpu.irq:
+        for _ in range(IPI_ROUNDS):
+            start = time.perf_counter()
+            await kernel.smp.call_function_many([1], NOP, 0, wait=True)
+            ipi.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            await cpu.send(ops.mmuext_op([(MmuextCmd.TLB_FLUSH_LOCAL,)]))
+            hypercall.append(time.perf_counter() - start)
+    await signal(cpu, FINISHED)
+    ipi_us, hypercall_us = statistics.median(ipi) * 1e6, statistics.median(hypercall) * 1e6
+    return {"vcpu": 0, "scenario": "ipi-rtt", "ipi_rtt_us": ipi_us, "hypercall_rtt_us": hypercall_us, "rounds": IPI_ROUNDS, "bug": None}
 
 
 async def _victim(kernel, scenario: str) -> dict:

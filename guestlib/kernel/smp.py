@@ -13,11 +13,14 @@ initiator opens interrupt windows and yields, as Linux's smp_call_function does,
 calling each other cannot deadlock.
 """
 
+import struct
 from collections.abc import Awaitable, Callable
 
 from ..events import EventChannels
-from ..hypercalls import Batch, ops
+from ..hypercalls import Batch, Pending, ops
+from ..xen import SHARED_INFO_EVTCHN_PENDING
 from .cpu import Cpu, checked
+from .layout import CSD, FIX_SHARED_INFO
 
 CallFunc = Callable[[Cpu, int], Awaitable[None]]
 FUNCTIONS: dict[int, CallFunc] = {}
@@ -33,24 +36,34 @@ def call_function(number: int):
     return register
 
 
+IPI_KINDS = ("resched", "callfunc", "kick")
+CALL_WAIT_NS = 20_000_000  # a waiter re-checks at least this often, kicked or not
+
+
 class Smp:
-    """This CPU's side of the IPIs: the ports of every CPU, its handlers, its call slots."""
+    """This CPU's side of the IPIs: the ports of every CPU, its handlers, its call slots.
+
+    Waiting for a call to complete is Linux's PV-spinlock technique (xen_lock_spinning):
+    each CPU has a third, masked IPI port that it only ever SCHEDOP_polls on; a target that
+    has written its acknowledgement kicks the initiator's port, so the initiator sleeps in Xen
+    instead of spinning with loads, and its poll, the reads of the acknowledgement and the call
+    itself ride in one message.
+    """
 
     def __init__(self, cpu: Cpu, events: EventChannels, ports: dict[str, list[int]]):
         self.cpu, self.events, self.ports = cpu, events, ports
         self.seq: dict[int, int] = {}  # per target: the last sequence this CPU posted
         self.need_resched = False  # set by the reschedule IPI, cleared by the scheduler
         events.bind(ports["resched"][cpu.id], self._resched)
-        events.bind(ports["callfunc"][cpu.id], self._callfunc)
+        events.bind(ports["callfunc"][cpu.id], self._callfunc, prefetch=self._read_slots)
 
     @staticmethod
     async def read_ports(cpu: Cpu) -> dict[str, list[int]]:
         """Every CPU's IPI ports from the per-CPU areas (written once at boot)."""
-        kinds = ("resched", "callfunc")
-        loads = await cpu.send(*(ops.load(cpu.kl.percpu(c, f"{k}_port")[0]) for k in kinds for c in range(cpu.kl.nr_cpus)))
-        values = [checked(cpu, "read_ports", p) for p in loads]
         n = cpu.kl.nr_cpus
-        return {k: values[i * n : (i + 1) * n] for i, k in enumerate(kinds)}
+        loads = await cpu.send(*(ops.load(cpu.kl.percpu(c, f"{k}_port")[0]) for k in IPI_KINDS for c in range(n)))
+        values = [checked(cpu, "read_ports", p) for p in loads]
+        return {k: values[i * n : (i + 1) * n] for i, k in enumerate(IPI_KINDS)}
 
     async def upcall_loop(self) -> None:
         """The vCPU's interrupt entry: each Upcall push runs xen_evtchn_do_upcall with
@@ -63,24 +76,29 @@ class Smp:
         self.need_resched = True
         self.cpu.count("ipis_handled")
 
-    async def _callfunc(self, port: int, tail: Batch) -> None:
-        """generic_smp_call_function_interrupt: run every slot addressed to this CPU."""
+    def _read_slots(self, batch: Batch) -> Pending:
+        """The call slots addressed to this CPU (one read), in the upcall's first message."""
+        kl = self.cpu.kl
+        return batch.read(kl.csd(0, self.cpu.id, "func")[0], CSD.size * kl.nr_cpus)
+
+    async def _callfunc(self, port: int, tail: Batch, slots: Pending) -> None:
+        """generic_smp_call_function_interrupt: run every slot addressed to this CPU, then
+        acknowledge each (`done`) and kick its initiator, in the upcall's last message."""
         cpu, kl = self.cpu, self.cpu.kl
-        n = kl.nr_cpus
-        fields = ("seq", "done", "func", "arg")
-        loads = await cpu.send(*(ops.load(kl.csd(src, cpu.id, f)[0]) for src in range(n) for f in fields))
-        values = [checked(cpu, "call_function", p) for p in loads]
-        for src in range(n):
-            seq, done, func, arg = values[4 * src : 4 * src + 4]
+        data = checked(cpu, "call_function", slots)
+        for src in range(kl.nr_cpus):
+            func, arg, seq, done = struct.unpack_from("<4Q", data, CSD.size * src)
             if seq != done:
                 await FUNCTIONS[func](cpu, arg)
                 await cpu.flush_lazy()  # what the function queued is out before we ack
                 tail.store(kl.csd(src, cpu.id, "done")[0], seq)
+                tail.evtchn_send(self.ports["kick"][src])
         cpu.count("ipis_handled")
 
     async def call_function_many(self, targets: list[int], func: int, arg: int, wait: bool = True) -> None:
-        """smp_call_function_many(mask, func, arg, wait): post a slot for each target, send
-        their call-function IPIs in the same message, then wait for every `done`."""
+        """smp_call_function_many(mask, func, arg, wait): post a slot for each target and send
+        their call-function IPIs; with `wait`, poll this CPU's kick port in the same message
+        and read the acknowledgements after it, until every target has run the call."""
         cpu, kl = self.cpu, self.cpu.kl
         targets = [t for t in targets if t != cpu.id]
         if not targets:
@@ -93,19 +111,22 @@ class Smp:
             batch.store(kl.csd(cpu.id, t, "seq")[0], self.seq[t])
         for t in targets:
             batch.evtchn_send(self.ports["callfunc"][t])
-        await batch.flush()
         cpu.count("ipis_sent", len(targets))
         await cpu.hook("call_function:sent", cpu)
-        while wait:
-            batch = cpu.msg()
+        kick = self.ports["kick"][cpu.id]
+        kick_word = kl.fixmap_va(FIX_SHARED_INFO) + SHARED_INFO_EVTCHN_PENDING + 8 * (kick // 64)
+        while True:
+            if wait:
+                batch.sched_poll([kick], CALL_WAIT_NS)
+                batch.atomic("fetch_and", kick_word, ~(1 << kick % 64) & (2**64 - 1))
             dones = [batch.load(kl.csd(cpu.id, t, "done")[0]) for t in targets]
             panicked = cpu.check_panic(batch)
-            batch.sched_yield()
             await batch.flush()
             panicked()
-            if all(checked(cpu, "call_function wait", d) == self.seq[t] for d, t in zip(dones, targets)):
+            if not wait or all(checked(cpu, "call_function wait", d) == self.seq[t] for d, t in zip(dones, targets)):
                 return
-            await cpu.irq_window()
+            await cpu.irq_window()  # let this CPU's own IPIs in, or two callers would deadlock
+            batch = cpu.msg()
 
     async def send_reschedule(self, target: int) -> None:
         await self.cpu.send(ops.evtchn_send(self.ports["resched"][target]))

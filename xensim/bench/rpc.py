@@ -7,53 +7,20 @@ hypercall calls alternate one by one and the 512-entry batches follow in each ro
 noise of these shared machines hits all three alike (DESIGN.md section 6).
 """
 
-import json
-import selectors
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from contextlib import contextmanager
 
 import trio
 
 from guestlib import Toolstack, connect, ops
 from guestlib.layout import BootLayout
 from guestlib.xen import ENTRIES_PER_TABLE, PAGE_SHIFT, Pte
+from xensim.launch import hypervisor_server
 
 ROUNDS = 7
 CALLS_PER_ROUND = 200  # of each of echo and hypercall
 BATCHES_PER_ROUND = 20
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 _DATA = int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY)
-
-
-@contextmanager
-def hypervisor_server():
-    """A `python -m hypervisor serve` subprocess on a free loopback port; yields its address."""
-    command = [sys.executable, "-m", "hypervisor", "serve", "--listen", "127.0.0.1:0", "--insecure-no-admin-token", "--frames", str(1 << 16)]
-    stderr = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
-    try:
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            ready = json.loads(process.stdout.readline() or "{}") if selector.select(START_TIMEOUT) else {}
-        if ready.get("event") != "ready":
-            stderr.seek(0)
-            raise RuntimeError(f"the hypervisor did not start within {START_TIMEOUT} s (exit status {process.poll()}):\n{stderr.read().decode(errors='replace')}")
-        yield ready["listen"]
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        stderr.close()
 
 
 async def _batches(xen, layout: BootLayout) -> dict[str, list]:
@@ -135,5 +102,5 @@ def _report(echo: list[float], hypercall: list[float], raw: list[float], remap: 
 
 
 def run() -> dict:
-    with hypervisor_server() as address:
-        return trio.run(_measure, address)
+    with hypervisor_server() as server:
+        return trio.run(_measure, server.address)

@@ -1,0 +1,33 @@
+"""Guest benchmarks: IPI round trips and process lifecycles, with real vCPU processes.
+
+`ipi.*`: vCPU 0 times smp_call_function to vCPU 1 (send, the handler on vCPU 1, the
+acknowledgement in guest memory seen by vCPU 0) against a plain hypercall, alternating one by
+one in the same process (guestlib.kernel.scenarios, "ipi-rtt"). `guest.*`: four vCPU processes
+run the fork / touch / verify / munmap / exit workload for a fixed time.
+"""
+
+from xensim.launch import create_domain, hypervisor_server, run_vcpus
+
+LIFECYCLE_SECONDS = 8.0
+
+
+def run() -> dict:
+    with hypervisor_server() as server:
+        domain = create_domain(server, nr_pages=4096, nr_vcpus=2)
+        ipi = run_vcpus(server.address, domain.token, 2, "--scenario", "ipi-rtt").reports[0]
+        domain = create_domain(server, nr_pages=16384, nr_vcpus=4)
+        work = run_vcpus(server.address, domain.token, 4, "--seconds", str(LIFECYCLE_SECONDS), "--seed", "7")
+    if ipi.get("bug") or work.bugs:
+        raise RuntimeError(f"the guest hit a kernel BUG during the benchmark: {ipi.get('bug') or work.bugs}")
+    messages = sum(r["messages"] for r in work.reports)
+    return {
+        "ipi.rtt_us": {"value": ipi["ipi_rtt_us"], "unit": "us", "rounds": ipi["rounds"]},
+        "ipi.rtt_over_hypercall": {"value": ipi["ipi_rtt_us"] / ipi["hypercall_rtt_us"], "unit": "ratio", "hypercall_rtt_us": ipi["hypercall_rtt_us"], "target": "<= 3"},
+        "guest.fork_exit_per_s": {
+            "value": work.lifecycles / LIFECYCLE_SECONDS,
+            "unit": "lifecycles/s",
+            "vcpus": 4,
+            "seconds": LIFECYCLE_SECONDS,
+            "messages_per_lifecycle": messages / max(work.lifecycles, 1),
+        },
+    }

@@ -1,0 +1,118 @@
+"""Starting the pieces as real processes: a hypervisor server, domains, vCPU processes.
+
+The programs (bench, demo, stress) and the tests run the simulator the way a user does: the
+hypervisor is `python -m hypervisor serve` on a free loopback port, domains are made through
+the Toolstack service, and each vCPU is `python -m guestlib.vcpu` in its own process.
+"""
+
+import json
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import grpc
+
+from xensim.v1 import toolstack_pb2, toolstack_pb2_grpc
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+VCPU_TIMEOUT = 300.0
+
+
+@dataclass
+class Server:
+    address: str
+    admin_token: str | None
+    process: subprocess.Popen
+    stderr: "tempfile._TemporaryFileWrapper"
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.admin_token}"),) if self.admin_token else ()
+
+    def toolstack(self) -> toolstack_pb2_grpc.ToolstackStub:
+        return toolstack_pb2_grpc.ToolstackStub(grpc.insecure_channel(self.address))
+
+    def log(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace")
+
+
+@contextmanager
+def hypervisor_server(*args: str, frames: int = 1 << 16) -> Iterator[Server]:
+    """`python -m hypervisor serve` on a free loopback port until the block ends (SIGTERM,
+    then SIGKILL if it does not stop in time)."""
+    command = [sys.executable, "-m", "hypervisor", "serve", "--listen", "127.0.0.1:0", "--insecure-no-admin-token", "--frames", str(frames), *args]
+    stderr = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            ready = json.loads(process.stdout.readline() or "{}") if selector.select(START_TIMEOUT) else {}
+        server = Server(ready.get("listen", ""), ready.get("admin_token"), process, stderr)
+        if ready.get("event") != "ready":
+            raise RuntimeError(f"the hypervisor did not start within {START_TIMEOUT} s (exit status {process.poll()}):\n{server.log()}")
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        stderr.close()
+
+
+def create_domain(server: Server, nr_pages: int, nr_vcpus: int, highmem_pages: int = 0, name: str = "") -> toolstack_pb2.CreateDomainResponse:
+    request = toolstack_pb2.CreateDomainRequest(nr_pages=nr_pages, nr_vcpus=nr_vcpus, highmem_pages=highmem_pages, name=name)
+    return server.toolstack().CreateDomain(request, metadata=server.metadata(), timeout=30)
+
+
+def destroy_and_audit(stub: toolstack_pb2_grpc.ToolstackStub, metadata, domid: int) -> list[str]:
+    """Destroy the domain, then audit the whole machine: every finding, as text."""
+    stub.DestroyDomain(toolstack_pb2.DestroyDomainRequest(domid=domid), metadata=metadata, timeout=30)
+    return [str(f) for f in stub.Audit(toolstack_pb2.AuditRequest(), metadata=metadata, timeout=60).findings]
+
+
+@dataclass
+class VcpuRun:
+    reports: list[dict]
+    returncodes: list[int]
+    stderr: list[str]
+
+    @property
+    def bugs(self) -> list[str]:
+        return [r["bug"] for r in self.reports if r.get("bug")]
+
+    @property
+    def lifecycles(self) -> int:
+        return sum(r.get("lifecycles", 0) for r in self.reports)
+
+
+def vcpu_command(address: str, token: str, vcpu: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "guestlib.vcpu", "--server", address, f"--token={token}", "--vcpu", str(vcpu), *args]  # a token may start with "-"
+
+
+def run_vcpus(address: str, token: str, nr_vcpus: int, *args: str, timeout: float = VCPU_TIMEOUT) -> VcpuRun:
+    """One `guestlib.vcpu` process per vCPU with `args`; waits for all (killing any past the
+    timeout) and returns their JSON reports."""
+    procs = [subprocess.Popen(vcpu_command(address, token, v, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in range(nr_vcpus)]
+    reports, codes, errors = [], [], []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            lines = out.strip().splitlines()
+            reports.append(json.loads(lines[-1]) if lines else {"bug": f"no report (exit status {proc.returncode}): {err[-2000:]}"})
+            codes.append(proc.returncode)
+            errors.append(err)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return VcpuRun(reports, codes, errors)
