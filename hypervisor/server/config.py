@@ -28,7 +28,7 @@ class Config:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="where to listen (port 0: pick a free one; default %(default)s)")
+    parser.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT", help="where to listen (port 0: pick a free one; default %(default)s)")
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, metavar="N", help="machine memory in 4 KiB frames (default %(default)s)")
     parser.add_argument("--admin-token", metavar="TOKEN", help=f"the Toolstack's bearer token (default: ${ADMIN_TOKEN_ENV}, else a generated one, shown in the ready line)")
     parser.add_argument("--insecure-no-admin-token", action="store_true", help="let any caller use the Toolstack (only when listening on loopback)")
@@ -67,6 +67,9 @@ def config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
         parser.error("--tls-cert and --tls-key go together")
     tls = None
     if args.tls_cert:
-        with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
-            tls = (key.read(), cert.read())
+        try:
+            with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
+                tls = (key.read(), cert.read())
+        except OSError as e:
+            parser.error(f"cannot read {e.filename}: {e.strerror}")
     return Config(host, int(port), args.frames, admin_token, tls, args.trace, args.grace)

@@ -207,7 +207,7 @@ def _access(response: type[Message]) -> Callable[[dict, dict], Message]:
 
 def _multicall_result(results: list[dict], args: dict) -> hypercalls_pb2.MulticallResponse:
     out = hypercalls_pb2.MulticallResponse()
-    for call, outcome in zip(args["calls"], results):
+    for call, outcome in zip(args["calls"], results, strict=True):
         entry = out.results.add()
         if "errno" in outcome:
             done = outcome.get("done")

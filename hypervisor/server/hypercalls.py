@@ -90,9 +90,8 @@ class HypercallsServicer(hypercalls_pb2_grpc.HypercallsServicer):
             else:
                 async with slot.lock:
                     for i, call in enumerate(request.calls):
-                        outcome = await self._session_call(slot, call, i)
+                        payload, status, failed = await self._session_call(slot, call, i)
                         result = response.results.add()
-                        payload, status, failed = outcome
                         if status is not None:
                             result.status.CopyFrom(status)
                         else:

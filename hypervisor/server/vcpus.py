@@ -23,7 +23,6 @@ as an await that blocks nothing else:
 """
 
 import asyncio
-import logging
 from contextlib import contextmanager
 
 import grpc
@@ -37,15 +36,13 @@ from xensim.v1 import hypercalls_pb2
 from . import convert
 from .errors import Refused, status_of
 
-log = logging.getLogger("xensim.server")
-
 
 class Stream:
     """A vCPU's open Session: the one writer (answers and the pusher task share a lock).
 
-    A write is never abandoned half-way: grpc sends a stream's final status as another
-    operation, which fails if a message is still being sent (TOO_MANY_OPERATIONS). So each
-    write is shielded from cancellation, and `close` waits for the last one.
+    `close` stops the pusher between two writes, never during one: grpc sends the stream's
+    status as another operation, which fails while a message is still being sent by another
+    task (TOO_MANY_OPERATIONS).
     """
 
     def __init__(self, runtime: "Runtime", slot: "VcpuSlot", context: grpc.aio.ServicerContext):
@@ -57,57 +54,61 @@ class Stream:
         self.attention = asyncio.Event()
         self.attention.set()  # a vCPU that is up is announced as soon as its Session opens
         self.started_sent = False
-        self._sending: asyncio.Future | None = None
         self._pusher = asyncio.create_task(self._push_loop())
 
     async def write(self, response: hypercalls_pb2.SessionResponse) -> None:
         """Send an answer, after any push that is due (an Upcall precedes the answer of the
         block it woke, as hypercalls.proto SchedBlock says)."""
         async with self.write_lock:
-            await self._push_due()
-            await self._send(response)
+            for push in self._due():
+                await self.context.write(push)
+            await self.context.write(response)
 
     async def close(self) -> None:
-        """Stop pushing, and let a write in flight finish before the stream's status goes."""
-        self._pusher.cancel()
-        if self._sending is not None and not self._sending.done():
-            await asyncio.wait([self._sending])
-
-    async def _send(self, message: hypercalls_pb2.SessionResponse) -> None:
-        self._sending = asyncio.ensure_future(self.context.write(message))
-        await asyncio.shield(self._sending)
+        """Stop pushing, between two writes."""
+        try:
+            async with self.write_lock:
+                pass
+        finally:
+            self._pusher.cancel()
 
     async def _push_loop(self) -> None:
         """Push what became due while the vCPU's process is not waiting for an answer."""
-        try:
-            while True:
-                await self.attention.wait()
-                self.attention.clear()
-                async with self.write_lock:
-                    await self._push_due()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the handler turns it into the stream's status
-            if not self.context.done():
-                self.runtime.end_task(self.task, exc)
+        while True:
+            await self.attention.wait()
+            self.attention.clear()
+            async with self.write_lock:
+                try:
+                    pushes = self._due()
+                except Exception as exc:  # noqa: BLE001 - a bug: the handler ends the stream with it
+                    self.runtime.end_task(self.task, exc)
+                    return
+                try:
+                    for push in pushes:
+                        await self.context.write(push)
+                except Exception:  # noqa: BLE001 - the RPC is gone; its handler sees that itself
+                    return
 
-    async def _push_due(self) -> None:
+    def _due(self) -> list[hypercalls_pb2.SessionResponse]:
+        """The pushes due now, taken (delivering an upcall masks the next one)."""
         slot, hv = self.slot, self.runtime.hv
         vcpu = slot.vcpu
+        if slot.domid not in hv.domains:  # destroyed: the stream is being ended
+            return []
         if vcpu.down:
             self.started_sent = False
-            return
+            return []
         if slot.domid in self.runtime.paused:
-            return
+            return []
+        pushes = []
         if not self.started_sent:
             self.started_sent = True
-            started = convert.vcpu_started(vcpu, hv.domains[slot.domid])
-            await self._send(hypercalls_pb2.SessionResponse(started=started))
+            pushes.append(hypercalls_pb2.SessionResponse(started=convert.vcpu_started(vcpu, hv.domains[slot.domid])))
         if local_events_need_delivery(hv, vcpu):
             ports = hv.toolstack("deliver_upcall", domid=slot.domid, vcpu=slot.vcpu_id)
             if ports is not None:
-                upcall = hypercalls_pb2.Upcall(vcpu_id=slot.vcpu_id, pending_ports=ports)
-                await self._send(hypercalls_pb2.SessionResponse(upcall=upcall))
+                pushes.append(hypercalls_pb2.SessionResponse(upcall=hypercalls_pb2.Upcall(vcpu_id=slot.vcpu_id, pending_ports=ports)))
+        return pushes
 
 
 class VcpuSlot:
@@ -261,6 +262,7 @@ class Runtime:
             self._endings.pop(task, None)
 
     def end_task(self, task: asyncio.Task, exc: Exception) -> None:
+        """End a registered handler: it raises `exc` (see `guard`)."""
         if task not in self._endings:
             self._endings[task] = exc
             task.cancel()

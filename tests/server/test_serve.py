@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypervisor.__main__ import main as hypervisor_main
 from tests.support.server import TEST_FRAMES, server_command, start_server
 from xensim.cli import main as xensim_main
+from xensim.v1 import hypercalls_pb2
 
 from .helpers import SessionClient, WireGuest
 
@@ -67,6 +68,21 @@ def test_sigterm_ends_an_open_stream_with_unavailable_and_exits_cleanly():
         server.process.send_signal(signal.SIGTERM)
         end = session.end()
         assert end.code() == grpc.StatusCode.UNAVAILABLE and "server shutting down" in end.details()
+        assert server.process.wait(10) == 0
+
+
+def test_sigterm_while_streams_are_busy_ends_each_with_unavailable_and_logs_no_error():
+    with start_server() as server:  # start_server fails the test if the server logged an error
+        guest = WireGuest(server, nr_vcpus=4)
+        sessions = [SessionClient(guest.hc, guest.md(v)) for v in range(4)]
+        echo = hypercalls_pb2.Call(echo=hypercalls_pb2.EchoRequest(payload=bytes(4096)))
+        for request_id in range(1, 200):  # answers are being written when the signal comes
+            for session in sessions:
+                session.send(request_id, *[echo] * 16)
+        server.process.send_signal(signal.SIGTERM)
+        for session in sessions:
+            end = session.end()
+            assert end.code() == grpc.StatusCode.UNAVAILABLE, end
         assert server.process.wait(10) == 0
 
 
