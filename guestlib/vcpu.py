@@ -14,23 +14,36 @@ import trio
 
 from .hypercalls import connect
 from .kernel import scenarios
-from .kernel.boot import attach, start_of_day
+from .kernel.boot import answer_pending_calls, attach, booted, start_of_day
 from .kernel.shootdown import VARIANTS
 from .kernel.workload import WorkloadConfig, run
 
 
-async def run_vcpu(server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None) -> dict:
+async def run_vcpu(server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None, progress: float = 0) -> dict:
     async with connect(server, token, vcpu) as client:
         await client.wait_started()
-        if vcpu == 0:
+        if vcpu == 0 and not await booted(client):
             await start_of_day(client, variant, highpte)
         kernel = await attach(client, vcpu)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(kernel.smp.upcall_loop)
             await kernel.smp.events.local_irq_enable()
+            if kernel.restarted:
+                await answer_pending_calls(kernel)
+            if progress:
+                nursery.start_soon(_report_progress, kernel, progress)
             report = await (scenarios.run(kernel, scenario) if scenario else run(kernel, config))
             nursery.cancel_scope.cancel()
+    report["restarted"] = kernel.restarted
     return report
+
+
+async def _report_progress(kernel, interval: float) -> None:
+    """A progress line on stdout every `interval` seconds, for live displays."""
+    cpu = kernel.cpu
+    while True:
+        await trio.sleep(interval)
+        print(json.dumps({"progress": {"vcpu": cpu.id, "messages": cpu.messages, **cpu.stats}}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--migrate", type=float, default=0.5)
     parser.add_argument("--scenario", choices=scenarios.SCENARIOS, help="a scripted interleaving on two vCPUs instead of the workload")
+    parser.add_argument("--progress", type=float, default=0, metavar="SECONDS", help="print a progress line this often")
     args = parser.parse_args(argv)
     config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles)
-    report = trio.run(run_vcpu, args.server, args.token, args.vcpu, args.variant, args.highpte, config, args.scenario)
+    report = trio.run(run_vcpu, args.server, args.token, args.vcpu, args.variant, args.highpte, config, args.scenario, args.progress)
     print(json.dumps(report), flush=True)
     return 3 if report["bug"] or report.get("data_corruptions") else 0
 

@@ -2,8 +2,10 @@
 
 import argparse
 import json
+import os
 import sys
 
+from guestlib.kernel.shootdown import VARIANTS
 from hypervisor.server.config import add_arguments as add_serve_arguments
 
 
@@ -21,8 +23,9 @@ def _bench(args) -> int:
 def _replay(args) -> int:
     from hypervisor.core import audit
     from hypervisor.core.trace import replay
+    from hypervisor.server.tracing import open_trace
 
-    with open(args.trace) as lines:
+    with open_trace(args.trace) as lines:
         report, hv = replay(lines)
     for mismatch in report.mismatches:
         print(mismatch)
@@ -51,8 +54,63 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the hypervisor: a gRPC server playing Xen for guest vCPU processes")
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve, serve_parser=serve)
+    demo = sub.add_parser("demo", help="an embedded hypervisor and a 4-vCPU guest, live, then a report")
+    demo.add_argument("--seconds", type=float, default=20.0, help="how long the workload runs (default 20; per run with --race)")
+    demo.add_argument("--vcpus", type=int, default=4)
+    demo.add_argument("--pages", type=int, default=16384, help="guest memory in 4 KiB pages")
+    demo.add_argument("--variant", choices=VARIANTS, default="modern", help="the guest's drop_mm_ref")
+    demo.add_argument("--highpte", action="store_true", help="pte pages from highmem (a quarter of the guest's memory)")
+    demo.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
+    demo.add_argument("--runs", type=int, default=3, help="runs per variant with --race")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    demo.add_argument("--trace", metavar="FILE", help="where the hypervisor writes its trace (default: a temp file)")
+    demo.add_argument("--no-trace", action="store_true", help="record no trace")
+    demo.set_defaults(run=_demo)
+    stress = sub.add_parser("stress", help="many domains and vCPU processes against a hypervisor, with faults")
+    stress.add_argument("--server", metavar="HOST:PORT", help="an existing hypervisor (default: start one)")
+    stress.add_argument("--admin-token", default=os.environ.get("XENSIM_ADMIN_TOKEN"), help="the server's admin token (env XENSIM_ADMIN_TOKEN)")
+    stress.add_argument("--domains", type=int, default=2)
+    stress.add_argument("--vcpus", type=int, default=4, help="vCPUs per domain")
+    stress.add_argument("--pages", type=int, default=8192, help="memory per domain in 4 KiB pages")
+    stress.add_argument("--seconds", type=float, default=20.0)
+    stress.add_argument("--seed", type=int, default=1)
+    stress.add_argument("--variant", action="append", choices=VARIANTS, help="drop_mm_ref per domain, cycled (default modern)")
+    stress.add_argument("--kill-vcpus", type=float, default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second; killed vCPUs are restarted")
+    stress.add_argument("--migrate", type=float, default=0.5, help="chance a child finishes on another vCPU")
+    stress.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    stress.add_argument("--trace", metavar="FILE", help="record every hypercall (only when the hypervisor is started here)")
+    stress.set_defaults(run=_stress)
     args = parser.parse_args(argv)
     return args.run(args)
+
+
+def _demo(args) -> int:
+    from xensim.demo import main as demo
+
+    return demo(args)
+
+
+def _stress(args) -> int:
+    import trio
+
+    from xensim.launch import hypervisor_server
+    from xensim.stress import StressConfig, failed, run_stress
+
+    config = StressConfig(args.domains, args.vcpus, args.seconds, args.seed, args.variant or ["modern"], args.kill_vcpus, args.pages, migrate=args.migrate)
+    if args.server:
+        report = trio.run(run_stress, args.server, args.admin_token, config)
+    else:
+        with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), frames=max(1 << 16, 2 * args.domains * args.pages)) as server:
+            report = trio.run(run_stress, server.address, None, config)
+    summary = {k: report[k] for k in ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus")}
+    print(json.dumps(summary))
+    for bug in report["kernel_bugs"]:
+        print(f"kernel BUG: {bug}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+    return 1 if failed(report) else 0
 
 
 if __name__ == "__main__":

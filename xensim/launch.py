@@ -48,7 +48,7 @@ def hypervisor_server(*args: str, frames: int = 1 << 16) -> Iterator[Server]:
     then SIGKILL if it does not stop in time)."""
     command = [sys.executable, "-m", "hypervisor", "serve", "--listen", "127.0.0.1:0", "--insecure-no-admin-token", "--frames", str(frames), *args]
     stderr = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)  # Ctrl-C reaches us, not it
     try:
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)

@@ -18,18 +18,24 @@ from ..events import EventChannels
 from ..hypercalls import HypercallClient, ops
 from ..layout import BootLayout
 from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, SHARED_INFO_EVTCHN_MASK, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, VGCF_in_kernel, MmuCmd
+from .alloc import load_pool
 from .cpu import Cpu, Hook, _no_hook, checked
+from .mm import read_mm
 from .layout import FIX_SHARED_INFO, FIXMAP_L4_SLOT, KERNEL_MAGIC, PG_PINNED, PG_TABLE, KernelLayout
 from .pgtable import KERNPG_TABLE, PAGE_KERNEL, PageTables
 from .shootdown import VARIANTS
 from .smp import IPI_KINDS, Smp
 
 
+ONLINE, STOPPED = 1, 2  # the per-CPU `online` field
+
+
 class Kernel:
-    """One vCPU's view of the running kernel: its Cpu, pagetables, known mms and SMP side."""
+    """One vCPU's view of the running kernel: its Cpu, pagetables and SMP side."""
 
     def __init__(self, cpu: Cpu, pt: PageTables, smp: Smp, variant: str, highpte: bool):
         self.cpu, self.pt, self.smp, self.variant, self.highpte = cpu, pt, smp, variant, highpte
+        self.restarted = False  # this process took over a vCPU whose process had died
         cpu.kernel = self
 
 
@@ -93,9 +99,17 @@ def _write_bitmap(batch, kl: KernelLayout) -> None:
         batch.write(kl.bitmap.va(offset), bytes(bits[offset : offset + PAGE_SIZE]))
 
 
+async def booted(client: HypercallClient) -> bool:
+    """Whether vCPU 0 has already booted the kernel (a restarted vCPU 0 must not again)."""
+    kl = KernelLayout(await read_start_info(client))
+    return await client.load(kl.kglobal("magic")[0]) == KERNEL_MAGIC
+
+
 async def attach(client: HypercallClient, vcpu_id: int, hook: Hook = _no_hook) -> Kernel:
     """Join the running kernel as vCPU `vcpu_id`: wait for its magic, read the P2M, the
-    layout, the kernel half of swapper and the IPI ports, bind this CPU's handlers."""
+    layout, the kernel half of swapper and the IPI ports, bind this CPU's handlers, and take
+    this CPU's own state back from its per-CPU area (all zero for a first start; a restarted
+    process carries on from where the killed one left guest memory)."""
     info = await read_start_info(client)
     kl = KernelLayout(info)
     while await client.load(kl.kglobal("magic")[0]) != KERNEL_MAGIC:
@@ -109,8 +123,39 @@ async def attach(client: HypercallClient, vcpu_id: int, hook: Hook = _no_hook) -
     events = EventChannels(client, kl.fixmap_va(FIX_SHARED_INFO), vcpu_id)
     smp = Smp(cpu, events, await Smp.read_ports(cpu))
     kernel = Kernel(cpu, pt, smp, VARIANTS[checked(cpu, "attach", variant)], bool(checked(cpu, "attach", highpte)))
-    cpu.mirror.update(loaded_mm=0, active_mm=0, tlbstate=0, xen_cr3=pt.swapper_pfn, xen_current_cr3=pt.swapper_pfn, highpte=int(kernel.highpte))
-    batch = cpu.msg()
-    cpu.set_percpu(batch, "online", 1)
-    await batch.flush()
+    await _restore(kernel)
     return kernel
+
+
+RESTORED = ("loaded_mm", "active_mm", "tlbstate", "xen_cr3", "xen_current_cr3", "online")
+
+
+async def _restore(kernel: Kernel) -> None:
+    """This CPU's per-CPU fields, page pools and call sequences, as guest memory has them."""
+    cpu, kl = kernel.cpu, kernel.cpu.kl
+    values = await cpu.send(*(ops.load(kl.percpu(cpu.id, f)[0]) for f in RESTORED), *(ops.load(kl.csd(cpu.id, t, "seq")[0]) for t in range(kl.nr_cpus)))
+    values = [checked(cpu, "attach", v) for v in values]
+    cpu.mirror.update(zip(RESTORED, values), highpte=int(kernel.highpte))
+    kernel.smp.seq = dict(enumerate(values[len(RESTORED) :]))
+    if cpu.mirror["loaded_mm"]:
+        cpu.loaded = await read_mm(cpu, cpu.mirror["loaded_mm"])
+    if cpu.mirror["active_mm"] and cpu.mirror["tlbstate"]:
+        cpu.borrowed = await read_mm(cpu, cpu.mirror["active_mm"])
+    await load_pool(cpu)
+    kernel.restarted = bool(cpu.mirror["online"])
+    if not kernel.restarted:
+        batch = cpu.msg()
+        cpu.set_percpu(batch, "online", ONLINE)
+        await batch.flush()
+
+
+async def answer_pending_calls(kernel: Kernel) -> None:
+    """A restarted CPU runs the calls its predecessor took off the event bitmap but died
+    before acknowledging, or their initiators would wait forever."""
+    async with kernel.cpu.irq:
+        batch = kernel.cpu.msg()
+        slots = kernel.smp._read_slots(batch)
+        await batch.flush()
+        tail = kernel.cpu.msg()
+        await kernel.smp._callfunc(0, tail, slots)
+        await tail.flush()

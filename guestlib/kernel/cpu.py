@@ -62,6 +62,7 @@ class Cpu:
         self.loaded = None  # the mm whose pgd this CPU has loaded (an `mm.Mm`), None = init_mm
         self.borrowed = None  # the mm a lazy kernel thread here borrows, holding a count
         self.kernel = None  # the `boot.Kernel` this CPU belongs to
+        self.last_shootdown: tuple[set[int], set[int]] = (set(), set())  # drop_mm_ref's view
         self.pool: list[int] = []
         self.hipool: list[int] = []
         self.pool_dirty = False

@@ -46,11 +46,12 @@ async def drop_mm_ref(cpu: Cpu, mm: Mm) -> None:
     mask = batch.load(mm_va(cpu, mm.id, "cpumask"))
     current = [batch.load(cpu.kl.percpu(c, "xen_current_cr3")[0]) for c in range(cpu.kl.nr_cpus)]
     await batch.flush()
+    in_mask = {c for c in range(cpu.kl.nr_cpus) if checked(cpu, "drop_mm_ref", mask) >> c & 1} - {cpu.id}
+    on_pgd = {c for c, p in enumerate(current) if checked(cpu, "drop_mm_ref", p) == mm.pgd} - {cpu.id}
+    cpu.last_shootdown = (in_mask, on_pgd)
     if kernel.variant == "none":
         return
-    in_mask = {c for c in range(cpu.kl.nr_cpus) if checked(cpu, "drop_mm_ref", mask) >> c & 1}
-    on_pgd = {c for c, p in enumerate(current) if checked(cpu, "drop_mm_ref", p) == mm.pgd}
-    targets = {"mask": in_mask, "current-cr3": in_mask | on_pgd, "modern": on_pgd}[kernel.variant] - {cpu.id}
+    targets = {"mask": in_mask, "current-cr3": in_mask | on_pgd, "modern": on_pgd}[kernel.variant]
     await cpu.hook("drop_mm_ref:targets", cpu)
     await kernel.smp.call_function_many(sorted(targets), DROP_MM_REF, mm.id, wait=True)
 
@@ -66,7 +67,14 @@ async def exit_mmap(cpu: Cpu, mm: Mm) -> None:
     for call in pt.unpin_ops(mm.pgds, mm.tables):
         cpu.queue(call)
     pgd_mfns = ", ".join(f"{pt.mfn(pgd):#x}" for pgd in mm.pgds)
-    cpu.flush_into(batch, "exit_mmap", f"after UNPIN_TABLE of pgds {pgd_mfns}, making the pagetable pages writable again failed (a vCPU still has the pgd as its cr3)")
+    in_mask, on_pgd = cpu.last_shootdown
+    window = "stale-cr3 window: " if on_pgd - in_mask else "lazy CPU: " if on_pgd else ""
+    cpu.flush_into(
+        batch,
+        "exit_mmap",
+        f"after UNPIN_TABLE of pgds {pgd_mfns}, making the pagetable pages writable again failed "
+        f"({window}vCPUs {sorted(on_pgd)} had the pgd as cr3 at Xen, cpumask {sorted(in_mask)})",
+    )
     pt.mark_pinned(batch, mm.pgds + mm.tables, False)
     batch.store(mm_va(cpu, mm.id, "users"), 0)
     try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from ..hypercalls import ops
+from .boot import ONLINE, STOPPED
 from .cpu import Cpu, KernelBug, Panicked, checked
 from .layout import RING_SLOTS
 from .mm import Mm, fork, free_task, mm_alloc, munmap, new_mm_id, new_task_id, pin, read_mm, touch, verify
@@ -58,10 +59,19 @@ class Workload:
         self.ring_tail = [0] * self.cpu.kl.nr_cpus  # what this CPU produced into each ring
         self.ring_head = [0] * self.cpu.kl.nr_cpus  # what it consumed from each ring
 
+    async def _load_rings(self) -> None:
+        """Where this CPU stands in its rings (a restarted process takes over from memory)."""
+        cpu, kl = self.cpu, self.cpu.kl
+        n = kl.nr_cpus
+        values = await cpu.send(*(ops.load(kl.ring(cpu.id, dst, "tail")[0]) for dst in range(n)), *(ops.load(kl.ring(src, cpu.id, "head")[0]) for src in range(n)))
+        values = [checked(cpu, "rings", v) for v in values]
+        self.ring_tail, self.ring_head = values[:n], values[n:]
+
     async def run(self) -> None:
         cpu, k = self.cpu, self.k
         deadline = time.monotonic() + self.config.seconds
         async with cpu.irq:
+            await self._load_rings()
             parent = await self._make_parent()
         while not self._done(deadline):
             async with cpu.irq:
@@ -173,12 +183,11 @@ class Workload:
             tail = checked(cpu, "drain", tail)
             while self.ring_head[src] < tail:
                 slot = kl.ring(src, cpu.id, "slots")[0] + 8 * (self.ring_head[src] % RING_SLOTS)
-                (task_id,) = await cpu.send(ops.load(slot))
+                self.ring_head[src] += 1  # taken before it runs: a killed vCPU loses it, never runs it twice
+                (task_id, _) = await cpu.send(ops.load(slot), ops.store(kl.ring(src, cpu.id, "head")[0], self.ring_head[src]))
                 task_id = checked(cpu, "drain", task_id)
                 mm_field, gen = await cpu.send(ops.load(kl.task(task_id, "mm")[0]), ops.load(kl.task(task_id, "generation")[0]))
                 mm = await read_mm(cpu, checked(cpu, "drain", mm_field))
-                self.ring_head[src] += 1
-                cpu.defer(ops.store(kl.ring(src, cpu.id, "head")[0], self.ring_head[src]))
                 await self._finish_task(Task(task_id, mm, checked(cpu, "drain", gen)))
                 done += 1
         return done
@@ -186,8 +195,10 @@ class Workload:
     async def _finish(self, parent: Mm) -> None:
         """Stop: keep finishing handed-over tasks until every CPU has stopped producing."""
         cpu, kl = self.cpu, self.cpu.kl
-        async with cpu.irq:
-            await cpu.send(ops.atomic("fetch_add", kl.kglobal("control")[0], 1))
+        async with cpu.irq:  # count this CPU as stopped once, even across a restart
+            (was,) = await cpu.send(ops.atomic("cmpxchg", kl.percpu(cpu.id, "online")[0], STOPPED, expected=ONLINE))
+            if checked(cpu, "finish", was) == ONLINE:
+                await cpu.send(ops.atomic("fetch_add", kl.kglobal("control")[0], 1))
         while True:
             async with cpu.irq:
                 (stopped,) = await cpu.send(ops.load(kl.kglobal("control")[0]))
@@ -205,11 +216,13 @@ async def run(kernel, config: WorkloadConfig) -> dict:
     """Run the workload on this vCPU; a kernel BUG stops it and is reported."""
     workload = Workload(kernel, config)
     cpu: Cpu = kernel.cpu
-    bug = stopped = None
+    bug = stopped = bug_at = None
+    started = time.monotonic()
     try:
         await workload.run()
     except KernelBug as e:
         bug = str(e)
+        bug_at = time.monotonic() - started
         await cpu.client.atomic("fetch_add", cpu.kl.kglobal("bugs")[0], 1)  # panic: stop the others
     except Panicked as e:
         stopped = str(e)
@@ -220,6 +233,8 @@ async def run(kernel, config: WorkloadConfig) -> dict:
         "stats": cpu.stats,
         "data_corruptions": workload.corruptions,
         "bug": bug,
+        "bug_after_s": bug_at,
+        "stale_cr3": bool(bug and "stale-cr3 window" in bug),
         "stopped": stopped,
     }
 

@@ -1,0 +1,147 @@
+"""`xensim demo`: an embedded hypervisor, a 4-vCPU guest, a live display and a report.
+
+The demo is the stress harness (`xensim.stress`) on one domain, shown while it runs: per-vCPU
+rates from the vCPU processes' progress lines and hypercall rates from the hypervisor's
+statistics. `--race` runs it once per drop_mm_ref variant (`--runs` each) and prints which
+runs hit the lazy-TLB unpin race, and through which window.
+"""
+
+import json
+import os
+import tempfile
+import time
+
+import trio
+from rich import box
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from guestlib import Toolstack
+from guestlib.kernel.shootdown import VARIANTS
+from xensim.launch import hypervisor_server
+from xensim.stress import StressConfig, StressRun, failed, run_stress
+
+COLUMNS = {  # stat -> heading, short enough for an 80-column terminal
+    "lifecycles": "exits", "faults": "faults", "cow": "cow", "migrations": "migr", "lazy": "lazy",
+    "ipis_sent": "IPI tx", "ipis_handled": "IPI rx", "pins": "pins", "bugs": "BUGs",
+}  # fmt: skip
+
+
+def _table(run: StressRun, rates: dict, elapsed: float) -> Table:
+    table = Table(
+        title=f"xensim demo  {elapsed:4.1f}/{run.config.seconds:.0f} s",
+        caption=f"hypervisor: {rates.get('calls', 0):,.0f} calls/s, {rates.get('errors', 0)} errors",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+    )
+    table.add_column("vCPU", justify="right")
+    table.add_column("msg/s", justify="right")
+    for heading in COLUMNS.values():
+        table.add_column(heading, justify="right", min_width=len(heading))
+    for state in run.vcpus:
+        stats = (state.report or {}).get("stats") or state.progress
+        rate = stats.get("messages", state.progress.get("messages", 0)) / max(elapsed, 1e-9)
+        status = "" if state.kills == 0 else f" (restarted x{state.kills})"
+        table.add_row(f"{state.vcpu}{status}", f"{rate:,.0f}", *(str(stats.get(c, 0)) for c in COLUMNS))
+    return table
+
+
+async def _live(address: str, run: StressRun, console: Console) -> None:
+    """Redraw the table twice a second with the hypervisor's call rate beside it."""
+    async with Toolstack(address, None) as xl:
+        with Live(console=console, refresh_per_second=4, transient=False) as live:
+            last, last_t = 0, time.monotonic()
+            rates: dict = {}
+            while True:
+                stats = await xl.stats()
+                now = time.monotonic()
+                total = sum(stats.values())
+                rates = {"calls": (total - last) / max(now - last_t, 1e-9), "errors": sum(n for (_, e), n in stats.items() if e != "ok")}
+                last, last_t = total, now
+                live.update(_table(run, rates, now - run.started))
+                await trio.sleep(0.5)
+
+
+async def _run_once(address: str, config: StressConfig, console: Console | None) -> dict:
+    run = StressRun(config)
+    async with trio.open_nursery() as nursery:
+        if console is not None:
+            nursery.start_soon(_live, address, run, console)
+        report = await run_stress(address, None, config, run)
+        nursery.cancel_scope.cancel()
+    return report
+
+
+def _print_report(console: Console, report: dict, trace: str | None) -> None:
+    totals = report["totals"]
+    seconds = report["seconds"]
+    console.print(f"\n[bold]Report[/bold] ({seconds:.1f} s, {report['rpcs']:,} hypercall messages from the guest)")
+    console.print(f"  process lifecycles  {report['process_lifecycles']:>8}  ({report['process_lifecycles'] / seconds:,.1f}/s)")
+    for key in ("forks", "faults", "cow", "munmaps", "migrations", "lazy", "ipis_sent", "ipis_handled", "pins", "unpins"):
+        console.print(f"  {key.replace('_', ' '):<19} {totals.get(key, 0):>8}  ({totals.get(key, 0) / seconds:,.1f}/s)")
+    console.print(f"  RPCs per lifecycle  {report['rpcs'] / max(report['process_lifecycles'], 1):>8.1f}")
+    errors = report["hypercall_errors"]
+    console.print(f"  hypercall errors    {sum(errors.values()):>8}  {errors or ''}")
+    console.print(f"  stale TLB hits      {report.get('stale_tlb_hits', 0):>8}")
+    console.print(f"  data corruptions    {report['data_corruptions']:>8}")
+    console.print(f"  kernel BUGs         {len(report['kernel_bugs']):>8}")
+    for bug in report["kernel_bugs"]:
+        console.print(f"    {bug}", style="red")
+    console.print(f"  audit findings      {report['audit_findings']:>8}")
+    console.print(f"  leaked frames       {report['leaked_frames']:>8}")
+    if report.get("killed_vcpus"):
+        console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
+    console.print(f"  trace               {trace or 'not recorded'}")
+    verdict = "[red]FAILED[/red]" if failed(report) else "[green]OK[/green]"
+    console.print(f"  verdict             {verdict}")
+
+
+def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, console: Console) -> dict:
+    """Each variant `runs` times: did exit_mmap's writable remap fail, through which window,
+    and how soon."""
+    table = {}
+    for variant in VARIANTS:
+        hits, stale, first = 0, 0, None
+        for i in range(runs):
+            config = StressConfig(domains=1, vcpus=vcpus, seconds=seconds, seed=seed + i, variants=[variant], pages=8192, migrate=1.0)
+            report = trio.run(_run_once, address, config, None)
+            bugs = [b for b in report["kernel_bugs"] if "in exit_mmap" in b]
+            if bugs:
+                hits += 1
+                stale += any("stale-cr3 window" in b for b in bugs)
+                first = min(first or 1e9, report["first_bug_after_s"] or seconds)
+            console.print(f"  {variant:<12} run {i + 1}/{runs}: {'HIT ' + bugs[0].split(': ')[0] if bugs else 'ok'}", overflow="ellipsis", no_wrap=True)
+        table[variant] = {"runs": runs, "hit": hits, "stale_cr3_hits": stale, "first_hit_s": first}
+    shown = Table(title="the lazy-TLB unpin race, by drop_mm_ref variant")
+    for column in ("variant", "runs", "hit", "stale-cr3 hits", "first hit (s)"):
+        shown.add_column(column)
+    for variant, row in table.items():
+        shown.add_row(variant, str(row["runs"]), str(row["hit"]), str(row["stale_cr3_hits"]), f"{row['first_hit_s']:.2f}" if row["first_hit_s"] else "-")
+    console.print(shown)
+    return table
+
+
+def main(args) -> int:
+    console = Console()
+    trace = None if args.no_trace else (args.trace or os.path.join(tempfile.gettempdir(), f"xensim-demo-{os.getpid()}.jsonl.gz"))
+    serve_args = ("--trace", trace) if trace else ()
+    with hypervisor_server(*serve_args, frames=1 << 17) as server:
+        console.print(f"hypervisor on {server.address}; {'tracing to ' + trace if trace else 'no trace'}")
+        if args.race:
+            report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, args.seed, console)}
+            ok = True
+        else:
+            config = StressConfig(domains=1, vcpus=args.vcpus, seconds=args.seconds, seed=args.seed, variants=[args.variant], pages=args.pages, highmem_pages=args.pages // 4 if args.highpte else 0)
+            try:
+                report = trio.run(_run_once, server.address, config, console)
+            except KeyboardInterrupt:
+                console.print("interrupted")
+                return 130
+            _print_report(console, report, trace)
+            ok = not failed(report)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+        console.print(f"wrote {args.json}")
+    return 0 if ok else 1
