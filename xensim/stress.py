@@ -12,6 +12,7 @@ import json
 import random
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ class VcpuState:
     progress: dict = field(default_factory=dict)
     starts: int = 0
     kills: int = 0
+    stderr_tail: str = ""  # of its last process, for a vCPU that did not finish
     process: trio.Process | None = None
 
 
@@ -99,20 +101,23 @@ async def _keep_running(address: str, token: str, variant: str, state: VcpuState
         if config.highmem_pages:
             args.append("--highpte")
         state.starts += 1
-        process = await trio.lowlevel.open_process(
-            vcpu_command(address, token, state.vcpu, *args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
-        )  # its own session: a Ctrl-C in the terminal reaches the orchestrator only
-        state.process = process
-        try:
-            await _read_lines(process, state)
-        finally:
-            state.process = None
-            with trio.CancelScope(shield=True):
-                if process.returncode is None and state.report is None:
-                    process.kill()
-                await process.wait()
-        if state.report is None and process.returncode not in (-signal.SIGKILL,):
-            state.report = {"bug": f"vCPU process exited with status {process.returncode} and no report", "lifecycles": 0}
+        with tempfile.TemporaryFile() as stderr:
+            process = await trio.lowlevel.open_process(
+                vcpu_command(address, token, state.vcpu, *args), stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
+            )  # its own session: a Ctrl-C in the terminal reaches the orchestrator only
+            state.process = process
+            try:
+                await _read_lines(process, state)
+            finally:
+                state.process = None
+                with trio.CancelScope(shield=True):
+                    if process.returncode is None and state.report is None:
+                        process.kill()
+                    await process.wait()
+            stderr.seek(0)
+            state.stderr_tail = stderr.read().decode(errors="replace")[-1500:]
+            if state.report is None and process.returncode != -signal.SIGKILL:
+                state.report = {"bug": f"dom{state.domid} vCPU {state.vcpu}: process exited with status {process.returncode} and no report: {state.stderr_tail}", "lifecycles": 0}
 
 
 async def _read_lines(process: trio.Process, state: VcpuState) -> None:
@@ -166,6 +171,7 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         "first_bug_after_s": min((r["bug_after_s"] for r in reports if r.get("bug_after_s") is not None), default=None),
         "stale_tlb_hits": stale,
         "unfinished_vcpus": sum(1 for v in run.vcpus if v.report is None),
+        "unfinished": [{"domid": v.domid, "vcpu": v.vcpu, "starts": v.starts, "progress": v.progress, "stderr": v.stderr_tail} for v in run.vcpus if v.report is None],
         "killed_vcpus": sum(v.kills for v in run.vcpus),
         "restarted_vcpus": sum(max(v.starts - 1, 0) for v in run.vcpus),
         "hypercall_errors": errors,

@@ -17,7 +17,7 @@ import trio
 from ..events import EventChannels
 from ..hypercalls import HypercallClient, ops
 from ..layout import BootLayout
-from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, SHARED_INFO_EVTCHN_MASK, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, VGCF_in_kernel, MmuCmd
+from ..xen import PAGE_OFFSET, Errno, PAGE_SHIFT, PAGE_SIZE, SHARED_INFO_EVTCHN_MASK, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, VGCF_in_kernel, MmuCmd
 from .alloc import load_pool
 from .cpu import Cpu, Hook, _no_hook, checked
 from .mm import read_mm
@@ -86,8 +86,10 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool) -> 
     batch.store(kl.kglobal("magic")[0], KERNEL_MAGIC)
     bringup += [batch.vcpu_up(c) for c in range(1, kl.nr_cpus)]
     await batch.flush()
-    for pending in bringup:
-        checked(cpu, "bring up", pending)
+    for pending in bringup:  # EEXIST: a vCPU 0 killed mid-boot already initialised it
+        error = pending.exception()
+        if not (error is None or getattr(error, "errno", None) == Errno.EEXIST):
+            checked(cpu, "bring up", pending)
 
 
 def _write_bitmap(batch, kl: KernelLayout) -> None:

@@ -71,17 +71,21 @@ class Cpu:
 
     # -- messages ------------------------------------------------------------------------------
 
-    def msg(self, stop_on_error: bool = False) -> Batch:
-        """A new message, opened with this CPU's deferred writes."""
+    def msg(self, stop_on_error: bool = False) -> "Message":
+        """A new message; it ends with this CPU's deferred writes and page pools."""
         self.messages += 1
-        batch = self.client.batch(stop_on_error)
+        return Message(self, stop_on_error)
+
+    def _complete(self, batch: Batch) -> None:
+        """Close a message with what this CPU owes guest memory. The pools go in the same
+        message as the calls that used their pages: a message runs whole or not at all, so
+        a vCPU killed at any point comes back with pools that match what it did."""
         deferred, self._deferred = self._deferred, []
         for op in deferred:
             add(batch, op)
         if self.pool_dirty:
             self.pool_dirty = False
             self._write_pools(batch)
-        return batch
 
     def _write_pools(self, batch: Batch) -> None:
         """This CPU's page pools (alloc) into its per-CPU area."""
@@ -178,6 +182,18 @@ class Cpu:
     def bug(self, operation: str, detail: str, error: XenError | None = None) -> KernelBug:
         self.stats["bugs"] += 1
         return KernelBug(self.id, operation, detail, error)
+
+
+class Message(Batch):
+    """A kernel message: a batch that `Cpu._complete`s itself just before it is sent."""
+
+    def __init__(self, cpu: Cpu, stop_on_error: bool = False):
+        super().__init__(cpu.client, stop_on_error)
+        self._cpu = cpu
+
+    async def flush(self) -> None:
+        self._cpu._complete(self)
+        await super().flush()
 
 
 def add(batch: Batch, op: Op) -> Pending:

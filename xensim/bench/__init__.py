@@ -15,6 +15,8 @@ GROUPS = {
     "rpc": ["xensim.bench.rpc"],
     "ipi": ["xensim.bench.guest"],
     "guest": ["xensim.bench.guest"],
+    "stress": ["xensim.bench.stress"],
+    "server": ["xensim.bench.stress"],
 }
 
 

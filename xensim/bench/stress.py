@@ -1,0 +1,65 @@
+"""Whole-system benchmarks: the stress workload's throughput, its cost in messages, its
+message rate against a bare echo load of as many processes, and the server's memory with
+four 256 MiB guests running.
+
+`stress.*`: one domain, eight vCPU processes, the fork / touch / verify / munmap / exit
+workload for a fixed time, right after eight echo processes ran for as long on a domain of
+the same server (so both see the same machine). `server.rss_mb_4x256`: the hypervisor
+process's resident memory (VmRSS) after four domains of 65536 pages have booted and run.
+"""
+
+import subprocess
+import sys
+
+from xensim.launch import create_domain, hypervisor_server, run_vcpus
+
+SECONDS = 8.0
+PROCESSES = 8
+MIB_256 = 65536  # pages of 4 KiB
+
+
+def _echo_rate(address: str, token: str) -> float:
+    """Echo messages per second, summed over PROCESSES echo processes at once."""
+    command = [sys.executable, "-m", "xensim.bench.echo_load", address, token]
+    procs = [subprocess.Popen([*command, str(v), str(SECONDS)], stdout=subprocess.PIPE, text=True) for v in range(PROCESSES)]
+    return sum(int(p.communicate(timeout=SECONDS + 60)[0]) for p in procs) / SECONDS
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc")
+
+
+def run() -> dict:
+    with hypervisor_server() as server:
+        echo = create_domain(server, nr_pages=4096, nr_vcpus=PROCESSES)
+        echo_rate = _echo_rate(server.address, echo.token)
+        domain = create_domain(server, nr_pages=16384, nr_vcpus=PROCESSES)
+        work = run_vcpus(server.address, domain.token, PROCESSES, "--seconds", str(SECONDS), "--seed", "11")
+    if work.bugs:
+        raise RuntimeError(f"kernel BUG during the stress benchmark: {work.bugs}")
+    messages = sum(r["messages"] for r in work.reports)
+    with hypervisor_server(frames=4 * (MIB_256 + 1) + 4096) as server:
+        guests = [create_domain(server, nr_pages=MIB_256, nr_vcpus=1) for _ in range(4)]
+        running = [
+            subprocess.Popen([sys.executable, "-m", "guestlib.vcpu", "--server", server.address, f"--token={g.token}", "--vcpu", "0", "--seconds", "3"], stdout=subprocess.DEVNULL)
+            for g in guests
+        ]
+        for proc in running:
+            proc.wait(timeout=120)
+        rss = _rss_mb(server.process.pid)
+    return {
+        "stress.lifecycles_per_s": {"value": work.lifecycles / SECONDS, "unit": "lifecycles/s", "vcpu_processes": PROCESSES, "seconds": SECONDS},
+        "stress.rpcs_per_lifecycle": {"value": messages / max(work.lifecycles, 1), "unit": "messages", "target": "<= 30"},
+        "stress.rpc_rate_over_echo": {
+            "value": messages / SECONDS / echo_rate,
+            "unit": "ratio",
+            "stress_messages_per_s": messages / SECONDS,
+            "echo_messages_per_s": echo_rate,
+            "target": ">= 0.6",
+        },
+        "server.rss_mb_4x256": {"value": rss, "unit": "MB", "domains": 4, "pages_each": MIB_256, "target": "<= 150"},
+    }
