@@ -51,11 +51,18 @@ def get_pg_owner(hv: "Hypervisor", caller: Domain, domid: int) -> int:
     return domid
 
 
-def _check_foreign_privilege(caller: Domain, *owners: int) -> None:
+def _privilege_error(caller: Domain, *owners: int) -> XenError | None:
     """The XSM dummy policy: an unprivileged caller acts on its own frames only."""
     for owner in owners:
         if owner not in (caller.domid, DOMID_IO) and not caller.privileged:
-            raise XenError(Errno.EPERM, f"dom{caller.domid} may not act on frames of dom{owner}")
+            return XenError(Errno.EPERM, f"dom{caller.domid} may not act on frames of dom{owner}")
+    return None
+
+
+def _check_foreign_privilege(caller: Domain, *owners: int) -> None:
+    error = _privilege_error(caller, *owners)
+    if error is not None:
+        raise error
 
 
 # -- mmu_update ----------------------------------------------------------------------------
@@ -76,6 +83,7 @@ def mmu_update(hv: "Hypervisor", vcpu: Vcpu, reqs: list, foreigndom: int = DOMID
     except XenError as e:
         raise XenError(e.errno, e.message, done=0) from None
     flush = False
+    privileged: XenError | None | bool = False  # the XSM check, made at the first PT update
     try:
         for i, (ptr, val) in enumerate(reqs):
             cmd = ptr & 7
@@ -83,7 +91,11 @@ def mmu_update(hv: "Hypervisor", vcpu: Vcpu, reqs: list, foreigndom: int = DOMID
                 if cmd == MmuCmd.MACHPHYS_UPDATE:
                     _machphys_update(hv, caller, ptr, val, pt_owner, pg_owner)
                 elif cmd in (MmuCmd.NORMAL_PT_UPDATE, MmuCmd.PT_UPDATE_PRESERVE_AD, MmuCmd.PT_UPDATE_NO_TRANSLATE):
-                    flush |= _pt_update(hv, caller, ptr - cmd, val, pt_owner, pg_owner, cmd == MmuCmd.PT_UPDATE_PRESERVE_AD)
+                    if privileged is False:  # the same owners for every entry: check once
+                        privileged = _privilege_error(caller, pg_owner, pt_owner)
+                    if privileged is not None:
+                        raise privileged
+                    flush |= _pt_update(hv, ptr - cmd, val, pt_owner, pg_owner, cmd == MmuCmd.PT_UPDATE_PRESERVE_AD)
                 else:
                     raise XenError(Errno.ENOSYS, f"unknown mmu_update command {cmd}")
             except XenError as e:
@@ -95,34 +107,34 @@ def mmu_update(hv: "Hypervisor", vcpu: Vcpu, reqs: list, foreigndom: int = DOMID
     return len(reqs)
 
 
-def _pt_update(hv: "Hypervisor", caller: Domain, addr: int, val: int, pt_owner: int, pg_owner: int, preserve_ad: bool) -> bool:
+def _pt_update(hv: "Hypervisor", addr: int, val: int, pt_owner: int, pg_owner: int, preserve_ad: bool) -> bool:
     """One MMU_NORMAL_PT_UPDATE: a checked entry update if the frame is a live pagetable,
-    otherwise a plain memory write. Returns whether an upper-level entry changed."""
-    _check_foreign_privilege(caller, pg_owner, pt_owner)
+    otherwise a plain memory write. Returns whether an upper-level entry changed.
+
+    Xen holds a general reference on the target for the duration (get_page_from_mfn ...
+    put_page); for a frame its owner has allocated that reference can neither fail nor free
+    anything, so checking ownership is all it does here, and the hot path stays short."""
     frames = hv.frames
     mfn, slot = addr >> PAGE_SHIFT, (addr & 0xFFF) >> 3
-    if not frames.get_page(mfn, pt_owner):
+    if not (mfn < frames.nr_frames and frames.owner.item(mfn) == pt_owner and frames.count.item(mfn)):
         raise XenError(Errno.EINVAL, f"target mfn {mfn:#x} is {frames.describe_owner(mfn)}, not dom{pt_owner}")
-    try:
-        kind = frames.locked_type(mfn)
-        if kind is not None:
-            if kind == PageType.WRITABLE:
-                hv.memory.frame(mfn)[slot] = val
-                return False
-            level = LEVEL_OF_TYPE.get(kind)
-            if level is None:
-                raise XenError(Errno.EINVAL, f"target mfn {mfn:#x} has type {PageType(kind).name}")
-            hv.pagetables.mod_entry(level, mfn, slot, val, pt_owner, pg_owner, preserve_ad)
-            return level.level > 1
-        try:
-            frames.get_page_type(mfn, PageType.WRITABLE)
-        except XenError as e:
-            raise XenError(Errno.EINVAL, f"target {e.message}") from None
+    kind = frames.locked_type(mfn)
+    if kind == PageType.WRITABLE:
         hv.memory.frame(mfn)[slot] = val
-        frames.put_page_type(mfn)
         return False
-    finally:
-        frames.put_page(mfn)
+    if kind is not None:
+        level = LEVEL_OF_TYPE.get(kind)
+        if level is None:
+            raise XenError(Errno.EINVAL, f"target mfn {mfn:#x} has type {PageType(kind).name}")
+        hv.pagetables.mod_entry(level, mfn, slot, val, pt_owner, pg_owner, preserve_ad)
+        return level.level > 1
+    try:
+        frames.get_page_type(mfn, PageType.WRITABLE)
+    except XenError as e:
+        raise XenError(Errno.EINVAL, f"target {e.message}") from None
+    hv.memory.frame(mfn)[slot] = val
+    frames.put_page_type(mfn)
+    return False
 
 
 def _machphys_update(hv: "Hypervisor", caller: Domain, ptr: int, val: int, pt_owner: int, pg_owner: int) -> None:
