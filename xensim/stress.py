@@ -172,6 +172,7 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         "stale_tlb_hits": stale,
         "unfinished_vcpus": sum(1 for v in run.vcpus if v.report is None),
         "unfinished": [{"domid": v.domid, "vcpu": v.vcpu, "starts": v.starts, "progress": v.progress, "stderr": v.stderr_tail} for v in run.vcpus if v.report is None],
+        "vcpu_reports": [{"domid": v.domid, "vcpu": v.vcpu, "starts": v.starts, "kills": v.kills, **(v.report or {})} for v in run.vcpus],
         "killed_vcpus": sum(v.kills for v in run.vcpus),
         "restarted_vcpus": sum(max(v.starts - 1, 0) for v in run.vcpus),
         "hypercall_errors": errors,

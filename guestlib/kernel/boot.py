@@ -21,13 +21,16 @@ from ..xen import PAGE_OFFSET, Errno, PAGE_SHIFT, PAGE_SIZE, SHARED_INFO_EVTCHN_
 from .alloc import load_pool
 from .cpu import Cpu, Hook, _no_hook, checked
 from .mm import read_mm
-from .layout import FIX_SHARED_INFO, FIXMAP_L4_SLOT, KERNEL_MAGIC, PG_PINNED, PG_TABLE, KernelLayout
+from .layout import FIX_SHARED_INFO, FIXMAP_L4_SLOT, KERNEL_MAGIC, OFFLINE, PG_PINNED, PG_TABLE, KernelLayout
 from .pgtable import KERNPG_TABLE, PAGE_KERNEL, PageTables
 from .shootdown import VARIANTS
 from .smp import IPI_KINDS, Smp
 
 
-ONLINE, STOPPED = 1, 2  # the per-CPU `online` field
+# The per-CPU `online` field: running; stopped making work (but still serving IPIs); offline
+# (on swapper, serving nothing: smp_call_function skips it, as Linux skips CPUs outside
+# cpu_online_mask).
+ONLINE, STOPPED = 1, 2
 
 
 class Kernel:
@@ -145,6 +148,11 @@ async def _restore(kernel: Kernel) -> None:
         cpu.borrowed = await read_mm(cpu, cpu.mirror["active_mm"])
     await load_pool(cpu)
     kernel.restarted = bool(cpu.mirror["online"])
+    if cpu.mirror["online"] == OFFLINE:  # killed after going offline: it had counted as stopped
+        cpu.mirror["online"] = STOPPED
+        batch = cpu.msg()
+        cpu.set_percpu(batch, "online", STOPPED)
+        await batch.flush()
     if not kernel.restarted:
         batch = cpu.msg()
         cpu.set_percpu(batch, "online", ONLINE)

@@ -67,6 +67,7 @@ class Cpu:
         self.hipool: list[int] = []
         self.pool_dirty = False
         self.stats = dict.fromkeys(STATS, 0)
+        self.phase = "boot"  # what this CPU is doing, for progress reports
         self.messages = 0
 
     # -- messages ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ POOL_SLOTS = 120  # pfns a CPU keeps in each of its page pools
 RING_SLOTS = 28  # tasks in flight from one CPU's run queue to another's
 MAX_TABLES = 24  # L3, L2 and L1 pages an mm may own (its pgds are separate)
 KERNEL_MAGIC = 0x58454E53494D4B31  # "XENSIMK1": the kernel has booted
+OFFLINE = 3  # the per-CPU `online` value of a CPU that went offline (see boot)
 
 # The fixmap: the top L4 slot, one L1 of kernel-only slots (Linux's FIXADDR area).
 FIXMAP_L4_SLOT = 511

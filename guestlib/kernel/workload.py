@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from ..hypercalls import ops
-from .boot import ONLINE, STOPPED
+from .boot import OFFLINE, ONLINE, STOPPED, answer_pending_calls
 from .cpu import Cpu, KernelBug, Panicked, checked
 from .layout import RING_SLOTS
 from .mm import Mm, fork, free_task, mm_alloc, munmap, new_mm_id, new_task_id, pin, read_mm, touch, verify
@@ -73,6 +73,7 @@ class Workload:
         async with cpu.irq:
             await self._load_rings()
             parent = await self._make_parent()
+        cpu.phase = "running"
         while not self._done(deadline):
             async with cpu.irq:
                 await self._drain_incoming()
@@ -200,6 +201,7 @@ class Workload:
             if checked(cpu, "finish", was) == ONLINE:
                 await cpu.send(ops.atomic("fetch_add", kl.kglobal("control")[0], 1))
         while True:
+            cpu.phase = "finishing: waiting for the other CPUs to stop"
             async with cpu.irq:
                 (stopped,) = await cpu.send(ops.load(kl.kglobal("control")[0]))
                 drained = await self._drain_incoming()
@@ -209,7 +211,11 @@ class Workload:
         async with cpu.irq:
             await self._drain_incoming()
             await self._run_user(parent)
-            await exit_mmap(cpu, parent)
+            await exit_mmap(cpu, parent)  # this CPU is on swapper from here on
+            batch = cpu.msg()
+            cpu.set_percpu(batch, "online", OFFLINE)
+            await batch.flush()
+        await answer_pending_calls(self.k)  # calls posted before it went offline
 
 
 async def run(kernel, config: WorkloadConfig) -> dict:
@@ -235,6 +241,7 @@ async def run(kernel, config: WorkloadConfig) -> dict:
         "bug": bug,
         "bug_after_s": bug_at,
         "stale_cr3": bool(bug and "stale-cr3 window" in bug),
+        "final": {k: cpu.mirror.get(k) for k in ("loaded_mm", "active_mm", "xen_cr3", "xen_current_cr3", "online")},
         "stopped": stopped,
     }
 
