@@ -13,6 +13,7 @@ malformed call raises `CallRejected`, and a page fault of a memory access is a `
 value, because what a fault means is the guest kernel's business.
 """
 
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -424,6 +425,31 @@ async def connect(target: str, token: str, vcpu: int) -> AsyncIterator[Hypercall
     `target` (`host:port`); its Session closes when the block ends."""
     async with open_session(target, token, vcpu) as session:
         yield HypercallClient(session)
+
+
+@asynccontextmanager
+async def claim(target: str, tokens: Sequence[str]) -> AsyncIterator[tuple[int, int, HypercallClient] | None]:
+    """The first free vCPU of these domains, tried in order (vCPU ids from 0 up), as (index of
+    its token, vCPU id, client); None when every one is taken.
+
+    The hypervisor keeps one Session per vCPU and refuses a second with ALREADY_EXISTS, so an
+    open Session is the claim, and processes on any host can share out a domain's vCPUs with
+    nothing but its token. An echo proves the Session was accepted (the stream says nothing
+    until a vCPU is started); an id past the domain's last vCPU is INVALID_ARGUMENT."""
+    for index, token in enumerate(tokens):
+        for vcpu in itertools.count():
+            async with connect(target, token, vcpu) as client:
+                try:
+                    await client.echo()
+                except SessionClosed as e:
+                    if e.code == grpc.StatusCode.ALREADY_EXISTS:
+                        continue
+                    if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                        break
+                    raise
+                yield index, vcpu, client
+                return
+    yield None
 
 
 class QueuedCalls(Hypercalls):

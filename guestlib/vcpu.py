@@ -1,9 +1,11 @@
 """A vCPU process: `python -m guestlib.vcpu --server HOST:PORT --token T --vcpu N`.
 
 One process per vCPU, one trio nursery per process (the upcall loop and the workload). vCPU 0
-boots the kernel; the others wait until Xen starts them. At the end the process prints its
-report as one JSON line on stdout; the exit status is 0, or 3 when the kernel hit a BUG or
-found corrupted data.
+boots the kernel; the others wait until Xen starts them. With `--claim` instead of `--vcpu`
+the process runs as the first vCPU nobody else runs (of the domains of its `--token`s, which
+may repeat), so processes on many hosts can share out vCPUs with nothing but the tokens. At
+the end the process prints its report as one JSON line on stdout; the exit status is 0, or 3
+when the kernel hit a BUG or found corrupted data.
 """
 
 import argparse
@@ -12,7 +14,7 @@ import sys
 
 import trio
 
-from .hypercalls import connect
+from .hypercalls import claim, connect
 from .kernel import scenarios
 from .kernel.boot import answer_pending_calls, attach, booted, start_of_day
 from .kernel.shootdown import VARIANTS
@@ -21,19 +23,33 @@ from .kernel.workload import WorkloadConfig, run
 
 async def run_vcpu(server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None, progress: float = 0) -> dict:
     async with connect(server, token, vcpu) as client:
-        await client.wait_started()
-        if vcpu == 0 and not await booted(client):
-            await start_of_day(client, variant, highpte)
-        kernel = await attach(client, vcpu)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(kernel.smp.upcall_loop)
-            await kernel.smp.events.local_irq_enable()
-            if kernel.restarted:
-                await answer_pending_calls(kernel)
-            if progress:
-                nursery.start_soon(_report_progress, kernel, progress)
-            report = await (scenarios.run(kernel, scenario) if scenario else run(kernel, config))
-            nursery.cancel_scope.cancel()
+        return await _run(client, vcpu, variant, highpte, config, scenario, progress)
+
+
+async def claim_and_run(server: str, tokens: list[str], *args) -> dict:
+    """`run_vcpu` as the first free vCPU of these domains; the report's `claimed` says which
+    (the index of its token and the vCPU id), or is None when there was none to claim."""
+    async with claim(server, tokens) as claimed:
+        if claimed is None:
+            return {"claimed": None, "bug": None}
+        index, vcpu, client = claimed
+        return {"claimed": {"token": index, "vcpu": vcpu}} | await _run(client, vcpu, *args)
+
+
+async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None, progress: float) -> dict:
+    await client.wait_started()
+    if vcpu == 0 and not await booted(client):
+        await start_of_day(client, variant, highpte)
+    kernel = await attach(client, vcpu)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kernel.smp.upcall_loop)
+        await kernel.smp.events.local_irq_enable()
+        if kernel.restarted:
+            await answer_pending_calls(kernel)
+        if progress:
+            nursery.start_soon(_report_progress, kernel, progress)
+        report = await (scenarios.run(kernel, scenario) if scenario else run(kernel, config))
+        nursery.cancel_scope.cancel()
     report["restarted"] = kernel.restarted
     return report
 
@@ -43,14 +59,16 @@ async def _report_progress(kernel, interval: float) -> None:
     cpu = kernel.cpu
     while True:
         await trio.sleep(interval)
-        print(json.dumps({"progress": {"vcpu": cpu.id, "messages": cpu.messages, **cpu.stats}}), flush=True)
+        print(json.dumps({"progress": {"vcpu": cpu.id, "messages": cpu.messages, "phase": cpu.phase, **cpu.stats}}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m guestlib.vcpu", description=__doc__.splitlines()[0])
     parser.add_argument("--server", required=True, help="the hypervisor, HOST:PORT")
-    parser.add_argument("--token", required=True, help="the domain's token (from CreateDomain)")
-    parser.add_argument("--vcpu", type=int, required=True)
+    parser.add_argument("--token", required=True, action="append", help="the domain's token (from CreateDomain); with --claim, one per domain to claim from")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--vcpu", type=int)
+    which.add_argument("--claim", action="store_true", help="run as the first vCPU (of the domains in --token order) that has no process yet")
     parser.add_argument("--variant", choices=VARIANTS, default="modern", help="drop_mm_ref form (vCPU 0 decides at boot)")
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (vCPU 0 decides at boot)")
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -61,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", type=float, default=0, metavar="SECONDS", help="print a progress line this often")
     args = parser.parse_args(argv)
     config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles)
-    report = trio.run(run_vcpu, args.server, args.token, args.vcpu, args.variant, args.highpte, config, args.scenario, args.progress)
+    workload = (args.variant, args.highpte, config, args.scenario, args.progress)
+    if args.claim:
+        report = trio.run(claim_and_run, args.server, args.token, *workload)
+    elif len(args.token) == 1:
+        report = trio.run(run_vcpu, args.server, args.token[0], args.vcpu, *workload)
+    else:
+        parser.error("--token more than once needs --claim: a --vcpu belongs to one domain")
     print(json.dumps(report), flush=True)
     return 3 if report["bug"] or report.get("data_corruptions") else 0
 

@@ -7,6 +7,9 @@ import sys
 
 from guestlib.kernel.shootdown import VARIANTS
 from hypervisor.server.config import add_arguments as add_serve_arguments
+from xensim.guest import add_arguments as add_guest_arguments
+from xensim.timeline import add_arguments as add_timeline_arguments
+from xensim.toolstack import add_arguments as add_toolstack_arguments
 
 
 def _bench(args) -> int:
@@ -35,6 +38,20 @@ def _replay(args) -> int:
     return 0 if report.ok and not findings else 1
 
 
+def _health(args) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.server) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout).status
+        except grpc.RpcError as e:
+            print(f"{args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(f"{args.server}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _serve(args) -> int:
     from hypervisor.server.app import run
 
@@ -42,6 +59,12 @@ def _serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and its flags (tests check docker-compose.yml's commands against it)."""
     parser = argparse.ArgumentParser(prog="xensim", description="A simulator of Xen's PV MMU, SMP and event-channel interfaces.")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run the benchmarks (DESIGN.md section 6)")
@@ -81,8 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     stress.add_argument("--json", metavar="FILE", help="write the report as JSON")
     stress.add_argument("--trace", metavar="FILE", help="record every hypercall (only when the hypervisor is started here)")
     stress.set_defaults(run=_stress)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    toolstack = sub.add_parser("toolstack", help="the admin's verbs (like xl): create domains and write their token files, destroy, audit, list")
+    add_toolstack_arguments(toolstack)
+    guest = sub.add_parser("guest", help="a guest replica: vCPU processes for whichever vCPUs of the token files' domains are free")
+    add_guest_arguments(guest)
+    health = sub.add_parser("health", help="ask a hypervisor's gRPC health service; exit status 0 when it is SERVING")
+    health.add_argument("--server", required=True, metavar="HOST:PORT")
+    health.add_argument("--timeout", type=float, default=5.0, metavar="S")
+    health.set_defaults(run=_health)
+    timeline = sub.add_parser("timeline", help="draw a trace as a per-vCPU timeline in a self-contained HTML page")
+    add_timeline_arguments(timeline)
+    return parser
 
 
 def _demo(args) -> int:

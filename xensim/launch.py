@@ -98,10 +98,20 @@ def vcpu_command(address: str, token: str, vcpu: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "guestlib.vcpu", "--server", address, f"--token={token}", "--vcpu", str(vcpu), *args]  # a token may start with "-"
 
 
+def claim_command(address: str, tokens: list[str], *args: str) -> list[str]:
+    """A vCPU process that runs as the first free vCPU of these domains (guestlib.vcpu --claim)."""
+    return [sys.executable, "-m", "guestlib.vcpu", "--server", address, *(f"--token={t}" for t in tokens), "--claim", *args]
+
+
 def run_vcpus(address: str, token: str, nr_vcpus: int, *args: str, timeout: float = VCPU_TIMEOUT) -> VcpuRun:
     """One `guestlib.vcpu` process per vCPU with `args`; waits for all (killing any past the
     timeout) and returns their JSON reports."""
-    procs = [subprocess.Popen(vcpu_command(address, token, v, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in range(nr_vcpus)]
+    return run_processes([vcpu_command(address, token, v, *args) for v in range(nr_vcpus)], timeout)
+
+
+def run_processes(commands: list[list[str]], timeout: float = VCPU_TIMEOUT) -> VcpuRun:
+    """Run these vCPU process commands at once, as `run_vcpus` does."""
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
     reports, codes, errors = [], [], []
     try:
         for proc in procs:

@@ -1,0 +1,1 @@
+from tests.support.server import secure_server  # noqa: F401

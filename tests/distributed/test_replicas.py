@@ -1,0 +1,96 @@
+"""docker-compose.yml's topology as plain processes on loopback: the commands of its
+services, with the hypervisor's name and the tokens volume replaced by the test's server and a
+temporary directory, and nothing shared between the guest replicas but the endpoint and the
+token files."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+from guestlib import connect
+from xensim.toolstack import read_token_files
+
+from .compose import command, healthcheck
+
+pytestmark = pytest.mark.timeout(240)
+TIMEOUT = 180.0
+SMALL_RUN = {"XENSIM_DOMAINS": "1", "XENSIM_VCPUS": "4", "XENSIM_PAGES": "8192", "XENSIM_VCPUS_PER_REPLICA": "2", "XENSIM_SECONDS": "3"}
+
+
+def on_loopback(argv: list[str], server, tokens) -> list[str]:
+    """A compose command as a local process: compose's addresses become the test server's."""
+    local = {"hypervisor:50051": server.address, "127.0.0.1:50051": server.address, "/tokens": str(tokens)}
+    return [sys.executable, "-m", "xensim.cli", *(local.get(arg, arg) for arg in argv)]
+
+
+def guest_env() -> dict[str, str]:
+    """A guest replica's environment: no admin token, as in docker-compose.yml."""
+    return {k: v for k, v in os.environ.items() if k != "XENSIM_ADMIN_TOKEN"}
+
+
+def run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, env=env or guest_env())
+
+
+def create_domains(server, tokens) -> list[dict]:
+    """The toolstack service: `xensim toolstack create` once the health check passes."""
+    health = run(on_loopback(healthcheck("hypervisor"), server, tokens))
+    assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
+    admin = {**guest_env(), "XENSIM_ADMIN_TOKEN": server.admin_token}
+    created = run(on_loopback(command("toolstack", SMALL_RUN), server, tokens), env=admin)
+    assert created.returncode == 0, created.stdout + created.stderr
+    return read_token_files(tokens)
+
+
+def summary(stdout: str) -> dict:
+    """A replica's last line: {"ran": [{"domid", "vcpu"}...], "unclaimed", "lifecycles", "failures"}."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_two_replicas_share_out_a_domains_vcpus_and_each_vcpu_runs_once(secure_server, tmp_path):
+    (domain,) = create_domains(secure_server, tmp_path)
+    assert (domain["nr_vcpus"], domain["server"]) == (4, secure_server.address)
+    assert stat.S_IMODE((tmp_path / f"dom{domain['domid']}.json").stat().st_mode) == 0o600
+
+    argv = on_loopback(command("guest", SMALL_RUN), secure_server, tmp_path)
+    replicas = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=guest_env()) for _ in range(2)]
+    try:
+        outputs = [replica.communicate(timeout=TIMEOUT) for replica in replicas]
+    finally:
+        for replica in replicas:
+            if replica.poll() is None:
+                replica.kill()
+                replica.wait()
+    for replica, (out, err) in zip(replicas, outputs):
+        assert replica.returncode == 0, out + err
+    summaries = [summary(out) for out, _ in outputs]
+    assert [len(s["ran"]) for s in summaries] == [2, 2]
+    ran = sorted((r["domid"], r["vcpu"]) for s in summaries for r in s["ran"])
+    assert ran == [(domain["domid"], v) for v in range(4)]
+    assert all(s["failures"] == [] and s["unclaimed"] == 0 and s["lifecycles"] > 0 for s in summaries)
+
+    admin = {**guest_env(), "XENSIM_ADMIN_TOKEN": secure_server.admin_token}
+    audit = run(on_loopback(["toolstack", "audit", "--server", "hypervisor:50051"], secure_server, tmp_path), env=admin)
+    assert (audit.returncode, audit.stdout.strip()) == (0, "0 audit findings")
+
+
+async def test_a_replica_finds_nothing_to_claim_when_every_vcpu_has_a_process(secure_server, tmp_path):
+    """Every vCPU's Session is held here; the replica's vCPU process tries each (ALREADY_EXISTS),
+    stops at the id past the last (INVALID_ARGUMENT), and the replica exits 0 having run none."""
+    (domain,) = create_domains(secure_server, tmp_path)
+    async with AsyncExitStack() as held:
+        for vcpu in range(domain["nr_vcpus"]):
+            client = await held.enter_async_context(connect(secure_server.address, domain["token"], vcpu))
+            await client.echo()
+        argv = on_loopback([*command("guest", SMALL_RUN), "--vcpus-per-replica", "1"], secure_server, tmp_path)
+        with trio.fail_after(TIMEOUT):
+            replica = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, env=guest_env())
+    out = replica.stdout.decode()
+    assert replica.returncode == 0, out + replica.stderr.decode()
+    assert summary(out) == {"ran": [], "unclaimed": 1, "lifecycles": 0, "failures": []}

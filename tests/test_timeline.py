@@ -1,0 +1,112 @@
+"""`xensim timeline`: a trace of a real core run drawn per vCPU, checked as data, as a page,
+and as headless Chromium renders it (a screenshot and the DOM after the page's script ran)."""
+
+import io
+import re
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from hypervisor.core import Hypervisor, XenError
+from hypervisor.core.trace import TraceWriter
+from xensim.cli import main
+from xensim.timeline import scan
+
+from .core.guest import Guest
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_TIMEOUT = 90
+
+
+def race_trace() -> tuple[str, dict]:
+    """The lazy-TLB unpin race at the core, traced: vCPU 1 still runs on a table that vCPU 0
+    unpins, so vCPU 0's attempt to make its pages writable fails with -EBUSY; vCPU 0 IPIs
+    vCPU 1 (which switches away) and a multicall carries an entry that fails. Returns the
+    trace and the mfns and ports a test needs."""
+    hv = Hypervisor(nr_frames=1 << 13)
+    out = io.StringIO()
+    hv.tracer = TraceWriter(hv, out)
+    guest, other = Guest(hv), Guest(hv)
+    tree = guest.new_pgd({0x400000: guest.alloc()[1]})
+    guest.pin(4, tree["l4"])
+    guest.new_baseptr(tree["l4"], vcpu=1)
+    guest.unpin(tree["l4"])
+    with pytest.raises(XenError):
+        guest.make_writable(tree["pfns"][0])
+    port = guest.evtchn("bind_ipi", vcpu=1)
+    guest.evtchn("send", port=port)
+    guest.new_baseptr(guest.l4, vcpu=1)
+    guest.call("multicall", calls=[{"op": "mmuext_op", "args": {"ops": [[3, other.l4, 0]]}}])
+    hv.tracer.close()
+    return out.getvalue(), {"l4": tree["l4"], "boot_l4": guest.l4, "domid": guest.domid}
+
+
+def test_scan_follows_each_vcpus_cr3_and_finds_the_ipi_and_every_failed_call():
+    trace, run = race_trace()
+    timeline = scan(trace.splitlines())
+    d = run["domid"]
+    assert {(d, 0), (d, 1)} <= timeline.lanes and timeline.total == len(timeline.calls) == len(trace.splitlines()) - 2
+    errors = [(c.lane, e.split(": ")[0:2]) for c in timeline.failures for e in c.errors]
+    assert errors == [((d, 0), ["mmu_update", "EBUSY"]), ((d, 0), ["mmuext_op", "EINVAL"])]
+    assert next(c for c in timeline.failures if "EINVAL" in c.errors[0]).multicall
+    (ipi,) = [c for c in timeline.calls if c.kind == "ipi"]
+    assert (ipi.lane, ipi.target) == ((d, 0), (d, 1))
+    on_tree = [(lane, mfn) for lane, _, _, mfn in timeline.bands if mfn == run["l4"]]
+    assert on_tree == [((d, 1), run["l4"])]  # vCPU 1 sat on the unpinned table until it left
+    unpin = next(c for c in timeline.calls if c.kind == "unpin")
+    ((_, start, end, _),) = [b for b in timeline.bands if b[3] == run["l4"]]
+    assert start < unpin.seq < end
+
+
+def test_a_window_keeps_the_state_from_before_it():
+    trace, run = race_trace()
+    full = scan(trace.splitlines())
+    unpin = next(c for c in full.calls if c.kind == "unpin")
+    window = scan(trace.splitlines(), first=unpin.seq, count=3)
+    assert [c.seq for c in window.calls] == [unpin.seq, unpin.seq + 1, unpin.seq + 2]
+    assert (window.first, window.last, window.total) == (unpin.seq, unpin.seq + 2, full.total)
+    assert ((run["domid"], 1), unpin.seq, unpin.seq + 3, run["l4"]) in window.bands  # begun before, clipped to it
+
+
+def write_page(tmp_path) -> tuple:
+    trace, run = race_trace()
+    (tmp_path / "run.jsonl").write_text(trace)
+    page = tmp_path / "timeline.html"
+    assert main(["timeline", str(tmp_path / "run.jsonl"), "--html", str(page)]) == 0
+    return page, run
+
+
+def test_the_page_is_self_contained(tmp_path):
+    page, _ = write_page(tmp_path)
+    text = page.read_text()
+    assert re.findall(r"https?://[^\"'\s]+", text) == ["http://www.w3.org/2000/svg"] * 2  # the SVG namespace, nothing fetched
+    assert "<link" not in text and " src=" not in text and "EBUSY" in text
+
+
+def chromium(*flags: str, url: str, profile) -> subprocess.CompletedProcess:
+    argv = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,900", *flags, url,
+    ]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.timeout(2 * CHROMIUM_TIMEOUT + 30)
+def test_chromium_draws_the_lanes_and_the_failed_calls(tmp_path):
+    page, run = write_page(tmp_path)
+    shot = tmp_path / "timeline.png"
+    chromium(f"--screenshot={shot}", url=page.as_uri(), profile=tmp_path / "profile")
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1400, 900)
+    assert len(png) > 20_000  # a blank page of this size is about 6 KB
+
+    dom = chromium("--dump-dom", url=page.as_uri(), profile=tmp_path / "profile").stdout
+    svg = dom[dom.index("<svg") : dom.index("</svg>")]  # drawn by the page's script
+    d = run["domid"]
+    assert f"dom{d} vCPU0" in dom and f"dom{d} vCPU1" in dom
+    assert len(re.findall(r'<line [^>]*class="ev k-error"', svg)) >= 2
+    assert "mmu_update: EBUSY: " in svg and "mmuext_op: EINVAL: " in svg  # in the failed calls' tooltips
+    assert f"cr3 = mfn 0x{run['l4']:x}" in svg and 'class="ev k-ipi"' in svg

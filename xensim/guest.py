@@ -1,0 +1,65 @@
+"""`xensim guest`: one replica of the guest service, running vCPU processes for free vCPUs.
+
+A replica knows only the hypervisor's endpoint and the domains' token files (written by
+`xensim toolstack create`). It starts `--vcpus-per-replica` vCPU processes with `--claim`
+(guestlib/vcpu.py): each runs as the first vCPU that has no process yet, so replicas on any
+number of hosts share out the domains' vCPUs without knowing of each other. It prints every
+vCPU's report, then a summary, and fails on a kernel BUG, corrupted data, or a vCPU process
+that ended without a clean report.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+
+from guestlib.kernel.shootdown import VARIANTS
+from xensim.launch import claim_command, run_processes
+from xensim.toolstack import read_token_files
+
+# A domain's vCPUs wait for each other at the end (every CPU drains the others' hand-overs),
+# so a replica whose domains are not fully claimed would wait forever; past this it gives up.
+GRACE_SECONDS = 120.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", required=True, metavar="DIR", help="the token files of `xensim toolstack create --out DIR`")
+    parser.add_argument("--server", metavar="HOST:PORT", help="the hypervisor (default: the address in the token files)")
+    parser.add_argument("--vcpus-per-replica", type=int, default=1, metavar="K", help="vCPU processes this replica runs (default 1)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long the workload runs")
+    parser.add_argument("--variant", choices=VARIANTS, default="modern", help="the guest's drop_mm_ref (vCPU 0 decides at boot)")
+    parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (vCPU 0 decides at boot)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--migrate", type=float, default=0.5, help="chance a child finishes on another vCPU")
+    parser.set_defaults(run=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    domains = read_token_files(args.tokens)
+    servers = {d["server"] for d in domains}
+    if not domains:
+        print(f"xensim guest: no token files in {args.tokens} (`xensim toolstack create --out DIR` writes them)", file=sys.stderr)
+        return 2
+    if not args.server and len(servers) > 1:
+        print(f"xensim guest: the token files name several hypervisors ({', '.join(sorted(servers))}); pick one with --server", file=sys.stderr)
+        return 2
+    workload = ["--seconds", str(args.seconds), "--variant", args.variant, "--seed", str(args.seed), "--migrate", str(args.migrate)]
+    if args.highpte:
+        workload.append("--highpte")
+    command = claim_command(args.server or servers.pop(), [d["token"] for d in domains], *workload)
+    try:
+        run = run_processes([command] * args.vcpus_per_replica, timeout=args.seconds + GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        print(f"xensim guest: vCPU processes still running {GRACE_SECONDS:.0f} s after the workload's end (are all of the domains' vCPUs claimed?)", file=sys.stderr)
+        return 1
+    ran, failures = [], []
+    for report, status in zip(run.reports, run.returncodes):
+        print(json.dumps(report))
+        claimed = report.get("claimed")
+        if claimed:
+            ran.append({"domid": domains[claimed["token"]]["domid"], "vcpu": claimed["vcpu"]})
+        if status or report.get("bug") or report.get("data_corruptions"):
+            failures.append(report.get("bug") or f"exit status {status}, {len(report.get('data_corruptions', []))} data corruptions")
+    summary = {"ran": ran, "unclaimed": len(run.reports) - len(ran), "lifecycles": run.lifecycles, "failures": failures}
+    print(json.dumps(summary), flush=True)
+    return 1 if failures else 0
