@@ -211,6 +211,12 @@ class Hypervisor:
         info["m2p"] = int(self.m2p[mfn])
         return info
 
+    def tot_pages(self, domid: int) -> int:
+        """Xen's d->tot_pages: frames the domain owns, not counting Xen-heap pages shared
+        with it (shared info), which Xen keeps on a list of their own."""
+        frames = self.frames
+        return int(np.count_nonzero((frames.owner == domid) & ((frames.flags & XEN_HEAP) == 0)))
+
     def allocated_frames(self) -> int:
         return int(np.count_nonzero(self.frames.flags & ALLOCATED))
 

@@ -10,7 +10,6 @@ import re
 from collections.abc import Callable
 
 import grpc
-import numpy as np
 
 from hypervisor.core import audit
 from hypervisor.core.abi import (
@@ -104,7 +103,7 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
             domid=domain.domid,
             name=domain.name,
             nr_pages=domain.nr_pages,
-            tot_pages=int(np.count_nonzero(self.hv.frames.owner == domain.domid)),
+            tot_pages=self.hv.tot_pages(domain.domid),
             nr_lowmem_pages=domain.nr_lowmem_pages,
             nr_vcpus=len(domain.vcpus),
             online_vcpus=sum(not v.down for v in domain.vcpus),
