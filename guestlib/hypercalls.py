@@ -86,7 +86,8 @@ def status_error(status: status_pb2.Status) -> Exception:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations += [f"{v.field}: {v.description}" for v in bad.field_violations]
-    return CallRejected(_STATUS_CODES[status.code], "; ".join([status.message, *violations]))
+    extra = [v for v in violations if v not in status.message]  # the server's text may name them already
+    return CallRejected(_STATUS_CODES[status.code], "; ".join([status.message, *extra]))
 
 
 class Op(NamedTuple):

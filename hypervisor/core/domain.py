@@ -23,6 +23,9 @@ from .abi import (
     START_INFO_FIELD_OFFSET,
     START_INFO_FIELDS,
     START_INFO_MAGIC,
+    SHARED_INFO_VCPU_INFO,
+    VCPU_INFO_SIZE,
+    VCPU_INFO_UPCALL_MASK,
     VGCF_in_kernel,
     VGCF_online,
     Errno,
@@ -157,6 +160,8 @@ def build(
     frames.get_page_type(shared_info, PageType.WRITABLE)
     domain = Domain(domid, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port)
     evtchn_init(domain)
+    for vcpu in range(nr_vcpus):  # libxenguest's shared_info_x86_64: no events until the guest enables them
+        frames.memory.write(shared_info, SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_MASK, b"\x01")
 
     memory = frames.memory
     _write_words(memory, mfns, layout["p2m_pfn"], mfns.astype(np.uint64))

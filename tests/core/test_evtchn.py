@@ -457,6 +457,9 @@ def test_fifo_and_unknown_ops_are_enosys(hv, guest, cmd):
 
 
 def test_deliver_upcall_masks_and_hints_the_ports_of_that_vcpu(hv, guest):
+    assert guest.upcall_mask(0) == guest.upcall_mask(1) == 1  # as Xen's domain builder leaves them
+    for vcpu in (0, 1):
+        guest.set_upcall_mask(vcpu, 0)  # local_irq_enable
     mine = [guest.evtchn("bind_ipi", vcpu=0) for _ in range(2)]
     theirs = guest.evtchn("bind_ipi", vcpu=1)
     masked = guest.evtchn("bind_ipi", vcpu=0)

@@ -85,6 +85,7 @@ def test_poll_returns_at_once_if_a_listed_port_is_pending(hv, guest):
 
 
 def test_poll_returns_at_once_if_an_upcall_is_deliverable_even_with_bad_ports(hv, guest):
+    guest.set_upcall_mask(0, 0)  # local_irq_enable
     guest.evtchn("send", port=guest.evtchn("bind_ipi", vcpu=0))
     hv.take_kicks()
     with unchanged(hv):

@@ -92,11 +92,13 @@ def test_ipi_sent_by_vcpu0_is_pushed_as_an_upcall_to_vcpu1(guest, vcpu0):
     port = vcpu0.answer().results[0].event_channel_op.port
     bring_up(guest, vcpu0, 1)
     assert vcpu1.push().started.context.rip == 0x1000  # VCPUOP_up started it
+    vcpu1.send(9, sched(block=h.SchedBlock()))  # events start masked (as Xen builds it): block enables them
 
     vcpu0.send(2, evtchn(send=h.EvtchnSend(port=port)))
     vcpu0.answer()
     upcall = vcpu1.push().upcall
     assert (upcall.vcpu_id, list(upcall.pending_ports)) == (1, [port])
+    assert vcpu1.answer().request_id == 9
     (info,) = guest.toolstack("VcpuInfo", toolstack_pb2.VcpuInfoRequest(domid=guest.domid, vcpu=1)).vcpus
     assert info.upcall_pending and info.upcall_mask and info.session_open  # masked, as Xen's bounce frame does
 
@@ -131,9 +133,14 @@ def test_block_sleeps_until_an_event_then_the_upcall_comes_before_its_answer(gue
 
 def test_timer_fires_virq_timer_as_an_upcall(guest, vcpu0):
     vcpu0.push()  # started
-    vcpu0.send(1, evtchn(bind_virq=h.EvtchnBindVirq(virq=0, vcpu=0)), h.Call(set_timer_op=h.SetTimerOpRequest(timeout_ns=50_000_000)))
-    port = vcpu0.answer().results[0].event_channel_op.port
+    vcpu0.send(
+        1,
+        evtchn(bind_virq=h.EvtchnBindVirq(virq=0, vcpu=0)),
+        h.Call(set_timer_op=h.SetTimerOpRequest(timeout_ns=50_000_000)),
+        sched(block=h.SchedBlock()),  # events start masked (as Xen builds it): block enables them
+    )
     upcall = vcpu0.push(timeout=5).upcall
+    port = vcpu0.answer().results[0].event_channel_op.port
     assert list(upcall.pending_ports) == [port]
 
 
