@@ -62,6 +62,12 @@ class Refused(Exception):
         self.message = message
 
 
+class PeerGone(Exception):
+    """A message could not be written to a stream because its client went away: grpc fails the
+    write (ExecuteBatchError) before it cancels the handler. Not a bug, and nobody is left to
+    tell, so the handler just ends."""
+
+
 internal_errors = 0  # bugs of the simulator seen since start (tests assert none)
 
 

@@ -16,7 +16,7 @@ from xensim.v1 import hypercalls_pb2, hypercalls_pb2_grpc
 
 from . import convert
 from .auth import Tokens
-from .errors import BadRequest, abort, abort_with, status_of
+from .errors import BadRequest, PeerGone, abort, abort_with, status_of
 from .vcpus import Runtime, Stream, VcpuSlot
 
 Outcome = tuple[Message | None, status_pb2.Status | None, bool]  # response, status, failed
@@ -74,6 +74,8 @@ class HypercallsServicer(hypercalls_pb2_grpc.HypercallsServicer):
                 finally:
                     self.runtime.detach(stream)
                     await stream.close()
+        except PeerGone:  # the vCPU's process died while its answer was being sent
+            return
         except Exception as exc:  # noqa: BLE001 - as in _unary
             await abort(context, exc, "session")
 

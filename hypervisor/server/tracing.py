@@ -60,8 +60,8 @@ class Tracing:
         self.stop_file()
         try:
             self._file = open_trace(path, "w")
-        except OSError as e:
-            raise XenError(Errno.EINVAL, f"cannot create trace file {path!r}: {e.strerror}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+            raise XenError(Errno.EINVAL, f"cannot create trace file {path!r}: {getattr(e, 'strerror', None) or e}") from None
         self._writer = TraceWriter(self.hv, self._file)
         self._hook()
 

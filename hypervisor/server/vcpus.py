@@ -34,7 +34,7 @@ from hypervisor.core.sched import BLOCKED
 from xensim.v1 import hypercalls_pb2
 
 from . import convert
-from .errors import Refused, status_of
+from .errors import PeerGone, Refused, status_of
 
 
 class Stream:
@@ -61,8 +61,14 @@ class Stream:
         block it woke, as hypercalls.proto SchedBlock says)."""
         async with self.write_lock:
             for push in self._due():
-                await self.context.write(push)
-            await self.context.write(response)
+                await self._send(push)
+            await self._send(response)
+
+    async def _send(self, message: hypercalls_pb2.SessionResponse) -> None:
+        try:
+            await self.context.write(message)
+        except Exception as exc:  # grpc's own error type (ExecuteBatchError): the RPC is gone
+            raise PeerGone(f"dom{self.slot.domid} vCPU {self.slot.vcpu_id}: the Session's client went away") from exc
 
     async def close(self) -> None:
         """Stop pushing, between two writes."""
@@ -85,8 +91,8 @@ class Stream:
                     return
                 try:
                     for push in pushes:
-                        await self.context.write(push)
-                except Exception:  # noqa: BLE001 - the RPC is gone; its handler sees that itself
+                        await self._send(push)
+                except PeerGone:  # its handler sees that itself
                     return
 
     def _due(self) -> list[hypercalls_pb2.SessionResponse]:

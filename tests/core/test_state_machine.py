@@ -1,4 +1,4 @@
-"""Random, partly hostile hypercalls from two domains; audit after every step.
+"""Random, partly hostile hypercalls from three domains of three vCPUs; audit after every step.
 
 Rules are hypercalls (bad levels, foreign frames, writable mappings of tables, double pins,
 unpins of unpinned frames, Xen's reserved slots, stray commands, foreign-domain tricks);
@@ -6,18 +6,37 @@ invariants: audit finds nothing, no exception but XenError escapes, and a call t
 before committing any entry leaves the model exactly as it was. Domains are destroyed and
 re-created along the way, so destruction is exercised from random states.
 
-CI runs a few hundred examples; run it long with XENSIM_STATEFUL_EXAMPLES=20000.
+CI runs a few hundred examples and prints how many hypercalls they made and how fast; README
+says how to run a million. XENSIM_STATEFUL_EXAMPLES sets the number of examples.
 """
 
 import os
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, rule
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    multiple,
+    rule,
+    run_state_machine_as_test,
+)
 
 from hypervisor.core import Hypervisor, XenError, audit
-from hypervisor.core.abi import DOMID_IO, DOMID_SELF, DOMID_XEN, PAGE_SHIFT, MmuCmd, MmuextCmd, Pte
+from hypervisor.core.abi import (
+    DOMID_IO,
+    DOMID_SELF,
+    DOMID_XEN,
+    PAGE_SHIFT,
+    MmuCmd,
+    MmuextCmd,
+    Pte,
+)
+from hypervisor.core.hypervisor import HYPERCALLS
 from hypervisor.core.trace import state_digest
 
 from .guest import Guest
@@ -25,12 +44,15 @@ from .guest import Guest
 FLAG_SETS = st.lists(st.sampled_from([int(f) for f in Pte if f.bit_count() == 1]), max_size=5).map(lambda fs: sum(set(fs)))
 TABLE_FLAGS = st.sampled_from([int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY), int(Pte.PRESENT | Pte.ACCESSED)])
 SLOTS = st.one_of(st.sampled_from([0, 1, 255, 256, 258, 271, 272, 511]), st.integers(0, 511))
-WHO = st.integers(0, 1)
-VCPU = st.integers(0, 1)
+NR_DOMAINS = 3
+NR_VCPUS = 3
+WHO = st.integers(0, NR_DOMAINS - 1)  # also a peer: a domain naming itself by number is a case too
+VCPU = st.integers(0, NR_VCPUS - 1)
 NR_PAGES = 160
 
 
 class HostileGuests(RuleBasedStateMachine):
+    issued = 0  # hypercalls made by every example so far (HYPERCALLS ops, as the core counts them)
     frames = Bundle("frames")
     tables = Bundle("tables")
     ports = Bundle("ports")
@@ -38,7 +60,7 @@ class HostileGuests(RuleBasedStateMachine):
     @initialize(target=frames)
     def boot(self):
         self.hv = Hypervisor(nr_frames=1 << 12)
-        self.guests = [Guest(self.hv, nr_pages=NR_PAGES, nr_vcpus=2) for _ in range(2)]
+        self.guests = [Guest(self.hv, nr_pages=NR_PAGES, nr_vcpus=NR_VCPUS) for _ in range(NR_DOMAINS)]
         interesting = {0, 5, self.hv.nr_frames - 1, self.hv.nr_frames + 3}
         for g in self.guests:
             interesting |= {g.mfn(pfn) for pfn in range(g.start_info["first_free_pfn"] + 8)}
@@ -79,9 +101,9 @@ class HostileGuests(RuleBasedStateMachine):
     def link_tables(self, who, table, slot, to, flags):
         self.attempt(who, "mmu_update", reqs=[[(table << PAGE_SHIFT) + 8 * slot, to << PAGE_SHIFT | flags]])
 
-    @rule(who=WHO, level=st.integers(1, 4), mfn=st.one_of(tables, frames), foreign=st.booleans())
-    def pin(self, who, level, mfn, foreign):
-        fd = self.guests[1 - who].domid if foreign else DOMID_SELF
+    @rule(who=WHO, level=st.integers(1, 4), mfn=st.one_of(tables, frames), foreign=st.booleans(), peer=WHO)
+    def pin(self, who, level, mfn, foreign, peer):
+        fd = self.guests[peer].domid if foreign else DOMID_SELF
         self.attempt(who, "mmuext_op", ops=[[MmuextCmd.PIN_L1_TABLE + level - 1, mfn, 0]], foreigndom=fd)
 
     @rule(who=WHO, mfn=st.one_of(tables, frames))
@@ -101,9 +123,9 @@ class HostileGuests(RuleBasedStateMachine):
     def update_va_mapping(self, who, vcpu, va, to, flags, uvmf):
         self.attempt(who, "update_va_mapping", vcpu, va=va, val=(to << PAGE_SHIFT | flags) & 0xFFFFFFFFFFFFFFFF, flags=uvmf)
 
-    @rule(who=WHO, mfn=frames, pfn=st.integers(0, NR_PAGES + 2), fd=st.sampled_from([DOMID_SELF, DOMID_IO, DOMID_XEN, 0x1234, "own", "other"]))
-    def machphys_update(self, who, mfn, pfn, fd):
-        fd = {"own": self.guests[who].domid, "other": self.guests[1 - who].domid}.get(fd, fd)
+    @rule(who=WHO, mfn=frames, pfn=st.integers(0, NR_PAGES + 2), fd=st.sampled_from([DOMID_SELF, DOMID_IO, DOMID_XEN, 0x1234, "peer"]), peer=WHO)
+    def machphys_update(self, who, mfn, pfn, fd, peer):
+        fd = self.guests[peer].domid if fd == "peer" else fd
         self.attempt(who, "mmu_update", reqs=[[(mfn << PAGE_SHIFT) | MmuCmd.MACHPHYS_UPDATE, pfn]], foreigndom=fd)
 
     @rule(who=WHO, mfns=st.lists(st.one_of(tables, frames), min_size=1, max_size=4))
@@ -115,24 +137,24 @@ class HostileGuests(RuleBasedStateMachine):
 
     # -- event channels, vCPU ops and memory accesses, across both domains -------------------
 
-    @rule(target=ports, who=WHO, to_other=st.booleans(), vcpu=VCPU)
-    def open_port(self, who, to_other, vcpu):
-        other = self.guests[1 - who].domid if to_other else DOMID_SELF
+    @rule(target=ports, who=WHO, to_other=st.booleans(), vcpu=VCPU, peer=WHO)
+    def open_port(self, who, to_other, vcpu, peer):
+        other = self.guests[peer].domid if to_other else DOMID_SELF
         outcome = self.attempt(who, "event_channel_op", cmd="alloc_unbound", remote_dom=other)
         ipi = self.attempt(who, "event_channel_op", cmd="bind_ipi", vcpu=vcpu)
         return multiple(*[p for p in (outcome, ipi) if isinstance(p, int)])
 
-    @rule(target=ports, who=WHO, port=ports)
-    def bind_interdomain(self, who, port):
-        outcome = self.attempt(who, "event_channel_op", cmd="bind_interdomain", remote_dom=self.guests[1 - who].domid, remote_port=port)
+    @rule(target=ports, who=WHO, port=ports, peer=WHO)
+    def bind_interdomain(self, who, port, peer):
+        outcome = self.attempt(who, "event_channel_op", cmd="bind_interdomain", remote_dom=self.guests[peer].domid, remote_port=port)
         return multiple(outcome) if isinstance(outcome, int) else multiple()
 
-    @rule(who=WHO, vcpu=VCPU, cmd=st.sampled_from(["send", "close", "unmask", "status", "bind_vcpu"]), port=st.one_of(ports, st.integers(0, 5000)), target_vcpu=st.integers(0, 3))
+    @rule(who=WHO, vcpu=VCPU, cmd=st.sampled_from(["send", "close", "unmask", "status", "bind_vcpu"]), port=st.one_of(ports, st.integers(0, 5000)), target_vcpu=st.integers(0, NR_VCPUS))
     def port_op(self, who, vcpu, cmd, port, target_vcpu):
         fields = {"port": port} if cmd != "bind_vcpu" else {"port": port, "vcpu": target_vcpu}
         self.attempt(who, "event_channel_op", vcpu, cmd=cmd, **fields)
 
-    @rule(who=WHO, caller=VCPU, cmd=st.sampled_from(["initialise", "up", "down", "is_up"]), vcpuid=st.integers(0, 2), cr3=st.one_of(tables, frames))
+    @rule(who=WHO, caller=VCPU, cmd=st.sampled_from(["initialise", "up", "down", "is_up"]), vcpuid=st.integers(0, NR_VCPUS), cr3=st.one_of(tables, frames))
     def vcpu_op(self, who, caller, cmd, vcpuid, cr3):
         fields = {"context": {"flags": 1, "ctrlreg3": cr3, "ctrlreg1": 0, "rip": 0x1000, "rsp": 0x2000}} if cmd == "initialise" else {}
         self.attempt(who, "vcpu_op", caller, cmd=cmd, vcpuid=vcpuid, **fields)
@@ -149,7 +171,7 @@ class HostileGuests(RuleBasedStateMachine):
     @rule(who=WHO)
     def destroy_and_recreate(self, who):
         self.hv.toolstack("destroy_domain", domid=self.guests[who].domid)
-        self.guests[who] = Guest(self.hv, nr_pages=NR_PAGES, nr_vcpus=2)
+        self.guests[who] = Guest(self.hv, nr_pages=NR_PAGES, nr_vcpus=NR_VCPUS)
 
     @invariant()
     def audit_is_clean(self):
@@ -158,6 +180,7 @@ class HostileGuests(RuleBasedStateMachine):
 
     def teardown(self):
         if hasattr(self, "hv"):
+            HostileGuests.issued += sum(n for (op, _), n in self.hv.stats.items() if op in HYPERCALLS)
             for guest in self.guests:
                 self.hv.toolstack("destroy_domain", domid=guest.domid)
             assert audit(self.hv) == []
@@ -165,10 +188,21 @@ class HostileGuests(RuleBasedStateMachine):
 
 
 EXAMPLES = int(os.environ.get("XENSIM_STATEFUL_EXAMPLES", "200"))
-HostileGuests.TestCase.settings = settings(
+SETTINGS = settings(
     max_examples=EXAMPLES,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-TestHostileGuests = pytest.mark.timeout(60 + EXAMPLES)(HostileGuests.TestCase)
+
+
+@pytest.mark.timeout(60 + EXAMPLES)
+def test_hostile_guests(capsys):
+    """The run, and how many hypercalls it made: the figure README's long run is sized by."""
+    HostileGuests.issued = 0
+    start = time.perf_counter()
+    run_state_machine_as_test(HostileGuests, settings=SETTINGS)
+    elapsed = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\nstate machine: {EXAMPLES} examples, {HostileGuests.issued} hypercalls in {elapsed:.1f} s ({HostileGuests.issued / elapsed:.0f}/s)")
+    assert HostileGuests.issued >= EXAMPLES

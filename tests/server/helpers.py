@@ -60,6 +60,23 @@ class WireGuest:
     def frame(self, mfn: int) -> toolstack_pb2.Frame:
         return self.toolstack("FrameInfo", toolstack_pb2.FrameInfoRequest(mfn=mfn)).frames[0]
 
+    def frame_runs(self, vcpu: int = 0) -> list[tuple[int, int]]:
+        """Every frame the domain owns (its P2M, read through its direct map, and its shared-info
+        frame) as (first mfn, count) runs, for FrameInfo."""
+        size, base = 8 * self.start_info.nr_pages, self.start_info.mfn_list
+        p2m = b"".join(self.call("Read", memory_pb2.ReadRequest(va=base + at, length=min(4096, size - at)), vcpu).data for at in range(0, size, 4096))
+        mfns = sorted([int.from_bytes(p2m[i : i + 8], "little") for i in range(0, len(p2m), 8)] + [self.start_info.shared_info >> 12])
+        runs: list[list[int]] = []
+        for mfn in mfns:
+            if runs and mfn == runs[-1][0] + runs[-1][1]:
+                runs[-1][1] += 1
+            else:
+                runs.append([mfn, 1])
+        return [(first, count) for first, count in runs]
+
+    def frames(self, runs: list[tuple[int, int]]) -> list[toolstack_pb2.FrameInfoResponse]:
+        return [self.toolstack("FrameInfo", toolstack_pb2.FrameInfoRequest(mfn=first, count=count)) for first, count in runs]
+
     # -- hypercalls -------------------------------------------------------------------------------
 
     def mmu_update(self, *reqs: tuple[int, int], vcpu: int = 0):

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypervisor.__main__ import main as hypervisor_main
 from tests.support.server import TEST_FRAMES, server_command, start_server
 from xensim.cli import main as xensim_main
-from xensim.v1 import hypercalls_pb2
+from xensim.v1 import hypercalls_pb2, toolstack_pb2
 
 from .helpers import SessionClient, WireGuest
 
@@ -60,18 +61,30 @@ def test_ready_line_carries_the_admin_token_given_in_the_environment():
         assert process.wait(10) == 0
 
 
-def test_sigterm_ends_an_open_stream_with_unavailable_and_exits_cleanly():
+SIGNALS = pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+
+
+@SIGNALS
+def test_a_signal_ends_open_and_sleeping_streams_with_unavailable_and_exits_cleanly(signum):
     with start_server() as server:
         guest = WireGuest(server)
-        session = SessionClient(guest.hc, guest.md(0))
-        assert session.push().HasField("started")
-        server.process.send_signal(signal.SIGTERM)
-        end = session.end()
-        assert end.code() == grpc.StatusCode.UNAVAILABLE and "server shutting down" in end.details()
+        sleeper = SessionClient(guest.hc, guest.md(0))
+        assert sleeper.push().HasField("started")
+        sleeper.send(1, hypercalls_pb2.Call(sched_op=hypercalls_pb2.SchedOpRequest(block=hypercalls_pb2.SchedBlock())))
+        idle = SessionClient(guest.hc, guest.md(1))
+        deadline = time.monotonic() + 10
+        while not guest.toolstack("VcpuInfo", toolstack_pb2.VcpuInfoRequest(domid=guest.domid, vcpu=0)).vcpus[0].blocked:
+            assert time.monotonic() < deadline, "vCPU 0 never blocked"
+            time.sleep(0.02)
+        server.process.send_signal(signum)
+        for session in (sleeper, idle):
+            end = session.end()
+            assert end.code() == grpc.StatusCode.UNAVAILABLE and "server shutting down" in end.details()
         assert server.process.wait(10) == 0
 
 
-def test_sigterm_while_streams_are_busy_ends_each_with_unavailable_and_logs_no_error():
+@SIGNALS
+def test_a_signal_while_streams_are_busy_ends_each_with_unavailable_and_logs_no_error(signum):
     with start_server() as server:  # start_server fails the test if the server logged an error
         guest = WireGuest(server, nr_vcpus=4)
         sessions = [SessionClient(guest.hc, guest.md(v)) for v in range(4)]
@@ -79,7 +92,7 @@ def test_sigterm_while_streams_are_busy_ends_each_with_unavailable_and_logs_no_e
         for request_id in range(1, 200):  # answers are being written when the signal comes
             for session in sessions:
                 session.send(request_id, *[echo] * 16)
-        server.process.send_signal(signal.SIGTERM)
+        server.process.send_signal(signum)
         for session in sessions:
             end = session.end()
             assert end.code() == grpc.StatusCode.UNAVAILABLE, end

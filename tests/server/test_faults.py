@@ -1,0 +1,194 @@
+"""Faults: a vCPU process SIGKILLed mid-batch, mid-stream, while a big answer is being sent, or
+asleep in SCHEDOP_block or poll. The server ends its stream, keeps the vCPU's state, accepts a
+new Session for the vCPU from a new process, which goes on; nothing leaks (audit clean, the
+domain's frames as they were, every frame freed when the domain is destroyed).
+
+One table, KILLS: where the process is when it dies (the message it repeats, how many it keeps
+in flight) and how the test knows it got there.
+"""
+
+import json
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.server import start_server
+from xensim.v1 import hypercalls_pb2 as h
+from xensim.v1 import memory_pb2 as m
+from xensim.v1 import toolstack_pb2 as t
+
+from .helpers import RW, A, D, P, WireGuest
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRIES = 64  # entries of the pinned L1 that each mid-batch mmu_update remaps
+HELD = ("initialised", "online", "blocked", "kernel_cr3_mfn", "user_cr3_mfn")  # what a death must not change
+
+
+@dataclass
+class Domain:
+    """A domain with what the messages need: a pinned L1 whose ENTRIES entries map one set of
+    pages, a second set, and an IPI port that notifies vCPU 0."""
+
+    guest: WireGuest
+    l1: int
+    sets: tuple[list[int], list[int]]
+    port: int
+
+    @classmethod
+    def build(cls, server) -> "Domain":
+        guest = WireGuest(server, nr_pages=1024, nr_vcpus=2)
+        sets = tuple([guest.alloc()[1] for _ in range(ENTRIES)] for _ in range(2))
+        _, l1 = guest.pinned_table(1, {i: mfn << 12 | P | RW | A | D for i, mfn in enumerate(sets[0])})
+        port = guest.call("EventChannelOp", h.EventChannelOpRequest(bind_ipi=h.EvtchnBindIpi(vcpu=0)), vcpu=1).port
+        return cls(guest, l1, sets, port)
+
+    def remap(self, to: int) -> h.Call:
+        reqs = [h.MmuUpdate(ptr=(self.l1 << 12) + 8 * i, val=mfn << 12 | P | RW | A | D) for i, mfn in enumerate(self.sets[to])]
+        return h.Call(mmu_update=h.MmuUpdateRequest(reqs=reqs))
+
+    def vcpu0(self) -> t.Vcpu:
+        return self.guest.toolstack("VcpuInfo", t.VcpuInfoRequest(domid=self.guest.domid, vcpu=0)).vcpus[0]
+
+    def wake(self) -> None:
+        """An event for vCPU 0, sent by vCPU 1 (vCPU 0's own calls wait while it sleeps)."""
+        self.guest.call("EventChannelOp", h.EventChannelOpRequest(send=h.EvtchnSend(port=self.port)), vcpu=1)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Kill:
+    where: str
+    message: Callable[[Domain], list[h.Call]]
+    depth: int = 1
+
+    @property
+    def sleeps(self) -> bool:
+        return self.where.startswith("asleep")
+
+
+MID_STREAM = Kill("mid-stream", lambda d: [h.Call(store=m.StoreRequest(va=d.guest.direct_va(d.guest.next_pfn), size=8, value=7)), h.Call(xen_version=h.XenVersionRequest())], depth=8)
+KILLS = [
+    # Each message remaps all entries away and back: whole messages leave the frames as they were.
+    Kill("mid-batch", lambda d: [d.remap(1), d.remap(0)] * 8, depth=2),
+    MID_STREAM,
+    Kill("while 4 MiB answers are sent", lambda d: [h.Call(read=m.ReadRequest(va=d.guest.direct_va(d.guest.next_pfn), length=4096))] * 1024, depth=2),
+    Kill("asleep in SCHEDOP_block", lambda d: [h.Call(sched_op=h.SchedOpRequest(block=h.SchedBlock()))]),
+    Kill("asleep in SCHEDOP_poll", lambda d: [h.Call(sched_op=h.SchedOpRequest(poll=h.SchedPoll(ports=[d.port])))]),
+]
+
+
+class VcpuProcess:
+    """tests/server/vcpu_process.py as vCPU 0 of the domain, repeating one message."""
+
+    def __init__(self, server, domain: Domain, kill: Kill, count: int):
+        message = h.SessionRequest(calls=kill.message(domain)).SerializeToString().hex()
+        command = [sys.executable, "-m", "tests.server.vcpu_process", server.address, domain.guest.token, "0", message, str(kill.depth), str(count)]
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def event(self, timeout: float = 30.0) -> str:
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        assert ready, f"the vCPU process said nothing within {timeout} s"
+        line = self.process.stdout.readline()
+        assert line, f"the vCPU process ended ({self.process.wait()}): {self.process.stderr.read()}"
+        return json.loads(line)["event"]
+
+    def finish(self) -> dict:
+        out, err = self.process.communicate(timeout=60)
+        assert self.process.returncode == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def reach(process: VcpuProcess, domain: Domain, kill: Kill) -> None:
+    """Wait until the process is where `kill` says (asleep: the vCPU blocked in Xen)."""
+    assert process.event() == ("sleeping" if kill.sleeps else "running")
+    if kill.sleeps:
+        wait_until(lambda: domain.vcpu0().blocked, "vCPU 0 is blocked")
+    else:
+        time.sleep(0.2)  # let messages keep flowing, so the kill lands among them
+
+
+@pytest.fixture(scope="module")
+def server():
+    with start_server() as running:  # fails the module if the server logged a traceback or INTERNAL
+        yield running
+
+
+@pytest.mark.parametrize("kill", KILLS, ids=[k.where for k in KILLS])
+def test_a_killed_vcpu_process_is_cleaned_up_and_a_new_one_goes_on(server, kill):
+    domain = Domain.build(server)
+    guest = domain.guest
+    runs = guest.frame_runs(vcpu=1)
+    frames = guest.frames(runs)
+
+    first = VcpuProcess(server, domain, kill, count=0)
+    reach(first, domain, kill)
+    held = domain.vcpu0()
+    first.kill()
+    wait_until(lambda: not domain.vcpu0().session_open, "the server ends the dead process's stream")
+    after = domain.vcpu0()
+    assert [getattr(after, f) for f in HELD] == [getattr(held, f) for f in HELD]
+    assert not guest.toolstack("Audit", t.AuditRequest()).findings
+
+    second = VcpuProcess(server, domain, kill, count=1 if kill.sleeps else 20)  # the same vCPU, a new process
+    if kill.sleeps:
+        reach(second, domain, kill)
+        domain.wake()
+    assert second.finish()["messages"] == (1 if kill.sleeps else 20)
+    wait_until(lambda: not domain.vcpu0().session_open, "the stream of the finished process is gone")
+    assert not domain.vcpu0().blocked
+    assert guest.frames(runs) == frames
+    assert not guest.toolstack("Audit", t.AuditRequest()).findings
+    freed = guest.toolstack("DestroyDomain", t.DestroyDomainRequest(domid=guest.domid)).freed_frames
+    assert freed == guest.start_info.nr_pages + 1  # every page and the shared-info frame
+    assert not guest.toolstack("Audit", t.AuditRequest()).findings
+
+
+STALLED_CLIENT = """
+import sys, time, grpc
+from xensim.v1 import hypercalls_pb2 as h, hypercalls_pb2_grpc, memory_pb2 as m
+address, token, va = sys.argv[1], sys.argv[2], int(sys.argv[3])
+reads = [h.Call(read=m.ReadRequest(va=va, length=4096))] * 1024
+stub = hypercalls_pb2_grpc.HypercallsStub(grpc.insecure_channel(address))
+call = stub.Session(iter([h.SessionRequest(request_id=i, calls=reads) for i in range(1, 5)]), metadata=(("authorization", "Bearer " + token), ("x-xen-vcpu", "0")))
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_client_killed_while_the_server_waits_to_write_its_answer_is_no_internal_error(server):
+    """Regression: 4 MiB answers to a client that reads none of them fill the stream's window,
+    so the server is inside context.write when the client dies; grpc then fails the write
+    before it cancels the handler, which used to log INTERNAL and make the server exit 1."""
+    domain = Domain.build(server)
+    va = domain.guest.direct_va(domain.guest.next_pfn)
+    stalled = subprocess.Popen([sys.executable, "-c", STALLED_CLIENT, server.address, domain.guest.token, str(va)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert stalled.stdout.readline().strip() == "sent"
+    wait_until(lambda: domain.vcpu0().session_open, "the Session is open")
+    time.sleep(0.5)  # the first answers fill the window; the server waits in write
+    stalled.kill()
+    stalled.wait(10)
+    stalled.stdout.close()
+    wait_until(lambda: not domain.vcpu0().session_open, "the server ends the dead client's stream")
+    assert "INTERNAL" not in server.stderr()
+    assert VcpuProcess(server, domain, MID_STREAM, count=3).finish()["messages"] == 3

@@ -1,0 +1,25 @@
+"""Load: 64 vCPU streams of 8 domains, from 8 client processes, hammering hypercalls and IPIs
+at once (xensim/bench/load.py, run shorter than the benchmark's 10 s). No stream starves, every
+vCPU takes IPIs, the server's memory stays flat, and the machine audits clean (`measure`
+raises otherwise)."""
+
+import pytest
+
+from xensim.bench import load
+
+SECONDS = 3.0
+
+
+@pytest.mark.timeout(180)
+def test_64_busy_streams_all_progress_fairly_in_flat_memory():
+    run = load.measure(SECONDS)
+    keys = load.summary(run)
+    fairness, p99 = keys["load.streams_64_min_over_median_rate"], keys["load.hypercall_p99_us"]
+    print(f"\nload: {fairness['streams']} streams, rates min {fairness['rate_min']:.1f} / median {fairness['rate_median']:.1f} / "
+          f"max {fairness['rate_max']:.1f} msg/s, p99 {p99['value'] / 1000:.1f} ms, server RSS {fairness['server_rss_mb_before']:.1f} -> "
+          f"{fairness['server_rss_mb_after']:.1f} MB")
+    assert fairness["streams"] == load.DOMAINS * load.VCPUS
+    assert fairness["rate_min"] > 0 and fairness["ipis_handled_min"] > 0
+    assert fairness["value"] >= 0.25  # the benchmark's target is 0.5; CI machines are noisy
+    assert fairness["server_rss_mb_after"] - fairness["server_rss_mb_before"] < 32
+    assert p99["value"] < 5_000_000
