@@ -145,7 +145,8 @@ def measure(seconds: float = SECONDS) -> dict:
 
 def summary(run: dict) -> dict:
     """The keys: fairness and p99, with the rates and memory as context."""
-    rates = sorted(n / run["seconds"] for report in run["reports"] for n in report["messages"])
+    counts = sorted(n for report in run["reports"] for n in report["messages"])
+    rates = [n / run["seconds"] for n in counts]
     latencies = sorted(us for report in run["reports"] for stream in report["latencies_us"] for us in stream)
     median = statistics.median(rates)
     context = {
@@ -157,6 +158,7 @@ def summary(run: dict) -> dict:
         "rate_median": median,
         "rate_max": rates[-1],
         "rate_unit": "messages/s per stream",
+        "round_trips_min": counts[0],
         "ipis_handled_min": min(n for report in run["reports"] for n in report["ipis"]),
         "server_rss_mb_before": run["rss_before"]["rss"],
         "server_rss_mb_after": run["rss_after"]["rss"],
