@@ -26,46 +26,69 @@ VCPU_TIMEOUT = 300.0
 
 @dataclass
 class Server:
+    """A running `python -m hypervisor serve`: where it listens, its ready line, its stderr."""
+
     address: str
     admin_token: str | None
+    ready: dict
     process: subprocess.Popen
     stderr: "tempfile._TemporaryFileWrapper"
+    killed: bool = False  # it did not stop within STOP_TIMEOUT of SIGTERM
+    _final_log: str | None = None
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What a Toolstack call carries: the admin token, or nothing without one."""
         return (("authorization", f"Bearer {self.admin_token}"),) if self.admin_token else ()
 
     def toolstack(self) -> toolstack_pb2_grpc.ToolstackStub:
         return toolstack_pb2_grpc.ToolstackStub(grpc.insecure_channel(self.address))
 
     def log(self) -> str:
+        """Everything the server wrote to stderr (up to its stop, once stopped)."""
+        if self._final_log is not None:
+            return self._final_log
         self.stderr.seek(0)
         return self.stderr.read().decode(errors="replace")
 
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it does not stop in time; returns the exit status."""
+        if self._final_log is None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.killed = True
+                    self.process.kill()
+                    self.process.wait()
+            self._final_log = self.log()
+            self.process.stdout.close()
+            self.stderr.close()
+        return self.process.returncode
+
+
+def server_command(*args: str, frames: int = 1 << 16, listen: str = "127.0.0.1:0") -> list[str]:
+    return [sys.executable, "-m", "hypervisor", "serve", "--listen", listen, "--frames", str(frames), *args]
+
 
 @contextmanager
-def hypervisor_server(*args: str, frames: int = 1 << 16) -> Iterator[Server]:
-    """`python -m hypervisor serve` on a free loopback port until the block ends (SIGTERM,
-    then SIGKILL if it does not stop in time)."""
-    command = [sys.executable, "-m", "hypervisor", "serve", "--listen", "127.0.0.1:0", "--insecure-no-admin-token", "--frames", str(frames), *args]
+def hypervisor_server(*args: str, frames: int = 1 << 16, admin_token: str | None = None, listen: str = "127.0.0.1:0") -> Iterator[Server]:
+    """`python -m hypervisor serve` (on a free loopback port unless `listen` says otherwise)
+    until the block ends; without `admin_token` it runs with --insecure-no-admin-token."""
+    auth = ("--admin-token", admin_token) if admin_token else ("--insecure-no-admin-token",)
     stderr = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)  # Ctrl-C reaches us, not it
+    process = subprocess.Popen(server_command(*auth, *args, frames=frames, listen=listen), stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)  # Ctrl-C reaches us, not it
+    server = Server("", None, {}, process, stderr)
     try:
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
             ready = json.loads(process.stdout.readline() or "{}") if selector.select(START_TIMEOUT) else {}
-        server = Server(ready.get("listen", ""), ready.get("admin_token"), process, stderr)
         if ready.get("event") != "ready":
             raise RuntimeError(f"the hypervisor did not start within {START_TIMEOUT} s (exit status {process.poll()}):\n{server.log()}")
+        server.address, server.admin_token, server.ready = ready["listen"], ready["admin_token"], ready
         yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        stderr.close()
+        server.stop()
 
 
 def create_domain(server: Server, nr_pages: int, nr_vcpus: int, highmem_pages: int = 0, name: str = "") -> toolstack_pb2.CreateDomainResponse:

@@ -13,8 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hypervisor.__main__ import main as hypervisor_main
-from tests.support.server import TEST_FRAMES, server_command, start_server
+from tests.support.server import TEST_FRAMES, start_server
 from xensim.cli import main as xensim_main
+from xensim.launch import server_command
 from xensim.v1 import hypercalls_pb2, toolstack_pb2
 
 from .helpers import SessionClient, WireGuest

@@ -1,9 +1,9 @@
 """A real hypervisor server in a subprocess, for tests of the server and of guests.
 
-`start_server()` runs `python -m hypervisor serve --listen 127.0.0.1:0 ...`, waits (10 s at
-most) for its ready line, and on exit stops it with SIGTERM (killing it if it does not stop
-in time) and fails the test if its stderr shows a traceback or an INTERNAL error: a bug of the
-simulator must never pass unnoticed. The fixtures `server` (no admin token) and
+`start_server()` runs the server as the programs do (xensim.launch.hypervisor_server: a free
+loopback port, stopped with SIGTERM at the end) and adds what a test needs on top: it fails
+the test if the server did not stop on SIGTERM, did not exit 0, or logged a traceback or an
+INTERNAL error, since a bug of the simulator must never pass unnoticed. The fixtures `server` (no admin token) and
 `secure_server` (with one) wrap it; import them into a conftest.py to use them:
 
     from tests.support.server import secure_server, server  # noqa: F401
@@ -12,45 +12,34 @@ The object they yield has `.address`, `.admin_token`, `.stderr()`, channel and s
 and the metadata a call needs (`toolstack_metadata()`, `guest_metadata(token, vcpu)`).
 """
 
-import json
-import os
 import secrets
-import selectors
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from contextlib import contextmanager
 
 import grpc
 import pytest
 
+from xensim.launch import STOP_TIMEOUT, Server, hypervisor_server
 from xensim.v1 import hypercalls_pb2_grpc, toolstack_pb2, toolstack_pb2_grpc
 
-READY_TIMEOUT = 10.0
-STOP_TIMEOUT = 10.0
 TEST_FRAMES = 1 << 16  # 256 MiB of machine memory: room for many small domains, fast to start
 BAD_SIGNS = ("Traceback", "INTERNAL")
 
 
 class ServerProcess:
-    """A running server: where it listens, how to call it, what it logged."""
+    """A running server as tests use it: channels and stubs that close with it, metadata."""
 
-    def __init__(self, process: subprocess.Popen, ready: dict, stderr_path: str):
-        self.process = process
-        self.address: str = ready["listen"]
-        self.admin_token: str | None = ready["admin_token"]
-        self.ready = ready
-        self._stderr_path = stderr_path
+    def __init__(self, launched: Server):
+        self.launched = launched
+        self.process = launched.process
+        self.address: str = launched.address
+        self.admin_token: str | None = launched.admin_token
+        self.ready = launched.ready
         self._channels: list[grpc.Channel] = []
 
     def stderr(self) -> str:
         """Everything the server wrote to stderr so far."""
-        with open(self._stderr_path, errors="replace") as f:
-            return f.read()
-
-    # -- calling it ---------------------------------------------------------------------------
+        return self.launched.log()
 
     def channel(self) -> grpc.Channel:
         """A new sync channel to the server, closed when the server stops."""
@@ -66,7 +55,7 @@ class ServerProcess:
 
     def toolstack_metadata(self) -> tuple[tuple[str, str], ...]:
         """What a Toolstack call carries: the admin token, or nothing without one."""
-        return (("authorization", f"Bearer {self.admin_token}"),) if self.admin_token else ()
+        return self.launched.metadata()
 
     @staticmethod
     def guest_metadata(token: str, vcpu: int) -> tuple[tuple[str, str], ...]:
@@ -78,70 +67,20 @@ class ServerProcess:
         request = toolstack_pb2.CreateDomainRequest(nr_pages=nr_pages, nr_vcpus=nr_vcpus, **kw)
         return self.toolstack().CreateDomain(request, metadata=self.toolstack_metadata(), timeout=10)
 
-    # -- stopping it --------------------------------------------------------------------------
-
     def stop(self) -> int:
-        """SIGTERM, wait, kill if needed; returns the exit status."""
+        """Close the channels, stop the server; returns its exit status."""
         for channel in self._channels:
             channel.close()
         self._channels.clear()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                pytest.fail(f"the server did not stop within {STOP_TIMEOUT} s of SIGTERM:\n{self.stderr()}")
-        if self.process.stdout:
-            self.process.stdout.close()
-        return self.process.returncode
-
-    def check_stderr(self) -> None:
-        """Fail if the server logged a traceback or an INTERNAL error."""
-        text = self.stderr()
-        if any(sign in text for sign in BAD_SIGNS):
-            pytest.fail(f"the server logged an internal error:\n{text}")
-
-
-def server_command(*args: str, frames: int = TEST_FRAMES, listen: str = "127.0.0.1:0") -> list[str]:
-    return [sys.executable, "-m", "hypervisor", "serve", "--listen", listen, "--frames", str(frames), *args]
-
-
-def _read_ready_line(process: subprocess.Popen, stderr_path: str) -> dict:
-    """The first stdout line, within READY_TIMEOUT, parsed; fail with the server's stderr."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        buffer = b""
-        while b"\n" not in buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not selector.select(left):
-                process.kill()
-                process.wait()
-                pytest.fail(f"no ready line within {READY_TIMEOUT} s:\n{open(stderr_path).read()}")
-            chunk = os.read(process.stdout.fileno(), 4096)
-            if not chunk:
-                process.wait()
-                pytest.fail(f"the server exited ({process.returncode}) before its ready line:\n{open(stderr_path).read()}")
-            buffer += chunk
-    ready = json.loads(buffer.split(b"\n", 1)[0])
-    assert ready["event"] == "ready", ready
-    return ready
+        return self.launched.stop()
 
 
 @contextmanager
 def start_server(*args: str, admin_token: str | None = None, frames: int = TEST_FRAMES, listen: str = "127.0.0.1:0", check: bool = True):
-    """Run a server for the block. Without `admin_token` it runs with
-    --insecure-no-admin-token; `args` are extra `serve` flags. With `check` (the default) the
-    block fails if the server logged an internal error or did not exit cleanly."""
-    auth = ["--admin-token", admin_token] if admin_token else ["--insecure-no-admin-token"]
-    with tempfile.NamedTemporaryFile(prefix="xensim-server-", suffix=".stderr", delete=False) as err:
-        stderr_path = err.name
-    try:
-        with open(stderr_path, "wb") as err:
-            process = subprocess.Popen(server_command(*auth, *args, frames=frames, listen=listen), stdout=subprocess.PIPE, stderr=err)
-        server = ServerProcess(process, _read_ready_line(process, stderr_path), stderr_path)
+    """Run a server for the block; `args` are extra `serve` flags. With `check` (the default)
+    the block fails if the server logged an internal error or did not exit cleanly."""
+    with hypervisor_server(*args, frames=frames, admin_token=admin_token, listen=listen) as launched:
+        server = ServerProcess(launched)
         try:
             yield server
         except BaseException:
@@ -149,11 +88,12 @@ def start_server(*args: str, admin_token: str | None = None, frames: int = TEST_
             raise
         finally:
             status = server.stop()
-        if check:
-            server.check_stderr()
-            assert status == 0, f"the server exited with {status}:\n{server.stderr()}"
-    finally:
-        os.unlink(stderr_path)
+    if launched.killed:
+        pytest.fail(f"the server did not stop within {STOP_TIMEOUT} s of SIGTERM:\n{server.stderr()}")
+    if check:
+        if any(sign in server.stderr() for sign in BAD_SIGNS):
+            pytest.fail(f"the server logged an internal error:\n{server.stderr()}")
+        assert status == 0, f"the server exited with {status}:\n{server.stderr()}"
 
 
 @pytest.fixture
