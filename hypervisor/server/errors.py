@@ -68,6 +68,15 @@ class PeerGone(Exception):
     tell, so the handler just ends."""
 
 
+async def write(context: grpc.aio.ServicerContext, message, who: str) -> None:
+    """`context.write`, with a client that went away as PeerGone (grpc's own error type for
+    it, ExecuteBatchError, would otherwise be an INTERNAL bug)."""
+    try:
+        await context.write(message)
+    except Exception as exc:  # noqa: BLE001 - ExecuteBatchError is not a public grpc type
+        raise PeerGone(f"{who}: the client went away") from exc
+
+
 internal_errors = 0  # bugs of the simulator seen since start (tests assert none)
 
 

@@ -28,7 +28,7 @@ from xensim.v1 import toolstack_pb2, toolstack_pb2_grpc
 
 from . import convert
 from .auth import Tokens
-from .errors import BadRequest, abort
+from .errors import BadRequest, PeerGone, abort, write
 from .tracing import Tracing
 from .vcpus import Runtime
 
@@ -198,9 +198,11 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
             try:
                 with self.runtime.guard(None):
                     while True:
-                        await context.write(toolstack_pb2.TraceLine(line=await reader.next()))
+                        await write(context, toolstack_pb2.TraceLine(line=await reader.next()), "StreamTrace")
             finally:
                 self.tracing.unsubscribe(reader)
+        except PeerGone:  # the subscriber went away while a line was being sent
+            return
         except Exception as exc:  # noqa: BLE001 - as in _admin
             await abort(context, exc, "stream_trace")
 

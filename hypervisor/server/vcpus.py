@@ -34,7 +34,7 @@ from hypervisor.core.sched import BLOCKED
 from xensim.v1 import hypercalls_pb2
 
 from . import convert
-from .errors import PeerGone, Refused, status_of
+from .errors import PeerGone, Refused, status_of, write
 
 
 class Stream:
@@ -65,10 +65,7 @@ class Stream:
             await self._send(response)
 
     async def _send(self, message: hypercalls_pb2.SessionResponse) -> None:
-        try:
-            await self.context.write(message)
-        except Exception as exc:  # grpc's own error type (ExecuteBatchError): the RPC is gone
-            raise PeerGone(f"dom{self.slot.domid} vCPU {self.slot.vcpu_id}: the Session's client went away") from exc
+        await write(self.context, message, f"dom{self.slot.domid} vCPU {self.slot.vcpu_id}'s Session")
 
     async def close(self) -> None:
         """Stop pushing, between two writes."""
