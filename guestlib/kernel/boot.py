@@ -23,6 +23,7 @@ from .cpu import Cpu, Hook, _no_hook, checked
 from .mm import read_mm
 from .layout import FIX_SHARED_INFO, FIXMAP_L4_SLOT, KERNEL_MAGIC, OFFLINE, PG_PINNED, PG_TABLE, KernelLayout
 from .pgtable import KERNPG_TABLE, PAGE_KERNEL, PageTables
+from .sched import load_cr3
 from .shootdown import VARIANTS
 from .smp import IPI_KINDS, Smp
 
@@ -147,6 +148,12 @@ async def _restore(kernel: Kernel) -> None:
     if cpu.mirror["active_mm"] and cpu.mirror["tlbstate"]:
         cpu.borrowed = await read_mm(cpu, cpu.mirror["active_mm"])
     await load_pool(cpu)
+    if cpu.mirror["xen_current_cr3"] != cpu.mirror["xen_cr3"]:
+        # The last process died between switch_mm's two messages: memory names the new pgd,
+        # Xen still runs on the old one. Finish the switch, or a shootdown that finds this
+        # CPU through xen_current_cr3 finds nothing to switch away from (and unpin fails).
+        load_cr3(cpu, cpu.loaded)
+        await cpu.flush_lazy()
     kernel.restarted = bool(cpu.mirror["online"])
     if cpu.mirror["online"] == OFFLINE:  # killed after going offline: it had counted as stopped
         cpu.mirror["online"] = STOPPED

@@ -10,8 +10,13 @@ any (xen-semantics.md section 11: -EBUSY on the writable remap of the pgd after 
 - `lazy-exit`: `none` BUGs; `mask`, `current-cr3` and `modern` shoot vCPU 1 down and succeed.
 - `stale-cr3`: `mask` BUGs (vCPU 1 left the cpumask but Xen still has T's pgd as its cr3);
   `current-cr3` and `modern` find vCPU 1 through xen_current_cr3, and succeed.
+- `killed-mid-switch`: as `stale-cr3`, but vCPU 1's process SIGKILLs itself in the window; a
+  new process for vCPU 1 must finish the switch when it attaches (memory names the new pgd,
+  Xen still has T's), so every variant succeeds once it is back.
 """
 
+import os
+import signal as signals
 import statistics
 import time
 
@@ -27,7 +32,7 @@ from .smp import call_function
 from .shootdown import exit_mmap
 from .workload import WRITTEN, Task, Workload, WorkloadConfig
 
-SCENARIOS = ("lazy-exit", "stale-cr3", "kmap-readonly", "ipi-rtt")
+SCENARIOS = ("lazy-exit", "stale-cr3", "killed-mid-switch", "kmap-readonly", "ipi-rtt")
 NOP = 2  # a call function that does nothing: the IPI round trip alone
 IPI_ROUNDS = 60
 HANDED_OVER, SWITCH_QUEUED, RELEASE, FINISHED = 1, 2, 3, 4  # barrier words in the control area
@@ -127,6 +132,10 @@ async def _ipi_rtt(kernel) -> dict:
 async def _victim(kernel, scenario: str) -> dict:
     """vCPU 1: run T, hand it over, then sit in the window the scenario is about."""
     cpu, pt = kernel.cpu, kernel.pt
+    if kernel.restarted:  # killed-mid-switch, second life: attach has finished the switch
+        await signal(cpu, SWITCH_QUEUED)
+        await wait_for(cpu, FINISHED)
+        return {"vcpu": 1, "scenario": scenario, "bug": None}
     workload = Workload(kernel, WorkloadConfig())
     async with cpu.irq:
         batch = cpu.msg()
@@ -146,6 +155,8 @@ async def _victim(kernel, scenario: str) -> dict:
     else:
 
         async def hold_the_switch(point: str, cpu: Cpu) -> None:
+            if point == "switch_mm:queued" and scenario == "killed-mid-switch":
+                os.kill(os.getpid(), signals.SIGKILL)
             if point == "switch_mm:queued":
                 await signal(cpu, SWITCH_QUEUED)
                 await wait_for(cpu, RELEASE)

@@ -4,9 +4,15 @@ Each test creates a domain, runs one `guestlib.vcpu` process per vCPU, checks th
 then destroys the domain and audits the whole machine (no finding, no leak).
 """
 
+import json
+import signal
+import subprocess
+
 import pytest
 
-from .kernel import audit_after_destroy, run_guest
+from xensim.launch import vcpu_command
+
+from .kernel import VCPU_TIMEOUT, audit_after_destroy, run_guest
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -49,6 +55,31 @@ def test_unpin_race_by_drop_mm_ref_variant(server, scenario, variant, fails):
     else:
         assert exiter["bug"] is None and exiter["lifecycles"] == 1 and run.returncodes == [0, 0]
     assert audit_after_destroy(server, domid) == []
+
+
+@pytest.mark.parametrize("variant", ["mask", "modern"])
+def test_a_vcpu_killed_between_switch_mm_messages_finishes_the_switch_on_restart(server, variant):
+    """vCPU 1's process dies (SIGKILL) after switch_mm's memory writes but before its cr3
+    switch reaches Xen, while vCPU 0 is about to exit T, whose pgd Xen still has as vCPU 1's
+    cr3. The new vCPU 1 process must finish the switch as it attaches: otherwise `mask`
+    (vCPU 1 has left T's cpumask) gets -EBUSY after UNPIN, and `modern` (vCPU 1 is found
+    through xen_current_cr3) BUGs in the IPI handler, which has nothing to switch away from."""
+    domain = server.create_domain(nr_pages=4096, nr_vcpus=2)
+    command = [vcpu_command(server.address, domain.token, v, "--variant", variant, "--scenario", "killed-mid-switch") for v in (0, 1)]
+    exiter = subprocess.Popen(command[0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        killed = subprocess.run(command[1], capture_output=True, text=True, timeout=VCPU_TIMEOUT)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        second = subprocess.run(command[1], capture_output=True, text=True, timeout=VCPU_TIMEOUT)
+        out, err = exiter.communicate(timeout=VCPU_TIMEOUT)
+    finally:
+        if exiter.poll() is None:
+            exiter.kill()
+            exiter.wait()
+    victim, report = (json.loads(text.strip().splitlines()[-1]) for text in (second.stdout, out))
+    assert victim["restarted"] and victim["bug"] is None and second.returncode == 0, second.stderr
+    assert report["bug"] is None and report["lifecycles"] == 1 and exiter.returncode == 0, err
+    assert audit_after_destroy(server, domain.domid) == []
 
 
 def test_highpte_kmap_slot_is_readonly_while_pinned(server):
