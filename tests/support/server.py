@@ -3,8 +3,9 @@
 `start_server()` runs the server as the programs do (xensim.launch.hypervisor_server: a free
 loopback port, stopped with SIGTERM at the end) and adds what a test needs on top: it fails
 the test if the server did not stop on SIGTERM, did not exit 0, or logged a traceback or an
-INTERNAL error, since a bug of the simulator must never pass unnoticed. The fixtures `server` (no admin token) and
-`secure_server` (with one) wrap it; import them into a conftest.py to use them:
+INTERNAL error, since a bug of the simulator must never pass unnoticed. The fixtures
+`server` (no admin token) and `secure_server` (with one) wrap it; import them into a
+conftest.py to use them:
 
     from tests.support.server import secure_server, server  # noqa: F401
 
