@@ -177,8 +177,8 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
 
     @_admin("stats")
     def Stats(self, request):
-        counts = sorted((op, 0 if outcome == "ok" else int(Errno[outcome]), n) for (op, outcome), n in self.hv.stats.items())
-        return toolstack_pb2.StatsResponse(counts=[toolstack_pb2.OpCount(op=op, errno=errno, count=n) for op, errno, n in counts])
+        counts = sorted((op, 0 if outcome in ("ok", "bug") else int(Errno[outcome]), outcome == "bug", n) for (op, outcome), n in self.hv.stats.items())
+        return toolstack_pb2.StatsResponse(counts=[toolstack_pb2.OpCount(op=op, errno=errno, simulator_bug=bug, count=n) for op, errno, bug, n in counts])
 
     # -- trace ----------------------------------------------------------------------------------
 
