@@ -13,9 +13,9 @@ import hmac
 import secrets
 from collections.abc import Iterable, Mapping
 
-from hypervisor.core.domain import Domain
-
 import grpc
+
+from hypervisor.core.domain import Domain
 
 from .errors import Refused
 
