@@ -71,9 +71,16 @@ class Toolstack:
         return [f.message for f in (await self._call("Audit", toolstack_pb2.AuditRequest(domid=domid))).findings]
 
     async def stats(self) -> dict[tuple[str, str], int]:
-        """{(op, errno name or "ok"): count} since the hypervisor started."""
+        """{(op, errno name, "ok", or "bug" for a bug of the simulator): count} since the
+        hypervisor started."""
         counts = (await self._call("Stats", toolstack_pb2.StatsRequest())).counts
-        return {(c.op, common_pb2.XenErrno.Name(c.errno).removeprefix("XEN_ERRNO_") if c.errno else "ok"): c.count for c in counts}
+        return {(c.op, _outcome(c)): c.count for c in counts}
+
+
+def _outcome(count: toolstack_pb2.OpCount) -> str:
+    if count.simulator_bug:
+        return "bug"
+    return common_pb2.XenErrno.Name(count.errno).removeprefix("XEN_ERRNO_") if count.errno else "ok"
 
 
 def _rpc_error(e: grpc.RpcError) -> Exception:

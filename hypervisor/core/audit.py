@@ -5,7 +5,9 @@ nothing, add one general reference for each allocation, pin, vCPU base pointer a
 entry of a validated table, and one type reference for each pin, base pointer, upper-level
 entry and writable L1 entry; then every frame's counts must equal what the frame table says,
 along with the invariants of section 12.2 and P2M/M2P agreement, then the event-channel
-port tables (`evtchn.audit`). A healthy model has no findings.
+port tables (`evtchn.audit`). A healthy model has no findings. A frame quarantined by a domain's
+teardown (frames.quarantine) holds nothing and is reported with what happened to it, since it
+is the trace of a bug.
 """
 
 import numpy as np
@@ -80,6 +82,7 @@ def audit(hv) -> list[str]:
     findings += [f"mfn {mfn:#x} has {int(frames.type_count[mfn])} type references but is not validated" for mfn in np.flatnonzero(unvalidated).tolist()]
     untyped = (frames.type_count > 0) & (frames.type == PageType.NONE)
     findings += [f"mfn {mfn:#x} has type references but no type" for mfn in np.flatnonzero(untyped).tolist()]
+    findings += [f"mfn {mfn:#x} is quarantined (scrubbed, owned by Xen, never reallocated): {why}" for mfn, why in sorted(frames.quarantined.items())]
 
     for domain in hv.domains.values():
         p2m = domain.p2m

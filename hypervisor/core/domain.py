@@ -8,6 +8,8 @@ primitives, so a freshly built guest audits clean. Destruction follows section 1
 """
 
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +84,10 @@ class Vcpu:
 @dataclass(eq=False)
 class Domain:
     domid: int
+    # Which domain this is, for good: domids are reused once the counter wraps, instances
+    # never (Hypervisor.create_domain numbers them), so whatever names a domain from outside
+    # the core (a token) names its instance.
+    instance: int
     name: str
     nr_pages: int
     nr_lowmem_pages: int
@@ -102,6 +108,7 @@ class Domain:
     def info(self) -> dict:
         return {
             "domid": self.domid,
+            "instance": self.instance,
             "name": self.name,
             "nr_pages": self.nr_pages,
             "nr_vcpus": len(self.vcpus),
@@ -133,6 +140,7 @@ def build(
     frames: FrameTable,
     m2p: np.ndarray,
     domid: int,
+    instance: int,
     name: str,
     nr_pages: int,
     nr_vcpus: int,
@@ -158,7 +166,7 @@ def build(
     # A Xen-heap page shared with the guest: permanently writable (share_xen_page_with_guest).
     frames.flags[shared_info] |= np.uint8(XEN_HEAP)
     frames.get_page_type(shared_info, PageType.WRITABLE)
-    domain = Domain(domid, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port)
+    domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port)
     evtchn_init(domain)
     for vcpu in range(nr_vcpus):  # libxenguest's shared_info_x86_64: no events until the guest enables them
         frames.memory.write(shared_info, SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_MASK, b"\x01")
@@ -214,29 +222,52 @@ def _write_words(memory, mfns: np.ndarray, first_pfn: int, words: np.ndarray) ->
         memory.frame(int(mfns[first_pfn + i // ENTRIES_PER_TABLE]))[: len(chunk)] = chunk
 
 
-def relinquish(frames: FrameTable, pagetables, domain: Domain) -> np.ndarray:
+@contextmanager
+def teardown_step(problems: list[str], what: str) -> Iterator[None]:
+    """One step of a dying domain's teardown. A broken invariant (SimulatorBug, or any other
+    exception: teardown never fails for a reason of the guest's) ends this step only, and is
+    added to `problems`: the domain is already dead to its callers, so teardown must finish."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every exception here is a bug, reported through `problems`
+        problems.append(f"{what}: {type(e).__name__}: {e}")
+
+
+def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
     """Release everything a dying domain holds (xen/arch/x86/domain.c:domain_relinquish_resources).
 
     Order as in section 12.4: vCPU base pointers, Xen-heap pages, then pins, then forced
-    devalidation of validated L4s, L3s and L2s (which breaks linear-pagetable cycles), then
-    every allocation reference. Returns frames still referenced afterwards (a leak: none is
-    expected, since no other domain can hold references to this one's frames).
+    devalidation of validated tables top-down (which breaks linear-pagetable cycles), then
+    every allocation reference. Xen forces L4s, L3s and L2s only, since in a sound model the
+    L1s lose their last type reference with the L2s above them; forcing L1s too changes nothing
+    then, and when a bug left an L1 with a type reference nobody holds, it keeps that L1 alone
+    from being freed instead of every frame the L1 maps.
+
+    Returns what went wrong (see `teardown_step`): nothing, in a sound model. Frames still
+    referenced afterwards stay allocated to the domain for the caller to quarantine.
     """
+    problems: list[str] = []
     for vcpu in domain.vcpus:
         for base in (vcpu.guest_table, vcpu.guest_table_user):
             if base:
-                frames.put_page_and_type(base)
+                with teardown_step(problems, f"vCPU {vcpu.vcpu_id} base pointer mfn {base:#x}"):
+                    frames.put_page_and_type(base)
         vcpu.guest_table = vcpu.guest_table_user = 0
         vcpu.tlb.flush()
-    frames.put_page_type(domain.shared_info_mfn)
+    with teardown_step(problems, f"shared-info mfn {domain.shared_info_mfn:#x}"):
+        frames.put_page_type(domain.shared_info_mfn)
     owned = np.flatnonzero(frames.owner == domain.domid)
     for mfn in owned[(frames.flags[owned] & PINNED) != 0].tolist():
         frames.set_pinned(mfn, False)
-        frames.put_page_and_type(mfn)
-    for kind in reversed(PAGETABLE_TYPES[1:]):
+        with teardown_step(problems, f"pin of mfn {mfn:#x}"):
+            frames.put_page_and_type(mfn)
+    for kind in reversed(PAGETABLE_TYPES):
         live = owned[(frames.type[owned] == kind) & ((frames.flags[owned] & VALIDATED) != 0)]
         for mfn in live.tolist():
-            if frames.flags.item(mfn) & VALIDATED and frames.type_count.item(mfn):
+            if frames.flags.item(mfn) & VALIDATED:
                 frames.flags[mfn] &= ~np.uint8(VALIDATED)
-                pagetables.demote(mfn, kind)
-    return frames.release(owned)
+                with teardown_step(problems, f"forced devalidation of {kind.name} mfn {mfn:#x}"):
+                    pagetables.demote(mfn, kind)
+    with teardown_step(problems, "release of the allocation references"):
+        frames.release(owned)
+    return problems

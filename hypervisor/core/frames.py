@@ -19,13 +19,18 @@ pinned table is O(1) instead of a walk over the whole tree: that is why guests p
 All counts change only in the primitives of this module (`get_page`, `put_page`,
 `get_page_type`, `put_page_type`, and their bulk forms used by vectorised L1 validation);
 `audit` recomputes them from first principles.
+
+A frame whose references a dying domain's teardown could not account for (a bug of the
+simulator) is *quarantined*: scrubbed, its counts cleared, owned by Xen and kept out of the free
+pool for good, as Xen keeps a page it offlines while in use off its free lists
+(xen/common/page_alloc.c, offline_page). No guest can take a reference to it again.
 """
 
 from collections.abc import Callable
 
 import numpy as np
 
-from .abi import PageType
+from .abi import DOMID_XEN, PageType
 from .errors import SimulatorBug, XenError
 from .abi import Errno
 from .memory import MachineMemory
@@ -37,6 +42,7 @@ ALLOCATED = 1
 VALIDATED = 2
 PINNED = 4
 XEN_HEAP = 8
+QUARANTINED = 16  # set alone: see quarantine
 
 PAGETABLE_TYPES = (PageType.L1, PageType.L2, PageType.L3, PageType.L4)
 _WRITABLE = int(PageType.WRITABLE)
@@ -63,6 +69,8 @@ class FrameTable:
         self.demote: Callable[[int, PageType], None] = _unset
         self.forget_mappings: Callable[[int], None] = lambda mfn: None
         self._alloc_cursor = 0
+        # mfn -> why it was quarantined (see quarantine), for audit.
+        self.quarantined: dict[int, str] = {}
         # Undo records of the type acquisition in progress (see get_page_type): (mfn, old
         # type, old flags, None) for a retype, (mfn, None, 0, old contents) for a rewrite.
         self._journal: list[tuple[int, int | None, int, np.ndarray | None]] | None = None
@@ -114,23 +122,35 @@ class FrameTable:
         self.linear[mfn] = 0
         self.memory.scrub(mfn)
 
-    def release(self, mfns: np.ndarray) -> np.ndarray:
+    def release(self, mfns: np.ndarray) -> None:
         """Drop the allocation reference of every frame in `mfns` at once (Xen's
-        put_page_alloc_ref over a dying domain's page list) and free those left with none.
-        Returns the frames that stay alive because something still references them."""
+        put_page_alloc_ref over a dying domain's page list) and free those left with no
+        reference of either kind. A frame that something still references stays allocated
+        to its owner, for the caller to deal with."""
         mfns = mfns[(self.flags[mfns] & ALLOCATED) != 0]
         self.flags[mfns] &= ~np.uint8(ALLOCATED)
         self.count[mfns] -= 1
-        gone = mfns[self.count[mfns] == 0]
-        if (self.type_count[gone] != 0).any():
-            raise SimulatorBug("frames freed with type references left")
+        gone = mfns[(self.count[mfns] == 0) & (self.type_count[mfns] == 0)]
         self.owner[gone] = NO_OWNER
         self.type[gone] = _NONE
         self.flags[gone] = 0
         self.linear[gone] = 0
         for mfn in gone.tolist():
             self.memory.scrub(mfn)
-        return mfns[self.count[mfns] != 0]
+
+    def quarantine(self, mfns: np.ndarray, why: str) -> None:
+        """Take frames out of use for good (see the module's docstring): scrubbed, owned by
+        Xen with no reference, type or flag but QUARANTINED, so that `alloc` never hands them
+        out and `get_page` never grants one. `why` says what happened, for audit."""
+        for mfn in mfns.tolist():
+            self.quarantined[mfn] = f"{why} left it {self.describe_counts(mfn)}"
+            self.memory.scrub(mfn)
+        self.owner[mfns] = DOMID_XEN
+        self.type[mfns] = _NONE
+        self.type_count[mfns] = 0
+        self.count[mfns] = 0
+        self.flags[mfns] = QUARANTINED
+        self.linear[mfns] = 0
 
     # -- type references ------------------------------------------------------------------
 
@@ -278,7 +298,12 @@ class FrameTable:
         if not 0 <= mfn < self.nr_frames:
             return "outside machine memory"
         owner = self.owner.item(mfn)
+        if self.flags.item(mfn) & QUARANTINED:
+            return "quarantined"
         return "free" if owner == NO_OWNER else f"owned by dom{owner}"
+
+    def describe_counts(self, mfn: int) -> str:
+        return f"{PageType(self.type.item(mfn)).name} with count {self.count.item(mfn)} and type count {self.type_count.item(mfn)}"
 
     def info(self, mfn: int) -> dict:
         flags = self.flags.item(mfn)
@@ -293,6 +318,7 @@ class FrameTable:
             "validated": bool(flags & VALIDATED),
             "pinned": bool(flags & PINNED),
             "xen_heap": bool(flags & XEN_HEAP),
+            "quarantined": bool(flags & QUARANTINED),
         }
 
 

@@ -2,16 +2,20 @@
 
 Tokens live here, not in the core: the core stays deterministic (a replayed trace builds the
 same domains), while a token must be unguessable. Each domain gets one at CreateDomain; it
-names that domain only, so domain A's token can never act on domain B. Checks raise
-`Refused` with the status code hypercalls.proto / toolstack.proto document, before anything
-runs, so a refused call changes nothing.
+names that domain only, so domain A's token can never act on domain B. It names the domain's
+instance, not its domid: domids are reused once the counter wraps, and a token of a destroyed
+domain must never act as the new domain that got its domid. Checks raise `Refused` with the
+status code hypercalls.proto / toolstack.proto document, before anything runs, so a refused
+call changes nothing.
 """
 
 import hmac
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 
 import grpc
+
+from hypervisor.core.domain import Domain
 
 from .errors import Refused
 
@@ -31,31 +35,32 @@ class Tokens:
 
     def __init__(self, admin_token: str | None):
         self.admin_token = admin_token
-        self._domid_of: dict[str, int] = {}
-        self._token_of: dict[int, str] = {}
+        self._domain_of: dict[str, tuple[int, int]] = {}  # token -> (domid, instance)
+        self._token_of: dict[int, str] = {}  # instance -> token
 
-    def issue(self, domid: int) -> str:
+    def issue(self, domid: int, instance: int) -> str:
         token = secrets.token_urlsafe(24)
-        self._domid_of[token] = domid
-        self._token_of[domid] = token
+        self._domain_of[token] = (domid, instance)
+        self._token_of[instance] = token
         return token
 
-    def revoke(self, domid: int) -> None:
-        self._domid_of.pop(self._token_of.pop(domid, ""), None)
+    def revoke(self, instance: int) -> None:
+        self._domain_of.pop(self._token_of.pop(instance, ""), None)
 
-    def guest(self, metadata: Iterable, nr_vcpus: Callable[[int], int]) -> tuple[int, int]:
-        """The (domid, vcpu_id) a Hypercalls call acts as; `nr_vcpus(domid)` bounds the id."""
+    def guest(self, metadata: Iterable, domains: Mapping[int, Domain]) -> tuple[int, int]:
+        """The (domid, vcpu_id) a Hypercalls call acts as, given the live domains."""
         metadata = tuple(metadata)
         token = _bearer(metadata)
         if token is None:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, "missing `authorization: Bearer <domain token>` metadata (CreateDomain returns the token)")
-        domid = self._domid_of.get(token)
-        if domid is None:
+        domid, instance = self._domain_of.get(token, (None, None))
+        domain = domains.get(domid)
+        if domain is None or domain.instance != instance:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, "unknown domain token (was the domain destroyed?)")
         raw = next((value for key, value in metadata if key == VCPU_KEY), None)
         if raw is None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"missing `{VCPU_KEY}: <vCPU id>` metadata")
-        count = nr_vcpus(domid)
+        count = len(domain.vcpus)
         if not raw.isdecimal() or int(raw) >= count:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{VCPU_KEY} {raw!r} is not a vCPU of dom{domid} (0..{count - 1})")
         return domid, int(raw)
@@ -64,7 +69,7 @@ class Tokens:
         """A Toolstack call: the admin token (any caller when the server runs without one),
         never a domain token."""
         token = _bearer(metadata)
-        if token is not None and token in self._domid_of:
+        if token is not None and token in self._domain_of:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, "a domain token cannot use the Toolstack service; use the admin token")
         if self.admin_token is None:
             return

@@ -34,8 +34,7 @@ class HypercallsServicer(hypercalls_pb2_grpc.HypercallsServicer):
         self.tokens = tokens
 
     def _caller(self, context: grpc.aio.ServicerContext) -> VcpuSlot:
-        domains = self.runtime.hv.domains
-        domid, vcpu_id = self.tokens.guest(context.invocation_metadata(), lambda domid: len(domains[domid].vcpus))
+        domid, vcpu_id = self.tokens.guest(context.invocation_metadata(), self.runtime.hv.domains)
         return self.runtime.slot(domid, vcpu_id)
 
     async def execute(self, slot: VcpuSlot, case: str, request: Message, path: str) -> Outcome:

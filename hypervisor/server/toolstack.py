@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import grpc
 
-from hypervisor.core import audit
+from hypervisor.core import SimulatorBug, audit
 from hypervisor.core.abi import (
     BITS_PER_EVTCHN_WORD,
     SHARED_INFO_EVTCHN_MASK,
@@ -65,15 +65,23 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
         if request.max_evtchn_port:  # 0 = libxl's default, which is the core's
             args["max_evtchn_port"] = request.max_evtchn_port
         created = self.hv.toolstack("create_domain", **args)
-        token = self.tokens.issue(created["domid"])
+        token = self.tokens.issue(created["domid"], created["instance"])
         return toolstack_pb2.CreateDomainResponse(domid=created["domid"], token=token, start_info=convert.start_info(created["start_info"]))
 
     @_admin("destroy_domain")
     def DestroyDomain(self, request):
+        """The domain is dead to its callers before the core tears it down (its token refused,
+        its calls and Sessions ended with ABORTED), and the core's teardown always completes
+        (Hypervisor.destroy_domain), so nothing is left half done. A bug the teardown found
+        fails the call with INTERNAL, logged and counted, after the domain is gone."""
+        domain = self.hv.domains.get(request.domid)
+        if domain is not None:  # else the core answers ESRCH
+            self.tokens.revoke(domain.instance)
+            self.runtime.forget_domain(request.domid)
         destroyed = self.hv.toolstack("destroy_domain", domid=request.domid)
-        self.tokens.revoke(request.domid)
-        self.runtime.forget_domain(request.domid)
         self.runtime.drain()
+        if "bug" in destroyed:
+            raise SimulatorBug(destroyed["bug"])
         return toolstack_pb2.DestroyDomainResponse(freed_frames=destroyed["freed_frames"])
 
     @_admin("pause_domain")
@@ -177,8 +185,8 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
 
     @_admin("stats")
     def Stats(self, request):
-        counts = sorted((op, 0 if outcome == "ok" else int(Errno[outcome]), n) for (op, outcome), n in self.hv.stats.items())
-        return toolstack_pb2.StatsResponse(counts=[toolstack_pb2.OpCount(op=op, errno=errno, count=n) for op, errno, n in counts])
+        counts = sorted((op, 0 if outcome in ("ok", "bug") else int(Errno[outcome]), outcome == "bug", n) for (op, outcome), n in self.hv.stats.items())
+        return toolstack_pb2.StatsResponse(counts=[toolstack_pb2.OpCount(op=op, errno=errno, simulator_bug=bug, count=n) for op, errno, bug, n in counts])
 
     # -- trace ----------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import grpc
 
 from hypervisor.core import Hypervisor
-from hypervisor.core.domain import Vcpu
+from hypervisor.core.domain import Domain, Vcpu
 from hypervisor.core.evtchn import local_events_need_delivery
 from hypervisor.core.sched import BLOCKED
 from xensim.v1 import hypercalls_pb2
@@ -96,7 +96,8 @@ class Stream:
         """The pushes due now, taken (delivering an upcall masks the next one)."""
         slot, hv = self.slot, self.runtime.hv
         vcpu = slot.vcpu
-        if slot.domid not in hv.domains:  # destroyed: the stream is being ended
+        domain = hv.domains.get(slot.domid)
+        if domain is None or domain.instance != slot.instance:  # destroyed: the stream is being ended
             return []
         if vcpu.down:
             self.started_sent = False
@@ -106,7 +107,7 @@ class Stream:
         pushes = []
         if not self.started_sent:
             self.started_sent = True
-            pushes.append(hypercalls_pb2.SessionResponse(started=convert.vcpu_started(vcpu, hv.domains[slot.domid])))
+            pushes.append(hypercalls_pb2.SessionResponse(started=convert.vcpu_started(vcpu, domain)))
         if local_events_need_delivery(hv, vcpu):
             ports = hv.toolstack("deliver_upcall", domid=slot.domid, vcpu=slot.vcpu_id)
             if ports is not None:
@@ -118,8 +119,9 @@ class VcpuSlot:
     """What the server keeps for one vCPU: its stream, its wake-up, and the lock that makes
     its calls (Session messages and unary calls) run one at a time, as on one CPU."""
 
-    def __init__(self, domid: int, vcpu: Vcpu):
-        self.domid = domid
+    def __init__(self, domain: Domain, vcpu: Vcpu):
+        self.domid = domain.domid
+        self.instance = domain.instance  # the domid may name another domain once this one is gone
         self.vcpu_id = vcpu.vcpu_id
         self.vcpu = vcpu
         self.stream: Stream | None = None
@@ -178,7 +180,8 @@ class Runtime:
         key = (domid, vcpu_id)
         slot = self.slots.get(key)
         if slot is None:
-            slot = self.slots[key] = VcpuSlot(domid, self.hv.domains[domid].vcpus[vcpu_id])
+            domain = self.hv.domains[domid]
+            slot = self.slots[key] = VcpuSlot(domain, domain.vcpus[vcpu_id])
         return slot
 
     def attach(self, slot: VcpuSlot, context: grpc.aio.ServicerContext) -> Stream:
@@ -271,7 +274,9 @@ class Runtime:
             task.cancel()
 
     def forget_domain(self, domid: int) -> None:
-        """DestroyDomain: end the domain's calls and streams with ABORTED, drop its state."""
+        """DestroyDomain, before the core tears the domain down: end the domain's calls and
+        streams with ABORTED (each raises it when it next runs, so none reaches the core
+        again), drop its state."""
         for task in list(self._tasks.pop(domid, ())):
             self.end_task(task, Refused(grpc.StatusCode.ABORTED, f"dom{domid} was destroyed"))
         for key in [key for key in self.slots if key[0] == domid]:

@@ -27,20 +27,12 @@ TEST_FRAMES = 1 << 16  # 256 MiB of machine memory: room for many small domains,
 BAD_SIGNS = ("Traceback", "INTERNAL")
 
 
-class ServerProcess:
-    """A running server as tests use it: channels and stubs that close with it, metadata."""
+class ServerClient:
+    """A server as tests call it: channels and stubs that close with it, metadata."""
 
-    def __init__(self, launched: Server):
-        self.launched = launched
-        self.process = launched.process
-        self.address: str = launched.address
-        self.admin_token: str | None = launched.admin_token
-        self.ready = launched.ready
+    def __init__(self, address: str):
+        self.address = address
         self._channels: list[grpc.Channel] = []
-
-    def stderr(self) -> str:
-        """Everything the server wrote to stderr so far."""
-        return self.launched.log()
 
     def channel(self) -> grpc.Channel:
         """A new sync channel to the server, closed when the server stops."""
@@ -55,8 +47,8 @@ class ServerProcess:
         return toolstack_pb2_grpc.ToolstackStub(channel or self.channel())
 
     def toolstack_metadata(self) -> tuple[tuple[str, str], ...]:
-        """What a Toolstack call carries: the admin token, or nothing without one."""
-        return self.launched.metadata()
+        """What a Toolstack call carries: nothing, to a server without an admin token."""
+        return ()
 
     @staticmethod
     def guest_metadata(token: str, vcpu: int) -> tuple[tuple[str, str], ...]:
@@ -68,11 +60,33 @@ class ServerProcess:
         request = toolstack_pb2.CreateDomainRequest(nr_pages=nr_pages, nr_vcpus=nr_vcpus, **kw)
         return self.toolstack().CreateDomain(request, metadata=self.toolstack_metadata(), timeout=10)
 
-    def stop(self) -> int:
-        """Close the channels, stop the server; returns its exit status."""
+    def close_channels(self) -> None:
         for channel in self._channels:
             channel.close()
         self._channels.clear()
+
+
+class ServerProcess(ServerClient):
+    """A running server process as tests use it."""
+
+    def __init__(self, launched: Server):
+        super().__init__(launched.address)
+        self.launched = launched
+        self.process = launched.process
+        self.admin_token: str | None = launched.admin_token
+        self.ready = launched.ready
+
+    def toolstack_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What a Toolstack call carries: the admin token, or nothing without one."""
+        return self.launched.metadata()
+
+    def stderr(self) -> str:
+        """Everything the server wrote to stderr so far."""
+        return self.launched.log()
+
+    def stop(self) -> int:
+        """Close the channels, stop the server; returns its exit status."""
+        self.close_channels()
         return self.launched.stop()
 
 

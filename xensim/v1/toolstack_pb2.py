@@ -26,7 +26,7 @@ from xensim.v1 import common_pb2 as xensim_dot_v1_dot_common__pb2
 from xensim.v1 import hypercalls_pb2 as xensim_dot_v1_dot_hypercalls__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19xensim/v1/toolstack.proto\x12\txensim.v1\x1a\x16xensim/v1/common.proto\x1a\x1axensim/v1/hypercalls.proto\"w\n\x13\x43reateDomainRequest\x12\x10\n\x08nr_pages\x18\x01 \x01(\x04\x12\x10\n\x08nr_vcpus\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x15\n\rhighmem_pages\x18\x04 \x01(\x04\x12\x17\n\x0fmax_evtchn_port\x18\x05 \x01(\r\"^\n\x14\x43reateDomainResponse\x12\r\n\x05\x64omid\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12(\n\nstart_info\x18\x03 \x01(\x0b\x32\x14.xensim.v1.StartInfo\"%\n\x14\x44\x65stroyDomainRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\"-\n\x15\x44\x65stroyDomainResponse\x12\x14\n\x0c\x66reed_frames\x18\x01 \x01(\x04\"\x14\n\x12ListDomainsRequest\"9\n\x13ListDomainsResponse\x12\"\n\x07\x64omains\x18\x01 \x03(\x0b\x32\x11.xensim.v1.Domain\"\"\n\x11\x44omainInfoRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\"7\n\x12\x44omainInfoResponse\x12!\n\x06\x64omain\x18\x01 \x01(\x0b\x32\x11.xensim.v1.Domain\"\x9a\x02\n\x06\x44omain\x12\r\n\x05\x64omid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08nr_pages\x18\x03 \x01(\x04\x12\x11\n\ttot_pages\x18\x04 \x01(\x04\x12\x17\n\x0fnr_lowmem_pages\x18\x05 \x01(\x04\x12\x10\n\x08nr_vcpus\x18\x06 \x01(\r\x12\x14\n\x0conline_vcpus\x18\x07 \x01(\r\x12\x17\n\x0fmax_evtchn_port\x18\x08 \x01(\r\x12\x17\n\x0fshared_info_mfn\x18\t \x01(\x04\x12\x0e\n\x06paused\x18\n \x01(\x08\x12\x37\n\x0fshutdown_reason\x18\x0b \x01(\x0e\x32\x19.xensim.v1.ShutdownReasonH\x00\x88\x01\x01\x42\x12\n\x10_shutdown_reason\"#\n\x12PauseDomainRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\"\x15\n\x13PauseDomainResponse\"%\n\x14UnpauseDomainRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\"\x17\n\x15UnpauseDomainResponse\"<\n\x0fVcpuInfoRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\x12\x11\n\x04vcpu\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_vcpu\"2\n\x10VcpuInfoResponse\x12\x1e\n\x05vcpus\x18\x01 \x03(\x0b\x32\x0f.xensim.v1.Vcpu\"\xeb\x01\n\x04Vcpu\x12\x0f\n\x07vcpu_id\x18\x01 \x01(\r\x12\x13\n\x0binitialised\x18\x02 \x01(\x08\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x0f\n\x07\x62locked\x18\x04 \x01(\x08\x12\x16\n\x0ekernel_cr3_mfn\x18\x05 \x01(\x04\x12\x14\n\x0cuser_cr3_mfn\x18\x06 \x01(\x04\x12\x16\n\x0eupcall_pending\x18\x07 \x01(\x08\x12\x13\n\x0bupcall_mask\x18\x08 \x01(\x08\x12\x16\n\x0estale_tlb_hits\x18\t \x01(\x04\x12\x13\n\x0btlb_entries\x18\n \x01(\r\x12\x14\n\x0csession_open\x18\x0b \x01(\x08\".\n\x10\x46rameInfoRequest\x12\x0b\n\x03mfn\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"5\n\x11\x46rameInfoResponse\x12 \n\x06\x66rames\x18\x01 \x03(\x0b\x32\x10.xensim.v1.Frame\"\xcd\x01\n\x05\x46rame\x12\x0b\n\x03mfn\x18\x01 \x01(\x04\x12\x12\n\x05owner\x18\x02 \x01(\rH\x00\x88\x01\x01\x12!\n\x04type\x18\x03 \x01(\x0e\x32\x13.xensim.v1.PageType\x12\x12\n\ntype_count\x18\x04 \x01(\x04\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x11\n\tallocated\x18\x06 \x01(\x08\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x11\n\tvalidated\x18\x08 \x01(\x08\x12\x0b\n\x03m2p\x18\t \x01(\x04\x12\x10\n\x08xen_heap\x18\n \x01(\x08\x42\x08\n\x06_owner\"*\n\x19\x45ventChannelStatusRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\"H\n\x1a\x45ventChannelStatusResponse\x12*\n\x05ports\x18\x01 \x03(\x0b\x32\x1b.xensim.v1.EventChannelPort\"p\n\x10\x45ventChannelPort\x12\x0c\n\x04port\x18\x01 \x01(\r\x12-\n\x06status\x18\x02 \x01(\x0b\x32\x1d.xensim.v1.EvtchnStatusResult\x12\x0f\n\x07pending\x18\x03 \x01(\x08\x12\x0e\n\x06masked\x18\x04 \x01(\x08\",\n\x0c\x41uditRequest\x12\x12\n\x05\x64omid\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_domid\":\n\rAuditResponse\x12)\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x17.xensim.v1.AuditFinding\"\x1f\n\x0c\x41uditFinding\x12\x0f\n\x07message\x18\x01 \x01(\t\"\x0e\n\x0cStatsRequest\"3\n\rStatsResponse\x12\"\n\x06\x63ounts\x18\x01 \x03(\x0b\x32\x12.xensim.v1.OpCount\"H\n\x07OpCount\x12\n\n\x02op\x18\x01 \x01(\t\x12\"\n\x05\x65rrno\x18\x02 \x01(\x0e\x32\x13.xensim.v1.XenErrno\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"!\n\x11StartTraceRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x14\n\x12StartTraceResponse\"\x12\n\x10StopTraceRequest\"\"\n\x11StopTraceResponse\x12\r\n\x05lines\x18\x01 \x01(\x04\"\x14\n\x12StreamTraceRequest\"\x19\n\tTraceLine\x12\x0c\n\x04line\x18\x01 \x01(\t2\xac\x08\n\tToolstack\x12O\n\x0c\x43reateDomain\x12\x1e.xensim.v1.CreateDomainRequest\x1a\x1f.xensim.v1.CreateDomainResponse\x12R\n\rDestroyDomain\x12\x1f.xensim.v1.DestroyDomainRequest\x1a .xensim.v1.DestroyDomainResponse\x12L\n\x0bListDomains\x12\x1d.xensim.v1.ListDomainsRequest\x1a\x1e.xensim.v1.ListDomainsResponse\x12I\n\nDomainInfo\x12\x1c.xensim.v1.DomainInfoRequest\x1a\x1d.xensim.v1.DomainInfoResponse\x12L\n\x0bPauseDomain\x12\x1d.xensim.v1.PauseDomainRequest\x1a\x1e.xensim.v1.PauseDomainResponse\x12R\n\rUnpauseDomain\x12\x1f.xensim.v1.UnpauseDomainRequest\x1a .xensim.v1.UnpauseDomainResponse\x12\x43\n\x08VcpuInfo\x12\x1a.xensim.v1.VcpuInfoRequest\x1a\x1b.xensim.v1.VcpuInfoResponse\x12\x46\n\tFrameInfo\x12\x1b.xensim.v1.FrameInfoRequest\x1a\x1c.xensim.v1.FrameInfoResponse\x12\x61\n\x12\x45ventChannelStatus\x12$.xensim.v1.EventChannelStatusRequest\x1a%.xensim.v1.EventChannelStatusResponse\x12:\n\x05\x41udit\x12\x17.xensim.v1.AuditRequest\x1a\x18.xensim.v1.AuditResponse\x12:\n\x05Stats\x12\x17.xensim.v1.StatsRequest\x1a\x18.xensim.v1.StatsResponse\x12I\n\nStartTrace\x12\x1c.xensim.v1.StartTraceRequest\x1a\x1d.xensim.v1.StartTraceResponse\x12\x46\n\tStopTrace\x12\x1b.xensim.v1.StopTraceRequest\x1a\x1c.xensim.v1.StopTraceResponse\x12\x44\n\x0bStreamTrace\x12\x1d.xensim.v1.StreamTraceRequest\x1a\x14.xensim.v1.TraceLine0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19xensim/v1/toolstack.proto\x12\txensim.v1\x1a\x16xensim/v1/common.proto\x1a\x1axensim/v1/hypercalls.proto\"w\n\x13\x43reateDomainRequest\x12\x10\n\x08nr_pages\x18\x01 \x01(\x04\x12\x10\n\x08nr_vcpus\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x15\n\rhighmem_pages\x18\x04 \x01(\x04\x12\x17\n\x0fmax_evtchn_port\x18\x05 \x01(\r\"^\n\x14\x43reateDomainResponse\x12\r\n\x05\x64omid\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12(\n\nstart_info\x18\x03 \x01(\x0b\x32\x14.xensim.v1.StartInfo\"%\n\x14\x44\x65stroyDomainRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\"-\n\x15\x44\x65stroyDomainResponse\x12\x14\n\x0c\x66reed_frames\x18\x01 \x01(\x04\"\x14\n\x12ListDomainsRequest\"9\n\x13ListDomainsResponse\x12\"\n\x07\x64omains\x18\x01 \x03(\x0b\x32\x11.xensim.v1.Domain\"\"\n\x11\x44omainInfoRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\"7\n\x12\x44omainInfoResponse\x12!\n\x06\x64omain\x18\x01 \x01(\x0b\x32\x11.xensim.v1.Domain\"\x9a\x02\n\x06\x44omain\x12\r\n\x05\x64omid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08nr_pages\x18\x03 \x01(\x04\x12\x11\n\ttot_pages\x18\x04 \x01(\x04\x12\x17\n\x0fnr_lowmem_pages\x18\x05 \x01(\x04\x12\x10\n\x08nr_vcpus\x18\x06 \x01(\r\x12\x14\n\x0conline_vcpus\x18\x07 \x01(\r\x12\x17\n\x0fmax_evtchn_port\x18\x08 \x01(\r\x12\x17\n\x0fshared_info_mfn\x18\t \x01(\x04\x12\x0e\n\x06paused\x18\n \x01(\x08\x12\x37\n\x0fshutdown_reason\x18\x0b \x01(\x0e\x32\x19.xensim.v1.ShutdownReasonH\x00\x88\x01\x01\x42\x12\n\x10_shutdown_reason\"#\n\x12PauseDomainRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\"\x15\n\x13PauseDomainResponse\"%\n\x14UnpauseDomainRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\"\x17\n\x15UnpauseDomainResponse\"<\n\x0fVcpuInfoRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\x12\x11\n\x04vcpu\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_vcpu\"2\n\x10VcpuInfoResponse\x12\x1e\n\x05vcpus\x18\x01 \x03(\x0b\x32\x0f.xensim.v1.Vcpu\"\xeb\x01\n\x04Vcpu\x12\x0f\n\x07vcpu_id\x18\x01 \x01(\r\x12\x13\n\x0binitialised\x18\x02 \x01(\x08\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x0f\n\x07\x62locked\x18\x04 \x01(\x08\x12\x16\n\x0ekernel_cr3_mfn\x18\x05 \x01(\x04\x12\x14\n\x0cuser_cr3_mfn\x18\x06 \x01(\x04\x12\x16\n\x0eupcall_pending\x18\x07 \x01(\x08\x12\x13\n\x0bupcall_mask\x18\x08 \x01(\x08\x12\x16\n\x0estale_tlb_hits\x18\t \x01(\x04\x12\x13\n\x0btlb_entries\x18\n \x01(\r\x12\x14\n\x0csession_open\x18\x0b \x01(\x08\".\n\x10\x46rameInfoRequest\x12\x0b\n\x03mfn\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"5\n\x11\x46rameInfoResponse\x12 \n\x06\x66rames\x18\x01 \x03(\x0b\x32\x10.xensim.v1.Frame\"\xe2\x01\n\x05\x46rame\x12\x0b\n\x03mfn\x18\x01 \x01(\x04\x12\x12\n\x05owner\x18\x02 \x01(\rH\x00\x88\x01\x01\x12!\n\x04type\x18\x03 \x01(\x0e\x32\x13.xensim.v1.PageType\x12\x12\n\ntype_count\x18\x04 \x01(\x04\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x11\n\tallocated\x18\x06 \x01(\x08\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x11\n\tvalidated\x18\x08 \x01(\x08\x12\x0b\n\x03m2p\x18\t \x01(\x04\x12\x10\n\x08xen_heap\x18\n \x01(\x08\x12\x13\n\x0bquarantined\x18\x0b \x01(\x08\x42\x08\n\x06_owner\"*\n\x19\x45ventChannelStatusRequest\x12\r\n\x05\x64omid\x18\x01 \x01(\r\"H\n\x1a\x45ventChannelStatusResponse\x12*\n\x05ports\x18\x01 \x03(\x0b\x32\x1b.xensim.v1.EventChannelPort\"p\n\x10\x45ventChannelPort\x12\x0c\n\x04port\x18\x01 \x01(\r\x12-\n\x06status\x18\x02 \x01(\x0b\x32\x1d.xensim.v1.EvtchnStatusResult\x12\x0f\n\x07pending\x18\x03 \x01(\x08\x12\x0e\n\x06masked\x18\x04 \x01(\x08\",\n\x0c\x41uditRequest\x12\x12\n\x05\x64omid\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_domid\":\n\rAuditResponse\x12)\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x17.xensim.v1.AuditFinding\"\x1f\n\x0c\x41uditFinding\x12\x0f\n\x07message\x18\x01 \x01(\t\"\x0e\n\x0cStatsRequest\"3\n\rStatsResponse\x12\"\n\x06\x63ounts\x18\x01 \x03(\x0b\x32\x12.xensim.v1.OpCount\"_\n\x07OpCount\x12\n\n\x02op\x18\x01 \x01(\t\x12\"\n\x05\x65rrno\x18\x02 \x01(\x0e\x32\x13.xensim.v1.XenErrno\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x15\n\rsimulator_bug\x18\x04 \x01(\x08\"!\n\x11StartTraceRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x14\n\x12StartTraceResponse\"\x12\n\x10StopTraceRequest\"\"\n\x11StopTraceResponse\x12\r\n\x05lines\x18\x01 \x01(\x04\"\x14\n\x12StreamTraceRequest\"\x19\n\tTraceLine\x12\x0c\n\x04line\x18\x01 \x01(\t2\xac\x08\n\tToolstack\x12O\n\x0c\x43reateDomain\x12\x1e.xensim.v1.CreateDomainRequest\x1a\x1f.xensim.v1.CreateDomainResponse\x12R\n\rDestroyDomain\x12\x1f.xensim.v1.DestroyDomainRequest\x1a .xensim.v1.DestroyDomainResponse\x12L\n\x0bListDomains\x12\x1d.xensim.v1.ListDomainsRequest\x1a\x1e.xensim.v1.ListDomainsResponse\x12I\n\nDomainInfo\x12\x1c.xensim.v1.DomainInfoRequest\x1a\x1d.xensim.v1.DomainInfoResponse\x12L\n\x0bPauseDomain\x12\x1d.xensim.v1.PauseDomainRequest\x1a\x1e.xensim.v1.PauseDomainResponse\x12R\n\rUnpauseDomain\x12\x1f.xensim.v1.UnpauseDomainRequest\x1a .xensim.v1.UnpauseDomainResponse\x12\x43\n\x08VcpuInfo\x12\x1a.xensim.v1.VcpuInfoRequest\x1a\x1b.xensim.v1.VcpuInfoResponse\x12\x46\n\tFrameInfo\x12\x1b.xensim.v1.FrameInfoRequest\x1a\x1c.xensim.v1.FrameInfoResponse\x12\x61\n\x12\x45ventChannelStatus\x12$.xensim.v1.EventChannelStatusRequest\x1a%.xensim.v1.EventChannelStatusResponse\x12:\n\x05\x41udit\x12\x17.xensim.v1.AuditRequest\x1a\x18.xensim.v1.AuditResponse\x12:\n\x05Stats\x12\x17.xensim.v1.StatsRequest\x1a\x18.xensim.v1.StatsResponse\x12I\n\nStartTrace\x12\x1c.xensim.v1.StartTraceRequest\x1a\x1d.xensim.v1.StartTraceResponse\x12\x46\n\tStopTrace\x12\x1b.xensim.v1.StopTraceRequest\x1a\x1c.xensim.v1.StopTraceResponse\x12\x44\n\x0bStreamTrace\x12\x1d.xensim.v1.StreamTraceRequest\x1a\x14.xensim.v1.TraceLine0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -70,37 +70,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAMEINFORESPONSE']._serialized_start=1378
   _globals['_FRAMEINFORESPONSE']._serialized_end=1431
   _globals['_FRAME']._serialized_start=1434
-  _globals['_FRAME']._serialized_end=1639
-  _globals['_EVENTCHANNELSTATUSREQUEST']._serialized_start=1641
-  _globals['_EVENTCHANNELSTATUSREQUEST']._serialized_end=1683
-  _globals['_EVENTCHANNELSTATUSRESPONSE']._serialized_start=1685
-  _globals['_EVENTCHANNELSTATUSRESPONSE']._serialized_end=1757
-  _globals['_EVENTCHANNELPORT']._serialized_start=1759
-  _globals['_EVENTCHANNELPORT']._serialized_end=1871
-  _globals['_AUDITREQUEST']._serialized_start=1873
-  _globals['_AUDITREQUEST']._serialized_end=1917
-  _globals['_AUDITRESPONSE']._serialized_start=1919
-  _globals['_AUDITRESPONSE']._serialized_end=1977
-  _globals['_AUDITFINDING']._serialized_start=1979
-  _globals['_AUDITFINDING']._serialized_end=2010
-  _globals['_STATSREQUEST']._serialized_start=2012
-  _globals['_STATSREQUEST']._serialized_end=2026
-  _globals['_STATSRESPONSE']._serialized_start=2028
-  _globals['_STATSRESPONSE']._serialized_end=2079
-  _globals['_OPCOUNT']._serialized_start=2081
-  _globals['_OPCOUNT']._serialized_end=2153
-  _globals['_STARTTRACEREQUEST']._serialized_start=2155
-  _globals['_STARTTRACEREQUEST']._serialized_end=2188
-  _globals['_STARTTRACERESPONSE']._serialized_start=2190
-  _globals['_STARTTRACERESPONSE']._serialized_end=2210
-  _globals['_STOPTRACEREQUEST']._serialized_start=2212
-  _globals['_STOPTRACEREQUEST']._serialized_end=2230
-  _globals['_STOPTRACERESPONSE']._serialized_start=2232
-  _globals['_STOPTRACERESPONSE']._serialized_end=2266
-  _globals['_STREAMTRACEREQUEST']._serialized_start=2268
-  _globals['_STREAMTRACEREQUEST']._serialized_end=2288
-  _globals['_TRACELINE']._serialized_start=2290
-  _globals['_TRACELINE']._serialized_end=2315
-  _globals['_TOOLSTACK']._serialized_start=2318
-  _globals['_TOOLSTACK']._serialized_end=3386
+  _globals['_FRAME']._serialized_end=1660
+  _globals['_EVENTCHANNELSTATUSREQUEST']._serialized_start=1662
+  _globals['_EVENTCHANNELSTATUSREQUEST']._serialized_end=1704
+  _globals['_EVENTCHANNELSTATUSRESPONSE']._serialized_start=1706
+  _globals['_EVENTCHANNELSTATUSRESPONSE']._serialized_end=1778
+  _globals['_EVENTCHANNELPORT']._serialized_start=1780
+  _globals['_EVENTCHANNELPORT']._serialized_end=1892
+  _globals['_AUDITREQUEST']._serialized_start=1894
+  _globals['_AUDITREQUEST']._serialized_end=1938
+  _globals['_AUDITRESPONSE']._serialized_start=1940
+  _globals['_AUDITRESPONSE']._serialized_end=1998
+  _globals['_AUDITFINDING']._serialized_start=2000
+  _globals['_AUDITFINDING']._serialized_end=2031
+  _globals['_STATSREQUEST']._serialized_start=2033
+  _globals['_STATSREQUEST']._serialized_end=2047
+  _globals['_STATSRESPONSE']._serialized_start=2049
+  _globals['_STATSRESPONSE']._serialized_end=2100
+  _globals['_OPCOUNT']._serialized_start=2102
+  _globals['_OPCOUNT']._serialized_end=2197
+  _globals['_STARTTRACEREQUEST']._serialized_start=2199
+  _globals['_STARTTRACEREQUEST']._serialized_end=2232
+  _globals['_STARTTRACERESPONSE']._serialized_start=2234
+  _globals['_STARTTRACERESPONSE']._serialized_end=2254
+  _globals['_STOPTRACEREQUEST']._serialized_start=2256
+  _globals['_STOPTRACEREQUEST']._serialized_end=2274
+  _globals['_STOPTRACERESPONSE']._serialized_start=2276
+  _globals['_STOPTRACERESPONSE']._serialized_end=2310
+  _globals['_STREAMTRACEREQUEST']._serialized_start=2312
+  _globals['_STREAMTRACEREQUEST']._serialized_end=2332
+  _globals['_TRACELINE']._serialized_start=2334
+  _globals['_TRACELINE']._serialized_end=2359
+  _globals['_TOOLSTACK']._serialized_start=2362
+  _globals['_TOOLSTACK']._serialized_end=3430
 # @@protoc_insertion_point(module_scope)

@@ -169,7 +169,7 @@ class FrameInfoResponse(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("mfn", "owner", "type", "type_count", "count", "allocated", "pinned", "validated", "m2p", "xen_heap")
+    __slots__ = ("mfn", "owner", "type", "type_count", "count", "allocated", "pinned", "validated", "m2p", "xen_heap", "quarantined")
     MFN_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class Frame(_message.Message):
     VALIDATED_FIELD_NUMBER: _ClassVar[int]
     M2P_FIELD_NUMBER: _ClassVar[int]
     XEN_HEAP_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     mfn: int
     owner: int
     type: _common_pb2.PageType
@@ -190,7 +191,8 @@ class Frame(_message.Message):
     validated: bool
     m2p: int
     xen_heap: bool
-    def __init__(self, mfn: _Optional[int] = ..., owner: _Optional[int] = ..., type: _Optional[_Union[_common_pb2.PageType, str]] = ..., type_count: _Optional[int] = ..., count: _Optional[int] = ..., allocated: _Optional[bool] = ..., pinned: _Optional[bool] = ..., validated: _Optional[bool] = ..., m2p: _Optional[int] = ..., xen_heap: _Optional[bool] = ...) -> None: ...
+    quarantined: bool
+    def __init__(self, mfn: _Optional[int] = ..., owner: _Optional[int] = ..., type: _Optional[_Union[_common_pb2.PageType, str]] = ..., type_count: _Optional[int] = ..., count: _Optional[int] = ..., allocated: _Optional[bool] = ..., pinned: _Optional[bool] = ..., validated: _Optional[bool] = ..., m2p: _Optional[int] = ..., xen_heap: _Optional[bool] = ..., quarantined: _Optional[bool] = ...) -> None: ...
 
 class EventChannelStatusRequest(_message.Message):
     __slots__ = ("domid",)
@@ -245,14 +247,16 @@ class StatsResponse(_message.Message):
     def __init__(self, counts: _Optional[_Iterable[_Union[OpCount, _Mapping]]] = ...) -> None: ...
 
 class OpCount(_message.Message):
-    __slots__ = ("op", "errno", "count")
+    __slots__ = ("op", "errno", "count", "simulator_bug")
     OP_FIELD_NUMBER: _ClassVar[int]
     ERRNO_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    SIMULATOR_BUG_FIELD_NUMBER: _ClassVar[int]
     op: str
     errno: _common_pb2.XenErrno
     count: int
-    def __init__(self, op: _Optional[str] = ..., errno: _Optional[_Union[_common_pb2.XenErrno, str]] = ..., count: _Optional[int] = ...) -> None: ...
+    simulator_bug: bool
+    def __init__(self, op: _Optional[str] = ..., errno: _Optional[_Union[_common_pb2.XenErrno, str]] = ..., count: _Optional[int] = ..., simulator_bug: _Optional[bool] = ...) -> None: ...
 
 class StartTraceRequest(_message.Message):
     __slots__ = ("path",)
