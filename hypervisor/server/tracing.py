@@ -8,13 +8,15 @@ bound.
 
 import asyncio
 import gzip
+import zlib
+from collections.abc import Iterator
 from typing import IO
 
 import grpc
 
 from hypervisor.core import Hypervisor, XenError
 from hypervisor.core.abi import Errno
-from hypervisor.core.trace import TraceWriter, dumps
+from hypervisor.core.trace import TraceError, TraceWriter, dumps
 
 from .errors import Refused
 
@@ -46,6 +48,20 @@ def open_trace(path: str, mode: str = "r") -> IO[str]:
     if path.endswith(".gz"):
         return gzip.open(path, mode + "t", compresslevel=1)
     return open(path, mode)
+
+
+def read_trace(path: str) -> Iterator[str]:
+    """The lines of a trace file. A compressed stream cut short (a killed server's) ends after
+    its last whole line, as a plain file does; what is not a trace's text is a TraceError."""
+    with open_trace(path) as lines:
+        try:
+            yield from lines
+        except EOFError:
+            return
+        except UnicodeDecodeError as e:
+            raise TraceError(f"not a xensim trace: byte {e.object[e.start]:#04x} is not text") from None
+        except zlib.error as e:
+            raise TraceError(f"the compressed stream is damaged: {e}") from None
 
 
 class Tracing:
