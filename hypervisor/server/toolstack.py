@@ -6,8 +6,10 @@ traced and counted like hypercalls; views read the model directly and change not
 method checks the admin token first (`auth.Tokens.admin`).
 """
 
+import asyncio
 import re
 from collections.abc import Callable
+from functools import partial
 
 import grpc
 
@@ -194,15 +196,14 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
     async def StreamTrace(self, request, context: grpc.aio.ServicerContext):
         try:
             self.tokens.admin(context.invocation_metadata())
-            reader = self.tracing.subscribe()
-            try:
-                with self.runtime.guard(None):
+            with self.runtime.guard(None):
+                reader = self.tracing.subscribe(partial(self.runtime.end_task, asyncio.current_task()))
+                try:
                     while True:
                         await write(context, toolstack_pb2.TraceLine(line=await reader.next()), "StreamTrace")
-            finally:
-                self.tracing.unsubscribe(reader)
+                finally:
+                    self.tracing.unsubscribe(reader)
         except PeerGone:  # the subscriber went away while a line was being sent
             return
         except Exception as exc:  # noqa: BLE001 - as in _admin
             await abort(context, exc, "stream_trace")
-

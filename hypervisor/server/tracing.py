@@ -1,15 +1,16 @@
 """Where the core's trace records go: a file (StartTrace, --trace) and StreamTrace readers.
 
 The core has one `tracer` hook; this fans it out, and unhooks it when nobody listens so
-untraced calls pay nothing. A reader gets a bounded queue: one that falls behind by more than
-`READER_BACKLOG` lines is cut off with RESOURCE_EXHAUSTED rather than holding memory without
-bound.
+untraced calls pay nothing. A StreamTrace reader has a backlog bounded in bytes,
+READER_BACKLOG_BYTES; one that falls further behind is dropped with RESOURCE_EXHAUSTED rather
+than holding memory without bound.
 """
 
 import asyncio
 import gzip
 import zlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import IO
 
 import grpc
@@ -20,26 +21,46 @@ from hypervisor.core.trace import TraceError, TraceWriter, dumps
 
 from .errors import Refused
 
-READER_BACKLOG = 65536
+READER_BACKLOG_BYTES = 16 << 20  # a second of a busy run's lines, a few hundred pages of hex
 
 
 class Reader:
-    """One StreamTrace caller's backlog."""
+    """One StreamTrace caller's backlog, bounded in bytes (a line can be the record of a
+    4,096-entry batch or of a page of hex, so a bound in lines bounds nothing). Falling
+    further behind drops the reader: its backlog is freed and `drop` ends its stream."""
 
-    def __init__(self):
-        self.lines: asyncio.Queue[str] = asyncio.Queue(READER_BACKLOG)
-        self.overflowed = False
+    def __init__(self, drop: Callable[[Exception], None]):
+        self._lines: deque[str] = deque()
+        self._bytes = 0
+        self._arrived = asyncio.Event()
+        self._drop = drop
+        self.dropped = False
 
     def offer(self, line: str) -> None:
-        try:
-            self.lines.put_nowait(line)
-        except asyncio.QueueFull:
-            self.overflowed = True
+        if self.dropped:
+            return
+        if self._bytes + len(line) > READER_BACKLOG_BYTES:
+            self._drop(
+                Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"trace reader fell more than {READER_BACKLOG_BYTES >> 20} MiB behind ({len(self._lines)} lines, {self._bytes} bytes unread): "
+                    "the stream ends here and the lines after it are not kept; read as fast as the calls run, or record to a file with StartTrace",
+                )
+            )
+            self.dropped = True
+            self._lines.clear()
+            return
+        self._lines.append(line)  # JSON lines are ASCII: a character is a byte
+        self._bytes += len(line)
+        self._arrived.set()
 
     async def next(self) -> str:
-        if self.overflowed and self.lines.empty():
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"trace reader fell {READER_BACKLOG} lines behind; lines were lost")
-        return await self.lines.get()
+        while not self._lines:
+            self._arrived.clear()
+            await self._arrived.wait()
+        line = self._lines.popleft()
+        self._bytes -= len(line)
+        return line
 
 
 def open_trace(path: str, mode: str = "r") -> IO[str]:
@@ -92,8 +113,9 @@ class Tracing:
         self._hook()
         return lines
 
-    def subscribe(self) -> Reader:
-        reader = Reader()
+    def subscribe(self, drop: Callable[[Exception], None]) -> Reader:
+        """A new StreamTrace reader; `drop(exc)` ends its stream if it falls too far behind."""
+        reader = Reader(drop)
         self._readers.add(reader)
         self._hook()
         return reader
