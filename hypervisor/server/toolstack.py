@@ -180,7 +180,7 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
     @_admin("stats")
     def Stats(self, request):
         counts = sorted((op, 0 if outcome == "ok" else int(Errno[outcome]), n) for (op, outcome), n in self.hv.stats.items())
-        return toolstack_pb2.StatsResponse(counts=[toolstack_pb2.OpCount(op=op, errno=errno, count=n) for op, errno, n in counts])
+        return toolstack_pb2.StatsResponse(counts=[toolstack_pb2.OpCount(op=op, errno=errno, count=n) for op, errno, n in counts], trace_error=self.tracing.write_error)
 
     # -- trace ----------------------------------------------------------------------------------
 
@@ -191,7 +191,8 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
 
     @_admin("stop_trace")
     def StopTrace(self, request):
-        return toolstack_pb2.StopTraceResponse(lines=self.tracing.stop_file())
+        lines, write_error = self.tracing.stop_file()
+        return toolstack_pb2.StopTraceResponse(lines=lines, write_error=write_error)
 
     async def StreamTrace(self, request, context: grpc.aio.ServicerContext):
         try:
