@@ -1,8 +1,14 @@
 """The `xensim` command's programs run and report what they promise (no timing asserted)."""
 
+import gzip
 import json
 
+import pytest
+
+from tests.core.test_trace import record_a_run
 from xensim.cli import main
+
+PREFIX = "the trace ends without its end record: replayed as a prefix, final state not compared"
 
 
 def test_bench_core_writes_every_key(tmp_path):
@@ -12,3 +18,48 @@ def test_bench_core_writes_every_key(tmp_path):
     for key in ("core.validate_entries_per_s", "core.cr3_unpinned_over_pinned"):
         assert report[key]["value"] > 0 and report[key]["unit"]
     assert report["core.validate_entries_per_s"]["entries_per_pin"] == 70 * 512
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize(
+    "name, content, says",
+    [
+        ("empty.jsonl", b"", "empty: not a xensim trace"),
+        ("garbage.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not a xensim trace"),
+        ("garbage.jsonl.gz", b"not gzip at all\n", "Not a gzipped file"),
+        ("headless.jsonl", b'{"caller":null,"op":"xen_version","args":{}}\n', "line 1 is not a xensim trace header"),
+    ],
+)
+def test_replay_of_a_file_that_is_not_a_trace_says_so_in_one_line(tmp_path, capsys, name, content, says):
+    path = tmp_path / name
+    path.write_bytes(content)
+    status, out, err = _cli(["replay", str(path)], capsys)
+    assert (status, out) == (2, "") and err.count("\n") == 1 and says in err and str(path) in err
+
+
+def test_replay_of_a_missing_file_says_so_in_one_line(tmp_path, capsys):
+    status, out, err = _cli(["replay", str(tmp_path / "nowhere.jsonl")], capsys)
+    assert (status, out) == (2, "") and err.count("\n") == 1 and "No such file or directory" in err
+
+
+def test_replay_of_a_cut_trace_replays_its_whole_records_as_a_prefix(tmp_path, capsys):
+    trace = record_a_run()[0].encode()
+    cut = trace[: trace.index(b'"errno":"EBUSY"')]  # inside the record of the failed make_writable
+    path = tmp_path / "cut.jsonl"
+    path.write_bytes(cut)
+    status, out, err = _cli(["replay", str(path)], capsys)
+    whole = cut.count(b"\n") - 1  # the whole records after the header
+    assert (status, err) == (0, "") and PREFIX in out and f"replayed {whole} calls: 0 mismatches" in out
+
+
+def test_replay_of_a_cut_gz_trace_replays_what_decompresses_as_a_prefix(tmp_path, capsys):
+    compressed = gzip.compress(record_a_run()[0].encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(compressed[: len(compressed) // 2])
+    status, out, err = _cli(["replay", str(path)], capsys)
+    assert (status, err) == (0, "") and PREFIX in out and "0 mismatches" in out

@@ -24,17 +24,27 @@ def _bench(args) -> int:
 
 
 def _replay(args) -> int:
+    """Exit status 0: every call (of the whole trace or of the prefix the file holds) gave its
+    recorded outcome, the final state matched where the trace has its end record, and audit is
+    clean; 1: some did not; 2: the file is not a trace."""
     from hypervisor.core import audit
-    from hypervisor.core.trace import replay
-    from hypervisor.server.tracing import open_trace
+    from hypervisor.core.trace import TraceError, replay
+    from hypervisor.server.tracing import read_trace
 
-    with open_trace(args.trace) as lines:
-        report, hv = replay(lines)
+    try:
+        report, hv = replay(read_trace(args.trace))
+    except (OSError, TraceError) as e:
+        print(f"xensim replay: {args.trace}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 2
     for mismatch in report.mismatches:
         print(mismatch)
+    if report.cut_line is not None:
+        print(f"line {report.cut_line} is cut short (its writer stopped mid-record): skipped")
     findings = audit(hv)
-    digest = {None: "no digest recorded", True: "final state matches", False: "FINAL STATE DIFFERS"}[report.digest_matched]
-    print(f"replayed {report.calls} calls: {len(report.mismatches)} mismatches, {digest}, {len(findings)} audit findings")
+    start = " from a snapshot of the running machine" if report.snapshot else ""
+    state = {True: "final state matches, ", False: "FINAL STATE DIFFERS, ", None: ""}[report.digest_matched]
+    prefix = "; the trace ends without its end record: replayed as a prefix, final state not compared" if report.digest_matched is None else ""
+    print(f"replayed {report.calls} calls{start}: {len(report.mismatches)} mismatches, {state}{len(findings)} audit findings{prefix}")
     return 0 if report.ok and not findings else 1
 
 
@@ -71,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="FILE", help="write the report as JSON")
     bench.add_argument("--only", metavar="GROUP", help="run one group, e.g. core")
     bench.set_defaults(run=_bench)
-    replay = sub.add_parser("replay", help="re-execute a hypercall trace into a fresh core and compare")
-    replay.add_argument("trace", help="a trace file (JSON lines)")
+    replay = sub.add_parser("replay", help="re-execute a hypercall trace, or the prefix a file holds, and compare (exit status 2: not a trace)")
+    replay.add_argument("trace", help="a trace file (JSON lines; .gz compressed)")
     replay.set_defaults(run=_replay)
     serve = sub.add_parser("serve", help="run the hypervisor: a gRPC server playing Xen for guest vCPU processes")
     add_serve_arguments(serve)

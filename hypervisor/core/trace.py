@@ -1,23 +1,40 @@
-"""Trace and replay: every call as one JSON line; replaying into a fresh core reproduces it.
+"""Trace and replay: every call as one JSON line; replaying it into a core reproduces the run.
 
-The core is deterministic, so a trace (a header naming the machine size, then one line per
-hypercall or toolstack op with its caller, arguments and result or error) is a complete
-recording of a run: `replay` re-executes it and reports every result that differs, and the
-state digest written at the end lets it check that the final state is the same too.
-Bytes (memory contents) are written as {"hex": "..."}.
+The core is deterministic, so a trace is a complete recording of a run: a header naming the
+machine the run starts from, one line per hypercall or toolstack op with its caller, arguments
+and result or error, and an end record with the final state digest. `replay` re-executes it,
+reports every result that differs, and with the end record checks the final state too. Bytes
+(memory contents) are written as {"hex": "..."}.
+
+The header gives the starting machine by its size when the trace starts before any call (a
+fresh core), and otherwise carries a snapshot of the whole core (`snapshot`), so a trace started
+mid-run replays as well. Any prefix of a trace replays as the run so far: a writer that stopped
+(a killed server, a full disk) leaves whole records and at most one last line cut short, which
+replay skips; without the end record the final state is not compared.
 """
 
+import base64
 import hashlib
+import inspect
+import io
 import json
-from collections.abc import Iterable
+import pickle
+import types
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from .errors import XenError
 from .hypervisor import Hypervisor, error_result
 from .schedop import POLL_TIMER, SINGLESHOT_TIMER
 
-FORMAT = 1
+FORMAT = 2  # 2: the header may carry a snapshot; format 1 never does and replays the same way
+READABLE_FORMATS = (1, FORMAT)
+
+
+class TraceError(ValueError):
+    """Input that replay cannot use as a trace; the message names the line and says why."""
 
 
 def _encode(value):
@@ -47,21 +64,119 @@ class TraceWriter:
         self.hv = hv
         self.out = out
         self.calls = 0
-        out.write(dumps({"xensim_trace": FORMAT, "nr_frames": hv.nr_frames, "strict_tlb": hv.strict_tlb}) + "\n")
+        header = {"xensim_trace": FORMAT, "nr_frames": hv.nr_frames, "strict_tlb": hv.strict_tlb}
+        if hv.stats:  # every call is counted there: this machine is no longer a fresh one
+            header["snapshot"] = snapshot(hv)
+        out.write(dumps(header) + "\n")
 
     def __call__(self, record: dict) -> None:
         self.calls += 1
         self.out.write(dumps(record) + "\n")
 
     def close(self) -> None:
-        """Write the final state digest, so a replay can check the state it ends in."""
+        """Write the end record, the final state digest, so a replay can check the state it ends in."""
         self.out.write(dumps({"digest": state_digest(self.hv)}) + "\n")
         self.out.flush()
 
 
+# -- snapshots ------------------------------------------------------------------------------
+
+# What a snapshot may name besides the core's own classes and functions: how numpy and
+# collections pickle their objects (numpy 2 spells its modules numpy._core, numpy 1 numpy.core).
+_PICKLED_LIBRARY = {
+    ("collections", "Counter"),
+    ("collections", "deque"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    *((f"numpy.{core}.{module}", name) for core in ("_core", "core") for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))),
+}
+
+
+_CORE = __name__.rpartition(".")[0] + "."  # "hypervisor.core."
+
+
+def _of_the_core(obj: object) -> bool:
+    return (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__.startswith(_CORE)
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles the core. The tracer (the adapter's, whatever it holds) is left out, and the
+    hooks one core object keeps to another's method (FrameTable.promote, ...) go by name."""
+
+    def __init__(self, file, tracer):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tracer = tracer
+
+    def persistent_id(self, obj):
+        if obj is self.tracer and obj is not None:
+            return ("tracer",)
+        if isinstance(obj, types.MethodType):
+            return ("method", obj.__self__, obj.__func__.__name__)
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    """Loads a snapshot, naming nothing but the core's own classes and functions and
+    `_PICKLED_LIBRARY`: a crafted trace can build core objects and arrays, and run nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLED_LIBRARY:
+            return super().find_class(module, name)
+        if module.startswith(_CORE) and "." not in name:
+            obj = super().find_class(module, name)
+            if _of_the_core(obj):
+                return obj
+        raise TraceError(f"the snapshot names {module}.{name}, which is not part of the core")
+
+    def persistent_load(self, pid):
+        match pid:
+            case ("tracer",):
+                return None
+            case ("method", owner, str(name)) if _of_the_core(type(owner)) and inspect.isfunction(getattr(type(owner), name, None)):
+                return getattr(owner, name)
+        raise TraceError(f"the snapshot names {pid!r}, which is not a method of the core")
+
+
+class _Deflate:
+    """A file for the pickler that keeps what it is given compressed (a machine's frame table
+    is mostly runs of the same value; its memory is stored sparsely already)."""
+
+    def __init__(self):
+        self._zlib = zlib.compressobj(1)
+        self._parts: list[bytes] = []
+
+    def write(self, data) -> None:
+        self._parts.append(self._zlib.compress(data))
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts) + self._zlib.flush()
+
+
+def snapshot(hv: Hypervisor) -> str:
+    """The whole core as text for a trace header: its objects pickled (so nothing is left out,
+    whatever state the core grows), compressed, in base64. `restore` loads it."""
+    out = _Deflate()
+    _Pickler(out, hv.tracer).dump(hv)
+    return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def restore(text: str) -> Hypervisor:
+    """The core a `snapshot` holds, untraced."""
+    try:
+        hv = _Unpickler(io.BytesIO(zlib.decompress(base64.b64decode(text, validate=True)))).load()
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged snapshot makes pickle raise
+        raise TraceError(f"the snapshot does not load: {type(e).__name__}: {e}") from None
+    if not isinstance(hv, Hypervisor):
+        raise TraceError(f"the snapshot holds a {type(hv).__name__}, not a machine")
+    return hv
+
+
 def state_digest(hv: Hypervisor) -> str:
     """A hash of everything the model holds: frame table, M2P, memory, domains and their
-    port tables, vCPUs with their TLBs, timers and scheduler state, pending kicks, the clock."""
+    port tables, vCPUs with their TLBs, timers and scheduler state, the clock. Not the kicks:
+    they are the adapter's mailbox, which it empties (take_kicks) between calls, untraced."""
     h = hashlib.sha256()
     frames = hv.frames
     for array in (frames.owner, frames.type, frames.type_count, frames.count, frames.flags, frames.linear, hv.m2p):
@@ -77,7 +192,7 @@ def state_digest(hv: Hypervisor) -> str:
             timers = [sched.timer_expires(vcpu, kind) for kind in (SINGLESHOT_TIMER, POLL_TIMER)]
             state = (vcpu.info(), vcpu.poll_evtchn, vcpu.virq_to_evtchn, vcpu.vgc_flags, vcpu.rip, vcpu.rsp, timers)
             h.update(repr((state, sorted((k, repr(v)) for k, v in vcpu.tlb.entries.items()))).encode())
-    h.update(repr((list(sched.kicks), sched.now_ns, hv.strict_tlb)).encode())
+    h.update(repr((sched.now_ns, hv.strict_tlb)).encode())
     return h.hexdigest()
 
 
@@ -85,7 +200,9 @@ def state_digest(hv: Hypervisor) -> str:
 class ReplayReport:
     calls: int = 0
     mismatches: list[str] = field(default_factory=list)
-    digest_matched: bool | None = None
+    digest_matched: bool | None = None  # None: no end record (a prefix), final state not compared
+    snapshot: bool = False  # the trace started mid-run, from a snapshot of the machine
+    cut_line: int | None = None  # the last line, cut short by a writer that stopped, and skipped
 
     @property
     def ok(self) -> bool:
@@ -93,32 +210,82 @@ class ReplayReport:
 
 
 def replay(lines: Iterable[str]) -> tuple[ReplayReport, Hypervisor]:
-    """Re-execute a trace into a fresh core and compare every outcome with the recorded one."""
+    """Re-execute a trace, or any prefix of one, and compare every outcome with the recorded
+    one. Raises TraceError for input that is not a trace."""
     report = ReplayReport()
-    hv: Hypervisor | None = None
+    records = _decoded(lines, report)
+    first = next(records, None)
+    if first is None:
+        if report.cut_line is not None:
+            raise TraceError(f"line {report.cut_line} is not a xensim trace header")
+        raise TraceError("empty: not a xensim trace (it has no header line)")
+    hv = _machine(*first, report)
+    for number, record in records:
+        if report.digest_matched is not None:
+            raise TraceError(f"line {number} follows the trace's end record")
+        if isinstance(record, dict) and record.keys() == {"digest"}:
+            report.digest_matched = record["digest"] == state_digest(hv)
+            continue
+        if not _is_call(record):
+            raise TraceError(f"line {number} is not a trace record")
+        report.calls += 1
+        expected = {"error": record["error"]} if "error" in record else {"result": record.get("result")}
+        got = _outcome(hv, record)
+        if loads(dumps(got)) != expected:
+            report.mismatches.append(f"line {number} ({record['op']}): recorded {expected}, replay gave {got}")
+    return report, hv
+
+
+def _decoded(lines: Iterable[str], report: ReplayReport) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) of each line. A line that does not decode is a record cut
+    short if nothing follows it (`report.cut_line`), and damage otherwise."""
+    cut: tuple[int, Exception] | None = None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = loads(line)
-        if "xensim_trace" in record:
-            hv = Hypervisor(nr_frames=record["nr_frames"], strict_tlb=record.get("strict_tlb", False))
-            continue
-        if hv is None:
-            raise ValueError("a trace starts with its header line")
-        if "digest" in record:
-            report.digest_matched = record["digest"] == state_digest(hv)
-            continue
-        report.calls += 1
-        expected = {"error": record["error"]} if "error" in record else {"result": record.get("result")}
+        if cut is not None:
+            raise TraceError(f"line {cut[0]} is not a trace record ({cut[1]})")
         try:
-            if record["caller"] is None:
-                got = {"result": hv.toolstack(record["op"], **record["args"])}
-            else:
-                got = {"result": hv.hypercall(*record["caller"], record["op"], **record["args"])}
-        except XenError as e:
-            got = {"error": error_result(e)}
-        if loads(dumps(got)) != expected:
-            report.mismatches.append(f"line {number} ({record['op']}): recorded {expected}, replay gave {got}")
-    if hv is None:
-        raise ValueError("empty trace")
-    return report, hv
+            value = loads(line)
+        except (ValueError, RecursionError) as e:
+            cut = number, e
+            continue
+        yield number, value
+    report.cut_line = cut[0] if cut else None
+
+
+def _machine(number: int, header: Any, report: ReplayReport) -> Hypervisor:
+    """The core the trace starts from: a fresh one of the header's size, or its snapshot."""
+    if not isinstance(header, dict) or "xensim_trace" not in header:
+        raise TraceError(f"line {number} is not a xensim trace header")
+    if header["xensim_trace"] not in READABLE_FORMATS:
+        raise TraceError(f"trace format {header['xensim_trace']}; this xensim reads formats {' and '.join(map(str, READABLE_FORMATS))}")
+    if "snapshot" in header:
+        report.snapshot = True
+        try:
+            return restore(header["snapshot"])
+        except TraceError as e:
+            raise TraceError(f"line {number}: {e}") from None
+    if not isinstance(header.get("nr_frames"), int) or not isinstance(header.get("strict_tlb", False), bool):
+        raise TraceError(f"line {number} is a trace header without a machine size")
+    return Hypervisor(nr_frames=header["nr_frames"], strict_tlb=header.get("strict_tlb", False))
+
+
+def _is_call(record: Any) -> bool:
+    if not isinstance(record, dict) or not isinstance(record.get("op"), str) or not isinstance(record.get("args"), dict) or "caller" not in record:
+        return False
+    caller = record["caller"]
+    return caller is None or (isinstance(caller, list) and len(caller) == 2 and all(isinstance(x, int) for x in caller))
+
+
+def _outcome(hv: Hypervisor, record: dict) -> dict:
+    """What the core answers to the record's call now: a result, a Xen error, or the exception
+    of a simulator bug or of arguments the handler does not take, which no run records."""
+    try:
+        if record["caller"] is None:
+            return {"result": hv.toolstack(record["op"], **record["args"])}
+        return {"result": hv.hypercall(*record["caller"], record["op"], **record["args"])}
+    except XenError as e:
+        return {"error": error_result(e)}
+    except Exception as e:  # noqa: BLE001 - reported as the mismatch it is, with its name
+        return {"exception": f"{type(e).__name__}: {e}"}

@@ -6,8 +6,10 @@ traced and counted like hypercalls; views read the model directly and change not
 method checks the admin token first (`auth.Tokens.admin`).
 """
 
+import asyncio
 import re
 from collections.abc import Callable
+from functools import partial
 
 import grpc
 
@@ -186,7 +188,10 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
     @_admin("stats")
     def Stats(self, request):
         counts = sorted((op, 0 if outcome in ("ok", "bug") else int(Errno[outcome]), outcome == "bug", n) for (op, outcome), n in self.hv.stats.items())
-        return toolstack_pb2.StatsResponse(counts=[toolstack_pb2.OpCount(op=op, errno=errno, simulator_bug=bug, count=n) for op, errno, bug, n in counts])
+        return toolstack_pb2.StatsResponse(
+            counts=[toolstack_pb2.OpCount(op=op, errno=errno, simulator_bug=bug, count=n) for op, errno, bug, n in counts],
+            trace_error=self.tracing.write_error,
+        )
 
     # -- trace ----------------------------------------------------------------------------------
 
@@ -197,20 +202,20 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
 
     @_admin("stop_trace")
     def StopTrace(self, request):
-        return toolstack_pb2.StopTraceResponse(lines=self.tracing.stop_file())
+        lines, write_error = self.tracing.stop_file()
+        return toolstack_pb2.StopTraceResponse(lines=lines, write_error=write_error)
 
     async def StreamTrace(self, request, context: grpc.aio.ServicerContext):
         try:
             self.tokens.admin(context.invocation_metadata())
-            reader = self.tracing.subscribe()
-            try:
-                with self.runtime.guard(None):
+            with self.runtime.guard(None):
+                reader = self.tracing.subscribe(partial(self.runtime.end_task, asyncio.current_task()))
+                try:
                     while True:
                         await write(context, toolstack_pb2.TraceLine(line=await reader.next()), "StreamTrace")
-            finally:
-                self.tracing.unsubscribe(reader)
+                finally:
+                    self.tracing.unsubscribe(reader)
         except PeerGone:  # the subscriber went away while a line was being sent
             return
         except Exception as exc:  # noqa: BLE001 - as in _admin
             await abort(context, exc, "stream_trace")
-

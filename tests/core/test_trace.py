@@ -1,10 +1,16 @@
 """Trace and replay: a recorded run re-executes to the same results and the same state."""
 
+import base64
 import io
 import json
+import os
+import pickle
+import zlib
+
+import pytest
 
 from hypervisor.core import Hypervisor, XenError
-from hypervisor.core.trace import TraceWriter, replay, state_digest
+from hypervisor.core.trace import FORMAT, TraceError, TraceWriter, replay, state_digest
 from xensim.cli import main
 
 from .guest import Guest
@@ -56,3 +62,67 @@ def test_replay_command(tmp_path, capsys):
     path.write_text(trace)
     assert main(["replay", str(path)]) == 0
     assert "0 mismatches, final state matches, 0 audit findings" in capsys.readouterr().out
+
+
+def test_every_prefix_of_a_trace_replays_as_a_prefix():
+    """A trace read while it is written, or cut by a crash, is the run so far: each whole
+    record replays, a last line cut half-way is skipped, and the final state is not compared."""
+    lines = record_a_run()[0].splitlines(keepends=True)
+    for end in range(1, len(lines)):
+        for cut in ("", lines[end][: len(lines[end]) // 2]):
+            report, _ = replay([*lines[:end], cut] if cut else lines[:end])
+            assert report.ok and not report.mismatches and report.calls == end - 1
+            assert report.digest_matched is None and (report.cut_line == end + 1) == bool(cut)
+
+
+def test_a_trace_started_mid_run_replays_from_its_snapshot():
+    hv = Hypervisor(nr_frames=1 << 13)
+    guest, other = Guest(hv), Guest(hv)
+    tree = guest.new_pgd({0x400000: guest.alloc()[1]})
+    guest.pin(4, tree["l4"])
+    port = guest.evtchn("bind_ipi", vcpu=1)
+    hv.toolstack("destroy_domain", domid=other.domid)
+
+    out = io.StringIO()
+    hv.tracer = writer = TraceWriter(hv, out)  # everything above is only in the snapshot
+    guest.evtchn("send", port=port)
+    guest.new_baseptr(tree["l4"], vcpu=1)
+    guest.unpin(tree["l4"])
+    created = hv.toolstack("create_domain", nr_pages=64)
+    writer.close()
+
+    report, replayed = replay(out.getvalue().splitlines())
+    assert report.ok and report.snapshot and report.calls == 4 and report.digest_matched
+    assert replayed.domains.keys() == hv.domains.keys() and created["domid"] == other.domid + 1
+    assert state_digest(replayed) == state_digest(hv)
+
+
+def test_a_snapshot_loads_only_the_cores_own_objects():
+    """A snapshot is a pickle: replay refuses one that names anything but the core's classes
+    and functions, numpy arrays and collections, so a crafted trace cannot run code."""
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/xensim-exploited",))
+
+    header = {"xensim_trace": FORMAT, "snapshot": base64.b64encode(zlib.compress(pickle.dumps(Exploit()))).decode()}
+    with pytest.raises(TraceError, match="line 1: the snapshot names posix.system, which is not part of the core"):
+        replay([json.dumps(header)])
+
+
+@pytest.mark.parametrize(
+    "lines, says",
+    [
+        ([], "empty: not a xensim trace"),
+        (["\x00\x01garbage"], "line 1 is not a xensim trace header"),
+        (['{"caller":null,"op":"xen_version","args":{}}'], "line 1 is not a xensim trace header"),
+        (['{"xensim_trace":99}'], "trace format 99; this xensim reads formats 1 and 2"),
+        (['{"xensim_trace":1,"nr_frames":8192}', "garbage", '{"digest":"0"}'], "line 2 is not a trace record"),
+        (['{"xensim_trace":1,"nr_frames":8192}', '{"op":"xen_version"}', '{"digest":"0"}'], "line 2 is not a trace record"),
+        (['{"xensim_trace":1,"nr_frames":8192}', '{"digest":"0"}', '{"digest":"0"}'], "line 3 follows the trace's end record"),
+    ],
+)
+def test_replay_of_what_is_not_a_trace_is_one_clear_error(lines, says):
+    with pytest.raises(TraceError) as caught:
+        replay(lines)
+    assert says in str(caught.value) and "\n" not in str(caught.value)

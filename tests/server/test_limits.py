@@ -20,7 +20,7 @@ from hypervisor.core.hypervisor import MAX_DOMAINS, RESERVED_FRAMES
 from hypervisor.core.schedop import MAX_POLL_PORTS
 from hypervisor.server.app import SERVER_OPTIONS
 from hypervisor.server.convert import MAX_FRAME_INFO, MAX_SESSION_CALLS
-from hypervisor.server.tracing import READER_BACKLOG
+from hypervisor.server.tracing import READER_BACKLOG_BYTES
 from tests.support.server import TEST_FRAMES, start_server
 from xensim.v1 import common_pb2
 from xensim.v1 import hypercalls_pb2 as h
@@ -120,13 +120,13 @@ class Machine:
             first.close()
 
     def lagging_trace_reader(self) -> Refusal:
-        """A StreamTrace reader that reads nothing while the machine makes more trace lines
-        than its backlog holds (plus what the stream's own buffers take), then reads on."""
+        """A StreamTrace reader that reads nothing while the machine makes twice as many bytes
+        of trace lines as its backlog holds (page writes, each 8 KiB of hex), then reads on."""
         lines = self.server.toolstack().StreamTrace(t.StreamTraceRequest(), timeout=60)
-        session = SessionClient(self.guest.hc, self.guest.md(1))
-        version = h.Call(xen_version=h.XenVersionRequest())
-        for request_id in range(1, 2 * READER_BACKLOG // MAX_SESSION_CALLS + 1):
-            session.send(request_id, *[version] * MAX_SESSION_CALLS)
+        session = SessionClient(self.guest.hc, self.guest.md(0))
+        write = h.Call(write=m.WriteRequest(va=page_va(self), data=bytes(PAGE_SIZE)))
+        for request_id in range(1, 2 * READER_BACKLOG_BYTES // (2 * PAGE_SIZE * MAX_SESSION_CALLS) + 1):
+            session.send(request_id, *[write] * MAX_SESSION_CALLS)
             session.answer()
         session.close()
         return refused(lambda: sum(1 for _ in lines))
@@ -180,7 +180,7 @@ LIMITS = [
     Limit("max_evtchn_port", EVTCHN_2L_NR_CHANNELS - 1, lambda x: x.server.create_domain(nr_pages=64, nr_vcpus=1, max_evtchn_port=EVTCHN_2L_NR_CHANNELS - 1), lambda x: x.create(nr_pages=64, nr_vcpus=1, max_evtchn_port=EVTCHN_2L_NR_CHANNELS), "FAILED_PRECONDITION", "EINVAL (22): max_evtchn_port 4096 is outside 0..4095"),
     Limit("ports in use per domain (max_evtchn_port, by default)", LIBXL_MAX_EVTCHN_PORT, lambda x: x.fill_ports(), lambda x: x.unary("EventChannelOp", ALLOC_UNBOUND.event_channel_op), "RESOURCE_EXHAUSTED", "ENOSPC (28): dom"),
     Limit("Session streams per vCPU", 1, None, lambda x: x.second_session(), "ALREADY_EXISTS", "already has a Session open"),
-    Limit("StreamTrace lines a reader may fall behind", READER_BACKLOG, None, lambda x: x.lagging_trace_reader(), "RESOURCE_EXHAUSTED", "trace reader fell 65536 lines behind"),
+    Limit("StreamTrace bytes a reader may fall behind", READER_BACKLOG_BYTES, None, lambda x: x.lagging_trace_reader(), "RESOURCE_EXHAUSTED", "trace reader fell more than 16 MiB behind"),
 ]
 
 

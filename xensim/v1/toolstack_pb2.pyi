@@ -241,10 +241,12 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("counts",)
+    __slots__ = ("counts", "trace_error")
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ERROR_FIELD_NUMBER: _ClassVar[int]
     counts: _containers.RepeatedCompositeFieldContainer[OpCount]
-    def __init__(self, counts: _Optional[_Iterable[_Union[OpCount, _Mapping]]] = ...) -> None: ...
+    trace_error: str
+    def __init__(self, counts: _Optional[_Iterable[_Union[OpCount, _Mapping]]] = ..., trace_error: _Optional[str] = ...) -> None: ...
 
 class OpCount(_message.Message):
     __slots__ = ("op", "errno", "count", "simulator_bug")
@@ -273,10 +275,12 @@ class StopTraceRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StopTraceResponse(_message.Message):
-    __slots__ = ("lines",)
+    __slots__ = ("lines", "write_error")
     LINES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ERROR_FIELD_NUMBER: _ClassVar[int]
     lines: int
-    def __init__(self, lines: _Optional[int] = ...) -> None: ...
+    write_error: str
+    def __init__(self, lines: _Optional[int] = ..., write_error: _Optional[str] = ...) -> None: ...
 
 class StreamTraceRequest(_message.Message):
     __slots__ = ()

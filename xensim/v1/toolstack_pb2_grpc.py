@@ -224,9 +224,15 @@ class ToolstackServicer:
 
     def StartTrace(self, request, context):
         """Start recording every hypercall and memory access (caller, arguments, result) to a file
-        on the hypervisor's host, one line each; replaying the file into a fresh hypervisor
-        reproduces the run. Replaces a trace already running. EINVAL if the file cannot be
-        created.
+        on the hypervisor's host, one JSON line each; replaying the file (`xensim replay`)
+        reproduces the run. A trace started after the machine has run calls begins with a
+        snapshot of the whole machine, which replay loads first, so it reproduces the run from
+        there. Records reach the file in whole lines within 1 s or 1024 calls of their call (a
+        path ending in .gz is compressed, with a sync flush each time), so the trace of a killed
+        server replays as a prefix of its run. Replaces a trace already running. EINVAL if the
+        path is not a regular file or a new one (a FIFO, a device, a directory) or the file
+        cannot be created. A write error later (a full disk) fails no call: it stops the trace,
+        and Stats and StopTrace report it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,7 +247,8 @@ class ToolstackServicer:
 
     def StreamTrace(self, request, context):
         """Stream trace lines as calls run, from now until the client cancels; independent of the
-        file trace.
+        file trace. A reader that falls more than 16 MiB of lines behind the calls is dropped:
+        the stream ends with RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
