@@ -8,11 +8,13 @@ runs, so a refused call changes nothing.
 """
 
 import hmac
+import reprlib
 import secrets
 from collections.abc import Callable, Iterable
 
 import grpc
 
+from .config import DECIMAL_NUMBER
 from .errors import Refused
 
 VCPU_KEY = "x-xen-vcpu"
@@ -56,8 +58,8 @@ class Tokens:
         if raw is None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"missing `{VCPU_KEY}: <vCPU id>` metadata")
         count = nr_vcpus(domid)
-        if not raw.isdecimal() or int(raw) >= count:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{VCPU_KEY} {raw!r} is not a vCPU of dom{domid} (0..{count - 1})")
+        if not DECIMAL_NUMBER.fullmatch(raw) or int(raw) >= count:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{VCPU_KEY} {reprlib.repr(raw)} is not a vCPU of dom{domid} (0..{count - 1})")
         return domid, int(raw)
 
     def admin(self, metadata: Iterable) -> None:

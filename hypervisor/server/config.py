@@ -4,12 +4,17 @@
 import argparse
 import ipaddress
 import os
+import re
 import secrets
 from dataclasses import dataclass
 
 from hypervisor.core.hypervisor import DEFAULT_FRAMES
 
 ADMIN_TOKEN_ENV = "XENSIM_ADMIN_TOKEN"
+# A number as str() writes it, for text from outside (a port, the x-xen-vcpu metadata): ASCII
+# digits, few enough for int(), which reads any Unicode digit ('\u0663' as 3) and raises
+# ValueError past 4300 digits.
+DECIMAL_NUMBER = re.compile(r"[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ def config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     """Check the arguments; `parser.error` (exit status 2) explains any that do not fit."""
     host, sep, port = args.listen.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdecimal() or int(port) > 65535:
+    if not sep or not host or not DECIMAL_NUMBER.fullmatch(port) or int(port) > 65535:
         parser.error(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:50051 ([::1]:0 for IPv6)")
     if args.frames <= 0:
         parser.error("--frames must be positive")
