@@ -96,7 +96,7 @@ class Stream:
         """The pushes due now, taken (delivering an upcall masks the next one)."""
         slot, hv = self.slot, self.runtime.hv
         vcpu = slot.vcpu
-        if slot.domid not in hv.domains:  # destroyed: the stream is being ended
+        if slot.stream is not self or slot.domid not in hv.domains:  # detached or destroyed: being ended
             return []
         if vcpu.down:
             self.started_sent = False
@@ -191,6 +191,17 @@ class Runtime:
         """The stream is gone; the vCPU's state stays for the next process that attaches."""
         if stream.slot.stream is stream:
             stream.slot.stream = None
+
+    def end_session(self, domid: int, vcpu_id: int, exc: Exception) -> bool:
+        """End the vCPU's Session, if one is open, with `exc` (DetachSession). The vCPU is free
+        for another process at once, before the handler has unwound."""
+        slot = self.slots.get((domid, vcpu_id))
+        stream = slot.stream if slot is not None else None
+        if stream is None:
+            return False
+        self.detach(stream)
+        self.end_task(stream.task, exc)
+        return True
 
     def session_open(self, domid: int, vcpu_id: int) -> bool:
         slot = self.slots.get((domid, vcpu_id))
