@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import resource
 import signal
 import sys
 
@@ -30,7 +31,7 @@ from xensim.v1 import hypercalls_pb2, toolstack_pb2
 
 from . import errors
 from .auth import Tokens
-from .config import Config, config_from
+from .config import Config, Connections, config_from
 from .errors import BadRequest, Refused, abort
 from .hypercalls import HypercallsServicer
 from .reflection import Reflection
@@ -51,6 +52,9 @@ TOOLSTACK = toolstack_pb2.DESCRIPTOR.services_by_name["Toolstack"]
 XENSIM_SERVICES = (HYPERCALLS.full_name, TOOLSTACK.full_name)
 
 
+FD_RESERVE = 64  # file descriptors the server keeps for itself (listener, poller, trace file, ...)
+
+
 class ListenError(Exception):
     pass
 
@@ -62,7 +66,7 @@ async def serve(config: Config) -> int:
     tracing = Tracing(hv)
     if config.trace:
         tracing.start_file(config.trace)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS + _connection_options(config.connections), maximum_concurrent_rpcs=config.connections.max_calls)
     _add_service(server, HYPERCALLS, HypercallsServicer(runtime, tokens))
     _add_service(server, TOOLSTACK, ToolstackServicer(runtime, tokens, tracing))
     health_servicer = health.aio.HealthServicer()
@@ -90,6 +94,35 @@ async def serve(config: Config) -> int:
         log.error("%d INTERNAL errors (bugs of the simulator) happened; see above", errors.internal_errors)
         return 1
     return 0
+
+
+def _connection_options(limits: Connections) -> tuple[tuple[str, int], ...]:
+    """grpc's options for README's connection limits. Connections are capped below the
+    open-file limit, which is first raised as far as it goes: at the limit, grpc accepts and
+    closes each new connection, so the server never runs out of file descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    except (ValueError, OSError):  # an unlimited hard limit the kernel will not grant
+        pass
+    max_connections = min(limits.max_connections, soft - FD_RESERVE)
+    if max_connections < limits.max_connections:
+        log.warning("at most %d connections: the open-file limit is %d (ulimit -n)", max_connections, soft)
+    idle_ms, keepalive_ms, keepalive_timeout_ms = (round(s * 1000) for s in (limits.idle_timeout_s, limits.keepalive_s, limits.keepalive_timeout_s))
+    return (
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_concurrent_streams", limits.max_streams),
+        ("grpc.max_connection_idle_ms", idle_ms),
+        ("grpc.server_handshake_timeout_ms", idle_ms),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+        # A ping's own timeout (default 60 s) is what grpc arms when it sends one; the keepalive
+        # timeout only takes its place in some states (chttp2 writing.cc, end_write).
+        ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms),
+        # Keep pinging while nothing else is sent: a Session whose vCPU is blocked is quiet.
+        ("grpc.http2.max_pings_without_data", 0),
+    )
 
 
 def _add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer) -> None:
