@@ -3,6 +3,7 @@ process hangs or whose network path vanished. Each limit is tried over loopback 
 values (`serve` flags), and README's Limits table states the defaults of the code."""
 
 import queue
+import resource
 import socket
 import threading
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from hypervisor.__main__ import main as hypervisor_main
+from hypervisor.server.app import FD_RESERVE, _connection_options
 from hypervisor.server.config import Connections
 from tests.support.server import start_server
 from xensim.v1 import hypercalls_pb2 as h, hypercalls_pb2_grpc, toolstack_pb2 as t
@@ -210,6 +213,28 @@ def test_streams_past_a_connections_limit_wait_in_the_client_until_one_ends():
         assert third.answer().request_id == 1
         second.close()
         third.close()
+
+
+def test_serve_raises_its_open_file_limit_and_keeps_connections_below_it():
+    """At the connection limit grpc closes new connections as they arrive; at the open-file
+    limit it could not accept them, nor the server open anything else."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard open-file limit to raise the soft one to")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_RESERVE + 100, hard))
+    try:
+        options = dict(_connection_options(Connections(max_connections=hard)))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+        assert options["grpc.max_allowed_incoming_connections"] == hard - FD_RESERVE
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("flags", [["--max-calls", "0"], ["--max-streams", "-1"], ["--max-connections", str(1 << 31)], ["--idle-timeout", "0"], ["--keepalive", "nan"], ["--keepalive-timeout", "1e12"]])
+def test_limits_outside_what_grpc_takes_are_refused_at_start(flags, capsys):
+    with pytest.raises(SystemExit) as caught:
+        hypervisor_main(["serve", "--insecure-no-admin-token", *flags])
+    assert caught.value.code == 2 and f"{flags[0]} must be" in capsys.readouterr().err
 
 
 def test_readme_states_the_connection_limits_of_the_code():
