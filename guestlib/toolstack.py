@@ -70,6 +70,10 @@ class Toolstack:
         """Every inconsistency the hypervisor finds in its own bookkeeping; [] when healthy."""
         return [f.message for f in (await self._call("Audit", toolstack_pb2.AuditRequest(domid=domid))).findings]
 
+    async def detach_session(self, domid: int, vcpu: int) -> bool:
+        """End the vCPU's Session so another process can claim the vCPU; False if it had none."""
+        return (await self._call("DetachSession", toolstack_pb2.DetachSessionRequest(domid=domid, vcpu=vcpu))).detached
+
     async def stats(self) -> dict[tuple[str, str], int]:
         """{(op, errno name, "ok", or "bug" for a bug of the simulator): count} since the
         hypervisor started."""

@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     audit.set_defaults(run=lambda args: _run(_audit, args))
     listing = sub.add_parser("list", parents=[common], help="list the domains")
     listing.set_defaults(run=lambda args: _run(_list, args))
+    detach = sub.add_parser("detach", parents=[common], help="end a vCPU's Session (its process hangs or its host is gone) so another process can claim the vCPU")
+    detach.add_argument("domid", type=int, metavar="DOMID")
+    detach.add_argument("vcpu", type=int, metavar="VCPU")
+    detach.set_defaults(run=lambda args: _run(_detach, args))
 
 
 def _run(action, args) -> int:
@@ -84,6 +88,13 @@ async def _list(xl: Toolstack, args) -> int:
     for d in domains:
         state = " paused" if d.paused else ""
         print(f"dom{d.domid} {d.name or '-'}: {d.online_vcpus}/{d.nr_vcpus} vCPUs up, {d.tot_pages}/{d.nr_pages} pages{state}")
+    return 0
+
+
+async def _detach(xl: Toolstack, args) -> int:
+    async with xl:
+        detached = await xl.detach_session(args.domid, args.vcpu)
+    print(f"dom{args.domid} vCPU {args.vcpu}: {'Session detached' if detached else 'no Session was open'}", flush=True)
     return 0
 
 

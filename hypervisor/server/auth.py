@@ -10,6 +10,7 @@ call changes nothing.
 """
 
 import hmac
+import reprlib
 import secrets
 from collections.abc import Iterable, Mapping
 
@@ -17,6 +18,7 @@ import grpc
 
 from hypervisor.core.domain import Domain
 
+from .config import DECIMAL_NUMBER
 from .errors import Refused
 
 VCPU_KEY = "x-xen-vcpu"
@@ -61,8 +63,8 @@ class Tokens:
         if raw is None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"missing `{VCPU_KEY}: <vCPU id>` metadata")
         count = len(domain.vcpus)
-        if not raw.isdecimal() or int(raw) >= count:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{VCPU_KEY} {raw!r} is not a vCPU of dom{domid} (0..{count - 1})")
+        if not DECIMAL_NUMBER.fullmatch(raw) or int(raw) >= count:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{VCPU_KEY} {reprlib.repr(raw)} is not a vCPU of dom{domid} (0..{count - 1})")
         return domid, int(raw)
 
     def admin(self, metadata: Iterable) -> None:

@@ -4,12 +4,34 @@
 import argparse
 import ipaddress
 import os
+import re
 import secrets
 from dataclasses import dataclass
 
-from hypervisor.core.hypervisor import DEFAULT_FRAMES
+from hypervisor.core.abi import MAX_VCPUS
+from hypervisor.core.hypervisor import DEFAULT_FRAMES, MAX_DOMAINS
 
 ADMIN_TOKEN_ENV = "XENSIM_ADMIN_TOKEN"
+# A number as str() writes it, for text from outside (a port, the x-xen-vcpu metadata): ASCII
+# digits, few enough for int(), which reads any Unicode digit ('\u0663' as 3) and raises
+# ValueError past 4300 digits.
+DECIMAL_NUMBER = re.compile(r"[0-9]{1,9}")
+GRPC_INT_MAX = (1 << 31) - 1  # grpc's integer options are C ints (milliseconds for times)
+
+
+@dataclass(frozen=True)
+class Connections:
+    """What one client, or many, may hold of the server (README's Limits table). Without
+    them, 1,124 connections that only finished the HTTP/2 handshake used up the server's file
+    descriptors and kept them, and a client whose network path vanished kept its vCPU's
+    Session, so no other process could claim the vCPU."""
+
+    max_connections: int = MAX_DOMAINS * MAX_VCPUS  # a process for every vCPU the machine runs
+    max_streams: int = 2 * MAX_VCPUS  # a process running a whole domain: a Session and a unary call per vCPU
+    max_calls: int = 2 * MAX_DOMAINS * MAX_VCPUS  # the same for every vCPU of the machine
+    idle_timeout_s: float = 30.0
+    keepalive_s: float = 20.0
+    keepalive_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -21,6 +43,7 @@ class Config:
     tls: tuple[bytes, bytes] | None  # (key, certificate chain), PEM
     trace: str | None
     grace_s: float
+    connections: Connections = Connections()
 
     @property
     def address(self) -> str:
@@ -36,6 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--trace", metavar="FILE", help="record every call from the start (as Toolstack StartTrace)")
     parser.add_argument("--grace", type=float, default=3.0, metavar="S", help="on SIGINT/SIGTERM, how long running calls get to finish (default %(default)s)")
+    limits = parser.add_argument_group("connection limits (README, Limits)")
+    default = Connections()
+    limits.add_argument("--max-connections", type=int, default=default.max_connections, metavar="N", help="connections held at once; more are closed as they arrive (default %(default)s, and no more than the open-file limit allows)")
+    limits.add_argument("--max-streams", type=int, default=default.max_streams, metavar="N", help="calls and streams at once on one connection; more wait in the client (default %(default)s)")
+    limits.add_argument("--max-calls", type=int, default=default.max_calls, metavar="N", help="calls and streams at once on the whole server; more fail with RESOURCE_EXHAUSTED (default %(default)s)")
+    limits.add_argument("--idle-timeout", type=float, default=default.idle_timeout_s, metavar="S", help="close a connection that carries no call for S seconds, or has not finished its handshake in S (default %(default)s)")
+    limits.add_argument("--keepalive", type=float, default=default.keepalive_s, metavar="S", help="ping each connection every S seconds (default %(default)s)")
+    limits.add_argument("--keepalive-timeout", type=float, default=default.keepalive_timeout_s, metavar="S", help="close a connection whose ping gets no answer in S seconds, ending its calls and Sessions (default %(default)s)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -51,7 +82,7 @@ def config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     """Check the arguments; `parser.error` (exit status 2) explains any that do not fit."""
     host, sep, port = args.listen.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdecimal() or int(port) > 65535:
+    if not sep or not host or not DECIMAL_NUMBER.fullmatch(port) or int(port) > 65535:
         parser.error(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:50051 ([::1]:0 for IPv6)")
     if args.frames <= 0:
         parser.error("--frames must be positive")
@@ -72,4 +103,16 @@ def config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
                 tls = (key.read(), cert.read())
         except OSError as e:
             parser.error(f"cannot read {e.filename}: {e.strerror}")
-    return Config(host, int(port), args.frames, admin_token, tls, args.trace, args.grace)
+    return Config(host, int(port), args.frames, admin_token, tls, args.trace, args.grace, _connections(args, parser))
+
+
+def _connections(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Connections:
+    counts = {"max_connections": args.max_connections, "max_streams": args.max_streams, "max_calls": args.max_calls}
+    times = {"idle_timeout_s": args.idle_timeout, "keepalive_s": args.keepalive, "keepalive_timeout_s": args.keepalive_timeout}
+    for name, value in counts.items():
+        if not 0 < value <= GRPC_INT_MAX:
+            parser.error(f"--{name.replace('_', '-')} must be 1 to {GRPC_INT_MAX}")
+    for name, value in times.items():
+        if not 0.001 <= value <= GRPC_INT_MAX / 1000:
+            parser.error(f"--{name.removesuffix('_s').replace('_', '-')} must be 0.001 to {GRPC_INT_MAX // 1000} seconds")
+    return Connections(**counts, **times)

@@ -44,10 +44,10 @@ XEN_CODES: dict[Errno, int] = {
 
 class BadRequest(Exception):
     """Malformed protobuf input that never reached Xen: `field` is its path in the request
-    (e.g. `calls[3].load.size`)."""
+    (e.g. `calls[3].load.size`; empty for bytes that are no request at all)."""
 
     def __init__(self, field: str, description: str):
-        super().__init__(f"{field}: {description}")
+        super().__init__(f"{field}: {description}" if field else description)
         self.field = field
         self.description = description
 

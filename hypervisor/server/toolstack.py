@@ -30,7 +30,7 @@ from xensim.v1 import toolstack_pb2, toolstack_pb2_grpc
 
 from . import convert
 from .auth import Tokens
-from .errors import BadRequest, PeerGone, abort, write
+from .errors import BadRequest, PeerGone, Refused, abort, write
 from .tracing import Tracing
 from .vcpus import Runtime
 
@@ -219,3 +219,11 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
             return
         except Exception as exc:  # noqa: BLE001 - as in _admin
             await abort(context, exc, "stream_trace")
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    @_admin("detach_session")
+    def DetachSession(self, request):
+        self.hv.vcpu(request.domid, request.vcpu)  # ESRCH, ENOENT
+        ending = Refused(grpc.StatusCode.ABORTED, f"dom{request.domid} vCPU {request.vcpu}'s Session was detached by the toolstack (DetachSession)")
+        return toolstack_pb2.DetachSessionResponse(detached=self.runtime.end_session(request.domid, request.vcpu, ending))

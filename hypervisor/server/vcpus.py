@@ -97,7 +97,7 @@ class Stream:
         slot, hv = self.slot, self.runtime.hv
         vcpu = slot.vcpu
         domain = hv.domains.get(slot.domid)
-        if domain is None or domain.instance != slot.instance:  # destroyed: the stream is being ended
+        if slot.stream is not self or domain is None or domain.instance != slot.instance:  # detached or destroyed: being ended
             return []
         if vcpu.down:
             self.started_sent = False
@@ -194,6 +194,17 @@ class Runtime:
         """The stream is gone; the vCPU's state stays for the next process that attaches."""
         if stream.slot.stream is stream:
             stream.slot.stream = None
+
+    def end_session(self, domid: int, vcpu_id: int, exc: Exception) -> bool:
+        """End the vCPU's Session, if one is open, with `exc` (DetachSession). The vCPU is free
+        for another process at once, before the handler has unwound."""
+        slot = self.slots.get((domid, vcpu_id))
+        stream = slot.stream if slot is not None else None
+        if stream is None:
+            return False
+        self.detach(stream)
+        self.end_task(stream.task, exc)
+        return True
 
     def session_open(self, domid: int, vcpu_id: int) -> bool:
         slot = self.slots.get((domid, vcpu_id))

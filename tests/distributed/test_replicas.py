@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from guestlib import connect
+from guestlib.hypercalls import claim
 from xensim.toolstack import read_token_files
 
 from .compose import command, healthcheck
@@ -94,3 +95,21 @@ async def test_a_replica_finds_nothing_to_claim_when_every_vcpu_has_a_process(se
     out = replica.stdout.decode()
     assert replica.returncode == 0, out + replica.stderr.decode()
     assert summary(out) == {"ran": [], "unclaimed": 1, "lifecycles": 0, "failures": []}
+
+
+
+async def test_toolstack_detach_frees_a_held_vcpu_for_the_next_claim(secure_server, tmp_path):
+    """A vCPU held by a process that hangs (here, this test holds every one) is what the next
+    claim gets once `xensim toolstack detach` has ended its Session."""
+    (domain,) = create_domains(secure_server, tmp_path)
+    admin = {**guest_env(), "XENSIM_ADMIN_TOKEN": secure_server.admin_token}
+    detach = on_loopback(["toolstack", "detach", "--server", "hypervisor:50051", str(domain["domid"]), "2"], secure_server, tmp_path)
+    async with AsyncExitStack() as held:
+        for vcpu in range(domain["nr_vcpus"]):
+            client = await held.enter_async_context(connect(secure_server.address, domain["token"], vcpu))
+            await client.echo()
+        with trio.fail_after(TIMEOUT):
+            detached = await trio.run_process(detach, capture_stdout=True, capture_stderr=True, check=False, env=admin)
+            async with claim(secure_server.address, [domain["token"]]) as claimed:
+                assert claimed is not None and claimed[:2] == (0, 2)
+    assert (detached.returncode, detached.stdout.decode().strip()) == (0, f"dom{domain['domid']} vCPU 2: Session detached"), detached.stderr.decode()

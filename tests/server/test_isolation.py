@@ -272,6 +272,7 @@ def _toolstack_rows() -> list[Attack]:
         "StartTrace": lambda a, b: t.StartTraceRequest(path=os.devnull),
         "StopTrace": lambda a, b: t.StopTraceRequest(),
         "StreamTrace": lambda a, b: t.StreamTraceRequest(),
+        "DetachSession": lambda a, b: t.DetachSessionRequest(domid=a.domid, vcpu=0),
     }
     return [Attack(f"toolstack {rpc} with B's token", rpc, build, "PERMISSION_DENIED", b_as_admin) for rpc, build in requests.items()]
 

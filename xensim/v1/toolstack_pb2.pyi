@@ -291,3 +291,17 @@ class TraceLine(_message.Message):
     LINE_FIELD_NUMBER: _ClassVar[int]
     line: str
     def __init__(self, line: _Optional[str] = ...) -> None: ...
+
+class DetachSessionRequest(_message.Message):
+    __slots__ = ("domid", "vcpu")
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    vcpu: int
+    def __init__(self, domid: _Optional[int] = ..., vcpu: _Optional[int] = ...) -> None: ...
+
+class DetachSessionResponse(_message.Message):
+    __slots__ = ("detached",)
+    DETACHED_FIELD_NUMBER: _ClassVar[int]
+    detached: bool
+    def __init__(self, detached: _Optional[bool] = ...) -> None: ...

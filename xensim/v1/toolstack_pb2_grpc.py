@@ -111,6 +111,11 @@ class ToolstackStub:
                 request_serializer=xensim_dot_v1_dot_toolstack__pb2.StreamTraceRequest.SerializeToString,
                 response_deserializer=xensim_dot_v1_dot_toolstack__pb2.TraceLine.FromString,
                 _registered_method=True)
+        self.DetachSession = channel.unary_unary(
+                '/xensim.v1.Toolstack/DetachSession',
+                request_serializer=xensim_dot_v1_dot_toolstack__pb2.DetachSessionRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_toolstack__pb2.DetachSessionResponse.FromString,
+                _registered_method=True)
 
 
 class ToolstackServicer:
@@ -254,6 +259,19 @@ class ToolstackServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DetachSession(self, request, context):
+        """End the Session stream of one vCPU (the simulator's own; Xen has no such streams) with
+        ABORTED, so that another process can open the vCPU's Session at once: for a vCPU process
+        that hangs, or whose host vanished before the keepalive timeout noticed (README, Limits).
+        The vCPU itself is untouched, as when its process dies: its state stays for the next
+        process, and a call running on the stream ends with the stream (what it changed stays).
+        A vCPU without a Session is no error (detached = false).
+        ESRCH if the domain is unknown, ENOENT if the vCPU does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolstackServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -326,6 +344,11 @@ def add_ToolstackServicer_to_server(servicer, server):
                     servicer.StreamTrace,
                     request_deserializer=xensim_dot_v1_dot_toolstack__pb2.StreamTraceRequest.FromString,
                     response_serializer=xensim_dot_v1_dot_toolstack__pb2.TraceLine.SerializeToString,
+            ),
+            'DetachSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetachSession,
+                    request_deserializer=xensim_dot_v1_dot_toolstack__pb2.DetachSessionRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_toolstack__pb2.DetachSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -713,6 +736,33 @@ class Toolstack:
             '/xensim.v1.Toolstack/StreamTrace',
             xensim_dot_v1_dot_toolstack__pb2.StreamTraceRequest.SerializeToString,
             xensim_dot_v1_dot_toolstack__pb2.TraceLine.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetachSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Toolstack/DetachSession',
+            xensim_dot_v1_dot_toolstack__pb2.DetachSessionRequest.SerializeToString,
+            xensim_dot_v1_dot_toolstack__pb2.DetachSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
