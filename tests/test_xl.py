@@ -9,6 +9,7 @@ say why.
 
 import json
 import re
+import struct
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import pytest
 
 from tests.server.helpers import A, D, P, RW, US, WireGuest, error_info, status_of
 from tests.support.server import start_server
+from tests.test_timeline import CHROMIUM, CHROMIUM_TIMEOUT, chromium
 from xensim.cli import main
 from hypervisor.core.abi import VGCF_in_kernel
 from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2
@@ -197,3 +199,65 @@ def test_top_samples_the_rates(machine, capsys):
     assert any(r["op"] == "mmu_update" and r["outcome"] == "EBUSY" and r["total"] >= 1 for r in samples[-1]["rows"])
     status, out, _ = xl(machine, capsys, "top", "--iterations", "1", "--interval", "0.1")
     assert status == 0 and "EBUSY" in out and "per s" in out
+
+
+# -- pagetable pictures ---------------------------------------------------------------------
+
+def draw(machine, capsys, tmp_path, *argv: str, out: str = "pt.svg") -> tuple[dict, str]:
+    path = tmp_path / out
+    data = xl_json(machine, capsys, "pagetable", str(machine["guest"].domid), *argv, "--svg" if out.endswith(".svg") else "--html", str(path))
+    return data, path.read_text()
+
+
+def test_pagetable_draws_a_shared_kernel_subtree_once_and_highlights_it_everywhere(machine, capsys, tmp_path):
+    l3 = hex(machine["kernel_l3"])
+    data, svg = draw(machine, capsys, tmp_path, "--highlight", l3)
+    assert svg.startswith('<svg xmlns="http://www.w3.org/2000/svg"')
+    assert {r["mfn"] for r in data["roots"]} == {hex(machine["boot"]), hex(machine["l4b"])}
+    boxes = re.findall(r'<g class="table ([^"]*)" data-mfn="(0x[0-9a-f]+)"', svg)
+    assert [m for _, m in boxes].count(l3) == 1 and len(boxes) == data["tables"] == len({m for _, m in boxes})
+    classes = dict((m, c) for c, m in boxes)
+    assert "pinned" in classes[hex(machine["l4b"])] and "pinned" not in classes[hex(machine["boot"])] and "hot" in classes[l3]
+    assert len(re.findall(rf'<g class="edge rw hot" data-target="{l3}"', svg)) == 2  # from each L4
+    # The direct map's read-only mapping of the L3 is in an L1 box.
+    assert any(h["where"] == "mapping" and not h["writable"] for h in data["highlighted"])
+    assert "maps-hot" in svg and f"maps {l3} at [" in svg
+
+
+def test_pagetable_of_one_vcpu_and_of_a_given_table(machine, capsys, tmp_path):
+    data, svg = draw(machine, capsys, tmp_path, "--cr3", "1")
+    assert data["roots"] == [{"mfn": hex(machine["l4b"]), "label": "vCPU1 kernel"}] and hex(machine["boot"]) not in svg
+    data, _ = draw(machine, capsys, tmp_path, "--mfn", hex(machine["kernel_l3"]))
+    assert data["tables"] == 1 + 1 + 4  # the L3, its L2, the L2's four L1s
+
+
+@pytest.mark.parametrize(
+    "argv, status, message",
+    [
+        (["99"], EXIT_REFUSED, r"ESRCH"),
+        (["1", "--cr3", "7"], EXIT_REFUSED, r"ENOENT"),
+        (["1", "--cr3", "0", "--user"], EXIT_REFUSED, r"no vCPU has a user base pointer"),
+        (["1", "--mfn", "0x1"], EXIT_REFUSED, r"EINVAL \(22\): mfn 0x1 is not a pagetable"),
+    ],
+)
+def test_pagetable_errors(machine, capsys, tmp_path, argv, status, message):
+    got, out, err = xl(machine, capsys, "pagetable", *argv, "--svg", str(tmp_path / "x.svg"))
+    assert got == status and out == "" and len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.timeout(2 * CHROMIUM_TIMEOUT + 60)
+def test_chromium_shows_the_picture_and_where_the_frame_appears(machine, capsys, tmp_path):
+    l3 = hex(machine["kernel_l3"])
+    _, page = draw(machine, capsys, tmp_path, "--highlight", l3, out="pt.html")
+    assert re.findall(r"https?://[^\"'\s]+", page) == ["http://www.w3.org/2000/svg"] and "<link" not in page and " src=" not in page
+    url = (tmp_path / "pt.html").as_uri()
+    shot = tmp_path / "pt.png"
+    chromium(f"--screenshot={shot}", url=url, profile=tmp_path / "profile")
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1400, 900) and len(png) > 20_000
+    dom = chromium("--dump-dom", url=url, profile=tmp_path / "profile").stdout
+    # Filled in by the page's script: the two L4 entries, the L3 itself and its direct-map mapping.
+    assert f"mfn {l3} appears in 4 places" in dom
+    assert f"entry 272 of {hex(machine['boot'])} (RW)" in dom and f"entry 272 of {hex(machine['l4b'])} (RW)" in dom
+    assert re.search(rf"mapping \d+ of 0x[0-9a-f]+ \(read-only\)", dom)

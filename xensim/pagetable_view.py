@@ -20,7 +20,7 @@ from pathlib import Path
 from xensim.v1 import toolstack_pb2
 from xensim.xl import EXIT_REFUSED, EXIT_USAGE, Failed, mfn_arg, pagetable_record
 
-BOX_W, BOX_H, GAP_Y, COL_W, MARGIN = 230, 64, 14, 320, 30
+BOX_W, BOX_H, GAP_Y, COL_W, MARGIN = 230, 80, 14, 320, 30  # a box holds five lines
 RW = 0x2
 
 
@@ -109,7 +109,7 @@ class Picture:
     def svg(self) -> str:
         self.hits = []
         height = max(self._cursor.values()) + MARGIN
-        width = MARGIN * 2 + 3 * COL_W + BOX_W + 200
+        width = MARGIN * 2 + 3 * COL_W + BOX_W
         parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" font-family="monospace" font-size="12">', _DEFS]
         for level in (4, 3, 2, 1):
             parts.append(f'<text x="{MARGIN + (4 - level) * COL_W}" y="{MARGIN}" font-weight="bold">L{level}</text>')
@@ -129,10 +129,9 @@ class Picture:
         if hot:
             self.hits.append({"where": "entry", "table": parent, "slot": entry["slot"], "writable": bool(writable)})
         cls = "edge " + ("rw" if writable else "ro") + (" hot" if hot else "")
-        label = f"{entry['slot']}"
         return (
             f'<g class="{cls}" data-target="{child}"><path d="M{x1:.0f},{y1:.0f} C{x1 + 40:.0f},{y1:.0f} {x2 - 40:.0f},{y2:.0f} {x2:.0f},{y2:.0f}" marker-end="url(#arrow)"/>'
-            f'<text x="{x1 + 6:.0f}" y="{y1 - 4:.0f}">[{label}]{"" if writable else " ro"}</text></g>'
+            f'<text x="{(x1 + x2) / 2 - 14:.0f}" y="{(y1 + y2) / 2 - 4:.0f}">[{entry["slot"]}]{"" if writable else " ro"}</text></g>'
         )
 
     def _box(self, mfn: str) -> str:
@@ -155,11 +154,11 @@ class Picture:
                 self.hits.append({"where": "mapping", "table": mfn, "slot": e["slot"], "writable": bool(int(e["entry"], 16) & RW)})
             if mapped:
                 classes.append("maps-hot")
-                lines.append("maps " + ", ".join(f"{self.highlight} [{e['slot']}]{' RW' if int(e['entry'], 16) & RW else ''}" for e in mapped))
-        height = BOX_H if len(lines) <= 4 else BOX_H + 14
+                shown = ", ".join(f"[{e['slot']}]{' RW' if int(e['entry'], 16) & RW else ''}" for e in mapped[:3])
+                lines.append(f"maps {self.highlight} at {shown}" + (f" +{len(mapped) - 3}" if len(mapped) > 3 else ""))
         text = "".join(f'<text x="{x + 8}" y="{y + 16 + 14 * i:.0f}">{html.escape(line)}</text>' for i, line in enumerate(lines))
         title = html.escape(json.dumps({k: f[k] for k in ("mfn", "type", "type_count", "count", "pinned", "validated", "owner", "pfn")}))
-        return f'<g class="{" ".join(classes)}" data-mfn="{mfn}"><title>{title}</title><rect x="{x}" y="{y:.0f}" width="{BOX_W}" height="{height}" rx="6"/>{text}</g>'
+        return f'<g class="{" ".join(classes)}" data-mfn="{mfn}"><title>{title}</title><rect x="{x}" y="{y:.0f}" width="{BOX_W}" height="{BOX_H}" rx="6"/>{text}</g>'
 
     def page(self, title: str) -> str:
         svg = self.svg()
@@ -167,7 +166,12 @@ class Picture:
             "solid arrow: writable entry (RW); dashed: read-only; thick border: pinned; "
             "grey: not validated (its entries hold no references); red: the highlighted frame. Click a box to highlight its mfn."
         )
-        return _PAGE.format(title=html.escape(title), legend=legend, svg=svg, highlight=json.dumps(self.highlight), hits=html.escape(json.dumps(self.hits)))
+        return _PAGE.format(title=html.escape(title), legend=legend, svg=svg, highlight=_script_json(self.highlight), hits=_script_json(self.hits))
+
+
+def _script_json(value) -> str:
+    """JSON to embed in a <script>: it may not contain "</" (which would end the script)."""
+    return json.dumps(value).replace("</", "<\\/")
 
 
 _DEFS = """<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>
