@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from hypervisor.core.hypervisor import DEFAULT_FRAMES
 
 ADMIN_TOKEN_ENV = "XENSIM_ADMIN_TOKEN"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class Config:
     tls: tuple[bytes, bytes] | None  # (key, certificate chain), PEM
     trace: str | None
     grace_s: float
+    log_level: str = "INFO"
+    metrics_port: int | None = None  # serve Prometheus metrics on this port of the listen host
+    log_interval_s: float = 10.0  # how often refused hypercalls are summed up in the log
 
     @property
     def address(self) -> str:
@@ -35,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
     parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--trace", metavar="FILE", help="record every call from the start (as Toolstack StartTrace)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="what goes to stderr: debug, info (domains, Sessions, refused calls; the default), warning, error")
+    parser.add_argument("--log-interval", type=float, default=10.0, metavar="S", help="sum up refused hypercalls in one log line every S seconds (default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics over HTTP on this port of the listen host (0: a free one, logged)")
     parser.add_argument("--grace", type=float, default=3.0, metavar="S", help="on SIGINT/SIGTERM, how long running calls get to finish (default %(default)s)")
 
 
@@ -72,4 +79,8 @@ def config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
                 tls = (key.read(), cert.read())
         except OSError as e:
             parser.error(f"cannot read {e.filename}: {e.strerror}")
-    return Config(host, int(port), args.frames, admin_token, tls, args.trace, args.grace)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port {args.metrics_port}: expected 0 to 65535")
+    if args.log_interval <= 0:
+        parser.error("--log-interval must be positive")
+    return Config(host, int(port), args.frames, admin_token, tls, args.trace, args.grace, args.log_level.upper(), args.metrics_port, args.log_interval)

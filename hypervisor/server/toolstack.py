@@ -6,38 +6,55 @@ traced and counted like hypercalls; views read the model directly and change not
 method checks the admin token first (`auth.Tokens.admin`).
 """
 
+import logging
 import re
 from collections.abc import Callable
 
 import grpc
 
-from hypervisor.core import audit, views
+from hypervisor.core import XenError, audit, views
 from hypervisor.core.abi import Errno
 from hypervisor.core.domain import Domain
 from xensim.v1 import common_pb2, toolstack_pb2, toolstack_pb2_grpc
 
 from . import convert
 from .auth import Tokens
-from .errors import BadRequest, PeerGone, abort, write
+from .errors import BadRequest, PeerGone, Refused, abort, write
 from .tracing import Tracing
 from .vcpus import Runtime
 
 
+log = logging.getLogger("xensim.server")
+# Toolstack ops that change the machine, logged at INFO with their request; views at DEBUG.
+_LOGGED = frozenset({"create_domain", "destroy_domain", "pause_domain", "unpause_domain", "start_trace", "stop_trace"})
+
+
 def _admin(op: str) -> Callable:
     """A Toolstack method: the admin check, then `body(self, request)`; whatever it raises
-    becomes the call's status (`op` names it in ErrorInfo and the log)."""
+    becomes the call's status (`op` names it in ErrorInfo and the log). A refused call is
+    logged at WARNING (a bug of the simulator is logged by `abort`), a change at INFO."""
 
     def wrap(body: Callable) -> Callable:
         async def method(self: "ToolstackServicer", request, context: grpc.aio.ServicerContext):
             try:
                 self.tokens.admin(context.invocation_metadata())
-                return body(self, request)
+                response = body(self, request)
             except Exception as exc:  # noqa: BLE001 - errors.status_of is the one mapping
+                if isinstance(exc, (XenError, Refused, BadRequest)):
+                    log.warning("Toolstack %s from %s refused: %s", op, context.peer(), exc)
                 await abort(context, exc, op)
+            log.log(logging.INFO if op in _LOGGED else logging.DEBUG, "Toolstack %s(%s): %s", op, _brief(request), _brief(response))
+            return response
 
         return method
 
     return wrap
+
+
+def _brief(message) -> str:
+    """A message on one line for the log, without the domain token a CreateDomain returns."""
+    fields = ", ".join(f"{f.name}={v if f.type != f.TYPE_MESSAGE else '{...}'}" for f, v in message.ListFields() if f.name != "token")
+    return fields[:200]
 
 
 class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):

@@ -23,7 +23,10 @@ as an await that blocks nothing else:
 """
 
 import asyncio
+import logging
+from collections.abc import Callable
 from contextlib import contextmanager
+from time import perf_counter
 
 import grpc
 
@@ -35,6 +38,8 @@ from xensim.v1 import hypercalls_pb2
 
 from . import convert
 from .errors import PeerGone, Refused, status_of, write
+
+log = logging.getLogger("xensim.server")
 
 
 class Stream:
@@ -140,6 +145,7 @@ class Runtime:
         self._timer_deadline: int | None = None
         self._tasks: dict[int | None, set[asyncio.Task]] = {}
         self._endings: dict[asyncio.Task, Exception] = {}
+        self.observe: Callable[[str, float], None] | None = None  # observe.Metrics, with --metrics-port
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -185,16 +191,21 @@ class Runtime:
         if slot.stream is not None:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"dom{slot.domid} vCPU {slot.vcpu_id} already has a Session open")
         slot.stream = Stream(self, slot, context)
+        log.info("dom%d vCPU %d: Session opened by %s", slot.domid, slot.vcpu_id, context.peer())
         return slot.stream
 
     def detach(self, stream: Stream) -> None:
         """The stream is gone; the vCPU's state stays for the next process that attaches."""
         if stream.slot.stream is stream:
             stream.slot.stream = None
+            log.info("dom%d vCPU %d: Session closed", stream.slot.domid, stream.slot.vcpu_id)
 
     def session_open(self, domid: int, vcpu_id: int) -> bool:
         slot = self.slots.get((domid, vcpu_id))
         return slot is not None and slot.stream is not None
+
+    def sessions_open(self) -> int:
+        return sum(slot.stream is not None for slot in self.slots.values())
 
     async def call(self, slot: VcpuSlot, op: str, args: dict):
         """Run one hypercall of `slot`'s vCPU: wait while its domain is paused, run it on the
@@ -202,9 +213,12 @@ class Runtime:
         gate = self.paused.get(slot.domid)
         if gate is not None:
             await gate.wait()
+        started = perf_counter() if self.observe is not None else 0.0
         try:
             result = self.hv.hypercall(slot.domid, slot.vcpu_id, op, **args)
         finally:
+            if self.observe is not None:
+                self.observe(op, perf_counter() - started)
             self.drain()
         if result is BLOCKED:
             while slot.vcpu.blocked:
