@@ -172,6 +172,11 @@ def test_a_wrong_token_is_exit_4(machine, capsys):
     assert status == EXIT_AUTH and err.startswith("xensim xl list: the hypervisor refused the admin token: wrong admin token")
 
 
+def test_the_common_options_go_before_the_command_too(machine, capsys):
+    status = main(["xl", "--server", machine["server"].address, "--admin-token", "xl-test-token", "--json", "info"])
+    assert status == 0 and json.loads(capsys.readouterr().out)["nr_domains"] == 1
+
+
 def test_the_token_file_is_read(machine, capsys, tmp_path):
     (tmp_path / "token").write_text("xl-test-token\n")
     status = main(["xl", "info", "--server", machine["server"].address, "--admin-token-file", str(tmp_path / "token")])

@@ -138,7 +138,7 @@ class Picture:
         t = self.tables[mfn]
         f = t["frame"]
         x, y = self.x(mfn), self.y[mfn]
-        state = " ".join(s for s in ("pinned" if f["pinned"] else "", "validated" if f["validated"] else "not validated") if s)
+        state = f"{'pinned' if f['pinned'] else 'not pinned'}, {'validated' if f['validated'] else 'not validated'}"
         root = [label for m, label in self.roots if m == mfn]
         lines = [f"L{t['level']} {mfn}" + (f"  [{root[0]}]" if root else ""), f"tc {f['type_count']}  c {f['count']}  dom{f['owner']}", state]
         classes = ["table", f"l{t['level']}"] + (["pinned"] if f["pinned"] else []) + (["root"] if root else [])

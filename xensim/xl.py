@@ -413,13 +413,21 @@ def run(args) -> int:
     return 0
 
 
+def _options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes, before the command (with their defaults) or after
+    it (where a default would overwrite the value given before, so there are none)."""
+    default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    parser.add_argument("--server", default=default(DEFAULT_SERVER), metavar="HOST:PORT", help=f"the hypervisor (default {DEFAULT_SERVER})")
+    parser.add_argument("--admin-token", default=default(None), metavar="TOKEN", help=f"the hypervisor's admin token (default: --admin-token-file, else ${ADMIN_TOKEN_ENV})")
+    parser.add_argument("--admin-token-file", default=default(None), metavar="FILE", help="read the admin token from FILE")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print one JSON document instead of text")
+    parser.add_argument("--timeout", type=float, default=default(10.0), metavar="S", help="give up on a call after S seconds (default 10)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _options(parser, defaults=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT", help="the hypervisor (default %(default)s)")
-    common.add_argument("--admin-token", metavar="TOKEN", help=f"the hypervisor's admin token (default: --admin-token-file, else ${ADMIN_TOKEN_ENV})")
-    common.add_argument("--admin-token-file", metavar="FILE", help="read the admin token from FILE")
-    common.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    common.add_argument("--timeout", type=float, default=10.0, metavar="S", help="give up on a call after S seconds (default %(default)s)")
+    _options(common, defaults=False)
     sub = parser.add_subparsers(dest="xl", required=True, metavar="COMMAND")
 
     def command(name: str, runner: Callable, help: str) -> argparse.ArgumentParser:
