@@ -16,7 +16,7 @@ import json
 import os
 import re
 import sys
-import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,10 +139,22 @@ def domain_record(d: toolstack_pb2.Domain, long: bool) -> dict:
     return record
 
 
+def domain_counts(xl, domid: int | None = None) -> dict[tuple[int, str, str], int]:
+    """{(domid, op, errno name or "ok"): count} of the domains that exist (or of one)."""
+    request = toolstack_pb2.DomainStatsRequest() if domid is None else toolstack_pb2.DomainStatsRequest(domid=domid)
+    counts = xl("DomainStats", request).counts
+    return {(c.domid, c.op, common_pb2.XenErrno.Name(c.errno).removeprefix("XEN_ERRNO_") if c.errno else "ok"): c.count for c in counts}
+
+
 def cmd_list(xl: Xl, args) -> tuple:
     domains = [domain_record(d, args.long) for d in xl("ListDomains", toolstack_pb2.ListDomainsRequest()).domains]
-    header = ["Name", "ID", "Pages", "MiB", "vCPUs", "State"]
-    rows = [[d["name"], d["domid"], d["pages"], d["pages"] // PAGES_PER_MIB, f"{d['vcpus_online']}/{d['vcpus']}", d["state"]] for d in domains]
+    calls = Counter()
+    for (domid, _, _), n in domain_counts(xl).items():
+        calls[domid] += n
+    for d in domains:
+        d["hypercalls"] = calls[d["domid"]]
+    header = ["Name", "ID", "Pages", "MiB", "vCPUs", "State", "Hypercalls"]
+    rows = [[d["name"], d["domid"], d["pages"], d["pages"] // PAGES_PER_MIB, f"{d['vcpus_online']}/{d['vcpus']}", d["state"], d["hypercalls"]] for d in domains]
     if args.long:
         header += ["Lowmem", "Shared-info", "Max port", "Shutdown"]
         for row, d in zip(rows, domains):
@@ -473,7 +485,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from xensim import pagetable_view  # it imports this module
 
     pagetable_view.add_arguments(command("pagetable", _pagetable, "draw the pagetable tree under a base pointer as a self-contained HTML or SVG picture"))
-    top = command("top", _top, "hypercall rates by op and errno, refreshed live (like xentop), from Stats")
+    top = command("top", _top, "each domain's hypercall rates by op and errno, refreshed live (like xentop)")
     top.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between samples (default %(default)s)")
     top.add_argument("--iterations", type=int, metavar="N", help="stop after N samples (default: until interrupted)")
 

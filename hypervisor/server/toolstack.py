@@ -231,3 +231,9 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
         summary = views.domain_summary(self.hv, self.hv.domain(request.domid))
         by_type = [toolstack_pb2.TypeCount(type=common_pb2.PageType.Value(f"PAGE_TYPE_{t}"), count=n) for t, n in summary.pop("by_type").items()]
         return toolstack_pb2.DomainSummaryResponse(**summary, by_type=by_type)
+
+    @_admin("domain_stats")
+    def DomainStats(self, request):
+        wanted = {request.domid} if request.HasField("domid") else set(self.hv.domains)
+        counts = sorted((d, op, 0 if outcome == "ok" else int(Errno[outcome]), n) for (d, op, outcome), n in self.runtime.domain_stats.items() if d in wanted)
+        return toolstack_pb2.DomainStatsResponse(counts=[toolstack_pb2.DomainOpCount(domid=d, op=op, errno=e, count=n) for d, op, e, n in counts])

@@ -24,13 +24,14 @@ as an await that blocks nothing else:
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from time import perf_counter
 
 import grpc
 
-from hypervisor.core import Hypervisor
+from hypervisor.core import Hypervisor, XenError
 from hypervisor.core.domain import Vcpu
 from hypervisor.core.evtchn import local_events_need_delivery
 from hypervisor.core.sched import BLOCKED
@@ -146,6 +147,9 @@ class Runtime:
         self._tasks: dict[int | None, set[asyncio.Task]] = {}
         self._endings: dict[asyncio.Task, Exception] = {}
         self.observe: Callable[[str, float], None] | None = None  # observe.Metrics, with --metrics-port
+        # Hypercalls by (domid, op, outcome) since the server started: the core's Stats per
+        # domain (Toolstack DomainStats, xl top). A reused domid inherits its predecessor's.
+        self.domain_stats: Counter = Counter()
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -216,10 +220,14 @@ class Runtime:
         started = perf_counter() if self.observe is not None else 0.0
         try:
             result = self.hv.hypercall(slot.domid, slot.vcpu_id, op, **args)
+        except XenError as e:
+            self.domain_stats[(slot.domid, op, e.errno.name)] += 1
+            raise
         finally:
             if self.observe is not None:
                 self.observe(op, perf_counter() - started)
             self.drain()
+        self.domain_stats[(slot.domid, op, "ok")] += 1
         if result is BLOCKED:
             while slot.vcpu.blocked:
                 slot.wake.clear()

@@ -475,3 +475,27 @@ class TypeCount(_message.Message):
     type: _common_pb2.PageType
     count: int
     def __init__(self, type: _Optional[_Union[_common_pb2.PageType, str]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class DomainStatsRequest(_message.Message):
+    __slots__ = ("domid",)
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    def __init__(self, domid: _Optional[int] = ...) -> None: ...
+
+class DomainStatsResponse(_message.Message):
+    __slots__ = ("counts",)
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedCompositeFieldContainer[DomainOpCount]
+    def __init__(self, counts: _Optional[_Iterable[_Union[DomainOpCount, _Mapping]]] = ...) -> None: ...
+
+class DomainOpCount(_message.Message):
+    __slots__ = ("domid", "op", "errno", "count")
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    ERRNO_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    op: str
+    errno: _common_pb2.XenErrno
+    count: int
+    def __init__(self, domid: _Optional[int] = ..., op: _Optional[str] = ..., errno: _Optional[_Union[_common_pb2.XenErrno, str]] = ..., count: _Optional[int] = ...) -> None: ...

@@ -141,6 +141,11 @@ class ToolstackStub:
                 request_serializer=xensim_dot_v1_dot_toolstack__pb2.DomainSummaryRequest.SerializeToString,
                 response_deserializer=xensim_dot_v1_dot_toolstack__pb2.DomainSummaryResponse.FromString,
                 _registered_method=True)
+        self.DomainStats = channel.unary_unary(
+                '/xensim.v1.Toolstack/DomainStats',
+                request_serializer=xensim_dot_v1_dot_toolstack__pb2.DomainStatsRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_toolstack__pb2.DomainStatsResponse.FromString,
+                _registered_method=True)
 
 
 class ToolstackServicer:
@@ -322,6 +327,15 @@ class ToolstackServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DomainStats(self, request, context):
+        """Stats per domain: each domain's hypercalls (a multicall once, under "multicall"; memory
+        accesses too) by op and outcome, since the server started (xentop's per-domain view).
+        Never fails; an unknown domid has no counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolstackServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -424,6 +438,11 @@ def add_ToolstackServicer_to_server(servicer, server):
                     servicer.DomainSummary,
                     request_deserializer=xensim_dot_v1_dot_toolstack__pb2.DomainSummaryRequest.FromString,
                     response_serializer=xensim_dot_v1_dot_toolstack__pb2.DomainSummaryResponse.SerializeToString,
+            ),
+            'DomainStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.DomainStats,
+                    request_deserializer=xensim_dot_v1_dot_toolstack__pb2.DomainStatsRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_toolstack__pb2.DomainStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -973,6 +992,33 @@ class Toolstack:
             '/xensim.v1.Toolstack/DomainSummary',
             xensim_dot_v1_dot_toolstack__pb2.DomainSummaryRequest.SerializeToString,
             xensim_dot_v1_dot_toolstack__pb2.DomainSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DomainStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Toolstack/DomainStats',
+            xensim_dot_v1_dot_toolstack__pb2.DomainStatsRequest.SerializeToString,
+            xensim_dot_v1_dot_toolstack__pb2.DomainStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
