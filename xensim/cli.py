@@ -10,6 +10,7 @@ from hypervisor.server.config import add_arguments as add_serve_arguments
 from xensim.guest import add_arguments as add_guest_arguments
 from xensim.timeline import add_arguments as add_timeline_arguments
 from xensim.toolstack import add_arguments as add_toolstack_arguments
+from xensim.trace_export import add_arguments as add_trace_arguments
 from xensim.xl import add_arguments as add_xl_arguments
 
 
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--server", required=True, metavar="HOST:PORT")
     health.add_argument("--timeout", type=float, default=5.0, metavar="S")
     health.set_defaults(run=_health)
+    trace = sub.add_parser("trace", help="work with a hypercall trace: export it for Perfetto / chrome://tracing")
+    add_trace_arguments(trace)
     xl = sub.add_parser("xl", help="xl, lsevtchn, xen-mfndump, debug-keys, xentop over a running hypervisor, plus who-maps and pagetable pictures")
     add_xl_arguments(xl)
     timeline = sub.add_parser("timeline", help="draw a trace as a per-vCPU timeline in a self-contained HTML page")
