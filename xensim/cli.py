@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--server", required=True, metavar="HOST:PORT")
     health.add_argument("--timeout", type=float, default=5.0, metavar="S")
     health.set_defaults(run=_health)
-    trace = sub.add_parser("trace", help="work with a hypercall trace: export it for Perfetto / chrome://tracing")
+    trace = sub.add_parser("trace", help="work with a hypercall trace: export it for Perfetto / chrome://tracing, explain its failures")
     add_trace_arguments(trace)
     xl = sub.add_parser("xl", help="xl, lsevtchn, xen-mfndump, debug-keys, xentop over a running hypervisor, plus who-maps and pagetable pictures")
     add_xl_arguments(xl)
@@ -145,6 +145,11 @@ def _stress(args) -> int:
     print(json.dumps(summary))
     for bug in report["kernel_bugs"]:
         print(f"kernel BUG: {bug}")
+    if args.trace and (report["kernel_bugs"] or report["unexpected_errors"]):  # the trace is complete: the server stopped
+        from xensim.explain import explain
+
+        for explained in explain(args.trace, matching=report["kernel_bugs"] or None):
+            print(explained["text"])
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)

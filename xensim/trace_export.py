@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from hypervisor.server.tracing import open_trace
+from xensim.explain import add_arguments as add_explain_arguments
 from xensim.timeline import XEN_LANE, Call, scan
 
 CR3_TID = 1000  # the cr3 thread of vCPU n is CR3_TID + n
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--format", choices=("chrome",), default="chrome", help="the output format (default %(default)s)")
     export.add_argument("--out", "-o", required=True, metavar="OUT", help="the file to write")
     export.set_defaults(run=main)
+    add_explain_arguments(sub)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -83,19 +83,26 @@ def type_name(value: int) -> str:
     return common_pb2.PageType.Name(value).removeprefix("PAGE_TYPE_")
 
 
-def frame_record(frame: toolstack_pb2.Frame) -> dict:
-    """A Frame message as the commands show it (mfn and M2P in hex)."""
+def fields(message) -> dict:
+    """A flat message's fields by name (an unset optional field as None)."""
+    return {f.name: getattr(message, f.name) if not f.has_presence or message.HasField(f.name) else None for f in message.DESCRIPTOR.fields}
+
+
+def frame_record(frame: toolstack_pb2.Frame | dict) -> dict:
+    """A frame-table entry (a Frame message, or the core's `frame_info` dict) as the commands
+    show it (mfn and M2P in hex)."""
+    f = {**fields(frame), "type": type_name(frame.type)} if isinstance(frame, toolstack_pb2.Frame) else frame
     return {
-        "mfn": hexa(frame.mfn),
-        "owner": frame.owner if frame.HasField("owner") else None,
-        "type": type_name(frame.type),
-        "type_count": frame.type_count,
-        "count": frame.count,
-        "pinned": frame.pinned,
-        "validated": frame.validated,
-        "allocated": frame.allocated,
-        "xen_heap": frame.xen_heap,
-        "pfn": None if frame.m2p == INVALID_M2P else hexa(frame.m2p),
+        "mfn": hexa(f["mfn"]),
+        "owner": f["owner"],
+        "type": f["type"],
+        "type_count": f["type_count"],
+        "count": f["count"],
+        "pinned": f["pinned"],
+        "validated": f["validated"],
+        "allocated": f["allocated"],
+        "xen_heap": f["xen_heap"],
+        "pfn": None if f["m2p"] == INVALID_M2P else hexa(f["m2p"]),
     }
 
 
@@ -349,12 +356,17 @@ def cmd_dump_ptes(xl: Xl, args) -> tuple:
 
 def cmd_who_maps(xl: Xl, args) -> tuple:
     found = xl("ReverseMap", toolstack_pb2.ReverseMapRequest(mfn=args.mfn))
-    frame = frame_record(found.frame)
+    return who_maps(frame_record(found.frame), [fields(e) for e in found.entries], [fields(b) for b in found.bases])
+
+
+def who_maps(frame: dict, references: list[dict], base_pointers: list[dict]) -> tuple[dict, str]:
+    """The who-maps report of a frame (`frame_record`) from the ReverseMap's references and
+    base pointers (as the core's `views.reverse_map` gives them, or its message's fields)."""
     entries = [
-        {"table": hexa(e.table), "level": e.level, "slot": e.slot, "entry": hexa(e.entry), "flags": flag_names(e.entry), "owner": e.owner, "holds_reference": e.holds_reference, "xen_slot": e.xen_slot}
-        for e in found.entries
+        {"table": hexa(e["table"]), "level": e["level"], "slot": e["slot"], "entry": hexa(e["entry"]), "flags": flag_names(e["entry"]), "owner": e["owner"], "holds_reference": e["holds_reference"], "xen_slot": e["xen_slot"]}
+        for e in references
     ]
-    bases = [{"domid": b.domid, "vcpu": b.vcpu, "base": "user" if b.user else "kernel"} for b in found.bases]
+    bases = [{"domid": b["domid"], "vcpu": b["vcpu"], "base": "user" if b["user"] else "kernel"} for b in base_pointers]
     data = {"frame": frame, "entries": entries, "bases": bases, "type_holders": type_holders(frame, entries, bases)}
     lines = [describe_frame(frame)]
     held = data["type_holders"]
