@@ -144,7 +144,7 @@ def main(args) -> int:
         from xensim.explain import explain
 
         for explained in explain(trace, matching=report["kernel_bugs"]):
-            console.print(explained["text"], highlight=False)
+            console.print(explained["text"], markup=False, highlight=False, soft_wrap=True)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
