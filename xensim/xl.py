@@ -22,15 +22,14 @@ from pathlib import Path
 
 import grpc
 
-from guestlib import CallRejected, XenError
-from guestlib.toolstack import _rpc_error as rpc_error
-from hypervisor.core.abi import PAGE_SHIFT, PTE_MFN_MASK, Pte
+from guestlib.toolstack import _rpc_error as rpc_error  # the Toolstack client's decoding of a failed call
+from hypervisor.core.abi import PAGE_SHIFT, Pte
+from hypervisor.core.domain import INVALID_M2P
 from hypervisor.server.config import ADMIN_TOKEN_ENV
 from xensim.v1 import common_pb2, toolstack_pb2, toolstack_pb2_grpc
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH = 1, 2, 3, 4
-INVALID_M2P = 0xFFFFFFFFFFFFFFFF
 PAGES_PER_MIB = (1 << 20) >> PAGE_SHIFT
 _FLAGS = [(f.name, int(f)) for f in (Pte.PRESENT, Pte.RW, Pte.USER, Pte.PWT, Pte.PCD, Pte.ACCESSED, Pte.DIRTY, Pte.PSE, Pte.GLOBAL, Pte.NX)]
 _SHORT = {"PRESENT": "P", "USER": "US", "ACCESSED": "A", "DIRTY": "D", "GLOBAL": "G"}
@@ -424,9 +423,6 @@ def run(args) -> int:
     except Failed as e:
         print(f"xensim xl {args.xl}: {e}", file=sys.stderr)
         return e.status
-    except (XenError, CallRejected) as e:
-        print(f"xensim xl {args.xl}: {e}", file=sys.stderr)
-        return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
     finally:

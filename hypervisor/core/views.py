@@ -13,6 +13,8 @@ pin; `pagetable` decodes a table's entries the way `xen-mfndump dump-ptes` does
 (tools/misc/xen-mfndump.c, dump_ptes_func), adding the type and counts of each target.
 """
 
+from collections import deque
+
 import numpy as np
 
 from .abi import (
@@ -187,9 +189,9 @@ def pagetable_tree(hv: Hypervisor, root: int) -> list[dict]:
     children: the L4's guest entries lead to L3s, theirs to L2s and so on. Entries in Xen's
     slots (the linear map) and entries naming a frame of another level or outside memory are
     not followed, so a linear or cyclic entry cannot loop."""
-    seen, order, queue = {root}, [], [root]
+    seen, order, queue = {root}, [], deque([root])
     while queue:
-        table = pagetable(hv, queue.pop(0))
+        table = pagetable(hv, queue.popleft())
         order.append(table)
         if table["level"] == 1:
             continue
