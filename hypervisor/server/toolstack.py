@@ -39,12 +39,14 @@ def _admin(op: str) -> Callable:
             try:
                 self.tokens.admin(context.invocation_metadata())
                 response = body(self, request)
+                level = logging.INFO if op in _LOGGED else logging.DEBUG
+                if log.isEnabledFor(level):  # a view's response can be large: describe it only when logged
+                    log.log(level, "Toolstack %s(%s): %s", op, _brief(request), _brief(response))
+                return response
             except Exception as exc:  # noqa: BLE001 - errors.status_of is the one mapping
                 if isinstance(exc, (XenError, Refused, BadRequest)):
                     log.warning("Toolstack %s from %s refused: %s", op, context.peer(), exc)
                 await abort(context, exc, op)
-            log.log(logging.INFO if op in _LOGGED else logging.DEBUG, "Toolstack %s(%s): %s", op, _brief(request), _brief(response))
-            return response
 
         return method
 
@@ -52,9 +54,15 @@ def _admin(op: str) -> Callable:
 
 
 def _brief(message) -> str:
-    """A message on one line for the log, without the domain token a CreateDomain returns."""
-    fields = ", ".join(f"{f.name}={v if f.type != f.TYPE_MESSAGE else '{...}'}" for f, v in message.ListFields() if f.name != "token")
-    return fields[:200]
+    """A message on one line for the log: scalars, the length of lists, {...} for messages,
+    and never the domain token a CreateDomain returns."""
+
+    def value(field, v) -> str:
+        if field.is_repeated:
+            return f"[{len(v)}]"
+        return "{...}" if field.type == field.TYPE_MESSAGE else str(v)
+
+    return ", ".join(f"{f.name}={value(f, v)}" for f, v in message.ListFields() if f.name != "token")
 
 
 class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):

@@ -88,3 +88,11 @@ def test_log_level_warning_keeps_only_the_refusals():
         log = server.stderr()
     assert "create_domain" not in log and "serving on" not in log
     assert "Toolstack domain_info from" in log and "refused: -ESRCH: no domain 99" in log
+
+
+def test_log_level_debug_adds_the_views_briefly():
+    with start_server("--log-level", "debug") as server:
+        guest = WireGuest(server)
+        guest.toolstack("DumpP2M", toolstack_pb2.DumpP2MRequest(domid=guest.domid))
+        log = server.stderr()
+    assert f"DEBUG: Toolstack dump_p2m(domid={guest.domid}): mfns=[2048]" in log
