@@ -53,6 +53,10 @@ def _admin(op: str) -> Callable:
     return wrap
 
 
+# The Domain message's fields that views.domain_info gives as they are.
+_DOMAIN_FIELDS = ("domid", "name", "nr_pages", "tot_pages", "nr_lowmem_pages", "nr_vcpus", "online_vcpus", "max_evtchn_port", "shared_info_mfn", "paused")
+
+
 def _brief(message) -> str:
     """A message on one line for the log: scalars, the length of lists, {...} for messages,
     and never the domain token a CreateDomain returns."""
@@ -115,11 +119,11 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
 
     def _domain(self, domain: Domain) -> toolstack_pb2.Domain:
         info = views.domain_info(self.hv, domain)
-        shutdown = info.pop("shutdown_code")
-        state = toolstack_pb2.DomainState.Value(f"DOMAIN_STATE_{info.pop('state').upper()}")
-        record = toolstack_pb2.Domain(**info, state=state)
-        if shutdown is not None:
-            record.shutdown_reason = shutdown + 1
+        record = toolstack_pb2.Domain(
+            **{name: info[name] for name in _DOMAIN_FIELDS}, state=toolstack_pb2.DomainState.Value(f"DOMAIN_STATE_{info['state'].upper()}")
+        )
+        if info["shutdown_code"] is not None:
+            record.shutdown_reason = info["shutdown_code"] + 1
         return record
 
     @_admin("vcpu_info")
