@@ -267,3 +267,12 @@ def test_chromium_shows_the_picture_and_where_the_frame_appears(machine, capsys,
     assert f"mfn {l3} appears in 4 places" in dom
     assert f"entry 272 of {hex(machine['boot'])} (RW)" in dom and f"entry 272 of {hex(machine['l4b'])} (RW)" in dom
     assert re.search(rf"mapping \d+ of 0x[0-9a-f]+ \(read-only\)", dom)
+
+
+def test_a_big_domains_m2p_is_past_grpcs_default_message_limit(capsys):
+    with start_server(frames=1 << 20) as server:
+        server.create_domain(nr_pages=600_000, nr_vcpus=1)  # its DumpM2P answer is ~7 MiB
+        status = main(["xl", "--server", server.address, "--timeout", "120", "mfndump", "dump-m2p", "1", "--json"])
+        out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out.count('"pfn"') == 600_000 + 1  # and the shared-info frame

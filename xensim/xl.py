@@ -7,8 +7,8 @@ The admin token comes from --admin-token, else --admin-token-file, else $XENSIM_
 
 Exit status: 0 done; 1 the hypervisor refused (a Xen errno: ESRCH for an unknown domain,
 EINVAL for a frame outside memory or not a pagetable); 2 a bad command line (argparse, a
-malformed number, an unreadable config or token file); 3 the hypervisor cannot be reached;
-4 the admin token was refused. Every failure is one line on stderr.
+malformed number, an unreadable config or token file); 3 the hypervisor cannot be reached
+or did not answer within --timeout; 4 the admin token was refused. Every failure is one line on stderr.
 """
 
 import argparse
@@ -31,6 +31,7 @@ from xensim.v1 import common_pb2, toolstack_pb2, toolstack_pb2_grpc
 DEFAULT_SERVER = "127.0.0.1:50051"
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH = 1, 2, 3, 4
 PAGES_PER_MIB = (1 << 20) >> PAGE_SHIFT
+MAX_RESPONSE = 256 << 20
 _FLAGS = [(f.name, int(f)) for f in (Pte.PRESENT, Pte.RW, Pte.USER, Pte.PWT, Pte.PCD, Pte.ACCESSED, Pte.DIRTY, Pte.PSE, Pte.GLOBAL, Pte.NX)]
 _SHORT = {"PRESENT": "P", "USER": "US", "ACCESSED": "A", "DIRTY": "D", "GLOBAL": "G"}
 
@@ -51,7 +52,8 @@ class Xl:
 
     def __init__(self, server: str, token: str | None, timeout: float):
         self.server, self.timeout = server, timeout
-        self._channel = grpc.insecure_channel(server)
+        # A big domain's P2M or pagetable tree is several MiB, beyond grpc's default 4 MiB.
+        self._channel = grpc.insecure_channel(server, options=(("grpc.max_receive_message_length", MAX_RESPONSE),))
         self._stub = toolstack_pb2_grpc.ToolstackStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -59,8 +61,10 @@ class Xl:
         try:
             return getattr(self._stub, method)(request, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Failed(f"cannot reach the hypervisor at {self.server} ({e.code().name}); is `xensim serve` running there?", EXIT_UNREACHABLE) from None
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise Failed(f"cannot reach the hypervisor at {self.server} (UNAVAILABLE); is `xensim serve` running there?", EXIT_UNREACHABLE) from None
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise Failed(f"the hypervisor at {self.server} did not answer within {self.timeout:g} s (--timeout)", EXIT_UNREACHABLE) from None
             if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 raise Failed(f"the hypervisor refused the admin token: {e.details()} (give --admin-token, --admin-token-file or ${ADMIN_TOKEN_ENV})", EXIT_AUTH) from None
             error = rpc_error(e)
