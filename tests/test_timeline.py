@@ -12,7 +12,7 @@ import pytest
 from hypervisor.core import Hypervisor, XenError
 from hypervisor.core.trace import TraceWriter
 from xensim.cli import main
-from xensim.timeline import scan
+from xensim.timeline import focus, scan
 
 from .core.guest import Guest
 
@@ -110,3 +110,40 @@ def test_chromium_draws_the_lanes_and_the_failed_calls(tmp_path):
     assert len(re.findall(r'<line [^>]*class="ev k-error"', svg)) >= 2
     assert "mmu_update: EBUSY: " in svg and "mmuext_op: EINVAL: " in svg  # in the failed calls' tooltips
     assert f"cr3 = mfn 0x{run['l4']:x}" in svg and 'class="ev k-ipi"' in svg
+
+
+def test_focus_keeps_the_failing_domain_and_marks_the_frames_its_error_names(tmp_path):
+    trace, run = race_trace()
+    timeline = scan(trace.splitlines())
+    busy = next(c for c in timeline.failures if "EBUSY" in c.errors[0])
+    focused = focus(timeline, busy.seq)
+    d = run["domid"]
+    assert {lane[0] for lane in focused.lanes} == {d} and {lane[0] for lane in timeline.lanes} > {d}  # the other domain is gone
+    assert run["l4"] in focused.hot_mfns
+    assert [b for b in focused.bands if b[3] == run["l4"]] == [b for b in timeline.bands if b[3] == run["l4"]]
+    kinds = {c.kind for c in focused.calls if run["l4"] in c.mfns}
+    assert {"pin", "unpin", "cr3", "error"} <= kinds  # every call that named the tree's L4
+    with pytest.raises(ValueError, match="is not a failed call"):
+        focus(timeline, 1)
+
+    (tmp_path / "run.jsonl").write_text(trace)
+    page = tmp_path / "focus.html"
+    assert main(["timeline", str(tmp_path / "run.jsonl"), "--html", str(page), "--focus", str(busy.seq)]) == 0
+    text = page.read_text()
+    assert f"focused on #{busy.seq}: its domain only, " in text and f'"focus":{busy.seq}' in text
+    assert main(["timeline", str(tmp_path / "run.jsonl"), "--html", str(page), "--focus", "1"]) == 2
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.timeout(CHROMIUM_TIMEOUT + 30)
+def test_chromium_scrolls_to_the_focused_failure_and_marks_the_frame(tmp_path):
+    trace, run = race_trace()
+    (tmp_path / "run.jsonl").write_text(trace)
+    busy = next(c for c in scan(trace.splitlines()).failures if "EBUSY" in c.errors[0])
+    page = tmp_path / "focus.html"
+    assert main(["timeline", str(tmp_path / "run.jsonl"), "--html", str(page), "--focus", str(busy.seq)]) == 0
+    dom = chromium("--dump-dom", url=page.as_uri(), profile=tmp_path / "profile").stdout
+    svg = dom[dom.index("<svg") : dom.index("</svg>")]
+    assert f'class="ev k-error focus" id="c{busy.seq}"' in svg  # show() ran: scrolled to it and marked
+    assert f"cr3 = mfn 0x{run['l4']:x}" in svg and 'class="hot"' in svg
+    assert "Xen (toolstack)" not in dom.split("<svg")[0].split('id="lanes"')[1]

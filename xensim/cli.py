@@ -10,6 +10,8 @@ from hypervisor.server.config import add_arguments as add_serve_arguments
 from xensim.guest import add_arguments as add_guest_arguments
 from xensim.timeline import add_arguments as add_timeline_arguments
 from xensim.toolstack import add_arguments as add_toolstack_arguments
+from xensim.trace_export import add_arguments as add_trace_arguments
+from xensim.xl import add_arguments as add_xl_arguments
 
 
 def _bench(args) -> int:
@@ -122,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--server", required=True, metavar="HOST:PORT")
     health.add_argument("--timeout", type=float, default=5.0, metavar="S")
     health.set_defaults(run=_health)
+    trace = sub.add_parser("trace", help="work with a hypercall trace: export it for Perfetto / chrome://tracing, explain its failures")
+    add_trace_arguments(trace)
+    xl = sub.add_parser("xl", help="xl, lsevtchn, xen-mfndump, debug-keys, xentop over a running hypervisor, plus who-maps and pagetable pictures")
+    add_xl_arguments(xl)
     timeline = sub.add_parser("timeline", help="draw a trace as a per-vCPU timeline in a self-contained HTML page")
     add_timeline_arguments(timeline)
     return parser
@@ -149,6 +155,11 @@ def _stress(args) -> int:
     print(json.dumps(summary))
     for bug in report["kernel_bugs"]:
         print(f"kernel BUG: {bug}")
+    if args.trace and (report["kernel_bugs"] or report["unexpected_errors"]):  # the trace is complete: the server stopped
+        from xensim.explain import explain
+
+        for explained in explain(args.trace, matching=report["kernel_bugs"] or None):
+            print(explained["text"])
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)

@@ -140,6 +140,11 @@ def main(args) -> int:
                 return 130
             _print_report(console, report, trace)
             ok = not failed(report)
+    if trace and not args.race and report["kernel_bugs"]:  # the trace is complete: the server stopped
+        from xensim.explain import explain
+
+        for explained in explain(trace, matching=report["kernel_bugs"]):
+            console.print(explained["text"], markup=False, highlight=False, soft_wrap=True)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)

@@ -10,14 +10,18 @@ self-contained file: the trace's events as JSON, drawn into SVG by a little inli
 import argparse
 import html
 import json
+import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypervisor.core.abi import MmuextCmd
+from hypervisor.core.abi import PAGE_SHIFT, PTE_MFN_MASK, MmuextCmd
 from hypervisor.server.tracing import open_trace
 
 DEFAULT_COUNT = 50_000  # more than this makes a page browsers draw slowly
+FOCUS_BEFORE, FOCUS_COUNT = 200, 400  # the window --focus draws around its call, unless --first/--count say
+MFN_ARG_CMDS = {MmuextCmd.UNPIN_TABLE, MmuextCmd.NEW_BASEPTR, MmuextCmd.NEW_USER_BASEPTR, MmuextCmd.CLEAR_PAGE, MmuextCmd.COPY_PAGE}
 MMUEXT_NAMES = {cmd.value: cmd.name for cmd in MmuextCmd}
 MEMORY_OPS = {"load", "store", "atomic", "read", "write", "phys_read", "phys_write"}
 PIN_CMDS = {MmuextCmd.PIN_L1_TABLE, MmuextCmd.PIN_L2_TABLE, MmuextCmd.PIN_L3_TABLE, MmuextCmd.PIN_L4_TABLE}
@@ -30,16 +34,28 @@ XEN_LANE = "Xen (toolstack)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", help="a trace (JSON lines, .gz too): `xensim serve --trace FILE` or Toolstack StartTrace")
     parser.add_argument("--html", required=True, metavar="OUT", help="the page to write")
-    parser.add_argument("--first", type=int, default=1, metavar="SEQ", help="the first call to draw (calls count from 1)")
-    parser.add_argument("--count", type=int, default=DEFAULT_COUNT, metavar="N", help="how many calls to draw (default %(default)s)")
+    parser.add_argument("--first", type=int, metavar="SEQ", help="the first call to draw (calls count from 1; default 1, or a little before --focus)")
+    parser.add_argument("--count", type=int, metavar="N", help=f"how many calls to draw (default {DEFAULT_COUNT}, or {FOCUS_COUNT} with --focus)")
+    parser.add_argument("--focus", type=int, metavar="SEQ", help="a failed call: draw only its domain's vCPUs, scrolled to it, with every band and call that names a frame of its error marked")
+    parser.add_argument("--memory", action="store_true", help="with --focus, keep the loads and stores (folded away otherwise)")
     parser.set_defaults(run=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    first = args.first or (max(1, args.focus - FOCUS_BEFORE) if args.focus else 1)
+    count = args.count or (FOCUS_COUNT if args.focus else DEFAULT_COUNT)
     with open_trace(args.trace) as lines:
-        timeline = scan(lines, args.first, args.count)
+        timeline = scan(lines, first, count)
+    note = ""
+    if args.focus:
+        try:
+            timeline = focus(timeline, args.focus, args.memory)
+        except ValueError as e:
+            print(f"xensim timeline: {e}", file=sys.stderr)
+            return 2
+        note = f"; focused on #{args.focus}: {', '.join(f'0x{m:x}' for m in sorted(timeline.hot_mfns)) or 'no frame'} named in {sum(1 for c in timeline.calls if c.mfns & timeline.hot_mfns)} calls, {timeline.folded} loads and stores folded away"
     Path(args.html).write_text(render(timeline, Path(args.trace).name))
-    print(f"{args.html}: calls {timeline.first}..{timeline.last} of {timeline.total}, {len(timeline.lanes)} vCPUs, {len(timeline.failures)} failed calls")
+    print(f"{args.html}: calls {timeline.first}..{timeline.last} of {timeline.total}, {len(timeline.lanes)} vCPUs, {len(timeline.failures)} failed calls{note}")
     return 0
 
 
@@ -54,6 +70,7 @@ class Call:
     errors: list[str] = field(default_factory=list)
     target: tuple | None = None  # the vCPU an IPI notifies
     multicall: bool = False
+    mfns: set = field(default_factory=set)  # frames its arguments or errors name
 
     @property
     def kind(self) -> str:
@@ -72,6 +89,9 @@ class Timeline:
     bands: list[tuple] = field(default_factory=list)  # (lane, from seq, to seq, mfn)
     lanes: set = field(default_factory=set)
     failures: list[Call] = field(default_factory=list)
+    focus: int | None = None  # the call --focus is about, and the frames its errors name
+    hot_mfns: set = field(default_factory=set)
+    folded: int = 0  # loads and stores left out by --focus
 
 
 class _Scanner:
@@ -157,6 +177,8 @@ class _Scanner:
                 name = MMUEXT_NAMES.get(cmd, str(cmd))
                 call.kinds.add("cr3" if "BASEPTR" in name else "unpin" if cmd == MmuextCmd.UNPIN_TABLE else "pin" if cmd in PIN_CMDS else "flush" if cmd in FLUSH_CMDS else "pte")
                 call.lines.append(f"{indent}mmuext_op {name} 0x{arg1:x}" + ("" if i < done else "  (not done)"))
+                if cmd in PIN_CMDS or cmd in MFN_ARG_CMDS:
+                    call.mfns.add(arg1)
                 if cmd == MmuextCmd.NEW_BASEPTR and i < done:
                     self.load_cr3(call.lane, arg1, call.seq)
         elif op == "event_channel_op":
@@ -175,6 +197,7 @@ class _Scanner:
             call.kinds.add("sched")
             call.lines.append(f"{indent}vcpu_op {args['cmd']} vCPU{args['vcpuid']}")
             if args["cmd"] == "initialise" and not error:
+                call.mfns.add(args["context"].get("ctrlreg3"))
                 self.load_cr3((domid, args["vcpuid"]), args["context"].get("ctrlreg3"), call.seq)
                 self.t.lanes.add((domid, args["vcpuid"]))
         elif op in MEMORY_OPS:
@@ -184,6 +207,10 @@ class _Scanner:
             call.lines.append(f"{indent}{op}{where}" + (f"  #PF {result['fault'].get('detail', '')}" if "fault" in result else ""))
         else:
             call.kinds.add({"mmu_update": "pte", "update_va_mapping": "pte", "sched_op": "sched", "set_timer_op": "sched"}.get(op, "other"))
+            for ptr, val in args.get("reqs", ()):  # mmu_update: the table written and the frame its entry names
+                call.mfns.update((ptr >> PAGE_SHIFT, (val & PTE_MFN_MASK) >> PAGE_SHIFT))
+            if op == "update_va_mapping":
+                call.mfns.add((args["val"] & PTE_MFN_MASK) >> PAGE_SHIFT)
             size = f" ({len(args['reqs'])} entries)" if op == "mmu_update" else f" {args['cmd']}" if "cmd" in args else ""
             call.lines.append(f"{indent}{op}{size}")
         if error:
@@ -193,6 +220,39 @@ class _Scanner:
     def _failed(call: Call, error: dict, op: str) -> None:
         call.kinds.add("error")
         call.errors.append(f"{op}: {error['errno']}: {error['message']}")
+        call.mfns.update(named_mfns(error["message"]))
+
+
+def named_mfns(message: str) -> set[int]:
+    """The frames an error message names ("mfn 0x1fa0")."""
+    return {int(m, 16) for m in re.findall(r"\bmfn (0x[0-9a-f]+)", message)}
+
+
+def focus(timeline: Timeline, seq: int, memory: bool = False) -> Timeline:
+    """The part of `timeline` that explains failed call `seq`: its domain's vCPUs only,
+    loads and stores folded away unless `memory`, and the frames its errors name marked
+    wherever a band or a call names them. ValueError if `seq` is not a failed call of the
+    window."""
+    call = next((c for c in timeline.failures if c.seq == seq), None)
+    if call is None:
+        raise ValueError(f"call #{seq} is not a failed call in calls {timeline.first}..{timeline.last}; the failed ones are {[c.seq for c in timeline.failures][:20]}")
+    domid = call.lane[0] if call.lane else None
+    lanes = {lane for lane in timeline.lanes if lane[0] == domid}
+    mine = [c for c in timeline.calls if c.lane in lanes or c.target in lanes]
+    kept = [c for c in mine if memory or c.kind != "mem"]
+    hot = set().union(*(named_mfns(e) for e in call.errors))
+    return Timeline(
+        first=timeline.first,
+        last=timeline.last,
+        total=timeline.total,
+        calls=kept,
+        bands=[b for b in timeline.bands if b[0] in lanes],
+        lanes=lanes,
+        failures=[c for c in timeline.failures if c.lane in lanes],
+        focus=seq,
+        hot_mfns=hot,
+        folded=len(mine) - len(kept),
+    )
 
 
 def scan(lines, first: int = 1, count: int = DEFAULT_COUNT) -> Timeline:
@@ -220,26 +280,31 @@ def _lane_name(lane: tuple | None) -> str:
 def render(timeline: Timeline, title: str) -> str:
     """The page: summary, legend, lanes and failed calls as HTML, the calls as JSON for the
     script that draws them."""
-    lanes = [None, *sorted(timeline.lanes)]
+    lanes = [*([] if timeline.focus else [None]), *sorted(timeline.lanes)]  # the toolstack's lane says nothing about one domain
     index = {lane: i for i, lane in enumerate(lanes)}
     data = {
         "first": timeline.first,
         "last": timeline.last,
         "lanes": [_lane_name(lane) for lane in lanes],
         "calls": [
-            [c.seq, index[c.lane], c.kind, int(c.multicall), -1 if c.target is None else index[c.target], "\n".join([f"#{c.seq} {_lane_name(c.lane)}", *c.lines, *c.errors])]
+            [c.seq, index[c.lane], c.kind, int(c.multicall), -1 if c.target is None else index[c.target], "\n".join([f"#{c.seq} {_lane_name(c.lane)}", *c.lines, *c.errors]), int(bool(c.mfns & timeline.hot_mfns))]
             for c in timeline.calls
         ],
-        "bands": [[index[lane], start, end, mfn] for lane, start, end, mfn in timeline.bands],
+        "bands": [[index[lane], start, end, mfn, int(mfn in timeline.hot_mfns)] for lane, start, end, mfn in timeline.bands],
+        "focus": timeline.focus,
     }
     kinds = Counter(c.kind for c in timeline.calls)
     errnos = Counter(error.split(": ")[1] for c in timeline.failures for error in c.errors)
     failures = "".join(
         f'<tr data-seq="{c.seq}"><td>#{c.seq}</td><td>{_lane_name(c.lane)}</td><td>{html.escape(e)}</td></tr>' for c in timeline.failures for e in c.errors
     )
+    in_multicalls = sum(len(c.errors) for c in timeline.failures if c.multicall)
     summary = f"calls {timeline.first}..{timeline.last} of {timeline.total}; {len(timeline.failures)} failed" + (
-        f" ({', '.join(f'{e} x{n}' for e, n in errnos.most_common())})" if errnos else ""
+        f" ({', '.join(f'{e} x{n}' for e, n in errnos.most_common())}; {in_multicalls} of them multicall entries)" if errnos else ""
     )
+    if timeline.focus:
+        named = ", ".join(f"0x{m:x}" for m in sorted(timeline.hot_mfns)) or "no frame"
+        summary += f"; focused on #{timeline.focus}: its domain only, {named} marked in red wherever a band or call names it, {timeline.folded} loads and stores folded away"
     legend = "".join(f'<label class="k-{k}"><input type="checkbox" checked data-kind="{k}"><i></i>{k} ({kinds[k]})</label>' for k in KINDS if kinds[k])
     page = PAGE.replace("@TITLE@", html.escape(title)).replace("@SUMMARY@", html.escape(summary)).replace("@LEGEND@", legend)
     page = page.replace("@LANES@", "".join(f"<div>{html.escape(name)}</div>" for name in data["lanes"]))
@@ -265,6 +330,7 @@ svg text { font-size: 10px; fill: #666; } svg text.mfn { fill: #333; }
 .k-mem { --c: #c8c8c8; } .k-other { --c: #999; }
 svg line.ev { stroke: var(--c); }
 svg line.focus { stroke-width: 6px; }
+svg rect.hot { stroke: #d62728; stroke-width: 2px; } svg circle.hot { fill: #d62728; }
 table { border-collapse: collapse; margin-top: 10px; }
 td { padding: 2px 8px; border-bottom: 1px solid #eee; vertical-align: top; }
 #failures tr[data-seq] { cursor: pointer; color: #b00; }
@@ -307,14 +373,14 @@ function draw() {
     add("line", {x1: x(s), x2: x(s), y1: AXIS - 4, y2: height, stroke: "#eee"});
     add("text", {x: x(s) + 2, y: AXIS - 8}).textContent = "#" + s;
   }
-  for (const [lane, from, to, mfn] of D.bands) {
+  for (const [lane, from, to, mfn, hot] of D.bands) {
     const left = x(from), w = Math.max(x(to) - left, 1), top = AXIS + lane * LANE;
-    add("rect", {x: left, y: top + 2, width: w, height: LANE - 4, fill: mfnColour(mfn), "fill-opacity": 0.25},
+    add("rect", {x: left, y: top + 2, width: w, height: LANE - 4, fill: mfnColour(mfn), "fill-opacity": 0.25, class: hot ? "hot" : "band"},
         D.lanes[lane] + ": cr3 = mfn 0x" + mfn.toString(16) + " from #" + from + " to #" + (to - 1));
     for (let at = left; at < left + w - 50; at += 400) add("text", {x: at + 3, y: top + 12, class: "mfn"}).textContent = "cr3 0x" + mfn.toString(16);
   }
   const thin = Math.max(1, Math.min(scale * 0.7, 3));
-  for (const [seq, lane, kind, multicall, target, title] of D.calls) {
+  for (const [seq, lane, kind, multicall, target, title, hot] of D.calls) {
     if (hidden.has(kind)) continue;
     const cx = x(seq) + scale / 2, top = AXIS + lane * LANE;
     const short = kind === "mem" || kind === "fault";
@@ -322,6 +388,7 @@ function draw() {
     if (target >= 0) add("line", {x1: cx, x2: cx, y1: top + LANE / 2, y2: AXIS + target * LANE + LANE / 2, class: "ev k-ipi", "stroke-dasharray": "3 2", "stroke-width": 1});
     add("line", {x1: cx, x2: cx, y1: top + (short ? LANE * 0.6 : 3), y2: top + LANE - 3, class: "ev k-" + kind, id: "c" + seq, "stroke-width": strong ? Math.max(3, thin) : thin}, title);
     if (multicall) add("line", {x1: cx - 2, x2: cx + 2, y1: top + 2, y2: top + 2, stroke: "#888", "stroke-width": 1.5});
+    if (hot) add("circle", {cx: cx, cy: top + 4, r: 3, class: "hot"}, title);
     if (strong) add("line", {x1: cx, x2: cx, y1: AXIS, y2: height, class: "ev k-error", "stroke-opacity": 0.35, "stroke-width": 1});
   }
 }
@@ -344,5 +411,6 @@ for (const row of document.querySelectorAll("#failures tr[data-seq]"))
 window.addEventListener("resize", draw);
 draw();
 if (location.hash.startsWith("#c")) show(Number(location.hash.slice(2)));
+else if (D.focus) show(D.focus);
 </script></body></html>
 """

@@ -7,8 +7,11 @@ Once serving, stdout gets exactly one JSON line that other programs wait for:
 
     {"event": "ready", "listen": "127.0.0.1:PORT", "admin_token": "..." or null}
 
-Everything else is logged to stderr. SIGINT and SIGTERM end every running call and stream with
-UNAVAILABLE "server shutting down" and stop within the grace period.
+(with "metrics": "127.0.0.1:PORT" added when --metrics-port is given). Everything else is
+logged to stderr, at --log-level: domains created and destroyed, Sessions opened and closed,
+refused Toolstack calls, and every --log-interval a summary of the refused hypercalls.
+SIGINT and SIGTERM end every running call and stream with UNAVAILABLE "server shutting down"
+and stop within the grace period.
 """
 
 import argparse
@@ -34,6 +37,7 @@ from .auth import Tokens
 from .config import Config, Connections, config_from
 from .errors import BadRequest, Refused, abort
 from .hypercalls import HypercallsServicer
+from .observe import Metrics, log_refusals
 from .reflection import Reflection
 from .toolstack import ToolstackServicer
 from .tracing import Tracing
@@ -74,6 +78,17 @@ async def serve(config: Config) -> int:
     services = (*XENSIM_SERVICES, health.SERVICE_NAME, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(services, (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)), server)
     port = _listen(server, config)
+    host = config.address.rsplit(":", 1)[0]
+    ready = {"event": "ready", "listen": f"{host}:{port}", "admin_token": config.admin_token}
+    metrics = None
+    if config.metrics_port is not None:
+        try:
+            metrics = await Metrics(runtime).serve(config.host, config.metrics_port)
+        except OSError as e:
+            raise ListenError(f"cannot serve metrics on {host}:{config.metrics_port}: {e.strerror}") from None
+        ready["metrics"] = f"{host}:{metrics.sockets[0].getsockname()[1]}"
+        log.info("Prometheus metrics on http://%s/metrics", ready["metrics"])
+    summaries = asyncio.create_task(log_refusals(runtime, config.log_interval_s))
     await server.start()
     for service in ("", *XENSIM_SERVICES):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -81,14 +96,16 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):  # before the ready line, which invites them
         loop.add_signal_handler(signum, stop.set)
-    listen = config.address.rsplit(":", 1)[0] + f":{port}"
-    log.info("serving on %s (%d frames%s)", listen, config.frames, ", TLS" if config.tls else "")
-    print(json.dumps({"event": "ready", "listen": listen, "admin_token": config.admin_token}), flush=True)
+    log.info("serving on %s (%d frames%s)", ready["listen"], config.frames, ", TLS" if config.tls else "")
+    print(json.dumps(ready), flush=True)
     await stop.wait()
     log.info("shutting down: ending every call and stream, %.1f s of grace", config.grace_s)
     await health_servicer.enter_graceful_shutdown()
     runtime.end_all(Refused(grpc.StatusCode.UNAVAILABLE, "server shutting down"))
     await server.stop(config.grace_s)
+    summaries.cancel()
+    if metrics is not None:
+        metrics.close()
     _, write_error = tracing.stop_file()
     if write_error:  # the disk's doing, not the simulator's: logged, and no reason to fail
         log.warning("the file trace is incomplete: %s", write_error)
@@ -200,7 +217,7 @@ def _listen(server: grpc.aio.Server, config: Config) -> int:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The `serve` command."""
     config = config_from(args, parser)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=config.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         return asyncio.run(serve(config))
     except (ListenError, XenError) as e:  # a taken port, an uncreatable --trace file

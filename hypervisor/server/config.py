@@ -32,6 +32,7 @@ class Connections:
     idle_timeout_s: float = 30.0
     keepalive_s: float = 20.0
     keepalive_timeout_s: float = 10.0
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Config:
     trace: str | None
     grace_s: float
     connections: Connections = Connections()
+    log_level: str = "INFO"
+    metrics_port: int | None = None  # serve Prometheus metrics on this port of the listen host
+    log_interval_s: float = 10.0  # how often refused hypercalls are summed up in the log
 
     @property
     def address(self) -> str:
@@ -58,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (needs --tls-key)")
     parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--trace", metavar="FILE", help="record every call from the start (as Toolstack StartTrace)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="what goes to stderr: debug, info (domains, Sessions, refused calls; the default), warning, error")
+    parser.add_argument("--log-interval", type=float, default=10.0, metavar="S", help="sum up refused hypercalls in one log line every S seconds (default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics over HTTP on this port of the listen host (0: a free one, logged)")
     parser.add_argument("--grace", type=float, default=3.0, metavar="S", help="on SIGINT/SIGTERM, how long running calls get to finish (default %(default)s)")
     limits = parser.add_argument_group("connection limits (README, Limits)")
     default = Connections()
@@ -103,7 +110,12 @@ def config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
                 tls = (key.read(), cert.read())
         except OSError as e:
             parser.error(f"cannot read {e.filename}: {e.strerror}")
-    return Config(host, int(port), args.frames, admin_token, tls, args.trace, args.grace, _connections(args, parser))
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port {args.metrics_port}: expected 0 to 65535")
+    if args.log_interval <= 0:
+        parser.error("--log-interval must be positive")
+    connections = _connections(args, parser)
+    return Config(host, int(port), args.frames, admin_token, tls, args.trace, args.grace, connections, args.log_level.upper(), args.metrics_port, args.log_interval)
 
 
 def _connections(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Connections:

@@ -271,6 +271,19 @@ def frame(info: dict) -> toolstack_pb2.Frame:
     return record
 
 
+def pagetable(table: dict) -> toolstack_pb2.PagetableFrame:
+    """A `views.pagetable` record as its message."""
+    entries = []
+    for e in table["entries"]:
+        entry = toolstack_pb2.PagetableEntry(slot=e["slot"], entry=e["entry"], mfn=e["mfn"], xen_slot=e["xen_slot"])
+        if e["pfn"] is not None:
+            entry.pfn = e["pfn"]
+        if e["frame"] is not None:
+            entry.target.CopyFrom(frame(e["frame"]))
+        entries.append(entry)
+    return toolstack_pb2.PagetableFrame(level=table["level"], frame=frame(table["frame"]), entries=entries)
+
+
 def vcpu_started(vcpu, domain) -> hypercalls_pb2.VcpuStarted:
     """The push that starts a vCPU's process: its context now (VCPUOP_initialise's, or the
     builder's for vCPU 0), and vCPU 0's start info."""

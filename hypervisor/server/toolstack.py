@@ -7,26 +7,17 @@ method checks the admin token first (`auth.Tokens.admin`).
 """
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable
 from functools import partial
 
 import grpc
 
-from hypervisor.core import SimulatorBug, audit
-from hypervisor.core.abi import (
-    BITS_PER_EVTCHN_WORD,
-    SHARED_INFO_EVTCHN_MASK,
-    SHARED_INFO_EVTCHN_PENDING,
-    SHARED_INFO_VCPU_INFO,
-    VCPU_INFO_SIZE,
-    VCPU_INFO_UPCALL_MASK,
-    VCPU_INFO_UPCALL_PENDING,
-    Errno,
-)
+from hypervisor.core import SimulatorBug, XenError, audit, views
+from hypervisor.core.abi import Errno
 from hypervisor.core.domain import Domain
-from hypervisor.core.evtchn import ECS, status as evtchn_status
-from xensim.v1 import toolstack_pb2, toolstack_pb2_grpc
+from xensim.v1 import common_pb2, toolstack_pb2, toolstack_pb2_grpc
 
 from . import convert
 from .auth import Tokens
@@ -35,21 +26,49 @@ from .tracing import Tracing
 from .vcpus import Runtime
 
 
+log = logging.getLogger("xensim.server")
+# Toolstack ops that change the machine, logged at INFO with their request; views at DEBUG.
+_LOGGED = frozenset({"create_domain", "destroy_domain", "pause_domain", "unpause_domain", "start_trace", "stop_trace"})
+
+
 def _admin(op: str) -> Callable:
     """A Toolstack method: the admin check, then `body(self, request)`; whatever it raises
-    becomes the call's status (`op` names it in ErrorInfo and the log)."""
+    becomes the call's status (`op` names it in ErrorInfo and the log). A refused call is
+    logged at WARNING (a bug of the simulator is logged by `abort`), a change at INFO."""
 
     def wrap(body: Callable) -> Callable:
         async def method(self: "ToolstackServicer", request, context: grpc.aio.ServicerContext):
             try:
                 self.tokens.admin(context.invocation_metadata())
-                return body(self, request)
+                response = body(self, request)
+                level = logging.INFO if op in _LOGGED else logging.DEBUG
+                if log.isEnabledFor(level):  # a view's response can be large: describe it only when logged
+                    log.log(level, "Toolstack %s(%s): %s", op, _brief(request), _brief(response))
+                return response
             except Exception as exc:  # noqa: BLE001 - errors.status_of is the one mapping
+                if isinstance(exc, (XenError, Refused, BadRequest)):
+                    log.warning("Toolstack %s from %s refused: %s", op, context.peer(), exc)
                 await abort(context, exc, op)
 
         return method
 
     return wrap
+
+
+# The Domain message's fields that views.domain_info gives as they are.
+_DOMAIN_FIELDS = ("domid", "name", "nr_pages", "tot_pages", "nr_lowmem_pages", "nr_vcpus", "online_vcpus", "max_evtchn_port", "shared_info_mfn", "paused")
+
+
+def _brief(message) -> str:
+    """A message on one line for the log: scalars, the length of lists, {...} for messages,
+    and never the domain token a CreateDomain returns."""
+
+    def value(field, v) -> str:
+        if field.is_repeated:
+            return f"[{len(v)}]"
+        return "{...}" if field.type == field.TYPE_MESSAGE else str(v)
+
+    return ", ".join(f"{f.name}={value(f, v)}" for f, v in message.ListFields() if f.name != "token")
 
 
 class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
@@ -109,42 +128,33 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
         return toolstack_pb2.DomainInfoResponse(domain=self._domain(self.hv.domain(request.domid)))
 
     def _domain(self, domain: Domain) -> toolstack_pb2.Domain:
+        info = views.domain_info(self.hv, domain)
         record = toolstack_pb2.Domain(
-            domid=domain.domid,
-            name=domain.name,
-            nr_pages=domain.nr_pages,
-            tot_pages=self.hv.tot_pages(domain.domid),
-            nr_lowmem_pages=domain.nr_lowmem_pages,
-            nr_vcpus=len(domain.vcpus),
-            online_vcpus=sum(not v.down for v in domain.vcpus),
-            max_evtchn_port=domain.max_evtchn_port,
-            shared_info_mfn=domain.shared_info_mfn,
-            paused=domain.paused,
+            **{name: info[name] for name in _DOMAIN_FIELDS}, state=toolstack_pb2.DomainState.Value(f"DOMAIN_STATE_{info['state'].upper()}")
         )
-        if domain.shutdown_code is not None:
-            record.shutdown_reason = domain.shutdown_code + 1
+        if info["shutdown_code"] is not None:
+            record.shutdown_reason = info["shutdown_code"] + 1
         return record
 
     @_admin("vcpu_info")
     def VcpuInfo(self, request):
         domain = self.hv.domain(request.domid)
         vcpus = [self.hv.vcpu(request.domid, request.vcpu)] if request.HasField("vcpu") else domain.vcpus
-        shared = self.hv.memory.read(domain.shared_info_mfn, 0, SHARED_INFO_VCPU_INFO + len(domain.vcpus) * VCPU_INFO_SIZE)
         records = []
         for vcpu in vcpus:
-            info = SHARED_INFO_VCPU_INFO + vcpu.vcpu_id * VCPU_INFO_SIZE
+            info = views.vcpu_info(self.hv, domain, vcpu)
             records.append(
                 toolstack_pb2.Vcpu(
-                    vcpu_id=vcpu.vcpu_id,
-                    initialised=vcpu.initialised,
-                    online=not vcpu.down,
-                    blocked=vcpu.blocked,
-                    kernel_cr3_mfn=vcpu.guest_table,
-                    user_cr3_mfn=vcpu.guest_table_user,
-                    upcall_pending=bool(shared[info + VCPU_INFO_UPCALL_PENDING]),
-                    upcall_mask=bool(shared[info + VCPU_INFO_UPCALL_MASK]),
-                    stale_tlb_hits=vcpu.stale_tlb_hits,
-                    tlb_entries=len(vcpu.tlb),
+                    vcpu_id=info["vcpu"],
+                    initialised=info["initialised"],
+                    online=info["online"],
+                    blocked=info["blocked"],
+                    kernel_cr3_mfn=info["cr3"],
+                    user_cr3_mfn=info["user_cr3"],
+                    upcall_pending=info["upcall_pending"],
+                    upcall_mask=info["upcall_mask"],
+                    stale_tlb_hits=info["stale_tlb_hits"],
+                    tlb_entries=info["tlb_entries"],
                     session_open=self.runtime.session_open(request.domid, vcpu.vcpu_id),
                 )
             )
@@ -159,22 +169,10 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
 
     @_admin("event_channel_status")
     def EventChannelStatus(self, request):
-        domain = self.hv.domain(request.domid)
-        words = self.hv.memory.entries(domain.shared_info_mfn)
-        ports = []
-        for port, chn in enumerate(domain.evtchn):
-            if chn.state in (ECS.FREE, ECS.RESERVED):
-                continue
-            word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
-            ports.append(
-                toolstack_pb2.EventChannelPort(
-                    port=port,
-                    status=convert.evtchn_status(evtchn_status(self.hv, domain.vcpus[0], port)),
-                    pending=bool(words.item(SHARED_INFO_EVTCHN_PENDING // 8 + word) >> bit & 1),
-                    masked=bool(words.item(SHARED_INFO_EVTCHN_MASK // 8 + word) >> bit & 1),
-                )
-            )
-        return toolstack_pb2.EventChannelStatusResponse(ports=ports)
+        ports = views.evtchn_ports(self.hv, self.hv.domain(request.domid))
+        return toolstack_pb2.EventChannelStatusResponse(
+            ports=[toolstack_pb2.EventChannelPort(**{**p, "status": convert.evtchn_status(p["status"])}) for p in ports]
+        )
 
     @_admin("audit")
     def Audit(self, request):
@@ -227,3 +225,48 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
         self.hv.vcpu(request.domid, request.vcpu)  # ESRCH, ENOENT
         ending = Refused(grpc.StatusCode.ABORTED, f"dom{request.domid} vCPU {request.vcpu}'s Session was detached by the toolstack (DetachSession)")
         return toolstack_pb2.DetachSessionResponse(detached=self.runtime.end_session(request.domid, request.vcpu, ending))
+
+    # -- inspection (xl info, xen-mfndump, debug keys) ------------------------------------------
+
+    @_admin("host_info")
+    def HostInfo(self, request):
+        file, streams = self.tracing.state()
+        return toolstack_pb2.HostInfoResponse(**views.host_info(self.hv), uptime_ns=self.runtime.now_ns(), trace_file=file, trace_streams=streams)
+
+    @_admin("dump_pagetable")
+    def DumpPagetable(self, request):
+        tables = views.pagetable_tree(self.hv, request.mfn) if request.tree else [views.pagetable(self.hv, request.mfn)]
+        return toolstack_pb2.DumpPagetableResponse(tables=[convert.pagetable(t) for t in tables])
+
+    @_admin("reverse_map")
+    def ReverseMap(self, request):
+        found = views.reverse_map(self.hv, request.mfn)
+        return toolstack_pb2.ReverseMapResponse(
+            frame=convert.frame(found["frame"]),
+            entries=[toolstack_pb2.PagetableReference(**e) for e in found["entries"]],
+            bases=[toolstack_pb2.BasePointer(**b) for b in found["bases"]],
+        )
+
+    @_admin("dump_p2m")
+    def DumpP2M(self, request):
+        return toolstack_pb2.DumpP2MResponse(mfns=views.p2m(self.hv, self.hv.domain(request.domid)))
+
+    @_admin("dump_m2p")
+    def DumpM2P(self, request):
+        domid = None
+        if request.HasField("domid"):
+            domid = self.hv.domain(request.domid).domid  # ESRCH
+        entries = views.m2p(self.hv, domid)
+        return toolstack_pb2.DumpM2PResponse(entries=[toolstack_pb2.M2PEntry(mfn=m, owner=o, pfn=p) for m, o, p in entries])
+
+    @_admin("domain_summary")
+    def DomainSummary(self, request):
+        summary = views.domain_summary(self.hv, self.hv.domain(request.domid))
+        by_type = [toolstack_pb2.TypeCount(type=common_pb2.PageType.Value(f"PAGE_TYPE_{t}"), count=n) for t, n in summary.pop("by_type").items()]
+        return toolstack_pb2.DomainSummaryResponse(**summary, by_type=by_type)
+
+    @_admin("domain_stats")
+    def DomainStats(self, request):
+        wanted = {request.domid} if request.HasField("domid") else set(self.hv.domains)
+        counts = sorted((d, op, 0 if outcome == "ok" else int(Errno[outcome]), n) for (d, op, outcome), n in self.runtime.domain_stats.items() if d in wanted)
+        return toolstack_pb2.DomainStatsResponse(counts=[toolstack_pb2.DomainOpCount(domid=d, op=op, errno=e, count=n) for d, op, e, n in counts])

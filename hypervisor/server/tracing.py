@@ -255,3 +255,7 @@ class Tracing:
 
     def _hook(self) -> None:
         self.hv.tracer = self._record if self._writer is not None or self._readers else None
+
+    def state(self) -> tuple[bool, int]:
+        """(a file trace is running, number of StreamTrace readers), for HostInfo."""
+        return self._writer is not None, len(self._readers)

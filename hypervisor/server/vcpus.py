@@ -23,11 +23,15 @@ as an await that blocks nothing else:
 """
 
 import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
+from time import perf_counter
 
 import grpc
 
-from hypervisor.core import Hypervisor
+from hypervisor.core import Hypervisor, XenError
 from hypervisor.core.domain import Domain, Vcpu
 from hypervisor.core.evtchn import local_events_need_delivery
 from hypervisor.core.sched import BLOCKED
@@ -35,6 +39,8 @@ from xensim.v1 import hypercalls_pb2
 
 from . import convert
 from .errors import PeerGone, Refused, status_of, write
+
+log = logging.getLogger("xensim.server")
 
 
 class Stream:
@@ -142,6 +148,10 @@ class Runtime:
         self._timer_deadline: int | None = None
         self._tasks: dict[int | None, set[asyncio.Task]] = {}
         self._endings: dict[asyncio.Task, Exception] = {}
+        self.observe: Callable[[str, float], None] | None = None  # observe.Metrics, with --metrics-port
+        # Hypercalls by (domid, op, outcome) since the server started: the core's Stats per
+        # domain (Toolstack DomainStats, xl top). A reused domid inherits its predecessor's.
+        self.domain_stats: Counter = Counter()
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -188,12 +198,14 @@ class Runtime:
         if slot.stream is not None:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"dom{slot.domid} vCPU {slot.vcpu_id} already has a Session open")
         slot.stream = Stream(self, slot, context)
+        log.info("dom%d vCPU %d: Session opened by %s", slot.domid, slot.vcpu_id, context.peer())
         return slot.stream
 
     def detach(self, stream: Stream) -> None:
         """The stream is gone; the vCPU's state stays for the next process that attaches."""
         if stream.slot.stream is stream:
             stream.slot.stream = None
+            log.info("dom%d vCPU %d: Session closed", stream.slot.domid, stream.slot.vcpu_id)
 
     def end_session(self, domid: int, vcpu_id: int, exc: Exception) -> bool:
         """End the vCPU's Session, if one is open, with `exc` (DetachSession). The vCPU is free
@@ -210,16 +222,26 @@ class Runtime:
         slot = self.slots.get((domid, vcpu_id))
         return slot is not None and slot.stream is not None
 
+    def sessions_open(self) -> int:
+        return sum(slot.stream is not None for slot in self.slots.values())
+
     async def call(self, slot: VcpuSlot, op: str, args: dict):
         """Run one hypercall of `slot`'s vCPU: wait while its domain is paused, run it on the
         core, then sleep if it blocked. Kicks are drained whatever the outcome."""
         gate = self.paused.get(slot.domid)
         if gate is not None:
             await gate.wait()
+        started = perf_counter() if self.observe is not None else 0.0
         try:
             result = self.hv.hypercall(slot.domid, slot.vcpu_id, op, **args)
+        except XenError as e:
+            self.domain_stats[(slot.domid, op, e.errno.name)] += 1
+            raise
         finally:
+            if self.observe is not None:
+                self.observe(op, perf_counter() - started)
             self.drain()
+        self.domain_stats[(slot.domid, op, "ok")] += 1
         if result is BLOCKED:
             while slot.vcpu.blocked:
                 slot.wake.clear()

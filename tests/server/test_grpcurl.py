@@ -62,6 +62,12 @@ def test_a_table_built_by_hand_is_pinned(server):
     (frame,) = call(server, "xensim.v1.Toolstack/FrameInfo", {"mfn": table})["frames"]
     assert (frame["type"], frame["pinned"], frame["validated"], frame["owner"]) == ("PAGE_TYPE_L1", True, True, created["domid"])
 
+    # Who holds it: its pin, and the kernel's direct map (read-only now); nothing else yet.
+    found = call(server, "xensim.v1.Toolstack/ReverseMap", {"mfn": table})
+    assert found["frame"]["pinned"] and "bases" not in found
+    ((direct),) = found["entries"]
+    assert (direct["level"], direct["holdsReference"], int(direct["entry"]) & 2) == (1, True, 0)
+
     again = grpcurl(server, "xensim.v1.Hypercalls/MmuextOp", data=pin, token=token)
     assert again.returncode == 64 + 9  # FAILED_PRECONDITION
     assert "Message: EINVAL (22): mmuext_op entry 0: mfn " in again.stderr

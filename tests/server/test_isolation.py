@@ -273,6 +273,13 @@ def _toolstack_rows() -> list[Attack]:
         "StopTrace": lambda a, b: t.StopTraceRequest(),
         "StreamTrace": lambda a, b: t.StreamTraceRequest(),
         "DetachSession": lambda a, b: t.DetachSessionRequest(domid=a.domid, vcpu=0),
+        "HostInfo": lambda a, b: t.HostInfoRequest(),
+        "DumpPagetable": lambda a, b: t.DumpPagetableRequest(mfn=a.l1, tree=True),
+        "ReverseMap": lambda a, b: t.ReverseMapRequest(mfn=a.secret),
+        "DumpP2M": lambda a, b: t.DumpP2MRequest(domid=a.domid),
+        "DumpM2P": lambda a, b: t.DumpM2PRequest(domid=a.domid),
+        "DomainSummary": lambda a, b: t.DomainSummaryRequest(domid=a.domid),
+        "DomainStats": lambda a, b: t.DomainStatsRequest(domid=a.domid),
     }
     return [Attack(f"toolstack {rpc} with B's token", rpc, build, "PERMISSION_DENIED", b_as_admin) for rpc, build in requests.items()]
 

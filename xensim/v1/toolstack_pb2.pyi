@@ -3,12 +3,26 @@
 from xensim.v1 import common_pb2 as _common_pb2
 from xensim.v1 import hypercalls_pb2 as _hypercalls_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class DomainState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DOMAIN_STATE_UNSPECIFIED: _ClassVar[DomainState]
+    DOMAIN_STATE_RUNNING: _ClassVar[DomainState]
+    DOMAIN_STATE_BLOCKED: _ClassVar[DomainState]
+    DOMAIN_STATE_PAUSED: _ClassVar[DomainState]
+    DOMAIN_STATE_SHUTDOWN: _ClassVar[DomainState]
+DOMAIN_STATE_UNSPECIFIED: DomainState
+DOMAIN_STATE_RUNNING: DomainState
+DOMAIN_STATE_BLOCKED: DomainState
+DOMAIN_STATE_PAUSED: DomainState
+DOMAIN_STATE_SHUTDOWN: DomainState
 
 class CreateDomainRequest(_message.Message):
     __slots__ = ("nr_pages", "nr_vcpus", "name", "highmem_pages", "max_evtchn_port")
@@ -69,7 +83,7 @@ class DomainInfoResponse(_message.Message):
     def __init__(self, domain: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
 
 class Domain(_message.Message):
-    __slots__ = ("domid", "name", "nr_pages", "tot_pages", "nr_lowmem_pages", "nr_vcpus", "online_vcpus", "max_evtchn_port", "shared_info_mfn", "paused", "shutdown_reason")
+    __slots__ = ("domid", "name", "nr_pages", "tot_pages", "nr_lowmem_pages", "nr_vcpus", "online_vcpus", "max_evtchn_port", "shared_info_mfn", "paused", "shutdown_reason", "state")
     DOMID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NR_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +95,7 @@ class Domain(_message.Message):
     SHARED_INFO_MFN_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     domid: int
     name: str
     nr_pages: int
@@ -92,7 +107,8 @@ class Domain(_message.Message):
     shared_info_mfn: int
     paused: bool
     shutdown_reason: _common_pb2.ShutdownReason
-    def __init__(self, domid: _Optional[int] = ..., name: _Optional[str] = ..., nr_pages: _Optional[int] = ..., tot_pages: _Optional[int] = ..., nr_lowmem_pages: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., online_vcpus: _Optional[int] = ..., max_evtchn_port: _Optional[int] = ..., shared_info_mfn: _Optional[int] = ..., paused: _Optional[bool] = ..., shutdown_reason: _Optional[_Union[_common_pb2.ShutdownReason, str]] = ...) -> None: ...
+    state: DomainState
+    def __init__(self, domid: _Optional[int] = ..., name: _Optional[str] = ..., nr_pages: _Optional[int] = ..., tot_pages: _Optional[int] = ..., nr_lowmem_pages: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., online_vcpus: _Optional[int] = ..., max_evtchn_port: _Optional[int] = ..., shared_info_mfn: _Optional[int] = ..., paused: _Optional[bool] = ..., shutdown_reason: _Optional[_Union[_common_pb2.ShutdownReason, str]] = ..., state: _Optional[_Union[DomainState, str]] = ...) -> None: ...
 
 class PauseDomainRequest(_message.Message):
     __slots__ = ("domid",)
@@ -305,3 +321,203 @@ class DetachSessionResponse(_message.Message):
     DETACHED_FIELD_NUMBER: _ClassVar[int]
     detached: bool
     def __init__(self, detached: _Optional[bool] = ...) -> None: ...
+
+class HostInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HostInfoResponse(_message.Message):
+    __slots__ = ("nr_frames", "free_frames", "nr_domains", "xen_version", "simulator", "strict_tlb", "uptime_ns", "trace_file", "trace_streams")
+    NR_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FREE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    NR_DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    XEN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIMULATOR_FIELD_NUMBER: _ClassVar[int]
+    STRICT_TLB_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FILE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    nr_frames: int
+    free_frames: int
+    nr_domains: int
+    xen_version: str
+    simulator: str
+    strict_tlb: bool
+    uptime_ns: int
+    trace_file: bool
+    trace_streams: int
+    def __init__(self, nr_frames: _Optional[int] = ..., free_frames: _Optional[int] = ..., nr_domains: _Optional[int] = ..., xen_version: _Optional[str] = ..., simulator: _Optional[str] = ..., strict_tlb: _Optional[bool] = ..., uptime_ns: _Optional[int] = ..., trace_file: _Optional[bool] = ..., trace_streams: _Optional[int] = ...) -> None: ...
+
+class DumpPagetableRequest(_message.Message):
+    __slots__ = ("mfn", "tree")
+    MFN_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
+    mfn: int
+    tree: bool
+    def __init__(self, mfn: _Optional[int] = ..., tree: _Optional[bool] = ...) -> None: ...
+
+class DumpPagetableResponse(_message.Message):
+    __slots__ = ("tables",)
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[PagetableFrame]
+    def __init__(self, tables: _Optional[_Iterable[_Union[PagetableFrame, _Mapping]]] = ...) -> None: ...
+
+class PagetableFrame(_message.Message):
+    __slots__ = ("level", "frame", "entries")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    level: int
+    frame: Frame
+    entries: _containers.RepeatedCompositeFieldContainer[PagetableEntry]
+    def __init__(self, level: _Optional[int] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., entries: _Optional[_Iterable[_Union[PagetableEntry, _Mapping]]] = ...) -> None: ...
+
+class PagetableEntry(_message.Message):
+    __slots__ = ("slot", "entry", "mfn", "pfn", "target", "xen_slot")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    MFN_FIELD_NUMBER: _ClassVar[int]
+    PFN_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    XEN_SLOT_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    entry: int
+    mfn: int
+    pfn: int
+    target: Frame
+    xen_slot: bool
+    def __init__(self, slot: _Optional[int] = ..., entry: _Optional[int] = ..., mfn: _Optional[int] = ..., pfn: _Optional[int] = ..., target: _Optional[_Union[Frame, _Mapping]] = ..., xen_slot: _Optional[bool] = ...) -> None: ...
+
+class ReverseMapRequest(_message.Message):
+    __slots__ = ("mfn",)
+    MFN_FIELD_NUMBER: _ClassVar[int]
+    mfn: int
+    def __init__(self, mfn: _Optional[int] = ...) -> None: ...
+
+class ReverseMapResponse(_message.Message):
+    __slots__ = ("frame", "entries", "bases")
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BASES_FIELD_NUMBER: _ClassVar[int]
+    frame: Frame
+    entries: _containers.RepeatedCompositeFieldContainer[PagetableReference]
+    bases: _containers.RepeatedCompositeFieldContainer[BasePointer]
+    def __init__(self, frame: _Optional[_Union[Frame, _Mapping]] = ..., entries: _Optional[_Iterable[_Union[PagetableReference, _Mapping]]] = ..., bases: _Optional[_Iterable[_Union[BasePointer, _Mapping]]] = ...) -> None: ...
+
+class PagetableReference(_message.Message):
+    __slots__ = ("table", "level", "slot", "entry", "owner", "holds_reference", "xen_slot")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    XEN_SLOT_FIELD_NUMBER: _ClassVar[int]
+    table: int
+    level: int
+    slot: int
+    entry: int
+    owner: int
+    holds_reference: bool
+    xen_slot: bool
+    def __init__(self, table: _Optional[int] = ..., level: _Optional[int] = ..., slot: _Optional[int] = ..., entry: _Optional[int] = ..., owner: _Optional[int] = ..., holds_reference: _Optional[bool] = ..., xen_slot: _Optional[bool] = ...) -> None: ...
+
+class BasePointer(_message.Message):
+    __slots__ = ("domid", "vcpu", "user")
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    vcpu: int
+    user: bool
+    def __init__(self, domid: _Optional[int] = ..., vcpu: _Optional[int] = ..., user: _Optional[bool] = ...) -> None: ...
+
+class DumpP2MRequest(_message.Message):
+    __slots__ = ("domid",)
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    def __init__(self, domid: _Optional[int] = ...) -> None: ...
+
+class DumpP2MResponse(_message.Message):
+    __slots__ = ("mfns",)
+    MFNS_FIELD_NUMBER: _ClassVar[int]
+    mfns: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, mfns: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DumpM2PRequest(_message.Message):
+    __slots__ = ("domid",)
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    def __init__(self, domid: _Optional[int] = ...) -> None: ...
+
+class DumpM2PResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[M2PEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[M2PEntry, _Mapping]]] = ...) -> None: ...
+
+class M2PEntry(_message.Message):
+    __slots__ = ("mfn", "owner", "pfn")
+    MFN_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    PFN_FIELD_NUMBER: _ClassVar[int]
+    mfn: int
+    owner: int
+    pfn: int
+    def __init__(self, mfn: _Optional[int] = ..., owner: _Optional[int] = ..., pfn: _Optional[int] = ...) -> None: ...
+
+class DomainSummaryRequest(_message.Message):
+    __slots__ = ("domid",)
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    def __init__(self, domid: _Optional[int] = ...) -> None: ...
+
+class DomainSummaryResponse(_message.Message):
+    __slots__ = ("frames", "by_type", "pagetables", "validated_pagetables", "pinned_pagetables", "writable_mappings", "writable_frames")
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PAGETABLES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATED_PAGETABLES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_PAGETABLES_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_MAPPINGS_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: int
+    by_type: _containers.RepeatedCompositeFieldContainer[TypeCount]
+    pagetables: int
+    validated_pagetables: int
+    pinned_pagetables: int
+    writable_mappings: int
+    writable_frames: int
+    def __init__(self, frames: _Optional[int] = ..., by_type: _Optional[_Iterable[_Union[TypeCount, _Mapping]]] = ..., pagetables: _Optional[int] = ..., validated_pagetables: _Optional[int] = ..., pinned_pagetables: _Optional[int] = ..., writable_mappings: _Optional[int] = ..., writable_frames: _Optional[int] = ...) -> None: ...
+
+class TypeCount(_message.Message):
+    __slots__ = ("type", "count")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    type: _common_pb2.PageType
+    count: int
+    def __init__(self, type: _Optional[_Union[_common_pb2.PageType, str]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class DomainStatsRequest(_message.Message):
+    __slots__ = ("domid",)
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    def __init__(self, domid: _Optional[int] = ...) -> None: ...
+
+class DomainStatsResponse(_message.Message):
+    __slots__ = ("counts",)
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedCompositeFieldContainer[DomainOpCount]
+    def __init__(self, counts: _Optional[_Iterable[_Union[DomainOpCount, _Mapping]]] = ...) -> None: ...
+
+class DomainOpCount(_message.Message):
+    __slots__ = ("domid", "op", "errno", "count")
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    ERRNO_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    op: str
+    errno: _common_pb2.XenErrno
+    count: int
+    def __init__(self, domid: _Optional[int] = ..., op: _Optional[str] = ..., errno: _Optional[_Union[_common_pb2.XenErrno, str]] = ..., count: _Optional[int] = ...) -> None: ...

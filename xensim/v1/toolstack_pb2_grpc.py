@@ -116,6 +116,41 @@ class ToolstackStub:
                 request_serializer=xensim_dot_v1_dot_toolstack__pb2.DetachSessionRequest.SerializeToString,
                 response_deserializer=xensim_dot_v1_dot_toolstack__pb2.DetachSessionResponse.FromString,
                 _registered_method=True)
+        self.HostInfo = channel.unary_unary(
+                '/xensim.v1.Toolstack/HostInfo',
+                request_serializer=xensim_dot_v1_dot_toolstack__pb2.HostInfoRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_toolstack__pb2.HostInfoResponse.FromString,
+                _registered_method=True)
+        self.DumpPagetable = channel.unary_unary(
+                '/xensim.v1.Toolstack/DumpPagetable',
+                request_serializer=xensim_dot_v1_dot_toolstack__pb2.DumpPagetableRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_toolstack__pb2.DumpPagetableResponse.FromString,
+                _registered_method=True)
+        self.ReverseMap = channel.unary_unary(
+                '/xensim.v1.Toolstack/ReverseMap',
+                request_serializer=xensim_dot_v1_dot_toolstack__pb2.ReverseMapRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_toolstack__pb2.ReverseMapResponse.FromString,
+                _registered_method=True)
+        self.DumpP2M = channel.unary_unary(
+                '/xensim.v1.Toolstack/DumpP2M',
+                request_serializer=xensim_dot_v1_dot_toolstack__pb2.DumpP2MRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_toolstack__pb2.DumpP2MResponse.FromString,
+                _registered_method=True)
+        self.DumpM2P = channel.unary_unary(
+                '/xensim.v1.Toolstack/DumpM2P',
+                request_serializer=xensim_dot_v1_dot_toolstack__pb2.DumpM2PRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_toolstack__pb2.DumpM2PResponse.FromString,
+                _registered_method=True)
+        self.DomainSummary = channel.unary_unary(
+                '/xensim.v1.Toolstack/DomainSummary',
+                request_serializer=xensim_dot_v1_dot_toolstack__pb2.DomainSummaryRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_toolstack__pb2.DomainSummaryResponse.FromString,
+                _registered_method=True)
+        self.DomainStats = channel.unary_unary(
+                '/xensim.v1.Toolstack/DomainStats',
+                request_serializer=xensim_dot_v1_dot_toolstack__pb2.DomainStatsRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_toolstack__pb2.DomainStatsResponse.FromString,
+                _registered_method=True)
 
 
 class ToolstackServicer:
@@ -272,6 +307,65 @@ class ToolstackServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HostInfo(self, request, context):
+        """The machine as xl info shows it: frames total and free, domains, the Xen version the
+        model follows, the TLB mode, the server's uptime and its trace state. Never fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DumpPagetable(self, request, context):
+        """A pagetable frame's present entries decoded, each with its target's frame-table entry
+        (xen-mfndump dump-ptes); with `tree`, also every table below it. EINVAL if the frame is
+        outside machine memory or has no pagetable type.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReverseMap(self, request, context):
+        """Everything that refers to a frame (xen-mfndump lookup-pte, extended to the whole
+        machine): every pagetable entry naming it, every vCPU base pointer on it, its pin. The
+        answer to "who still holds this frame" after an EBUSY. EINVAL outside machine memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DumpP2M(self, request, context):
+        """A domain's P2M, pfn -> mfn, as the builder assigned it (xen-mfndump dump-p2m). ESRCH if
+        the domain is unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DumpM2P(self, request, context):
+        """The M2P entries of every owned frame, or of one domain's (xen-mfndump dump-m2p). ESRCH if
+        the named domain is unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DomainSummary(self, request, context):
+        """A domain's frames counted by type, its validated and pinned pagetables and writable
+        mappings (Xen's debug key 'q', condensed). ESRCH if the domain is unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DomainStats(self, request, context):
+        """Stats per domain: each domain's hypercalls (a multicall once, under "multicall"; memory
+        accesses too) by op and outcome, since the server started (xentop's per-domain view).
+        Never fails; an unknown domid has no counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolstackServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -349,6 +443,41 @@ def add_ToolstackServicer_to_server(servicer, server):
                     servicer.DetachSession,
                     request_deserializer=xensim_dot_v1_dot_toolstack__pb2.DetachSessionRequest.FromString,
                     response_serializer=xensim_dot_v1_dot_toolstack__pb2.DetachSessionResponse.SerializeToString,
+            ),
+            'HostInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.HostInfo,
+                    request_deserializer=xensim_dot_v1_dot_toolstack__pb2.HostInfoRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_toolstack__pb2.HostInfoResponse.SerializeToString,
+            ),
+            'DumpPagetable': grpc.unary_unary_rpc_method_handler(
+                    servicer.DumpPagetable,
+                    request_deserializer=xensim_dot_v1_dot_toolstack__pb2.DumpPagetableRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_toolstack__pb2.DumpPagetableResponse.SerializeToString,
+            ),
+            'ReverseMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReverseMap,
+                    request_deserializer=xensim_dot_v1_dot_toolstack__pb2.ReverseMapRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_toolstack__pb2.ReverseMapResponse.SerializeToString,
+            ),
+            'DumpP2M': grpc.unary_unary_rpc_method_handler(
+                    servicer.DumpP2M,
+                    request_deserializer=xensim_dot_v1_dot_toolstack__pb2.DumpP2MRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_toolstack__pb2.DumpP2MResponse.SerializeToString,
+            ),
+            'DumpM2P': grpc.unary_unary_rpc_method_handler(
+                    servicer.DumpM2P,
+                    request_deserializer=xensim_dot_v1_dot_toolstack__pb2.DumpM2PRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_toolstack__pb2.DumpM2PResponse.SerializeToString,
+            ),
+            'DomainSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.DomainSummary,
+                    request_deserializer=xensim_dot_v1_dot_toolstack__pb2.DomainSummaryRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_toolstack__pb2.DomainSummaryResponse.SerializeToString,
+            ),
+            'DomainStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.DomainStats,
+                    request_deserializer=xensim_dot_v1_dot_toolstack__pb2.DomainStatsRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_toolstack__pb2.DomainStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -763,6 +892,195 @@ class Toolstack:
             '/xensim.v1.Toolstack/DetachSession',
             xensim_dot_v1_dot_toolstack__pb2.DetachSessionRequest.SerializeToString,
             xensim_dot_v1_dot_toolstack__pb2.DetachSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HostInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Toolstack/HostInfo',
+            xensim_dot_v1_dot_toolstack__pb2.HostInfoRequest.SerializeToString,
+            xensim_dot_v1_dot_toolstack__pb2.HostInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DumpPagetable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Toolstack/DumpPagetable',
+            xensim_dot_v1_dot_toolstack__pb2.DumpPagetableRequest.SerializeToString,
+            xensim_dot_v1_dot_toolstack__pb2.DumpPagetableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReverseMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Toolstack/ReverseMap',
+            xensim_dot_v1_dot_toolstack__pb2.ReverseMapRequest.SerializeToString,
+            xensim_dot_v1_dot_toolstack__pb2.ReverseMapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DumpP2M(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Toolstack/DumpP2M',
+            xensim_dot_v1_dot_toolstack__pb2.DumpP2MRequest.SerializeToString,
+            xensim_dot_v1_dot_toolstack__pb2.DumpP2MResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DumpM2P(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Toolstack/DumpM2P',
+            xensim_dot_v1_dot_toolstack__pb2.DumpM2PRequest.SerializeToString,
+            xensim_dot_v1_dot_toolstack__pb2.DumpM2PResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DomainSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Toolstack/DomainSummary',
+            xensim_dot_v1_dot_toolstack__pb2.DomainSummaryRequest.SerializeToString,
+            xensim_dot_v1_dot_toolstack__pb2.DomainSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DomainStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Toolstack/DomainStats',
+            xensim_dot_v1_dot_toolstack__pb2.DomainStatsRequest.SerializeToString,
+            xensim_dot_v1_dot_toolstack__pb2.DomainStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
