@@ -37,6 +37,7 @@ value wider than the access, a block of 0 or more than fits in its page, and a n
 address (the CPU's #GP, which the model does not deliver).
 """
 
+import functools
 import operator
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -284,14 +285,13 @@ def _handler(access: Callable[..., Any], key: str | None) -> Callable[..., dict]
     {key: result} ({} for a store) or {"fault": {"va", "error_code", "detail"}}, JSON-able
     except for bytes, which the trace hex-encodes."""
 
+    @functools.wraps(access)  # and its signature: tests/contract binds the wire's fields to it
     def handler(hv: "Hypervisor", vcpu: Vcpu, **args) -> dict:
         result = access(hv, vcpu, **args)
         if result.__class__ is PageFault:
             return {"fault": asdict(result)}
         return {} if key is None else {key: result}
 
-    handler.__name__ = handler.__qualname__ = access.__name__
-    handler.__doc__ = access.__doc__
     return handler
 
 
