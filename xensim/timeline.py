@@ -23,7 +23,7 @@ DEFAULT_COUNT = 50_000  # more than this makes a page browsers draw slowly
 FOCUS_BEFORE, FOCUS_COUNT = 200, 400  # the window --focus draws around its call, unless --first/--count say
 MFN_ARG_CMDS = {MmuextCmd.UNPIN_TABLE, MmuextCmd.NEW_BASEPTR, MmuextCmd.NEW_USER_BASEPTR, MmuextCmd.CLEAR_PAGE, MmuextCmd.COPY_PAGE}
 MMUEXT_NAMES = {cmd.value: cmd.name for cmd in MmuextCmd}
-MEMORY_OPS = {"load", "store", "atomic", "read", "write", "phys_read", "phys_write"}
+MEMORY_OPS = {"load", "store", "atomic", "read", "write"}
 PIN_CMDS = {MmuextCmd.PIN_L1_TABLE, MmuextCmd.PIN_L2_TABLE, MmuextCmd.PIN_L3_TABLE, MmuextCmd.PIN_L4_TABLE}
 FLUSH_CMDS = {MmuextCmd.TLB_FLUSH_LOCAL, MmuextCmd.INVLPG_LOCAL, MmuextCmd.TLB_FLUSH_MULTI, MmuextCmd.INVLPG_MULTI, MmuextCmd.TLB_FLUSH_ALL, MmuextCmd.INVLPG_ALL}
 # What a call's marker shows when it did several things, most telling first.

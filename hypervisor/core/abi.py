@@ -29,20 +29,6 @@ class Errno(IntEnum):
     EOPNOTSUPP = 95
 
 
-class Hypercall(IntEnum):
-    """Hypercall numbers (xen.h); multicall entries name their sub-call by these."""
-
-    MMU_UPDATE = 1
-    SET_TIMER_OP = 15
-    UPDATE_VA_MAPPING = 14
-    MULTICALL = 13
-    VCPU_OP = 24
-    MMUEXT_OP = 26
-    SCHED_OP = 29
-    EVENT_CHANNEL_OP = 32
-    XEN_VERSION = 17
-
-
 # Domain ids (section 0.3).
 DOMID_SELF = 0x7FF0
 DOMID_IO = 0x7FF1

@@ -60,6 +60,10 @@ if TYPE_CHECKING:
 
 EVTCHNS_PER_BUCKET = 64
 LIBXL_MAX_EVTCHN_PORT = 1023  # libxl's default event_channels (section 16.2)
+# A domU's d->nr_pirqs (xen/common/domain.c, domain_create): nr_static_irqs, which is
+# nr_irqs_gsi, NR_ISA_IRQS = 16 on a host without an IO-APIC (xen/arch/x86/irq.c), plus
+# extra_domU_irqs, DEFAULT_EXTRA_DOMU_IRQS = 32.
+NR_PIRQS = 16 + 32
 
 # The shared-info frame as 512 u64 words: where the bitmaps and each vcpu_info start.
 _PENDING = SHARED_INFO_EVTCHN_PENDING // 8
@@ -376,7 +380,10 @@ def bind_ipi(hv: "Hypervisor", current: "Vcpu", vcpu: int) -> int:
 
 
 def bind_pirq(hv: "Hypervisor", current: "Vcpu", pirq: int, flags: int = 0) -> int:
-    """Physical IRQs need devices, which xensim gives no domain: pirq_access_permitted fails."""
+    """evtchn_bind_pirq for a PV domU: a pirq beyond the domain's is EINVAL, any other fails
+    pirq_access_permitted (EPERM), since xensim gives no domain a device."""
+    if pirq >= NR_PIRQS:
+        raise XenError(Errno.EINVAL, f"bind_pirq: pirq {pirq} is not below dom{current.domid}'s nr_pirqs ({NR_PIRQS})")
     raise XenError(Errno.EPERM, f"bind_pirq: dom{current.domid} has no access to physical IRQ {pirq} (xensim domains own no devices)")
 
 

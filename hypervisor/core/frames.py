@@ -71,9 +71,9 @@ class FrameTable:
         self._alloc_cursor = 0
         # mfn -> why it was quarantined (see quarantine), for audit.
         self.quarantined: dict[int, str] = {}
-        # Undo records of the type acquisition in progress (see get_page_type): (mfn, old
-        # type, old flags, None) for a retype, (mfn, None, 0, old contents) for a rewrite.
-        self._journal: list[tuple[int, int | None, int, np.ndarray | None]] | None = None
+        # The contents of the frames that the type acquisition in progress has rewritten, as
+        # they were before (see get_page_type).
+        self._journal: list[tuple[int, np.ndarray | None]] | None = None
 
     # -- allocation ---------------------------------------------------------------------
 
@@ -158,10 +158,13 @@ class FrameTable:
         """Take a type reference of type `want`, validating on first use (section 1.4).
 
         Raises `XenError(EINVAL)` on a type conflict, or the validation errno. On failure no
-        reference is kept and nothing else changes either: Xen leaves the type bits of frames
-        it tried to validate (and the entries it adjusted) behind, which no guest can tell
-        apart from before since those frames have no type references; we undo them so that a
-        failed call leaves the model exactly as it was.
+        reference is kept, and the type bits are what Xen leaves: a frame whose validation
+        failed has no type (validate_page's error path sets type_info = 0, xen/arch/x86/mm.c)
+        and the tables validated on the way, whose references the failure dropped again, keep
+        their type unvalidated. Without type references those bits decide no more than whether
+        the next type taken flushes TLBs (trace.state_digest), so the failed call still changes
+        nothing. Xen also leaves the entries it adjusted while validating; those are guest
+        memory, which a failed call must leave as it was, so we restore them (README).
         """
         if self._journal is not None:
             return self._get_page_type(mfn, want)
@@ -169,12 +172,8 @@ class FrameTable:
         try:
             self._get_page_type(mfn, want)
         except XenError:
-            for frame, kind, flags, words in reversed(self._journal):
-                if kind is None:
-                    self.memory.restore(frame, words)
-                elif not self.type_count.item(frame):
-                    self.type[frame] = kind
-                    self.flags[frame] = flags
+            for frame, words in reversed(self._journal):
+                self.memory.restore(frame, words)
             raise
         finally:
             self._journal = None
@@ -182,11 +181,9 @@ class FrameTable:
     def note_write(self, mfn: int) -> None:
         """Record a frame's contents before validation rewrites its entries (see above)."""
         if self._journal is not None:
-            self._journal.append((mfn, None, 0, self.memory.snapshot(mfn)))
+            self._journal.append((mfn, self.memory.snapshot(mfn)))
 
     def _retype(self, mfn: int, want: int) -> None:
-        if self._journal is not None:
-            self._journal.append((mfn, self.type.item(mfn), self.flags.item(mfn), None))
         self.type[mfn] = want
         self.forget_mappings(mfn)  # Xen's filtered TLB flush on a type change (step 7)
 
@@ -215,6 +212,7 @@ class FrameTable:
                 self.promote(mfn, PageType(want))
             except XenError:
                 self.type_count[mfn] = 0
+                self.type[mfn] = _NONE  # validate_page: type_info = 0
                 raise
         self.flags[mfn] |= VALIDATED
 

@@ -85,7 +85,7 @@ HYPERCALLS: dict[str, Callable[..., Any]] = {
     "sched_op": schedop.sched_op,
     "set_timer_op": schedop.set_timer_op,
     "xen_version": xen_version,
-    # The vCPU's memory path (cpu.py): load, store, atomic, read, write, phys_read, phys_write.
+    # The vCPU's memory path (cpu.py): load, store, atomic, read, write.
     # Their arguments and results carry bytes, which the trace writes hex-encoded.
     **cpu.HYPERCALLS,
 }

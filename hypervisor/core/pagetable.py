@@ -223,6 +223,10 @@ class PageTables:
             try:
                 self.get_page_from_l1e(int(entries[i]), domid)
             except XenError as e:
+                # promote_l1_table took the references of the entries before this one and now
+                # drops them: a frame one of them mapped writable keeps the WRITABLE type.
+                frames.get_pages_bulk(targets[:i], targets[:i][rw[:i]])
+                frames.put_pages_bulk(targets[:i], targets[:i][rw[:i]])
                 raise XenError(e.errno, f"L1 entry {int(slots[i])} of mfn {mfn:#x} {e.message}") from None
             raise SimulatorBug(f"vectorised L1 check refused entry {int(slots[i])} of mfn {mfn:#x}, scalar accepted")
         frames.get_pages_bulk(targets, targets[rw])

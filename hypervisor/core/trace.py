@@ -25,7 +25,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import numpy as np
+
 from .errors import XenError
+from .frames import VALIDATED
 from .hypervisor import Hypervisor, error_result
 from .schedop import POLL_TIMER, SINGLESHOT_TIMER
 
@@ -176,10 +179,20 @@ def restore(text: str) -> Hypervisor:
 def state_digest(hv: Hypervisor) -> str:
     """A hash of everything the model holds: frame table, M2P, memory, domains and their
     port tables, vCPUs with their TLBs, timers and scheduler state, the clock. Not the kicks:
-    they are the adapter's mailbox, which it empties (take_kicks) between calls, untraced."""
+    they are the adapter's mailbox, which it empties (take_kicks) between calls, untraced.
+
+    A frame's type and validated bit count only while it holds type references. Without any,
+    Xen leaves them as they fell (the last reference dropped, or a failed validation:
+    validate_page's type_info = 0, xen/arch/x86/mm.c): any type may be taken next, they decide
+    only whether that is a type change that flushes TLBs (which the digest sees in the TLBs),
+    and getpageframeinfo3 reports every such frame as NOTAB (xen/arch/x86/domctl.c). So a
+    failed call that moved only them has changed nothing."""
     h = hashlib.sha256()
     frames = hv.frames
-    for array in (frames.owner, frames.type, frames.type_count, frames.count, frames.flags, frames.linear, hv.m2p):
+    typed = frames.type_count != 0
+    kind = np.where(typed, frames.type, np.int8(0))
+    flags = np.where(typed, frames.flags, frames.flags & ~np.uint8(VALIDATED))
+    for array in (frames.owner, kind, frames.type_count, frames.count, flags, frames.linear, hv.m2p):
         h.update(array.tobytes())
     for mfn, words in hv.memory.stored():
         h.update(mfn.to_bytes(8, "little"))

@@ -2,11 +2,12 @@
 and the op's result back into the case's response message; plus the Toolstack's records.
 
 `CALLS[case]` serves the unary RPCs, the Session's calls and the multicall entries alike (one
-code path). Argument builders check what the proto calls malformed (an enum value without a
-name, a size that is not 1/2/4/8, a batch beyond abi.MAX_BATCH, a missing oneof) and raise
-`BadRequest` naming the field, so nothing malformed reaches the core; everything else is the
-core's to judge. Proto enums that mirror a zero-based Xen numbering carry Xen's number + 1
-(common.proto), so builders subtract one and result builders add it back.
+code path). Argument builders check what the proto calls malformed (an unset enum, a size that
+is not 1/2/4/8, a batch beyond abi.MAX_BATCH, a missing oneof) and raise `BadRequest` naming the
+field, so nothing malformed reaches the core; everything else is the core's to judge, numbers
+Xen does not know included (it answers them as Xen does, with ENOSYS). Proto enums that mirror
+a zero-based Xen numbering carry Xen's number + 1 (common.proto), so builders subtract one and
+result builders add it back.
 """
 
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 
+from hypervisor.core import abi
 from hypervisor.core.abi import DOMID_SELF, Errno, MAX_BATCH, PAGE_OFFSET, PAGE_SIZE, START_INFO_MAGIC
 from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2, toolstack_pb2
 
@@ -45,15 +47,25 @@ class Op:
 
 
 def _count(items, path: str, limit: int) -> None:
-    if not 1 <= len(items) <= limit:
-        raise BadRequest(path, f"{len(items)} entries; 1 to {limit} allowed")
+    """A batch's size: Xen's loops take none too (done 0); the simulator bounds the rest."""
+    if len(items) > limit:
+        raise BadRequest(path, f"{len(items)} entries; 0 to {limit} allowed")
 
 
 def _enum(value: int, enum: EnumDescriptor, path: str) -> int:
-    """A named, specified enum value (proto3 enums are open: grpcurl sends any number)."""
+    """A named, specified value of an enum of the simulator's own (proto3 enums are open:
+    grpcurl sends any number)."""
     if value == 0 or value not in enum.values_by_number:
         raise BadRequest(path, f"{value} is not a named {enum.name} value (0 means unset)")
     return value
+
+
+def _xen_number(value: int, enum: EnumDescriptor, path: str) -> int:
+    """Xen's number for a value of an enum that mirrors a zero-based Xen numbering: any value
+    but unset, for Xen to judge as it judges a guest's (common.proto); Xen's field is unsigned."""
+    if value == 0:
+        raise BadRequest(path, f"no {enum.name} set (0 means unset)")
+    return (value - 1) & 0xFFFFFFFF
 
 
 def _case(msg: Message, oneof: str, path: str) -> str:
@@ -103,7 +115,7 @@ def _mmu_update_args(msg, path, clock) -> dict:
 def _mmuext_op_args(msg, path, clock) -> dict:
     _count(msg.ops, f"{path}ops", MAX_BATCH)
     cmd = common_pb2.MmuextCmd.DESCRIPTOR
-    ops = [[_enum(op.cmd, cmd, f"{path}ops[{i}].cmd") - 1, op.arg1, op.arg2] for i, op in enumerate(msg.ops)]
+    ops = [[_xen_number(op.cmd, cmd, f"{path}ops[{i}].cmd"), op.arg1, op.arg2] for i, op in enumerate(msg.ops)]
     return {"ops": ops, "foreigndom": _domid(msg, "foreigndom")}
 
 
@@ -125,13 +137,35 @@ def _multicall_args(msg, path, clock) -> dict:
     return {"calls": calls}
 
 
+def _op_numbers(message: type[Message], prefix: str, xen_names: dict[str, str] | None = None) -> dict[int, str]:
+    """The case of each op that a sub-op oneof names, by Xen's number (abi.<prefix><Xen's name>,
+    the case's name unless `xen_names` says otherwise)."""
+    cases = [f.name for f in message.DESCRIPTOR.oneofs_by_name["op"].fields if f.name != "cmd"]
+    return {getattr(abi, prefix + (xen_names or {}).get(case, case)): case for case in cases}
+
+
+def _cmd(msg: Message, path: str, numbers: dict[int, str]) -> str | int:
+    """The op a sub-op oneof names: its case, or for the `cmd` case a number that has no case,
+    which reaches the core as a number (ENOSYS there, as in Xen)."""
+    case = _case(msg, "op", path)
+    if case != "cmd":
+        return case
+    if msg.cmd in numbers:
+        raise BadRequest(f"{path}cmd", f"{msg.cmd} is {numbers[msg.cmd]}, which has a case of its own: set {numbers[msg.cmd]}")
+    return msg.cmd
+
+
+_EVTCHNOP_NUMBERS = _op_numbers(hypercalls_pb2.EventChannelOpRequest, "EVTCHNOP_")
+_VCPUOP_NUMBERS = _op_numbers(hypercalls_pb2.VcpuOpRequest, "VCPUOP_")
+
+
 def _event_channel_op_args(msg, path, clock) -> dict:
-    cmd = _case(msg, "op", path)
-    return {"cmd": cmd, **_set_fields(getattr(msg, cmd))}
+    cmd = _cmd(msg, path, _EVTCHNOP_NUMBERS)
+    return {"cmd": cmd} if isinstance(cmd, int) else {"cmd": cmd, **_set_fields(getattr(msg, cmd))}
 
 
 def _vcpu_op_args(msg, path, clock) -> dict:
-    cmd = _case(msg, "op", path)
+    cmd = _cmd(msg, path, _VCPUOP_NUMBERS)
     args = {"cmd": cmd, "vcpuid": msg.vcpuid}
     if cmd == "initialise":
         c = msg.initialise.context
@@ -140,15 +174,18 @@ def _vcpu_op_args(msg, path, clock) -> dict:
 
 
 _SCHEDOP_CMD = {"sched_yield": "yield", "block": "block", "poll": "poll", "shutdown": "shutdown"}
+_SCHEDOP_NUMBERS = _op_numbers(hypercalls_pb2.SchedOpRequest, "SCHEDOP_", _SCHEDOP_CMD)
 
 
 def _sched_op_args(msg, path, clock) -> dict:
-    case = _case(msg, "op", path)
+    case = _cmd(msg, path, _SCHEDOP_NUMBERS)
+    if isinstance(case, int):
+        return {"cmd": case}
     args = {"cmd": _SCHEDOP_CMD[case]}
     if case == "poll":
         args.update(ports=list(msg.poll.ports), timeout_ns=clock.deadline(msg.poll.timeout_ns))
     elif case == "shutdown":
-        args["reason"] = _enum(msg.shutdown.reason, common_pb2.ShutdownReason.DESCRIPTOR, f"{path}shutdown.reason") - 1
+        args["reason"] = _xen_number(msg.shutdown.reason, common_pb2.ShutdownReason.DESCRIPTOR, f"{path}shutdown.reason")
     return args
 
 

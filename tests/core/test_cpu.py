@@ -6,7 +6,7 @@ import io
 import pytest
 
 from hypervisor.core import Hypervisor
-from hypervisor.core.abi import L4_SLOT_LINEAR, PAGE_OFFSET, PAGE_SHIFT, Errno, MmuextCmd
+from hypervisor.core.abi import L4_SLOT_LINEAR, PAGE_SHIFT, Errno, MmuextCmd
 from hypervisor.core.abi import PFEC_page_present as PF_P
 from hypervisor.core.abi import PFEC_user_mode as PF_U
 from hypervisor.core.abi import PFEC_write_access as PF_W
@@ -400,38 +400,3 @@ def test_atomics_return_the_old_value_and_wrap_at_their_size(hv, guest, size):
     neighbours = guest.access("read", va=guest.direct_va(pfn), length=16)
     assert neighbours[:size] == b"\x5a" * size and neighbours[2 * size :] == b"\x5a" * (16 - 2 * size)
 
-
-# -- physical access --------------------------------------------------------------------------
-
-
-def test_phys_access_reads_and_writes_own_frames_by_pfn(hv, guest):
-    assert guest.call("phys_read", addr=0, length=14) == {"data": b"xen-3.0-x86_64"}
-    pfn, _ = guest.alloc()
-    assert guest.call("phys_write", addr=(pfn << PAGE_SHIFT) + 16, data=b"\x2a") == {}
-    assert guest.load(guest.direct_va(pfn) + 16, size=1) == 0x2A
-    pt_base_pfn = (guest.start_info["pt_base"] - PAGE_OFFSET) >> PAGE_SHIFT
-    assert guest.call("phys_read", addr=pt_base_pfn << PAGE_SHIFT, length=8)["data"] == bytes(8)  # tables read fine
-
-
-def test_phys_write_to_shared_info_by_machine_address(hv, guest):
-    shared_info = guest.start_info["shared_info"]
-    guest.call("phys_write", addr=shared_info + 1, data=b"\x01", machine=True)
-    assert guest.call("phys_read", addr=shared_info, length=2, machine=True) == {"data": b"\x00\x01"}
-
-
-def test_phys_write_to_a_live_pagetable_einval(hv, guest):
-    pt_base_pfn = (guest.start_info["pt_base"] - PAGE_OFFSET) >> PAGE_SHIFT
-    with fails_with(hv, Errno.EINVAL, match="has type L4"):
-        guest.call("phys_write", addr=pt_base_pfn << PAGE_SHIFT, data=b"\x00")
-
-
-@pytest.mark.parametrize("where", ["foreign_mfn", "free_mfn", "pfn_beyond"])
-def test_phys_access_outside_own_frames_einval(hv, guest, other, where):
-    addr, machine = {
-        "foreign_mfn": (other.l4 << PAGE_SHIFT, True),
-        "free_mfn": ((hv.nr_frames - 1) << PAGE_SHIFT, True),
-        "pfn_beyond": (guest.domain.nr_pages << PAGE_SHIFT, False),
-    }[where]
-    for op, data in (("phys_read", {"length": 8}), ("phys_write", {"data": b"\x01"})):
-        with fails_with(hv, Errno.EINVAL):
-            guest.call(op, addr=addr, machine=machine, **data)

@@ -26,7 +26,7 @@ from hypervisor.core.abi import (
     VIRQ_TIMER,
     Errno,
 )
-from hypervisor.core.evtchn import ECS
+from hypervisor.core.evtchn import ECS, NR_PIRQS
 from hypervisor.core.sched import BLOCKED
 from hypervisor.core.trace import state_digest
 
@@ -362,6 +362,13 @@ def test_per_domain_virq_can_move_and_its_close_clears_vcpu0s_table(guest):
 def test_bind_pirq_is_refused_for_domus(hv, guest):
     with fails(hv, Errno.EPERM, match="physical IRQ 3"):
         guest.evtchn("bind_pirq", pirq=3)
+
+
+@pytest.mark.parametrize("pirq", [NR_PIRQS, 2**31])
+def test_bind_pirq_beyond_the_domains_pirqs_is_einval(hv, guest, pirq):
+    """evtchn_bind_pirq checks pirq < d->nr_pirqs before the domain's IRQ permission."""
+    with fails(hv, Errno.EINVAL, match=f"pirq {pirq} "):
+        guest.evtchn("bind_pirq", pirq=pirq)
 
 
 # -- bind_ipi, bind_vcpu ---------------------------------------------------------------------

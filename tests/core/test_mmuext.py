@@ -6,7 +6,7 @@ from hypervisor.core.abi import PAGE_SHIFT, Errno, MmuextCmd
 from hypervisor.core.tlb import TlbEntry
 
 from .conftest import fails_with
-from .guest import A, D, P, RW, US
+from .guest import A, D, P, RW, TABLE, US
 
 
 def test_pin_validates_tree_and_holds_refs(hv, guest):
@@ -48,8 +48,53 @@ def test_pin_tree_with_rw_mapping_of_pagetable_ebusy(hv, guest):
     guest.set_entry(tree["l1"], 7, (tree["l2"] << PAGE_SHIFT) | P | RW | A | D)  # RW map of the L2
     with fails_with(hv, Errno.EBUSY, match="L1 entry 7"):
         guest.pin(4, tree["l4"])
-    l1 = hv.frame_info(tree["l1"])
-    assert (l1["type"], l1["type_count"]) == ("WRITABLE", 0)  # as before the pin
+    for level in ("l4", "l3", "l2", "l1"):
+        info = hv.frame_info(tree[level])
+        assert (info["type_count"], info["validated"], info["pinned"]) == (0, False, False), level
+    for level in ("l4", "l3", "l1"):  # failed at their first slot, or an L1: validate_page's type_info = 0
+        assert hv.frame_info(tree[level])["type"] == "NONE", level
+
+
+def test_failed_pin_leaves_the_frame_without_a_type(hv, guest):
+    """Xen's validate_page sets type_info = 0 when validation fails: the frame that was
+    WRITABLE (and validated) until it was made read-only now has no type at all."""
+    _, data = guest.alloc()
+    pfn, l1 = guest.new_table({3: (data << PAGE_SHIFT) | P | A | 0x80})  # PSE: not allowed in an L1
+    guest.make_readonly(pfn)
+    assert hv.frame_info(l1)["type"] == "WRITABLE"
+    with fails_with(hv, Errno.EINVAL, done=0, match="L1 entry 3"):
+        guest.pin(1, l1)
+    info = hv.frame_info(l1)
+    assert (info["type"], info["type_count"], info["count"], info["validated"], info["pinned"]) == ("NONE", 0, 2, False, False)
+
+
+def test_failed_l1_validation_leaves_the_writable_type_on_frames_mapped_before_the_bad_entry(hv, guest):
+    """promote_l1_table takes the references of the entries before the failing one and drops
+    them again: a frame one of them maps writable keeps its new type (type count 0)."""
+    old_pfn, old_l1 = guest.new_table()
+    guest.make_readonly(old_pfn)
+    guest.pin(1, old_l1)
+    guest.unpin(old_l1)  # an L1 no more: type L1, count 0, not validated
+    pfn, l1 = guest.new_table({0: (old_l1 << PAGE_SHIFT) | P | RW | A | D, 1: (old_l1 << PAGE_SHIFT) | P | A | 0x80})
+    guest.make_readonly(pfn)
+    with fails_with(hv, Errno.EINVAL, match="L1 entry 1"):
+        guest.pin(1, l1)
+    info = hv.frame_info(old_l1)
+    assert (info["type"], info["type_count"], info["validated"]) == ("WRITABLE", 0, True)
+
+
+def test_failed_upper_validation_leaves_the_tables_validated_before_it_typed_but_unreferenced(hv, guest):
+    """An L2 whose entry 1 fails drops what entry 0 took: the L1 entry 0 validated keeps its
+    L1 type with no type reference and is not validated any more, as Xen's unwinding leaves it."""
+    l1_pfn, l1 = guest.new_table()
+    _, mapped_rw = guest.alloc()  # WRITABLE through the direct map: it cannot become an L1
+    l2_pfn, l2 = guest.new_table({0: (l1 << PAGE_SHIFT) | TABLE, 1: (mapped_rw << PAGE_SHIFT) | TABLE})
+    guest.make_readonly(l1_pfn)
+    guest.make_readonly(l2_pfn)
+    with fails_with(hv, Errno.EINVAL, match="L2 entry 1"):
+        guest.pin(2, l2)
+    info = hv.frame_info(l1)
+    assert (info["type"], info["type_count"], info["validated"], info["count"]) == ("L1", 0, False, 2)
 
 
 def test_pin_not_owned_einval(hv, guest, other):

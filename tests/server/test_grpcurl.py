@@ -41,7 +41,7 @@ def test_describe_shows_the_proto_comments(server):
     assert method.returncode == 0, method.stderr
     assert "// HYPERVISOR_mmu_update (hypercall 1; xen-semantics 4)" in method.stdout
     message = grpcurl(server, "describe", "xensim.v1.MmuextOpRequest")
-    assert "// The ops, run in order; 1 to 4096 of them" in message.stdout
+    assert "// The ops, run in order; 0 to 4096 of them" in message.stdout
 
 
 def test_a_table_built_by_hand_is_pinned(server):
@@ -76,3 +76,13 @@ def test_a_table_built_by_hand_is_pinned(server):
 
 def test_health_check(server):
     assert call(server, "grpc.health.v1.Health/Check", {"service": "xensim.v1.Hypercalls"}) == {"status": "SERVING"}
+
+
+def test_a_command_number_without_a_name_reaches_xen(server):
+    """Enum fields take a name or a number; a number Xen does not know is Xen's ENOSYS."""
+    token = call(server, "xensim.v1.Toolstack/CreateDomain", {"nr_pages": 2048, "nr_vcpus": 1})["token"]
+    ops = {"ops": [{"cmd": "MMUEXT_CMD_TLB_FLUSH_LOCAL"}, {"cmd": 15}]}  # Xen's unassigned 14, + 1
+    failed = grpcurl(server, "xensim.v1.Hypercalls/MmuextOp", data=ops, token=token)
+    assert failed.returncode == 64 + 12  # UNIMPLEMENTED
+    assert "Message: ENOSYS (38): mmuext_op entry 1: unknown mmuext command 14" in failed.stderr
+    assert '"done":"1"' in failed.stderr

@@ -361,6 +361,9 @@ ATTACKS = [
     Attack("bind_ipi to a vCPU only A has", "EventChannelOp", lambda a, b: evtchn(bind_ipi=h.EvtchnBindIpi(vcpu=2)), "ENOENT"),
     Attack("bind_virq VIRQ_TIMER on a vCPU only A has", "EventChannelOp", lambda a, b: evtchn(bind_virq=h.EvtchnBindVirq(virq=VIRQ_TIMER, vcpu=2)), "ENOENT"),
     Attack("bind_virq of a global VIRQ", "EventChannelOp", lambda a, b: evtchn(bind_virq=h.EvtchnBindVirq(virq=VIRQ_CONSOLE, vcpu=0)), "EBUSY"),
+    Attack("reset of A's ports", "EventChannelOp", lambda a, b: evtchn(reset=h.EvtchnReset(dom=a.domid)), "EPERM"),
+    Attack("bind_pirq of a physical IRQ", "EventChannelOp", lambda a, b: evtchn(bind_pirq=h.EvtchnBindPirq(pirq=1)), "EPERM"),
+    Attack("an EVTCHNOP number Xen does not know", "EventChannelOp", lambda a, b: evtchn(cmd=99), "ENOSYS"),
     # VCPUOP: B names vCPUs by id in its own domain only (xen-semantics 14)
     Attack("VCPUOP_initialise of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, initialise=init_context(b.start_info.pt_base_mfn)), "ENOENT"),
     Attack("VCPUOP_up of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, up=h.VcpuUp()), "ENOENT"),
@@ -369,10 +372,12 @@ ATTACKS = [
     Attack("VCPUOP_initialise on A's L4", "VcpuOp", lambda a, b: vcpu_op(1, initialise=init_context(a.l4)), "EINVAL"),
     Attack("VCPUOP_initialise with A's L4 as user pagetable", "VcpuOp", lambda a, b: vcpu_op(1, initialise=init_context(b.start_info.pt_base_mfn, a.l4)), "EINVAL"),
     Attack("VCPUOP_down of B's last vCPU shuts B down, not A", "VcpuOp", lambda a, b: vcpu_op(0, down=h.VcpuDown()), "ok"),
+    Attack("a VCPUOP number Xen does not know, on a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, cmd=99), "ENOENT"),
     # SCHEDOP, timers, version, echo
     Attack("poll A's port numbers", "SchedOp", lambda a, b: sched(poll=h.SchedPoll(ports=[a.ports["ipi"], a.ports["virq"]], timeout_ns=1)), "EINVAL"),
     Attack("shutdown shuts B down, not A", "SchedOp", lambda a, b: sched(shutdown=h.SchedShutdown(reason=C.SHUTDOWN_REASON_CRASH)), "ok"),
     Attack("yield", "SchedOp", lambda a, b: sched(sched_yield=h.SchedYield()), "ok"),
+    Attack("a SCHEDOP number Xen does not know", "SchedOp", lambda a, b: sched(cmd=99), "ENOSYS"),
     Attack("set_timer_op fires on B only", "SetTimerOp", lambda a, b: h.SetTimerOpRequest(timeout_ns=1), "ok"),
     Attack("xen_version", "XenVersion", lambda a, b: h.XenVersionRequest(), "ok"),
     Attack("echo", "Echo", lambda a, b: h.EchoRequest(payload=b"x"), "ok"),

@@ -164,9 +164,9 @@ class Limit:
 
 
 LIMITS = [
-    Limit("mmu_update requests per call", MAX_BATCH, lambda x: x.call("MmuUpdate", mmu_updates(x, MAX_BATCH)), lambda x: x.unary("MmuUpdate", mmu_updates(x, MAX_BATCH + 1)), "INVALID_ARGUMENT", "reqs: 4097 entries; 1 to 4096"),
-    Limit("mmuext_op ops per call", MAX_BATCH, lambda x: x.call("MmuextOp", flushes(MAX_BATCH)), lambda x: x.unary("MmuextOp", flushes(MAX_BATCH + 1)), "INVALID_ARGUMENT", "ops: 4097 entries; 1 to 4096"),
-    Limit("multicall entries per call", MAX_BATCH, lambda x: x.call("Multicall", versions(MAX_BATCH)), lambda x: x.unary("Multicall", versions(MAX_BATCH + 1)), "INVALID_ARGUMENT", "entries: 4097 entries; 1 to 4096"),
+    Limit("mmu_update requests per call", MAX_BATCH, lambda x: x.call("MmuUpdate", mmu_updates(x, MAX_BATCH)), lambda x: x.unary("MmuUpdate", mmu_updates(x, MAX_BATCH + 1)), "INVALID_ARGUMENT", "reqs: 4097 entries; 0 to 4096"),
+    Limit("mmuext_op ops per call", MAX_BATCH, lambda x: x.call("MmuextOp", flushes(MAX_BATCH)), lambda x: x.unary("MmuextOp", flushes(MAX_BATCH + 1)), "INVALID_ARGUMENT", "ops: 4097 entries; 0 to 4096"),
+    Limit("multicall entries per call", MAX_BATCH, lambda x: x.call("Multicall", versions(MAX_BATCH)), lambda x: x.unary("Multicall", versions(MAX_BATCH + 1)), "INVALID_ARGUMENT", "entries: 4097 entries; 0 to 4096"),
     Limit("calls per Session message", MAX_SESSION_CALLS, lambda x: x.session_message(MAX_SESSION_CALLS), lambda x: x.message_refused(MAX_SESSION_CALLS + 1), "INVALID_ARGUMENT", "calls: 1025 calls; 1 to 1024 per message"),
     Limit("ports per SCHEDOP_poll", MAX_POLL_PORTS, lambda x: x.call("SchedOp", poll(x, MAX_POLL_PORTS)), lambda x: x.unary("SchedOp", poll(x, MAX_POLL_PORTS + 1)), "FAILED_PRECONDITION", "EINVAL (22): poll of 129 ports: at most 128"),
     Limit("bytes per Read", PAGE_SIZE, lambda x: x.call("Read", m.ReadRequest(va=page_va(x), length=PAGE_SIZE)), lambda x: x.unary("Read", m.ReadRequest(va=page_va(x), length=PAGE_SIZE + 1)), "INVALID_ARGUMENT", "length: 4097 bytes"),

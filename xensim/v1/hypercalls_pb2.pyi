@@ -137,6 +137,20 @@ class EvtchnUnmask(_message.Message):
     port: int
     def __init__(self, port: _Optional[int] = ...) -> None: ...
 
+class EvtchnBindPirq(_message.Message):
+    __slots__ = ("pirq", "flags")
+    PIRQ_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    pirq: int
+    flags: int
+    def __init__(self, pirq: _Optional[int] = ..., flags: _Optional[int] = ...) -> None: ...
+
+class EvtchnReset(_message.Message):
+    __slots__ = ("dom",)
+    DOM_FIELD_NUMBER: _ClassVar[int]
+    dom: int
+    def __init__(self, dom: _Optional[int] = ...) -> None: ...
+
 class EvtchnStatusResult(_message.Message):
     __slots__ = ("state", "vcpu", "remote_dom", "remote_port", "virq")
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -152,7 +166,7 @@ class EvtchnStatusResult(_message.Message):
     def __init__(self, state: _Optional[_Union[_common_pb2.EvtchnStat, str]] = ..., vcpu: _Optional[int] = ..., remote_dom: _Optional[int] = ..., remote_port: _Optional[int] = ..., virq: _Optional[int] = ...) -> None: ...
 
 class EventChannelOpRequest(_message.Message):
-    __slots__ = ("alloc_unbound", "bind_interdomain", "bind_virq", "bind_ipi", "bind_vcpu", "send", "close", "status", "unmask")
+    __slots__ = ("alloc_unbound", "bind_interdomain", "bind_virq", "bind_ipi", "bind_vcpu", "send", "close", "status", "unmask", "bind_pirq", "reset", "cmd")
     ALLOC_UNBOUND_FIELD_NUMBER: _ClassVar[int]
     BIND_INTERDOMAIN_FIELD_NUMBER: _ClassVar[int]
     BIND_VIRQ_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +176,9 @@ class EventChannelOpRequest(_message.Message):
     CLOSE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     UNMASK_FIELD_NUMBER: _ClassVar[int]
+    BIND_PIRQ_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
     alloc_unbound: EvtchnAllocUnbound
     bind_interdomain: EvtchnBindInterdomain
     bind_virq: EvtchnBindVirq
@@ -171,7 +188,10 @@ class EventChannelOpRequest(_message.Message):
     close: EvtchnClose
     status: EvtchnStatus
     unmask: EvtchnUnmask
-    def __init__(self, alloc_unbound: _Optional[_Union[EvtchnAllocUnbound, _Mapping]] = ..., bind_interdomain: _Optional[_Union[EvtchnBindInterdomain, _Mapping]] = ..., bind_virq: _Optional[_Union[EvtchnBindVirq, _Mapping]] = ..., bind_ipi: _Optional[_Union[EvtchnBindIpi, _Mapping]] = ..., bind_vcpu: _Optional[_Union[EvtchnBindVcpu, _Mapping]] = ..., send: _Optional[_Union[EvtchnSend, _Mapping]] = ..., close: _Optional[_Union[EvtchnClose, _Mapping]] = ..., status: _Optional[_Union[EvtchnStatus, _Mapping]] = ..., unmask: _Optional[_Union[EvtchnUnmask, _Mapping]] = ...) -> None: ...
+    bind_pirq: EvtchnBindPirq
+    reset: EvtchnReset
+    cmd: int
+    def __init__(self, alloc_unbound: _Optional[_Union[EvtchnAllocUnbound, _Mapping]] = ..., bind_interdomain: _Optional[_Union[EvtchnBindInterdomain, _Mapping]] = ..., bind_virq: _Optional[_Union[EvtchnBindVirq, _Mapping]] = ..., bind_ipi: _Optional[_Union[EvtchnBindIpi, _Mapping]] = ..., bind_vcpu: _Optional[_Union[EvtchnBindVcpu, _Mapping]] = ..., send: _Optional[_Union[EvtchnSend, _Mapping]] = ..., close: _Optional[_Union[EvtchnClose, _Mapping]] = ..., status: _Optional[_Union[EvtchnStatus, _Mapping]] = ..., unmask: _Optional[_Union[EvtchnUnmask, _Mapping]] = ..., bind_pirq: _Optional[_Union[EvtchnBindPirq, _Mapping]] = ..., reset: _Optional[_Union[EvtchnReset, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
 
 class EventChannelOpResponse(_message.Message):
     __slots__ = ("port", "status")
@@ -214,18 +234,20 @@ class VcpuIsUp(_message.Message):
     def __init__(self) -> None: ...
 
 class VcpuOpRequest(_message.Message):
-    __slots__ = ("vcpuid", "initialise", "up", "down", "is_up")
+    __slots__ = ("vcpuid", "initialise", "up", "down", "is_up", "cmd")
     VCPUID_FIELD_NUMBER: _ClassVar[int]
     INITIALISE_FIELD_NUMBER: _ClassVar[int]
     UP_FIELD_NUMBER: _ClassVar[int]
     DOWN_FIELD_NUMBER: _ClassVar[int]
     IS_UP_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
     vcpuid: int
     initialise: VcpuInitialise
     up: VcpuUp
     down: VcpuDown
     is_up: VcpuIsUp
-    def __init__(self, vcpuid: _Optional[int] = ..., initialise: _Optional[_Union[VcpuInitialise, _Mapping]] = ..., up: _Optional[_Union[VcpuUp, _Mapping]] = ..., down: _Optional[_Union[VcpuDown, _Mapping]] = ..., is_up: _Optional[_Union[VcpuIsUp, _Mapping]] = ...) -> None: ...
+    cmd: int
+    def __init__(self, vcpuid: _Optional[int] = ..., initialise: _Optional[_Union[VcpuInitialise, _Mapping]] = ..., up: _Optional[_Union[VcpuUp, _Mapping]] = ..., down: _Optional[_Union[VcpuDown, _Mapping]] = ..., is_up: _Optional[_Union[VcpuIsUp, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
 
 class VcpuOpResponse(_message.Message):
     __slots__ = ("is_up",)
@@ -256,16 +278,18 @@ class SchedShutdown(_message.Message):
     def __init__(self, reason: _Optional[_Union[_common_pb2.ShutdownReason, str]] = ...) -> None: ...
 
 class SchedOpRequest(_message.Message):
-    __slots__ = ("sched_yield", "block", "poll", "shutdown")
+    __slots__ = ("sched_yield", "block", "poll", "shutdown", "cmd")
     SCHED_YIELD_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     POLL_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
     sched_yield: SchedYield
     block: SchedBlock
     poll: SchedPoll
     shutdown: SchedShutdown
-    def __init__(self, sched_yield: _Optional[_Union[SchedYield, _Mapping]] = ..., block: _Optional[_Union[SchedBlock, _Mapping]] = ..., poll: _Optional[_Union[SchedPoll, _Mapping]] = ..., shutdown: _Optional[_Union[SchedShutdown, _Mapping]] = ...) -> None: ...
+    cmd: int
+    def __init__(self, sched_yield: _Optional[_Union[SchedYield, _Mapping]] = ..., block: _Optional[_Union[SchedBlock, _Mapping]] = ..., poll: _Optional[_Union[SchedPoll, _Mapping]] = ..., shutdown: _Optional[_Union[SchedShutdown, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
 
 class SchedOpResponse(_message.Message):
     __slots__ = ()

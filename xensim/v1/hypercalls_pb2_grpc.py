@@ -198,8 +198,8 @@ class HypercallsServicer:
 
     def EventChannelOp(self, request, context):
         """HYPERVISOR_event_channel_op (hypercall 32; xen-semantics 16): allocate, bind, send to,
-        close, query and unmask event-channel ports. EINVAL, ENOSPC, EEXIST, ENOENT, EBUSY, ESRCH,
-        EPERM.
+        close, query, unmask and reset event-channel ports. EINVAL, ENOSPC, EEXIST, ENOENT, EBUSY,
+        ESRCH, EPERM, ENOSYS (an op number without a case).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,7 +207,7 @@ class HypercallsServicer:
 
     def VcpuOp(self, request, context):
         """HYPERVISOR_vcpu_op (hypercall 24; xen-semantics 14): initialise, bring up, take down and
-        query a vCPU of the caller's domain. ENOENT, EINVAL, EEXIST.
+        query a vCPU of the caller's domain. ENOENT, EINVAL, EEXIST, ENOSYS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,7 +215,7 @@ class HypercallsServicer:
 
     def SchedOp(self, request, context):
         """HYPERVISOR_sched_op (hypercall 29; xen-semantics 15): yield, block, poll, shutdown. block
-        and poll answer only when the vCPU is woken. EINVAL (poll), EFAULT.
+        and poll answer only when the vCPU is woken. EINVAL (poll), EFAULT, ENOSYS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
