@@ -18,6 +18,9 @@ as an await that blocks nothing else:
 - Pause (toolstack.proto PauseDomain): calls of a paused domain wait before they run, and no
   push is made for it, until UnpauseDomain. Calls already sleeping stay asleep; one that wakes
   while paused answers after the unpause.
+- A vCPU that Xen does not run (down, or of a domain that shut down) gets no push, and the
+  core refuses its calls (VcpuNotRunning, answered FAILED_PRECONDITION by errors.py). A call
+  already asleep when that happens answers when it is woken, as any sleeping call does.
 - Handlers register their task under their domain (`guard`), so DestroyDomain can end that
   domain's calls and streams with ABORTED, and shutdown every call with UNAVAILABLE.
 """
@@ -101,8 +104,8 @@ class Stream:
         if vcpu.down:
             self.started_sent = False
             return []
-        if slot.domid in self.runtime.paused:
-            return []
+        if slot.domid in self.runtime.paused or hv.domains[slot.domid].shutdown_code is not None:
+            return []  # paused, by the toolstack or by domain_shutdown: the vCPU runs nothing
         pushes = []
         if not self.started_sent:
             self.started_sent = True

@@ -11,8 +11,7 @@ from hypervisor.core.sched import BLOCKED
 from hypervisor.core.schedop import HUGE_TIMEOUT_FALLBACK_NS
 from hypervisor.core.trace import TraceWriter, replay
 
-from .conftest import fails_with
-from .conftest import unchanged
+from .conftest import fails_with, refused, unchanged
 from .guest import Guest
 from .conftest import fails_with as fails  # the errno, and nothing changed
 
@@ -161,12 +160,12 @@ def test_a_stale_poll_timer_cannot_wake_a_later_block(hv, guest):
 # -- shutdown --------------------------------------------------------------------------------
 
 
-def test_shutdown_records_the_first_reason_and_pauses_every_vcpu(hv, guest):
+def test_shutdown_records_the_reason_and_pauses_every_vcpu(hv, guest):
     assert guest.sched_op("shutdown", reason=SHUTDOWN_reboot) == 0
     assert guest.domain.shutdown_code == SHUTDOWN_reboot
     assert hv.take_kicks() == [(guest.domid, 0), (guest.domid, 1)]
-    with unchanged(hv):
-        assert guest.sched_op("shutdown", reason=SHUTDOWN_crash, caller=1) == 0
+    with refused(hv, match="has shut down (code 1)"):  # paused: no vCPU calls again
+        guest.sched_op("shutdown", reason=SHUTDOWN_crash, caller=1)
 
 
 def test_shutdown_reason_is_not_checked_and_keeps_its_low_byte(guest):

@@ -35,6 +35,14 @@ class HypercallsStub:
     bad vCPU id is INVALID_ARGUMENT. The caller is that vCPU of that domain: DOMID_SELF, the
     "current" vCPU of Xen's handlers, and the cr3/TLB that memory accesses use.
 
+    Only a running vCPU makes calls. One that is down (never brought up with VCPUOP_initialise
+    and VCPUOP_up, or taken down by VCPUOP_down) or whose domain has shut down is not scheduled
+    by Xen and executes nothing, so no errno exists for its calls: its hypercalls and memory
+    accesses fail with FAILED_PRECONDITION and a google.rpc.ErrorInfo (domain "xensim", reason
+    VCPU_NOT_RUNNING, metadata hypercall), change nothing and are not traced; Echo still answers.
+    A vCPU's process waits for VcpuStarted (at its start, and again after VCPUOP_up) before it
+    calls. docs/vcpu-time.md says why such a call is refused rather than held.
+
     Session is the fast path: one bidirectional stream per vCPU process, many calls per message,
     upcalls pushed on the same stream. The unary RPCs run the same handlers one call at a time
     and exist so that each hypercall can be issued by hand with grpcurl. Xen errors of a unary
@@ -138,6 +146,14 @@ class HypercallsServicer:
     below the domain's nr_vcpus). A missing or unknown token is UNAUTHENTICATED; a missing or
     bad vCPU id is INVALID_ARGUMENT. The caller is that vCPU of that domain: DOMID_SELF, the
     "current" vCPU of Xen's handlers, and the cr3/TLB that memory accesses use.
+
+    Only a running vCPU makes calls. One that is down (never brought up with VCPUOP_initialise
+    and VCPUOP_up, or taken down by VCPUOP_down) or whose domain has shut down is not scheduled
+    by Xen and executes nothing, so no errno exists for its calls: its hypercalls and memory
+    accesses fail with FAILED_PRECONDITION and a google.rpc.ErrorInfo (domain "xensim", reason
+    VCPU_NOT_RUNNING, metadata hypercall), change nothing and are not traced; Echo still answers.
+    A vCPU's process waits for VcpuStarted (at its start, and again after VCPUOP_up) before it
+    calls. docs/vcpu-time.md says why such a call is refused rather than held.
 
     Session is the fast path: one bidirectional stream per vCPU process, many calls per message,
     upcalls pushed on the same stream. The unary RPCs run the same handlers one call at a time
@@ -380,6 +396,14 @@ class Hypercalls:
     below the domain's nr_vcpus). A missing or unknown token is UNAUTHENTICATED; a missing or
     bad vCPU id is INVALID_ARGUMENT. The caller is that vCPU of that domain: DOMID_SELF, the
     "current" vCPU of Xen's handlers, and the cr3/TLB that memory accesses use.
+
+    Only a running vCPU makes calls. One that is down (never brought up with VCPUOP_initialise
+    and VCPUOP_up, or taken down by VCPUOP_down) or whose domain has shut down is not scheduled
+    by Xen and executes nothing, so no errno exists for its calls: its hypercalls and memory
+    accesses fail with FAILED_PRECONDITION and a google.rpc.ErrorInfo (domain "xensim", reason
+    VCPU_NOT_RUNNING, metadata hypercall), change nothing and are not traced; Echo still answers.
+    A vCPU's process waits for VcpuStarted (at its start, and again after VCPUOP_up) before it
+    calls. docs/vcpu-time.md says why such a call is refused rather than held.
 
     Session is the fast path: one bidirectional stream per vCPU process, many calls per message,
     upcalls pushed on the same stream. The unary RPCs run the same handlers one call at a time
