@@ -9,9 +9,8 @@ taken down keeps those references; taking down the last vCPU that is up shuts th
 
 from typing import TYPE_CHECKING
 
-from .abi import SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online, Errno
+from .abi import SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online, Errno, PageType
 from .errors import XenError
-from .mmu import new_guest_cr3, new_user_baseptr
 from .sched import domain_shutdown
 from .walk import canonical
 
@@ -41,7 +40,10 @@ def initialise(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", context: dict) 
 def _set_info_guest(
     hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", flags: int = 0, ctrlreg3: int = 0, ctrlreg1: int = 0, rip: int = 0, rsp: int = 0
 ) -> int:
-    """arch_set_info_guest for a vCPU that never ran, with its checks in Xen's order."""
+    """arch_set_info_guest for a vCPU that never ran (xen/arch/x86/domain.c), its checks in
+    Xen's order. Xen commits the kernel base before it looks at the user base, and keeps it
+    when the user base is refused; here both bases are taken as one step
+    (FrameTable.atomically), so that a refused call changes nothing at all."""
     where = f"VCPUOP_initialise of dom{domain.domid} vCPU {vcpu.vcpu_id}"
     if vcpu.initialised:
         raise XenError(Errno.EEXIST, f"{where}: the vCPU is already initialised")
@@ -50,22 +52,32 @@ def _set_info_guest(
             raise XenError(Errno.EINVAL, f"{where}: {name} {va:#x} is not canonical")
     if not flags & VGCF_in_kernel and not ctrlreg1:
         raise XenError(Errno.EINVAL, f"{where}: starts in user mode (no VGCF_in_kernel) without a user pagetable (ctrlreg1)")
-    if not ctrlreg3:  # new_guest_cr3 takes 0 for "unchanged" on a vCPU with no base yet
-        raise XenError(Errno.EINVAL, f"{where}: ctrlreg3 mfn 0x0 is {hv.frames.describe_owner(0)}, not owned by dom{domain.domid}")
-    try:
-        new_guest_cr3(hv, vcpu, ctrlreg3)
-    except XenError as e:
-        raise XenError(e.errno, f"{where}: ctrlreg3: {e.message}") from None
-    try:
-        new_user_baseptr(hv, vcpu, ctrlreg1)
-    except XenError as e:
-        hv.frames.put_page_and_type(vcpu.guest_table)  # xensim rolls back; Xen keeps the ref
-        vcpu.guest_table = 0
-        raise XenError(e.errno, f"{where}: ctrlreg1: {e.message}") from None
+    frames = hv.frames
+
+    def take_bases() -> None:
+        _take_base(hv, domain, ctrlreg3, f"{where}: ctrlreg3")
+        if ctrlreg1:
+            try:
+                _take_base(hv, domain, ctrlreg1, f"{where}: ctrlreg1")
+            except XenError:
+                frames.put_page_and_type(ctrlreg3)
+                raise
+
+    frames.atomically(take_bases)
+    vcpu.guest_table, vcpu.guest_table_user = ctrlreg3, ctrlreg1  # a vCPU that never ran held none
     vcpu.initialised = True
     vcpu.vgc_flags, vcpu.rip, vcpu.rsp = flags, rip, rsp
     vcpu.down = not flags & VGCF_online  # VGCF_online clears _VPF_down without waking the vCPU
     return 0
+
+
+def _take_base(hv: "Hypervisor", domain: "Domain", mfn: int, what: str) -> None:
+    """The reference a base pointer holds: a general and an L4 type reference, which validates
+    an unpinned tree (as MMUEXT_NEW_BASEPTR takes it)."""
+    try:
+        hv.frames.get_page_and_type(mfn, domain.domid, PageType.L4)
+    except XenError as e:
+        raise XenError(e.errno, f"{what}: {e.message}") from None
 
 
 def up(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> int:

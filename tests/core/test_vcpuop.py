@@ -78,7 +78,7 @@ def test_initialise_twice_is_eexist(hv, guest):
         ({"rip": 0x0000800000000000}, "rip 0x800000000000 is not canonical"),
         ({"rsp": 0xFFFF7FFFFFFFFFFF}, "rsp 0xffff7fffffffffff is not canonical"),
         ({"flags": 0}, "without a user pagetable"),
-        ({"ctrlreg3": 0}, "ctrlreg3 mfn 0x0"),
+        ({"ctrlreg3": 0}, "ctrlreg3: mfn 0x0 is owned by dom32754"),
     ],
 )
 def test_initialise_context_errors_are_einval(hv, guest, change, match):
@@ -103,6 +103,28 @@ def test_a_bad_user_cr3_rolls_the_kernel_reference_back(hv, guest):
     with fails(hv, Errno.EINVAL, match="ctrlreg1"):
         guest.vcpu_op("initialise", 1, context=context(guest, ctrlreg1=data))
     assert refs(hv, guest.l4) == before and guest.domain.vcpus[1].guest_table == 0
+
+
+REFUSED_BASES = {
+    # (ctrlreg3, ctrlreg1): errno and message. "tree" is an unpinned tree that only this call
+    # would validate; "user" maps the tree's L1 writable, fine alone but not beside "tree".
+    ("tree", "data"): (Errno.EINVAL, "ctrlreg1: "),
+    ("tree", "other's l4"): (Errno.EINVAL, "ctrlreg1: "),
+    ("tree", "user"): (Errno.EBUSY, "ctrlreg1: "),
+    ("data", "tree"): (Errno.EINVAL, "ctrlreg3: "),
+}
+
+
+@pytest.mark.parametrize("bases", REFUSED_BASES, ids=" and ".join)
+def test_a_refused_initialise_changes_nothing(hv, guest, other, bases):
+    """Every base is checked before either is committed: the unpinned tree stays unvalidated."""
+    tree = guest.new_pgd({0x400000: guest.alloc()[1]})
+    frames = {"tree": tree["l4"], "data": guest.alloc()[1], "other's l4": other.l4}
+    frames["user"] = guest.new_pgd({0x400000: tree["l1"]}, kernel=False)["l4"]
+    errno, match = REFUSED_BASES[bases]
+    with fails(hv, errno, match=match):
+        guest.vcpu_op("initialise", 1, context=context(guest, frames[bases[0]], ctrlreg1=frames[bases[1]]))
+    assert hv.frame_info(tree["l4"])["type_count"] == 0 and not guest.domain.vcpus[1].initialised
 
 
 def test_up_of_an_uninitialised_vcpu_is_einval(hv, guest):
