@@ -109,6 +109,12 @@ class Scheduler:
             self.kicks.pop((vcpu.domid, vcpu.vcpu_id), None)
 
 
+def s_time(deadline_ns: int) -> int:
+    """A guest's u64 deadline as Xen's timers take it, an s_time_t: 2**63 and above are
+    negative, so already past (set_timer, xen/common/timer.c)."""
+    return deadline_ns - (1 << 64) if deadline_ns >> 63 else deadline_ns
+
+
 def run_timers(hv: "Hypervisor") -> int:
     """Xen's TIMER_SOFTIRQ: run every timer whose deadline has passed, earliest first. Arming
     code calls it too, since Xen runs a timer set in the past before returning to the guest."""
