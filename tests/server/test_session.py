@@ -136,7 +136,7 @@ def test_timer_fires_virq_timer_as_an_upcall(guest, vcpu0):
     vcpu0.send(
         1,
         evtchn(bind_virq=h.EvtchnBindVirq(virq=0, vcpu=0)),
-        h.Call(set_timer_op=h.SetTimerOpRequest(timeout_ns=50_000_000)),
+        h.Call(set_timer_op=h.SetTimerOpRequest(timeout_ns_relative=50_000_000)),
         sched(block=h.SchedBlock()),  # events start masked (as Xen builds it): block enables them
     )
     upcall = vcpu0.push(timeout=5).upcall

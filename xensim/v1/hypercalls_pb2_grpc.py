@@ -223,7 +223,8 @@ class HypercallsServicer:
 
     def VcpuOp(self, request, context):
         """HYPERVISOR_vcpu_op (hypercall 24; xen-semantics 14): initialise, bring up, take down and
-        query a vCPU of the caller's domain. ENOENT, EINVAL, EEXIST.
+        query a vCPU of the caller's domain, and set or stop the caller's single-shot timer.
+        ENOENT, EINVAL, EEXIST.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,7 +240,8 @@ class HypercallsServicer:
 
     def SetTimerOp(self, request, context):
         """HYPERVISOR_set_timer_op (hypercall 15): arm or stop the vCPU's single-shot timer, which
-        raises VIRQ_TIMER on this vCPU when it fires. Never fails.
+        raises VIRQ_TIMER on this vCPU when it fires, at an absolute Xen system time (see
+        SessionResponse.system_time_ns). Never fails.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
