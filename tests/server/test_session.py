@@ -41,18 +41,6 @@ def bring_up(guest: WireGuest, session: SessionClient, vcpu: int) -> None:
     assert len(answer.results) == 2 and not any(r.HasField("status") for r in answer.results), answer
 
 
-@pytest.fixture
-def guest(server):
-    return WireGuest(server)
-
-
-@pytest.fixture
-def vcpu0(guest):
-    session = SessionClient(guest.hc, guest.md(0))
-    yield session
-    session.close()
-
-
 def test_vcpu0_is_started_with_the_start_info_when_its_session_opens(guest, vcpu0):
     started = vcpu0.push().started
     assert started.vcpu_id == 0

@@ -15,16 +15,10 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def guest(server):
-    return WireGuest(server)
-
-
-@pytest.fixture
-def vcpu0(guest):
-    session = SessionClient(guest.hc, guest.md(0))
-    assert session.push().HasField("started")
-    yield session
-    session.close()
+def vcpu0(vcpu0):
+    """vCPU 0's Session, once it has been started."""
+    assert vcpu0.push().HasField("started")
+    return vcpu0
 
 
 def attempts(guest: WireGuest) -> list[tuple[str, object]]:

@@ -9,7 +9,7 @@ import pytest
 
 from xensim.v1 import hypercalls_pb2 as h
 
-from .helpers import SessionClient, WireGuest, error_info, field_violation, status_of
+from .helpers import SessionClient, error_info, field_violation, status_of
 from .test_session import evtchn, sched
 
 pytestmark = pytest.mark.timeout(60)
@@ -19,16 +19,10 @@ VIRQ_TIMER = 0
 
 
 @pytest.fixture
-def guest(server):
-    return WireGuest(server)
-
-
-@pytest.fixture
-def vcpu0(guest):
-    session = SessionClient(guest.hc, guest.md(0))
-    assert session.push().HasField("started")
-    yield session
-    session.close()
+def vcpu0(vcpu0):
+    """vCPU 0's Session, once it has been started."""
+    assert vcpu0.push().HasField("started")
+    return vcpu0
 
 
 def exchange(session: SessionClient, *calls: h.Call) -> h.SessionResponse:
