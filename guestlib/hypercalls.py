@@ -299,6 +299,14 @@ class Hypercalls:
     def vcpu_is_up(self, vcpuid: int):
         return self._vcpu_op(vcpuid, _field("vcpu_op", "is_up"), is_up={})
 
+    def vcpu_set_singleshot_timer(self, vcpuid: int, timeout_abs_ns: int, flags: int = 0):
+        """Arm this vCPU's single-shot VIRQ_TIMER (the timer set_timer_op arms) at an absolute
+        Xen system time; vcpuid must be this vCPU's own id (EINVAL otherwise)."""
+        return self._vcpu_op(vcpuid, set_singleshot_timer={"timeout_abs_ns": timeout_abs_ns, "flags": flags})
+
+    def vcpu_stop_singleshot_timer(self, vcpuid: int):
+        return self._vcpu_op(vcpuid, stop_singleshot_timer={})
+
     # -- HYPERVISOR_sched_op, set_timer_op, xen_version (xen-semantics 15) -----------------------
 
     def _sched_op(self, **op):
@@ -313,7 +321,8 @@ class Hypercalls:
         return self._sched_op(block={})
 
     def sched_poll(self, ports: Iterable[int], timeout_ns: int = 0):
-        """Sleep until one of ports is pending (masked or not) or timeout_ns (relative) passes."""
+        """Sleep until one of ports is pending (masked or not) or Xen's system time reaches
+        timeout_ns (absolute, as in Xen: `client.system_time_ns + wait`; 0 = no timeout)."""
         return self._sched_op(poll={"ports": list(ports), "timeout_ns": timeout_ns})
 
     def sched_shutdown(self, reason: int):
@@ -321,7 +330,8 @@ class Hypercalls:
         return self._sched_op(shutdown={"reason": reason + 1})
 
     def set_timer_op(self, timeout_ns: int):
-        """Arm (relative ns) or stop (0) this vCPU's single-shot VIRQ_TIMER."""
+        """Arm this vCPU's single-shot VIRQ_TIMER at an absolute Xen system time (as in Xen:
+        `client.system_time_ns + wait`; one already past fires at once), or stop it (0)."""
         return self._issue(Op("set_timer_op", hypercalls_pb2.SetTimerOpRequest(timeout_ns=timeout_ns), _nothing))
 
     def xen_version(self):
@@ -381,6 +391,13 @@ class HypercallClient(Hypercalls):
 
     def __init__(self, session: Session):
         self.session = session
+
+    @property
+    def system_time_ns(self) -> int:
+        """Xen's system time (ns) as of the latest message from the hypervisor: what a PV guest
+        reads from vcpu_time_info, and the base of the absolute deadlines that sched_poll,
+        set_timer_op and vcpu_set_singleshot_timer take."""
+        return self.session.system_time_ns
 
     async def wait_started(self) -> hypercalls_pb2.VcpuStarted:
         """Wait until the hypervisor starts this vCPU (at once for a vCPU that is up; after

@@ -50,7 +50,8 @@ class _Waiter:
 
 class Session:
     """A vCPU's open Session: `exchange` sends one message of calls and waits for its answer;
-    server pushes arrive on `upcalls` (Upcall) and `started` (VcpuStarted).
+    server pushes arrive on `upcalls` (Upcall) and `started` (VcpuStarted); `system_time_ns`
+    is Xen's system time as of the latest message from the hypervisor.
 
     Several trio tasks may exchange at once (each request has its own id); the hypervisor runs
     messages in arrival order. Use `open_session` to get one.
@@ -62,6 +63,7 @@ class Session:
         self._waiters: dict[int, _Waiter] = {}
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._closed: SessionClosed | None = None
+        self.system_time_ns = 0
         self._reader_done = trio.Event()
         # Pushes are bounded by the protocol, not by this buffer: the hypervisor masks upcalls
         # until the guest unmasks, and a vCPU is started at most once per VCPUOP_up.
@@ -102,6 +104,7 @@ class Session:
     def _deliver(self, response: hypercalls_pb2.SessionResponse) -> None:
         if self._closed is not None:  # after a protocol violation: the rest is noise
             return
+        self.system_time_ns = max(self.system_time_ns, response.system_time_ns)
         push = response.WhichOneof("push")
         if push == "upcall":
             self._upcalls_in.send_nowait(response.upcall)

@@ -118,7 +118,7 @@ class Smp:
         cpu.phase = f"call_function_many waiting for {targets}"
         while True:
             if wait:
-                batch.sched_poll([kick], CALL_WAIT_NS)
+                batch.sched_poll([kick], cpu.client.system_time_ns + CALL_WAIT_NS)
                 batch.atomic("fetch_and", kick_word, ~(1 << kick % 64) & (2**64 - 1))
             dones = [batch.load(kl.csd(cpu.id, t, "done")[0]) for t in targets]
             online = [batch.load(kl.percpu(t, "online")[0]) for t in targets]

@@ -17,8 +17,8 @@ network. Every call enters through `Hypervisor.hypercall` or `Hypervisor.toolsta
 
 from .audit import audit
 from .cpu import PageFault
-from .errors import SimulatorBug, XenError
+from .errors import SimulatorBug, VcpuNotRunning, XenError
 from .hypervisor import Hypervisor
 from .sched import BLOCKED
 
-__all__ = ["BLOCKED", "Hypervisor", "PageFault", "SimulatorBug", "XenError", "audit"]
+__all__ = ["BLOCKED", "Hypervisor", "PageFault", "SimulatorBug", "VcpuNotRunning", "XenError", "audit"]

@@ -207,6 +207,9 @@ VCPUOP_initialise = 0
 VCPUOP_up = 1
 VCPUOP_down = 2
 VCPUOP_is_up = 3
+VCPUOP_set_singleshot_timer = 8
+VCPUOP_stop_singleshot_timer = 9
+VCPU_SSHOTTMR_future = 1 << 0  # Xen ignores it since 4.18 (a late deadline fires, never -ETIME)
 VGCF_in_kernel = 1 << 2
 VGCF_online = 1 << 5
 

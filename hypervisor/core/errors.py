@@ -1,4 +1,5 @@
-"""How a hypercall fails: `XenError` is the guest's errno; `SimulatorBug` is ours.
+"""How a hypercall fails: `XenError` is the guest's errno; `VcpuNotRunning` is a call that
+could not have been made; `SimulatorBug` is ours.
 
 A guest must never see a bug of the simulator as an errno (STYLE.md): the adapter turns
 `SimulatorBug` (and any other exception) into a loud INTERNAL status, never into a Xen error.
@@ -30,6 +31,14 @@ class XenError(Exception):
 
     def __str__(self) -> str:
         return f"-{self.errno.name}: {self.message}"
+
+
+class VcpuNotRunning(Exception):
+    """A call from a vCPU that Xen does not run: one that is down (never brought up, or after
+    VCPUOP_down) or whose domain has shut down. Not an errno: in Xen such a vCPU executes
+    nothing, so there is no hypercall to fail; the call simply never happened. The adapter
+    answers it with a refusal of its own (the message says why the vCPU is stopped and what
+    brings it back)."""
 
 
 class SimulatorBug(AssertionError):

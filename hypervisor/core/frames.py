@@ -166,11 +166,18 @@ class FrameTable:
         nothing. Xen also leaves the entries it adjusted while validating; those are guest
         memory, which a failed call must leave as it was, so we restore them (README).
         """
+        self.atomically(lambda: self._get_page_type(mfn, want))
+
+    def atomically(self, action: Callable[[], None]) -> None:
+        """Run `action`, whose type acquisitions then succeed together or leave no trace: if it
+        raises XenError, the types and entries that validation changed inside it are put back.
+        That needs the references it took dropped first: a failing acquisition drops its own,
+        and `action` drops any it took before, then re-raises. Nested calls join the outer one."""
         if self._journal is not None:
-            return self._get_page_type(mfn, want)
+            return action()
         self._journal = []
         try:
-            self._get_page_type(mfn, want)
+            action()
         except XenError:
             for frame, words in reversed(self._journal):
                 self.memory.restore(frame, words)

@@ -18,7 +18,7 @@ from .errors import XenError
 from .frames import ALLOCATED, XEN_HEAP, FrameTable
 from .memory import MachineMemory
 from .pagetable import PageTables
-from .sched import BLOCKED, Scheduler, advance_time, vcpu_unblock
+from .sched import BLOCKED, Scheduler, advance_time, check_running, vcpu_unblock
 
 DEFAULT_FRAMES = 1 << 20  # 4 GiB of machine memory
 RESERVED_FRAMES = 16  # the low frames belong to Xen, so mfn 0 never names a guest frame
@@ -115,7 +115,8 @@ class Hypervisor:
     # -- the dispatch ------------------------------------------------------------------------
 
     def hypercall(self, domid: int, vcpu_id: int, op: str, /, **args) -> Any:
-        """Run hypercall `op` as vCPU `vcpu_id` of `domid`."""
+        """Run hypercall `op` as vCPU `vcpu_id` of `domid`, which must be running (else
+        `VcpuNotRunning`, see sched.check_running)."""
         return self._dispatch([domid, vcpu_id], op, args)
 
     def toolstack(self, op: str, /, **args) -> Any:
@@ -131,10 +132,12 @@ class Hypervisor:
                     raise XenError(Errno.ENOSYS, f"unknown toolstack op {op!r}")
                 result = handler(self, **args)
             else:
+                vcpu = self.vcpu(*caller)
+                check_running(self, vcpu)  # VcpuNotRunning: not a XenError, so neither counted nor traced
                 handler = HYPERCALLS.get(op)
                 if handler is None:
                     raise XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")
-                result = handler(self, self.vcpu(*caller), **args)
+                result = handler(self, vcpu, **args)
         except XenError as e:
             self.stats[(op, e.errno.name)] += 1
             if self.tracer:

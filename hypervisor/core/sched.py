@@ -11,6 +11,8 @@ adapter) drives, so what Xen's scheduler does is reduced to state and notificati
   set that the adapter drains with `Hypervisor.take_kicks()`, then looks at the vCPU's state
   (blocked? down? domain shut down? upcall deliverable?) to decide what to push. A set, because
   kicks coalesce: a storm of events leaves one entry, never an unbounded queue.
+- A vCPU that Xen would not run (down, or of a domain that has shut down) makes no calls:
+  `check_running` refuses them before they look at anything, with `VcpuNotRunning`.
 - Time is the caller's. Timers hold absolute deadlines in ns on the caller's clock; the
   toolstack op `advance_time` (traced, so a replay sees the same time) moves the clock and runs
   the timers that are due, and `Scheduler.next_deadline` tells the adapter how long it may sleep.
@@ -22,7 +24,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from .abi import Errno
-from .errors import XenError
+from .errors import VcpuNotRunning, XenError
 
 if TYPE_CHECKING:
     from .domain import Domain, Vcpu
@@ -107,6 +109,12 @@ class Scheduler:
             self.kicks.pop((vcpu.domid, vcpu.vcpu_id), None)
 
 
+def s_time(deadline_ns: int) -> int:
+    """A guest's u64 deadline as Xen's timers take it, an s_time_t: 2**63 and above are
+    negative, so already past (set_timer, xen/common/timer.c)."""
+    return deadline_ns - (1 << 64) if deadline_ns >> 63 else deadline_ns
+
+
 def run_timers(hv: "Hypervisor") -> int:
     """Xen's TIMER_SOFTIRQ: run every timer whose deadline has passed, earliest first. Arming
     code calls it too, since Xen runs a timer set in the past before returning to the guest."""
@@ -151,3 +159,26 @@ def domain_shutdown(hv: "Hypervisor", domain: "Domain", reason: int) -> None:
     domain.shutdown_code = reason
     for vcpu in domain.vcpus:
         hv.sched.poke(vcpu)
+
+
+def check_running(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    """Refuse a call from a vCPU that Xen would not be running. Xen schedules a vCPU only while
+    nothing pauses it (vcpu_runnable, xen/include/xen/sched.h): not while _VPF_down is set
+    (every vCPU but 0 from creation until VCPUOP_up, and after VCPUOP_down; xen/common/domain.c,
+    vcpu_create and common_vcpu_op) and not once domain_shutdown has paused it
+    (xen/common/domain.c, domain_shutdown). Such a vCPU executes nothing, so its call changes
+    nothing and is neither counted nor traced."""
+    domain = hv.domains[vcpu.domid]
+    if not vcpu.down and domain.shutdown_code is None:
+        return
+    who = f"dom{vcpu.domid} vCPU {vcpu.vcpu_id}"
+    if domain.shutdown_code is not None:
+        raise VcpuNotRunning(
+            f"{who} does not run: dom{vcpu.domid} has shut down (code {domain.shutdown_code}) and Xen runs none of its vCPUs again; "
+            "the toolstack destroys it (DestroyDomain)"
+        )
+    if not vcpu.initialised:
+        why, remedy = "was never initialised", "brings it up (VCPUOP_initialise, then VCPUOP_up)"
+    else:
+        why, remedy = "is down (initialised but not yet up, or taken down by VCPUOP_down)", "brings it up with VCPUOP_up"
+    raise VcpuNotRunning(f"{who} does not run: it {why}; another vCPU of the domain {remedy}, and its process calls once its Session has received VcpuStarted")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .abi import VIRQ_TIMER, Errno
 from .errors import XenError
 from .evtchn import evtchn_port_poll, local_events_need_delivery, send_guest_vcpu_virq, set_upcall_mask
-from .sched import BLOCKED, Blocked, domain_shutdown, run_timers, vcpu_unblock
+from .sched import BLOCKED, Blocked, domain_shutdown, run_timers, s_time, vcpu_unblock
 
 if TYPE_CHECKING:
     from .domain import Vcpu
@@ -51,8 +51,9 @@ def poll(hv: "Hypervisor", current: "Vcpu", ports: list[int] = (), timeout_ns: i
     """SCHEDOP_poll: return at once if an upcall is deliverable or a listed port is pending;
     ports are examined in order and the first decisive one wins (an unusable port is EINVAL).
     Otherwise sleep until a listed port becomes pending, masked or not, or until the absolute
-    deadline `timeout_ns` (0 = none). With several ports any port of the domain that becomes
-    pending wakes the vCPU, as in Xen."""
+    deadline `timeout_ns` (0 = none; one already past, 2**63 and above included, ends the poll
+    at once). With several ports any port of the domain that becomes pending wakes the vCPU,
+    as in Xen."""
     if len(ports) > MAX_POLL_PORTS:
         raise XenError(Errno.EINVAL, f"poll of {len(ports)} ports: at most {MAX_POLL_PORTS}")
     domain = hv.domains[current.domid]
@@ -62,7 +63,7 @@ def poll(hv: "Hypervisor", current: "Vcpu", ports: list[int] = (), timeout_ns: i
     current.poll_evtchn = ports[0] if len(ports) == 1 else -1
     domain.poll_mask.add(current.vcpu_id)
     if timeout_ns:
-        hv.sched.set_timer(current, POLL_TIMER, timeout_ns, poll_timer_fn)
+        hv.sched.set_timer(current, POLL_TIMER, s_time(timeout_ns), poll_timer_fn)
         run_timers(hv)
     return BLOCKED if current.blocked else 0
 
@@ -93,9 +94,16 @@ def set_timer_op(hv: "Hypervisor", current: "Vcpu", timeout_ns: int) -> int:
         return 0
     if not 0 < timeout_ns < 1 << 63 or timeout_ns - now >= HUGE_TIMEOUT_NS:
         timeout_ns = now + HUGE_TIMEOUT_FALLBACK_NS
-    hv.sched.set_timer(current, SINGLESHOT_TIMER, timeout_ns, send_timer_event)
-    run_timers(hv)
+    arm_singleshot_timer(hv, current, timeout_ns)
     return 0
+
+
+def arm_singleshot_timer(hv: "Hypervisor", vcpu: "Vcpu", expires_ns: int) -> None:
+    """set_timer(&v->singleshot_timer, expires): the one timer that set_timer_op and
+    VCPUOP_set_singleshot_timer share. A deadline already reached fires before the call
+    returns, as Xen's TIMER_SOFTIRQ runs before the return to the guest."""
+    hv.sched.set_timer(vcpu, SINGLESHOT_TIMER, expires_ns, send_timer_event)
+    run_timers(hv)
 
 
 def send_timer_event(hv: "Hypervisor", vcpu: "Vcpu") -> None:

@@ -1,5 +1,5 @@
 """HYPERVISOR_vcpu_op (xen-semantics.md section 14): initialise, bring up and take down the
-vCPUs of the caller's domain.
+vCPUs of the caller's domain, and set or stop the caller's single-shot timer.
 
 Every vCPU but 0 is created down and uninitialised. VCPUOP_initialise gives it a context whose
 kernel and user pagetables take their references exactly as MMUEXT_NEW_BASEPTR and
@@ -9,10 +9,10 @@ taken down keeps those references; taking down the last vCPU that is up shuts th
 
 from typing import TYPE_CHECKING
 
-from .abi import SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online, Errno
+from .abi import SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online, Errno, PageType
 from .errors import XenError
-from .mmu import new_guest_cr3, new_user_baseptr
-from .sched import domain_shutdown
+from .sched import domain_shutdown, s_time
+from .schedop import SINGLESHOT_TIMER, arm_singleshot_timer, send_timer_event
 from .walk import canonical
 
 if TYPE_CHECKING:
@@ -22,12 +22,16 @@ if TYPE_CHECKING:
 
 def vcpu_op(hv: "Hypervisor", current: "Vcpu", cmd: str, vcpuid: int, **fields):
     """HYPERVISOR_vcpu_op(cmd, vcpuid, arg): `cmd` names the VCPUOP_* ("initialise", "up",
-    "down", "is_up"), `vcpuid` a vCPU of the caller's domain (any, the caller included) and
-    `fields` the op's argument (initialise: `context`). is_up returns 1 or 0, the others 0."""
+    "down", "is_up", "set_singleshot_timer", "stop_singleshot_timer"), `vcpuid` a vCPU of the
+    caller's domain (any, the caller included, except for the timer ops) and `fields` the op's
+    argument (initialise: `context`; set_singleshot_timer: `timeout_abs_ns`, `flags`). is_up
+    returns 1 or 0, the others 0."""
     target = hv.vcpu(current.domid, vcpuid)  # ENOENT, before the command is looked at
     handler = VCPUOP.get(cmd)
     if handler is None:
         raise XenError(Errno.ENOSYS, f"unknown vcpu_op {cmd!r} (xensim has {', '.join(VCPUOP)})")
+    if cmd in OWN_VCPU_ONLY and target is not current:
+        raise XenError(Errno.EINVAL, f"VCPUOP_{cmd} from dom{current.domid} vCPU {current.vcpu_id} names vCPU {vcpuid}: a vCPU sets only its own timer")
     return handler(hv, hv.domains[current.domid], target, **fields)
 
 
@@ -41,7 +45,10 @@ def initialise(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", context: dict) 
 def _set_info_guest(
     hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", flags: int = 0, ctrlreg3: int = 0, ctrlreg1: int = 0, rip: int = 0, rsp: int = 0
 ) -> int:
-    """arch_set_info_guest for a vCPU that never ran, with its checks in Xen's order."""
+    """arch_set_info_guest for a vCPU that never ran (xen/arch/x86/domain.c), its checks in
+    Xen's order. Xen commits the kernel base before it looks at the user base, and keeps it
+    when the user base is refused; here both bases are taken as one step
+    (FrameTable.atomically), so that a refused call changes nothing at all."""
     where = f"VCPUOP_initialise of dom{domain.domid} vCPU {vcpu.vcpu_id}"
     if vcpu.initialised:
         raise XenError(Errno.EEXIST, f"{where}: the vCPU is already initialised")
@@ -50,22 +57,32 @@ def _set_info_guest(
             raise XenError(Errno.EINVAL, f"{where}: {name} {va:#x} is not canonical")
     if not flags & VGCF_in_kernel and not ctrlreg1:
         raise XenError(Errno.EINVAL, f"{where}: starts in user mode (no VGCF_in_kernel) without a user pagetable (ctrlreg1)")
-    if not ctrlreg3:  # new_guest_cr3 takes 0 for "unchanged" on a vCPU with no base yet
-        raise XenError(Errno.EINVAL, f"{where}: ctrlreg3 mfn 0x0 is {hv.frames.describe_owner(0)}, not owned by dom{domain.domid}")
-    try:
-        new_guest_cr3(hv, vcpu, ctrlreg3)
-    except XenError as e:
-        raise XenError(e.errno, f"{where}: ctrlreg3: {e.message}") from None
-    try:
-        new_user_baseptr(hv, vcpu, ctrlreg1)
-    except XenError as e:
-        hv.frames.put_page_and_type(vcpu.guest_table)  # xensim rolls back; Xen keeps the ref
-        vcpu.guest_table = 0
-        raise XenError(e.errno, f"{where}: ctrlreg1: {e.message}") from None
+    frames = hv.frames
+
+    def take_bases() -> None:
+        _take_base(hv, domain, ctrlreg3, f"{where}: ctrlreg3")
+        if ctrlreg1:
+            try:
+                _take_base(hv, domain, ctrlreg1, f"{where}: ctrlreg1")
+            except XenError:
+                frames.put_page_and_type(ctrlreg3)
+                raise
+
+    frames.atomically(take_bases)
+    vcpu.guest_table, vcpu.guest_table_user = ctrlreg3, ctrlreg1  # a vCPU that never ran held none
     vcpu.initialised = True
     vcpu.vgc_flags, vcpu.rip, vcpu.rsp = flags, rip, rsp
     vcpu.down = not flags & VGCF_online  # VGCF_online clears _VPF_down without waking the vCPU
     return 0
+
+
+def _take_base(hv: "Hypervisor", domain: "Domain", mfn: int, what: str) -> None:
+    """The reference a base pointer holds: a general and an L4 type reference, which validates
+    an unpinned tree (as MMUEXT_NEW_BASEPTR takes it)."""
+    try:
+        hv.frames.get_page_and_type(mfn, domain.domid, PageType.L4)
+    except XenError as e:
+        raise XenError(e.errno, f"{what}: {e.message}") from None
 
 
 def up(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> int:
@@ -93,4 +110,37 @@ def is_up(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> int:
     return int(not vcpu.down)
 
 
-VCPUOP = {"initialise": initialise, "up": up, "down": down, "is_up": is_up}
+def set_singleshot_timer(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", timeout_abs_ns: int, flags: int = 0) -> int:
+    """VCPUOP_set_singleshot_timer (xen/common/domain.c, common_vcpu_op): arm the vCPU's
+    single-shot timer, the one set_timer_op arms, at the absolute Xen system time
+    `timeout_abs_ns`. A deadline already past raises VIRQ_TIMER at once (Xen stops the timer
+    and sends the event), and so does one of 2**63 or more, which Xen's timer takes as a
+    negative s_time_t. `flags` is not looked at: VCPU_SSHOTTMR_future once asked for -ETIME
+    instead of a late event, and Xen ignores it since 4.18 (commit "xen/vcpu: ignore
+    VCPU_SSHOTTMR_future")."""
+    expires = s_time(timeout_abs_ns)
+    if expires < hv.sched.now_ns:
+        hv.sched.stop_timer(vcpu, SINGLESHOT_TIMER)
+        send_timer_event(hv, vcpu)
+    else:
+        arm_singleshot_timer(hv, vcpu, expires)
+    return 0
+
+
+def stop_singleshot_timer(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> int:
+    """VCPUOP_stop_singleshot_timer: stop the timer, as set_timer_op(0) does."""
+    hv.sched.stop_timer(vcpu, SINGLESHOT_TIMER)
+    return 0
+
+
+VCPUOP = {
+    "initialise": initialise,
+    "up": up,
+    "down": down,
+    "is_up": is_up,
+    "set_singleshot_timer": set_singleshot_timer,
+    "stop_singleshot_timer": stop_singleshot_timer,
+}
+# The ops that act on the calling vCPU's own timer: common_vcpu_op answers -EINVAL when the
+# target is another vCPU (v != current).
+OWN_VCPU_ONLY = {"set_singleshot_timer", "stop_singleshot_timer"}

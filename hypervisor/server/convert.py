@@ -29,8 +29,9 @@ _SIZES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 
 
 class Clock(Protocol):
-    def deadline(self, relative_ns: int) -> int:
-        """The core's absolute deadline for a timeout `relative_ns` from now (0 stays 0)."""
+    def catch_up(self) -> int:
+        """Xen's system time now, the core's clock first brought to it (its advance_time):
+        a call that names a deadline is judged against the present."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,24 @@ def _vcpu_op_args(msg, path, clock) -> dict:
     if cmd == "initialise":
         c = msg.initialise.context
         args["context"] = {"flags": c.flags, "ctrlreg3": c.kernel_cr3_mfn, "ctrlreg1": c.user_cr3_mfn, "rip": c.rip, "rsp": c.rsp}
+    elif cmd == "set_singleshot_timer":
+        clock.catch_up()  # so that a deadline already past fires at once
+        args.update(_set_fields(msg.set_singleshot_timer))
     return args
+
+
+def _deadline(msg, path: str, clock: Clock) -> int:
+    """The absolute deadline (Xen system time; 0 = none) that a poll or set_timer_op names:
+    Xen's `timeout_ns`, or now + `timeout_ns_relative`, the form hypercalls.proto keeps for
+    callers who cannot see Xen's clock. Either way the core's clock is brought to now first,
+    so that a deadline already past fires at once."""
+    if not msg.HasField("timeout_ns_relative"):
+        if msg.timeout_ns:
+            clock.catch_up()
+        return msg.timeout_ns
+    if msg.timeout_ns:
+        raise BadRequest(f"{path}timeout_ns_relative", "set timeout_ns (absolute Xen system time) or timeout_ns_relative, not both")
+    return clock.catch_up() + msg.timeout_ns_relative
 
 
 _SCHEDOP_CMD = {"sched_yield": "yield", "block": "block", "poll": "poll", "shutdown": "shutdown"}
@@ -183,7 +201,7 @@ def _sched_op_args(msg, path, clock) -> dict:
         return {"cmd": case}
     args = {"cmd": _SCHEDOP_CMD[case]}
     if case == "poll":
-        args.update(ports=list(msg.poll.ports), timeout_ns=clock.deadline(msg.poll.timeout_ns))
+        args.update(ports=list(msg.poll.ports), timeout_ns=_deadline(msg.poll, f"{path}poll.", clock))
     elif case == "shutdown":
         args["reason"] = _xen_number(msg.shutdown.reason, common_pb2.ShutdownReason.DESCRIPTOR, f"{path}shutdown.reason")
     return args
@@ -276,7 +294,7 @@ CALLS: dict[str, Op] = {
     "event_channel_op": Op("event_channel_op", _event_channel_op_args, _event_channel_op_result),
     "vcpu_op": Op("vcpu_op", _vcpu_op_args, lambda up, args: hypercalls_pb2.VcpuOpResponse(is_up=bool(up))),
     "sched_op": Op("sched_op", _sched_op_args, _empty(hypercalls_pb2.SchedOpResponse)),
-    "set_timer_op": Op("set_timer_op", lambda msg, path, clock: {"timeout_ns": clock.deadline(msg.timeout_ns)}, _empty(hypercalls_pb2.SetTimerOpResponse)),
+    "set_timer_op": Op("set_timer_op", lambda msg, path, clock: {"timeout_ns": _deadline(msg, path, clock)}, _empty(hypercalls_pb2.SetTimerOpResponse)),
     "xen_version": Op("xen_version", lambda msg, path, clock: {}, lambda version, args: hypercalls_pb2.XenVersionResponse(**version)),
     "load": Op("load", _load_args, _access(memory_pb2.LoadResponse)),
     "store": Op("store", _store_args, _access(memory_pb2.StoreResponse)),

@@ -2,8 +2,9 @@
 
 A Xen errno becomes the status code that common.proto's XenErrno comments give, with an
 ErrorInfo (domain "xen") the guest can act on; malformed input is INVALID_ARGUMENT with a
-BadRequest naming the field; a refused caller gets UNAUTHENTICATED, PERMISSION_DENIED, ... with
-a message only. Anything else is a bug of the simulator: INTERNAL, logged loudly with its
+BadRequest naming the field; a call from a vCPU that Xen does not run is FAILED_PRECONDITION
+with an ErrorInfo (domain "xensim", reason VCPU_NOT_RUNNING); a refused caller gets
+UNAUTHENTICATED, PERMISSION_DENIED, ... with a message only. Anything else is a bug of the simulator: INTERNAL, logged loudly with its
 traceback and counted, never dressed as an errno (STYLE.md, Firecracker).
 """
 
@@ -15,7 +16,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from hypervisor.core import XenError
+from hypervisor.core import VcpuNotRunning, XenError
 from hypervisor.core.abi import Errno
 
 log = logging.getLogger("xensim.server")
@@ -102,6 +103,9 @@ def status_of(exc: BaseException, hypercall: str) -> status_pb2.Status:
     or the toolstack op) for the ErrorInfo and the log."""
     if isinstance(exc, XenError):
         return xen_status(exc.errno, exc.message, hypercall, exc.index, exc.done)
+    if isinstance(exc, VcpuNotRunning):
+        info = error_details_pb2.ErrorInfo(reason="VCPU_NOT_RUNNING", domain="xensim", metadata={"hypercall": hypercall})
+        return status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=str(exc), details=[_packed(info)])
     if isinstance(exc, BadRequest):
         violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
         bad = error_details_pb2.BadRequest(field_violations=[violation])

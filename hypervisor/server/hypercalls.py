@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from hypervisor.core import XenError
+from hypervisor.core import VcpuNotRunning, XenError
 from xensim.v1 import hypercalls_pb2, hypercalls_pb2_grpc
 
 from . import convert
@@ -45,7 +45,7 @@ class HypercallsServicer(hypercalls_pb2_grpc.HypercallsServicer):
             if op.name is None:
                 return op.result(None, args), None, False
             result = await self.runtime.call(slot, op.name, args)
-        except (XenError, BadRequest) as exc:
+        except (XenError, VcpuNotRunning, BadRequest) as exc:
             return None, status_of(exc, op.name or case), True
         return op.result(result, args), None, convert.faulted(result)
 

@@ -13,11 +13,17 @@ as an await that blocks nothing else:
   answer and whenever it gets attention, looks at the vCPU's state: up and not yet announced
   -> VcpuStarted; upcall deliverable -> the core's `deliver_upcall` (which masks further
   upcalls until the guest unmasks) -> Upcall. So a storm of events costs one push.
-- Timers: the runtime keeps one `loop.call_at` for the core's next deadline and, when it
-  fires, moves the core's clock (`advance_time`, ns since the server started) and drains.
+- Time: Xen's system time is ns since the server started (`Runtime.now_ns`); every Session
+  message carries it (system_time_ns), as vcpu_time_info gives it to a PV guest, and guests
+  name absolute deadlines in it. The core's clock moves only through `advance_time`: before a
+  call that names a deadline (`catch_up`), and when the one `loop.call_at` kept for the core's
+  next deadline fires, after which the kicks are drained.
 - Pause (toolstack.proto PauseDomain): calls of a paused domain wait before they run, and no
   push is made for it, until UnpauseDomain. Calls already sleeping stay asleep; one that wakes
   while paused answers after the unpause.
+- A vCPU that Xen does not run (down, or of a domain that shut down) gets no push, and the
+  core refuses its calls (VcpuNotRunning, answered FAILED_PRECONDITION by errors.py). A call
+  already asleep when that happens answers when it is woken, as any sleeping call does.
 - Handlers register their task under their domain (`guard`), so DestroyDomain can end that
   domain's calls and streams with ABORTED, and shutdown every call with UNAVAILABLE.
 """
@@ -71,6 +77,7 @@ class Stream:
             await self._send(response)
 
     async def _send(self, message: hypercalls_pb2.SessionResponse) -> None:
+        message.system_time_ns = self.runtime.now_ns()
         await write(self.context, message, f"dom{self.slot.domid} vCPU {self.slot.vcpu_id}'s Session")
 
     async def close(self) -> None:
@@ -108,8 +115,8 @@ class Stream:
         if vcpu.down:
             self.started_sent = False
             return []
-        if slot.domid in self.runtime.paused:
-            return []
+        if slot.domid in self.runtime.paused or hv.domains[slot.domid].shutdown_code is not None:
+            return []  # paused, by the toolstack or by domain_shutdown: the vCPU runs nothing
         pushes = []
         if not self.started_sent:
             self.started_sent = True
@@ -156,15 +163,15 @@ class Runtime:
     # -- time ---------------------------------------------------------------------------------
 
     def now_ns(self) -> int:
-        """The core's clock: ns since the server started, never behind the core's own."""
+        """Xen's system time: ns since the server started, never behind the core's clock. The
+        one place that says what time it is (SessionResponse.system_time_ns, the timer)."""
         return max(int((self._loop.time() - self._epoch) * 1e9), self.hv.sched.now_ns)
 
-    def deadline(self, relative_ns: int) -> int:
-        """convert.Clock: the proto's timeouts are relative, the core's deadlines absolute."""
-        if not relative_ns:
-            return 0
+    def catch_up(self) -> int:
+        """convert.Clock: move the core's clock to now (running the timers due), before a call
+        that names a deadline; returns now."""
         self.hv.advance_time(self.now_ns())
-        return self.hv.sched.now_ns + relative_ns
+        return self.hv.sched.now_ns
 
     def _arm_timer(self) -> None:
         deadline = self.hv.next_deadline()

@@ -47,22 +47,27 @@ NO_OP_NUMBER = 99  # for the `cmd` cases, which carry the number of an op that h
 
 
 class Clock:
-    """convert.Clock for conversions outside a server: a deadline is its timeout."""
+    """convert.Clock for conversions outside a server: Xen's system time stands at 0."""
 
-    def deadline(self, relative_ns: int) -> int:
-        return relative_ns
+    def catch_up(self) -> int:
+        return 0
 
 
 def variants(descriptor: Descriptor) -> list[Message]:
     """Messages of this type with every field set: each oneof case, each named enum value and
-    each variant of a nested message appears in at least one of them."""
+    each variant of a nested message appears in at least one of them. A field `X_relative`
+    (the relative form kept for grpcurl beside an absolute `X`) excludes `X`, like a oneof."""
     axes: list[list[tuple[str, object]]] = []
     for oneof in descriptor.oneofs:
         if not oneof.name.startswith("_"):  # a real oneof, not a proto3 `optional`
             axes.append([(field.name, value) for field in oneof.fields for value in _values(field)])
+    names = descriptor.fields_by_name
     for field in descriptor.fields:
+        if field.name.removesuffix("_relative") in names and field.name.endswith("_relative"):
+            continue  # on the axis of its absolute twin
         if field.containing_oneof is None or field.containing_oneof.name.startswith("_"):
-            axes.append([(field.name, value) for value in _values(field)])
+            twins = [field, names[f"{field.name}_relative"]] if f"{field.name}_relative" in names else [field]
+            axes.append([(twin.name, value) for twin in twins for value in _values(twin)])
     cls = GetMessageClass(descriptor)
     count = max((len(axis) for axis in axes), default=1)
     return [cls(**dict(axis[k % len(axis)] for axis in axes)) for k in range(count)]

@@ -2,7 +2,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from hypervisor.core import Hypervisor, XenError, audit
+from hypervisor.core import Hypervisor, VcpuNotRunning, XenError, audit
 from hypervisor.core.trace import state_digest
 
 from .guest import Guest
@@ -46,3 +46,20 @@ def fails_with(hv, errno, *, done=None, match=None):
     if match is not None:
         assert match in caught.value.message, caught.value.message
     assert state_digest(hv) == before, "a failed call changed the model"
+
+
+@contextmanager
+def refused(hv, *, match=None):
+    """Assert the block's call came from a vCPU that Xen does not run (VcpuNotRunning): the
+    model is exactly as before, and the call is neither counted nor traced (it never ran)."""
+    before, stats, tracer, traced = state_digest(hv), dict(hv.stats), hv.tracer, []
+    hv.tracer = traced.append
+    try:
+        with pytest.raises(VcpuNotRunning) as caught:
+            yield caught
+    finally:
+        hv.tracer = tracer
+    if match is not None:
+        assert match in str(caught.value), caught.value
+    assert state_digest(hv) == before, "a call from a stopped vCPU changed the model"
+    assert (dict(hv.stats), traced) == (stats, [])

@@ -16,6 +16,8 @@ from hypervisor.core.abi import (
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     VCPU_INFO_UPCALL_PENDING,
+    VGCF_in_kernel,
+    VGCF_online,
     MmuCmd,
     MmuextCmd,
     Pte,
@@ -33,7 +35,9 @@ def slot(va: int, level: int) -> int:
 class Guest:
     """One domain of `hv`, with a bump allocator over its free pfns."""
 
-    def __init__(self, hv: Hypervisor, nr_pages: int = 2048, nr_vcpus: int = 2, **kw):
+    def __init__(self, hv: Hypervisor, nr_pages: int = 2048, nr_vcpus: int = 2, online: int | None = None, **kw):
+        """`online`: how many vCPUs (from 0) run, the others left down; all of them by default,
+        since only a running vCPU makes calls (sched.check_running)."""
         self.hv = hv
         created = hv.toolstack("create_domain", nr_pages=nr_pages, nr_vcpus=nr_vcpus, **kw)
         self.domid = created["domid"]
@@ -41,6 +45,14 @@ class Guest:
         self.domain = hv.domains[self.domid]
         self.next_pfn = self.start_info["first_free_pfn"]
         self.l4 = self.start_info["pt_base_mfn"]
+        for vcpu in range(1, nr_vcpus if online is None else online):
+            self.bring_up(vcpu)
+
+    def bring_up(self, vcpu: int) -> None:
+        """Start a secondary vCPU in kernel mode on the boot L4, as Linux's
+        cpu_initialize_context does, but with VGCF_online so that it is up at once without a
+        wake-up (no kick for the adapter: a fresh guest has nothing to look at)."""
+        self.vcpu_op("initialise", vcpu, context={"flags": VGCF_in_kernel | VGCF_online, "ctrlreg3": self.l4})
 
     # -- memory ------------------------------------------------------------------------------
 

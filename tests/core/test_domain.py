@@ -25,7 +25,8 @@ def test_p2m_list_in_guest_memory(hv, guest):
     assert all(hv.frame_info(guest.mfn(pfn))["m2p"] == pfn for pfn in range(0, 2048, 97))
 
 
-def test_initial_pagetable_pinned_loaded_and_readonly(hv, guest):
+def test_initial_pagetable_pinned_loaded_and_readonly(hv):
+    guest = Guest(hv, online=1)  # as the builder leaves it
     l4 = hv.frame_info(guest.l4)
     assert (l4["type"], l4["pinned"], l4["validated"], l4["type_count"]) == ("L4", True, True, 2)
     assert guest.domain.vcpus[0].guest_table == guest.l4

@@ -1,18 +1,18 @@
-"""SCHEDOP and set_timer_op (xen-semantics.md section 15): block and poll answer BLOCKED and
-are woken by kicks, events and timeouts; timers run on the caller's clock (advance_time)."""
+"""SCHEDOP, set_timer_op and VCPUOP_set/stop_singleshot_timer (xen-semantics.md sections 14,
+15): block and poll answer BLOCKED and are woken by kicks, events and timeouts; timers run on
+the caller's clock (advance_time)."""
 
 import io
 
 import pytest
 
 from hypervisor.core import Hypervisor
-from hypervisor.core.abi import SHUTDOWN_crash, SHUTDOWN_reboot, VIRQ_TIMER, Errno
+from hypervisor.core.abi import SHUTDOWN_crash, SHUTDOWN_reboot, VCPU_SSHOTTMR_future, VIRQ_TIMER, Errno
 from hypervisor.core.sched import BLOCKED
-from hypervisor.core.schedop import HUGE_TIMEOUT_FALLBACK_NS
+from hypervisor.core.schedop import HUGE_TIMEOUT_FALLBACK_NS, SINGLESHOT_TIMER
 from hypervisor.core.trace import TraceWriter, replay
 
-from .conftest import fails_with
-from .conftest import unchanged
+from .conftest import fails_with, refused, unchanged
 from .guest import Guest
 from .conftest import fails_with as fails  # the errno, and nothing changed
 
@@ -147,6 +147,15 @@ def test_poll_with_a_past_deadline_returns_at_once(hv, guest):
     assert not vcpu(guest, 0).blocked and guest.domain.poll_mask == set()
 
 
+@pytest.mark.parametrize("deadline", [1 << 63, 2**64 - 1])
+def test_a_poll_deadline_negative_to_xen_returns_at_once(hv, guest, deadline):
+    """Xen's timers take an s_time_t: a u64 deadline of 2**63 or more is in the past."""
+    port = guest.evtchn("bind_ipi", vcpu=1)
+    hv.advance_time(1_000)
+    assert guest.sched_op("poll", ports=[port], timeout_ns=deadline) == 0
+    assert not vcpu(guest, 0).blocked and hv.next_deadline() is None
+
+
 def test_a_stale_poll_timer_cannot_wake_a_later_block(hv, guest):
     port = guest.evtchn("bind_ipi", vcpu=1)
     guest.sched_op("poll", ports=[port], timeout_ns=5_000)
@@ -161,12 +170,12 @@ def test_a_stale_poll_timer_cannot_wake_a_later_block(hv, guest):
 # -- shutdown --------------------------------------------------------------------------------
 
 
-def test_shutdown_records_the_first_reason_and_pauses_every_vcpu(hv, guest):
+def test_shutdown_records_the_reason_and_pauses_every_vcpu(hv, guest):
     assert guest.sched_op("shutdown", reason=SHUTDOWN_reboot) == 0
     assert guest.domain.shutdown_code == SHUTDOWN_reboot
     assert hv.take_kicks() == [(guest.domid, 0), (guest.domid, 1)]
-    with unchanged(hv):
-        assert guest.sched_op("shutdown", reason=SHUTDOWN_crash, caller=1) == 0
+    with refused(hv, match="has shut down (code 1)"):  # paused: no vCPU calls again
+        guest.sched_op("shutdown", reason=SHUTDOWN_crash, caller=1)
 
 
 def test_shutdown_reason_is_not_checked_and_keeps_its_low_byte(guest):
@@ -247,6 +256,55 @@ def test_a_timer_without_virq_timer_fires_silently(hv, guest):
     shared = hv.memory.read(guest.domain.shared_info_mfn, 0, 4096)
     assert hv.advance_time(10) == 1 and hv.take_kicks() == []
     assert hv.memory.read(guest.domain.shared_info_mfn, 0, 4096) == shared
+
+
+# -- VCPUOP_set_singleshot_timer / stop_singleshot_timer: the same timer ----------------------
+
+
+def singleshot(guest, timeout_abs_ns, vcpu=0, caller=0, flags=0):
+    return guest.vcpu_op("set_singleshot_timer", vcpu, caller=caller, timeout_abs_ns=timeout_abs_ns, flags=flags)
+
+
+def test_singleshot_timer_raises_virq_timer_at_its_absolute_deadline(hv, guest):
+    port = guest.evtchn("bind_virq", virq=VIRQ_TIMER, vcpu=1)
+    hv.advance_time(1_000)
+    assert singleshot(guest, 5_000, vcpu=1, caller=1) == 0
+    assert hv.next_deadline() == 5_000 and hv.advance_time(4_999) == 0 and not guest.pending(port)
+    assert hv.advance_time(5_000) == 1
+    assert guest.pending(port) and hv.take_kicks() == [(guest.domid, 1)] and hv.next_deadline() is None
+
+
+def test_singleshot_timer_and_set_timer_op_are_one_timer(hv, guest):
+    port = guest.evtchn("bind_virq", virq=VIRQ_TIMER, vcpu=0)
+    guest.call("set_timer_op", timeout_ns=100)
+    singleshot(guest, 500)  # replaces set_timer_op's deadline
+    assert hv.next_deadline() == 500 and hv.advance_time(100) == 0 and not guest.pending(port)
+    guest.call("set_timer_op", timeout_ns=300)  # and the other way round
+    assert hv.next_deadline() == 300
+    assert guest.vcpu_op("stop_singleshot_timer", 0) == 0  # stops what set_timer_op armed
+    assert hv.next_deadline() is None and hv.advance_time(10_000) == 0 and not guest.pending(port)
+
+
+@pytest.mark.parametrize("flags", [0, VCPU_SSHOTTMR_future])
+@pytest.mark.parametrize("deadline", [1, 9_999, 1 << 63, 2**64 - 1])
+def test_a_singleshot_deadline_already_past_fires_at_once_whatever_the_flags(hv, guest, flags, deadline):
+    """Since Xen 4.18 VCPU_SSHOTTMR_future is ignored: never -ETIME, the event comes at once
+    and the pending deadline is gone. 2**63 and more are negative to Xen's s_time_t."""
+    port = guest.evtchn("bind_virq", virq=VIRQ_TIMER, vcpu=0)
+    hv.advance_time(10_000)
+    singleshot(guest, 20_000)
+    assert singleshot(guest, deadline, flags=flags) == 0
+    assert guest.pending(port) and hv.next_deadline() is None
+
+
+@pytest.mark.parametrize("cmd, fields", [("set_singleshot_timer", {"timeout_abs_ns": 5_000}), ("stop_singleshot_timer", {})])
+def test_singleshot_ops_on_another_vcpu_are_einval(hv, guest, cmd, fields):
+    guest.vcpu_op("set_singleshot_timer", 1, caller=1, timeout_abs_ns=7_000)
+    with fails(hv, Errno.EINVAL, match="a vCPU sets only its own timer"):
+        guest.vcpu_op(cmd, 1, **fields)
+    with fails(hv, Errno.ENOENT):  # a vCPU that does not exist is ENOENT first
+        guest.vcpu_op(cmd, 2, **fields)
+    assert hv.sched.timer_expires(guest.domain.vcpus[1], SINGLESHOT_TIMER) == 7_000
 
 
 def test_time_cannot_go_back(hv):

@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 
 from guestlib import CallRejected, CallSkipped, PageFault, XenError, ops, xen_mc_batch
 from guestlib.hypercalls import MAX_CALLS_PER_MESSAGE, status_error
-from guestlib.xen import DOMID_SELF, PAGE_OFFSET, PAGE_SHIFT, Errno, MmuextCmd
+from guestlib.xen import DOMID_SELF, PAGE_OFFSET, PAGE_SHIFT, VIRQ_TIMER, Errno, MmuextCmd
 from xensim.v1 import common_pb2
 
 from .domain import TIMEOUT, USER_VA, boot
@@ -288,3 +288,25 @@ async def test_multicall_value_is_one_resolved_pending_per_entry(server):
             assert entries[0].result() == version
             ((call,),) = [m.calls for m in guest.sent.messages]
             assert [e.WhichOneof("call") for e in call.multicall.entries] == ["xen_version", "sched_op"]
+
+
+async def test_the_client_knows_xens_time_and_names_absolute_deadlines_in_it(server):
+    """system_time_ns follows the hypervisor's messages; sched_poll, set_timer_op and the
+    single-shot timer take absolute deadlines in it, as in Xen."""
+    wait = 200_000_000
+    with trio.fail_after(TIMEOUT):
+        async with boot(server) as guest:
+            xen = guest.xen
+            timer = await xen.evtchn_bind_virq(VIRQ_TIMER, 0)  # never pending: only timeouts end a poll
+            before = xen.system_time_ns
+            await xen.sched_poll([timer], before + wait)
+            assert xen.system_time_ns >= before + wait
+            now = xen.system_time_ns
+            await xen.sched_poll([timer], now - 1)  # already past: at once
+            assert xen.system_time_ns < now + wait
+            await xen.vcpu_set_singleshot_timer(0, xen.system_time_ns + wait)
+            await xen.vcpu_stop_singleshot_timer(0)
+            await xen.set_timer_op(xen.system_time_ns - 1)  # already past: VIRQ_TIMER at once
+            now = xen.system_time_ns
+            await xen.sched_poll([timer], now + 50 * wait)  # the port is pending: at once
+            assert xen.system_time_ns < now + wait

@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2, toolstack_pb2
 
 P, RW, US, A, D = 0x1, 0x2, 0x4, 0x20, 0x40
+VGCF_in_kernel = 4
 PIN = {1: common_pb2.MMUEXT_CMD_PIN_L1_TABLE, 4: common_pb2.MMUEXT_CMD_PIN_L4_TABLE}
 
 
@@ -35,6 +36,13 @@ class WireGuest:
 
     def toolstack(self, rpc: str, request):
         return getattr(self.ts, rpc)(request, metadata=self.server.toolstack_metadata(), timeout=10)
+
+    def bring_up(self, vcpu: int) -> None:
+        """Start a secondary vCPU from vCPU 0, as Linux's cpu_up does: VCPUOP_initialise in
+        kernel mode on the boot page table, then VCPUOP_up. Only a running vCPU makes calls."""
+        context = hypercalls_pb2.VcpuGuestContext(flags=VGCF_in_kernel, kernel_cr3_mfn=self.start_info.pt_base_mfn)
+        self.call("VcpuOp", hypercalls_pb2.VcpuOpRequest(vcpuid=vcpu, initialise=hypercalls_pb2.VcpuInitialise(context=context)))
+        self.call("VcpuOp", hypercalls_pb2.VcpuOpRequest(vcpuid=vcpu, up=hypercalls_pb2.VcpuUp()))
 
     # -- memory, found the way a guest finds it ---------------------------------------------------
 

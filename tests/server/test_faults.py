@@ -46,6 +46,7 @@ class Domain:
     @classmethod
     def build(cls, server) -> "Domain":
         guest = WireGuest(server, nr_pages=1024, nr_vcpus=2)
+        guest.bring_up(1)  # vCPU 1 wakes vCPU 0 and reads its frames while it sleeps
         sets = tuple([guest.alloc()[1] for _ in range(ENTRIES)] for _ in range(2))
         _, l1 = guest.pinned_table(1, {i: mfn << 12 | P | RW | A | D for i, mfn in enumerate(sets[0])})
         port = guest.call("EventChannelOp", h.EventChannelOpRequest(bind_ipi=h.EvtchnBindIpi(vcpu=0)), vcpu=1).port

@@ -7,8 +7,9 @@ wire range with the boundaries favoured, enum numbers with no name, unset and ne
 repeated fields empty, small or far beyond their limit, long bytes. Hypercalls come from one
 domain's vCPUs; its vCPUs have an upcall pending, so SCHEDOP_block and poll return at once
 instead of sleeping out the call's deadline. Toolstack calls may destroy, pause or create
-domains and start traces: each example is undone before the next. EXAMPLES_PER_RPC keeps CI
-cheap; XENSIM_FUZZ_EXAMPLES runs it longer.
+domains and start traces, and hypercalls may shut the domain down or take a vCPU down: each
+example is undone before the next. EXAMPLES_PER_RPC keeps CI cheap; XENSIM_FUZZ_EXAMPLES runs
+it longer.
 """
 
 import os
@@ -187,8 +188,10 @@ class Target:
         self.guest = self._guest()
 
     def _guest(self) -> WireGuest:
-        """A domain with an upcall pending on both vCPUs (see the module docstring)."""
+        """A domain with both vCPUs running and an upcall pending on each (see the module
+        docstring)."""
         guest = WireGuest(self.server, nr_pages=512, nr_vcpus=2)
+        guest.bring_up(1)
         for vcpu in (0, 1):
             port = guest.call("EventChannelOp", h.EventChannelOpRequest(bind_ipi=h.EvtchnBindIpi(vcpu=vcpu))).port
             guest.call("EventChannelOp", h.EventChannelOpRequest(send=h.EvtchnSend(port=port)))
@@ -206,17 +209,22 @@ class Target:
         return Requests(near, {"xensim.v1.StartTraceRequest.path": paths})
 
     def restore(self) -> None:
-        """Undo a Toolstack example: stop tracing, unpause, destroy what it created, and bring
-        back the fuzzed domain if it was destroyed."""
+        """Undo an example: stop tracing, unpause, destroy what it created, and bring back the
+        fuzzed domain if it was destroyed, shut down or lost a vCPU (VCPUOP_down), since a
+        vCPU that does not run makes no calls."""
         md = self.server.toolstack_metadata()
         self.ts.StopTrace(t.StopTraceRequest(), metadata=md, timeout=10)
         domains = self.ts.ListDomains(t.ListDomainsRequest(), metadata=md, timeout=10).domains
+        running = False
         for domain in domains:
-            if domain.domid != self.guest.domid:
+            stopped = domain.HasField("shutdown_reason") or domain.online_vcpus < domain.nr_vcpus
+            if domain.domid != self.guest.domid or stopped:
                 self.ts.DestroyDomain(t.DestroyDomainRequest(domid=domain.domid), metadata=md, timeout=10)
-            elif domain.paused:
+                continue
+            running = True
+            if domain.paused:
                 self.ts.UnpauseDomain(t.UnpauseDomainRequest(domid=domain.domid), metadata=md, timeout=10)
-        if self.guest.domid not in {d.domid for d in domains}:
+        if not running:
             self.guest = self._guest()
 
     def call(self, method, request: Message, vcpu: int) -> list:
@@ -263,8 +271,7 @@ def test_fuzzed_requests_never_break_the_server(target, method):
         try:
             bad = target.call(method, request, vcpu)
         finally:
-            if method.containing_service.name == "Toolstack":
-                target.restore()
+            target.restore()
         assert not bad, f"{method.name} answered {bad}"
 
     example()

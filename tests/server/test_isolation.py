@@ -373,6 +373,9 @@ ATTACKS = [
     Attack("VCPUOP_initialise with A's L4 as user pagetable", "VcpuOp", lambda a, b: vcpu_op(1, initialise=init_context(b.start_info.pt_base_mfn, a.l4)), "EINVAL"),
     Attack("VCPUOP_down of B's last vCPU shuts B down, not A", "VcpuOp", lambda a, b: vcpu_op(0, down=h.VcpuDown()), "ok"),
     Attack("a VCPUOP number Xen does not know, on a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, cmd=99), "ENOENT"),
+    Attack("VCPUOP_set_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ENOENT"),
+    Attack("VCPUOP_set_singleshot_timer fires on B only", "VcpuOp", lambda a, b: vcpu_op(0, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ok"),
+    Attack("VCPUOP_stop_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, stop_singleshot_timer=h.VcpuStopSingleshotTimer()), "ENOENT"),
     # SCHEDOP, timers, version, echo
     Attack("poll A's port numbers", "SchedOp", lambda a, b: sched(poll=h.SchedPoll(ports=[a.ports["ipi"], a.ports["virq"]], timeout_ns=1)), "EINVAL"),
     Attack("shutdown shuts B down, not A", "SchedOp", lambda a, b: sched(shutdown=h.SchedShutdown(reason=C.SHUTDOWN_REASON_CRASH)), "ok"),

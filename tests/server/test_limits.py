@@ -45,11 +45,13 @@ def refused(fn: Callable) -> Refusal:
 
 
 class Machine:
-    """The server and one domain (2 vCPUs, 2048 pages) whose vCPU 0 makes the calls."""
+    """The server and one domain (2 vCPUs, 2048 pages) whose vCPU 0 makes the unary calls
+    and vCPU 1 the Session messages."""
 
     def __init__(self, server):
         self.server = server
         self.guest = WireGuest(server)
+        self.guest.bring_up(1)
         self.page = self.guest.alloc()[1]
 
     def call(self, rpc: str, request):

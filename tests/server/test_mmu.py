@@ -31,6 +31,7 @@ def test_table_built_by_hand_with_mmu_update_then_pinned_shows_pinned_and_valida
 
 def test_unpin_while_other_vcpu_holds_cr3_then_rw_remap_fails_with_ebusy_index_and_done(server):
     guest = WireGuest(server)
+    guest.bring_up(1)
     pfn, l4 = guest.pinned_table(4)
     guest.mmuext((common_pb2.MMUEXT_CMD_NEW_BASEPTR, l4), vcpu=1)  # vCPU 1 runs on it, with its own metadata
     assert guest.mmuext((common_pb2.MMUEXT_CMD_UNPIN_TABLE, l4)).done == 1  # Xen never refuses an unpin

@@ -41,18 +41,6 @@ def bring_up(guest: WireGuest, session: SessionClient, vcpu: int) -> None:
     assert len(answer.results) == 2 and not any(r.HasField("status") for r in answer.results), answer
 
 
-@pytest.fixture
-def guest(server):
-    return WireGuest(server)
-
-
-@pytest.fixture
-def vcpu0(guest):
-    session = SessionClient(guest.hc, guest.md(0))
-    yield session
-    session.close()
-
-
 def test_vcpu0_is_started_with_the_start_info_when_its_session_opens(guest, vcpu0):
     started = vcpu0.push().started
     assert started.vcpu_id == 0
@@ -136,7 +124,7 @@ def test_timer_fires_virq_timer_as_an_upcall(guest, vcpu0):
     vcpu0.send(
         1,
         evtchn(bind_virq=h.EvtchnBindVirq(virq=0, vcpu=0)),
-        h.Call(set_timer_op=h.SetTimerOpRequest(timeout_ns=50_000_000)),
+        h.Call(set_timer_op=h.SetTimerOpRequest(timeout_ns_relative=50_000_000)),
         sched(block=h.SchedBlock()),  # events start masked (as Xen builds it): block enables them
     )
     upcall = vcpu0.push(timeout=5).upcall

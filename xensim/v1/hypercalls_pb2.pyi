@@ -233,21 +233,37 @@ class VcpuIsUp(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class VcpuSetSingleshotTimer(_message.Message):
+    __slots__ = ("timeout_abs_ns", "flags")
+    TIMEOUT_ABS_NS_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    timeout_abs_ns: int
+    flags: int
+    def __init__(self, timeout_abs_ns: _Optional[int] = ..., flags: _Optional[int] = ...) -> None: ...
+
+class VcpuStopSingleshotTimer(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class VcpuOpRequest(_message.Message):
-    __slots__ = ("vcpuid", "initialise", "up", "down", "is_up", "cmd")
+    __slots__ = ("vcpuid", "initialise", "up", "down", "is_up", "set_singleshot_timer", "stop_singleshot_timer", "cmd")
     VCPUID_FIELD_NUMBER: _ClassVar[int]
     INITIALISE_FIELD_NUMBER: _ClassVar[int]
     UP_FIELD_NUMBER: _ClassVar[int]
     DOWN_FIELD_NUMBER: _ClassVar[int]
     IS_UP_FIELD_NUMBER: _ClassVar[int]
+    SET_SINGLESHOT_TIMER_FIELD_NUMBER: _ClassVar[int]
+    STOP_SINGLESHOT_TIMER_FIELD_NUMBER: _ClassVar[int]
     CMD_FIELD_NUMBER: _ClassVar[int]
     vcpuid: int
     initialise: VcpuInitialise
     up: VcpuUp
     down: VcpuDown
     is_up: VcpuIsUp
+    set_singleshot_timer: VcpuSetSingleshotTimer
+    stop_singleshot_timer: VcpuStopSingleshotTimer
     cmd: int
-    def __init__(self, vcpuid: _Optional[int] = ..., initialise: _Optional[_Union[VcpuInitialise, _Mapping]] = ..., up: _Optional[_Union[VcpuUp, _Mapping]] = ..., down: _Optional[_Union[VcpuDown, _Mapping]] = ..., is_up: _Optional[_Union[VcpuIsUp, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
+    def __init__(self, vcpuid: _Optional[int] = ..., initialise: _Optional[_Union[VcpuInitialise, _Mapping]] = ..., up: _Optional[_Union[VcpuUp, _Mapping]] = ..., down: _Optional[_Union[VcpuDown, _Mapping]] = ..., is_up: _Optional[_Union[VcpuIsUp, _Mapping]] = ..., set_singleshot_timer: _Optional[_Union[VcpuSetSingleshotTimer, _Mapping]] = ..., stop_singleshot_timer: _Optional[_Union[VcpuStopSingleshotTimer, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
 
 class VcpuOpResponse(_message.Message):
     __slots__ = ("is_up",)
@@ -264,12 +280,14 @@ class SchedBlock(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedPoll(_message.Message):
-    __slots__ = ("ports", "timeout_ns")
+    __slots__ = ("ports", "timeout_ns", "timeout_ns_relative")
     PORTS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_NS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_NS_RELATIVE_FIELD_NUMBER: _ClassVar[int]
     ports: _containers.RepeatedScalarFieldContainer[int]
     timeout_ns: int
-    def __init__(self, ports: _Optional[_Iterable[int]] = ..., timeout_ns: _Optional[int] = ...) -> None: ...
+    timeout_ns_relative: int
+    def __init__(self, ports: _Optional[_Iterable[int]] = ..., timeout_ns: _Optional[int] = ..., timeout_ns_relative: _Optional[int] = ...) -> None: ...
 
 class SchedShutdown(_message.Message):
     __slots__ = ("reason",)
@@ -296,10 +314,12 @@ class SchedOpResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class SetTimerOpRequest(_message.Message):
-    __slots__ = ("timeout_ns",)
+    __slots__ = ("timeout_ns", "timeout_ns_relative")
     TIMEOUT_NS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_NS_RELATIVE_FIELD_NUMBER: _ClassVar[int]
     timeout_ns: int
-    def __init__(self, timeout_ns: _Optional[int] = ...) -> None: ...
+    timeout_ns_relative: int
+    def __init__(self, timeout_ns: _Optional[int] = ..., timeout_ns_relative: _Optional[int] = ...) -> None: ...
 
 class SetTimerOpResponse(_message.Message):
     __slots__ = ()
@@ -452,18 +472,20 @@ class SessionRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., calls: _Optional[_Iterable[_Union[Call, _Mapping]]] = ..., stop_on_error: _Optional[bool] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("request_id", "results", "status", "upcall", "started")
+    __slots__ = ("request_id", "results", "status", "upcall", "started", "system_time_ns")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     UPCALL_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_TIME_NS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     results: _containers.RepeatedCompositeFieldContainer[CallResult]
     status: _status_pb2.Status
     upcall: Upcall
     started: VcpuStarted
-    def __init__(self, request_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[CallResult, _Mapping]]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., upcall: _Optional[_Union[Upcall, _Mapping]] = ..., started: _Optional[_Union[VcpuStarted, _Mapping]] = ...) -> None: ...
+    system_time_ns: int
+    def __init__(self, request_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[CallResult, _Mapping]]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., upcall: _Optional[_Union[Upcall, _Mapping]] = ..., started: _Optional[_Union[VcpuStarted, _Mapping]] = ..., system_time_ns: _Optional[int] = ...) -> None: ...
 
 class Upcall(_message.Message):
     __slots__ = ("vcpu_id", "pending_ports")

@@ -35,6 +35,14 @@ class HypercallsStub:
     bad vCPU id is INVALID_ARGUMENT. The caller is that vCPU of that domain: DOMID_SELF, the
     "current" vCPU of Xen's handlers, and the cr3/TLB that memory accesses use.
 
+    Only a running vCPU makes calls. One that is down (never brought up with VCPUOP_initialise
+    and VCPUOP_up, or taken down by VCPUOP_down) or whose domain has shut down is not scheduled
+    by Xen and executes nothing, so no errno exists for its calls: its hypercalls and memory
+    accesses fail with FAILED_PRECONDITION and a google.rpc.ErrorInfo (domain "xensim", reason
+    VCPU_NOT_RUNNING, metadata hypercall), change nothing and are not traced; Echo still answers.
+    A vCPU's process waits for VcpuStarted (at its start, and again after VCPUOP_up) before it
+    calls. docs/vcpu-time.md says why such a call is refused rather than held.
+
     Session is the fast path: one bidirectional stream per vCPU process, many calls per message,
     upcalls pushed on the same stream. The unary RPCs run the same handlers one call at a time
     and exist so that each hypercall can be issued by hand with grpcurl. Xen errors of a unary
@@ -139,6 +147,14 @@ class HypercallsServicer:
     bad vCPU id is INVALID_ARGUMENT. The caller is that vCPU of that domain: DOMID_SELF, the
     "current" vCPU of Xen's handlers, and the cr3/TLB that memory accesses use.
 
+    Only a running vCPU makes calls. One that is down (never brought up with VCPUOP_initialise
+    and VCPUOP_up, or taken down by VCPUOP_down) or whose domain has shut down is not scheduled
+    by Xen and executes nothing, so no errno exists for its calls: its hypercalls and memory
+    accesses fail with FAILED_PRECONDITION and a google.rpc.ErrorInfo (domain "xensim", reason
+    VCPU_NOT_RUNNING, metadata hypercall), change nothing and are not traced; Echo still answers.
+    A vCPU's process waits for VcpuStarted (at its start, and again after VCPUOP_up) before it
+    calls. docs/vcpu-time.md says why such a call is refused rather than held.
+
     Session is the fast path: one bidirectional stream per vCPU process, many calls per message,
     upcalls pushed on the same stream. The unary RPCs run the same handlers one call at a time
     and exist so that each hypercall can be issued by hand with grpcurl. Xen errors of a unary
@@ -207,7 +223,8 @@ class HypercallsServicer:
 
     def VcpuOp(self, request, context):
         """HYPERVISOR_vcpu_op (hypercall 24; xen-semantics 14): initialise, bring up, take down and
-        query a vCPU of the caller's domain. ENOENT, EINVAL, EEXIST, ENOSYS.
+        query a vCPU of the caller's domain, and set or stop the caller's single-shot timer.
+        ENOENT, EINVAL, EEXIST, ENOSYS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -223,7 +240,8 @@ class HypercallsServicer:
 
     def SetTimerOp(self, request, context):
         """HYPERVISOR_set_timer_op (hypercall 15): arm or stop the vCPU's single-shot timer, which
-        raises VIRQ_TIMER on this vCPU when it fires. Never fails.
+        raises VIRQ_TIMER on this vCPU when it fires, at an absolute Xen system time (see
+        SessionResponse.system_time_ns). Never fails.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -380,6 +398,14 @@ class Hypercalls:
     below the domain's nr_vcpus). A missing or unknown token is UNAUTHENTICATED; a missing or
     bad vCPU id is INVALID_ARGUMENT. The caller is that vCPU of that domain: DOMID_SELF, the
     "current" vCPU of Xen's handlers, and the cr3/TLB that memory accesses use.
+
+    Only a running vCPU makes calls. One that is down (never brought up with VCPUOP_initialise
+    and VCPUOP_up, or taken down by VCPUOP_down) or whose domain has shut down is not scheduled
+    by Xen and executes nothing, so no errno exists for its calls: its hypercalls and memory
+    accesses fail with FAILED_PRECONDITION and a google.rpc.ErrorInfo (domain "xensim", reason
+    VCPU_NOT_RUNNING, metadata hypercall), change nothing and are not traced; Echo still answers.
+    A vCPU's process waits for VcpuStarted (at its start, and again after VCPUOP_up) before it
+    calls. docs/vcpu-time.md says why such a call is refused rather than held.
 
     Session is the fast path: one bidirectional stream per vCPU process, many calls per message,
     upcalls pushed on the same stream. The unary RPCs run the same handlers one call at a time
