@@ -126,14 +126,14 @@ def _demo(args) -> int:
 def _stress(args) -> int:
     import trio
 
-    from xensim.launch import hypervisor_server
+    from xensim.launch import hypervisor_server, machine_frames
     from xensim.stress import StressConfig, failed, run_stress
 
     config = StressConfig(args.domains, args.vcpus, args.seconds, args.seed, args.variant or ["modern"], args.kill_vcpus, args.pages, migrate=args.migrate)
     if args.server:
         report = trio.run(run_stress, args.server, args.admin_token, config)
     else:
-        with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), frames=max(1 << 16, 2 * args.domains * args.pages)) as server:
+        with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), frames=machine_frames(args.domains, args.pages)) as server:
             report = trio.run(run_stress, server.address, None, config)
     summary = {k: report[k] for k in ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus")}
     print(json.dumps(summary))

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from guestlib import Toolstack
 from guestlib.kernel.shootdown import VARIANTS
-from xensim.launch import hypervisor_server
+from xensim.launch import hypervisor_server, machine_frames
 from xensim.stress import StressConfig, StressRun, failed, run_stress
 
 COLUMNS = {  # stat -> heading, short enough for an 80-column terminal
@@ -126,7 +126,7 @@ def main(args) -> int:
     console = Console()
     trace = None if args.no_trace else (args.trace or os.path.join(tempfile.gettempdir(), f"xensim-demo-{os.getpid()}.jsonl.gz"))
     serve_args = ("--trace", trace) if trace else ()
-    with hypervisor_server(*serve_args, frames=1 << 17) as server:
+    with hypervisor_server(*serve_args, frames=machine_frames(1, args.pages)) as server:
         console.print(f"hypervisor on {server.address}; {'tracing to ' + trace if trace else 'no trace'}")
         if args.race:
             report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, args.seed, console)}

@@ -67,6 +67,12 @@ class Server:
         return self.process.returncode
 
 
+def machine_frames(nr_domains: int, nr_pages: int) -> int:
+    """Machine memory for a run of `nr_domains` guests of `nr_pages`: room for all of them
+    twice over (restarted runs, the shared-info and Xen frames), and never under 512 MiB."""
+    return max(1 << 17, 2 * nr_domains * nr_pages)
+
+
 def server_command(*args: str, frames: int = 1 << 16, listen: str = "127.0.0.1:0") -> list[str]:
     return [sys.executable, "-m", "hypervisor", "serve", "--listen", listen, "--frames", str(frames), *args]
 
@@ -115,6 +121,12 @@ class VcpuRun:
     @property
     def lifecycles(self) -> int:
         return sum(r.get("lifecycles", 0) for r in self.reports)
+
+    def require_work(self, what: str) -> None:
+        """A benchmark's figure means nothing if a guest BUGged or did no work: fail loudly."""
+        idle = [i for i, r in enumerate(self.reports) if not r.get("lifecycles")]
+        if self.bugs or idle:
+            raise RuntimeError(f"{what}: kernel BUGs {self.bugs}, no process lifecycle on vCPU processes {idle}; the figure would not measure running guests")
 
 
 def vcpu_command(address: str, token: str, vcpu: int, *args: str) -> list[str]:

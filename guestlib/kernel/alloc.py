@@ -16,6 +16,7 @@ from .cpu import Cpu, checked
 from .layout import POOL_SLOTS
 
 _WORD = 64
+_WORDS_PER_PAGE = PAGE_SIZE // 8
 REFILL_TRIES = 8
 
 
@@ -60,22 +61,41 @@ async def load_pool(cpu: Cpu) -> None:
         pool[:] = struct.unpack_from(f"<{n}Q", checked(cpu, "load_pool", data))
 
 
+def _scan_order(lo: int, hi: int, start: int) -> list[tuple[int, int]]:
+    """The bitmap words lo..hi from `start` round to `start`, as word ranges that each lie
+    in one page: a block read may not cross a page (the bitmap is page-aligned)."""
+    ranges = []
+    for a, b in ((start, hi), (lo, start)):
+        while a < b:
+            end = min(b, (a // _WORDS_PER_PAGE + 1) * _WORDS_PER_PAGE)
+            ranges.append((a, end))
+            a = end
+    return ranges
+
+
 async def _refill(cpu: Cpu, highmem: bool, want: int) -> list[int]:
+    """Claim up to `want` free pages: read the bitmap a page's worth of words per message
+    from this CPU's own part on (fewer races, and a large guest costs no more than a small
+    one), then take the chosen bits of each word with one fetch_and."""
     kl = cpu.kl
     first, last = (kl.nr_lowmem, kl.nr_pages) if highmem else (kl.first_free_pfn, kl.nr_lowmem)
     lo, hi = first // _WORD, -(-last // _WORD)
-    reads = await cpu.send(*(ops.read(kl.bitmap.va(8 * w), min(PAGE_SIZE, 8 * (hi - w))) for w in range(lo, hi, PAGE_SIZE // 8)))
-    words = struct.unpack(f"<{hi - lo}Q", b"".join(checked(cpu, "alloc_pages", r) for r in reads))
+    ranges = _scan_order(lo, hi, lo + cpu.id * (hi - lo) // kl.nr_cpus)
     claim: dict[int, int] = {}
     count = 0
-    start = cpu.id * len(words) // cpu.kl.nr_cpus  # each CPU starts in its own part: fewer races
-    for i in [*range(start, len(words)), *range(start)]:
-        word = words[i]
-        while word and count < want:
-            low = word & -word  # the lowest free page of the word
-            claim[lo + i] = claim.get(lo + i, 0) | low
-            word ^= low
-            count += 1
+    while ranges and count < want:
+        batch, size = [], 0
+        while ranges and size + ranges[0][1] - ranges[0][0] <= _WORDS_PER_PAGE:
+            batch.append(ranges.pop(0))
+            size += batch[-1][1] - batch[-1][0]
+        reads = await cpu.send(*(ops.read(kl.bitmap.va(8 * a), 8 * (b - a)) for a, b in batch))
+        for (a, b), read in zip(batch, reads):
+            for w, word in enumerate(struct.unpack(f"<{b - a}Q", checked(cpu, "alloc_pages", read)), a):
+                while word and count < want:
+                    low = word & -word  # the lowest free page of the word
+                    claim[w] = claim.get(w, 0) | low
+                    word ^= low
+                    count += 1
     if not claim:
         return []
     olds = await cpu.send(*(ops.atomic("fetch_and", kl.bitmap.va(8 * w), ~bits & (2**64 - 1)) for w, bits in claim.items()))

@@ -10,6 +10,8 @@ import subprocess
 
 import pytest
 
+from hypervisor.core.hypervisor import RESERVED_FRAMES
+from tests.support.server import start_server
 from xensim.launch import vcpu_command
 
 from .kernel import VCPU_TIMEOUT, audit_after_destroy, run_guest
@@ -96,3 +98,28 @@ def test_none_variant_hits_the_race_in_the_workload(server):
     assert len(run.bugs) == 1 and "in exit_mmap: after UNPIN_TABLE" in run.bugs[0]
     assert any(r.get("stopped") for r in run.reports)  # the other vCPU panicked cleanly
     assert audit_after_destroy(server, domid) == []
+
+
+@pytest.mark.parametrize("largest", [False, True], ids=["256MiB", "largest-the-machine-takes"])
+def test_a_guest_above_128_mib_boots_and_runs_lifecycles(largest):
+    """The page allocator's bitmap spans more than one page from 32,769 pages on: its reads
+    must not cross a page (a block read that does fails, and every vCPU BUGs at boot). The
+    largest guest is every free frame of a 1 GiB machine but the shared-info page."""
+    frames = 1 << 18
+    nr_pages = frames - RESERVED_FRAMES - 1 if largest else 65536
+    with start_server(frames=frames) as server:
+        domid, run = run_guest(server, 2, "--lifecycles", "3", "--seconds", "60", "--seed", "7", nr_pages=nr_pages)
+        assert run.bugs == [] and run.returncodes == [0, 0], run.stderr
+        assert run.lifecycles >= 2 * 3 and all(r["data_corruptions"] == [] for r in run.reports)
+        assert audit_after_destroy(server, domid) == []
+
+
+def test_a_benchmark_refuses_the_figures_of_guests_that_bugged_or_did_nothing(server):
+    """server.rss_mb_4x256 once measured four guests that had all died at boot: a benchmark's
+    guest run must fail loudly on a kernel BUG or a vCPU process that did no work."""
+    _, bugged = run_guest(server, 2, "--variant", "none", "--scenario", "lazy-exit", nr_pages=4096)
+    with pytest.raises(RuntimeError, match="in exit_mmap: after UNPIN_TABLE"):
+        bugged.require_work("bench")
+    _, idle = run_guest(server, 1, "--scenario", "kmap-readonly", "--highpte", nr_pages=4096, highmem_pages=1024)
+    with pytest.raises(RuntimeError, match=r"no process lifecycle on vCPU processes \[0\]"):
+        idle.require_work("bench")

@@ -11,7 +11,7 @@ process's resident memory (VmRSS) after four domains of 65536 pages have booted 
 import subprocess
 import sys
 
-from xensim.launch import create_domain, hypervisor_server, run_vcpus
+from xensim.launch import create_domain, hypervisor_server, run_processes, run_vcpus, vcpu_command
 
 SECONDS = 8.0
 PROCESSES = 8
@@ -39,18 +39,13 @@ def run() -> dict:
         echo_rate = _echo_rate(server.address, echo.token)
         domain = create_domain(server, nr_pages=16384, nr_vcpus=PROCESSES)
         work = run_vcpus(server.address, domain.token, PROCESSES, "--seconds", str(SECONDS), "--seed", "11")
-    if work.bugs:
-        raise RuntimeError(f"kernel BUG during the stress benchmark: {work.bugs}")
+    work.require_work("stress.*")
     messages = sum(r["messages"] for r in work.reports)
     with hypervisor_server(frames=4 * (MIB_256 + 1) + 4096) as server:
         guests = [create_domain(server, nr_pages=MIB_256, nr_vcpus=1) for _ in range(4)]
-        running = [
-            subprocess.Popen([sys.executable, "-m", "guestlib.vcpu", "--server", server.address, f"--token={g.token}", "--vcpu", "0", "--seconds", "3"], stdout=subprocess.DEVNULL)
-            for g in guests
-        ]
-        for proc in running:
-            proc.wait(timeout=120)
+        big = run_processes([vcpu_command(server.address, g.token, 0, "--seconds", "3") for g in guests])
         rss = _rss_mb(server.process.pid)
+    big.require_work("server.rss_mb_4x256")
     return {
         "stress.lifecycles_per_s": {"value": work.lifecycles / SECONDS, "unit": "lifecycles/s", "vcpu_processes": PROCESSES, "seconds": SECONDS},
         "stress.rpcs_per_lifecycle": {"value": messages / max(work.lifecycles, 1), "unit": "messages", "target": "<= 30"},
