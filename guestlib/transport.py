@@ -8,7 +8,7 @@ completes), and one helper thread waits on the call's completion queue and hands
 to trio with `TrioToken.run_sync_soon`, which wakes the task waiting on that request id or
 queues a push. A round trip so wakes two threads (the helper and trio) where the sync stub's
 bidi stream wakes four (its request-consumer and channel-spin threads, a reader of ours, and
-trio), and its CPU per message is about 1.4 times a bare grpcio client's against 1.8-2.1
+trio), and its CPU per message is about 1.4-1.6 times a bare grpcio client's against 1.8-2.1
 times for that bridge (benchmarks/guest_transport.py, which measures the other bridges too). The price
 is grpcio's private `grpc._cython.cygrpc` layer, which tests/guest/test_transport.py checks
 on the installed grpcio. Every other piece of the guest stays in trio.
