@@ -13,7 +13,43 @@ A round trip costs hundreds of microseconds here, so every kernel path is writte
 *messages*: each message is a list of calls (hypercalls, multicalls, memory accesses) that the
 hypervisor runs in order, and a path waits for a message's results only where the next step
 depends on them. This is Linux's own discipline under Xen (lazy-MMU and lazy-CPU batching into
-multicalls), carried to memory accesses too.
+multicalls, arch/x86/xen/multicalls.c), carried to memory accesses too: a context switch's cr3
+multicall leads the next message (`cpu`), and pages and mm counts are put in the message after
+the flush that made them unreachable, as Linux's mmu_gather puts them (mm/mmu_gather.c).
+
+The messages of one process lifecycle (`workload`), and the dependency that forces each:
+
+1. drain: the tails of the run queues into this CPU, the heads of those out of it, the BUG
+   count. Which tasks were handed over is known only once read. (It also carries the puts
+   deferred by the last exit.)
+2. switch_mm to the parent: the cpumask, loaded_mm and xen_cr3 writes. Other CPUs must see
+   them before Xen has the new cr3 (the stale-cr3 protocol, `sched`); the cr3 multicall
+   itself leads message 3.
+3. fork, part one: cmpxchg of a task and an mm slot, and the parent's L1. The child's
+   addresses depend on which slots were free, its copy-on-write entries on the L1.
+4. fork, part two: the child's tables as plain writes, the parent's entries read-only by
+   mmu_update, TLB_FLUSH_MULTI, the page counts, the pin. Needs 3's answers.
+5. switch_mm to the child: as 2; its cr3 multicall leads 6.
+6. the child's user writes, and the fault handler's read of the L1. Which writes fault is
+   known only from their results.
+7. the faults handled (copies, fresh pages, mmu_update, INVLPG_LOCAL, the old pages put) and
+   the writes retried. Needs 6's answers.
+8. exit, part one: the task's verify reads, munmap (read, clear, INVLPG_MULTI), exit's read
+   of the L1, drop_mm_ref (leave_mm, and the cpumask and every CPU's xen_current_cr3 read).
+   Whom to shoot down is known only from these reads; a shootdown adds its IPI message, and
+   polls until every target has acknowledged.
+9. exit, part two: UNPIN and the tables made writable again, PG_pinned, `users`. Xen refuses
+   the remap while any vCPU has the pgd, so it waits for 8 and the shootdown; the pages and
+   the mm count are put only once it has worked (in the next message), so a failed exit
+   frees nothing another CPU could reuse.
+
+A task that migrates instead ends after 7 with one message (task struct, ring slot and tail,
+the reschedule IPI, and this CPU's kernel thread borrowing the mm), after a preemption point.
+The CPU that takes it over needs three dependent reads (the ring slot, with its new head
+stored; the task's mm and generation; the mm struct), switch_mm, then 8 and 9; the first CPU's
+next switch to its parent leaves lazy mode and puts the borrowed mm in the next message. So a
+local lifecycle is 9 messages and a migrated one 14, plus, now and then, a page-pool refill
+(a bitmap read, then fetch_and on the words chosen from it) or a slot claim that lost a race.
 
 Modules: `layout` (where everything lives), `cpu` (one vCPU: its client, per-CPU mirror,
 interrupt flag and multicall batch), `pgtable` (pfn-to-mfn entries, pin and unpin walks,

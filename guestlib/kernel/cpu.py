@@ -5,12 +5,15 @@ runs handlers, so handlers run only where this vCPU's code has interrupts enable
 Code that waits for another vCPU (a call-function ack) opens an interrupt window between tries,
 as Linux's smp_call_function waits do, or two vCPUs waiting on each other would deadlock.
 
-Messages: `msg()` is a batch of calls sent as one Session message. It starts with the writes
-this CPU deferred (its page pools, pages given back), so those cost no message of their own.
-The lazy batch is Linux's per-CPU multicall buffer in lazy-CPU/lazy-MMU mode: hypercalls that
-become one multicall when flushed, followed in the same message by the stores that Linux makes
-in post-flush callbacks (set_current_cr3), so another vCPU sees them only once Xen has run the
-multicall.
+Messages: `msg()` is a batch of calls sent as one Session message. It ends with the writes
+this CPU deferred (its page pools, pages given back, page counts dropped after a TLB flush), so
+those cost no message of their own. The lazy batch is Linux's per-CPU multicall buffer in
+lazy-CPU/lazy-MMU mode: hypercalls that become one multicall when flushed, followed in the
+same message by the stores that Linux makes in post-flush callbacks (set_current_cr3), so
+another vCPU sees them only once Xen has run the multicall. Whatever the lazy batch still holds
+when a message starts goes first in it: the CPU leaves lazy mode before it does anything else
+(arch_end_context_switch flushes the cr3 switch before the next task runs), so a context
+switch's multicall rides in the first message of the task switched to.
 
 The per-CPU mirror holds this CPU's own per-CPU fields (only this vCPU writes them); each change
 is also written to guest memory in the message that makes it, so other vCPUs read the truth
@@ -57,7 +60,7 @@ class Cpu:
         self.hook = hook
         self._lazy: list[Op] = []
         self._after_lazy: list[Op] = []
-        self._deferred: list[Op] = []
+        self._deferred: list[tuple[Op, Callable | None]] = []
         self.mirror: dict[str, int] = {}
         self.loaded = None  # the mm whose pgd this CPU has loaded (an `mm.Mm`), None = init_mm
         self.borrowed = None  # the mm a lazy kernel thread here borrows, holding a count
@@ -66,6 +69,7 @@ class Cpu:
         self.pool: list[int] = []
         self.hipool: list[int] = []
         self.pool_dirty = False
+        self.slot_cursor: dict[str, int] = {}  # where this CPU tries to claim an mm or task slot next
         self.stats = dict.fromkeys(STATS, 0)
         self.phase = "boot"  # what this CPU is doing, for progress reports
         self.messages = 0
@@ -73,17 +77,22 @@ class Cpu:
     # -- messages ------------------------------------------------------------------------------
 
     def msg(self, stop_on_error: bool = False) -> "Message":
-        """A new message; it ends with this CPU's deferred writes and page pools."""
+        """A new message: it starts with the lazy batch (if any) and ends with this CPU's
+        deferred writes and page pools."""
         self.messages += 1
-        return Message(self, stop_on_error)
+        batch = Message(self, stop_on_error)
+        self.flush_into(batch)
+        return batch
 
     def _complete(self, batch: Batch) -> None:
         """Close a message with what this CPU owes guest memory. The pools go in the same
         message as the calls that used their pages: a message runs whole or not at all, so
         a vCPU killed at any point comes back with pools that match what it did."""
         deferred, self._deferred = self._deferred, []
-        for op in deferred:
-            add(batch, op)
+        for op, then in deferred:
+            pending = add(batch, op)
+            if then is not None:
+                batch.callback(then, pending)
         if self.pool_dirty:
             self.pool_dirty = False
             self._write_pools(batch)
@@ -103,9 +112,10 @@ class Cpu:
         await batch.flush()
         return pendings
 
-    def defer(self, op: Op) -> None:
-        """A write that may wait for this CPU's next message."""
-        self._deferred.append(op)
+    def defer(self, op: Op, then: Callable[[Pending], None] | None = None) -> None:
+        """A call that may wait for this CPU's next message; `then(pending)` runs once that
+        message is answered (Linux's mmu_gather: pages are put after the flush)."""
+        self._deferred.append((op, then))
 
     @asynccontextmanager
     async def irqs_off(self):
@@ -153,11 +163,9 @@ class Cpu:
         batch.callback(check)
 
     async def flush_lazy(self) -> None:
-        """xen_mc_flush: submit the lazy batch now."""
+        """xen_mc_flush: submit the lazy batch now (a new message starts with it)."""
         if self._lazy:
-            batch = self.msg()
-            self.flush_into(batch)
-            await batch.flush()
+            await self.msg().flush()
 
     # -- this CPU's per-CPU fields -----------------------------------------------------------
 

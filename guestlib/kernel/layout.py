@@ -43,7 +43,7 @@ class Struct:
 
 KGLOBAL = Struct(
     ("magic", 8), ("nr_cpus", 8), ("variant", 8), ("highpte", 8), ("swapper_pfn", 8),
-    ("next_task", 8), ("next_mm", 8), ("pool_lock", 8), ("bugs", 8), ("control", 8 * 16),
+    ("pool_lock", 8), ("bugs", 8), ("control", 8 * 16),
     size=PAGE_SIZE,
 )  # fmt: skip
 PERCPU = Struct(

@@ -9,9 +9,10 @@ dup_mmap; exit_mmap (in `shootdown`) unpins it before tearing it down with plain
 """
 
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ..hypercalls import PageFault, ops
+from ..hypercalls import PageFault, Pending, ops
 from ..xen import ENTRIES_PER_TABLE, PAGE_SIZE, MmuextCmd
 from .alloc import alloc_pages, free_pages
 from .cpu import Cpu, add, checked
@@ -67,25 +68,47 @@ async def read_mm(cpu: Cpu, mm_id: int) -> Mm:
     return Mm(mm_id, fields[1], fields[2], list(fields[8 : 8 + fields[6]]))
 
 
-async def claim_slot(cpu: Cpu, counter: str, limit: int, state_va) -> int:
-    """A free mm or task slot (1..limit-1): candidates come round-robin from a global counter,
-    and a candidate is ours only if cmpxchg moves its state from free to live (a slot whose mm
-    a lazy CPU still holds is skipped)."""
-    for _ in range(limit):
-        (n,) = await cpu.send(ops.atomic("fetch_add", cpu.kl.kglobal(counter)[0], 1))
-        candidate = checked(cpu, "claim_slot", n) % (limit - 1) + 1
-        (old,) = await cpu.send(ops.atomic("cmpxchg", state_va(candidate), MM_LIVE, expected=MM_FREE))
-        if checked(cpu, "claim_slot", old) == MM_FREE:
-            return candidate
-    raise cpu.bug("claim_slot", f"every one of the {limit - 1} {counter} slots is in use")
+_SLOTS = {"mm": (MAX_MMS, lambda cpu, i: mm_va(cpu, i, "state")), "task": (MAX_TASKS, lambda cpu, i: cpu.kl.task(i, "state")[0])}
 
 
-async def new_mm_id(cpu: Cpu) -> int:
-    return await claim_slot(cpu, "next_mm", MAX_MMS, lambda i: mm_va(cpu, i, "state"))
+def claim(cpu: Cpu, batch, kind: str) -> Callable[[], Awaitable[int]]:
+    """Claim a free mm or task slot (1..limit-1) in `batch`: a candidate is ours only if
+    cmpxchg moves its state from free to live (a slot whose mm a lazy CPU still holds is
+    skipped). Candidates come round-robin from a cursor of this CPU's, started where the other
+    CPUs' are farthest away, so the first try seldom fails and costs no message of its own.
+    Await the returned function once `batch` is answered: it tries further candidates, one
+    message each, until one is free."""
+    limit, state_va = _SLOTS[kind]
+
+    def attempt(batch) -> tuple[int, Pending]:
+        cursor = cpu.slot_cursor.setdefault(kind, cpu.id * (limit - 1) // cpu.kl.nr_cpus)
+        cpu.slot_cursor[kind] = cursor + 1
+        candidate = cursor % (limit - 1) + 1
+        return candidate, batch.atomic("cmpxchg", state_va(cpu, candidate), MM_LIVE, expected=MM_FREE)
+
+    first = attempt(batch)
+
+    async def claimed() -> int:
+        candidate, old = first
+        tries = 1
+        while checked(cpu, "claim_slot", old) != MM_FREE:
+            if tries == limit - 1:
+                raise cpu.bug("claim_slot", f"every one of the {limit - 1} {kind} slots is in use")
+            retry = cpu.msg()
+            candidate, old = attempt(retry)
+            await retry.flush()
+            tries += 1
+        return candidate
+
+    return claimed
 
 
-async def new_task_id(cpu: Cpu) -> int:
-    return await claim_slot(cpu, "next_task", MAX_TASKS, lambda i: cpu.kl.task(i, "state")[0])
+async def new_id(cpu: Cpu, kind: str) -> int:
+    """A claimed mm or task slot, in a message of its own."""
+    batch = cpu.msg()
+    claimed = claim(cpu, batch, kind)
+    await batch.flush()
+    return await claimed()
 
 
 def free_task(cpu: Cpu, task: int) -> None:
@@ -119,25 +142,40 @@ def pin(cpu: Cpu, pt: PageTables, batch, mm: Mm) -> None:
     cpu.count("pins")
 
 
-def read_l1(cpu: Cpu, pt: PageTables, mm: Mm) -> list:
-    """Calls reading an mm's L1 (through a read-only kmap when it is a highmem page)."""
+def read_l1(cpu: Cpu, pt: PageTables, mm: Mm, batch, operation: str) -> Callable[[], tuple[int, ...]]:
+    """Read an mm's L1 in `batch` (through a read-only kmap when it is a highmem page); the
+    returned function gives its entries once `batch` is answered."""
     if cpu.kl.is_lowmem(mm.l1):
-        return [ops.read(pt.direct_va(mm.l1), PAGE_SIZE)]
-    return [pt.kmap_op(cpu, mm.l1, writable=False), ops.read(pt.kmap_va(cpu), PAGE_SIZE), pt.kunmap_op(cpu)]
+        data = batch.read(pt.direct_va(mm.l1), PAGE_SIZE)
+    else:
+        add(batch, pt.kmap_op(cpu, mm.l1, writable=False))
+        data = batch.read(pt.kmap_va(cpu), PAGE_SIZE)
+        add(batch, pt.kunmap_op(cpu))
+    return lambda: struct.unpack(f"<{ENTRIES_PER_TABLE}Q", checked(cpu, operation, data))
 
 
-async def l1_entries(cpu: Cpu, pt: PageTables, mm: Mm, operation: str) -> tuple[int, ...]:
-    results = await cpu.send(*read_l1(cpu, pt, mm))
-    data = checked(cpu, operation, results[0 if len(results) == 1 else 1])
-    return struct.unpack(f"<{ENTRIES_PER_TABLE}Q", data)
+def put_pages(cpu: Cpu, pt: PageTables, entries, operation: str) -> None:
+    """Drop the count of each page these L1 entries map, in this CPU's next message, and free
+    those whose count hits zero once it is answered (Linux's mmu_gather puts pages after the
+    TLB flush that follows the unmapping)."""
+    for entry in entries:
+        if entry & P:
+            pfn = pt.pfn_of(entry)
+
+            def put(count, pfn=pfn) -> None:
+                if checked(cpu, operation, count) >> 8 == 1:
+                    free_pages(cpu, [pfn])
+
+            cpu.defer(ops.atomic("fetch_add", cpu.kl.pageinfo(pfn)[0], -PAGE_COUNT_ONE & _U32, size=4), then=put)
 
 
-async def fork(cpu: Cpu, pt: PageTables, parent: Mm, child_id: int, shared: list[int]) -> Mm:
-    """dup_mmap: a child sharing the parent's pages in L1 slots `shared` copy-on-write. Both
-    entries lose RW, the parent's through mmu_update (its tables are pinned) then
-    flush_tlb_others on the parent's cpumask (TLB_FLUSH_MULTI reading it from guest memory);
-    each page's count goes up. The child is pinned at the end, in the same message."""
-    parent_l1 = await l1_entries(cpu, pt, parent, "fork")
+async def fork(cpu: Cpu, pt: PageTables, parent: Mm, child_id: int, shared: list[int], parent_l1: tuple[int, ...] = ()) -> Mm:
+    """dup_mmap, from the parent's L1 entries (`parent_l1`, read in the caller's last message;
+    needed only when `shared` names slots): a child sharing the parent's pages in L1 slots
+    `shared` copy-on-write. Both entries lose RW, the
+    parent's through mmu_update (its tables are pinned) then flush_tlb_others on the parent's
+    cpumask (TLB_FLUSH_MULTI reading it from guest memory); each page's count goes up. The
+    child is pinned at the end, in the same message."""
     cow = {i: parent_l1[i] & ~RW for i in shared if parent_l1[i] & P}
     batch = cpu.msg()
     child = await mm_alloc(cpu, pt, batch, child_id, cow)
@@ -153,12 +191,17 @@ async def fork(cpu: Cpu, pt: PageTables, parent: Mm, child_id: int, shared: list
 
 
 async def touch(cpu: Cpu, pt: PageTables, mm: Mm, task: int, generation: int, indexes: list[int]) -> None:
-    """The running task writes its pattern into pages `indexes` as user code; the faults are
-    handled as Linux's: not present maps a fresh page (mmu_update on the pinned L1), a write to
-    a copy-on-write page copies it (or takes it over when this mm is its last user), then the
-    writes are retried, in one message."""
+    """The running task writes its pattern into pages `indexes` as user code, and the fault
+    handler's read of the L1 follows in the same message. The faults are handled as Linux's,
+    in one message: not present maps a fresh page (mmu_update on the pinned L1), a write to a
+    copy-on-write page copies it and puts the old one after the local flush (do_wp_page
+    without its reuse shortcut, which would need the page's count first: a message more);
+    then the writes are retried."""
     writes = {i: pattern(task, i, generation) for i in indexes}
-    results = await cpu.send(*(ops.write(user_va(i), data, user=True) for i, data in writes.items()))
+    batch = cpu.msg()
+    results = [batch.write(user_va(i), data, user=True) for i, data in writes.items()]
+    l1 = read_l1(cpu, pt, mm, batch, "page fault")
+    await batch.flush()
     faults = {i: r.result() for i, r in zip(writes, results) if isinstance(checked(cpu, "user write", r), PageFault)}
     if not faults:
         return
@@ -166,72 +209,42 @@ async def touch(cpu: Cpu, pt: PageTables, mm: Mm, task: int, generation: int, in
     cow = [i for i, f in faults.items() if f.error_code & (PFEC_PRESENT | PFEC_WRITE) == PFEC_PRESENT | PFEC_WRITE]
     if len(fresh) + len(cow) != len(faults):
         raise cpu.bug("page fault", f"faults the kernel cannot explain: {faults}")
-    entries = {}
-    batch_ops = []
-    if cow:
-        l1 = await l1_entries(cpu, pt, mm, "cow fault")
-        olds = {i: pt.pfn_of(l1[i]) for i in cow}
-        counts = await cpu.send(*(ops.atomic("fetch_add", cpu.kl.pageinfo(pfn)[0], -PAGE_COUNT_ONE & _U32, size=4) for pfn in olds.values()))
-        copies = iter(await alloc_pages(cpu, len(cow)))
-        for (index, old), count in zip(olds.items(), counts):
-            if checked(cpu, "cow fault", count) >> 8 <= 1:  # the last user takes the page over
-                entries[index] = pt.make(old, PAGE_USER)
-                batch_ops.append(ops.store(cpu.kl.pageinfo(old)[0], PAGE_COUNT_ONE, size=4))
-                free_pages(cpu, [next(copies)])
-            else:
-                new = next(copies)
-                batch_ops.append(ops.mmuext_op([(MmuextCmd.COPY_PAGE, pt.mfn(new), pt.mfn(old))]))
-                batch_ops.append(ops.store(cpu.kl.pageinfo(new)[0], PAGE_COUNT_ONE, size=4))
-                entries[index] = pt.make(new, PAGE_USER)
-        cpu.count("cow", len(cow))
-    for index, pfn in zip(fresh, await alloc_pages(cpu, len(fresh))):
-        entries[index] = pt.make(pfn, PAGE_USER)
-        batch_ops.append(ops.store(cpu.kl.pageinfo(pfn)[0], PAGE_COUNT_ONE, size=4))
+    entries = l1()
+    pages = dict(zip(cow + fresh, await alloc_pages(cpu, len(faults))))
     batch = cpu.msg()
-    for op in batch_ops:
-        add(batch, op)
-    pt.set_entries(cpu, batch, mm.l1, entries, pinned=True)
+    for index in cow:
+        batch.mmuext_op([(MmuextCmd.COPY_PAGE, pt.mfn(pages[index]), pt.mfn(pt.pfn_of(entries[index])))])
+    for pfn in pages.values():
+        batch.store(cpu.kl.pageinfo(pfn)[0], PAGE_COUNT_ONE, size=4)
+    pt.set_entries(cpu, batch, mm.l1, {i: pt.make(pfn, PAGE_USER) for i, pfn in pages.items()}, pinned=True)
     for index in cow:  # the old read-only translation may still be in this CPU's TLB
         batch.mmuext_op([(MmuextCmd.INVLPG_LOCAL, user_va(index))])
+    put_pages(cpu, pt, [entries[i] for i in cow], "cow fault")
     retry = {i: batch.write(user_va(i), writes[i], user=True) for i in faults}
     await batch.flush()
+    cpu.count("cow", len(cow))
     cpu.count("faults", len(faults))
     for index, pending in retry.items():
         if isinstance(checked(cpu, "page fault", pending), PageFault):
             raise cpu.bug("page fault", f"page {index} faults again after its fault was handled: {pending.result()}")
 
 
-async def verify(cpu: Cpu, task: int, generation: int, indexes: list[int]) -> list[int]:
-    """Read the pages back as the task: the indexes whose contents are wrong."""
-    results = await cpu.send(*(ops.read(user_va(i), PAGE_SIZE, user=True) for i in indexes))
-    return [i for i, r in zip(indexes, results) if checked(cpu, "verify", r) != pattern(task, i, generation)]
+def verify(cpu: Cpu, batch, task: int, generation: int, indexes: list[int]) -> Callable[[], list[int]]:
+    """Read the pages back as the task, in `batch`; the returned function gives the indexes
+    whose contents are wrong once it is answered."""
+    results = [batch.read(user_va(i), PAGE_SIZE, user=True) for i in indexes]
+    return lambda: [i for i, r in zip(indexes, results) if checked(cpu, "verify", r) != pattern(task, i, generation)]
 
 
-async def munmap(cpu: Cpu, pt: PageTables, mm: Mm, index: int) -> None:
-    """zap one page: clear its entry, flush it on every CPU in the mm's cpumask with
-    INVLPG_MULTI (flush_tlb_others: no IPI, Xen flushes them), and drop the page."""
-    old = (await l1_entries(cpu, pt, mm, "munmap"))[index]
-    if not old & P:
-        return
-    batch = cpu.msg()
+def munmap(cpu: Cpu, pt: PageTables, mm: Mm, index: int, batch) -> None:
+    """zap one page in `batch`: read its entry, clear it, flush it on every CPU in the mm's
+    cpumask with INVLPG_MULTI (flush_tlb_others: no IPI, Xen flushes them); the page is put
+    in this CPU's next message (put_pages)."""
+    l1 = read_l1(cpu, pt, mm, batch, "munmap")
     pt.set_entries(cpu, batch, mm.l1, {index: 0}, pinned=True)
     batch.mmuext_op([(MmuextCmd.INVLPG_MULTI, user_va(index), mm_va(cpu, mm.id, "cpumask"))])
-    count = batch.atomic("fetch_add", cpu.kl.pageinfo(pt.pfn_of(old))[0], -PAGE_COUNT_ONE & _U32, size=4)
-    await batch.flush()
-    if checked(cpu, "munmap", count) >> 8 == 1:
-        free_pages(cpu, [pt.pfn_of(old)])
+    batch.callback(lambda: put_pages(cpu, pt, [l1()[index]], "munmap"))
     cpu.count("munmaps")
-
-
-async def free_user_pages(cpu: Cpu, pt: PageTables, mm: Mm) -> None:
-    """unmap_vmas after the unpin: drop every data page's count, free those that hit zero,
-    and clear the L1 with plain writes (it is ordinary memory again)."""
-    l1 = await l1_entries(cpu, pt, mm, "exit_mmap")
-    pages = [pt.pfn_of(e) for e in l1 if e & P]
-    if not pages:
-        return
-    counts = await cpu.send(*(ops.atomic("fetch_add", cpu.kl.pageinfo(pfn)[0], -PAGE_COUNT_ONE & _U32, size=4) for pfn in pages))
-    free_pages(cpu, [pfn for pfn, c in zip(pages, counts) if checked(cpu, "exit_mmap", c) >> 8 == 1])
 
 
 def release_tables(cpu: Cpu, mm: Mm) -> None:
@@ -243,4 +256,3 @@ def free_mm(cpu: Cpu, mm: Mm) -> None:
     """__mmdrop's pgd_free: the last reference went, the pgds and the mm struct are free."""
     free_pages(cpu, mm.pgds)
     cpu.defer(ops.store(mm_va(cpu, mm.id, "state"), MM_FREE))
-

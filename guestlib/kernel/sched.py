@@ -1,12 +1,14 @@
 """Switching address spaces: switch_mm, lazy TLB for kernel threads, leave_mm, mmdrop.
 
-Reference: linux-guest.md sections 2.5 and 5. A context switch is two messages, as in Linux
-under Xen: first the plain memory writes that other CPUs may read at once (the cpumask bits,
-`loaded_mm`, `xen_cr3`), then, at the end of the switch, the lazy-CPU multicall with
-NEW_BASEPTR and NEW_USER_BASEPTR, followed by `xen_current_cr3`, which is only written once
-Xen has the new base. Between the two the switch is visible in memory but not yet at Xen: the
-stale-cr3 window that the 2.6.23 fix closes. A kernel thread borrows the previous mm (lazy TLB):
-cr3 stays, the CPU stays in the cpumask, and the mm's count holds it alive.
+Reference: linux-guest.md sections 2.5 and 5. A context switch is two steps, as in Linux under
+Xen: first the plain memory writes that other CPUs may read at once (the cpumask bits,
+`loaded_mm`, `xen_cr3`), in a message of their own; then, at the end of the switch, the
+lazy-CPU multicall with NEW_BASEPTR and NEW_USER_BASEPTR, followed by `xen_current_cr3`, which
+is only written once Xen has the new base. That multicall leads the next message the CPU sends
+(`Cpu.msg`), the first one of the task switched to, as arch_end_context_switch flushes it just
+before that task runs. Between the two the switch is visible in memory but not yet at Xen: the
+stale-cr3 window that the 2.6.23 fix closes. A kernel thread borrows the previous mm (lazy
+TLB): cr3 stays, the CPU stays in the cpumask, and the mm's count holds it alive.
 """
 
 from ..hypercalls import ops
@@ -31,8 +33,8 @@ def load_cr3(cpu: Cpu, mm: Mm | None) -> None:
 
 
 async def switch_mm(cpu: Cpu, next_mm: Mm | None) -> None:
-    """switch_mm(prev, next) with interrupts off: the mask and per-CPU writes (message one),
-    then the cr3 switch at the end of the context switch (message two)."""
+    """switch_mm(prev, next) with interrupts off: the mask and per-CPU writes (one message),
+    then the cr3 switch queued in the lazy batch, to lead the next message."""
     prev = cpu.mirror.get("loaded_mm", 0)
     next_id = next_mm.id if next_mm else 0
     cpu.loaded = next_mm
@@ -49,32 +51,30 @@ async def switch_mm(cpu: Cpu, next_mm: Mm | None) -> None:
     if prev != next_id:
         load_cr3(cpu, next_mm)
         await cpu.hook("switch_mm:queued", cpu)
-    await cpu.flush_lazy()
     cpu.count("switches")
 
 
-async def enter_lazy(cpu: Cpu) -> None:
-    """A kernel thread runs: it borrows the loaded mm (its count goes up), cr3 stays."""
+def enter_lazy(cpu: Cpu, batch) -> None:
+    """A kernel thread runs: it borrows the loaded mm (its count goes up in `batch`), cr3 stays."""
     borrowed = cpu.loaded
-    batch = cpu.msg()
     if borrowed:
         batch.atomic("fetch_add", mm_va(cpu, borrowed.id, "count"), 1)
     cpu.borrowed = borrowed
     cpu.set_percpu(batch, "tlbstate", TLBSTATE_LAZY)
     cpu.set_percpu(batch, "active_mm", borrowed.id if borrowed else 0)
-    await batch.flush()
     cpu.count("lazy")
 
 
 async def leave_lazy(cpu: Cpu, next_mm: Mm | None) -> None:
     """The kernel thread is switched out for a task of next_mm: switch_mm if cr3 must change
-    (or leave_mm took it away meanwhile), then drop the borrowed mm (finish_task_switch)."""
+    (or leave_mm took it away meanwhile), then drop the borrowed mm (finish_task_switch), in
+    the next message, after the cr3 switch that leads it."""
     borrowed, cpu.borrowed = cpu.borrowed, None
     await switch_mm(cpu, next_mm)
     cpu.mirror["active_mm"] = next_mm.id if next_mm else 0
     cpu.defer(ops.store(cpu.kl.percpu(cpu.id, "active_mm")[0], cpu.mirror["active_mm"]))
     if borrowed:
-        await mmdrop(cpu, borrowed)
+        mmdrop(cpu, borrowed)
 
 
 def leave_mm(cpu: Cpu, batch) -> None:
@@ -89,9 +89,12 @@ def leave_mm(cpu: Cpu, batch) -> None:
     load_cr3(cpu, None)
 
 
-async def mmdrop(cpu: Cpu, mm: Mm) -> None:
-    """Drop one count of mm; the last frees it (__mmdrop -> pgd_free)."""
-    (old,) = await cpu.send(ops.atomic("fetch_add", mm_va(cpu, mm.id, "count"), _ALL))
-    if checked(cpu, "mmdrop", old) == 1:
-        free_mm(cpu, mm)
+def mmdrop(cpu: Cpu, mm: Mm) -> None:
+    """Drop one count of mm in this CPU's next message; the last frees it once that message
+    is answered (__mmdrop -> pgd_free)."""
 
+    def last(old) -> None:
+        if checked(cpu, "mmdrop", old) == 1:
+            free_mm(cpu, mm)
+
+    cpu.defer(ops.atomic("fetch_add", mm_va(cpu, mm.id, "count"), _ALL), then=last)

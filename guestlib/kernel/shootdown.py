@@ -13,7 +13,7 @@ push every such CPU off the pgd. Each historical form of the fix is here, chosen
 """
 
 from .cpu import Cpu, checked
-from .mm import Mm, free_user_pages, mm_va, read_mm, release_tables
+from .mm import Mm, mm_va, put_pages, read_l1, read_mm, release_tables
 from .sched import leave_mm, mmdrop
 from .smp import call_function
 
@@ -27,19 +27,19 @@ async def drop_mm_ref_this_cpu(cpu: Cpu, mm_id: int) -> None:
     kernel = cpu.kernel
     pgd = (await read_mm(cpu, mm_id)).pgd
     variant, mirror = kernel.variant, cpu.mirror
-    batch = cpu.msg()
+    batch = cpu.msg()  # current-cr3 and modern: a queued switch goes out to Xen first
     if mirror.get("loaded_mm") == mm_id:  # only a lazy CPU can still have a dying mm loaded
         leave_mm(cpu, batch)
-    cpu.flush_into(batch)  # current-cr3 and modern: force a queued switch out to Xen
+    cpu.flush_into(batch)
     await batch.flush()
     if variant in ("current-cr3", "modern") and mirror.get("xen_current_cr3") == pgd:
         raise cpu.bug("drop_mm_ref", f"pgd pfn {pgd:#x} is still this CPU's cr3 after leave_mm")
 
 
-async def drop_mm_ref(cpu: Cpu, mm: Mm) -> None:
-    """Switch this CPU off mm (all variants), then the variant's remote shootdown."""
+async def drop_mm_ref(cpu: Cpu, mm: Mm, batch) -> None:
+    """Switch this CPU off mm (all variants) in `batch`, which also reads who else may be on
+    it, then the variant's remote shootdown."""
     kernel = cpu.kernel
-    batch = cpu.msg()
     if cpu.mirror.get("loaded_mm") == mm.id:
         leave_mm(cpu, batch)
     cpu.flush_into(batch)
@@ -56,13 +56,19 @@ async def drop_mm_ref(cpu: Cpu, mm: Mm) -> None:
     await kernel.smp.call_function_many(sorted(targets), DROP_MM_REF, mm.id, wait=True)
 
 
-async def exit_mmap(cpu: Cpu, mm: Mm) -> None:
-    """xen_exit_mmap then the generic teardown: drop_mm_ref, unpin (the pgds first, then every
-    table page made writable again: a vCPU still on the pgd makes that -EBUSY, a kernel BUG),
-    free the pages with plain writes, and drop the users' count on the mm."""
+async def exit_mmap(cpu: Cpu, mm: Mm, batch=None) -> None:
+    """xen_exit_mmap then the generic teardown, in two messages (and the shootdown's IPIs, if
+    any, between them). The first (`batch`, when the caller has begun one with the task's
+    last calls) reads the L1, which unmap_vmas will zap, and runs drop_mm_ref. The second
+    unpins (the pgds first, then every table page made writable again: a vCPU still on the
+    pgd makes that -EBUSY, a kernel BUG) and clears `users`. Only once that has worked are the
+    pages and the mm's count put, in this CPU's next message (put_pages, mmdrop): an exit
+    that BUGged frees nothing another CPU could reuse."""
     kernel = cpu.kernel
     pt = kernel.pt
-    await drop_mm_ref(cpu, mm)
+    batch = batch if batch is not None else cpu.msg()
+    l1 = read_l1(cpu, pt, mm, batch, "exit_mmap")
+    await drop_mm_ref(cpu, mm, batch)
     batch = cpu.msg()
     for call in pt.unpin_ops(mm.pgds, mm.tables):
         cpu.queue(call)
@@ -82,7 +88,6 @@ async def exit_mmap(cpu: Cpu, mm: Mm) -> None:
     finally:
         await cpu.hook("exit_mmap:done", cpu)
     cpu.count("unpins")
-    await free_user_pages(cpu, pt, mm)
+    put_pages(cpu, pt, l1(), "exit_mmap")
     release_tables(cpu, mm)
-    await mmdrop(cpu, mm)
-
+    mmdrop(cpu, mm)

@@ -21,7 +21,7 @@ from ..hypercalls import ops
 from .boot import OFFLINE, ONLINE, STOPPED, answer_pending_calls
 from .cpu import Cpu, KernelBug, Panicked, checked
 from .layout import RING_SLOTS
-from .mm import Mm, fork, free_task, mm_alloc, munmap, new_mm_id, new_task_id, pin, read_mm, touch, verify
+from .mm import Mm, claim, fork, free_task, mm_alloc, munmap, new_id, pin, read_l1, read_mm, touch, verify
 from .sched import enter_lazy, leave_lazy, switch_mm
 from .shootdown import exit_mmap
 
@@ -58,6 +58,7 @@ class Workload:
         self.lifecycles = 0
         self.ring_tail = [0] * self.cpu.kl.nr_cpus  # what this CPU produced into each ring
         self.ring_head = [0] * self.cpu.kl.nr_cpus  # what it consumed from each ring
+        self.ring_seen_head = [0] * self.cpu.kl.nr_cpus  # what each consumer had taken, as last read
 
     async def _load_rings(self) -> None:
         """Where this CPU stands in its rings (a restarted process takes over from memory)."""
@@ -89,7 +90,7 @@ class Workload:
 
     async def _make_parent(self) -> Mm:
         cpu, k = self.cpu, self.k
-        mm_id = await new_mm_id(cpu)
+        mm_id = await new_id(cpu, "mm")
         batch = cpu.msg()
         mm = await mm_alloc(cpu, k.pt, batch, mm_id, {})
         pin(cpu, k.pt, batch, mm)
@@ -100,18 +101,19 @@ class Workload:
 
     async def _lifecycle(self, parent: Mm) -> None:
         cpu, k = self.cpu, self.k
-        await self._run_user(parent)  # the parent forks
-        task_id = await new_task_id(cpu)
-        child = await fork(cpu, k.pt, parent, await new_mm_id(cpu), list(range(SHARED_PAGES)))
-        task = Task(task_id, child, self.rng.randrange(1 << 32))
+        await self._run_user(parent)  # the parent forks: copy_process claims the slots
+        batch = cpu.msg()  # as dup_mmap reads the parent's L1
+        task_id, mm_id = claim(cpu, batch, "task"), claim(cpu, batch, "mm")
+        parent_l1 = read_l1(cpu, k.pt, parent, batch, "fork")
+        await batch.flush()
+        child = await fork(cpu, k.pt, parent, await mm_id(), list(range(SHARED_PAGES)), parent_l1())
+        task = Task(await task_id(), child, self.rng.randrange(1 << 32))
         await self._preempt()
         await self._run_user(child)
         await touch(cpu, k.pt, child, task.id, task.generation, WRITTEN)
         await self._preempt()
         others = [c for c in range(cpu.kl.nr_cpus) if c != cpu.id]
-        if others and self.rng.random() < self.config.migrate and await self._migrate(task, self.rng.choice(others)):
-            await enter_lazy(cpu)  # the child is gone: a kernel thread runs, borrowing its mm
-        else:
+        if not (others and self.rng.random() < self.config.migrate and await self._migrate(task, self.rng.choice(others))):
             await self._finish_task(task)
 
     async def _preempt(self) -> None:
@@ -143,10 +145,12 @@ class Workload:
         page (flush_tlb_others), exit (exit_mmap with this kernel's drop_mm_ref)."""
         cpu, k = self.cpu, self.k
         await self._run_user(task.mm)
-        for index in await verify(cpu, task.id, task.generation, WRITTEN):
+        batch = cpu.msg()  # the task's last user reads, its munmap, and exit's first message
+        wrong = verify(cpu, batch, task.id, task.generation, WRITTEN)
+        munmap(cpu, k.pt, task.mm, SHARED_PAGES, batch)
+        await exit_mmap(cpu, task.mm, batch)
+        for index in wrong():
             self.corruptions.append(f"task {task.id} page {index} on vCPU {cpu.id}: contents differ from what it wrote")
-        await munmap(cpu, k.pt, task.mm, SHARED_PAGES)
-        await exit_mmap(cpu, task.mm)
         free_task(cpu, task.id)
         self.lifecycles += 1
         cpu.count("lifecycles")
@@ -156,8 +160,7 @@ class Workload:
     async def _migrate(self, task: Task, dst: int) -> bool:
         cpu, kl = self.cpu, self.cpu.kl
         tail = self.ring_tail[dst]
-        (head,) = await cpu.send(ops.load(kl.ring(cpu.id, dst, "head")[0]))
-        if tail - checked(cpu, "migrate", head) >= RING_SLOTS:
+        if tail - self.ring_seen_head[dst] >= RING_SLOTS:  # full as last seen: heads only grow
             return False
         batch = cpu.msg()
         batch.write(kl.task(task.id, "state")[0], struct.pack("<4Q", 1, task.mm.id, task.mm.id, dst))
@@ -165,6 +168,7 @@ class Workload:
         batch.store(kl.ring(cpu.id, dst, "slots")[0] + 8 * (tail % RING_SLOTS), task.id)
         batch.store(kl.ring(cpu.id, dst, "tail")[0], tail + 1)
         batch.evtchn_send(self.k.smp.ports["resched"][dst])  # ttwu: wake it on its CPU
+        enter_lazy(cpu, batch)  # the child is gone: a kernel thread runs, borrowing its mm
         await batch.flush()
         self.ring_tail[dst] = tail + 1
         cpu.count("migrations")
@@ -176,9 +180,12 @@ class Workload:
         srcs = [c for c in range(kl.nr_cpus) if c != cpu.id]
         batch = cpu.msg()
         tails = [batch.load(kl.ring(src, cpu.id, "tail")[0]) for src in srcs]
+        heads = {dst: batch.load(kl.ring(cpu.id, dst, "head")[0]) for dst in srcs}  # room to migrate
         panicked = cpu.check_panic(batch)
         await batch.flush()
         panicked()
+        for dst, head in heads.items():
+            self.ring_seen_head[dst] = checked(cpu, "drain", head)
         done = 0
         for src, tail in zip(srcs, tails):
             tail = checked(cpu, "drain", tail)

@@ -7,7 +7,9 @@ hypercall calls alternate one by one and the 512-entry batches follow in each ro
 noise of these shared machines hits all three alike (DESIGN.md section 6).
 """
 
+import json
 import statistics
+import subprocess
 import time
 
 import trio
@@ -15,7 +17,8 @@ import trio
 from guestlib import Toolstack, connect, ops
 from guestlib.layout import BootLayout
 from guestlib.xen import ENTRIES_PER_TABLE, PAGE_SHIFT, Pte
-from xensim.launch import hypervisor_server
+from xensim.bench.client_cpu import command
+from xensim.launch import create_domain, hypervisor_server
 
 ROUNDS = 7
 CALLS_PER_ROUND = 200  # of each of echo and hypercall
@@ -101,6 +104,36 @@ def _report(echo: list[float], hypercall: list[float], raw: list[float], remap: 
     }
 
 
+CPU_ROUNDS = 5
+CPU_MESSAGES = 1000
+
+
+def _client_cpu(server) -> dict:
+    """`rpc.vcpu_cpu_us_per_msg_over_grpc_floor`: a vCPU's own stack against a bare grpcio
+    stream client, each in its own process sending the same one-hypercall message one at a
+    time, taking turns round after round (xensim.bench.client_cpu)."""
+    token = create_domain(server, nr_pages=4096, nr_vcpus=1, name="bench-cpu").token
+    rounds = {"floor": [], "guest": []}
+    for _ in range(CPU_ROUNDS):
+        for kind, results in rounds.items():
+            out = subprocess.run(command(kind, server.address, token, 0, CPU_MESSAGES), capture_output=True, text=True, timeout=300, check=True)
+            results.append(json.loads(out.stdout)["cpu_us"])
+    ratios = [g / f for g, f in zip(rounds["guest"], rounds["floor"])]
+    return {
+        "rpc.vcpu_cpu_us_per_msg_over_grpc_floor": {
+            "value": statistics.median(ratios),
+            "unit": "ratio",
+            "per_round": ratios,
+            "vcpu_cpu_us_per_msg": statistics.median(rounds["guest"]),
+            "grpc_floor_cpu_us_per_msg": statistics.median(rounds["floor"]),
+            "messages_per_round": CPU_MESSAGES,
+            "message": "one MMUEXT_TLB_FLUSH_LOCAL, answered before the next",
+            "floor": "bare grpcio sync-stub bidi stream, pre-serialized bytes",
+            "target": "<= 1.5",
+        }
+    }
+
+
 def run() -> dict:
     with hypervisor_server() as server:
-        return trio.run(_measure, server.address)
+        return trio.run(_measure, server.address) | _client_cpu(server)
