@@ -17,12 +17,11 @@ import time
 import grpc
 import trio
 
-from guestlib import ops
-from guestlib.transport import SESSION
 from xensim.v1 import hypercalls_pb2
 
 WARMUP = 100
-TLB_FLUSH_LOCAL = ops.tlb_flush_local().call()
+SESSION = "/xensim.v1.Hypercalls/Session"
+TLB_FLUSH_LOCAL = hypercalls_pb2.Call(mmuext_op=hypercalls_pb2.MmuextOpRequest(ops=[{"cmd": 6 + 1}]))  # MMUEXT_TLB_FLUSH_LOCAL, + 1 on the wire
 
 
 class _Meter:
@@ -53,7 +52,7 @@ def floor(address: str, token: str, vcpu: int, meter: _Meter) -> dict:
     requests = iter([hypercalls_pb2.SessionRequest(request_id=i, calls=[TLB_FLUSH_LOCAL]).SerializeToString() for i in range(1, total + 1)])
     with grpc.insecure_channel(address) as channel:
         outgoing: queue.SimpleQueue = queue.SimpleQueue()
-        answers = channel.stream_stream(SESSION.decode())(iter(outgoing.get, None), metadata=metadata)  # bytes both ways
+        answers = channel.stream_stream(SESSION)(iter(outgoing.get, None), metadata=metadata)  # bytes both ways
         outgoing.put(next(requests))
         while hypercalls_pb2.SessionResponse.FromString(next(answers)).WhichOneof("push"):  # VcpuStarted comes first
             pass
