@@ -6,8 +6,10 @@ statistics. `--race` runs it once per drop_mm_ref variant (`--runs` each) and pr
 runs hit the lazy-TLB unpin race, and through which window.
 """
 
+import argparse
 import json
 import os
+import shlex
 import tempfile
 import time
 
@@ -19,13 +21,29 @@ from rich.table import Table
 
 from guestlib import Toolstack
 from guestlib.kernel.shootdown import VARIANTS
+from xensim.errors import EXIT_INTERRUPTED, at_least, writable_file
 from xensim.launch import hypervisor_server, machine_frames
-from xensim.stress import StressConfig, StressRun, failed, run_stress
+from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, run_stress, variant_help
 
 COLUMNS = {  # stat -> heading, short enough for an 80-column terminal
     "lifecycles": "exits", "faults": "faults", "cow": "cow", "migrations": "migr", "lazy": "lazy",
     "ipis_sent": "IPI tx", "ipis_handled": "IPI rx", "pins": "pins", "bugs": "BUGs",
 }  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs (per run with --race)")
+    parser.add_argument("--vcpus", type=at_least(1), default=4, help="the guest's vCPUs, each a process")
+    parser.add_argument("--pages", type=at_least(MIN_PAGES), default=16384, help="guest memory in 4 KiB pages")
+    parser.add_argument("--variant", choices=VARIANTS, default="modern", metavar="VARIANT", help=f"the guest's drop_mm_ref: {variant_help()}")
+    parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a quarter of the guest's memory)")
+    parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
+    parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
+    parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
+    parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
+    parser.add_argument("--trace", metavar="FILE", type=writable_file, help="where the hypervisor writes its trace (default: a temp file)")
+    parser.add_argument("--no-trace", action="store_true", help="record no trace")
+    parser.set_defaults(run=main)
 
 
 def _table(run: StressRun, rates: dict, elapsed: float) -> Table:
@@ -73,10 +91,11 @@ async def _run_once(address: str, config: StressConfig, console: Console | None)
     return report
 
 
-def _print_report(console: Console, report: dict, trace: str | None) -> None:
+def _print_report(console: Console, report: dict) -> None:
     totals = report["totals"]
     seconds = report["seconds"]
-    console.print(f"\n[bold]Report[/bold] ({seconds:.1f} s, {report['rpcs']:,} hypercall messages from the guest)")
+    cut = ", interrupted" if report["interrupted"] else ""
+    console.print(f"\n[bold]Report[/bold] ({seconds:.1f} s, {report['rpcs']:,} hypercall messages from the guest){cut}")
     console.print(f"  process lifecycles  {report['process_lifecycles']:>8}  ({report['process_lifecycles'] / seconds:,.1f}/s)")
     for key in ("forks", "faults", "cow", "munmaps", "migrations", "lazy", "ipis_sent", "ipis_handled", "pins", "unpins"):
         console.print(f"  {key.replace('_', ' '):<19} {totals.get(key, 0):>8}  ({totals.get(key, 0) / seconds:,.1f}/s)")
@@ -92,9 +111,18 @@ def _print_report(console: Console, report: dict, trace: str | None) -> None:
     console.print(f"  leaked frames       {report['leaked_frames']:>8}")
     if report.get("killed_vcpus"):
         console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
-    console.print(f"  trace               {trace or 'not recorded'}")
-    verdict = "[red]FAILED[/red]" if failed(report) else "[green]OK[/green]"
+    console.print(f"  seed, variant       {report['seed']}, {report['variant']}")
+    console.print(f"  trace               {report['trace'] or 'not recorded'}")
+    console.print(f"  run it again        {report['reproduce']}", soft_wrap=True)
+    verdict = "[yellow]INTERRUPTED[/yellow]" if report["interrupted"] else "[red]FAILED[/red]" if failed(report) else "[green]OK[/green]"
     console.print(f"  verdict             {verdict}")
+
+
+def _reproduce(args: argparse.Namespace, trace: str | None) -> str:
+    """The command line that runs this demo again with the same settings."""
+    words = ["xensim", "demo", "--seconds", f"{args.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, "--seed", str(args.seed)]
+    words += ["--highpte"] * args.highpte + (["--trace", trace] if trace else ["--no-trace"])
+    return shlex.join(words)
 
 
 def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, console: Console) -> dict:
@@ -106,6 +134,8 @@ def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, c
         for i in range(runs):
             config = StressConfig(domains=1, vcpus=vcpus, seconds=seconds, seed=seed + i, variants=[variant], pages=8192, migrate=1.0)
             report = trio.run(_run_once, address, config, None)
+            if report["interrupted"]:  # Ctrl-C: the table of a part of the runs would mislead
+                raise KeyboardInterrupt
             bugs = [b for b in report["kernel_bugs"] if "in exit_mmap" in b]
             if bugs:
                 hits += 1
@@ -122,7 +152,9 @@ def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, c
     return table
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
+    """Exit status 0 clean, 1 anything wrong (the report says what), 130 interrupted by Ctrl-C
+    (the report of what ran, the domain still audited and destroyed)."""
     console = Console()
     trace = None if args.no_trace else (args.trace or os.path.join(tempfile.gettempdir(), f"xensim-demo-{os.getpid()}.jsonl.gz"))
     serve_args = ("--trace", trace) if trace else ()
@@ -130,18 +162,15 @@ def main(args) -> int:
         console.print(f"hypervisor on {server.address}; {'tracing to ' + trace if trace else 'no trace'}")
         if args.race:
             report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, args.seed, console)}
-            ok = True
+            status = 0
         else:
             config = StressConfig(domains=1, vcpus=args.vcpus, seconds=args.seconds, seed=args.seed, variants=[args.variant], pages=args.pages, highmem_pages=args.pages // 4 if args.highpte else 0)
-            try:
-                report = trio.run(_run_once, server.address, config, console)
-            except KeyboardInterrupt:
-                console.print("interrupted")
-                return 130
-            _print_report(console, report, trace)
-            ok = not failed(report)
+            report = trio.run(_run_once, server.address, config, console)
+            report |= {"seed": args.seed, "variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace)}
+            _print_report(console, report)
+            status = EXIT_INTERRUPTED if report["interrupted"] else int(failed(report))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
         console.print(f"wrote {args.json}")
-    return 0 if ok else 1
+    return status

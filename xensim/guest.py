@@ -11,9 +11,9 @@ that ended without a clean report.
 import argparse
 import json
 import subprocess
-import sys
 
 from guestlib.kernel.shootdown import VARIANTS
+from xensim.errors import UsageError, UserError, address, at_least, fraction
 from xensim.launch import claim_command, run_processes
 from xensim.toolstack import read_token_files
 
@@ -24,13 +24,13 @@ GRACE_SECONDS = 120.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", required=True, metavar="DIR", help="the token files of `xensim toolstack create --out DIR`")
-    parser.add_argument("--server", metavar="HOST:PORT", help="the hypervisor (default: the address in the token files)")
-    parser.add_argument("--vcpus-per-replica", type=int, default=1, metavar="K", help="vCPU processes this replica runs (default 1)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="how long the workload runs")
+    parser.add_argument("--server", metavar="HOST:PORT", type=address, help="the hypervisor (default: the address in the token files)")
+    parser.add_argument("--vcpus-per-replica", type=at_least(1), default=1, metavar="K", help="vCPU processes this replica runs")
+    parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs")
     parser.add_argument("--variant", choices=VARIANTS, default="modern", help="the guest's drop_mm_ref (vCPU 0 decides at boot)")
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (vCPU 0 decides at boot)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--migrate", type=float, default=0.5, help="chance a child finishes on another vCPU")
+    parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
+    parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.set_defaults(run=main)
 
 
@@ -38,11 +38,9 @@ def main(args: argparse.Namespace) -> int:
     domains = read_token_files(args.tokens)
     servers = {d["server"] for d in domains}
     if not domains:
-        print(f"xensim guest: no token files in {args.tokens} (`xensim toolstack create --out DIR` writes them)", file=sys.stderr)
-        return 2
+        raise UsageError(f"no token files in {args.tokens} (`xensim toolstack create --out DIR` writes them)")
     if not args.server and len(servers) > 1:
-        print(f"xensim guest: the token files name several hypervisors ({', '.join(sorted(servers))}); pick one with --server", file=sys.stderr)
-        return 2
+        raise UsageError(f"the token files name several hypervisors ({', '.join(sorted(servers))}); pick one with --server")
     workload = ["--seconds", str(args.seconds), "--variant", args.variant, "--seed", str(args.seed), "--migrate", str(args.migrate)]
     if args.highpte:
         workload.append("--highpte")
@@ -50,8 +48,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         run = run_processes([command] * args.vcpus_per_replica, timeout=args.seconds + GRACE_SECONDS)
     except subprocess.TimeoutExpired:
-        print(f"xensim guest: vCPU processes still running {GRACE_SECONDS:.0f} s after the workload's end (are all of the domains' vCPUs claimed?)", file=sys.stderr)
-        return 1
+        raise UserError(f"vCPU processes still running {GRACE_SECONDS:.0f} s after the workload's end (are all of the domains' vCPUs claimed?)") from None
     ran, failures = [], []
     for report, status in zip(run.reports, run.returncodes):
         print(json.dumps(report))

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypervisor.core.abi import MmuextCmd
-from hypervisor.server.tracing import open_trace
+from hypervisor.core.trace import TraceError
+from hypervisor.server.tracing import read_trace
+from xensim.errors import at_least, reading, writable_file
 
 DEFAULT_COUNT = 50_000  # more than this makes a page browsers draw slowly
 MMUEXT_NAMES = {cmd.value: cmd.name for cmd in MmuextCmd}
@@ -29,15 +31,15 @@ XEN_LANE = "Xen (toolstack)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", help="a trace (JSON lines, .gz too): `xensim serve --trace FILE` or Toolstack StartTrace")
-    parser.add_argument("--html", required=True, metavar="OUT", help="the page to write")
-    parser.add_argument("--first", type=int, default=1, metavar="SEQ", help="the first call to draw (calls count from 1)")
-    parser.add_argument("--count", type=int, default=DEFAULT_COUNT, metavar="N", help="how many calls to draw (default %(default)s)")
+    parser.add_argument("--html", required=True, metavar="OUT", type=writable_file, help="the page to write")
+    parser.add_argument("--first", type=at_least(1), default=1, metavar="SEQ", help="the first call to draw (calls count from 1)")
+    parser.add_argument("--count", type=at_least(1), default=DEFAULT_COUNT, metavar="N", help="how many calls to draw")
     parser.set_defaults(run=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    with open_trace(args.trace) as lines:
-        timeline = scan(lines, args.first, args.count)
+    with reading(args.trace):
+        timeline = scan(read_trace(args.trace), args.first, args.count)
     Path(args.html).write_text(render(timeline, Path(args.trace).name))
     print(f"{args.html}: calls {timeline.first}..{timeline.last} of {timeline.total}, {len(timeline.lanes)} vCPUs, {len(timeline.failures)} failed calls")
     return 0
@@ -199,15 +201,18 @@ def scan(lines, first: int = 1, count: int = DEFAULT_COUNT) -> Timeline:
     """Read a trace's lines into a Timeline of calls first .. first + count - 1."""
     timeline = Timeline(first=first)
     scanner = _Scanner(timeline, count)
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise TraceError(f"line {number} is not JSON: not a xensim trace") from None
+        if not isinstance(record, dict) or "op" not in record and "xensim_trace" not in record and "digest" not in record:
+            raise TraceError(f"line {number} is not a xensim trace record: {line[:80]!r}")
         if "op" in record:
             timeline.total += 1
             scanner.record(timeline.total, record)
-        elif "xensim_trace" not in record and "digest" not in record:
-            raise ValueError(f"not a xensim trace line: {line[:80]!r}")
     scanner.finish()
     timeline.last = min(timeline.total, first + count - 1)
     return timeline
