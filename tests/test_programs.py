@@ -1,8 +1,11 @@
 """The user-facing programs as a user runs them: real processes, real servers, exit statuses."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -54,3 +57,56 @@ def test_race_table_shape(tmp_path):
     assert race["mask"]["stale_cr3_hits"] == race["mask"]["hit"]
     assert race["current-cr3"]["hit"] == 0 and race["modern"]["hit"] == 0
     assert "the lazy-TLB unpin race" in done.stdout
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("program", ["demo", "stress"])
+def test_ctrl_c_stops_a_run_with_its_partial_report_exit_130_and_no_process_left(tmp_path, program):
+    """SIGINT (what Ctrl-C sends the terminal's foreground process) mid-run: the vCPU processes
+    and the hypervisor are stopped, the domains still audited and destroyed, the partial
+    report written, and the trace replays clean."""
+    report_file, trace = tmp_path / "report.json", tmp_path / "trace.jsonl.gz"
+    command = [sys.executable, "-m", "xensim.cli", program, "--vcpus", "2", "--seconds", "120", "--json", str(report_file), "--trace", str(trace)]
+    if program == "stress":
+        command += ["--domains", "1"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(children := _children(run.pid)) < 3 and time.monotonic() < deadline:  # the hypervisor and 2 vCPUs
+            time.sleep(0.2)
+        assert len(children) == 3, run.communicate(timeout=60)
+        time.sleep(3)  # some work to report
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, out + err
+    assert "Traceback" not in err and not [pid for pid in children if _alive(pid)]
+    report = json.loads(report_file.read_text())
+    assert report["interrupted"] and report["process_lifecycles"] > 0 and report["audit_findings"] == 0 and report["leaked_frames"] == 0
+    if program == "demo":
+        assert "INTERRUPTED" in out and str(trace) in out and report["trace"] == str(trace)
+    replayed = subprocess.run([sys.executable, "-m", "xensim.cli", "replay", str(trace)], capture_output=True, text=True, timeout=120)
+    assert replayed.returncode == 0 and " 0 mismatches" in replayed.stdout, replayed.stdout + replayed.stderr
