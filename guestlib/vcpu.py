@@ -64,8 +64,7 @@ async def _report_progress(kernel, interval: float) -> None:
         print(json.dumps({"progress": {"vcpu": cpu.id, "messages": cpu.messages, "phase": cpu.phase, **cpu.stats}}), flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit status 0, 3 on a kernel BUG or corrupted data, else xensim.errors' (1, 2, 70, 130)."""
+def build_parser() -> Parser:
     parser = Parser(prog="python -m guestlib.vcpu", description=__doc__.splitlines()[0])
     parser.add_argument("--server", required=True, type=address, metavar="HOST:PORT", help="the hypervisor")
     parser.add_argument("--token", required=True, action="append", help="the domain's token (from CreateDomain); with --claim, one per domain to claim from")
@@ -80,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--scenario", choices=scenarios.SCENARIOS, help="a scripted interleaving on two vCPUs instead of the workload")
     parser.add_argument("--progress", type=at_least(0.0, float), default=0, metavar="SECONDS", help="print a progress line this often (0: never)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, 3 on a kernel BUG or corrupted data, else xensim.errors' (1, 2, 70, 130)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if len(args.token) > 1 and not args.claim:
         parser.error("--token more than once needs --claim: a --vcpu belongs to one domain")

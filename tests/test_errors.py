@@ -2,15 +2,20 @@
 fails an ordinary failure in one line on stderr with the documented exit status, and no
 traceback; only a bug of the simulator gets one."""
 
+import argparse
 import socket
 import subprocess
 import sys
 
 import pytest
 
+from guestlib.kernel.shootdown import VARIANTS
+from guestlib.vcpu import build_parser as build_vcpu_parser
 from hypervisor.core import SimulatorBug
+from xensim.cli import build_parser
 from xensim.errors import EXIT_BUG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, run_program
 from xensim.launch import hypervisor_server
+from xensim.stress import VARIANT_HELP
 
 CLI = ("-m", "xensim.cli")
 VCPU = ("-m", "guestlib.vcpu")
@@ -136,3 +141,33 @@ def test_a_failure_inside_a_trio_nursery_is_explained_like_any_other(capsys):
 
     assert run_program("xensim demo", interrupted) == EXIT_INTERRUPTED
     assert capsys.readouterr().err == "xensim demo: interrupted\n"
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str):
+    """This parser and every subcommand's, with their names."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            described = {choice.dest for choice in action._choices_actions}
+            for sub, subparser in action.choices.items():
+                assert sub in described, f"{name} {sub} has no one-line description"
+                yield from _parsers(subparser, f"{name} {sub}")
+
+
+def test_every_option_says_what_it_is_for_and_its_default():
+    for name, parser in [*_parsers(build_parser(), "xensim"), ("python -m guestlib.vcpu", build_vcpu_parser())]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction | argparse._HelpAction | argparse._VersionAction):
+                continue
+            assert action.help, f"{name} {action.dest} has no help"
+        shown = parser.format_help()
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in (action.help or "") or f"(default: {action.default})" in " ".join(shown.split()), f"{name} {action.dest}"
+
+
+def test_every_drop_mm_ref_variant_is_described_in_help():
+    shown = " ".join(run(*CLI, "demo", "--help").stdout.split())
+    assert set(VARIANT_HELP) == set(VARIANTS)
+    for variant, description in VARIANT_HELP.items():
+        assert f"{variant}: {description}" in shown
