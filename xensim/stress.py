@@ -67,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), frames=machine_frames(args.domains, args.pages)) as server:
             report = trio.run(run_stress, server.address, None, config)
-    summary = {k: report[k] for k in ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted")}
+    shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted")
+    summary = {k: report[k] for k in shown}
     print(json.dumps(summary))
     for bug in report["kernel_bugs"]:
         print(f"kernel BUG: {bug}")

@@ -6,15 +6,14 @@ import io
 import pytest
 
 from hypervisor.core import Hypervisor
-from hypervisor.core.abi import SHUTDOWN_crash, SHUTDOWN_reboot, VIRQ_TIMER, Errno
+from hypervisor.core.abi import VIRQ_TIMER, Errno, SHUTDOWN_crash, SHUTDOWN_reboot
 from hypervisor.core.sched import BLOCKED
 from hypervisor.core.schedop import HUGE_TIMEOUT_FALLBACK_NS
 from hypervisor.core.trace import TraceWriter, replay
 
-from .conftest import fails_with
-from .conftest import unchanged
-from .guest import Guest
+from .conftest import fails_with, unchanged
 from .conftest import fails_with as fails  # the errno, and nothing changed
+from .guest import Guest
 
 
 def vcpu(guest, n):

@@ -3,7 +3,7 @@ references initialise takes (as NEW_BASEPTR does) and keeps across down."""
 
 import pytest
 
-from hypervisor.core.abi import SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online, Errno
+from hypervisor.core.abi import Errno, SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online
 
 from .conftest import fails_with as fails  # the errno, and nothing changed
 
