@@ -10,8 +10,8 @@ import argparse
 import json
 import os
 import shlex
-import tempfile
 import time
+from pathlib import Path
 
 import trio
 from rich import box
@@ -32,6 +32,23 @@ COLUMNS = {
 }  # fmt: skip
 
 
+TRACE_CACHE_BYTES = 256 << 20  # a 20 s demo writes ~2.5 MB
+
+
+def default_trace() -> str:
+    """Where a demo's trace goes unless --trace says: a new file in the per-user cache
+    ($XDG_CACHE_HOME/xensim/traces, else ~/.cache/...), whose oldest traces are removed so
+    that those kept stay under TRACE_CACHE_BYTES."""
+    directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xensim" / "traces"
+    directory.mkdir(parents=True, exist_ok=True)
+    kept = 0
+    for trace in sorted(directory.glob("*.jsonl.gz"), key=lambda p: p.stat().st_mtime, reverse=True):
+        kept += trace.stat().st_size
+        if kept > TRACE_CACHE_BYTES:
+            trace.unlink(missing_ok=True)
+    return str(directory / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl.gz")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs (per run with --race)")
     parser.add_argument("--vcpus", type=at_least(1), default=4, help="the guest's vCPUs, each a process")
@@ -42,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
     parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
-    parser.add_argument("--trace", metavar="FILE", type=writable_file, help="where the hypervisor writes its trace (default: a temp file)")
+    parser.add_argument("--trace", metavar="FILE", type=writable_file, help="where the hypervisor writes its trace (default: a new file in ~/.cache/xensim/traces, oldest removed past 256 MiB)")
     parser.add_argument("--no-trace", action="store_true", help="record no trace")
     parser.set_defaults(run=main)
 
@@ -159,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
     """Exit status 0 clean, 1 anything wrong (the report says what), 130 interrupted by Ctrl-C
     (the report of what ran, the domain still audited and destroyed)."""
     console = Console()
-    trace = None if args.no_trace else (args.trace or os.path.join(tempfile.gettempdir(), f"xensim-demo-{os.getpid()}.jsonl.gz"))
+    trace = None if args.no_trace else (args.trace or default_trace())
     serve_args = ("--trace", trace) if trace else ()
     with hypervisor_server(*serve_args, frames=machine_frames(1, args.pages)) as server:
         console.print(f"hypervisor on {server.address}; {'tracing to ' + trace if trace else 'no trace'}")
