@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from tests.core.test_trace import record_a_run
-from xensim import demo
+from xensim import launch
 from xensim.cli import main
 from xensim.demo import COLUMNS, _table
 from xensim.stress import StressConfig, StressRun, VcpuState
@@ -85,13 +85,13 @@ def test_the_demo_table_fits_80_columns_with_every_column_shown():
 
 def test_demo_traces_go_to_the_user_cache_and_the_oldest_go_past_its_cap(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(demo, "TRACE_CACHE_BYTES", 3000)
+    monkeypatch.setattr(launch, "TRACE_CACHE_BYTES", 3000)
     traces = tmp_path / "xensim" / "traces"
     traces.mkdir(parents=True)
     for age in range(5):  # 1000 bytes each, the first the newest
         old = traces / f"demo-{age}.jsonl.gz"
         old.write_bytes(bytes(1000))
         os.utime(old, (1e9 - age, 1e9 - age))
-    new = demo.default_trace()
+    new = launch.default_trace()
     assert Path(new).parent == traces and not Path(new).exists()
     assert sorted(p.name for p in traces.iterdir()) == ["demo-0.jsonl.gz", "demo-1.jsonl.gz", "demo-2.jsonl.gz"]

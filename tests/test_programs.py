@@ -110,3 +110,13 @@ def test_ctrl_c_stops_a_run_with_its_partial_report_exit_130_and_no_process_left
         assert "INTERRUPTED" in out and str(trace) in out and report["trace"] == str(trace)
     replayed = subprocess.run([sys.executable, "-m", "xensim.cli", "replay", str(trace)], capture_output=True, text=True, timeout=120)
     assert replayed.returncode == 0 and " 0 mismatches" in replayed.stdout, replayed.stdout + replayed.stderr
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("variant, saw", [("mask", "-EBUSY from mmu_update"), ("modern", "exit_mmap unpinned and freed the page tables")])
+def test_a_scenario_tells_what_happens_and_why(variant, saw):
+    done = xensim("demo", "--scenario", "stale-cr3", "--variant", variant, "--no-trace", timeout=200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    told = " ".join(done.stdout.split())
+    assert "What happens: vCPU 1 runs T" in told and saw in told and "Why: " in told
+    assert "audit after destroying the domain: 0 findings" in told and "verdict: as expected for this variant" in told

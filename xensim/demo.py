@@ -8,10 +8,8 @@ runs hit the lazy-TLB unpin race, and through which window.
 
 import argparse
 import json
-import os
 import shlex
 import time
-from pathlib import Path
 
 import trio
 from rich import box
@@ -21,8 +19,9 @@ from rich.table import Table
 
 from guestlib import Toolstack
 from guestlib.kernel.shootdown import VARIANTS
+from xensim import scenario
 from xensim.errors import EXIT_INTERRUPTED, at_least, writable_file
-from xensim.launch import hypervisor_server, machine_frames
+from xensim.launch import default_trace, hypervisor_server, machine_frames
 from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, run_stress, variant_help
 
 # stat -> heading, in Linux's terms, two lines each so that the table fits 80 columns.
@@ -32,23 +31,6 @@ COLUMNS = {
 }  # fmt: skip
 
 
-TRACE_CACHE_BYTES = 256 << 20  # a 20 s demo writes ~2.5 MB
-
-
-def default_trace() -> str:
-    """Where a demo's trace goes unless --trace says: a new file in the per-user cache
-    ($XDG_CACHE_HOME/xensim/traces, else ~/.cache/...), whose oldest traces are removed so
-    that those kept stay under TRACE_CACHE_BYTES."""
-    directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xensim" / "traces"
-    directory.mkdir(parents=True, exist_ok=True)
-    kept = 0
-    for trace in sorted(directory.glob("*.jsonl.gz"), key=lambda p: p.stat().st_mtime, reverse=True):
-        kept += trace.stat().st_size
-        if kept > TRACE_CACHE_BYTES:
-            trace.unlink(missing_ok=True)
-    return str(directory / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl.gz")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs (per run with --race)")
     parser.add_argument("--vcpus", type=at_least(1), default=4, help="the guest's vCPUs, each a process")
@@ -56,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", choices=VARIANTS, default="modern", metavar="VARIANT", help=f"the guest's drop_mm_ref: {variant_help()}")
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a quarter of the guest's memory)")
     parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
+    parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help=f"a scripted interleaving, told step by step: {scenario.scenario_help()}")
     parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
     parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
@@ -175,6 +158,8 @@ def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, c
 def main(args: argparse.Namespace) -> int:
     """Exit status 0 clean, 1 anything wrong (the report says what), 130 interrupted by Ctrl-C
     (the report of what ran, the domain still audited and destroyed)."""
+    if args.scenario:
+        return scenario.main(args)
     console = Console()
     trace = None if args.no_trace else (args.trace or default_trace())
     serve_args = ("--trace", trace) if trace else ()
