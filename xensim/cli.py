@@ -1,15 +1,26 @@
 """The `xensim` command: the user-facing programs, under one error policy (xensim/errors.py)."""
 
+import argparse
+import importlib
 import json
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
-from hypervisor.server.config import add_arguments as add_serve_arguments
-from xensim import demo, stress
 from xensim.errors import EXIT_USAGE, Parser, address, at_least, reading, run_program, writable_file
-from xensim.guest import add_arguments as add_guest_arguments
-from xensim.timeline import add_arguments as add_timeline_arguments
-from xensim.toolstack import add_arguments as add_toolstack_arguments
+
+# Each subcommand: its one line, and where its arguments are defined ("module:function"). Only
+# the one being run is imported, so that `xensim health` (a container's health check, every
+# two seconds) loads no more than it needs: not the guest kernel, numpy or the hypervisor.
+COMMANDS = {
+    "demo": ("an embedded hypervisor and a 4-vCPU guest, live, then a report", "xensim.demo:add_arguments"),
+    "stress": ("many domains and vCPU processes against a hypervisor, with faults", "xensim.stress:add_arguments"),
+    "replay": ("re-execute a hypercall trace, or the prefix a file holds, and compare (exit status 2: not a trace)", "xensim.cli:_add_replay_arguments"),
+    "timeline": ("draw a trace as a per-vCPU timeline in a self-contained HTML page", "xensim.timeline:add_arguments"),
+    "serve": ("run the hypervisor: a gRPC server playing Xen for guest vCPU processes", "xensim.cli:_add_serve_arguments"),
+    "toolstack": ("the admin's verbs (like xl): create domains and write their token files, destroy, audit, list", "xensim.toolstack:add_arguments"),
+    "guest": ("a guest replica: vCPU processes for whichever vCPUs of the token files' domains are free", "xensim.guest:add_arguments"),
+    "health": ("ask a hypervisor's gRPC health service; exit status 0 when it is SERVING", "xensim.cli:_add_health_arguments"),
+    "bench": ("run the benchmarks and write their figures as JSON", "xensim.cli:_add_bench_arguments"),
+}
 
 
 def _bench(args) -> int:
@@ -74,6 +85,13 @@ def _add_health_arguments(parser: Parser) -> None:
     parser.set_defaults(run=_health)
 
 
+def _add_serve_arguments(parser: Parser) -> None:
+    from hypervisor.server.config import add_arguments
+
+    add_arguments(parser)
+    parser.set_defaults(run=_serve, serve_parser=parser)
+
+
 def _serve(args) -> int:
     from hypervisor.server.app import run
 
@@ -83,7 +101,8 @@ def _serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 the run failed (a verdict, or a failure said in one line on
     stderr), 2 usage, 70 a bug of the simulator (with a traceback), 130 interrupted."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
     if args.command is None:  # a bare `xensim`: what there is to run
         parser.print_help(sys.stderr)
@@ -91,29 +110,34 @@ def main(argv: list[str] | None = None) -> int:
     return run_program(f"xensim {args.command}", lambda: args.run(args))
 
 
-def _version() -> str:
-    try:
-        return version("xensim")
-    except PackageNotFoundError:  # run from a checkout without installing
-        return "(not installed)"
+class _Version(argparse.Action):
+    """--version, which looks the installed version up only when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show the installed version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("xensim")
+        except PackageNotFoundError:  # run from a checkout without installing
+            installed = "(not installed)"
+        print(f"xensim {installed}")
+        parser.exit()
 
 
-def build_parser() -> Parser:
-    """Every subcommand and its flags (tests check docker-compose.yml's commands against it)."""
+def build_parser(only: str | None = None) -> Parser:
+    """Every subcommand, and the flags of `only` (of all by default: tests check
+    docker-compose.yml's commands against them)."""
     parser = Parser(prog="xensim", description="A simulator of Xen's PV MMU, SMP and event-channel interfaces. `xensim demo` is the place to start.")
-    parser.add_argument("--version", action="version", version=f"xensim {_version()}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo.add_arguments(sub.add_parser("demo", help="an embedded hypervisor and a 4-vCPU guest, live, then a report"))
-    stress.add_arguments(sub.add_parser("stress", help="many domains and vCPU processes against a hypervisor, with faults"))
-    _add_replay_arguments(sub.add_parser("replay", help="re-execute a hypercall trace, or the prefix a file holds, and compare (exit status 2: not a trace)"))
-    add_timeline_arguments(sub.add_parser("timeline", help="draw a trace as a per-vCPU timeline in a self-contained HTML page"))
-    serve = sub.add_parser("serve", help="run the hypervisor: a gRPC server playing Xen for guest vCPU processes")
-    add_serve_arguments(serve)
-    serve.set_defaults(run=_serve, serve_parser=serve)
-    add_toolstack_arguments(sub.add_parser("toolstack", help="the admin's verbs (like xl): create domains and write their token files, destroy, audit, list"))
-    add_guest_arguments(sub.add_parser("guest", help="a guest replica: vCPU processes for whichever vCPUs of the token files' domains are free"))
-    _add_health_arguments(sub.add_parser("health", help="ask a hypervisor's gRPC health service; exit status 0 when it is SERVING"))
-    _add_bench_arguments(sub.add_parser("bench", help="run the benchmarks and write their figures as JSON"))
+    for name, (summary, where) in COMMANDS.items():
+        subparser = sub.add_parser(name, help=summary)
+        if only in (None, name) or only not in COMMANDS:
+            module, function = where.split(":")
+            getattr(importlib.import_module(module), function)(subparser)
     return parser
 
 

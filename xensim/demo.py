@@ -35,15 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs (per run with --race)")
     parser.add_argument("--vcpus", type=at_least(1), default=4, help="the guest's vCPUs, each a process")
     parser.add_argument("--pages", type=at_least(MIN_PAGES), default=16384, help="guest memory in 4 KiB pages")
-    parser.add_argument("--variant", choices=VARIANTS, default="modern", metavar="VARIANT", help=f"the guest's drop_mm_ref: {variant_help()}")
+    parser.add_argument("--variant", choices=VARIANTS, default="modern", metavar="VARIANT", help="the guest's drop_mm_ref (the variants are below)")
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a quarter of the guest's memory)")
     parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
-    parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help=f"a scripted interleaving, told step by step: {scenario.scenario_help()}")
+    parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (the scenarios are below)")
     parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
     parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="where the hypervisor writes its trace (default: a new file in ~/.cache/xensim/traces, oldest removed past 256 MiB)")
     parser.add_argument("--no-trace", action="store_true", help="record no trace")
+    parser.epilog = f"{variant_help()}\n\n{scenario.scenario_help()}"
     parser.set_defaults(run=main)
 
 

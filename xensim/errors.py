@@ -37,9 +37,9 @@ class UsageError(UserError):
     status = EXIT_USAGE
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Every option shows its default, except where there is none (None, a flag's False) or
-    its help already says it."""
+    its help already says it; a description or epilog keeps its lines (one per item)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default in (None, False) or "default" in (action.help or ""):

@@ -82,7 +82,8 @@ SCENARIOS = {
 
 
 def scenario_help() -> str:
-    return "; ".join(f"{name}: {s.summary}" for name, s in SCENARIOS.items())
+    """The scenarios, one line each, for an --help epilog."""
+    return "scenarios (--scenario):\n" + "\n".join(f"  {name:<18} {s.summary}" for name, s in SCENARIOS.items())
 
 
 def _say(text: str) -> None:

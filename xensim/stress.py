@@ -39,8 +39,8 @@ VARIANT_HELP = {  # the forms of guestlib/kernel/shootdown.py, oldest first
 
 
 def variant_help() -> str:
-    """The drop_mm_ref variants, one line each, for --help."""
-    return "; ".join(f"{name}: {VARIANT_HELP[name]}" for name in VARIANTS)
+    """The drop_mm_ref variants, one line each, for an --help epilog."""
+    return "drop_mm_ref variants (--variant):\n" + "\n".join(f"  {name:<12} {VARIANT_HELP[name]}" for name in VARIANTS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,11 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pages", type=at_least(MIN_PAGES), default=8192, help="memory per domain in 4 KiB pages")
     parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs")
     parser.add_argument("--seed", type=int, default=1, help="the workload's and the killer's random seed")
-    parser.add_argument("--variant", action="append", choices=VARIANTS, metavar="VARIANT", help=f"drop_mm_ref per domain, cycled (default modern): {variant_help()}")
+    parser.add_argument("--variant", action="append", choices=VARIANTS, metavar="VARIANT", help="drop_mm_ref per domain, cycled (default modern; the variants are below)")
     parser.add_argument("--kill-vcpus", type=at_least(0.0, float), default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second; killed vCPUs are restarted")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="record every hypercall (only when the hypervisor is started here)")
+    parser.epilog = variant_help()
     parser.set_defaults(run=main)
 
 
