@@ -1,7 +1,6 @@
 """The user-facing programs as a user runs them: real processes, real servers, exit statuses."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 
 from hypervisor.core.trace import replay
 from hypervisor.server.tracing import open_trace
+from tests.support.processes import alive, children
 
 REPORT_KEYS = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames")
 
@@ -59,27 +59,6 @@ def test_race_table_shape(tmp_path):
     assert "the lazy-TLB unpin race" in done.stdout
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (Linux /proc)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return children
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("program", ["demo", "stress"])
 def test_ctrl_c_stops_a_run_with_its_partial_report_exit_130_and_no_process_left(tmp_path, program):
@@ -93,9 +72,9 @@ def test_ctrl_c_stops_a_run_with_its_partial_report_exit_130_and_no_process_left
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while len(children := _children(run.pid)) < 3 and time.monotonic() < deadline:  # the hypervisor and 2 vCPUs
+        while len(spawned := children(run.pid)) < 3 and time.monotonic() < deadline:  # the hypervisor and 2 vCPUs
             time.sleep(0.2)
-        assert len(children) == 3, run.communicate(timeout=60)
+        assert len(spawned) == 3, run.communicate(timeout=60)
         time.sleep(3)  # some work to report
         run.send_signal(signal.SIGINT)
         out, err = run.communicate(timeout=120)
@@ -103,7 +82,7 @@ def test_ctrl_c_stops_a_run_with_its_partial_report_exit_130_and_no_process_left
         if run.poll() is None:
             run.kill()
     assert run.returncode == 130, out + err
-    assert "Traceback" not in err and not [pid for pid in children if _alive(pid)]
+    assert "Traceback" not in err and not [pid for pid in spawned if alive(pid)]
     report = json.loads(report_file.read_text())
     assert report["interrupted"] and report["process_lifecycles"] > 0 and report["audit_findings"] == 0 and report["leaked_frames"] == 0
     if program == "demo":

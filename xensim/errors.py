@@ -23,6 +23,7 @@ EXIT_FAILED = 1  # the run failed: a verdict, or an ordinary failure explained o
 EXIT_USAGE = 2  # the command line is wrong (or replay's input is not a trace)
 EXIT_BUG = 70  # a bug of the simulator (sysexits.h EX_SOFTWARE): traceback on stderr
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
+EXIT_TERMINATED = 143  # SIGTERM, where a program stops its processes first (128 + SIGTERM)
 
 
 class UserError(Exception):
