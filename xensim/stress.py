@@ -27,6 +27,7 @@ from xensim.errors import EXIT_INTERRUPTED, address, at_least, fraction, writabl
 from xensim.launch import hypervisor_server, machine_frames, vcpu_command
 
 GRACE_SECONDS = 60.0  # how long past --seconds the vCPUs get to wind down
+PROGRESS_SECONDS = 5.0
 # Guest memory below this is refused up front: with 4 vCPUs, 256 pages run the kernel out of
 # lowmem (a kernel BUG in alloc_pages), 512 were enough when measured; twice that for margin.
 MIN_PAGES = 1024
@@ -58,25 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="record every hypercall (only when the hypervisor is started here)")
     parser.epilog = variant_help()
     parser.set_defaults(run=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Exit status 0 clean, 1 anything wrong, 130 interrupted by Ctrl-C (still audited)."""
-    config = StressConfig(args.domains, args.vcpus, args.seconds, args.seed, args.variant or ["modern"], args.kill_vcpus, args.pages, migrate=args.migrate)
-    if args.server:
-        report = trio.run(run_stress, args.server, args.admin_token, config)
-    else:
-        with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), frames=machine_frames(args.domains, args.pages)) as server:
-            report = trio.run(run_stress, server.address, None, config)
-    shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted")
-    summary = {k: report[k] for k in shown}
-    print(json.dumps(summary))
-    for bug in report["kernel_bugs"]:
-        print(f"kernel BUG: {bug}")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=2)
-    return EXIT_INTERRUPTED if report["interrupted"] else int(failed(report))
 
 
 @dataclass
@@ -137,7 +119,7 @@ async def run_stress(address: str, admin_token: str | None, config: StressConfig
             run.vcpus += [VcpuState(created.domid, v) for v in range(config.vcpus)]
         deadline = run.started + config.seconds
         workload = trio.CancelScope(deadline=trio.current_time() + config.seconds + GRACE_SECONDS)
-        with trio.open_signal_receiver(signal.SIGINT) as ctrl_c:  # until the workload ends
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as ctrl_c:  # until the workload ends
             async with trio.open_nursery() as watcher:
                 watcher.start_soon(_interrupt_on, ctrl_c, run, workload)
                 with workload:
@@ -151,9 +133,9 @@ async def run_stress(address: str, admin_token: str | None, config: StressConfig
 
 
 async def _interrupt_on(ctrl_c, run: StressRun, workload: trio.CancelScope) -> None:
-    """Ctrl-C ends the workload (its vCPU processes are killed), not the run: the domains are
-    still audited and destroyed, and the report says it was interrupted. A second Ctrl-C, once
-    the audit has begun, interrupts that too."""
+    """Ctrl-C (or SIGTERM) ends the workload (its vCPU processes are killed), not the run: the
+    domains are still audited and destroyed, and the report says it was interrupted. A second
+    Ctrl-C, once the audit has begun, interrupts that too."""
     async for _ in ctrl_c:
         run.interrupted = True
         workload.cancel()
@@ -259,3 +241,46 @@ def failed(report: dict) -> bool:
         report["audit_findings"] or report["data_corruptions"] or report["leaked_frames"] or report["unexpected_errors"]
         or report["kernel_bugs"] or report["unfinished_vcpus"]
     )  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    """Progress while it runs, then a summary, a verdict line and the summary as JSON. Exit
+    status 0 clean, 1 anything wrong, 130 interrupted by Ctrl-C (still audited)."""
+    config = StressConfig(args.domains, args.vcpus, args.seconds, args.seed, args.variant or ["modern"], args.kill_vcpus, args.pages, migrate=args.migrate)
+    if args.server:
+        report = trio.run(_run_with_progress, args.server, args.admin_token, config)
+    else:
+        with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), frames=machine_frames(args.domains, args.pages)) as server:
+            report = trio.run(_run_with_progress, server.address, None, config)
+    print(f"{report['process_lifecycles']} process lifecycles in {report['seconds']:.1f} s on {config.domains} domains of {config.vcpus} vCPUs")
+    for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus"):
+        print(f"  {key.replace('_', ' '):<18} {report[key]}")
+    for bug in report["kernel_bugs"]:
+        print(f"  kernel BUG: {bug}")
+    wrong = [key.replace("_", " ") for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "kernel_bugs", "unfinished_vcpus") if report[key]]
+    print("verdict: " + ("INTERRUPTED (the report so far)" if report["interrupted"] else f"FAILED: {', '.join(wrong)}" if wrong else "OK"))
+    shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted")
+    print(json.dumps({k: report[k] for k in shown}))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+    return EXIT_INTERRUPTED if report["interrupted"] else int(failed(report))
+
+
+async def _run_with_progress(address: str, admin_token: str | None, config: StressConfig) -> dict:
+    run = StressRun(config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_print_progress, run)
+        report = await run_stress(address, admin_token, config, run)
+        nursery.cancel_scope.cancel()
+    return report
+
+
+async def _print_progress(run: StressRun) -> None:
+    """A line every PROGRESS_SECONDS: time, process exits so far, vCPUs running and killed."""
+    while True:
+        await trio.sleep(PROGRESS_SECONDS)
+        running = sum(1 for v in run.vcpus if v.report is None)
+        kills = sum(v.kills for v in run.vcpus)
+        exits = run.totals().get("lifecycles", 0)
+        print(f"{time.monotonic() - run.started:6.1f}/{run.config.seconds:g} s: {exits} process exits, {running}/{len(run.vcpus)} vCPUs running, {kills} killed", flush=True)
