@@ -29,6 +29,8 @@ def test_demo_runs_reports_clean_and_its_trace_replays(tmp_path):
     assert report["process_lifecycles"] > 0
     assert [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0]
     assert "audit findings" in done.stdout and str(trace) in done.stdout
+    assert (report["seed"], report["variant"], report["trace"]) == (1, "modern", str(trace))
+    assert report["reproduce"] == "xensim demo --seconds 5 --vcpus 4 --pages 16384 --variant modern --seed 1" and report["reproduce"] in done.stdout
     with open_trace(str(trace)) as lines:
         replayed, _ = replay(lines)
     assert replayed.ok and replayed.digest_matched and replayed.calls > 1000

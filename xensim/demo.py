@@ -116,16 +116,16 @@ def _print_report(console: Console, report: dict) -> None:
     if report.get("killed_vcpus"):
         console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
     console.print(f"  seed, variant       {report['seed']}, {report['variant']}")
-    console.print(f"  trace               {report['trace'] or 'not recorded'}")
+    console.print(f"  trace               {report['trace'] or 'not recorded'}", soft_wrap=True)
     console.print(f"  run it again        {report['reproduce']}", soft_wrap=True)
     verdict = "[yellow]INTERRUPTED[/yellow]" if report["interrupted"] else "[red]FAILED[/red]" if failed(report) else "[green]OK[/green]"
     console.print(f"  verdict             {verdict}")
 
 
 def _reproduce(args: argparse.Namespace, trace: str | None) -> str:
-    """The command line that runs this demo again with the same settings."""
+    """The command line that runs this demo again with the same settings (and a new trace)."""
     words = ["xensim", "demo", "--seconds", f"{args.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, "--seed", str(args.seed)]
-    words += ["--highpte"] * args.highpte + (["--trace", trace] if trace else ["--no-trace"])
+    words += ["--highpte"] * args.highpte + ([] if trace else ["--no-trace"])
     return shlex.join(words)
 
 
