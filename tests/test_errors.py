@@ -7,8 +7,10 @@ import socket
 import subprocess
 import sys
 
+import grpc
 import pytest
 
+from guestlib import CallRejected
 from guestlib.kernel.shootdown import VARIANTS
 from guestlib.vcpu import build_parser as build_vcpu_parser
 from hypervisor.core import SimulatorBug
@@ -180,3 +182,14 @@ def test_the_health_check_loads_neither_the_guest_kernel_nor_the_hypervisor():
     probe = "import sys; from xensim.cli import main; main(sys.argv[1:]); print(sorted({m.split('.')[0] for m in sys.modules} & {'guestlib', 'hypervisor', 'numpy', 'trio', 'rich'}))"
     done = run("-c", probe, "health", "--server", "127.0.0.1:1", "--timeout", "0.1")
     assert done.stdout == "[]\n", done.stdout + done.stderr
+
+
+def test_a_bug_of_the_simulator_inside_the_hypervisor_is_said_so_without_a_client_traceback(capsys):
+    """The server's traceback is in its log; the client says whose bug it is and exits 70."""
+
+    def internal() -> int:
+        raise CallRejected(grpc.StatusCode.INTERNAL, "internal error (a bug of the simulator, see the server log)")
+
+    assert run_program("xensim toolstack", internal) == EXIT_BUG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "the hypervisor hit a bug of the simulator" in err

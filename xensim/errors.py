@@ -136,37 +136,34 @@ def _class(module: str, name: str) -> type | tuple:
     return getattr(sys.modules.get(module), name, ())
 
 
-def _rpc(code: str, details: str) -> str:
+def _rpc(code: str, details: str) -> tuple[str, int]:
     """A refused or failed gRPC call, in the user's terms."""
     if code == "UNAVAILABLE":
-        return f"cannot reach the hypervisor ({details}); is `xensim serve` running at that address?"
+        return f"cannot reach the hypervisor ({details}); is `xensim serve` running at that address?", EXIT_FAILED
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-        return f"the hypervisor refused the token ({details}); give the right one (--admin-token or $XENSIM_ADMIN_TOKEN; a guest's is in its token file)"
+        return f"the hypervisor refused the token ({details}); give the right one (--admin-token or $XENSIM_ADMIN_TOKEN; a guest's is in its token file)", EXIT_FAILED
     if code == "DEADLINE_EXCEEDED":
-        return f"the hypervisor did not answer in time ({details}); is it overloaded or stopped?"
-    return f"the hypervisor refused the call: {code}: {details}"
+        return f"the hypervisor did not answer in time ({details}); is it overloaded or stopped?", EXIT_FAILED
+    if code == "INTERNAL":  # the server's traceback is in its log
+        return f"the hypervisor hit a bug of the simulator ({details}); its log has the traceback: please report it", EXIT_BUG
+    return f"the hypervisor refused the call: {code}: {details}", EXIT_FAILED
 
 
-def explain(e: BaseException) -> str | None:
-    """The one-line message of an ordinary failure, or None for a bug of the simulator."""
+def explain(e: BaseException) -> tuple[str, int] | None:
+    """The one-line message and exit status of an ordinary failure, or None for a bug of the
+    simulator (a SimulatorBug, or any exception no rule here expects)."""
     if isinstance(e, UserError):
-        return str(e)
-    if isinstance(e, _class("hypervisor.core.errors", "SimulatorBug")):
-        return None
+        return str(e), e.status
     if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.filename}: {e.strerror}"
-    if isinstance(e, _class("hypervisor.core.trace", "TraceError")):
-        return f"{e}; this is not a xensim trace (`xensim serve --trace FILE` or `xensim demo` writes one)"
-    if isinstance(e, _class("hypervisor.server.app", "ListenError")):
-        return str(e)
+        return f"{e.filename}: {e.strerror}", EXIT_FAILED
     if isinstance(e, _class("guestlib.hypercalls", "CallRejected")):
         return _rpc(e.code.name, e.message)
     if isinstance(e, _class("grpc", "RpcError")) and hasattr(e, "code"):
         return _rpc(e.code().name, e.details())
     if isinstance(e, _class("guestlib.hypercalls", "XenError")) or isinstance(e, _class("hypervisor.core.errors", "XenError")):
-        return f"the hypervisor refused: {e}"
+        return f"the hypervisor refused: {e}", EXIT_FAILED
     if isinstance(e, _class("guestlib.transport", "SessionClosed")):
-        return f"{e}; is the hypervisor running at that address, and is the token this domain's?"
+        return f"{e}; is the hypervisor running at that address, and is the token this domain's?", EXIT_FAILED
     return None
 
 
@@ -188,11 +185,11 @@ def run_program(prog: str, body: Callable[[], int]) -> int:
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             print(f"{prog}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
-        failures = [leaf for leaf in leaves if not isinstance(leaf, KeyboardInterrupt)]
-        messages = [explain(leaf) for leaf in failures]
-        if all(messages):
-            print(f"{prog}: {messages[0]}", file=sys.stderr)
-            return getattr(failures[0], "status", EXIT_FAILED)
+        explained = [explain(leaf) for leaf in leaves if not isinstance(leaf, KeyboardInterrupt)]
+        if all(explained):
+            message, status = explained[0]
+            print(f"{prog}: {message}", file=sys.stderr)
+            return status
         traceback.print_exception(e)
         print(f"{prog}: this is a bug of the simulator, not of your input or set-up; please report it with the traceback above", file=sys.stderr)
         return EXIT_BUG
