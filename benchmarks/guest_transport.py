@@ -377,7 +377,12 @@ def main() -> None:
         token = create_domain(server, nr_pages=4096, nr_vcpus=1, name="transport").token
         for r in range(args.rounds):
             for name in names:
-                out = subprocess.run([sys.executable, "-m", "benchmarks.guest_transport", "--messages", str(args.messages), "--child", name, "--address", server.address, f"--token={token}"], capture_output=True, text=True, timeout=600)
+                out = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.guest_transport", "--messages", str(args.messages), "--child", name, "--address", server.address, f"--token={token}"],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
                 if out.returncode:
                     raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
                 results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -26,7 +26,7 @@ from google.rpc import error_details_pb2, status_pb2
 from xensim.v1 import hypercalls_pb2, memory_pb2
 
 from .transport import Session, SessionClosed, open_session
-from .xen import UVMF_NONE, VGCF_in_kernel, Errno, MmuextCmd
+from .xen import UVMF_NONE, Errno, MmuextCmd, VGCF_in_kernel
 
 MAX_CALLS_PER_MESSAGE = 1024  # hypercalls.proto SessionRequest.calls
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}

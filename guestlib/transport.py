@@ -12,8 +12,8 @@ import itertools
 import math
 import queue
 import threading
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import grpc
 import trio

@@ -14,6 +14,8 @@ import sys
 
 import trio
 
+from xensim.errors import Parser, address, at_least, fraction, run_program
+
 from .hypercalls import claim, connect
 from .kernel import scenarios
 from .kernel.boot import answer_pending_calls, attach, booted, start_of_day
@@ -62,30 +64,40 @@ async def _report_progress(kernel, interval: float) -> None:
         print(json.dumps({"progress": {"vcpu": cpu.id, "messages": cpu.messages, "phase": cpu.phase, **cpu.stats}}), flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guestlib.vcpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--server", required=True, help="the hypervisor, HOST:PORT")
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m guestlib.vcpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--server", required=True, type=address, metavar="HOST:PORT", help="the hypervisor")
     parser.add_argument("--token", required=True, action="append", help="the domain's token (from CreateDomain); with --claim, one per domain to claim from")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--vcpu", type=int)
+    which.add_argument("--vcpu", type=at_least(0), help="run as this vCPU of the --token's domain")
     which.add_argument("--claim", action="store_true", help="run as the first vCPU (of the domains in --token order) that has no process yet")
     parser.add_argument("--variant", choices=VARIANTS, default="modern", help="drop_mm_ref form (vCPU 0 decides at boot)")
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (vCPU 0 decides at boot)")
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--lifecycles", type=int, default=0, help="stop after this many (0: run for --seconds)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--migrate", type=float, default=0.5)
+    parser.add_argument("--seconds", type=at_least(0.0, float), default=5.0, help="how long the workload runs")
+    parser.add_argument("--lifecycles", type=at_least(0), default=0, help="stop after this many (0: run for --seconds)")
+    parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
+    parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--scenario", choices=scenarios.SCENARIOS, help="a scripted interleaving on two vCPUs instead of the workload")
-    parser.add_argument("--progress", type=float, default=0, metavar="SECONDS", help="print a progress line this often")
+    parser.add_argument("--progress", type=at_least(0.0, float), default=0, metavar="SECONDS", help="print a progress line this often (0: never)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, 3 on a kernel BUG or corrupted data, else xensim.errors' (1, 2, 70, 130)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if len(args.token) > 1 and not args.claim:
+        parser.error("--token more than once needs --claim: a --vcpu belongs to one domain")
+    return run_program(parser.prog, lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles)
     workload = (args.variant, args.highpte, config, args.scenario, args.progress)
     if args.claim:
         report = trio.run(claim_and_run, args.server, args.token, *workload)
-    elif len(args.token) == 1:
-        report = trio.run(run_vcpu, args.server, args.token[0], args.vcpu, *workload)
     else:
-        parser.error("--token more than once needs --claim: a --vcpu belongs to one domain")
+        report = trio.run(run_vcpu, args.server, args.token[0], args.vcpu, *workload)
     print(json.dumps(report), flush=True)
     return 3 if report["bug"] or report.get("data_corruptions") else 0
 

@@ -1,12 +1,19 @@
 """The `xensim` command's programs run and report what they promise (no timing asserted)."""
 
 import gzip
+import io
 import json
+import os
+from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from tests.core.test_trace import record_a_run
+from xensim import launch
 from xensim.cli import main
+from xensim.demo import COLUMNS, _table
+from xensim.stress import StressConfig, StressRun, VcpuState
 
 PREFIX = "the trace ends without its end record: replayed as a prefix, final state not compared"
 
@@ -63,3 +70,28 @@ def test_replay_of_a_cut_gz_trace_replays_what_decompresses_as_a_prefix(tmp_path
     path.write_bytes(compressed[: len(compressed) // 2])
     status, out, err = _cli(["replay", str(path)], capsys)
     assert (status, err) == (0, "") and PREFIX in out and "0 mismatches" in out
+
+
+def test_the_demo_table_fits_80_columns_with_every_column_shown():
+    run = StressRun(StressConfig(vcpus=4, seconds=20))
+    run.vcpus = [VcpuState(1, v, progress={**dict.fromkeys(COLUMNS, 123456), "messages": 99_999, "bugs": 7}) for v in range(4)]
+    console = Console(file=io.StringIO(), width=80)
+    console.print(_table(run, {"calls": 123456.0, "errors": {("mmu_update", "EBUSY"): 2}}, 1.0))
+    shown = console.file.getvalue()
+    assert max(len(line) for line in shown.splitlines()) <= 80, shown
+    assert all(heading.split("\n")[0] in shown for heading in COLUMNS.values()) and "kernel" in shown and "BUGs" in shown
+    assert shown.count(" 7\n") == 4 and "…" not in shown and "2 mmu_update -EBUSY" in shown, shown
+
+
+def test_demo_traces_go_to_the_user_cache_and_the_oldest_go_past_its_cap(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(launch, "TRACE_CACHE_BYTES", 3000)
+    traces = tmp_path / "xensim" / "traces"
+    traces.mkdir(parents=True)
+    for age in range(5):  # 1000 bytes each, the first the newest
+        old = traces / f"demo-{age}.jsonl.gz"
+        old.write_bytes(bytes(1000))
+        os.utime(old, (1e9 - age, 1e9 - age))
+    new = launch.default_trace()
+    assert Path(new).parent == traces and not Path(new).exists()
+    assert sorted(p.name for p in traces.iterdir()) == ["demo-0.jsonl.gz", "demo-1.jsonl.gz", "demo-2.jsonl.gz"]

@@ -1,13 +1,16 @@
 """The user-facing programs as a user runs them: real processes, real servers, exit statuses."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from hypervisor.core.trace import replay
 from hypervisor.server.tracing import open_trace
+from tests.support.processes import alive, children
 
 REPORT_KEYS = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames")
 
@@ -26,6 +29,8 @@ def test_demo_runs_reports_clean_and_its_trace_replays(tmp_path):
     assert report["process_lifecycles"] > 0
     assert [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0]
     assert "audit findings" in done.stdout and str(trace) in done.stdout
+    assert (report["seed"], report["variant"], report["trace"]) == (1, "modern", str(trace))
+    assert report["reproduce"] == "xensim demo --seconds 5 --vcpus 4 --pages 16384 --variant modern --seed 1" and report["reproduce"] in done.stdout
     with open_trace(str(trace)) as lines:
         replayed, _ = replay(lines)
     assert replayed.ok and replayed.digest_matched and replayed.calls > 1000
@@ -54,3 +59,45 @@ def test_race_table_shape(tmp_path):
     assert race["mask"]["stale_cr3_hits"] == race["mask"]["hit"]
     assert race["current-cr3"]["hit"] == 0 and race["modern"]["hit"] == 0
     assert "the lazy-TLB unpin race" in done.stdout
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("program", ["demo", "stress"])
+def test_ctrl_c_stops_a_run_with_its_partial_report_exit_130_and_no_process_left(tmp_path, program):
+    """SIGINT (what Ctrl-C sends the terminal's foreground process) mid-run: the vCPU processes
+    and the hypervisor are stopped, the domains still audited and destroyed, the partial
+    report written, and the trace replays clean."""
+    report_file, trace = tmp_path / "report.json", tmp_path / "trace.jsonl.gz"
+    command = [sys.executable, "-m", "xensim.cli", program, "--vcpus", "2", "--seconds", "120", "--json", str(report_file), "--trace", str(trace)]
+    if program == "stress":
+        command += ["--domains", "1"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(spawned := children(run.pid)) < 3 and time.monotonic() < deadline:  # the hypervisor and 2 vCPUs
+            time.sleep(0.2)
+        assert len(spawned) == 3, run.communicate(timeout=60)
+        time.sleep(3)  # some work to report
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, out + err
+    assert "Traceback" not in err and not [pid for pid in spawned if alive(pid)]
+    report = json.loads(report_file.read_text())
+    assert report["interrupted"] and report["process_lifecycles"] > 0 and report["audit_findings"] == 0 and report["leaked_frames"] == 0
+    if program == "demo":
+        assert "INTERRUPTED" in out and str(trace) in out and report["trace"] == str(trace)
+    replayed = subprocess.run([sys.executable, "-m", "xensim.cli", "replay", str(trace)], capture_output=True, text=True, timeout=120)
+    assert replayed.returncode == 0 and " 0 mismatches" in replayed.stdout, replayed.stdout + replayed.stderr
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("variant, saw", [("mask", "-EBUSY from mmu_update"), ("modern", "exit_mmap unpinned and freed the page tables")])
+def test_a_scenario_tells_what_happens_and_why(variant, saw):
+    done = xensim("demo", "--scenario", "stale-cr3", "--variant", variant, "--no-trace", timeout=200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    told = " ".join(done.stdout.split())
+    assert "What happens: vCPU 1 runs T" in told and saw in told and "Why: " in told
+    assert "audit after destroying the domain: 0 findings" in told and "verdict: as expected for this variant" in told

@@ -16,11 +16,11 @@ import sys
 import grpc
 import pytest
 
-from tests.server.helpers import A, D, P, RW, US, WireGuest, error_info, status_of
+from hypervisor.core.abi import VGCF_in_kernel
+from tests.server.helpers import RW, US, A, D, P, WireGuest, error_info, status_of
 from tests.support.server import start_server
 from tests.test_timeline import CHROMIUM, CHROMIUM_TIMEOUT, chromium
 from xensim.cli import main
-from hypervisor.core.abi import VGCF_in_kernel
 from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2
 from xensim.xl import EXIT_AUTH, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, read_config
 
@@ -266,7 +266,7 @@ def test_chromium_shows_the_picture_and_where_the_frame_appears(machine, capsys,
     # Filled in by the page's script: the two L4 entries, the L3 itself and its direct-map mapping.
     assert f"mfn {l3} appears in 4 places" in dom
     assert f"entry 272 of {hex(machine['boot'])} (RW)" in dom and f"entry 272 of {hex(machine['l4b'])} (RW)" in dom
-    assert re.search(rf"mapping \d+ of 0x[0-9a-f]+ \(read-only\)", dom)
+    assert re.search(r"mapping \d+ of 0x[0-9a-f]+ \(read-only\)", dom)
 
 
 def test_a_big_domains_m2p_is_past_grpcs_default_message_limit(capsys):

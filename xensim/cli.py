@@ -1,17 +1,28 @@
-"""The `xensim` command: the user-facing programs."""
+"""The `xensim` command: the user-facing programs, under one error policy (xensim/errors.py)."""
 
 import argparse
+import importlib
 import json
-import os
 import sys
 
-from guestlib.kernel.shootdown import VARIANTS
-from hypervisor.server.config import add_arguments as add_serve_arguments
-from xensim.guest import add_arguments as add_guest_arguments
-from xensim.timeline import add_arguments as add_timeline_arguments
-from xensim.toolstack import add_arguments as add_toolstack_arguments
-from xensim.trace_export import add_arguments as add_trace_arguments
-from xensim.xl import add_arguments as add_xl_arguments
+from xensim.errors import EXIT_USAGE, Parser, address, at_least, reading, run_program, writable_file
+
+# Each subcommand: its one line, and where its arguments are defined ("module:function"). Only
+# the one being run is imported, so that `xensim health` (a container's health check, every
+# two seconds) loads no more than it needs: not the guest kernel, numpy or the hypervisor.
+COMMANDS = {
+    "demo": ("an embedded hypervisor and a 4-vCPU guest, live, then a report", "xensim.demo:add_arguments"),
+    "stress": ("many domains and vCPU processes against a hypervisor, with faults", "xensim.stress:add_arguments"),
+    "replay": ("re-execute a hypercall trace, or the prefix a file holds, and compare (exit status 2: not a trace)", "xensim.cli:_add_replay_arguments"),
+    "timeline": ("draw a trace as a per-vCPU timeline in a self-contained HTML page", "xensim.timeline:add_arguments"),
+    "serve": ("run the hypervisor: a gRPC server playing Xen for guest vCPU processes", "xensim.cli:_add_serve_arguments"),
+    "toolstack": ("the admin's verbs (like xl): create domains and write their token files, destroy, audit, list", "xensim.toolstack:add_arguments"),
+    "guest": ("a guest replica: vCPU processes for whichever vCPUs of the token files' domains are free", "xensim.guest:add_arguments"),
+    "health": ("ask a hypervisor's gRPC health service; exit status 0 when it is SERVING", "xensim.cli:_add_health_arguments"),
+    "bench": ("run the benchmarks and write their figures as JSON", "xensim.cli:_add_bench_arguments"),
+    "trace": ("work with a hypercall trace: export it for Perfetto / chrome://tracing, explain its failures", "xensim.trace_export:add_arguments"),
+    "xl": ("xl, lsevtchn, xen-mfndump, debug-keys, xentop over a running hypervisor, plus who-maps and pagetable pictures", "xensim.xl:add_arguments"),
+}
 
 
 def _bench(args) -> int:
@@ -25,19 +36,24 @@ def _bench(args) -> int:
     return 0
 
 
+def _add_bench_arguments(parser: Parser) -> None:
+    from xensim.bench import GROUPS
+
+    parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
+    parser.add_argument("--only", metavar="GROUP", choices=GROUPS, help=f"run one group: {', '.join(GROUPS)}")
+    parser.set_defaults(run=_bench)
+
+
 def _replay(args) -> int:
     """Exit status 0: every call (of the whole trace or of the prefix the file holds) gave its
     recorded outcome, the final state matched where the trace has its end record, and audit is
     clean; 1: some did not; 2: the file is not a trace."""
     from hypervisor.core import audit
-    from hypervisor.core.trace import TraceError, replay
+    from hypervisor.core.trace import replay
     from hypervisor.server.tracing import read_trace
 
-    try:
+    with reading(args.trace):
         report, hv = replay(read_trace(args.trace))
-    except (OSError, TraceError) as e:
-        print(f"xensim replay: {args.trace}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
-        return 2
     for mismatch in report.mismatches:
         print(mismatch)
     if report.cut_line is not None:
@@ -50,18 +66,32 @@ def _replay(args) -> int:
     return 0 if report.ok and not findings else 1
 
 
+def _add_replay_arguments(parser: Parser) -> None:
+    parser.add_argument("trace", help="a trace file (JSON lines; .gz compressed)")
+    parser.set_defaults(run=_replay)
+
+
 def _health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(args.server) as channel:
-        try:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout).status
-        except grpc.RpcError as e:
-            print(f"{args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout).status
     print(f"{args.server}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _add_health_arguments(parser: Parser) -> None:
+    parser.add_argument("--server", required=True, metavar="HOST:PORT", type=address, help="the hypervisor")
+    parser.add_argument("--timeout", type=at_least(0.001, float), default=5.0, metavar="S", help="how long to wait for the answer")
+    parser.set_defaults(run=_health)
+
+
+def _add_serve_arguments(parser: Parser) -> None:
+    from hypervisor.server.config import add_arguments
+
+    add_arguments(parser)
+    parser.set_defaults(run=_serve, serve_parser=parser)
 
 
 def _serve(args) -> int:
@@ -71,99 +101,46 @@ def _serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    """Exit status: 0 done, 1 the run failed (a verdict, or a failure said in one line on
+    stderr), 2 usage, 70 a bug of the simulator (with a traceback), 130 interrupted."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=next((arg for arg in argv if not arg.startswith("-")), None))
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `xensim`: what there is to run
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return run_program(f"xensim {args.command}", lambda: args.run(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every subcommand and its flags (tests check docker-compose.yml's commands against it)."""
-    parser = argparse.ArgumentParser(prog="xensim", description="A simulator of Xen's PV MMU, SMP and event-channel interfaces.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="run the benchmarks (DESIGN.md section 6)")
-    bench.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    bench.add_argument("--only", metavar="GROUP", help="run one group, e.g. core")
-    bench.set_defaults(run=_bench)
-    replay = sub.add_parser("replay", help="re-execute a hypercall trace, or the prefix a file holds, and compare (exit status 2: not a trace)")
-    replay.add_argument("trace", help="a trace file (JSON lines; .gz compressed)")
-    replay.set_defaults(run=_replay)
-    serve = sub.add_parser("serve", help="run the hypervisor: a gRPC server playing Xen for guest vCPU processes")
-    add_serve_arguments(serve)
-    serve.set_defaults(run=_serve, serve_parser=serve)
-    demo = sub.add_parser("demo", help="an embedded hypervisor and a 4-vCPU guest, live, then a report")
-    demo.add_argument("--seconds", type=float, default=20.0, help="how long the workload runs (default 20; per run with --race)")
-    demo.add_argument("--vcpus", type=int, default=4)
-    demo.add_argument("--pages", type=int, default=16384, help="guest memory in 4 KiB pages")
-    demo.add_argument("--variant", choices=VARIANTS, default="modern", help="the guest's drop_mm_ref")
-    demo.add_argument("--highpte", action="store_true", help="pte pages from highmem (a quarter of the guest's memory)")
-    demo.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
-    demo.add_argument("--runs", type=int, default=3, help="runs per variant with --race")
-    demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    demo.add_argument("--trace", metavar="FILE", help="where the hypervisor writes its trace (default: a temp file)")
-    demo.add_argument("--no-trace", action="store_true", help="record no trace")
-    demo.set_defaults(run=_demo)
-    stress = sub.add_parser("stress", help="many domains and vCPU processes against a hypervisor, with faults")
-    stress.add_argument("--server", metavar="HOST:PORT", help="an existing hypervisor (default: start one)")
-    stress.add_argument("--admin-token", default=os.environ.get("XENSIM_ADMIN_TOKEN"), help="the server's admin token (env XENSIM_ADMIN_TOKEN)")
-    stress.add_argument("--domains", type=int, default=2)
-    stress.add_argument("--vcpus", type=int, default=4, help="vCPUs per domain")
-    stress.add_argument("--pages", type=int, default=8192, help="memory per domain in 4 KiB pages")
-    stress.add_argument("--seconds", type=float, default=20.0)
-    stress.add_argument("--seed", type=int, default=1)
-    stress.add_argument("--variant", action="append", choices=VARIANTS, help="drop_mm_ref per domain, cycled (default modern)")
-    stress.add_argument("--kill-vcpus", type=float, default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second; killed vCPUs are restarted")
-    stress.add_argument("--migrate", type=float, default=0.5, help="chance a child finishes on another vCPU")
-    stress.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    stress.add_argument("--trace", metavar="FILE", help="record every hypercall (only when the hypervisor is started here)")
-    stress.set_defaults(run=_stress)
-    toolstack = sub.add_parser("toolstack", help="the admin's verbs (like xl): create domains and write their token files, destroy, audit, list")
-    add_toolstack_arguments(toolstack)
-    guest = sub.add_parser("guest", help="a guest replica: vCPU processes for whichever vCPUs of the token files' domains are free")
-    add_guest_arguments(guest)
-    health = sub.add_parser("health", help="ask a hypervisor's gRPC health service; exit status 0 when it is SERVING")
-    health.add_argument("--server", required=True, metavar="HOST:PORT")
-    health.add_argument("--timeout", type=float, default=5.0, metavar="S")
-    health.set_defaults(run=_health)
-    trace = sub.add_parser("trace", help="work with a hypercall trace: export it for Perfetto / chrome://tracing, explain its failures")
-    add_trace_arguments(trace)
-    xl = sub.add_parser("xl", help="xl, lsevtchn, xen-mfndump, debug-keys, xentop over a running hypervisor, plus who-maps and pagetable pictures")
-    add_xl_arguments(xl)
-    timeline = sub.add_parser("timeline", help="draw a trace as a per-vCPU timeline in a self-contained HTML page")
-    add_timeline_arguments(timeline)
+class _Version(argparse.Action):
+    """--version, which looks the installed version up only when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show the installed version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("xensim")
+        except PackageNotFoundError:  # run from a checkout without installing
+            installed = "(not installed)"
+        print(f"xensim {installed}")
+        parser.exit()
+
+
+def build_parser(only: str | None = None) -> Parser:
+    """Every subcommand, and the flags of `only` (of all by default: tests check
+    docker-compose.yml's commands against them)."""
+    parser = Parser(prog="xensim", description="A simulator of Xen's PV MMU, SMP and event-channel interfaces. `xensim demo` is the place to start.")
+    parser.add_argument("--version", action=_Version)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (summary, where) in COMMANDS.items():
+        subparser = sub.add_parser(name, help=summary)
+        if only in (None, name) or only not in COMMANDS:
+            module, function = where.split(":")
+            getattr(importlib.import_module(module), function)(subparser)
     return parser
-
-
-def _demo(args) -> int:
-    from xensim.demo import main as demo
-
-    return demo(args)
-
-
-def _stress(args) -> int:
-    import trio
-
-    from xensim.launch import hypervisor_server, machine_frames
-    from xensim.stress import StressConfig, failed, run_stress
-
-    config = StressConfig(args.domains, args.vcpus, args.seconds, args.seed, args.variant or ["modern"], args.kill_vcpus, args.pages, migrate=args.migrate)
-    if args.server:
-        report = trio.run(run_stress, args.server, args.admin_token, config)
-    else:
-        with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), frames=machine_frames(args.domains, args.pages)) as server:
-            report = trio.run(run_stress, server.address, None, config)
-    summary = {k: report[k] for k in ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus")}
-    print(json.dumps(summary))
-    for bug in report["kernel_bugs"]:
-        print(f"kernel BUG: {bug}")
-    if args.trace and (report["kernel_bugs"] or report["unexpected_errors"]):  # the trace is complete: the server stopped
-        from xensim.explain import explain
-
-        for explained in explain(args.trace, matching=report["kernel_bugs"] or None):
-            print(explained["text"])
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=2)
-    return 1 if failed(report) else 0
 
 
 if __name__ == "__main__":

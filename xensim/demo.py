@@ -6,9 +6,9 @@ statistics. `--race` runs it once per drop_mm_ref variant (`--runs` each) and pr
 runs hit the lazy-TLB unpin race, and through which window.
 """
 
+import argparse
 import json
-import os
-import tempfile
+import shlex
 import time
 
 import trio
@@ -19,31 +19,53 @@ from rich.table import Table
 
 from guestlib import Toolstack
 from guestlib.kernel.shootdown import VARIANTS
-from xensim.launch import hypervisor_server, machine_frames
-from xensim.stress import StressConfig, StressRun, failed, run_stress
+from xensim import scenario
+from xensim.errors import EXIT_INTERRUPTED, at_least, writable_file
+from xensim.launch import default_trace, hypervisor_server, machine_frames
+from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, run_stress, variant_help
 
-COLUMNS = {  # stat -> heading, short enough for an 80-column terminal
-    "lifecycles": "exits", "faults": "faults", "cow": "cow", "migrations": "migr", "lazy": "lazy",
-    "ipis_sent": "IPI tx", "ipis_handled": "IPI rx", "pins": "pins", "bugs": "BUGs",
+# stat -> heading, in Linux's terms, two lines each so that the table fits 80 columns.
+COLUMNS = {
+    "lifecycles": "process\nexits", "faults": "page\nfaults", "cow": "COW\nbreaks", "migrations": "tasks\nmigrated",
+    "lazy": "lazy\nTLB", "ipis_sent": "IPIs\nsent", "ipis_handled": "IPIs\nhandled", "pins": "table\npins", "bugs": "kernel\nBUGs",
 }  # fmt: skip
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs (per run with --race)")
+    parser.add_argument("--vcpus", type=at_least(1), default=4, help="the guest's vCPUs, each a process")
+    parser.add_argument("--pages", type=at_least(MIN_PAGES), default=16384, help="guest memory in 4 KiB pages")
+    parser.add_argument("--variant", choices=VARIANTS, default="modern", metavar="VARIANT", help="the guest's drop_mm_ref (the variants are below)")
+    parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a quarter of the guest's memory)")
+    parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
+    parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant and --trace apply to it")
+    parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
+    parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
+    parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
+    parser.add_argument("--trace", metavar="FILE", type=writable_file, help="where the hypervisor writes its trace (default: a new file in ~/.cache/xensim/traces, oldest removed past 256 MiB)")
+    parser.add_argument("--no-trace", action="store_true", help="record no trace")
+    parser.epilog = f"{variant_help()}\n\n{scenario.scenario_help()}"
+    parser.set_defaults(run=main)
+
+
 def _table(run: StressRun, rates: dict, elapsed: float) -> Table:
+    errors = rates.get("errors") or {}
+    failed_calls = ", ".join(f"{n} {op} -{errno}" for (op, errno), n in sorted(errors.items())) or "none failed"
     table = Table(
         title=f"xensim demo  {elapsed:4.1f}/{run.config.seconds:.0f} s",
-        caption=f"hypervisor: {rates.get('calls', 0):,.0f} calls/s, {rates.get('errors', 0)} errors",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1),
+        caption=f"hypervisor: {rates.get('calls', 0):,.0f} hypercalls/s; {failed_calls}",
+        box=box.SIMPLE_HEAD,  # its column divider is one space: no padding needed
+        padding=0,
+        show_edge=False,
     )
     table.add_column("vCPU", justify="right")
-    table.add_column("msg/s", justify="right")
+    table.add_column("hcall\nmsg/s", justify="right")
     for heading in COLUMNS.values():
-        table.add_column(heading, justify="right", min_width=len(heading))
+        table.add_column(heading, justify="right")
     for state in run.vcpus:
         stats = (state.report or {}).get("stats") or state.progress
         rate = stats.get("messages", state.progress.get("messages", 0)) / max(elapsed, 1e-9)
-        status = "" if state.kills == 0 else f" (restarted x{state.kills})"
-        table.add_row(f"{state.vcpu}{status}", f"{rate:,.0f}", *(str(stats.get(c, 0)) for c in COLUMNS))
+        table.add_row(str(state.vcpu), f"{rate:,.0f}", *(str(stats.get(c, 0)) for c in COLUMNS))
     return table
 
 
@@ -57,7 +79,7 @@ async def _live(address: str, run: StressRun, console: Console) -> None:
                 stats = await xl.stats()
                 now = time.monotonic()
                 total = sum(stats.values())
-                rates = {"calls": (total - last) / max(now - last_t, 1e-9), "errors": sum(n for (_, e), n in stats.items() if e != "ok")}
+                rates = {"calls": (total - last) / max(now - last_t, 1e-9), "errors": {key: n for key, n in stats.items() if key[1] != "ok"}}
                 last, last_t = total, now
                 live.update(_table(run, rates, now - run.started))
                 await trio.sleep(0.5)
@@ -73,10 +95,11 @@ async def _run_once(address: str, config: StressConfig, console: Console | None)
     return report
 
 
-def _print_report(console: Console, report: dict, trace: str | None) -> None:
+def _print_report(console: Console, report: dict) -> None:
     totals = report["totals"]
     seconds = report["seconds"]
-    console.print(f"\n[bold]Report[/bold] ({seconds:.1f} s, {report['rpcs']:,} hypercall messages from the guest)")
+    cut = ", interrupted" if report["interrupted"] else ""
+    console.print(f"\n[bold]Report[/bold] ({seconds:.1f} s, {report['rpcs']:,} hypercall messages from the guest){cut}")
     console.print(f"  process lifecycles  {report['process_lifecycles']:>8}  ({report['process_lifecycles'] / seconds:,.1f}/s)")
     for key in ("forks", "faults", "cow", "munmaps", "migrations", "lazy", "ipis_sent", "ipis_handled", "pins", "unpins"):
         console.print(f"  {key.replace('_', ' '):<19} {totals.get(key, 0):>8}  ({totals.get(key, 0) / seconds:,.1f}/s)")
@@ -92,9 +115,18 @@ def _print_report(console: Console, report: dict, trace: str | None) -> None:
     console.print(f"  leaked frames       {report['leaked_frames']:>8}")
     if report.get("killed_vcpus"):
         console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
-    console.print(f"  trace               {trace or 'not recorded'}")
-    verdict = "[red]FAILED[/red]" if failed(report) else "[green]OK[/green]"
+    console.print(f"  seed, variant       {report['seed']}, {report['variant']}")
+    console.print(f"  trace               {report['trace'] or 'not recorded'}", soft_wrap=True)
+    console.print(f"  run it again        {report['reproduce']}", soft_wrap=True)
+    verdict = "[yellow]INTERRUPTED[/yellow]" if report["interrupted"] else "[red]FAILED[/red]" if failed(report) else "[green]OK[/green]"
     console.print(f"  verdict             {verdict}")
+
+
+def _reproduce(args: argparse.Namespace, trace: str | None) -> str:
+    """The command line that runs this demo again with the same settings (and a new trace)."""
+    words = ["xensim", "demo", "--seconds", f"{args.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, "--seed", str(args.seed)]
+    words += ["--highpte"] * args.highpte + ([] if trace else ["--no-trace"])
+    return shlex.join(words)
 
 
 def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, console: Console) -> dict:
@@ -106,6 +138,8 @@ def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, c
         for i in range(runs):
             config = StressConfig(domains=1, vcpus=vcpus, seconds=seconds, seed=seed + i, variants=[variant], pages=8192, migrate=1.0)
             report = trio.run(_run_once, address, config, None)
+            if report["interrupted"]:  # Ctrl-C: the table of a part of the runs would mislead
+                raise KeyboardInterrupt
             bugs = [b for b in report["kernel_bugs"] if "in exit_mmap" in b]
             if bugs:
                 hits += 1
@@ -122,24 +156,25 @@ def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, c
     return table
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
+    """Exit status 0 clean, 1 anything wrong (the report says what), 130 interrupted by Ctrl-C
+    (the report of what ran, the domain still audited and destroyed)."""
+    if args.scenario:
+        return scenario.main(args)
     console = Console()
-    trace = None if args.no_trace else (args.trace or os.path.join(tempfile.gettempdir(), f"xensim-demo-{os.getpid()}.jsonl.gz"))
+    trace = None if args.no_trace else (args.trace or default_trace())
     serve_args = ("--trace", trace) if trace else ()
     with hypervisor_server(*serve_args, frames=machine_frames(1, args.pages)) as server:
         console.print(f"hypervisor on {server.address}; {'tracing to ' + trace if trace else 'no trace'}")
         if args.race:
             report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, args.seed, console)}
-            ok = True
+            status = 0
         else:
             config = StressConfig(domains=1, vcpus=args.vcpus, seconds=args.seconds, seed=args.seed, variants=[args.variant], pages=args.pages, highmem_pages=args.pages // 4 if args.highpte else 0)
-            try:
-                report = trio.run(_run_once, server.address, config, console)
-            except KeyboardInterrupt:
-                console.print("interrupted")
-                return 130
-            _print_report(console, report, trace)
-            ok = not failed(report)
+            report = trio.run(_run_once, server.address, config, console)
+            report |= {"seed": args.seed, "variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace)}
+            _print_report(console, report)
+            status = EXIT_INTERRUPTED if report["interrupted"] else int(failed(report))
     if trace and not args.race and report["kernel_bugs"]:  # the trace is complete: the server stopped
         from xensim.explain import explain
 
@@ -149,4 +184,4 @@ def main(args) -> int:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
         console.print(f"wrote {args.json}")
-    return 0 if ok else 1
+    return status

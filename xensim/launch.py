@@ -6,14 +6,17 @@ the Toolstack service, and each vCPU is `python -m guestlib.vcpu` in its own pro
 """
 
 import json
+import os
 import selectors
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -22,6 +25,21 @@ from xensim.v1 import toolstack_pb2, toolstack_pb2_grpc
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 VCPU_TIMEOUT = 300.0
+TRACE_CACHE_BYTES = 256 << 20  # a 20 s demo writes ~2.5 MB
+
+
+def default_trace() -> str:
+    """Where a demo's trace goes unless --trace says: a new file in the per-user cache
+    ($XDG_CACHE_HOME/xensim/traces, else ~/.cache/...), whose oldest traces are removed so
+    that those kept stay under TRACE_CACHE_BYTES."""
+    directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xensim" / "traces"
+    directory.mkdir(parents=True, exist_ok=True)
+    kept = 0
+    for trace in sorted(directory.glob("*.jsonl.gz"), key=lambda p: p.stat().st_mtime, reverse=True):
+        kept += trace.stat().st_size
+        if kept > TRACE_CACHE_BYTES:
+            trace.unlink(missing_ok=True)
+    return str(directory / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl.gz")
 
 
 @dataclass

@@ -25,7 +25,7 @@ RW = 0x2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("domid", type=int, metavar="DOMID")
+    parser.add_argument("domid", type=int, metavar="DOMID", help="the domain whose tables to draw")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--cr3", type=int, metavar="VCPU", help="the kernel base (or --user base) of this vCPU (default: every base of every vCPU)")
     which.add_argument("--mfn", type=mfn_arg, metavar="MFN", help="the tree under this table")
@@ -87,7 +87,9 @@ class Picture:
 
     def children(self, mfn: str) -> list[tuple[dict, str]]:
         """(entry, child mfn) for each entry of `mfn` that leads to a drawn table."""
-        return [(e, e["mfn"]) for e in self.tables[mfn]["entries"] if not e["xen_slot"] and e["mfn"] in self.tables and e["mfn"] != mfn and self.tables[e["mfn"]]["level"] == self.tables[mfn]["level"] - 1]
+        return [
+            (e, e["mfn"]) for e in self.tables[mfn]["entries"] if not e["xen_slot"] and e["mfn"] in self.tables and e["mfn"] != mfn and self.tables[e["mfn"]]["level"] == self.tables[mfn]["level"] - 1
+        ]
 
     def _place(self, mfn: str) -> None:
         """Post-order: children first, then the parent level with its first child, below

@@ -8,7 +8,9 @@ The run fails (exit status 1) on any audit finding, data corruption, leaked fram
 unexpected hypercall error or vCPU that did not finish.
 """
 
+import argparse
 import json
+import os
 import random
 import signal
 import subprocess
@@ -19,9 +21,44 @@ from dataclasses import dataclass, field
 import trio
 
 from guestlib import Toolstack
-from xensim.launch import vcpu_command
+from guestlib.kernel.shootdown import VARIANTS
+from hypervisor.server.config import ADMIN_TOKEN_ENV
+from xensim.errors import EXIT_INTERRUPTED, address, at_least, fraction, writable_file
+from xensim.launch import hypervisor_server, machine_frames, vcpu_command
 
 GRACE_SECONDS = 60.0  # how long past --seconds the vCPUs get to wind down
+PROGRESS_SECONDS = 5.0
+# Guest memory below this is refused up front: with 4 vCPUs, 256 pages run the kernel out of
+# lowmem (a kernel BUG in alloc_pages), 512 were enough when measured; twice that for margin.
+MIN_PAGES = 1024
+VARIANT_HELP = {  # the forms of guestlib/kernel/shootdown.py, oldest first
+    "none": "only the exiting CPU leaves the pgd (pre-SMP): any lazy CPU breaks the unpin",
+    "mask": "IPI the mm's cpumask (2007): misses a CPU whose cr3 switch away is still queued",
+    "current-cr3": "also IPI every CPU whose xen_current_cr3 is the pgd (2.6.23's fix)",
+    "modern": "xen_current_cr3 alone chooses the CPUs to IPI (4.14 and later)",
+}
+
+
+def variant_help() -> str:
+    """The drop_mm_ref variants, one line each, for an --help epilog."""
+    return "drop_mm_ref variants (--variant):\n" + "\n".join(f"  {name:<12} {VARIANT_HELP[name]}" for name in VARIANTS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="HOST:PORT", type=address, help="an existing hypervisor (default: start one)")
+    parser.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV), help=f"the server's admin token (env {ADMIN_TOKEN_ENV})")
+    parser.add_argument("--domains", type=at_least(1), default=2, help="guests, run at once")
+    parser.add_argument("--vcpus", type=at_least(1), default=4, help="vCPUs per domain, each a process")
+    parser.add_argument("--pages", type=at_least(MIN_PAGES), default=8192, help="memory per domain in 4 KiB pages")
+    parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs")
+    parser.add_argument("--seed", type=int, default=1, help="the workload's and the killer's random seed")
+    parser.add_argument("--variant", action="append", choices=VARIANTS, metavar="VARIANT", help="drop_mm_ref per domain, cycled (default modern; the variants are below)")
+    parser.add_argument("--kill-vcpus", type=at_least(0.0, float), default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second; killed vCPUs are restarted")
+    parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
+    parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
+    parser.add_argument("--trace", metavar="FILE", type=writable_file, help="record every hypercall (only when the hypervisor is started here)")
+    parser.epilog = variant_help()
+    parser.set_defaults(run=main)
 
 
 @dataclass
@@ -81,16 +118,28 @@ async def run_stress(address: str, admin_token: str | None, config: StressConfig
             run.domains[created.domid] = variant
             run.vcpus += [VcpuState(created.domid, v) for v in range(config.vcpus)]
         deadline = run.started + config.seconds
-        try:  # Ctrl-C: stop the vCPUs, still audit, destroy and report
-            with trio.move_on_after(config.seconds + GRACE_SECONDS):
-                async with trio.open_nursery() as nursery:
-                    for state in run.vcpus:
-                        nursery.start_soon(_keep_running, address, tokens[state.domid], run.domains[state.domid], state, config, deadline)
-                    if config.kill_rate:
-                        nursery.start_soon(_killer, run, rng, deadline)
-        except KeyboardInterrupt:
-            run.interrupted = True
+        workload = trio.CancelScope(deadline=trio.current_time() + config.seconds + GRACE_SECONDS)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as ctrl_c:  # until the workload ends
+            async with trio.open_nursery() as watcher:
+                watcher.start_soon(_interrupt_on, ctrl_c, run, workload)
+                with workload:
+                    async with trio.open_nursery() as nursery:
+                        for state in run.vcpus:
+                            nursery.start_soon(_keep_running, address, tokens[state.domid], run.domains[state.domid], state, config, deadline)
+                        if config.kill_rate:
+                            nursery.start_soon(_killer, run, rng, deadline)
+                watcher.cancel_scope.cancel()
         return await _finish(xl, run)
+
+
+async def _interrupt_on(ctrl_c, run: StressRun, workload: trio.CancelScope) -> None:
+    """Ctrl-C (or SIGTERM) ends the workload (its vCPU processes are killed), not the run: the
+    domains are still audited and destroyed, and the report says it was interrupted. A second
+    Ctrl-C, once the audit has begun, interrupts that too."""
+    async for _ in ctrl_c:
+        run.interrupted = True
+        workload.cancel()
+        return
 
 
 async def _keep_running(address: str, token: str, variant: str, state: VcpuState, config: StressConfig, deadline: float) -> None:
@@ -157,7 +206,8 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         await xl.destroy_domain(domid)
     machine = await xl.audit()
     leaked = [f for f in machine if "does not exist" in f]
-    reports = [v.report or {} for v in run.vcpus]
+    # A vCPU without a report (Ctrl-C, or it never finished) counts what its last progress line said.
+    reports = [v.report or {"lifecycles": v.progress.get("lifecycles", 0), "messages": v.progress.get("messages", 0)} for v in run.vcpus]
     errors = {f"{op}:{errno}": n for (op, errno), n in stats.items() if errno != "ok"}
     totals = run.totals()
     elapsed = time.monotonic() - run.started
@@ -191,3 +241,51 @@ def failed(report: dict) -> bool:
         report["audit_findings"] or report["data_corruptions"] or report["leaked_frames"] or report["unexpected_errors"]
         or report["kernel_bugs"] or report["unfinished_vcpus"]
     )  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    """Progress while it runs, then a summary, a verdict line and the summary as JSON. Exit
+    status 0 clean, 1 anything wrong, 130 interrupted by Ctrl-C (still audited)."""
+    config = StressConfig(args.domains, args.vcpus, args.seconds, args.seed, args.variant or ["modern"], args.kill_vcpus, args.pages, migrate=args.migrate)
+    if args.server:
+        report = trio.run(_run_with_progress, args.server, args.admin_token, config)
+    else:
+        with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), frames=machine_frames(args.domains, args.pages)) as server:
+            report = trio.run(_run_with_progress, server.address, None, config)
+    print(f"{report['process_lifecycles']} process lifecycles in {report['seconds']:.1f} s on {config.domains} domains of {config.vcpus} vCPUs")
+    for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus"):
+        print(f"  {key.replace('_', ' '):<18} {report[key]}")
+    for bug in report["kernel_bugs"]:
+        print(f"  kernel BUG: {bug}")
+    if args.trace and not args.server and (report["kernel_bugs"] or report["unexpected_errors"]):  # the trace is complete: the server stopped
+        from xensim.explain import explain
+
+        for explained in explain(args.trace, matching=report["kernel_bugs"] or None):
+            print(explained["text"])
+    wrong = [key.replace("_", " ") for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "kernel_bugs", "unfinished_vcpus") if report[key]]
+    print("verdict: " + ("INTERRUPTED (the report so far)" if report["interrupted"] else f"FAILED: {', '.join(wrong)}" if wrong else "OK"))
+    shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted")
+    print(json.dumps({k: report[k] for k in shown}))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+    return EXIT_INTERRUPTED if report["interrupted"] else int(failed(report))
+
+
+async def _run_with_progress(address: str, admin_token: str | None, config: StressConfig) -> dict:
+    run = StressRun(config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_print_progress, run)
+        report = await run_stress(address, admin_token, config, run)
+        nursery.cancel_scope.cancel()
+    return report
+
+
+async def _print_progress(run: StressRun) -> None:
+    """A line every PROGRESS_SECONDS: time, process exits so far, vCPUs running and killed."""
+    while True:
+        await trio.sleep(PROGRESS_SECONDS)
+        running = sum(1 for v in run.vcpus if v.report is None)
+        kills = sum(v.kills for v in run.vcpus)
+        exits = run.totals().get("lifecycles", 0)
+        print(f"{time.monotonic() - run.started:6.1f}/{run.config.seconds:g} s: {exits} process exits, {running}/{len(run.vcpus)} vCPUs running, {kills} killed", flush=True)

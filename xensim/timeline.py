@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypervisor.core.abi import PAGE_SHIFT, PTE_MFN_MASK, MmuextCmd
-from hypervisor.server.tracing import open_trace
+from hypervisor.core.trace import TraceError
+from hypervisor.server.tracing import read_trace
+from xensim.errors import at_least, reading, writable_file
 
 DEFAULT_COUNT = 50_000  # more than this makes a page browsers draw slowly
 FOCUS_BEFORE, FOCUS_COUNT = 200, 400  # the window --focus draws around its call, unless --first/--count say
@@ -33,10 +35,10 @@ XEN_LANE = "Xen (toolstack)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", help="a trace (JSON lines, .gz too): `xensim serve --trace FILE` or Toolstack StartTrace")
-    parser.add_argument("--html", required=True, metavar="OUT", help="the page to write")
-    parser.add_argument("--first", type=int, metavar="SEQ", help="the first call to draw (calls count from 1; default 1, or a little before --focus)")
-    parser.add_argument("--count", type=int, metavar="N", help=f"how many calls to draw (default {DEFAULT_COUNT}, or {FOCUS_COUNT} with --focus)")
-    parser.add_argument("--focus", type=int, metavar="SEQ", help="a failed call: draw only its domain's vCPUs, scrolled to it, with every band and call that names a frame of its error marked")
+    parser.add_argument("--html", required=True, metavar="OUT", type=writable_file, help="the page to write")
+    parser.add_argument("--first", type=at_least(1), metavar="SEQ", help="the first call to draw (calls count from 1; default 1, or a little before --focus)")
+    parser.add_argument("--count", type=at_least(1), metavar="N", help=f"how many calls to draw (default {DEFAULT_COUNT}, or {FOCUS_COUNT} with --focus)")
+    parser.add_argument("--focus", type=at_least(1), metavar="SEQ", help="a failed call: draw only its domain's vCPUs, scrolled to it, with every band and call that names a frame of its error marked")
     parser.add_argument("--memory", action="store_true", help="with --focus, keep the loads and stores (folded away otherwise)")
     parser.set_defaults(run=main)
 
@@ -44,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     first = args.first or (max(1, args.focus - FOCUS_BEFORE) if args.focus else 1)
     count = args.count or (FOCUS_COUNT if args.focus else DEFAULT_COUNT)
-    with open_trace(args.trace) as lines:
-        timeline = scan(lines, first, count)
+    with reading(args.trace):
+        timeline = scan(read_trace(args.trace), first, count)
     note = ""
     if args.focus:
         try:
@@ -53,7 +55,9 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"xensim timeline: {e}", file=sys.stderr)
             return 2
-        note = f"; focused on #{args.focus}: {', '.join(f'0x{m:x}' for m in sorted(timeline.hot_mfns)) or 'no frame'} named in {sum(1 for c in timeline.calls if c.mfns & timeline.hot_mfns)} calls, {timeline.folded} loads and stores folded away"
+        hot = ", ".join(f"0x{m:x}" for m in sorted(timeline.hot_mfns)) or "no frame"
+        naming = sum(1 for c in timeline.calls if c.mfns & timeline.hot_mfns)
+        note = f"; focused on #{args.focus}: {hot} named in {naming} calls, {timeline.folded} loads and stores folded away"
     Path(args.html).write_text(render(timeline, Path(args.trace).name))
     print(f"{args.html}: calls {timeline.first}..{timeline.last} of {timeline.total}, {len(timeline.lanes)} vCPUs, {len(timeline.failures)} failed calls{note}")
     return 0
@@ -259,15 +263,18 @@ def scan(lines, first: int = 1, count: int = DEFAULT_COUNT) -> Timeline:
     """Read a trace's lines into a Timeline of calls first .. first + count - 1."""
     timeline = Timeline(first=first)
     scanner = _Scanner(timeline, count)
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise TraceError(f"line {number} is not JSON: not a xensim trace") from None
+        if not isinstance(record, dict) or "op" not in record and "xensim_trace" not in record and "digest" not in record:
+            raise TraceError(f"line {number} is not a xensim trace record: {line[:80]!r}")
         if "op" in record:
             timeline.total += 1
             scanner.record(timeline.total, record)
-        elif "xensim_trace" not in record and "digest" not in record:
-            raise ValueError(f"not a xensim trace line: {line[:80]!r}")
     scanner.finish()
     timeline.last = min(timeline.total, first + count - 1)
     return timeline
@@ -287,7 +294,15 @@ def render(timeline: Timeline, title: str) -> str:
         "last": timeline.last,
         "lanes": [_lane_name(lane) for lane in lanes],
         "calls": [
-            [c.seq, index[c.lane], c.kind, int(c.multicall), -1 if c.target is None else index[c.target], "\n".join([f"#{c.seq} {_lane_name(c.lane)}", *c.lines, *c.errors]), int(bool(c.mfns & timeline.hot_mfns))]
+            [
+                c.seq,
+                index[c.lane],
+                c.kind,
+                int(c.multicall),
+                -1 if c.target is None else index[c.target],
+                "\n".join([f"#{c.seq} {_lane_name(c.lane)}", *c.lines, *c.errors]),
+                int(bool(c.mfns & timeline.hot_mfns)),
+            ]
             for c in timeline.calls
         ],
         "bands": [[index[lane], start, end, mfn, int(mfn in timeline.hot_mfns)] for lane, start, end, mfn in timeline.bands],
@@ -295,9 +310,7 @@ def render(timeline: Timeline, title: str) -> str:
     }
     kinds = Counter(c.kind for c in timeline.calls)
     errnos = Counter(error.split(": ")[1] for c in timeline.failures for error in c.errors)
-    failures = "".join(
-        f'<tr data-seq="{c.seq}"><td>#{c.seq}</td><td>{_lane_name(c.lane)}</td><td>{html.escape(e)}</td></tr>' for c in timeline.failures for e in c.errors
-    )
+    failures = "".join(f'<tr data-seq="{c.seq}"><td>#{c.seq}</td><td>{_lane_name(c.lane)}</td><td>{html.escape(e)}</td></tr>' for c in timeline.failures for e in c.errors)
     in_multicalls = sum(len(c.errors) for c in timeline.failures if c.multicall)
     summary = f"calls {timeline.first}..{timeline.last} of {timeline.total}; {len(timeline.failures)} failed" + (
         f" ({', '.join(f'{e} x{n}' for e, n in errnos.most_common())}; {in_multicalls} of them multicall entries)" if errnos else ""

@@ -12,45 +12,42 @@ from pathlib import Path
 
 import trio
 
-from guestlib import CallRejected, Toolstack, XenError
+from guestlib import Toolstack
 from hypervisor.server.config import ADMIN_TOKEN_ENV
+from xensim.errors import address, at_least
 
 TOKEN_FILES = "dom*.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", required=True, metavar="HOST:PORT", help="the hypervisor")
-    common.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV), help=f"the hypervisor's admin token (default ${ADMIN_TOKEN_ENV})")
+    common.add_argument("--server", required=True, metavar="HOST:PORT", type=address, help="the hypervisor")
+    common.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV), help=f"the hypervisor's admin token (default: ${ADMIN_TOKEN_ENV})")
     sub = parser.add_subparsers(dest="action", required=True)
     create = sub.add_parser("create", parents=[common], help="create domains and write one token file per domain")
-    create.add_argument("--domains", type=int, default=1)
-    create.add_argument("--vcpus", type=int, default=4, help="vCPUs per domain")
-    create.add_argument("--pages", type=int, default=8192, help="memory per domain in 4 KiB pages")
-    create.add_argument("--highmem", type=int, default=0, metavar="PAGES", help="how many of the pages are highmem")
+    create.add_argument("--domains", type=at_least(1), default=1, help="how many domains")
+    create.add_argument("--vcpus", type=at_least(1), default=4, help="vCPUs per domain")
+    create.add_argument("--pages", type=at_least(1), default=8192, help="memory per domain in 4 KiB pages")
+    create.add_argument("--highmem", type=at_least(0), default=0, metavar="PAGES", help="how many of the pages are highmem")
     create.add_argument("--out", required=True, metavar="DIR", help="where the token files go (stale ones are removed)")
     create.set_defaults(run=lambda args: _run(_create, args))
     destroy = sub.add_parser("destroy", parents=[common], help="destroy domains")
-    destroy.add_argument("domids", type=int, nargs="+", metavar="DOMID")
+    destroy.add_argument("domids", type=at_least(0), nargs="+", metavar="DOMID", help="the domains to destroy")
     destroy.set_defaults(run=lambda args: _run(_destroy, args))
     audit = sub.add_parser("audit", parents=[common], help="audit the machine (or one domain); exit status 1 on any finding")
-    audit.add_argument("--domid", type=int, help="audit only this domain")
+    audit.add_argument("--domid", type=at_least(0), help="audit only this domain")
     audit.set_defaults(run=lambda args: _run(_audit, args))
     listing = sub.add_parser("list", parents=[common], help="list the domains")
     listing.set_defaults(run=lambda args: _run(_list, args))
     detach = sub.add_parser("detach", parents=[common], help="end a vCPU's Session (its process hangs or its host is gone) so another process can claim the vCPU")
-    detach.add_argument("domid", type=int, metavar="DOMID")
-    detach.add_argument("vcpu", type=int, metavar="VCPU")
+    detach.add_argument("domid", type=at_least(0), metavar="DOMID", help="the domain")
+    detach.add_argument("vcpu", type=at_least(0), metavar="VCPU", help="the vCPU whose Session to end")
     detach.set_defaults(run=lambda args: _run(_detach, args))
 
 
 def _run(action, args) -> int:
-    """Run one verb; a refused call is a message and exit status 1, not a traceback."""
-    try:
-        return trio.run(action, Toolstack(args.server, args.admin_token), args)
-    except (XenError, CallRejected) as e:
-        print(f"xensim toolstack {args.action}: {e}", flush=True)
-        return 1
+    """Run one verb (a refused call is xensim.errors' one line and exit status 1)."""
+    return trio.run(action, Toolstack(args.server, args.admin_token), args)
 
 
 async def _create(xl: Toolstack, args) -> int:

@@ -217,7 +217,19 @@ def cmd_vcpu_list(xl: Xl, args) -> tuple:
                 }
             )
     rows = [
-        [v["domid"], v["vcpu"], yn(v["online"]), yn(v["blocked"]), v["kernel_cr3"], v["user_cr3"], yn(v["upcall_pending"]), yn(v["upcall_mask"]), v["tlb_entries"], v["stale_tlb_hits"], yn(v["session_open"])]
+        [
+            v["domid"],
+            v["vcpu"],
+            yn(v["online"]),
+            yn(v["blocked"]),
+            v["kernel_cr3"],
+            v["user_cr3"],
+            yn(v["upcall_pending"]),
+            yn(v["upcall_mask"]),
+            v["tlb_entries"],
+            v["stale_tlb_hits"],
+            yn(v["session_open"]),
+        ]
         for v in vcpus
     ]
     return vcpus, table(rows, ["ID", "vCPU", "Up", "Blocked", "Kernel cr3", "User cr3", "Pending", "Masked", "TLB", "Stale hits", "Session"])
@@ -366,7 +378,16 @@ def who_maps(frame: dict, references: list[dict], base_pointers: list[dict]) -> 
     """The who-maps report of a frame (`frame_record`) from the ReverseMap's references and
     base pointers (as the core's `views.reverse_map` gives them, or its message's fields)."""
     entries = [
-        {"table": hexa(e["table"]), "level": e["level"], "slot": e["slot"], "entry": hexa(e["entry"]), "flags": flag_names(e["entry"]), "owner": e["owner"], "holds_reference": e["holds_reference"], "xen_slot": e["xen_slot"]}
+        {
+            "table": hexa(e["table"]),
+            "level": e["level"],
+            "slot": e["slot"],
+            "entry": hexa(e["entry"]),
+            "flags": flag_names(e["entry"]),
+            "owner": e["owner"],
+            "holds_reference": e["holds_reference"],
+            "xen_slot": e["xen_slot"],
+        }
         for e in references
     ]
     bases = [{"domid": b["domid"], "vcpu": b["vcpu"], "base": "user" if b["user"] else "kernel"} for b in base_pointers]
@@ -448,6 +469,9 @@ def _options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument("--timeout", type=float, default=default(10.0), metavar="S", help="give up on a call after S seconds (default 10)")
 
 
+MFN_HELP = "the machine frame, hex (0x1fa0) or decimal"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _options(parser, defaults=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -469,16 +493,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("unpause", "UnpauseDomain", toolstack_pb2.UnpauseDomainRequest, "unpaused"),
         ("destroy", "DestroyDomain", toolstack_pb2.DestroyDomainRequest, "destroyed"),
     ):
-        command(name, _lifecycle(method, request, verb), f"{name} a domain").add_argument("domid", type=int, metavar="DOMID")
+        command(name, _lifecycle(method, request, verb), f"{name} a domain").add_argument("domid", type=int, metavar="DOMID", help="the domain")
     create = command("create", cmd_create, "build a domain from an xl.cfg-like file and/or options; prints its token")
     create.add_argument("config", nargs="?", metavar="CFG", help="a file of `key = value` lines: name, memory (MiB), vcpus")
     create.add_argument("--name", help="overrides the file's name")
     create.add_argument("--memory", type=int, metavar="MIB", help="overrides the file's memory (default 8)")
     create.add_argument("--vcpus", type=int, metavar="N", help="overrides the file's vcpus (default 1)")
-    command("lsevtchn", cmd_lsevtchn, "a domain's event channels: port, state, peer, vCPU, pending, masked").add_argument("domid", type=int, metavar="DOMID")
+    command("lsevtchn", cmd_lsevtchn, "a domain's event channels: port, state, peer, vCPU, pending, masked").add_argument("domid", type=int, metavar="DOMID", help="the domain")
     keys = command("debug-keys", cmd_debug_keys, "q DOMID: a domain's frames by type, pinned and validated tables, writable mappings; e: every port")
-    keys.add_argument("key", choices=("q", "e"))
-    keys.add_argument("domid", type=int, nargs="?", metavar="DOMID")
+    keys.add_argument("key", choices=("q", "e"), help="q: a domain's frame-table summary; e: event channels of every domain")
+    keys.add_argument("domid", type=int, nargs="?", metavar="DOMID", help="the domain (for q)")
 
     mfndump = sub.add_parser("mfndump", help="xen-mfndump: dump-p2m, dump-m2p, dump-ptes, lookup-pte (who-maps)")
     mfn_sub = mfndump.add_subparsers(dest="mfndump", required=True, metavar="COMMAND")
@@ -488,11 +512,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.set_defaults(run=run, xl_run=runner, xl=f"mfndump {name}")
         return p
 
-    mfn_command("dump-p2m", cmd_dump_p2m, "a domain's pfn -> mfn map").add_argument("domid", type=int, metavar="DOMID")
-    mfn_command("dump-m2p", cmd_dump_m2p, "mfn -> pfn of every owned frame (or one domain's)").add_argument("domid", type=int, nargs="?", metavar="DOMID")
-    mfn_command("dump-ptes", cmd_dump_ptes, "a pagetable frame's entries decoded, with each target's type and counts").add_argument("mfn", type=mfn_arg, metavar="MFN")
-    mfn_command("lookup-pte", cmd_who_maps, "every entry and base pointer that refers to a frame", aliases=("who-maps",)).add_argument("mfn", type=mfn_arg, metavar="MFN")
-    command("who-maps", cmd_who_maps, "every pagetable entry, vCPU base pointer and pin that holds a frame (the answer to an EBUSY)").add_argument("mfn", type=mfn_arg, metavar="MFN")
+    mfn_command("dump-p2m", cmd_dump_p2m, "a domain's pfn -> mfn map").add_argument("domid", type=int, metavar="DOMID", help="the domain")
+    mfn_command("dump-m2p", cmd_dump_m2p, "mfn -> pfn of every owned frame (or one domain's)").add_argument("domid", type=int, nargs="?", metavar="DOMID", help="one domain (default: all)")
+    mfn_command("dump-ptes", cmd_dump_ptes, "a pagetable frame's entries decoded, with each target's type and counts").add_argument("mfn", type=mfn_arg, metavar="MFN", help=MFN_HELP)
+    mfn_command("lookup-pte", cmd_who_maps, "every entry and base pointer that refers to a frame", aliases=("who-maps",)).add_argument("mfn", type=mfn_arg, metavar="MFN", help=MFN_HELP)
+    command("who-maps", cmd_who_maps, "every pagetable entry, vCPU base pointer and pin that holds a frame (the answer to an EBUSY)").add_argument("mfn", type=mfn_arg, metavar="MFN", help=MFN_HELP)
 
     from xensim import pagetable_view  # it imports this module
 

@@ -17,16 +17,15 @@ import trio
 from ..events import EventChannels
 from ..hypercalls import HypercallClient, ops
 from ..layout import BootLayout
-from ..xen import PAGE_OFFSET, Errno, PAGE_SHIFT, PAGE_SIZE, SHARED_INFO_EVTCHN_MASK, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, VGCF_in_kernel, MmuCmd
+from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, SHARED_INFO_EVTCHN_MASK, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, Errno, MmuCmd, VGCF_in_kernel
 from .alloc import load_pool
 from .cpu import Cpu, Hook, _no_hook, checked
-from .mm import read_mm
 from .layout import FIX_SHARED_INFO, FIXMAP_L4_SLOT, KERNEL_MAGIC, OFFLINE, PG_PINNED, PG_TABLE, KernelLayout
+from .mm import read_mm
 from .pgtable import KERNPG_TABLE, PAGE_KERNEL, PageTables
 from .sched import load_cr3
 from .shootdown import VARIANTS
 from .smp import IPI_KINDS, Smp
-
 
 # The per-CPU `online` field: running; stopped making work (but still serving IPIs); offline
 # (on swapper, serving nothing: smp_call_function skips it, as Linux skips CPUs outside

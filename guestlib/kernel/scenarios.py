@@ -25,11 +25,11 @@ import trio
 from ..hypercalls import ops
 from ..xen import MmuextCmd
 from .cpu import Cpu, KernelBug, checked
-from .pgtable import PAGE_KERNEL
 from .mm import fork, mm_alloc, new_id, pin, touch
+from .pgtable import PAGE_KERNEL
 from .sched import leave_lazy, switch_mm
-from .smp import call_function
 from .shootdown import exit_mmap
+from .smp import call_function
 from .workload import WRITTEN, Task, Workload, WorkloadConfig
 
 SCENARIOS = ("lazy-exit", "stale-cr3", "killed-mid-switch", "kmap-readonly", "ipi-rtt")

@@ -69,7 +69,7 @@ class Workload:
         self.ring_tail, self.ring_head = values[:n], values[n:]
 
     async def run(self) -> None:
-        cpu, k = self.cpu, self.k
+        cpu = self.cpu
         deadline = time.monotonic() + self.config.seconds
         async with cpu.irq:
             await self._load_rings()
@@ -176,7 +176,7 @@ class Workload:
 
     async def _drain_incoming(self) -> int:
         """Finish the tasks other CPUs handed to this one; returns how many."""
-        cpu, k, kl = self.cpu, self.k, self.cpu.kl
+        cpu, kl = self.cpu, self.cpu.kl
         srcs = [c for c in range(kl.nr_cpus) if c != cpu.id]
         batch = cpu.msg()
         tails = [batch.load(kl.ring(src, cpu.id, "tail")[0]) for src in srcs]

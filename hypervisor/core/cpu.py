@@ -44,11 +44,11 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import ptwr
-from .abi import PAGE_SHIFT, PAGE_SIZE, PFEC_page_present, PFEC_user_mode, PFEC_write_access, Errno
+from .abi import PAGE_SHIFT, PAGE_SIZE, Errno, PFEC_page_present, PFEC_user_mode, PFEC_write_access
 from .domain import Vcpu
 from .errors import SimulatorBug, XenError
 from .memory import MachineMemory
-from .pagetable import A, D, G, P, RW, US, entry_mfn
+from .pagetable import RW, US, A, D, G, P, entry_mfn
 from .tlb import TlbEntry
 from .walk import canonical, walk_entries
 

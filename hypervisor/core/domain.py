@@ -22,17 +22,17 @@ from .abi import (
     PAGE_OFFSET,
     PAGE_SHIFT,
     PAGE_SIZE,
+    SHARED_INFO_VCPU_INFO,
     START_INFO_FIELD_OFFSET,
     START_INFO_FIELDS,
     START_INFO_MAGIC,
-    SHARED_INFO_VCPU_INFO,
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
-    VGCF_in_kernel,
-    VGCF_online,
     Errno,
     PageType,
     Pte,
+    VGCF_in_kernel,
+    VGCF_online,
 )
 from .errors import XenError
 from .evtchn import LIBXL_MAX_EVTCHN_PORT, evtchn_init

@@ -30,12 +30,6 @@ from .abi import (
     BITS_PER_EVTCHN_WORD,
     DOMID_SELF,
     EVTCHN_2L_NR_CHANNELS,
-    EVTCHNSTAT_closed,
-    EVTCHNSTAT_interdomain,
-    EVTCHNSTAT_ipi,
-    EVTCHNSTAT_pirq,
-    EVTCHNSTAT_unbound,
-    EVTCHNSTAT_virq,
     NR_VIRQS,
     SHARED_INFO_EVTCHN_MASK,
     SHARED_INFO_EVTCHN_PENDING,
@@ -50,6 +44,12 @@ from .abi import (
     VIRQ_XENOPROF,
     VIRQ_XENPMU,
     Errno,
+    EVTCHNSTAT_closed,
+    EVTCHNSTAT_interdomain,
+    EVTCHNSTAT_ipi,
+    EVTCHNSTAT_pirq,
+    EVTCHNSTAT_unbound,
+    EVTCHNSTAT_virq,
 )
 from .errors import XenError
 from .sched import vcpu_kick, vcpu_unblock

@@ -30,9 +30,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .abi import DOMID_XEN, PageType
+from .abi import DOMID_XEN, Errno, PageType
 from .errors import SimulatorBug, XenError
-from .abi import Errno
 from .memory import MachineMemory
 
 NO_OWNER = -1

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .abi import PAGE_SIZE, PageType
 from .domain import Vcpu
 from .errors import XenError
-from .pagetable import LEVELS, P, RW, entry_mfn
+from .pagetable import LEVELS, RW, P, entry_mfn
 from .walk import guest_addr_ok, walk_entries
 
 if TYPE_CHECKING:

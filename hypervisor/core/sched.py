@@ -54,8 +54,8 @@ class Scheduler:
     def __init__(self):
         self.now_ns = 0
         self.kicks: dict[tuple[int, int], None] = {}
-        self._armed: dict[tuple["Vcpu", str], tuple[int, int, TimerFn]] = {}
-        self._heap: list[tuple[int, int, "Vcpu", str]] = []
+        self._armed: dict[tuple[Vcpu, str], tuple[int, int, TimerFn]] = {}
+        self._heap: list[tuple[int, int, Vcpu, str]] = []
         self._seq = 0
 
     def poke(self, vcpu: "Vcpu") -> None:

@@ -9,7 +9,7 @@ taken down keeps those references; taking down the last vCPU that is up shuts th
 
 from typing import TYPE_CHECKING
 
-from .abi import SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online, Errno, PageType
+from .abi import Errno, PageType, SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online
 from .errors import XenError
 from .sched import domain_shutdown, s_time
 from .schedop import SINGLESHOT_TIMER, arm_singleshot_timer, send_timer_event

@@ -33,7 +33,8 @@ from .abi import (
 )
 from .domain import INVALID_M2P, Domain, Vcpu
 from .errors import XenError
-from .evtchn import ECS, status as evtchn_status
+from .evtchn import ECS
+from .evtchn import status as evtchn_status
 from .frames import NO_OWNER, PAGETABLE_TYPES, PINNED, VALIDATED
 from .hypervisor import XEN_VERSION, Hypervisor
 from .pagetable import LEVEL_OF_TYPE, LEVELS

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hypervisor.core import Hypervisor, XenError
+from xensim.errors import check_listen
 from xensim.v1 import hypercalls_pb2, toolstack_pb2
 
 from . import errors
@@ -217,6 +218,7 @@ def _listen(server: grpc.aio.Server, config: Config) -> int:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The `serve` command."""
     config = config_from(args, parser)
+    check_listen(config.host, config.port)  # a bad address or a taken port: one line, before gRPC's own logs
     logging.basicConfig(stream=sys.stderr, level=config.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         return asyncio.run(serve(config))

@@ -32,6 +32,8 @@ class Connections:
     idle_timeout_s: float = 30.0
     keepalive_s: float = 20.0
     keepalive_timeout_s: float = 10.0
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -68,12 +70,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=3.0, metavar="S", help="on SIGINT/SIGTERM, how long running calls get to finish (default %(default)s)")
     limits = parser.add_argument_group("connection limits (README, Limits)")
     default = Connections()
-    limits.add_argument("--max-connections", type=int, default=default.max_connections, metavar="N", help="connections held at once; more are closed as they arrive (default %(default)s, and no more than the open-file limit allows)")
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=default.max_connections,
+        metavar="N",
+        help="connections held at once; more are closed as they arrive (default %(default)s, and no more than the open-file limit allows)",
+    )
     limits.add_argument("--max-streams", type=int, default=default.max_streams, metavar="N", help="calls and streams at once on one connection; more wait in the client (default %(default)s)")
     limits.add_argument("--max-calls", type=int, default=default.max_calls, metavar="N", help="calls and streams at once on the whole server; more fail with RESOURCE_EXHAUSTED (default %(default)s)")
-    limits.add_argument("--idle-timeout", type=float, default=default.idle_timeout_s, metavar="S", help="close a connection that carries no call for S seconds, or has not finished its handshake in S (default %(default)s)")
+    limits.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=default.idle_timeout_s,
+        metavar="S",
+        help="close a connection that carries no call for S seconds, or has not finished its handshake in S (default %(default)s)",
+    )
     limits.add_argument("--keepalive", type=float, default=default.keepalive_s, metavar="S", help="ping each connection every S seconds (default %(default)s)")
-    limits.add_argument("--keepalive-timeout", type=float, default=default.keepalive_timeout_s, metavar="S", help="close a connection whose ping gets no answer in S seconds, ending its calls and Sessions (default %(default)s)")
+    limits.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=default.keepalive_timeout_s,
+        metavar="S",
+        help="close a connection whose ping gets no answer in S seconds, ending its calls and Sessions (default %(default)s)",
+    )
 
 
 def _is_loopback(host: str) -> bool:

@@ -18,7 +18,7 @@ from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 
 from hypervisor.core import abi
-from hypervisor.core.abi import DOMID_SELF, Errno, MAX_BATCH, PAGE_OFFSET, PAGE_SIZE, START_INFO_MAGIC
+from hypervisor.core.abi import DOMID_SELF, MAX_BATCH, PAGE_OFFSET, PAGE_SIZE, START_INFO_MAGIC, Errno
 from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2, toolstack_pb2
 
 from .errors import BadRequest, xen_status

@@ -25,7 +25,6 @@ from .errors import BadRequest, PeerGone, Refused, abort, write
 from .tracing import Tracing
 from .vcpus import Runtime
 
-
 log = logging.getLogger("xensim.server")
 # Toolstack ops that change the machine, logged at INFO with their request; views at DEBUG.
 _LOGGED = frozenset({"create_domain", "destroy_domain", "pause_domain", "unpause_domain", "start_trace", "stop_trace"})

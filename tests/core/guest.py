@@ -16,11 +16,11 @@ from hypervisor.core.abi import (
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     VCPU_INFO_UPCALL_PENDING,
-    VGCF_in_kernel,
-    VGCF_online,
     MmuCmd,
     MmuextCmd,
     Pte,
+    VGCF_in_kernel,
+    VGCF_online,
 )
 from hypervisor.core.cpu import PageFault
 

@@ -15,7 +15,7 @@ from hypervisor.core.pagetable import GUEST_KERNEL, G
 from hypervisor.core.trace import TraceWriter, replay, state_digest
 
 from .conftest import fails_with
-from .guest import A, D, P, RW, US, Guest, slot
+from .guest import RW, US, A, D, Guest, P, slot
 
 USER_VA = 0x400000  # L4 0, L3 0, L2 2, L1 0: the one page new_pgd maps
 LEAF = P | RW | US | A | D

@@ -75,7 +75,7 @@ def test_destroy_breaks_linear_pagetable_cycles():
 def test_linear_entry_with_rw_is_refused(hv, guest):
     from hypervisor.core import XenError
 
-    from .guest import A, P, RW
+    from .guest import RW, A, P
 
     a, b = guest.new_pgd(), guest.new_pgd()
     guest.pin(4, a["l4"])

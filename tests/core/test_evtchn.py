@@ -11,11 +11,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from hypervisor.core import Hypervisor, XenError, audit
 from hypervisor.core.abi import (
     DOMID_SELF,
-    EVTCHNSTAT_closed,
-    EVTCHNSTAT_interdomain,
-    EVTCHNSTAT_ipi,
-    EVTCHNSTAT_unbound,
-    EVTCHNSTAT_virq,
     NR_VIRQS,
     PAGE_SHIFT,
     SHARED_INFO_EVTCHN_PENDING,
@@ -25,15 +20,19 @@ from hypervisor.core.abi import (
     VIRQ_DEBUG,
     VIRQ_TIMER,
     Errno,
+    EVTCHNSTAT_closed,
+    EVTCHNSTAT_interdomain,
+    EVTCHNSTAT_ipi,
+    EVTCHNSTAT_unbound,
+    EVTCHNSTAT_virq,
 )
 from hypervisor.core.evtchn import ECS, NR_PIRQS
 from hypervisor.core.sched import BLOCKED
 from hypervisor.core.trace import state_digest
 
-from .conftest import fails_with
-from .conftest import unchanged
-from .guest import A, D, P, RW, Guest
+from .conftest import fails_with, unchanged
 from .conftest import fails_with as fails  # the errno, and nothing changed
+from .guest import RW, A, D, Guest, P
 
 
 def connect(guest, other, remote_vcpu=0):

@@ -4,7 +4,7 @@ from hypervisor.core import XenError
 from hypervisor.core.abi import DOMID_IO, DOMID_SELF, PAGE_SHIFT, Errno, MmuCmd, Pte
 
 from .conftest import fails_with
-from .guest import A, D, P, RW, TABLE, US
+from .guest import RW, TABLE, US, A, D, P
 
 PSE, PCD, GLOBAL = int(Pte.PSE), int(Pte.PCD), int(Pte.GLOBAL)
 

@@ -6,7 +6,7 @@ from hypervisor.core.abi import PAGE_SHIFT, Errno, MmuextCmd
 from hypervisor.core.tlb import TlbEntry
 
 from .conftest import fails_with
-from .guest import A, D, P, RW, TABLE, US
+from .guest import RW, TABLE, US, A, D, P
 
 
 def test_pin_validates_tree_and_holds_refs(hv, guest):

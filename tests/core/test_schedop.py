@@ -7,14 +7,14 @@ import io
 import pytest
 
 from hypervisor.core import Hypervisor
-from hypervisor.core.abi import SHUTDOWN_crash, SHUTDOWN_reboot, VCPU_SSHOTTMR_future, VIRQ_TIMER, Errno
+from hypervisor.core.abi import VIRQ_TIMER, Errno, SHUTDOWN_crash, SHUTDOWN_reboot, VCPU_SSHOTTMR_future
 from hypervisor.core.sched import BLOCKED
 from hypervisor.core.schedop import HUGE_TIMEOUT_FALLBACK_NS, SINGLESHOT_TIMER
 from hypervisor.core.trace import TraceWriter, replay
 
 from .conftest import fails_with, refused, unchanged
-from .guest import Guest
 from .conftest import fails_with as fails  # the errno, and nothing changed
+from .guest import Guest
 
 
 def vcpu(guest, n):

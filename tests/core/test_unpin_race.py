@@ -11,7 +11,7 @@ from hypervisor.core import XenError, audit
 from hypervisor.core.abi import UVMF_INVLPG, Errno
 
 from .conftest import fails_with
-from .guest import A, D, P, RW
+from .guest import RW, A, D, P
 
 
 def test_unpin_while_other_vcpu_holds_cr3_then_rw_remap_fails_until_it_switches(hv, guest):

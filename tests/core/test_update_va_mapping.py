@@ -4,7 +4,7 @@ from hypervisor.core.abi import PAGE_SHIFT, UVMF_ALL, UVMF_INVLPG, UVMF_TLB_FLUS
 from hypervisor.core.tlb import TlbEntry
 
 from .conftest import fails_with
-from .guest import A, D, P, RW, US
+from .guest import RW, US, A, D, P
 
 VA = 0x400000
 

@@ -4,7 +4,7 @@ vCPU Xen does not run (down, or of a domain that shut down) makes no calls."""
 
 import pytest
 
-from hypervisor.core.abi import DOMID_SELF, SHUTDOWN_crash, SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online, Errno, MmuextCmd
+from hypervisor.core.abi import DOMID_SELF, Errno, MmuextCmd, SHUTDOWN_crash, SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online
 
 from .conftest import fails_with as fails  # the errno, and nothing changed
 from .conftest import refused

@@ -24,6 +24,17 @@ def test_three_services_built_from_the_one_image():
     assert {(s["build"], s["image"]) for s in found.values()} == {(".", "xensim:local")}
 
 
+def test_the_file_is_one_docker_compose_1_29_accepts_and_every_program_has_an_init():
+    """Debian 12's docker-compose (1.29) refuses a top-level `name:`; a program run as PID 1
+    has no default signal handling, so `init: true` puts tini in front of each."""
+    assert {key for key in document() if not key.startswith("x-")} == {"services", "volumes"}
+    assert all(service.get("init") is True for service in services().values())
+
+
+def test_each_guest_replica_draws_its_own_seed():
+    assert parse(command("guest")).seed is None  # xensim guest: one from the host name and pid
+
+
 def test_dockerfile_installs_the_project_with_xensim_as_entrypoint():
     lines = [line.strip() for line in DOCKERFILE.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert lines[0] == "FROM python:3.11-slim"

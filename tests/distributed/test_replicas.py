@@ -5,9 +5,11 @@ token files."""
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from contextlib import AsyncExitStack
 
 import pytest
@@ -15,6 +17,7 @@ import trio
 
 from guestlib import connect
 from guestlib.hypercalls import claim
+from tests.support.processes import alive, children
 from xensim.toolstack import read_token_files
 
 from .compose import command, healthcheck
@@ -75,6 +78,7 @@ def test_two_replicas_share_out_a_domains_vcpus_and_each_vcpu_runs_once(secure_s
     ran = sorted((r["domid"], r["vcpu"]) for s in summaries for r in s["ran"])
     assert ran == [(domain["domid"], v) for v in range(4)]
     assert all(s["failures"] == [] and s["unclaimed"] == 0 and s["lifecycles"] > 0 for s in summaries)
+    assert summaries[0]["seed"] != summaries[1]["seed"]  # each replica its own workload
 
     admin = {**guest_env(), "XENSIM_ADMIN_TOKEN": secure_server.admin_token}
     audit = run(on_loopback(["toolstack", "audit", "--server", "hypervisor:50051"], secure_server, tmp_path), env=admin)
@@ -94,7 +98,7 @@ async def test_a_replica_finds_nothing_to_claim_when_every_vcpu_has_a_process(se
             replica = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, env=guest_env())
     out = replica.stdout.decode()
     assert replica.returncode == 0, out + replica.stderr.decode()
-    assert summary(out) == {"ran": [], "unclaimed": 1, "lifecycles": 0, "failures": []}
+    assert summary(out) | {"seed": None} == {"seed": None, "ran": [], "unclaimed": 1, "lifecycles": 0, "failures": []}
 
 
 
@@ -113,3 +117,23 @@ async def test_toolstack_detach_frees_a_held_vcpu_for_the_next_claim(secure_serv
             async with claim(secure_server.address, [domain["token"]]) as claimed:
                 assert claimed is not None and claimed[:2] == (0, 2)
     assert (detached.returncode, detached.stdout.decode().strip()) == (0, f"dom{domain['domid']} vCPU 2: Session detached"), detached.stderr.decode()
+
+
+
+def test_sigterm_stops_a_replica_and_its_vcpu_processes(secure_server, tmp_path):
+    """`docker compose down` sends SIGTERM: the replica stops its vCPU processes and exits 143."""
+    create_domains(secure_server, tmp_path)
+    argv = on_loopback([*command("guest", {**SMALL_RUN, "XENSIM_SECONDS": "120"})], secure_server, tmp_path)
+    replica = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=guest_env())
+    try:
+        deadline = time.monotonic() + 60
+        while len(vcpus := children(replica.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(vcpus) == 2
+        replica.send_signal(signal.SIGTERM)
+        _, err = replica.communicate(timeout=30)
+    finally:
+        if replica.poll() is None:
+            replica.kill()
+    assert replica.returncode == 143 and "Traceback" not in err, err
+    assert not [pid for pid in vcpus if alive(pid)]

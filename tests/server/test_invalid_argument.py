@@ -5,7 +5,9 @@ import grpc
 import pytest
 
 from hypervisor.core.abi import MAX_BATCH
-from xensim.v1 import common_pb2, hypercalls_pb2 as h, memory_pb2 as m, toolstack_pb2
+from xensim.v1 import common_pb2, toolstack_pb2
+from xensim.v1 import hypercalls_pb2 as h
+from xensim.v1 import memory_pb2 as m
 
 from .helpers import SessionClient, WireGuest, field_violation, status_of
 

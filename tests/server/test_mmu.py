@@ -7,7 +7,7 @@ from google.rpc import code_pb2
 
 from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2, toolstack_pb2
 
-from .helpers import A, D, P, RW, US, WireGuest, error_info, status_of
+from .helpers import RW, US, A, D, P, WireGuest, error_info, status_of
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,9 @@ import time
 import grpc
 import pytest
 
-from xensim.v1 import common_pb2, hypercalls_pb2 as h, memory_pb2 as m, toolstack_pb2
+from xensim.v1 import common_pb2, toolstack_pb2
+from xensim.v1 import hypercalls_pb2 as h
+from xensim.v1 import memory_pb2 as m
 
 from .helpers import SessionClient, WireGuest, error_info
 

@@ -6,7 +6,10 @@ change nothing; Echo, which touches no state, still answers; the Session stays o
 import grpc
 import pytest
 
-from xensim.v1 import common_pb2, hypercalls_pb2 as h, memory_pb2 as m, toolstack_pb2 as t
+from xensim.v1 import common_pb2
+from xensim.v1 import hypercalls_pb2 as h
+from xensim.v1 import memory_pb2 as m
+from xensim.v1 import toolstack_pb2 as t
 
 from .helpers import SessionClient, WireGuest, error_info, status_of
 from .test_session import bring_up, evtchn, sched

@@ -8,7 +8,9 @@ import pytest
 from hypervisor.core.trace import loads
 from tests.support.server import start_server
 from xensim.cli import main as xensim_main
-from xensim.v1 import common_pb2, hypercalls_pb2 as h, toolstack_pb2 as t
+from xensim.v1 import common_pb2
+from xensim.v1 import hypercalls_pb2 as h
+from xensim.v1 import toolstack_pb2 as t
 
 from .helpers import WireGuest
 

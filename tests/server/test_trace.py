@@ -18,7 +18,10 @@ from hypervisor.server.tracing import Tracing, read_trace
 from tests.core.guest import Guest
 from tests.support.server import start_server
 from xensim.cli import main as xensim_main
-from xensim.v1 import common_pb2, hypercalls_pb2 as h, memory_pb2 as m, toolstack_pb2 as t
+from xensim.v1 import common_pb2
+from xensim.v1 import hypercalls_pb2 as h
+from xensim.v1 import memory_pb2 as m
+from xensim.v1 import toolstack_pb2 as t
 
 from .helpers import SessionClient, WireGuest
 

@@ -6,9 +6,10 @@ validate_page (xen/arch/x86/mm.c) answer them."""
 import grpc
 import pytest
 
-from xensim.v1 import common_pb2, hypercalls_pb2 as h, toolstack_pb2
+from xensim.v1 import common_pb2, toolstack_pb2
+from xensim.v1 import hypercalls_pb2 as h
 
-from .helpers import A, P, RW, US, SessionClient, WireGuest, error_info, field_violation, status_of
+from .helpers import RW, US, A, P, SessionClient, WireGuest, error_info, field_violation, status_of
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -57,8 +57,8 @@ class ProcessTree:
         self.call("mmu_update", reqs=reqs)
 
     def _direct_l1(self, pfn: int) -> int:
-        from hypervisor.core.walk import walk_entries
         from hypervisor.core.abi import PAGE_OFFSET
+        from hypervisor.core.walk import walk_entries
 
         return walk_entries(self.hv.memory, self.boot_l4, PAGE_OFFSET + (pfn << PAGE_SHIFT))[3][0]
 

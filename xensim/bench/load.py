@@ -86,7 +86,7 @@ async def client(address: str, token: str, seconds: float) -> dict:
                 for v in range(VCPUS):
                     work.start_soon(hammer, v, deadline)
             upcalls.cancel_scope.cancel()
-    return {"messages": [len(l) for l in latencies], "ipis": ipis, "latencies_us": latencies}
+    return {"messages": [len(samples) for samples in latencies], "ipis": ipis, "latencies_us": latencies}
 
 
 # -- the run: a server, the domains, the client processes ----------------------------------------

@@ -65,7 +65,7 @@ async def _measure(address: str) -> dict:
                     rounds["echo"].append(statistics.median(echo for echo, _ in pairs))
                     rounds["hypercall"].append(statistics.median(hypercall for _, hypercall in pairs))
                     for name, pair in batches.items():
-                        times = [await _timed(lambda i=i: xen.mmu_update(pair[i % 2])) for i in range(BATCHES_PER_ROUND)]
+                        times = [await _timed(lambda i=i, pair=pair: xen.mmu_update(pair[i % 2])) for i in range(BATCHES_PER_ROUND)]
                         rounds[name].append(statistics.median(times))
         finally:
             await xl.destroy_domain(created.domid)
