@@ -83,6 +83,8 @@ async def write(context: grpc.aio.ServicerContext, message, who: str) -> None:
         await asyncio.shield(sending)
     except asyncio.CancelledError:
         await asyncio.wait([sending])
+        if not sending.cancelled():
+            sending.exception()  # retrieved: whether it reached the client no longer matters
         raise
     except Exception as exc:  # noqa: BLE001 - ExecuteBatchError is not a public grpc type
         raise PeerGone(f"{who}: the client went away") from exc
