@@ -14,9 +14,14 @@ which is how the hardware sets the dirty bit.
 
 Why USER in kernel mode too: a 64-bit PV guest kernel runs in ring 3, so to the CPU all its
 accesses are user accesses. Xen adds USER to every entry it stores (section 2.5), so only Xen's
-own slots (the linear map in L4 slot 258) are out of the guest's reach, and the guest's kernel
-and user are kept apart by the two bases. The error code's U bit tells the guest's mode, as
-Xen's pv_inject_event rewrites it.
+own entries are out of the guest's reach, and the guest's kernel and user are kept apart by the
+two bases. The error code's U bit tells the guest's mode, as Xen's pv_inject_event rewrites it.
+
+Xen's range (L4 slots 256..271) is never walked: an access there faults on the L4 entry Xen
+wrote into the base (pagetable.xen_l4_slots), which is empty or lacks USER, whatever lies
+below it. Xen passes such a fault to the guest (xen/arch/x86/traps.c fixup_page_fault does not
+emulate in Xen's range). The error code's P bit is that of Xen's L4 entry: the model has none
+of Xen's lower tables, where a real walk could meet a hole and clear it.
 
 The stale-TLB oracle. The CPU uses a cached translation until it is flushed, even after the
 entry behind it changed, and so does the model; but a hit that the current tables would not
@@ -43,7 +48,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import ptwr
-from .abi import PAGE_SHIFT, PAGE_SIZE, PFEC_page_present, PFEC_user_mode, PFEC_write_access, Errno
+from .abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, PAGE_SIZE, PFEC_page_present, PFEC_user_mode, PFEC_write_access, Errno
 from .domain import Vcpu
 from .errors import SimulatorBug, XenError
 from .memory import MachineMemory
@@ -99,6 +104,11 @@ def _walk(memory: MachineMemory, root: int, va: int, user: bool, write: bool) ->
         return PageFault(va, code, f"the vCPU has no {'user' if user else 'kernel'} base pointer")
     if not canonical(va):
         raise XenError(Errno.EINVAL, f"va {va:#x} is not canonical (the CPU raises #GP, which the model does not deliver)")
+    if HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
+        slot = (va >> 39) & 511
+        if memory.entries(root).item(slot) & P:
+            return PageFault(va, code | PFEC_page_present, f"va {va:#x} is in Xen's range: L4 entry {slot} of mfn {root:#x} lacks USER")
+        return PageFault(va, code, f"va {va:#x} is in Xen's range: L4 entry {slot} of mfn {root:#x} is not present")
     path = walk_entries(memory, root, va)
     flags = P | RW | US
     for level, (table, slot, entry) in zip(_LEVELS, path):
