@@ -125,8 +125,9 @@ def reachability(hv) -> list[str]:
     cache. A translation follows entries with PRESENT and USER at every level (the guest runs
     in ring 3, so Xen's own entries, which lack USER, lead nowhere); every frame it passes
     through or ends at must be the domain's own, or, for a privileged domain (which may map
-    foreign frames, section 2.2), any domain's, or one of Xen's read-only. A finding names one
-    path from a root to the offending entry.
+    foreign frames: get_page_from_l1e with a foreign pg_owner, xen/arch/x86/mm.c), any
+    domain's, or one of Xen's read-only. A finding names one path from a root to the
+    offending entry.
 
     The walk goes a level at a time over every table of every domain at that level at once
     (numpy over their stacked entries), so a table shared by many roots and paths is read
@@ -192,7 +193,8 @@ class _Reach:
                     seen[key] = None
                     node.append((table, writable, parent, slot, root))
             if not node:
-                break
+                children = []
+                continue
             words = np.array([memory.entries(n[0]) for n in node])
             at, index = np.nonzero((words & _P_US) == _P_US)
             entries = words[at, index]

@@ -10,7 +10,7 @@ lead to Xen's own tables; Xen refuses to copy guest arguments from there (access
 xen/arch/x86/include/asm/x86_64/uaccess.h) and a guest access there faults on Xen's entries.
 """
 
-from .abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, PAGE_SIZE, PTE_MFN_MASK, Pte
+from .abi import HYPERVISOR_VIRT_END, PAGE_SHIFT, PAGE_SIZE, PTE_MFN_MASK, Pte
 from .errors import SimulatorBug
 from .memory import MachineMemory
 
@@ -24,8 +24,9 @@ def canonical(va: int) -> bool:
 
 
 def guest_addr_ok(va: int) -> bool:
-    """Xen's __addr_ok for a 64-bit PV guest: canonical and outside Xen's reserved range."""
-    return canonical(va) and not HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END
+    """Xen's __addr_ok for a 64-bit PV guest: canonical and outside Xen's reserved range
+    (the lower half, or from HYPERVISOR_VIRT_END up)."""
+    return 0 <= va < (1 << 47) or HYPERVISOR_VIRT_END <= va < (1 << 64)
 
 
 def walk_entries(memory: MachineMemory, l4: int, va: int) -> list[tuple[int, int, int]]:

@@ -11,7 +11,7 @@ read-only, has it validated as an L4 (pin or base load) and then loads and store
 import numpy as np
 import pytest
 
-from hypervisor.core import audit
+from hypervisor.core import XenError, audit
 from hypervisor.core.abi import (
     HYPERVISOR_L4_FIRST,
     HYPERVISOR_L4_LAST,
@@ -162,7 +162,7 @@ def test_xen_reads_no_vcpu_bitmap_in_its_own_range(hv, guest):
         guest.mmuext((MmuextCmd.TLB_FLUSH_MULTI, 0, LINEAR_VA))
     pfn, mfn = guest.alloc()
     l1, index = guest.direct_l1(pfn)
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(XenError) as caught:
         guest.call("update_va_mapping", va=guest.direct_va(pfn), val=(mfn << PAGE_SHIFT) | P | A | D, flags=1 | LINEAR_VA)
     assert caught.value.errno == Errno.EFAULT
     assert int(hv.memory.entries(l1)[index]) & RW == 0, "the PTE was updated before the bitmap read"
@@ -217,3 +217,17 @@ def test_audit_reports_a_tlb_entry_of_another_domains_frame(hv, guest, other):
     finally:
         tlb.flush()
     assert f"dom{guest.domid} vCPU 1 TLB: va {va:#x} maps mfn {secret:#x} owned by dom{other.domid}" in found
+
+
+def test_audit_walks_a_pinned_l1_no_base_reaches(hv, guest, other):
+    """Pinned tables are roots of their own, walked at their level."""
+    _, secret = other.new_data_page(SECRET)
+    pfn, l1 = guest.new_table()
+    guest.make_readonly(pfn)
+    guest.pin(1, l1)
+    hv.memory.frame(l1)[3] = (secret << PAGE_SHIFT) | P | US | A
+    try:
+        found = reach_findings(hv)
+    finally:
+        hv.memory.frame(l1)[3] = 0
+    assert found == [f"dom{guest.domid} pinned L1 mfn {l1:#x}: L1 mfn {l1:#x} entry 3 reaches mfn {secret:#x} owned by dom{other.domid}"]
