@@ -69,10 +69,10 @@ ENTRY_FLAGS = st.one_of(
 )
 
 
-def garbage(*known: Bundle) -> st.SearchStrategy[int]:
+def garbage(frames: Bundle) -> st.SearchStrategy[int]:
     """Words a hostile guest leaves in a frame: anything, or an entry naming a frame it knows
     (its own, another domain's, a forged chain), one of Xen's, or one past the end of RAM."""
-    mfn = st.one_of(*known, st.integers(0, RESERVED_FRAMES - 1), st.integers(NR_FRAMES, (1 << 40) - 1))
+    mfn = st.one_of(frames, st.integers(0, RESERVED_FRAMES - 1), st.integers(NR_FRAMES, (1 << 40) - 1))
     entry = st.builds(lambda m, f: (m << PAGE_SHIFT | f) & 0xFFFFFFFFFFFFFFFF, mfn, ENTRY_FLAGS)
     return st.one_of(entry, st.integers(0, 2**64 - 1))
 
@@ -81,7 +81,6 @@ class HostileGuests(RuleBasedStateMachine):
     issued = 0  # hypercalls made by every example so far (HYPERCALLS ops, as the core counts them)
     frames = Bundle("frames")
     tables = Bundle("tables")
-    chains = Bundle("chains")
     ports = Bundle("ports")
 
     @initialize(target=frames)
@@ -107,7 +106,7 @@ class HostileGuests(RuleBasedStateMachine):
 
     # -- building blocks a guest would use ---------------------------------------------------
 
-    @rule(target=chains, who=WHO, leaves=st.lists(garbage(frames), min_size=1, max_size=4))
+    @rule(target=frames, who=WHO, leaves=st.lists(garbage(frames), min_size=1, max_size=4))
     def forge_chain(self, who, leaves):
         """The issue's attack material: an L3 -> L2 -> L1 chain of the guest's own plain pages,
         all entries USER and writable, whose L1 holds `leaves` (often entries naming another
@@ -122,7 +121,7 @@ class HostileGuests(RuleBasedStateMachine):
         _, l3 = guest.new_table({i: l2 << PAGE_SHIFT | table for i in range(4)})
         return l3
 
-    @rule(target=tables, who=WHO, mapped=st.booleans(), junk=st.dictionaries(st.one_of(XEN_SLOTS, SLOTS), garbage(frames, chains), max_size=6))
+    @rule(target=tables, who=WHO, mapped=st.booleans(), junk=st.dictionaries(st.one_of(XEN_SLOTS, SLOTS), garbage(frames), max_size=6))
     def build_tree(self, who, mapped, junk):
         """A process tree whose L4 also holds `junk`, left there before it is pinned or loaded:
         in Xen's slots it must be accepted and clobbered, elsewhere it mostly fails validation."""
@@ -136,7 +135,7 @@ class HostileGuests(RuleBasedStateMachine):
             return multiple()
         return multiple(tree["l4"], tree["l3"], tree["l2"], tree["l1"])
 
-    @rule(who=WHO, frame=st.one_of(tables, frames), words=st.dictionaries(st.one_of(XEN_SLOTS, SLOTS), garbage(frames, chains), min_size=1, max_size=8))
+    @rule(who=WHO, frame=st.one_of(tables, frames), words=st.dictionaries(st.one_of(XEN_SLOTS, SLOTS), garbage(frames), min_size=1, max_size=8))
     def scribble(self, who, frame, words):
         """Raw writes into a frame: plain memory (a table not live is plain too), or a checked
         update of a live table, which refuses Xen's slots."""
