@@ -77,12 +77,17 @@ class PageType(IntEnum):
     WRITABLE = 7
 
 
-# Xen's reserved L4 slots for a 64-bit PV guest (section 9.1).
+# Xen's reserved L4 slots for a 64-bit PV guest (section 9.1), and those of them where Xen
+# maps something of its own in every guest L4 (xen/arch/x86/include/asm/config.h; written by
+# xen/arch/x86/mm.c init_xen_l4_slots).
 HYPERVISOR_L4_FIRST = 256
 HYPERVISOR_L4_LAST = 271
 HYPERVISOR_VIRT_START = 0xFFFF800000000000
 HYPERVISOR_VIRT_END = 0xFFFF880000000000
-L4_SLOT_LINEAR = 258  # Xen's own self-map of every L4
+L4_SLOT_LINEAR = 258  # LINEAR_PT_VIRT_START: Xen's own self-map of every L4
+L4_SLOT_PERDOMAIN = 260  # PERDOMAIN_VIRT_START: per-domain mappings (GDT/LDT shadows, mapcache)
+L4_SLOT_XEN = 261  # XEN_VIRT_START's slot: M2P, vmap, Xen's text and data, frame table
+L4_SLOT_DIRECTMAP = 262  # DIRECTMAP_VIRT_START: the direct map of RAM, slots 262..271 for PV
 
 
 class MmuCmd(IntEnum):

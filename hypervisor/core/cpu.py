@@ -14,9 +14,14 @@ which is how the hardware sets the dirty bit.
 
 Why USER in kernel mode too: a 64-bit PV guest kernel runs in ring 3, so to the CPU all its
 accesses are user accesses. Xen adds USER to every entry it stores (section 2.5), so only Xen's
-own slots (the linear map in L4 slot 258) are out of the guest's reach, and the guest's kernel
-and user are kept apart by the two bases. The error code's U bit tells the guest's mode, as
-Xen's pv_inject_event rewrites it.
+own entries are out of the guest's reach, and the guest's kernel and user are kept apart by the
+two bases. The error code's U bit tells the guest's mode, as Xen's pv_inject_event rewrites it.
+
+Xen's range (L4 slots 256..271) is never walked: an access there faults on the L4 entry Xen
+wrote into every base (pagetable.xen_l4_slots), which is empty or lacks USER, whatever lies
+below it, and whatever the base's slot holds. Xen passes such a fault to the guest (xen/arch/x86/traps.c fixup_page_fault does not
+emulate in Xen's range). The error code's P bit is that of Xen's L4 entry: the model has none
+of Xen's lower tables, where a real walk could meet a hole and clear it.
 
 The stale-TLB oracle. The CPU uses a cached translation until it is flushed, even after the
 entry behind it changed, and so does the model; but a hit that the current tables would not
@@ -44,10 +49,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import ptwr
-from .abi import PAGE_SHIFT, PAGE_SIZE, Errno, PFEC_page_present, PFEC_user_mode, PFEC_write_access
+from .abi import HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, PAGE_SIZE, Errno, PFEC_page_present, PFEC_user_mode, PFEC_write_access
 from .domain import Vcpu
 from .errors import SimulatorBug, XenError
-from .memory import MachineMemory
 from .pagetable import RW, US, A, D, G, P, entry_mfn
 from .tlb import TlbEntry
 from .walk import canonical, walk_entries
@@ -91,15 +95,21 @@ def _translate(hv: "Hypervisor", vcpu: Vcpu, va: int, user: bool, write: bool) -
     return _fill(hv, vcpu, va, user, write)
 
 
-def _walk(memory: MachineMemory, root: int, va: int, user: bool, write: bool) -> tuple[list, int] | PageFault:
+def _walk(hv: "Hypervisor", root: int, va: int, user: bool, write: bool) -> tuple[list, int] | PageFault:
     """What the current tables say about an access, without side effects: the walk's
-    (table, slot, entry) per level and the effective P/RW/USER flags, or the fault."""
+    (table, slot, entry) per level and the effective P/RW/USER flags, or the fault. In Xen's
+    range it is Xen's own L4 entry that answers, whatever the base holds there."""
     code = _error_code(user, write)
     if not root:
         return PageFault(va, code, f"the vCPU has no {'user' if user else 'kernel'} base pointer")
     if not canonical(va):
         raise XenError(Errno.EINVAL, f"va {va:#x} is not canonical (the CPU raises #GP, which the model does not deliver)")
-    path = walk_entries(memory, root, va)
+    if HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
+        slot = (va >> 39) & 511
+        if hv.pagetables.xen_l4_entries(root).item(slot - HYPERVISOR_L4_FIRST) & P:
+            return PageFault(va, code | PFEC_page_present, f"va {va:#x} is in Xen's range: L4 entry {slot} of mfn {root:#x} lacks USER")
+        return PageFault(va, code, f"va {va:#x} is in Xen's range: L4 entry {slot} of mfn {root:#x} is not present")
+    path = walk_entries(hv.memory, root, va)
     flags = P | RW | US
     for level, (table, slot, entry) in zip(_LEVELS, path):
         if not entry & P:
@@ -119,7 +129,7 @@ def _walk(memory: MachineMemory, root: int, va: int, user: bool, write: bool) ->
 def _fill(hv: "Hypervisor", vcpu: Vcpu, va: int, user: bool, write: bool) -> TlbEntry | PageFault:
     """A TLB miss: walk, set the accessed (and dirty) bits, cache the translation."""
     root = vcpu.guest_table_user if user else vcpu.guest_table
-    walked = _walk(hv.memory, root, va, user, write)
+    walked = _walk(hv, root, va, user, write)
     if walked.__class__ is PageFault:
         vcpu.tlb.invlpg(va)
         return walked
@@ -143,7 +153,7 @@ def _recheck(hv: "Hypervisor", vcpu: Vcpu, va: int, hit: TlbEntry, root: int, us
     permissions, the entry is re-based so the next hit is cheap again). Otherwise the hit is
     stale: counted, then used as the CPU would, or in strict mode dropped and faulted (with P
     set when the current tables would translate, which a guest treats as a spurious fault)."""
-    walked = _walk(hv.memory, root, va, user, write)
+    walked = _walk(hv, root, va, user, write)
     if walked.__class__ is PageFault:
         current, fault = None, walked
     else:

@@ -100,7 +100,9 @@ class Hypervisor:
         self.strict_tlb = strict_tlb
         self.memory = MachineMemory(nr_frames)
         self.frames = FrameTable(nr_frames, self.memory)
-        self.pagetables = PageTables(self.frames)
+        xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES)
+        self.frames.flags[xen] |= np.uint8(XEN_HEAP)
+        self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]))
         self.frames.forget_mappings = self._forget_mappings
         self.m2p = np.full(nr_frames, INVALID_M2P, dtype=np.uint64)
         self.domains: dict[int, Domain] = {}
@@ -109,8 +111,6 @@ class Hypervisor:
         self.tracer: Callable[[dict], None] | None = None
         self.stats: Counter = Counter()
         self.sched = Scheduler()  # kicks for the adapter, timers on the caller's clock
-        xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES)
-        self.frames.flags[xen] |= np.uint8(XEN_HEAP)
 
     # -- the dispatch ------------------------------------------------------------------------
 

@@ -21,7 +21,10 @@ from .abi import (
     HYPERVISOR_L4_FIRST,
     HYPERVISOR_L4_LAST,
     INVALID_MFN,
+    L4_SLOT_DIRECTMAP,
     L4_SLOT_LINEAR,
+    L4_SLOT_PERDOMAIN,
+    L4_SLOT_XEN,
     PAGE_SHIFT,
     PTE_MFN_MASK,
     Errno,
@@ -37,6 +40,33 @@ CACHE_BITS = int(Pte.PWT | Pte.PCD)
 
 # Flags whose change alone takes the fast path of mod_lN_entry (FASTPATH_FLAG_WHITELIST).
 FASTPATH_WHITELIST = int(Pte.NX | Pte.AVAIL_HIGH | Pte.AVAIL | Pte.GLOBAL | Pte.DIRTY | Pte.ACCESSED | Pte.USER)
+
+# The flags of Xen's own mappings (__PAGE_HYPERVISOR_RW, xen/arch/x86/include/asm/page.h):
+# no USER, so no access of a PV guest, which always runs in ring 3, passes such an entry.
+PAGE_HYPERVISOR_RW = P | RW | A | D | int(Pte.NX)
+L4_ENTRY_FRAMES = 1 << (39 - PAGE_SHIFT)  # the frames one L4 slot spans (512 GiB)
+XEN_SLOTS = slice(HYPERVISOR_L4_FIRST, HYPERVISOR_L4_LAST + 1)
+
+
+def xen_l4_slots(xen_l3: int, nr_frames: int) -> np.ndarray:
+    """Xen's entries for L4 slots 256..271 of a 64-bit PV guest, as init_xen_l4_slots
+    (xen/arch/x86/mm.c) writes them when promote_l4_table has validated the guest's slots, with
+    the linear slot's frame left 0 (each L4 maps itself there).
+
+    Slot by slot: 256, the read-only M2P, is empty (Xen fills it only for m2p_strict guests,
+    or later in new_guest_cr3, and the model maps no M2P for guests); 257, PCI MMCONFIG, is
+    empty (the model has no PCI); 258 maps the L4 itself; 259, the shadow linear map, is empty
+    for a PV guest; 260 (per-domain area), 261 (Xen's text, M2P, frame table) and the
+    direct-map slots from 262 that cover the machine's RAM hold Xen's own L3s, for which the
+    model has one Xen-owned frame `xen_l3` with no contents. No guest walk ever enters them:
+    a guest access to Xen's range faults before any walk (cpu), and they lack USER besides.
+    """
+    slots = np.zeros(HYPERVISOR_L4_LAST - HYPERVISOR_L4_FIRST + 1, dtype=np.uint64)
+    directmap = min(-(-nr_frames // L4_ENTRY_FRAMES), HYPERVISOR_L4_LAST + 1 - L4_SLOT_DIRECTMAP)
+    for slot in (L4_SLOT_PERDOMAIN, L4_SLOT_XEN, *range(L4_SLOT_DIRECTMAP, L4_SLOT_DIRECTMAP + directmap)):
+        slots[slot - HYPERVISOR_L4_FIRST] = (xen_l3 << PAGE_SHIFT) | PAGE_HYPERVISOR_RW
+    slots[L4_SLOT_LINEAR - HYPERVISOR_L4_FIRST] = PAGE_HYPERVISOR_RW
+    return slots
 
 
 def _guest_slots(level: int) -> np.ndarray:
@@ -106,9 +136,10 @@ def has_changed(old: int, new: int) -> bool:
 class PageTables:
     """Validation and checked updates of pagetable frames, over one frame table."""
 
-    def __init__(self, frames: FrameTable):
+    def __init__(self, frames: FrameTable, xen_l3: int):
         self.frames = frames
         self.memory = frames.memory
+        self._xen_l4 = xen_l4_slots(xen_l3, frames.nr_frames)
         frames.promote = self.promote
         frames.demote = self.demote
         self.entries_validated = 0  # counter for benchmarks and stats
@@ -257,7 +288,15 @@ class PageTables:
             index = np.asarray(slots)
             table[index] |= _U64(level.adjust)
         if level.level == 4:
-            self.memory.frame(mfn)[L4_SLOT_LINEAR] = _U64((mfn << PAGE_SHIFT) | P | RW | A | D)
+            self.memory.frame(mfn)[XEN_SLOTS] = self.xen_l4_entries(mfn)
+
+    def xen_l4_entries(self, l4: int) -> np.ndarray:
+        """What Xen's slots 256..271 of L4 `l4` hold once it is validated (`xen_l4_slots`):
+        written over whatever the guest left there, and never read as the guest's entries
+        (validation, devalidation and audit skip them: they hold no reference)."""
+        entries = self._xen_l4.copy()
+        entries[L4_SLOT_LINEAR - HYPERVISOR_L4_FIRST] |= _U64(l4 << PAGE_SHIFT)
+        return entries
 
     def demote(self, mfn: int, kind: PageType) -> None:
         """Drop the references every entry of a table holds (section 1.6); cannot fail."""

@@ -4,9 +4,14 @@ Xen copies hypercall arguments that live in guest memory (the vCPU bitmaps of th
 flushes, section 10) through the calling vCPU's current kernel pagetable, as supervisor, so
 only presence matters here. The guest's own loads and stores, with permissions, accessed and
 dirty bits and the TLB, are the CPU model's business and build on `walk_entries`.
+
+Only guest addresses are walked. Xen's range (L4 slots 256..271) holds Xen's entries, which
+lead to Xen's own tables; Xen refuses to copy guest arguments from there (access_ok,
+xen/arch/x86/include/asm/x86_64/uaccess.h) and a guest access there faults on Xen's entries.
 """
 
-from .abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, PAGE_SIZE, PTE_MFN_MASK, Pte
+from .abi import HYPERVISOR_VIRT_END, PAGE_SHIFT, PAGE_SIZE, PTE_MFN_MASK, Pte
+from .errors import SimulatorBug
 from .memory import MachineMemory
 
 _P = int(Pte.PRESENT)
@@ -19,13 +24,17 @@ def canonical(va: int) -> bool:
 
 
 def guest_addr_ok(va: int) -> bool:
-    """Xen's __addr_ok for a 64-bit PV guest: canonical and outside Xen's reserved range."""
-    return canonical(va) and not HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END
+    """Xen's __addr_ok for a 64-bit PV guest: canonical and outside Xen's reserved range
+    (the lower half, or from HYPERVISOR_VIRT_END up)."""
+    return 0 <= va < (1 << 47) or HYPERVISOR_VIRT_END <= va < (1 << 64)
 
 
 def walk_entries(memory: MachineMemory, l4: int, va: int) -> list[tuple[int, int, int]]:
-    """The (table mfn, slot, entry) of each level visited for `va`, stopping after the first
-    non-present entry. A complete walk has four items and a present last entry."""
+    """The (table mfn, slot, entry) of each level visited for guest address `va`, stopping
+    after the first non-present entry. A complete walk has four items and a present last
+    entry. Callers check `guest_addr_ok` first: Xen's slots are never walked."""
+    if not guest_addr_ok(va):
+        raise SimulatorBug(f"walk of va {va:#x}, which is not a guest address")
     path = []
     table = l4
     for shift in LEVEL_SHIFTS:
@@ -41,8 +50,9 @@ def walk_entries(memory: MachineMemory, l4: int, va: int) -> list[tuple[int, int
 
 
 def translate(memory: MachineMemory, l4: int, va: int) -> int | None:
-    """The mfn backing `va` under the table `l4`, or None where the walk finds no page."""
-    if not l4 or not canonical(va):
+    """The mfn backing `va` under the table `l4`, or None where the walk finds no page or
+    `va` is not a guest address."""
+    if not l4 or not guest_addr_ok(va):
         return None
     path = walk_entries(memory, l4, va)
     last = path[-1][2]
@@ -53,7 +63,8 @@ def translate(memory: MachineMemory, l4: int, va: int) -> int | None:
 
 
 def copy_from_guest(memory: MachineMemory, l4: int, va: int, length: int) -> bytes | None:
-    """Read `length` bytes at guest virtual `va` as Xen's copy_from_guest does; None on a fault."""
+    """Read `length` bytes at guest virtual `va` as Xen's copy_from_guest does; None on a
+    fault, which includes any page outside the guest's range."""
     out = bytearray()
     while length:
         mfn = translate(memory, l4, va)

@@ -152,10 +152,11 @@ class Guest:
             self.set_entry(mfn, index, value)
         return pfn, mfn
 
-    def new_pgd(self, user_pages: dict[int, int] | None = None, user_rw: bool = True, kernel: bool = True) -> dict:
+    def new_pgd(self, user_pages: dict[int, int] | None = None, user_rw: bool = True, kernel: bool = True, l4_entries: dict[int, int] | None = None) -> dict:
         """An L4 with the boot kernel half copied in and a fresh L3/L2/L1 chain mapping
-        `user_pages` (va -> mfn). All its table pages are made read-only in the direct map, as
-        Linux does before pinning. Returns the tree's mfns and pfns."""
+        `user_pages` (va -> mfn), plus any raw `l4_entries` (index -> value) written over them.
+        All its table pages are made read-only in the direct map, as Linux does before pinning.
+        Returns the tree's mfns and pfns."""
         l1_pfn, l1 = self.new_table(
             {slot(va, 1): (m << PAGE_SHIFT) | P | US | A | D | (RW if user_rw else 0) for va, m in (user_pages or {}).items()}
         )
@@ -166,7 +167,7 @@ class Guest:
         if kernel:
             boot = self.hv.memory.entries(self.l4)
             entries.update({i: int(boot[i]) for i in range(272, 512) if int(boot[i]) & P})
-        l4_pfn, l4 = self.new_table(entries)
+        l4_pfn, l4 = self.new_table({**entries, **(l4_entries or {})})
         tree = {"l4": l4, "l3": l3, "l2": l2, "l1": l1, "pfns": [l4_pfn, l3_pfn, l2_pfn, l1_pfn]}
         for pfn in tree["pfns"]:
             self.make_readonly(pfn)

@@ -151,7 +151,7 @@ def test_xens_linear_map_lacks_user_so_both_modes_fault(hv, guest, user):
     guest.mmuext((MmuextCmd.NEW_USER_BASEPTR, guest.l4))
     got = guest.load(LINEAR_VA, user=user)
     assert got.error_code == PF_P | (PF_U if user else 0)
-    assert got.detail == f"L4 entry {L4_SLOT_LINEAR} of mfn {guest.l4:#x} lacks USER"
+    assert got.detail == f"va {LINEAR_VA:#x} is in Xen's range: L4 entry {L4_SLOT_LINEAR} of mfn {guest.l4:#x} lacks USER"
     assert guest.store(LINEAR_VA, 0).error_code == PF_P | PF_W  # not a guest address: no ptwr
 
 

@@ -162,7 +162,7 @@ def test_l2_update_flushes_owner_tlbs(hv, guest):
     tree = guest.new_pgd()
     guest.pin(4, tree["l4"])
     vcpu = guest.domain.vcpus[1]
-    vcpu.tlb.fill(5, TlbEntry(mfn=1, flags=P, is_global=True, user=False))
+    vcpu.tlb.fill(5, TlbEntry(mfn=guest.mfn(0), flags=P, is_global=True, user=False))
     pfn, l1 = guest.new_table()
     guest.make_readonly(pfn)
     guest.mmu_update((ptr(tree["l2"], 9), pte(l1, TABLE)))
@@ -174,7 +174,7 @@ def test_l1_update_does_not_flush(hv, guest):
 
     l1 = pinned_l1(guest)
     vcpu = guest.domain.vcpus[1]
-    vcpu.tlb.fill(5, TlbEntry(mfn=1, flags=P, is_global=False, user=False))
+    vcpu.tlb.fill(5, TlbEntry(mfn=guest.mfn(0), flags=P, is_global=False, user=False))
     guest.mmu_update((ptr(l1, 0), pte(guest.alloc()[1])))
     assert len(vcpu.tlb) == 1
 

@@ -158,7 +158,7 @@ def test_new_baseptr_unpinned_validates_then_switch_away_devalidates(hv, guest):
 
 def test_new_baseptr_flushes_including_global(hv, guest):
     vcpu = guest.domain.vcpus[0]
-    vcpu.tlb.fill(1, TlbEntry(mfn=5, flags=P, is_global=True, user=True))
+    vcpu.tlb.fill(1, TlbEntry(mfn=guest.mfn(0), flags=P, is_global=True, user=True))
     guest.new_baseptr(guest.l4)  # same base: reload only
     assert len(vcpu.tlb) == 0
 
@@ -259,15 +259,15 @@ def test_tlb_flush_multi_flushes_named_vcpus_only(hv):
 
     guest = Guest(hv, nr_vcpus=3)
     for vcpu in guest.domain.vcpus:
-        vcpu.tlb.fill(7, TlbEntry(mfn=1, flags=P, is_global=False, user=False))
+        vcpu.tlb.fill(7, TlbEntry(mfn=guest.mfn(0), flags=P, is_global=False, user=False))
     guest.mmuext((MmuextCmd.TLB_FLUSH_MULTI, 0, cpumask_va(guest, 0b110 | 1 << 40)))
     assert [len(v.tlb) for v in guest.domain.vcpus] == [1, 0, 0]
 
 
 def test_invlpg_multi_drops_one_page(hv, guest):
     vcpu = guest.domain.vcpus[1]
-    vcpu.tlb.fill(7, TlbEntry(mfn=1, flags=P, is_global=True, user=False))
-    vcpu.tlb.fill(8, TlbEntry(mfn=1, flags=P, is_global=True, user=False))
+    vcpu.tlb.fill(7, TlbEntry(mfn=guest.mfn(0), flags=P, is_global=True, user=False))
+    vcpu.tlb.fill(8, TlbEntry(mfn=guest.mfn(0), flags=P, is_global=True, user=False))
     guest.mmuext((MmuextCmd.INVLPG_MULTI, 7 << PAGE_SHIFT, cpumask_va(guest, 0b10)))
     assert list(vcpu.tlb.entries) == [8]
 
@@ -279,7 +279,7 @@ def test_tlb_flush_multi_bad_mask_pointer_einval(hv, guest):
 
 def test_tlb_flush_all_and_local(hv, guest):
     for vcpu in guest.domain.vcpus:
-        vcpu.tlb.fill(7, TlbEntry(mfn=1, flags=P, is_global=True, user=False))
+        vcpu.tlb.fill(7, TlbEntry(mfn=guest.mfn(0), flags=P, is_global=True, user=False))
     guest.mmuext((MmuextCmd.TLB_FLUSH_LOCAL,), vcpu=1)
     assert [len(v.tlb) for v in guest.domain.vcpus] == [1, 0]
     guest.mmuext((MmuextCmd.TLB_FLUSH_ALL,))

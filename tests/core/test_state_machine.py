@@ -1,8 +1,12 @@
 """Random, partly hostile hypercalls from three domains of three vCPUs; audit after every step.
 
 Rules are hypercalls (bad levels, foreign frames, writable mappings of tables, double pins,
-unpins of unpinned frames, Xen's reserved slots, stray commands, foreign-domain tricks);
-invariants: audit finds nothing, no exception but XenError (or VcpuNotRunning, for a vCPU
+unpins of unpinned frames, Xen's reserved slots, stray commands, foreign-domain tricks), and
+garbage left in frames before they become tables: arbitrary words and words that look like
+entries naming another domain's frames, Xen's frames or frames past the end of RAM, in any
+slot, Xen's L4 slots 256..271 included. Invariants: audit finds nothing (its reachability
+check included: no translation of any base, pin or TLB reaches a frame its domain may not),
+every access to Xen's range faults, no exception but XenError (or VcpuNotRunning, for a vCPU
 that is down or of a domain that shut down) escapes, and a call that fails before committing
 any entry leaves the model exactly as it was. Domains are destroyed and re-created along the
 way, so destruction is exercised from random states.
@@ -32,12 +36,16 @@ from hypervisor.core.abi import (
     DOMID_IO,
     DOMID_SELF,
     DOMID_XEN,
+    HYPERVISOR_L4_FIRST,
+    HYPERVISOR_L4_LAST,
+    HYPERVISOR_VIRT_END,
+    HYPERVISOR_VIRT_START,
     PAGE_SHIFT,
     MmuCmd,
     MmuextCmd,
     Pte,
 )
-from hypervisor.core.hypervisor import HYPERCALLS
+from hypervisor.core.hypervisor import HYPERCALLS, RESERVED_FRAMES
 from hypervisor.core.trace import state_digest
 
 from .guest import Guest
@@ -45,12 +53,29 @@ from .guest import Guest
 FLAG_SETS = st.lists(st.sampled_from([int(f) for f in Pte if f.bit_count() == 1]), max_size=5).map(lambda fs: sum(set(fs)))
 TABLE_FLAGS = st.sampled_from([int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY), int(Pte.PRESENT | Pte.ACCESSED)])
 SLOTS = st.one_of(st.sampled_from([0, 1, 255, 256, 258, 271, 272, 511]), st.integers(0, 511))
+XEN_SLOTS = st.integers(HYPERVISOR_L4_FIRST, HYPERVISOR_L4_LAST)
 NR_DOMAINS = 3
 NR_VCPUS = 3
 WHO = st.integers(0, NR_DOMAINS - 1)  # also a peer: a domain naming itself by number is a case too
 VCPU = st.integers(0, NR_VCPUS - 1)
 ONLINE = 2  # vCPUs running from the start; the last is left down for VCPUOP_initialise and up
 NR_PAGES = 160
+NR_FRAMES = 1 << 12
+# Addresses in Xen's range: its first and last word, the linear map over the boot L3 (present
+# all the way down), and the per-domain and direct-map slots.
+XEN_VAS = [HYPERVISOR_VIRT_START, 0xFFFF810000000000 | 272 << 30, 0xFFFF820000000000, 0xFFFF830000001000, HYPERVISOR_VIRT_END - 8]
+ENTRY_FLAGS = st.one_of(
+    st.sampled_from([int(Pte.PRESENT | Pte.RW | Pte.USER | Pte.ACCESSED | Pte.DIRTY), int(Pte.PRESENT | Pte.USER | Pte.ACCESSED)]),
+    FLAG_SETS,
+)
+
+
+def garbage(frames: Bundle) -> st.SearchStrategy[int]:
+    """Words a hostile guest leaves in a frame: anything, or an entry naming a frame it knows
+    (its own, another domain's, a forged chain), one of Xen's, or one past the end of RAM."""
+    mfn = st.one_of(frames, st.integers(0, RESERVED_FRAMES - 1), st.integers(NR_FRAMES, (1 << 40) - 1))
+    entry = st.builds(lambda m, f: (m << PAGE_SHIFT | f) & 0xFFFFFFFFFFFFFFFF, mfn, ENTRY_FLAGS)
+    return st.one_of(entry, st.integers(0, 2**64 - 1))
 
 
 class HostileGuests(RuleBasedStateMachine):
@@ -61,7 +86,7 @@ class HostileGuests(RuleBasedStateMachine):
 
     @initialize(target=frames)
     def boot(self):
-        self.hv = Hypervisor(nr_frames=1 << 12)
+        self.hv = Hypervisor(nr_frames=NR_FRAMES)
         self.guests = [Guest(self.hv, nr_pages=NR_PAGES, nr_vcpus=NR_VCPUS, online=ONLINE) for _ in range(NR_DOMAINS)]
         interesting = {0, 5, self.hv.nr_frames - 1, self.hv.nr_frames + 3}
         for g in self.guests:
@@ -85,17 +110,53 @@ class HostileGuests(RuleBasedStateMachine):
 
     # -- building blocks a guest would use ---------------------------------------------------
 
-    @rule(target=tables, who=WHO, mapped=st.booleans())
-    def build_tree(self, who, mapped):
+    @rule(target=frames, who=WHO, leaves=st.lists(garbage(frames), min_size=1, max_size=4))
+    def forge_chain(self, who, leaves):
+        """The issue's attack material: an L3 -> L2 -> L1 chain of the guest's own plain pages,
+        all entries USER and writable, whose L1 holds `leaves` (often entries naming another
+        domain's frames, Xen's, or frames past RAM). Nothing checks plain pages; what matters
+        is that no validated table ever lets a walk into it."""
+        guest = self.guests[who]
+        if guest.next_pfn + 4 >= NR_PAGES:
+            guest.next_pfn = guest.start_info["first_free_pfn"] + 8
+        table = int(Pte.PRESENT | Pte.RW | Pte.USER | Pte.ACCESSED | Pte.DIRTY)
+        try:
+            _, l1 = guest.new_table(dict(enumerate(leaves)))
+            _, l2 = guest.new_table({i: l1 << PAGE_SHIFT | table for i in range(4)})
+            _, l3 = guest.new_table({i: l2 << PAGE_SHIFT | table for i in range(4)})
+        except VcpuNotRunning:  # its vCPU 0 was taken down: it writes nothing
+            return multiple()
+        return l3
+
+    @rule(target=tables, who=WHO, mapped=st.booleans(), junk=st.dictionaries(st.one_of(XEN_SLOTS, SLOTS), garbage(frames), max_size=6))
+    def build_tree(self, who, mapped, junk):
+        """A process tree whose L4 also holds `junk`, left there before it is pinned or loaded:
+        in Xen's slots it must be accepted and clobbered, elsewhere it mostly fails validation."""
         guest = self.guests[who]
         if guest.next_pfn + 6 >= NR_PAGES:
             guest.next_pfn = guest.start_info["first_free_pfn"] + 8
         data = {0x400000: guest.alloc()[1]} if mapped else None
         try:
-            tree = guest.new_pgd(data)
+            tree = guest.new_pgd(data, l4_entries=junk)
         except (XenError, VcpuNotRunning):
             return multiple()
         return multiple(tree["l4"], tree["l3"], tree["l2"], tree["l1"])
+
+    @rule(who=WHO, frame=st.one_of(tables, frames), words=st.dictionaries(st.one_of(XEN_SLOTS, SLOTS), garbage(frames), min_size=1, max_size=8))
+    def scribble(self, who, frame, words):
+        """Raw writes into a frame: plain memory (a table not live is plain too), or a checked
+        update of a live table, which refuses Xen's slots."""
+        self.attempt(who, "mmu_update", reqs=[[(frame << PAGE_SHIFT) + 8 * slot, value] for slot, value in words.items()])
+
+    @rule(who=WHO, mfn=frames)
+    def make_readonly(self, who, mfn):
+        """Drop the direct map's write access to a frame (the guest's own, or not), so that it
+        may be pinned with whatever it holds."""
+        guest = self.guests[who]
+        pfn = int(self.hv.m2p[mfn]) if mfn < NR_FRAMES else -1
+        if 0 <= pfn < NR_PAGES:
+            l1, index = guest.direct_l1(pfn)
+            self.attempt(who, "mmu_update", reqs=[[(l1 << PAGE_SHIFT) + 8 * index, mfn << PAGE_SHIFT | int(Pte.PRESENT | Pte.ACCESSED)]])
 
     @rule(who=WHO, table=st.one_of(tables, frames), slot=SLOTS, to=st.one_of(tables, frames), flags=FLAG_SETS, cmd=st.sampled_from([0, 0, 0, 1, 2, 3, 5]))
     def mmu_update(self, who, table, slot, to, flags, cmd):
@@ -120,13 +181,15 @@ class HostileGuests(RuleBasedStateMachine):
         cmd = MmuextCmd.NEW_USER_BASEPTR if user else MmuextCmd.NEW_BASEPTR
         self.attempt(who, "mmuext_op", vcpu, ops=[[cmd, mfn, 0]])
 
-    @rule(who=WHO, vcpu=VCPU, cmd=st.sampled_from(list(MmuextCmd) + [14, 40]), arg1=st.one_of(tables, frames), arg2=st.one_of(frames, st.integers(0, 2**64 - 1)))
+    @rule(who=WHO, vcpu=VCPU, cmd=st.sampled_from(list(MmuextCmd) + [14, 40]), arg1=st.one_of(tables, frames), arg2=st.one_of(frames, st.sampled_from(XEN_VAS), st.integers(0, 2**64 - 1)))
     def any_mmuext(self, who, vcpu, cmd, arg1, arg2):
         self.attempt(who, "mmuext_op", vcpu, ops=[[int(cmd), arg1, arg2]])
 
-    @rule(who=WHO, vcpu=VCPU, va=st.sampled_from([0x400000, 0x401000, 0xFFFF880000000000, 0xFFFF880000010000, 0xFFFF800000000000]), to=st.one_of(tables, frames), flags=FLAG_SETS, uvmf=st.sampled_from([0, 1, 2, 3, 4, 6, 8]))
+    @rule(who=WHO, vcpu=VCPU, va=st.sampled_from([0x400000, 0x401000, 0xFFFF880000000000, 0xFFFF880000010000, *XEN_VAS]), to=st.one_of(tables, frames), flags=FLAG_SETS, uvmf=st.sampled_from([0, 1, 2, 3, 4, 6, 8, XEN_VAS[1]]))
     def update_va_mapping(self, who, vcpu, va, to, flags, uvmf):
-        self.attempt(who, "update_va_mapping", vcpu, va=va, val=(to << PAGE_SHIFT | flags) & 0xFFFFFFFFFFFFFFFF, flags=uvmf)
+        outcome = self.attempt(who, "update_va_mapping", vcpu, va=va, val=(to << PAGE_SHIFT | flags) & 0xFFFFFFFFFFFFFFFF, flags=uvmf)
+        if va in XEN_VAS and not isinstance(outcome, VcpuNotRunning):
+            assert isinstance(outcome, XenError) and outcome.errno.name == "EINVAL", outcome
 
     @rule(who=WHO, mfn=frames, pfn=st.integers(0, NR_PAGES + 2), fd=st.sampled_from([DOMID_SELF, DOMID_IO, DOMID_XEN, 0x1234, "peer"]), peer=WHO)
     def machphys_update(self, who, mfn, pfn, fd, peer):
@@ -164,14 +227,22 @@ class HostileGuests(RuleBasedStateMachine):
         fields = {"context": {"flags": 1, "ctrlreg3": cr3, "ctrlreg1": 0, "rip": 0x1000, "rsp": 0x2000}} if cmd == "initialise" else {}
         self.attempt(who, "vcpu_op", caller, cmd=cmd, vcpuid=vcpuid, **fields)
 
-    @rule(who=WHO, vcpu=VCPU, op=st.sampled_from(["load", "store", "atomic"]), va=st.sampled_from([0x400000, 0x400ff8, 0xFFFF880000000000, 0xFFFF880000012008, 0xFFFF800000000000, 0x7]), user=st.booleans())
+    @rule(who=WHO, vcpu=VCPU, op=st.sampled_from(["load", "store", "atomic", "read", "write"]), va=st.sampled_from([0x400000, 0x400ff8, 0xFFFF880000000000, 0xFFFF880000012008, 0x7, *XEN_VAS]), user=st.booleans())
     def memory_access(self, who, vcpu, op, va, user):
-        args = {"va": va, "size": 8, "user": user}
+        args = {"va": va, "user": user}
+        if op in ("load", "store", "atomic"):
+            args["size"] = 8
         if op == "store":
             args["value"] = 0x1234
         elif op == "atomic":
             args.update(operation="cmpxchg", operand=0x67, expected=0)
-        self.attempt(who, op, vcpu, **args)
+        elif op == "read":
+            args["length"] = 8
+        elif op == "write":
+            args["data"] = b"\xff" * 8
+        outcome = self.attempt(who, op, vcpu, **args)
+        if va in XEN_VAS and not isinstance(outcome, VcpuNotRunning):
+            assert isinstance(outcome, dict) and "fault" in outcome, f"{op} at {va:#x} in Xen's range: {outcome}"
 
     @rule(who=WHO)
     def destroy_and_recreate(self, who):

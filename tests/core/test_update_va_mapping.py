@@ -30,8 +30,8 @@ def test_flags_select_flush_scope(hv, guest):
     user_space(guest)
     vcpus = guest.domain.vcpus
     for v in vcpus:
-        v.tlb.fill(VA >> PAGE_SHIFT, TlbEntry(mfn=1, flags=P, is_global=True, user=True))
-        v.tlb.fill(7, TlbEntry(mfn=1, flags=P, is_global=True, user=True))
+        v.tlb.fill(VA >> PAGE_SHIFT, TlbEntry(mfn=guest.mfn(0), flags=P, is_global=True, user=True))
+        v.tlb.fill(7, TlbEntry(mfn=guest.mfn(0), flags=P, is_global=True, user=True))
     val = (guest.alloc()[1] << PAGE_SHIFT) | P | US
     guest.call("update_va_mapping", va=VA, val=val, flags=UVMF_INVLPG)
     assert [sorted(v.tlb.entries) for v in vcpus] == [[7], [7, VA >> PAGE_SHIFT]]
@@ -54,7 +54,7 @@ def test_l1_not_validated_einval(hv, guest):
 def test_bad_entry_errno_and_no_flush(hv, guest, other):
     user_space(guest)
     vcpu = guest.domain.vcpus[0]
-    vcpu.tlb.fill(3, TlbEntry(mfn=1, flags=P, is_global=False, user=True))
+    vcpu.tlb.fill(3, TlbEntry(mfn=guest.mfn(0), flags=P, is_global=False, user=True))
     with fails_with(hv, Errno.EBUSY):
         guest.call("update_va_mapping", va=VA, val=(other.mfn(other.alloc()[0]) << PAGE_SHIFT) | P, flags=UVMF_TLB_FLUSH)
 

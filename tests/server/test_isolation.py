@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from hypervisor.core.abi import Errno
+from hypervisor.core.abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, L4_SLOT_LINEAR, Errno
 from hypervisor.server.errors import XEN_CODES
 from tests.support.server import start_server
 from xensim.v1 import common_pb2
@@ -40,6 +40,11 @@ VIRQ_TIMER, VIRQ_CONSOLE = 0, 2
 UVMF_TLB_FLUSH, UVMF_ALL = 1, 4
 ROGUE_L2_SLOT = 8  # an empty slot of B's direct-map L2: va PAGE_OFFSET + 16 MiB
 C = common_pb2
+# Xen's range, L4 slots 256..271 (xen/arch/x86/include/asm/config.h): its first page, the
+# linear map over B's boot L3 (present all the way down), and its last word.
+XEN_VA = HYPERVISOR_VIRT_START
+XEN_LINEAR_VA = 0xFFFF000000000000 | L4_SLOT_LINEAR << 39 | 272 << 30
+XEN_LAST_VA = HYPERVISOR_VIRT_END - 8
 
 
 @dataclass
@@ -194,6 +199,37 @@ def rogue_table(a: Victim, b: WireGuest) -> h.SessionRequest:
         m.ReadRequest(va=va, length=64),
         m.WriteRequest(va=va + 4096, data=b"\xff" * 8),
     )
+
+
+def chain_in_xen_slot(base: str):
+    """The issue's attack: B writes an L3 -> L2 -> L1 chain of its own plain pages whose L1
+    maps A's secret and A's live L4 writable, puts the L3 in slot 256 of another plain page,
+    makes that page read-only, has it validated as an L4 (PIN_L4 then NEW_USER_BASEPTR, or an
+    unpinned NEW_BASEPTR / NEW_USER_BASEPTR) and reaches through Xen's range. Xen clobbers the
+    slot (init_xen_l4_slots): every access faults."""
+
+    def request(a: Victim, b: WireGuest) -> h.SessionRequest:
+        (_, l1), (_, l2), (_, l3), (l4_pfn, l4) = (b.alloc() for _ in range(4))
+        user = base != "NEW_BASEPTR"
+        load_base = ext(C.MMUEXT_CMD_NEW_BASEPTR if not user else C.MMUEXT_CMD_NEW_USER_BASEPTR, l4)
+        return session(
+            mmu((l1 << 12, pte(a.secret, P | RW | US | A | D)), ((l1 << 12) + 8, pte(a.l4, P | RW | US | A | D)), (l2 << 12, pte(l1, TABLE)), (l3 << 12, pte(l2, TABLE)), ((l4 << 12) + 8 * 256, pte(l3, TABLE))),
+            uvm(b.direct_va(l4_pfn), pte(l4, P | A | D), flags=2),
+            *([ext(C.MMUEXT_CMD_PIN_L4_TABLE, l4)] if base == "PIN_L4" else []),
+            load_base,
+            m.LoadRequest(va=XEN_VA, size=8, user_mode=user),
+            m.StoreRequest(va=XEN_VA, size=8, value=0, user_mode=user),
+            m.StoreRequest(va=XEN_VA + 4096 + 8 * 272, size=8, value=0, user_mode=user),  # A's L4, slot 272
+            m.AtomicRequest(op=m.ATOMIC_OP_XCHG, va=XEN_VA, size=8, operand=0, user_mode=user),
+            m.ReadRequest(va=XEN_VA, length=64, user_mode=user),
+            m.WriteRequest(va=XEN_VA + 4096, data=bytes(8), user_mode=user),
+        )
+
+    return request
+
+
+def chain_outcome(base: str) -> tuple[str, ...]:
+    return ("ok",) * (4 if base == "PIN_L4" else 3) + ("fault",) * 6
 
 
 def flushes_naming_absent_vcpus(a: Victim, b: WireGuest) -> h.SessionRequest:
@@ -391,6 +427,17 @@ ATTACKS = [
     Attack("store past B's memory", "Store", lambda a, b: m.StoreRequest(va=beyond(b), size=8, value=1), "fault"),
     Attack("atomic past B's memory", "Atomic", lambda a, b: m.AtomicRequest(op=m.ATOMIC_OP_FETCH_ADD, va=beyond(b), size=8, operand=1), "fault"),
     Attack("write past B's memory", "Write", lambda a, b: m.WriteRequest(va=beyond(b), data=b"x"), "fault"),
+    # Xen's range: Xen's entries there (L4 slots 256..271) lack USER or are empty (init_xen_l4_slots)
+    Attack("load in Xen's range", "Load", lambda a, b: m.LoadRequest(va=XEN_VA, size=8), "fault"),
+    Attack("user-mode load in Xen's range", "Load", lambda a, b: m.LoadRequest(va=XEN_LAST_VA, size=8, user_mode=True), "fault"),
+    Attack("load through Xen's linear map", "Load", lambda a, b: m.LoadRequest(va=XEN_LINEAR_VA, size=8), "fault"),
+    Attack("store through Xen's linear map", "Store", lambda a, b: m.StoreRequest(va=XEN_LINEAR_VA, size=8, value=0), "fault"),
+    Attack("atomic in Xen's range", "Atomic", lambda a, b: m.AtomicRequest(op=m.ATOMIC_OP_FETCH_OR, va=XEN_LINEAR_VA, size=8, operand=1), "fault"),
+    Attack("read in Xen's range", "Read", lambda a, b: m.ReadRequest(va=XEN_LINEAR_VA, length=4096), "fault"),
+    Attack("write in Xen's range", "Write", lambda a, b: m.WriteRequest(va=XEN_VA, data=b"x"), "fault"),
+    Attack("update_va_mapping in Xen's range", "UpdateVaMapping", lambda a, b: uvm(XEN_LINEAR_VA, pte(a.secret)), "EINVAL"),
+    Attack("TLB_FLUSH_MULTI with a bitmap in Xen's range", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_TLB_FLUSH_MULTI, 0, XEN_LINEAR_VA), "EINVAL"),
+    *(Attack(f"a chain left in Xen's slot 256 before {base}", "Session", chain_in_xen_slot(base), chain_outcome(base)) for base in ("PIN_L4", "NEW_BASEPTR", "NEW_USER_BASEPTR")),
     # several at once: a Session message, a multicall
     Attack("loads and stores through B's own tables that point at A's frames", "Session", rogue_table, ("ok", "ok", "ok", "EBUSY", "EBUSY", "fault", "fault", "fault", "fault", "fault")),
     Attack("TLB_FLUSH_MULTI, INVLPG_MULTI and UVMF bitmaps naming absent vCPUs", "Session", flushes_naming_absent_vcpus, ("ok", "ok", "ok", "ok")),
