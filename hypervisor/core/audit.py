@@ -3,9 +3,11 @@
 This is Xen 3.0's audit.c (section 12.5) over the holder table of section 12.1: starting from
 nothing, add one general reference for each allocation, pin, vCPU base pointer and present
 entry of a validated table, and one type reference for each pin, base pointer, upper-level
-entry and writable L1 entry; then every frame's counts must equal what the frame table says,
-along with the invariants of section 12.2 and P2M/M2P agreement, then the event-channel
-port tables (`evtchn.audit`). A healthy model has no findings.
+entry and writable L1 entry (a partial table holds what frames.py says: its entries below
+nr_validated, a general reference for its PARTIAL_SET entry, and both kinds on itself; a
+vCPU's old_guest_tables hold a general reference each); then every frame's counts must equal
+what the frame table says, along with the invariants of section 12.2 and P2M/M2P agreement,
+then the event-channel port tables (`evtchn.audit`). A healthy model has no findings.
 """
 
 import numpy as np
@@ -13,7 +15,7 @@ import numpy as np
 from .abi import DOMID_XEN, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
 from .domain import INVALID_M2P
 from .evtchn import audit as audit_ports
-from .frames import ALLOCATED, NO_OWNER, PINNED, VALIDATED, XEN_HEAP
+from .frames import ALLOCATED, NO_OWNER, PARTIAL, PARTIAL_SET, PINNED, VALIDATED, XEN_HEAP
 from .pagetable import LEVELS
 
 _P, _RW = np.uint64(Pte.PRESENT), np.uint64(Pte.RW)
@@ -33,8 +35,13 @@ def audit(hv) -> list[str]:
     pinned = (frames.flags & PINNED) != 0
     count[pinned] += 1
     tcount[pinned] += 1
+    partial = (frames.flags & PARTIAL) != 0
+    count[partial] += 1  # a partial table holds its own type reference and a general one
+    tcount[partial] += 1
     for domain in hv.domains.values():
         for vcpu in domain.vcpus:
+            for mfn in vcpu.old_guest_tables:  # a general reference each (preempt.py)
+                count[mfn] += 1
             for base in (vcpu.guest_table, vcpu.guest_table_user):
                 if base:
                     count[base] += 1
@@ -42,13 +49,21 @@ def audit(hv) -> list[str]:
                     if frames.type[base] != PageType.L4 or not frames.flags[base] & VALIDATED:
                         findings.append(f"dom{domain.domid} vCPU {vcpu.vcpu_id} base mfn {base:#x} is not a validated L4")
 
-    live = (frames.type_count > 0) & ((frames.flags & VALIDATED) != 0)
+    live = ((frames.type_count > 0) & ((frames.flags & VALIDATED) != 0)) | partial
+    slot_index = np.arange(len(LEVELS[1].guest_slots))
     for level in LEVELS.values():
         for table in np.flatnonzero(live & (frames.type == level.page_type)).tolist():
             words = memory.entries(table)
             present = (words & _P) != 0
             if level.level > 1:
                 present &= level.guest_slots
+            if frames.flags[table] & PARTIAL:  # entries below nr_validated hold references
+                if level.level == 1:
+                    findings.append(f"L1 mfn {table:#x} is partial")
+                held = int(frames.nr_validated[table])
+                if frames.flags[table] & PARTIAL_SET:  # and this one a general reference
+                    count[int((words[held] & _MFN) >> np.uint64(PAGE_SHIFT))] += 1
+                present &= slot_index < held
             entries = words[present]
             targets = ((entries & _MFN) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
             if level.level == 1:
@@ -76,7 +91,7 @@ def audit(hv) -> list[str]:
         findings.append(f"free mfn {mfn:#x} has flags {int(frames.flags[mfn])} or an M2P entry")
     orphans = ~free & (frames.owner != DOMID_XEN) & ~np.isin(frames.owner, list(hv.domains))
     findings += [f"mfn {mfn:#x} is owned by dom{int(frames.owner[mfn])}, which does not exist" for mfn in np.flatnonzero(orphans).tolist()]
-    unvalidated = (frames.type_count > 0) & ((frames.flags & VALIDATED) == 0)
+    unvalidated = (frames.type_count > 0) & ((frames.flags & VALIDATED) == 0) & ~partial
     findings += [f"mfn {mfn:#x} has {int(frames.type_count[mfn])} type references but is not validated" for mfn in np.flatnonzero(unvalidated).tolist()]
     untyped = (frames.type_count > 0) & (frames.type == PageType.NONE)
     findings += [f"mfn {mfn:#x} has type references but no type" for mfn in np.flatnonzero(untyped).tolist()]

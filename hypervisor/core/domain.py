@@ -34,7 +34,7 @@ from .abi import (
 )
 from .errors import XenError
 from .evtchn import LIBXL_MAX_EVTCHN_PORT, evtchn_init
-from .frames import PAGETABLE_TYPES, PINNED, VALIDATED, XEN_HEAP, FrameTable
+from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, XEN_HEAP, FrameTable
 from .tlb import Tlb
 
 INVALID_M2P = 0xFFFFFFFFFFFFFFFF
@@ -65,6 +65,10 @@ class Vcpu:
     blocked: bool = False  # _VPF_blocked: asleep in SCHEDOP_block or SCHEDOP_poll
     poll_evtchn: int = 0  # SCHEDOP_poll's one port; -1 = several; 0 = not polling
     virq_to_evtchn: list[int] = field(default_factory=lambda: [0] * NR_VIRQS)  # VIRQ -> port (section 16.4)
+    # Xen's old_guest_table: partial tables this vCPU's call left to tear down, each with a
+    # general reference (frames.py). Xen needs one slot; a VCPUOP_initialise that xensim rolls
+    # back can leave two.
+    old_guest_tables: list[int] = field(default_factory=list)
 
     def info(self) -> dict:
         return {
@@ -217,26 +221,33 @@ def _write_words(memory, mfns: np.ndarray, first_pfn: int, words: np.ndarray) ->
 def relinquish(frames: FrameTable, pagetables, domain: Domain) -> np.ndarray:
     """Release everything a dying domain holds (xen/arch/x86/domain.c:domain_relinquish_resources).
 
-    Order as in section 12.4: vCPU base pointers, Xen-heap pages, then pins, then forced
-    devalidation of validated L4s, L3s and L2s (which breaks linear-pagetable cycles), then
-    every allocation reference. Returns frames still referenced afterwards (a leak: none is
-    expected, since no other domain can hold references to this one's frames).
+    Order as in section 12.4: vCPU base pointers and the tables the vCPUs were tearing down
+    (put_old_guest_table), Xen-heap pages, then pins, then the work of partial tables (which
+    Xen's relinquish_memory finishes for PGT_partial pages), then forced devalidation of
+    validated L4s, L3s and L2s (which breaks linear-pagetable cycles), then every allocation
+    reference. Returns frames still referenced afterwards (a leak: none is expected, since no
+    other domain can hold references to this one's frames). Runs in one go: the toolstack's
+    destruction is not preemptible in xensim.
     """
     for vcpu in domain.vcpus:
         for base in (vcpu.guest_table, vcpu.guest_table_user):
             if base:
                 frames.put_page_and_type(base)
         vcpu.guest_table = vcpu.guest_table_user = 0
+        frames.put_old_guest_tables(vcpu)
         vcpu.tlb.flush()
     frames.put_page_type(domain.shared_info_mfn)
     owned = np.flatnonzero(frames.owner == domain.domid)
     for mfn in owned[(frames.flags[owned] & PINNED) != 0].tolist():
         frames.set_pinned(mfn, False)
         frames.put_page_and_type(mfn)
+    for mfn in owned[(frames.flags[owned] & PARTIAL) != 0].tolist():
+        frames.put_page_type(mfn, partial_set=True)  # drops the partial state's own references too
     for kind in reversed(PAGETABLE_TYPES[1:]):
         live = owned[(frames.type[owned] == kind) & ((frames.flags[owned] & VALIDATED) != 0)]
         for mfn in live.tolist():
             if frames.flags.item(mfn) & VALIDATED and frames.type_count.item(mfn):
                 frames.flags[mfn] &= ~np.uint8(VALIDATED)
+                frames.stop_at(mfn, ENTRIES_PER_TABLE, False)
                 pagetables.demote(mfn, kind)
     return frames.release(owned)

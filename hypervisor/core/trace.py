@@ -4,7 +4,11 @@ The core is deterministic, so a trace (a header naming the machine size, then on
 hypercall or toolstack op with its caller, arguments and result or error) is a complete
 recording of a run: `replay` re-executes it and reports every result that differs, and the
 state digest written at the end lets it check that the final state is the same too.
-Bytes (memory contents) are written as {"hex": "..."}.
+Bytes (memory contents) are written as {"hex": "..."}. A hypercall that stopped at a
+preemption point has the result {"continuation": {where it stopped}}; each time it goes on is
+a line of its own with "resume" (where it went on) in place of "args", as Xen's re-issued
+hypercall is a call of its own. The header names the work budget, so that a replay stops at
+the same points.
 """
 
 import hashlib
@@ -13,8 +17,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO
 
+import numpy as np
+
+from .abi import PREEMPT_WORK
 from .errors import XenError
+from .frames import PARTIAL
 from .hypervisor import Hypervisor, error_result
+from .preempt import Continuation
 from .schedop import POLL_TIMER, SINGLESHOT_TIMER
 
 FORMAT = 1
@@ -23,6 +32,8 @@ FORMAT = 1
 def _encode(value):
     if isinstance(value, (bytes, bytearray)):
         return {"hex": bytes(value).hex()}
+    if isinstance(value, Continuation):
+        return {"continuation": value.summary()}
     raise TypeError(f"cannot trace a {type(value).__name__}")
 
 
@@ -47,7 +58,8 @@ class TraceWriter:
         self.hv = hv
         self.out = out
         self.calls = 0
-        out.write(dumps({"xensim_trace": FORMAT, "nr_frames": hv.nr_frames, "strict_tlb": hv.strict_tlb}) + "\n")
+        header = {"xensim_trace": FORMAT, "nr_frames": hv.nr_frames, "strict_tlb": hv.strict_tlb, "preempt_work": hv.budget.per_call}
+        out.write(dumps(header) + "\n")
 
     def __call__(self, record: dict) -> None:
         self.calls += 1
@@ -64,7 +76,8 @@ def state_digest(hv: Hypervisor) -> str:
     port tables, vCPUs with their TLBs, timers and scheduler state, pending kicks, the clock."""
     h = hashlib.sha256()
     frames = hv.frames
-    for array in (frames.owner, frames.type, frames.type_count, frames.count, frames.flags, frames.linear, hv.m2p):
+    partial_progress = np.where(frames.flags & PARTIAL, frames.nr_validated, 0)  # meaningless elsewhere
+    for array in (frames.owner, frames.type, frames.type_count, frames.count, frames.flags, frames.linear, partial_progress, hv.m2p):
         h.update(array.tobytes())
     for mfn, words in hv.memory.stored():
         h.update(mfn.to_bytes(8, "little"))
@@ -75,7 +88,7 @@ def state_digest(hv: Hypervisor) -> str:
         h.update(repr((domain.info(), domain.p2m.tobytes(), sorted(domain.guest_m2p), domain.evtchn, sorted(domain.poll_mask))).encode())
         for vcpu in domain.vcpus:
             timers = [sched.timer_expires(vcpu, kind) for kind in (SINGLESHOT_TIMER, POLL_TIMER)]
-            state = (vcpu.info(), vcpu.poll_evtchn, vcpu.virq_to_evtchn, vcpu.vgc_flags, vcpu.rip, vcpu.rsp, timers)
+            state = (vcpu.info(), vcpu.poll_evtchn, vcpu.virq_to_evtchn, vcpu.vgc_flags, vcpu.rip, vcpu.rsp, timers, vcpu.old_guest_tables)
             h.update(repr((state, sorted((k, repr(v)) for k, v in vcpu.tlb.entries.items()))).encode())
     h.update(repr((list(sched.kicks), sched.now_ns, hv.strict_tlb)).encode())
     return h.hexdigest()
@@ -93,15 +106,17 @@ class ReplayReport:
 
 
 def replay(lines: Iterable[str]) -> tuple[ReplayReport, Hypervisor]:
-    """Re-execute a trace into a fresh core and compare every outcome with the recorded one."""
+    """Re-execute a trace into a fresh core and compare every outcome with the recorded one.
+    A call that goes on ("resume") goes on from the continuation the replay itself got."""
     report = ReplayReport()
     hv: Hypervisor | None = None
+    pending: dict[tuple[int, int], Continuation] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         record = loads(line)
         if "xensim_trace" in record:
-            hv = Hypervisor(nr_frames=record["nr_frames"], strict_tlb=record.get("strict_tlb", False))
+            hv = Hypervisor(nr_frames=record["nr_frames"], strict_tlb=record.get("strict_tlb", False), preempt_work=record.get("preempt_work", PREEMPT_WORK))
             continue
         if hv is None:
             raise ValueError("a trace starts with its header line")
@@ -110,13 +125,22 @@ def replay(lines: Iterable[str]) -> tuple[ReplayReport, Hypervisor]:
             continue
         report.calls += 1
         expected = {"error": record["error"]} if "error" in record else {"result": record.get("result")}
+        caller = record["caller"]
         try:
-            if record["caller"] is None:
+            if caller is None:
                 got = {"result": hv.toolstack(record["op"], **record["args"])}
+            elif "resume" in record:
+                continuation = pending.pop(tuple(caller), None)
+                if continuation is None or continuation.summary() != record["resume"]:
+                    report.mismatches.append(f"line {number} ({record['op']}): goes on from {record['resume']}, replay had {continuation and continuation.summary()}")
+                    continue
+                got = {"result": hv.resume(*caller, continuation)}
             else:
-                got = {"result": hv.hypercall(*record["caller"], record["op"], **record["args"])}
+                got = {"result": hv.hypercall(*caller, record["op"], **record["args"])}
         except XenError as e:
             got = {"error": error_result(e)}
+        if isinstance(got.get("result"), Continuation):
+            pending[tuple(caller)] = got["result"]
         if loads(dumps(got)) != expected:
             report.mismatches.append(f"line {number} ({record['op']}): recorded {expected}, replay gave {got}")
     if hv is None:

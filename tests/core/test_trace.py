@@ -4,6 +4,8 @@ import io
 import json
 
 from hypervisor.core import Hypervisor, XenError
+from hypervisor.core.abi import ENTRIES_PER_TABLE, MmuextCmd
+from hypervisor.core.preempt import Continuation
 from hypervisor.core.trace import TraceWriter, replay, state_digest
 from xensim.cli import main
 
@@ -56,3 +58,32 @@ def test_replay_command(tmp_path, capsys):
     path.write_text(trace)
     assert main(["replay", str(path)]) == 0
     assert "0 mismatches, final state matches, 0 audit findings" in capsys.readouterr().out
+
+
+def test_replay_of_preempted_calls_goes_on_where_the_run_went_on():
+    """Each run of a continued call is its own record (as Xen's re-issued hypercall is a call
+    of its own), with other domains' calls between them; the replay stops at the same points
+    because the budget is in the header, and ends in the same state."""
+    hv = Hypervisor(nr_frames=1 << 14, preempt_work=2 * ENTRIES_PER_TABLE)
+    out = io.StringIO()
+    writer = TraceWriter(hv, out)
+    hv.tracer = writer
+    guest, other = Guest(hv, nr_pages=4096), Guest(hv)
+    guest.leave_boot_tree()
+    pin, unpin = MmuextCmd.PIN_L4_TABLE, MmuextCmd.UNPIN_TABLE
+
+    def go_on_between_other_calls(answer) -> None:
+        while isinstance(answer, Continuation):
+            other.mmuext((MmuextCmd.TLB_FLUSH_LOCAL,))
+            try:
+                answer = hv.resume(guest.domid, 0, answer)
+            except XenError:
+                return
+
+    go_on_between_other_calls(guest.mmuext((pin, guest.l4), (unpin, guest.l4), (pin, guest.l4), (pin, other.l4)))
+    go_on_between_other_calls(guest.call("multicall", calls=[{"op": "mmuext_op", "args": {"ops": [[unpin, guest.l4, 0]]}}]))
+    writer.close()
+    trace = out.getvalue()
+    assert trace.count('"resume":') >= 4 and '"continuation":{"op":"multicall","start":0,"inner":{"op":"mmuext_op","outcome":"result"}}' in trace
+    report, replayed = replay(trace.splitlines())
+    assert report.ok and report.digest_matched and state_digest(replayed) == state_digest(hv)
