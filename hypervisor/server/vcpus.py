@@ -4,6 +4,14 @@ Theory of operation. Everything runs on one asyncio loop, which is the hyperviso
 core call runs synchronously, atomically, inside a handler. What would wait in Xen waits here
 as an await that blocks nothing else:
 
+- A long hypercall stops after a bounded amount of work and answers a `Continuation` (the
+  core's preempt.py); its caller yields to the loop, so that every other call, the toolstack
+  and the health check get their turn, then goes on with it (`Hypervisor.resume`) until it is
+  over, still holding its vCPU's lock (the vCPU is inside the hypercall). A paused domain's
+  call waits before it goes on; a destroyed domain's call ends ABORTED like any other. Calls
+  that each stay short but come many to a Session message yield as often, by the same count
+  of work.
+
 - A hypercall that sleeps (SCHEDOP_block / poll) answers `BLOCKED`; its caller awaits the
   vCPU's `wake` event until the core says the vCPU is no longer blocked.
 - After every core call the runtime drains the core's kicks (a coalescing set of vCPUs to
@@ -30,6 +38,7 @@ import grpc
 from hypervisor.core import Hypervisor
 from hypervisor.core.domain import Vcpu
 from hypervisor.core.evtchn import local_events_need_delivery
+from hypervisor.core.preempt import Continuation
 from hypervisor.core.sched import BLOCKED
 from xensim.v1 import hypercalls_pb2
 
@@ -140,6 +149,7 @@ class Runtime:
         self._timer_deadline: int | None = None
         self._tasks: dict[int | None, set[asyncio.Task]] = {}
         self._endings: dict[asyncio.Task, Exception] = {}
+        self._yielded_at = hv.budget.work  # the core's work count when calls last gave way
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -198,23 +208,40 @@ class Runtime:
 
     async def call(self, slot: VcpuSlot, op: str, args: dict):
         """Run one hypercall of `slot`'s vCPU: wait while its domain is paused, run it on the
-        core, then sleep if it blocked. Kicks are drained whatever the outcome."""
-        gate = self.paused.get(slot.domid)
-        if gate is not None:
-            await gate.wait()
-        try:
-            result = self.hv.hypercall(slot.domid, slot.vcpu_id, op, **args)
-        finally:
-            self.drain()
+        core, going on with it after every preemption point until it is over, then sleep if it
+        blocked. Kicks are drained whatever the outcome."""
+        await self._unpaused(slot.domid)
+        if self.hv.budget.work - self._yielded_at >= self.hv.budget.per_call:
+            await self._give_way()
+        result = self._run(self.hv.hypercall, slot.domid, slot.vcpu_id, op, **args)
+        while isinstance(result, Continuation):
+            await self._give_way()
+            await self._unpaused(slot.domid)
+            result = self._run(self.hv.resume, slot.domid, slot.vcpu_id, result)
         if result is BLOCKED:
             while slot.vcpu.blocked:
                 slot.wake.clear()
                 await slot.wake.wait()
-            gate = self.paused.get(slot.domid)
-            if gate is not None:
-                await gate.wait()
+            await self._unpaused(slot.domid)
             result = 0
         return result
+
+    def _run(self, core_call, *args, **kwargs):
+        """A call into the core; the kicks it made are drained whatever its outcome."""
+        try:
+            return core_call(*args, **kwargs)
+        finally:
+            self.drain()
+
+    async def _give_way(self) -> None:
+        """A preemption point: every call that is ready runs before this one goes on."""
+        self._yielded_at = self.hv.budget.work
+        await asyncio.sleep(0)
+
+    async def _unpaused(self, domid: int) -> None:
+        gate = self.paused.get(domid)
+        if gate is not None:
+            await gate.wait()
 
     def drain(self) -> None:
         """Look at the vCPUs the core kicked, and re-arm the timer."""

@@ -1,0 +1,91 @@
+"""Long hypercalls give way, over a real server (issue 10, part 3).
+
+One domain sends issue 10's attack: one legal MmuextOp of [PIN_L4_TABLE, UNPIN_TABLE] pairs on
+its own boot pagetable, each pin validating the whole tree again. While that call is in flight
+another domain's calls, the toolstack and the health check keep completing; pausing the
+attacker holds its call between two runs; destroying it ends the call ABORTED.
+
+Progress is asserted as counts, never as latency: timing belongs to `xensim bench`
+(load.victim_p99_us_under_revalidation).
+"""
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from xensim.v1 import common_pb2, hypercalls_pb2, toolstack_pb2
+
+from .helpers import WireGuest
+
+ATTACKER_PAGES = 16384  # a boot tree of 32 L1s: a pin and an unpin are 33,000 entries of work
+PAIRS = 512
+MIN_CALLS = 20  # the victim's calls completed while the attack was in flight; the old server made 0 or 1
+CALL_TIMEOUT = 300
+
+
+def attacker(server) -> tuple[WireGuest, grpc.Future]:
+    """A domain that moves its vCPU off its boot tree and unpins it, then sends the attack."""
+    guest = WireGuest(server, nr_pages=ATTACKER_PAGES, nr_vcpus=1)
+    pfn, mfn = guest.alloc()
+    guest.make_readonly(pfn, mfn)
+    boot_l4 = guest.start_info.pt_base_mfn
+    guest.mmuext((common_pb2.MMUEXT_CMD_NEW_BASEPTR, mfn), (common_pb2.MMUEXT_CMD_UNPIN_TABLE, boot_l4))
+    pair = [hypercalls_pb2.MmuextOp(cmd=common_pb2.MMUEXT_CMD_PIN_L4_TABLE, arg1=boot_l4), hypercalls_pb2.MmuextOp(cmd=common_pb2.MMUEXT_CMD_UNPIN_TABLE, arg1=boot_l4)]
+    attack = guest.hc.MmuextOp.future(hypercalls_pb2.MmuextOpRequest(ops=pair * PAIRS), metadata=guest.md(), timeout=CALL_TIMEOUT)
+    return guest, attack
+
+
+def victim_calls(victim: WireGuest, attack: grpc.Future, limit: int | None = None) -> int:
+    """XenVersion calls made while the attack is in flight (up to `limit`)."""
+    calls = 0
+    while not attack.done() and calls != limit:
+        victim.call("XenVersion", hypercalls_pb2.XenVersionRequest())
+        calls += 1
+    return calls
+
+
+def boot_l4_state(guest: WireGuest) -> tuple:
+    frame = guest.frame(guest.start_info.pt_base_mfn)
+    return frame.type_count, frame.count, frame.validated, frame.pinned
+
+
+@pytest.mark.timeout(CALL_TIMEOUT)
+def test_other_calls_complete_while_one_call_revalidates_a_tree_again_and_again(server):
+    victim = WireGuest(server, nr_pages=512, nr_vcpus=1)
+    health = health_pb2_grpc.HealthStub(server.channel())
+    guest, attack = attacker(server)
+    calls = toolstack_calls = 0
+    while not attack.done():
+        calls += victim_calls(victim, attack, limit=10)
+        victim.toolstack("ListDomains", toolstack_pb2.ListDomainsRequest())
+        health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        toolstack_calls += 1
+    assert attack.result().done == 2 * PAIRS
+    print(f"\nvictim calls {calls}, toolstack calls {toolstack_calls} during the attack")
+    assert calls >= MIN_CALLS and toolstack_calls >= 2, (calls, toolstack_calls)
+    assert boot_l4_state(guest) == (0, 1, False, False)  # unpinned, devalidated, its allocation only
+
+
+@pytest.mark.timeout(CALL_TIMEOUT)
+def test_a_paused_domain_s_call_stops_between_two_runs_and_goes_on_when_unpaused(server):
+    victim = WireGuest(server, nr_pages=512, nr_vcpus=1)
+    guest, attack = attacker(server)
+    assert victim_calls(victim, attack, limit=3) == 3 and not attack.done()
+    guest.toolstack("PauseDomain", toolstack_pb2.PauseDomainRequest(domid=guest.domid))
+    held = boot_l4_state(guest)
+    assert victim_calls(victim, attack, limit=MIN_CALLS) == MIN_CALLS
+    assert boot_l4_state(guest) == held and not attack.done()
+    guest.toolstack("UnpauseDomain", toolstack_pb2.UnpauseDomainRequest(domid=guest.domid))
+    assert attack.result().done == 2 * PAIRS
+
+
+@pytest.mark.timeout(CALL_TIMEOUT)
+def test_destroying_a_domain_in_a_long_call_ends_the_call_aborted(server):
+    victim = WireGuest(server, nr_pages=512, nr_vcpus=1)
+    guest, attack = attacker(server)
+    assert victim_calls(victim, attack, limit=3) == 3 and not attack.done()
+    guest.toolstack("DestroyDomain", toolstack_pb2.DestroyDomainRequest(domid=guest.domid))
+    with pytest.raises(grpc.RpcError) as ended:
+        attack.result()
+    assert ended.value.code() == grpc.StatusCode.ABORTED
+    assert list(victim.toolstack("Audit", toolstack_pb2.AuditRequest()).findings) == []
