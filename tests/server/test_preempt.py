@@ -9,13 +9,17 @@ Progress is asserted as counts, never as latency: timing belongs to `xensim benc
 (load.victim_p99_us_under_revalidation).
 """
 
+import queue
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hypervisor.core.abi import PREEMPT_WORK, STEP_WORK
+from hypervisor.server.convert import MAX_SESSION_CALLS
 from xensim.v1 import common_pb2, hypercalls_pb2, toolstack_pb2
 
-from .helpers import WireGuest
+from .helpers import SessionClient, WireGuest
 
 ATTACKER_PAGES = 16384  # a boot tree of 32 L1s: a pin and an unpin are 33,000 entries of work
 PAIRS = 512
@@ -89,3 +93,29 @@ def test_destroying_a_domain_in_a_long_call_ends_the_call_aborted(server):
         attack.result()
     assert ended.value.code() == grpc.StatusCode.ABORTED
     assert list(victim.toolstack("Audit", toolstack_pb2.AuditRequest()).findings) == []
+
+
+@pytest.mark.timeout(CALL_TIMEOUT)
+def test_a_session_message_of_many_calls_each_under_the_budget_gives_way_too(server):
+    """No call of the message is long enough to stop part-way, but together they are (the
+    issue's Session message of five long calls, in its hardest form): the server gives way
+    between calls by the same count of work."""
+    victim = WireGuest(server, nr_pages=512, nr_vcpus=1)
+    busy = WireGuest(server, nr_pages=512, nr_vcpus=1)
+    flushes = PREEMPT_WORK // STEP_WORK - 2  # each call's entries and the call itself stay under the budget
+    call = hypercalls_pb2.Call(mmuext_op=hypercalls_pb2.MmuextOpRequest(ops=[hypercalls_pb2.MmuextOp(cmd=common_pb2.MMUEXT_CMD_TLB_FLUSH_LOCAL)] * flushes))
+    session = SessionClient(busy.hc, busy.md())
+    session.send(1, *[call] * MAX_SESSION_CALLS)
+    calls = 0
+    while True:
+        try:
+            message = session.next(timeout=0)
+        except queue.Empty:
+            victim.call("XenVersion", hypercalls_pb2.XenVersionRequest())
+            calls += 1
+            continue
+        if message.request_id:
+            break
+    session.close()
+    assert [r.mmuext_op.done for r in message.results] == [flushes] * MAX_SESSION_CALLS
+    assert calls >= MIN_CALLS, calls
