@@ -35,10 +35,9 @@ from contextlib import contextmanager
 
 import grpc
 
-from hypervisor.core import Hypervisor
+from hypervisor.core import Continuation, Hypervisor
 from hypervisor.core.domain import Vcpu
 from hypervisor.core.evtchn import local_events_need_delivery
-from hypervisor.core.preempt import Continuation
 from hypervisor.core.sched import BLOCKED
 from xensim.v1 import hypercalls_pb2
 

@@ -5,7 +5,7 @@ into hypercalls, so each test reads as the protocol it exercises.
 """
 
 
-from hypervisor.core import Hypervisor
+from hypervisor.core import Continuation, Hypervisor
 from hypervisor.core.abi import (
     DOMID_SELF,
     PAGE_OFFSET,
@@ -21,7 +21,6 @@ from hypervisor.core.abi import (
     Pte,
 )
 from hypervisor.core.cpu import PageFault
-from hypervisor.core.preempt import Continuation
 
 P, RW, US, A, D = (int(f) for f in (Pte.PRESENT, Pte.RW, Pte.USER, Pte.ACCESSED, Pte.DIRTY))
 TABLE = P | RW | A | D  # how Linux writes upper-level entries (_KERNPG_TABLE)

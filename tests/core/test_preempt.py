@@ -12,7 +12,7 @@ runs the same call at once.
 
 import pytest
 
-from hypervisor.core import Hypervisor, XenError, audit
+from hypervisor.core import Continuation, Hypervisor, XenError, audit
 from hypervisor.core.abi import (
     ENTRIES_PER_TABLE,
     PAGE_SHIFT,
@@ -20,7 +20,6 @@ from hypervisor.core.abi import (
     MmuextCmd,
     VGCF_in_kernel,
 )
-from hypervisor.core.preempt import Continuation
 from hypervisor.core.trace import state_digest
 
 from .guest import TABLE, A, D, Guest, P

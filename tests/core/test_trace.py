@@ -3,9 +3,8 @@
 import io
 import json
 
-from hypervisor.core import Hypervisor, XenError
+from hypervisor.core import Continuation, Hypervisor, XenError
 from hypervisor.core.abi import ENTRIES_PER_TABLE, MmuextCmd
-from hypervisor.core.preempt import Continuation
 from hypervisor.core.trace import TraceWriter, replay, state_digest
 from xensim.cli import main
 

@@ -7,9 +7,8 @@ shared kernel half), through the core's dispatch but without any transport.
 import statistics
 import time
 
-from hypervisor.core import Hypervisor
+from hypervisor.core import Continuation, Hypervisor
 from hypervisor.core.abi import PAGE_SHIFT, MmuextCmd, Pte
-from hypervisor.core.preempt import Continuation
 
 _USER = int(Pte.PRESENT | Pte.RW | Pte.USER | Pte.ACCESSED | Pte.DIRTY)
 _TABLE = int(Pte.PRESENT | Pte.RW | Pte.USER | Pte.ACCESSED | Pte.DIRTY)
