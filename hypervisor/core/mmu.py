@@ -76,9 +76,10 @@ def stop_before(hv: "Hypervisor", vcpu: Vcpu, i: int, start: int) -> bool:
     """Whether a batch stops before entry `i` (do_mmu_update, do_mmuext_op, do_multicall):
     never before its first entry in this run, else when the call's work is spent or a put left
     a table to tear down. Charges the entry's own work when it runs."""
-    if i > start and (vcpu.old_guest_tables or hv.frames.preempt_check()):
+    budget = hv.budget  # a batch always runs preemptibly: check the budget itself, cheaply
+    if i > start and (budget.work >= budget.end or vcpu.old_guest_tables):
         return True
-    hv.budget.charge(STEP_WORK)
+    budget.work += STEP_WORK
     return False
 
 

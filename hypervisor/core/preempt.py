@@ -40,16 +40,16 @@ class Budget:
     def __init__(self, per_call: int = PREEMPT_WORK):
         self.per_call = per_call
         self.work = 0  # every charge ever made: the adapter also paces calls by it
-        self._end = per_call
+        self.end = per_call  # `work` at which this entry's share is spent
 
     def start(self) -> None:
-        self._end = self.work + self.per_call
+        self.end = self.work + self.per_call
 
     def charge(self, work: int) -> None:
         self.work += work
 
     def spent(self) -> bool:
-        return self.work >= self._end
+        return self.work >= self.end
 
 
 @dataclass(eq=False)
