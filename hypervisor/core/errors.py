@@ -41,5 +41,17 @@ class VcpuNotRunning(Exception):
     brings it back)."""
 
 
+class Restart(Exception):
+    """Xen's -ERESTART inside the model: work stopped at a preemption point with its progress
+    kept (PGT_partial, see frames.py) and the call is to be re-entered (preempt.py). Never
+    reaches a guest: the hypercall answers a continuation instead. `at` is where the call goes
+    on (for a batch, `start`: the entry to do next); empty, it starts over, which a call that
+    stopped before committing anything may."""
+
+    def __init__(self, **at):
+        super().__init__(at)
+        self.at = at
+
+
 class SimulatorBug(AssertionError):
     """An internal invariant broke (for example a frame freed with type references left)."""
