@@ -26,6 +26,11 @@ class XenError(Exception):
         """The same failure, placed at entry `index` of a batch (entries before it are done)."""
         return XenError(self.errno, f"{what} entry {index}: {self.message}", index=index, done=index)
 
+    def __reduce__(self):
+        """Pickle by the constructor's own arguments (a continuation may hold one in a snapshot,
+        trace.py): an Exception pickles only its `args`, which here lack the errno."""
+        return XenError, (self.errno, self.message), {"index": self.index, "done": self.done}
+
     def __repr__(self) -> str:
         return f"XenError({self.errno.name}, {self.message!r})"
 

@@ -10,8 +10,8 @@ import zlib
 import pytest
 
 from hypervisor.core import Continuation, Hypervisor, XenError
-from hypervisor.core.abi import ENTRIES_PER_TABLE, MmuextCmd
-from hypervisor.core.trace import FORMAT, TraceError, TraceWriter, replay, state_digest
+from hypervisor.core.abi import ENTRIES_PER_TABLE, Errno, MmuextCmd
+from hypervisor.core.trace import FORMAT, TraceError, TraceWriter, replay, restore, snapshot, state_digest
 from xensim.cli import main
 
 from .guest import Guest
@@ -178,3 +178,20 @@ def test_a_trace_started_inside_a_preempted_call_goes_on_with_it():
     report, replayed = replay(trace.splitlines())
     assert report.ok and report.snapshot and report.digest_matched, report.mismatches
     assert state_digest(replayed) == state_digest(hv)
+
+
+def test_a_snapshot_holds_a_parked_continuation_with_everything_it_carries():
+    """What a continuation may hold when a snapshot is taken: arguments with bytes, a
+    multicall's results so far, the inner continuation of the entry it stopped in, and an
+    answer held back until the vCPU's teardown is over, a XenError with its done count."""
+    hv = Hypervisor(nr_frames=1 << 12)
+    guest = Guest(hv, nr_pages=256)
+    held = XenError(Errno.EINVAL, "mmuext_op entry 3: why", index=3, done=3)
+    inner = Continuation("mmuext_op", {"ops": [[0, 0, 0]]}, outcome=("error", held))
+    parked = Continuation("multicall", {"calls": [{"op": "write", "args": {"data": b"\x01"}}]}, {"start": 1, "results": [{"result": 1}], "inner": inner})
+    guest.domain.vcpus[0].continuation = parked
+
+    loaded = restore(snapshot(hv)).domains[guest.domid].vcpus[0].continuation
+    assert loaded.summary() == parked.summary() and loaded.args == parked.args
+    error = loaded.at["inner"].outcome[1]
+    assert (type(error), error.errno, error.message, error.index, error.done) == (XenError, Errno.EINVAL, held.message, 3, 3)
