@@ -2,14 +2,19 @@
 vCPUs involved, who held the frames its error names at that moment (the trace replayed up to
 it), and the command that opens the focused timeline."""
 
+import io
 import subprocess
 import sys
 
 import pytest
 
+from hypervisor.core import Hypervisor
+from hypervisor.core.abi import ENTRIES_PER_TABLE, MmuextCmd
+from hypervisor.core.trace import TraceWriter
 from xensim.cli import main
 from xensim.explain import explain
 
+from .core.guest import Guest
 from .test_timeline import race_trace
 
 
@@ -53,3 +58,22 @@ def test_stress_explains_its_kernel_bugs(tmp_path):
     assert done.returncode == 1 and "kernel BUG: " in done.stdout, done.stdout + done.stderr
     assert "  vCPUs involved: dom1 vCPU" in done.stdout and "base pointer (cr3) of dom1 vCPU" in done.stdout
     assert f"  see it: xensim timeline {trace} --html focus-" in done.stdout
+
+
+def test_a_multicall_that_went_on_part_way_is_explained_by_its_own_entries(tmp_path):
+    """A preempted call goes on in records of their own, with "resume" in place of "args"
+    (docs/preemption.md): its failed entries are those of the call it began as."""
+    hv = Hypervisor(nr_frames=1 << 14, preempt_work=2 * ENTRIES_PER_TABLE)
+    guest, other = Guest(hv, nr_pages=4096), Guest(hv)
+    guest.leave_boot_tree()
+    out = io.StringIO()
+    hv.tracer = writer = TraceWriter(hv, out)
+    pins = [{"op": "mmuext_op", "args": {"ops": [[MmuextCmd.PIN_L4_TABLE, l4, 0]]}} for l4 in (guest.l4, other.l4)]
+    results, stops = guest.go_on(guest.call("multicall", calls=pins))
+    writer.close()
+    assert stops and results[0] == {"result": 1} and results[1]["errno"] == "EINVAL"
+    path = tmp_path / "run.jsonl"
+    path.write_text(out.getvalue())
+    (only,) = explain(str(path))
+    assert only["data"]["errors"] == [f"mmuext_op: EINVAL: {results[1]['message']}"]
+    assert only["data"]["caller"] == f"dom{guest.domid} vCPU0"

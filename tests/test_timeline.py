@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from hypervisor.core import Hypervisor, XenError
+from hypervisor.core.abi import ENTRIES_PER_TABLE, MmuextCmd
 from hypervisor.core.trace import TraceWriter
 from xensim.cli import main
 from xensim.timeline import focus, scan
@@ -147,3 +148,21 @@ def test_chromium_scrolls_to_the_focused_failure_and_marks_the_frame(tmp_path):
     assert f'class="ev k-error focus" id="c{busy.seq}"' in svg  # show() ran: scrolled to it and marked
     assert f"cr3 = mfn 0x{run['l4']:x}" in svg and 'class="hot"' in svg
     assert "Xen (toolstack)" not in dom.split("<svg")[0].split('id="lanes"')[1]
+
+
+def test_scan_draws_a_preempted_call_where_it_ends_and_its_stops_as_such():
+    """A long call stops part-way and goes on in records of its own (docs/preemption.md):
+    each stop is drawn as a stop, and the call's entries (here a NEW_BASEPTR, which moves the
+    cr3 band) with the record it ends in."""
+    hv = Hypervisor(nr_frames=1 << 14, preempt_work=2 * ENTRIES_PER_TABLE)
+    guest = Guest(hv, nr_pages=4096)
+    guest.leave_boot_tree()
+    out = io.StringIO()
+    hv.tracer = TraceWriter(hv, out)
+    stops = guest.go_on(guest.mmuext((MmuextCmd.PIN_L4_TABLE, guest.l4), (MmuextCmd.NEW_BASEPTR, guest.l4)))[1]
+    hv.tracer.close()
+    timeline = scan(out.getvalue().splitlines())
+    lines = [c.lines for c in timeline.calls if c.lane == (guest.domid, 0)]
+    assert sum("stops part-way" in line[0] for line in lines) == len(stops) >= 2
+    assert lines[-1] == [f"mmuext_op PIN_L4_TABLE 0x{guest.l4:x}", f"mmuext_op NEW_BASEPTR 0x{guest.l4:x}"]
+    assert [b for b in timeline.bands if b[3] == guest.l4][0][0] == (guest.domid, 0)

@@ -49,8 +49,10 @@ def main(args: argparse.Namespace) -> int:
 def failed_calls(lines: Iterable[str]) -> Iterator[tuple[int, dict, list[str]]]:
     """(sequence number, record, errors as "op: ERRNO: message") of every call that failed or
     whose multicall entries did, in trace order; sequence numbers count calls from 1, as the
-    timeline does."""
+    timeline does. A call that stopped part-way is judged where it ends, a record with "resume"
+    in place of "args" (docs/preemption.md), by the arguments it began with."""
     seq = 0
+    stopped: dict[tuple, dict] = {}  # caller -> the arguments of its call that stopped part-way
     for line in lines:
         if not line.strip():
             continue
@@ -58,11 +60,17 @@ def failed_calls(lines: Iterable[str]) -> Iterator[tuple[int, dict, list[str]]]:
         if "op" not in record:
             continue
         seq += 1
+        caller = tuple(record["caller"] or ())
+        args = stopped.pop(caller, {}) if "resume" in record else record.get("args", {})
+        result = record.get("result")
+        if isinstance(result, dict) and "continuation" in result:
+            stopped[caller] = args
+            continue
         errors = [f"{record['op']}: {record['error']['errno']}: {record['error']['message']}"] if "error" in record else []
         if record["op"] == "multicall":
-            for entry, result in zip(record["args"]["calls"], record.get("result") or []):
-                if "errno" in result:
-                    errors.append(f"{entry['op']}: {result['errno']}: {result['message']}")
+            for entry, outcome in zip(args.get("calls", []), result or []):
+                if "errno" in outcome:
+                    errors.append(f"{entry['op']}: {outcome['errno']}: {outcome['message']}")
         if errors:
             yield seq, record, errors
 

@@ -106,6 +106,7 @@ class _Scanner:
         self.t, self.count = timeline, count
         self.cr3: dict[tuple, tuple[int, int]] = {}  # lane -> (mfn, since seq)
         self.ports: dict[tuple[int, int], int] = {}  # (domid, port) -> vCPU it notifies
+        self.stopped: dict[tuple, dict] = {}  # lane -> the arguments of the call it is in the middle of
 
     def in_window(self, seq: int) -> bool:
         return self.t.first <= seq < self.t.first + self.count
@@ -128,9 +129,20 @@ class _Scanner:
             self._band(lane, held, self.t.total + 1)
 
     def record(self, seq: int, record: dict) -> None:
-        caller, op, args = record["caller"], record["op"], record["args"]
+        """A record of a call that stopped part-way (preempted, see docs/preemption.md) is
+        drawn as such; the call's entries are drawn with the record it ends in."""
+        caller, op = record["caller"], record["op"]
         call = Call(seq, tuple(caller) if caller else None)
-        if caller is None:
+        args = self.stopped.pop(call.lane, None) if "resume" in record else record["args"]
+        stop = record.get("result")
+        if args is None:
+            call.kinds.add("other")
+            call.lines.append(f"{op} goes on with a call that began before the trace")
+        elif isinstance(stop, dict) and "continuation" in stop:
+            self.stopped[call.lane] = args
+            call.kinds.add("other")
+            call.lines.append(f"{op} stops part-way, goes on later: {json.dumps(stop['continuation'])}")
+        elif caller is None:
             self._toolstack(call, op, args, record)
         elif op == "multicall":
             call.multicall = True

@@ -12,13 +12,16 @@ frame of the still-live tree writable (-EBUSY).
 
 Nothing here does I/O, reads a clock or starts a thread: the same calls in the same order give
 the same state, so the model can be traced, replayed, fuzzed and benchmarked without a
-network. Every call enters through `Hypervisor.hypercall` or `Hypervisor.toolstack`.
+network. Every call enters through `Hypervisor.hypercall` or `Hypervisor.toolstack`. A long
+hypercall stops after a bounded, counted amount of work and answers a `Continuation`, which
+`Hypervisor.resume` goes on with once the caller has let other calls run (preempt.py).
 """
 
 from .audit import audit
 from .cpu import PageFault
 from .errors import SimulatorBug, VcpuNotRunning, XenError
 from .hypervisor import Hypervisor
+from .preempt import Continuation
 from .sched import BLOCKED
 
-__all__ = ["BLOCKED", "Hypervisor", "PageFault", "SimulatorBug", "VcpuNotRunning", "XenError", "audit"]
+__all__ = ["BLOCKED", "Continuation", "Hypervisor", "PageFault", "SimulatorBug", "VcpuNotRunning", "XenError", "audit"]

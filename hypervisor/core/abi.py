@@ -132,9 +132,20 @@ UVMF_FLUSHTYPE_MASK = 3
 UVMF_LOCAL = 0
 UVMF_ALL = 4
 
-# Size limits of batched calls (not Xen's: Xen takes any count and preempts; a simulator that
-# runs a batch atomically bounds it so that one call cannot hold the hypervisor for long).
+# Size limits of batched calls (not Xen's: Xen takes any count). Batches are preempted like
+# any long work (below), so this bounds a call's memory, not its time.
 MAX_BATCH = 4096
+
+# Hypercall preemption (Xen's hypercall_preempt_check, see preempt.py): a call does about this
+# much work, then stops at a clean point and is continued after other calls have run. Work is
+# counted, not timed, so that a replay stops at the same points. The unit is what numpy spends
+# checking one pagetable entry (about 0.09 us): an L1 validated or devalidated counts
+# ENTRIES_PER_TABLE, and a step of Python (a batch entry, an entry of an L2..L4 validated or
+# devalidated, a call) STEP_WORK (about 3 us). PREEMPT_WORK is 16 L1s or 256 steps, about a
+# millisecond on an idle machine, so that a call waiting behind a long one (its round trip
+# takes a few turns of the server's loop) still answers within milliseconds.
+PREEMPT_WORK = 1 << 13
+STEP_WORK = 32
 
 # The start-info page (section 17), in xensim's layout: the magic, then these fields as
 # little-endian u64 in this order. The first six are Xen's; the rest are xensim's, so that a

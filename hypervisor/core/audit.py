@@ -3,15 +3,20 @@
 This is Xen 3.0's audit.c (section 12.5) over the holder table of section 12.1: starting from
 nothing, add one general reference for each allocation, pin, vCPU base pointer and present
 entry of a validated table, and one type reference for each pin, base pointer, upper-level
-entry and writable L1 entry; then every frame's counts must equal what the frame table says,
-along with the invariants of section 12.2 and P2M/M2P agreement, then the event-channel
-port tables (`evtchn.audit`). A healthy model has no findings. A frame quarantined by a domain's
-teardown (frames.quarantine) holds nothing and is reported with what happened to it, since it
-is the trace of a bug.
+entry and writable L1 entry (a partial table holds what frames.py says: its entries below
+nr_validated, a general reference for its PARTIAL_SET entry, and both kinds on itself; a
+vCPU's old_guest_tables hold a general reference each); then every frame's counts must equal
+what the frame table says, along with the invariants of section 12.2 and P2M/M2P agreement,
+then the event-channel port tables (`evtchn.audit`). A healthy model has no findings. A frame
+quarantined by a domain's teardown (frames.quarantine) holds nothing and is reported with what
+happened to it, since it is the trace of a bug.
 
 Then isolation, which counts alone miss: every validated L4 holds Xen's entries in Xen's slots
 (pagetable.xen_l4_slots), and every translation a domain can make reaches only frames it may
-reach (`reachability`).
+reach (`reachability`). A partial L4 is not checked for Xen's slots: Xen writes them when
+promote_l4_table has validated the guest's slots (init_xen_l4_slots, xen/arch/x86/mm.c), so
+one stopped on the way up holds what the guest left there, and one stopped on the way down
+still holds Xen's; neither is a base or a pin, so no translation goes through it.
 """
 
 import numpy as np
@@ -19,7 +24,7 @@ import numpy as np
 from .abi import DOMID_XEN, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, L4_SLOT_LINEAR, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
 from .domain import INVALID_M2P
 from .evtchn import audit as audit_ports
-from .frames import ALLOCATED, NO_OWNER, PINNED, VALIDATED, XEN_HEAP
+from .frames import ALLOCATED, NO_OWNER, PARTIAL, PARTIAL_SET, PINNED, VALIDATED, XEN_HEAP
 from .pagetable import LEVEL_OF_TYPE, LEVELS, XEN_SLOTS
 
 _P, _RW = np.uint64(Pte.PRESENT), np.uint64(Pte.RW)
@@ -41,8 +46,13 @@ def audit(hv) -> list[str]:
     pinned = (frames.flags & PINNED) != 0
     count[pinned] += 1
     tcount[pinned] += 1
+    partial = (frames.flags & PARTIAL) != 0
+    count[partial] += 1  # a partial table holds its own type reference and a general one
+    tcount[partial] += 1
     for domain in hv.domains.values():
         for vcpu in domain.vcpus:
+            for mfn in vcpu.old_guest_tables:  # a general reference each (preempt.py)
+                count[mfn] += 1
             for base in (vcpu.guest_table, vcpu.guest_table_user):
                 if base:
                     count[base] += 1
@@ -50,13 +60,21 @@ def audit(hv) -> list[str]:
                     if frames.type[base] != PageType.L4 or not frames.flags[base] & VALIDATED:
                         findings.append(f"dom{domain.domid} vCPU {vcpu.vcpu_id} base mfn {base:#x} is not a validated L4")
 
-    live = (frames.type_count > 0) & ((frames.flags & VALIDATED) != 0)
+    live = ((frames.type_count > 0) & ((frames.flags & VALIDATED) != 0)) | partial
+    slot_index = np.arange(len(LEVELS[1].guest_slots))
     for level in LEVELS.values():
         for table in np.flatnonzero(live & (frames.type == level.page_type)).tolist():
             words = memory.entries(table)
             present = (words & _P) != 0
             if level.level > 1:
                 present &= level.guest_slots
+            if frames.flags[table] & PARTIAL:  # entries below nr_validated hold references
+                if level.level == 1:
+                    findings.append(f"L1 mfn {table:#x} is partial")
+                held = int(frames.nr_validated[table])
+                if frames.flags[table] & PARTIAL_SET:  # and this one a general reference
+                    count[int((words[held] & _MFN) >> _SHIFT)] += 1
+                present &= slot_index < held
             entries = words[present]
             targets = ((entries & _MFN) >> _SHIFT).astype(np.int64)
             if (targets >= n).any():  # `reachability` names the entry
@@ -86,7 +104,7 @@ def audit(hv) -> list[str]:
         findings.append(f"free mfn {mfn:#x} has flags {int(frames.flags[mfn])} or an M2P entry")
     orphans = ~free & (frames.owner != DOMID_XEN) & ~np.isin(frames.owner, list(hv.domains))
     findings += [f"mfn {mfn:#x} is owned by dom{int(frames.owner[mfn])}, which does not exist" for mfn in np.flatnonzero(orphans).tolist()]
-    unvalidated = (frames.type_count > 0) & ((frames.flags & VALIDATED) == 0)
+    unvalidated = (frames.type_count > 0) & ((frames.flags & VALIDATED) == 0) & ~partial
     findings += [f"mfn {mfn:#x} has {int(frames.type_count[mfn])} type references but is not validated" for mfn in np.flatnonzero(unvalidated).tolist()]
     untyped = (frames.type_count > 0) & (frames.type == PageType.NONE)
     findings += [f"mfn {mfn:#x} has type references but no type" for mfn in np.flatnonzero(untyped).tolist()]
@@ -102,7 +120,7 @@ def audit(hv) -> list[str]:
         checked = ~np.isin(p2m, list(domain.guest_m2p)) if domain.guest_m2p else np.ones(len(p2m), dtype=bool)
         for pfn in np.flatnonzero(checked & (hv.m2p[p2m] != expected_m2p)).tolist():
             findings.append(f"dom{domain.domid}: P2M says pfn {pfn:#x} is mfn {int(p2m[pfn]):#x}, M2P says that mfn is pfn {int(hv.m2p[p2m[pfn]]):#x}")
-    findings += xen_slots(hv, np.flatnonzero(live & (frames.type == PageType.L4)))
+    findings += xen_slots(hv, np.flatnonzero(live & ~partial & (frames.type == PageType.L4)))
     return findings + reachability(hv) + audit_ports(hv)
 
 

@@ -36,7 +36,8 @@ from .abi import (
 )
 from .errors import XenError
 from .evtchn import LIBXL_MAX_EVTCHN_PORT, evtchn_init
-from .frames import PAGETABLE_TYPES, PINNED, VALIDATED, XEN_HEAP, FrameTable
+from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, XEN_HEAP, FrameTable
+from .preempt import Continuation
 from .tlb import Tlb
 
 INVALID_M2P = 0xFFFFFFFFFFFFFFFF
@@ -67,6 +68,14 @@ class Vcpu:
     blocked: bool = False  # _VPF_blocked: asleep in SCHEDOP_block or SCHEDOP_poll
     poll_evtchn: int = 0  # SCHEDOP_poll's one port; -1 = several; 0 = not polling
     virq_to_evtchn: list[int] = field(default_factory=lambda: [0] * NR_VIRQS)  # VIRQ -> port (section 16.4)
+    # Xen's old_guest_table: partial tables this vCPU's call left to tear down, each with a
+    # general reference (frames.py). Xen needs one slot; a VCPUOP_initialise that xensim rolls
+    # back can leave two.
+    old_guest_tables: list[int] = field(default_factory=list)
+    # The hypercall this vCPU is in, stopped at a preemption point, until Hypervisor.resume
+    # goes on with it (Xen keeps it in the vCPU's registers): part of the core's state, so
+    # that a snapshot taken meanwhile replays the rest of the call.
+    continuation: Continuation | None = None
 
     def info(self) -> dict:
         return {
@@ -236,12 +245,15 @@ def teardown_step(problems: list[str], what: str) -> Iterator[None]:
 def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
     """Release everything a dying domain holds (xen/arch/x86/domain.c:domain_relinquish_resources).
 
-    Order as in section 12.4: vCPU base pointers, Xen-heap pages, then pins, then forced
-    devalidation of validated tables top-down (which breaks linear-pagetable cycles), then
-    every allocation reference. Xen forces L4s, L3s and L2s only, since in a sound model the
-    L1s lose their last type reference with the L2s above them; forcing L1s too changes nothing
-    then, and when a bug left an L1 with a type reference nobody holds, it keeps that L1 alone
-    from being freed instead of every frame the L1 maps.
+    Order as in section 12.4: vCPU base pointers and the tables the vCPUs were tearing down
+    (put_old_guest_table), Xen-heap pages, then pins, then the work of partial tables (which
+    Xen's relinquish_memory finishes for PGT_partial pages), then forced devalidation of
+    validated tables top-down (which breaks linear-pagetable cycles), then every allocation
+    reference. Xen forces L4s, L3s and L2s only, since in a sound model the L1s lose their last
+    type reference with the L2s above them; forcing L1s too changes nothing then, and when a
+    bug left an L1 with a type reference nobody holds, it keeps that L1 alone from being freed
+    instead of every frame the L1 maps. Runs in one go: the toolstack's destruction is not
+    preemptible in xensim.
 
     Returns what went wrong (see `teardown_step`): nothing, in a sound model. Frames still
     referenced afterwards stay allocated to the domain for the caller to quarantine.
@@ -253,6 +265,8 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
                 with teardown_step(problems, f"vCPU {vcpu.vcpu_id} base pointer mfn {base:#x}"):
                     frames.put_page_and_type(base)
         vcpu.guest_table = vcpu.guest_table_user = 0
+        with teardown_step(problems, f"vCPU {vcpu.vcpu_id} old_guest_tables {vcpu.old_guest_tables}"):
+            frames.put_old_guest_tables(vcpu)
         vcpu.tlb.flush()
     with teardown_step(problems, f"shared-info mfn {domain.shared_info_mfn:#x}"):
         frames.put_page_type(domain.shared_info_mfn)
@@ -261,11 +275,15 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
         frames.set_pinned(mfn, False)
         with teardown_step(problems, f"pin of mfn {mfn:#x}"):
             frames.put_page_and_type(mfn)
+    for mfn in owned[(frames.flags[owned] & PARTIAL) != 0].tolist():
+        with teardown_step(problems, f"partial work of mfn {mfn:#x}"):
+            frames.put_page_type(mfn, partial_set=True)  # drops the partial state's own references too
     for kind in reversed(PAGETABLE_TYPES):
         live = owned[(frames.type[owned] == kind) & ((frames.flags[owned] & VALIDATED) != 0)]
         for mfn in live.tolist():
             if frames.flags.item(mfn) & VALIDATED:
                 frames.flags[mfn] &= ~np.uint8(VALIDATED)
+                frames.stop_at(mfn, ENTRIES_PER_TABLE, False)
                 with teardown_step(problems, f"forced devalidation of {kind.name} mfn {mfn:#x}"):
                     pagetables.demote(mfn, kind)
     with teardown_step(problems, "release of the allocation references"):

@@ -26,6 +26,11 @@ class XenError(Exception):
         """The same failure, placed at entry `index` of a batch (entries before it are done)."""
         return XenError(self.errno, f"{what} entry {index}: {self.message}", index=index, done=index)
 
+    def __reduce__(self):
+        """Pickle by the constructor's own arguments (a continuation may hold one in a snapshot,
+        trace.py): an Exception pickles only its `args`, which here lack the errno."""
+        return XenError, (self.errno, self.message), {"index": self.index, "done": self.done}
+
     def __repr__(self) -> str:
         return f"XenError({self.errno.name}, {self.message!r})"
 
@@ -39,6 +44,18 @@ class VcpuNotRunning(Exception):
     nothing, so there is no hypercall to fail; the call simply never happened. The adapter
     answers it with a refusal of its own (the message says why the vCPU is stopped and what
     brings it back)."""
+
+
+class Restart(Exception):
+    """Xen's -ERESTART inside the model: work stopped at a preemption point with its progress
+    kept (PGT_partial, see frames.py) and the call is to be re-entered (preempt.py). Never
+    reaches a guest: the hypercall answers a continuation instead. `at` is where the call goes
+    on (for a batch, `start`: the entry to do next); empty, it starts over, which a call that
+    stopped before committing anything may."""
+
+    def __init__(self, **at):
+        super().__init__(at)
+        self.at = at
 
 
 class SimulatorBug(AssertionError):

@@ -16,6 +16,15 @@ zero it is *devalidated*: every entry's references are dropped (recursively). Pi
 type reference for as long as the guest wants, so the table stays validated and a cr3 load of a
 pinned table is O(1) instead of a walk over the whole tree: that is why guests pin.
 
+Long (de)validation is preemptible, as in Xen (preempt.py). An L2..L4 whose validation or
+devalidation stops part-way is left *partial* (Xen's PGT_partial): entries below
+`nr_validated` hold their references, the entry at `nr_validated` holds a general reference
+to a partial frame of its own if `PARTIAL_SET` is set (Xen's PTF_partial_set), and the frame
+itself holds its one type reference and one extra general reference (Xen's get_page_light) for
+the work in progress. Whoever takes the same type next goes on validating from there; whoever
+holds the partial state (a parent entry, a vCPU's old_guest_table, domain destruction) may
+instead go on devalidating it. L1s are validated and devalidated in one go, as in Xen.
+
 All counts change only in the primitives of this module (`get_page`, `put_page`,
 `get_page_type`, `put_page_type`, and their bulk forms used by vectorised L1 validation);
 `audit` recomputes them from first principles.
@@ -27,12 +36,14 @@ pool for good, as Xen keeps a page it offlines while in use off its free lists
 """
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import numpy as np
 
-from .abi import DOMID_XEN, Errno, PageType
-from .errors import SimulatorBug, XenError
+from .abi import DOMID_XEN, ENTRIES_PER_TABLE, Errno, PageType
+from .errors import Restart, SimulatorBug, XenError
 from .memory import MachineMemory
+from .preempt import Budget
 
 NO_OWNER = -1
 
@@ -42,6 +53,8 @@ VALIDATED = 2
 PINNED = 4
 XEN_HEAP = 8
 QUARANTINED = 16  # set alone: see quarantine
+PARTIAL = 32  # PGT_partial: (de)validation stopped part-way (see above)
+PARTIAL_SET = 64  # PTF_partial_set in Xen's partial_flags: the entry at nr_validated is partial
 
 PAGETABLE_TYPES = (PageType.L1, PageType.L2, PageType.L3, PageType.L4)
 _WRITABLE = int(PageType.WRITABLE)
@@ -62,6 +75,13 @@ class FrameTable:
         # Xen's linear_pt_count: > 0 the table holds that many linear entries, < 0 it is the
         # target of that many linear entries (section 2.3).
         self.linear = np.zeros(nr_frames, dtype=np.int32)
+        # Xen's nr_validated_ptes: how far a partial table's (de)validation got.
+        self.nr_validated = np.zeros(nr_frames, dtype=np.int16)
+        # Preemption: the vCPU whose hypercall may stop part-way (Xen's `current` on a
+        # preemptible path; None while work must finish in one go), and the work budget.
+        self.current = None
+        self.budget = Budget()
+        self._nested = 0  # depth of (de)validation in progress: puts and gets inside it are not the call's own
         # Hooks set by the owner of the model: (de)validation of pagetable frames, and Xen's
         # safety TLB flush when a frame changes type or is freed.
         self.promote: Callable[[int, PageType], None] = _unset
@@ -73,6 +93,8 @@ class FrameTable:
         # The contents of the frames that the type acquisition in progress has rewritten, as
         # they were before (see get_page_type).
         self._journal: list[tuple[int, np.ndarray | None]] | None = None
+        self._took_over = False  # that acquisition went on with a partial frame
+        self._left_partial: int | None = None  # the frame whose failure a parent entry now holds
 
     # -- allocation ---------------------------------------------------------------------
 
@@ -151,6 +173,75 @@ class FrameTable:
         self.flags[mfns] = QUARANTINED
         self.linear[mfns] = 0
 
+    # -- preemption -------------------------------------------------------------------------
+
+    @contextmanager
+    def preemptible(self, vcpu):
+        """Run a hypercall of `vcpu` whose (de)validation may stop part-way (Restart)."""
+        self.current = vcpu
+        try:
+            yield
+        finally:
+            self.current = None
+
+    @contextmanager
+    def atomic(self):
+        """Work that must finish in one go, even inside a preemptible call."""
+        current, self.current = self.current, None
+        try:
+            yield
+        finally:
+            self.current = current
+
+    def preempt_check(self) -> bool:
+        """Xen's hypercall_preempt_check, on a preemptible path only."""
+        return self.current is not None and self.budget.spent()
+
+    def stop_at(self, mfn: int, slot: int, partial_set: bool) -> None:
+        """Record where a table's (de)validation stopped: entries below `slot` hold their
+        references, and with `partial_set` the one at `slot` holds a partial reference."""
+        self.nr_validated[mfn] = slot
+        if partial_set:
+            self.flags[mfn] |= np.uint8(PARTIAL_SET)
+        else:
+            self.flags[mfn] &= ~np.uint8(PARTIAL_SET)
+
+    def is_partial(self, mfn: int, kind: PageType) -> bool:
+        return bool(self.flags.item(mfn) & PARTIAL) and self.type.item(mfn) == kind
+
+    def left_partial(self, mfn: int) -> bool:
+        """Whether the failure just raised left frame `mfn` partial, its general reference
+        kept for the failing entry that points at it (Xen's "transfer" of old_guest_table to
+        the parent's PTF_partial_set)."""
+        left, self._left_partial = self._left_partial, None
+        return left == mfn
+
+    def _leave_partial(self, mfn: int) -> None:
+        """The frame keeps its type reference for the work in progress, and a general one with
+        it (Xen's get_page_light and PGT_partial)."""
+        self.flags[mfn] |= np.uint8(PARTIAL)
+        self.count[mfn] += 1
+
+    def _defer(self, mfn: int) -> None:
+        """Hand a partial frame, with the caller's general reference on it, to the calling
+        vCPU to tear down before its call ends (Xen's old_guest_table)."""
+        if self.current is None:
+            raise SimulatorBug(f"mfn {mfn:#x} left partial outside a preemptible call")
+        self.current.old_guest_tables.append(mfn)
+
+    def put_old_guest_tables(self, vcpu) -> bool:
+        """Go on tearing down the vCPU's old_guest_tables (Xen's put_old_guest_table); True
+        when none is left, False when the work stopped again."""
+        while vcpu.old_guest_tables:
+            mfn = vcpu.old_guest_tables[0]
+            try:
+                self.put_page_type(mfn, partial_set=True)
+            except Restart:
+                return False
+            vcpu.old_guest_tables.pop(0)
+            self.put_page(mfn)
+        return True
+
     # -- type references ------------------------------------------------------------------
 
     def get_page_type(self, mfn: int, want: PageType) -> None:
@@ -158,12 +249,17 @@ class FrameTable:
 
         Raises `XenError(EINVAL)` on a type conflict, or the validation errno. On failure no
         reference is kept, and the type bits are what Xen leaves: a frame whose validation
-        failed has no type (validate_page's error path sets type_info = 0, xen/arch/x86/mm.c)
-        and the tables validated on the way, whose references the failure dropped again, keep
-        their type unvalidated. Without type references those bits decide no more than whether
-        the next type taken flushes TLBs (trace.state_digest), so the failed call still changes
-        nothing. Xen also leaves the entries it adjusted while validating; those are guest
-        memory, which a failed call must leave as it was, so we restore them (README).
+        failed holding nothing has no type (validate_page's error path sets type_info = 0,
+        xen/arch/x86/mm.c) and the tables validated on the way, whose references the failure
+        dropped again, keep their type unvalidated. Without type references those bits decide no
+        more than whether the next type taken flushes TLBs (trace.state_digest), so the failed
+        call still changes nothing. Xen also leaves the entries it adjusted while validating;
+        those are guest memory, which a failed call must leave as it was, so we restore them
+        (README). The exception is a validation that went on with a partial frame, whose earlier
+        work other calls may have seen: as in Xen, what it holds stays partial, to be torn down
+        preemptibly (see get_page_and_type), and the frames it holds keep their entries.
+
+        Raises `Restart` when a preemptible validation stopped part-way (the frame is partial).
         """
         self.atomically(lambda: self._get_page_type(mfn, want))
 
@@ -174,15 +270,21 @@ class FrameTable:
         and `action` drops any it took before, then re-raises. Nested calls join the outer one."""
         if self._journal is not None:
             return action()
-        self._journal = []
+        self._journal, self._took_over = [], False
         try:
             action()
         except XenError:
             for frame, words in reversed(self._journal):
-                self.memory.restore(frame, words)
+                if not self.type_count.item(frame):  # else still held: part of a partial tree
+                    self.memory.restore(frame, words)
             raise
         finally:
             self._journal = None
+
+    def spanning(self) -> bool:
+        """Whether the type acquisition in progress went on with a partial frame, so that
+        undoing it on failure could be as long as the work of earlier calls."""
+        return self._took_over
 
     def note_write(self, mfn: int) -> None:
         """Record a frame's contents before validation rewrites its entries (see above)."""
@@ -196,6 +298,7 @@ class FrameTable:
     def _get_page_type(self, mfn: int, want: PageType) -> None:
         count = self.type_count.item(mfn)
         have = self.type.item(mfn)
+        flags = self.flags.item(mfn)
         if count:
             if have != want:
                 raise XenError(
@@ -203,9 +306,19 @@ class FrameTable:
                     f"mfn {mfn:#x} has type {PageType(have).name} with {count} type references, "
                     f"cannot take type {PageType(want).name}",
                 )
-            if not self.flags.item(mfn) & VALIDATED:
+            if flags & VALIDATED:
+                self.type_count[mfn] = count + 1
+                return
+            if not flags & PARTIAL:
                 raise XenError(Errno.EINVAL, f"mfn {mfn:#x} is being validated as {PageType(have).name}")
-            self.type_count[mfn] = count + 1
+            # Xen's _get_page_type on a PGT_partial page: take the work over and go on with it;
+            # the partial state's type reference becomes ours, its general one is dropped.
+            self._took_over = True
+            self.flags[mfn] &= ~np.uint8(PARTIAL)
+            try:
+                self._validate(mfn, want)
+            finally:
+                self.put_page(mfn)
             return
         if have != want:
             self._retype(mfn, want)
@@ -214,41 +327,111 @@ class FrameTable:
         if self.flags.item(mfn) & VALIDATED:
             return
         if want in PAGETABLE_TYPES:
-            try:
-                self.promote(mfn, PageType(want))
-            except XenError:
+            self.stop_at(mfn, 0, False)
+            self._validate(mfn, want)
+        else:
+            self.flags[mfn] |= VALIDATED
+
+    def _validate(self, mfn: int, want: PageType) -> None:
+        """Xen's validate_page: validated, or partial (stopped, or failed holding entries that
+        only a preemptible teardown may drop), or untyped again (failed holding nothing)."""
+        self._nested += 1
+        try:
+            self.promote(mfn, PageType(want))
+        except Restart:
+            self._leave_partial(mfn)
+            raise
+        except XenError:
+            if self.nr_validated.item(mfn) or self.flags.item(mfn) & PARTIAL_SET:
+                self._leave_partial(mfn)
+            else:
                 self.type_count[mfn] = 0
                 self.type[mfn] = _NONE  # validate_page: type_info = 0
-                raise
-        self.flags[mfn] |= VALIDATED
+            raise
+        finally:
+            self._nested -= 1
+        self.flags[mfn] = (self.flags.item(mfn) & ~PARTIAL_SET) | VALIDATED
 
-    def put_page_type(self, mfn: int) -> None:
+    def put_page_type(self, mfn: int, partial_set: bool = False) -> None:
         """Drop a type reference; the last one of a pagetable devalidates it (section 1.6).
 
-        The type bits stay, so taking the same type again re-validates from scratch.
+        The type bits stay, so taking the same type again re-validates from scratch. With
+        `partial_set` the caller holds a partial frame's work rather than a type reference
+        (Xen's PTF_partial_set): go on devalidating it, if nobody has finished it meanwhile.
+        Raises `Restart` when a preemptible devalidation stopped part-way (the frame is partial).
         """
+        flags = self.flags.item(mfn)
+        was_partial = bool(flags & PARTIAL)
+        if partial_set and not was_partial:
+            return
+        if was_partial and not partial_set:
+            raise SimulatorBug(f"put_page_type of partial mfn {mfn:#x} by a holder of no partial reference")
         count = self.type_count.item(mfn)
         if count <= 0:
             raise SimulatorBug(f"put_page_type of mfn {mfn:#x} with no type references")
         kind = self.type.item(mfn)
-        if count == 1 and kind in PAGETABLE_TYPES and self.flags.item(mfn) & VALIDATED:
-            self.flags[mfn] &= ~np.uint8(VALIDATED)
-            self.demote(mfn, PageType(kind))
+        if count == 1 and kind in PAGETABLE_TYPES and flags & (VALIDATED | PARTIAL):
+            if not was_partial:
+                self.stop_at(mfn, ENTRIES_PER_TABLE, False)  # every entry holds its references
+            self.flags[mfn] &= ~np.uint8(VALIDATED | PARTIAL)
+            self._nested += 1
+            try:
+                self.demote(mfn, PageType(kind))
+            except Restart:
+                self._leave_partial(mfn)
+                if was_partial:
+                    self.put_page(mfn)
+                raise
+            finally:
+                self._nested -= 1
             self.linear[mfn] = 0
+            self.type_count[mfn] = 0
+            if was_partial:
+                self.put_page(mfn)
+            return
         self.type_count[mfn] = count - 1
 
-    def get_page_and_type(self, mfn: int, domid: int, want: PageType) -> None:
-        """A general and a type reference together (Xen's get_page_and_type_from_mfn)."""
-        if not self.get_page(mfn, domid):
+    def get_page_and_type(self, mfn: int, domid: int, want: PageType, partial_set: bool = False) -> None:
+        """A general and a type reference together (Xen's get_page_and_type_from_mfn). With
+        `partial_set` the caller already holds the general reference, and a partial frame's
+        work, which this goes on with.
+
+        When the validation stops (Restart) or fails leaving the frame partial, the general
+        reference stays with whoever holds the partial state next: a table's entry inside a
+        validation (the parent records PARTIAL_SET), else the calling vCPU's old_guest_table
+        after a failure. A call of its own drops it on Restart, since retrying takes it anew.
+        """
+        if not partial_set and not self.get_page(mfn, domid):
             raise XenError(Errno.EINVAL, f"mfn {mfn:#x} is {self.describe_owner(mfn)}, not owned by dom{domid}")
         try:
             self.get_page_type(mfn, want)
+        except Restart:
+            if not partial_set and not self._nested:
+                self.put_page(mfn)
+            raise
         except XenError:
+            if partial_set:
+                raise
+            if self.is_partial(mfn, want):
+                if self._nested:
+                    self._left_partial = mfn
+                else:
+                    self._defer(mfn)
+                raise
             self.put_page(mfn)
             raise
 
-    def put_page_and_type(self, mfn: int) -> None:
-        self.put_page_type(mfn)
+    def put_page_and_type(self, mfn: int, partial_set: bool = False) -> None:
+        """Drop a general and a type reference. A call's own put that stops part-way hands the
+        partial frame, with the general reference, to its vCPU's old_guest_table (as Xen's
+        UNPIN_TABLE, new_guest_cr3 and mod_l3/l4_entry do), and the call goes on."""
+        try:
+            self.put_page_type(mfn, partial_set)
+        except Restart:
+            if self._nested:
+                raise
+            self._defer(mfn)
+            return
         self.put_page(mfn)
 
     # -- bulk forms for vectorised L1 (de)validation ----------------------------------------

@@ -1,8 +1,10 @@
 """The model's single entry point: one dispatch table for every hypercall and toolstack op.
 
 Every call goes through `Hypervisor.hypercall` (a guest vCPU's) or `Hypervisor.toolstack`
-(the admin's), which look the op up in one table; this is the one place where the trace and
-the statistics attach. A call returns a JSON-able result or raises `XenError`.
+(the admin's), which look the op up in one table, or `Hypervisor.resume` (a hypercall that
+answered a `Continuation` going on, see preempt.py); this is the one place where the trace and
+the statistics attach. A call returns a JSON-able result, `BLOCKED`, a `Continuation`, or
+raises `XenError`.
 """
 
 from collections import Counter
@@ -12,12 +14,21 @@ from typing import Any
 import numpy as np
 
 from . import cpu, evtchn, mmu, schedop, vcpuop
-from .abi import DOMID_FIRST_RESERVED, DOMID_XEN, HYPERVISOR_VIRT_START, PAGE_SIZE, Errno
+from .abi import (
+    DOMID_FIRST_RESERVED,
+    DOMID_XEN,
+    HYPERVISOR_VIRT_START,
+    PAGE_SIZE,
+    PREEMPT_WORK,
+    STEP_WORK,
+    Errno,
+)
 from .domain import INVALID_M2P, Domain, Vcpu, build, relinquish, teardown_step
-from .errors import XenError
+from .errors import Restart, XenError
 from .frames import ALLOCATED, XEN_HEAP, FrameTable
 from .memory import MachineMemory
 from .pagetable import PageTables
+from .preempt import Budget, Continuation
 from .sched import BLOCKED, Scheduler, advance_time, check_running, vcpu_unblock
 
 DEFAULT_FRAMES = 1 << 20  # 4 GiB of machine memory
@@ -25,23 +36,29 @@ RESERVED_FRAMES = 16  # the low frames belong to Xen, so mfn 0 never names a gue
 MAX_DOMAINS = 256
 
 
-def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list) -> list[dict]:
+def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results: tuple = (), inner: Continuation | None = None) -> list[dict]:
     """HYPERVISOR_multicall (section 13): run each {"op", "args"} entry, record its result,
     and go on past failures; a multicall inside a multicall fails with EINVAL. A block or poll
-    that would sleep wakes at once with result 0 (a spurious wake-up, which guests allow for),
-    since the core cannot suspend a batch half-way as Xen's continuations do."""
-    results = []
-    for call in calls:
-        op, args = call["op"], call.get("args", {})
+    that would sleep wakes at once with result 0 (a spurious wake-up, which guests allow for).
+
+    Preemptible as do_multicall: it stops before an entry when the call's work is spent, and
+    an entry that stopped part-way stops the multicall in it; going on (`start`, the `results`
+    so far, that entry's continuation `inner`) finishes that entry first."""
+    results = list(results)
+    for i in range(start, len(calls)):
+        if mmu.stop_before(hv, vcpu, i, start):
+            raise Restart(start=i, results=results)
+        op, args = calls[i]["op"], calls[i].get("args", {})
         if op == "multicall":
             results.append(error_result(XenError(Errno.EINVAL, "multicall may not be nested")))
             continue
-        handler = HYPERCALLS.get(op)
-        if handler is None:
+        if op not in HYPERCALLS:
             results.append(error_result(XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")))
             continue
         try:
-            result = handler(hv, vcpu, **args)
+            result = run(hv, vcpu, inner if i == start and inner is not None else Continuation(op, args))
+            if isinstance(result, Continuation):
+                raise Restart(start=i, results=results, inner=result)
             if result is BLOCKED:
                 vcpu_unblock(hv, vcpu)
                 result = 0
@@ -49,6 +66,40 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list) -> list[dict]:
         except XenError as e:
             results.append(error_result(e))
     return results
+
+
+# The hypercalls that may stop part-way (do_mmu_update, do_mmuext_op, do_multicall and
+# VCPUOP_initialise's arch_set_info_guest are Xen's preemptible ones that the model has).
+PREEMPTIBLE = frozenset({"mmu_update", "mmuext_op", "multicall", "vcpu_op"})
+
+
+def run(hv: "Hypervisor", vcpu: Vcpu, call: Continuation) -> Any:
+    """Run a hypercall, or go on with one that stopped: its result, or a `Continuation`.
+
+    A preemptible call first goes on tearing down what an earlier put of this vCPU left
+    part-way (put_old_guest_table), runs, and is not over until that teardown is: its answer
+    waits in the continuation meanwhile, as Xen passes rc through its last continuation."""
+    handler = HYPERCALLS[call.op]
+    if call.op not in PREEMPTIBLE:
+        return handler(hv, vcpu, **call.args)
+    if not hv.frames.put_old_guest_tables(vcpu):
+        return call
+    if call.outcome is not None:
+        kind, value = call.outcome
+        if kind == "error":
+            raise value
+        return value
+    try:
+        result = handler(hv, vcpu, **call.args, **call.at)
+    except Restart as stop:
+        return Continuation(call.op, call.args, stop.at)
+    except XenError as e:
+        if vcpu.old_guest_tables:
+            return Continuation(call.op, call.args, outcome=("error", e))
+        raise
+    if vcpu.old_guest_tables:
+        return Continuation(call.op, call.args, outcome=("result", result))
+    return result
 
 
 def error_result(e: XenError) -> dict:
@@ -94,12 +145,14 @@ HYPERCALLS: dict[str, Callable[..., Any]] = {
 class Hypervisor:
     """Machine memory, the frame table, the M2P, and every domain with its vCPUs."""
 
-    def __init__(self, nr_frames: int = DEFAULT_FRAMES, strict_tlb: bool = False):
+    def __init__(self, nr_frames: int = DEFAULT_FRAMES, strict_tlb: bool = False, preempt_work: int = PREEMPT_WORK):
         self.nr_frames = nr_frames
         # A stale TLB hit (cpu.py) faults instead of using the cached translation.
         self.strict_tlb = strict_tlb
         self.memory = MachineMemory(nr_frames)
         self.frames = FrameTable(nr_frames, self.memory)
+        self.budget: Budget = self.frames.budget  # work per entry into the core (preempt.py)
+        self.budget.per_call = preempt_work
         xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES)
         self.frames.flags[xen] |= np.uint8(XEN_HEAP)
         self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]))
@@ -123,8 +176,19 @@ class Hypervisor:
         """Run a toolstack (domain-control) operation."""
         return self._dispatch(None, op, args)
 
-    def _dispatch(self, caller: list | None, op: str, args: dict) -> Any:
-        record = {"caller": caller, "op": op, "args": args}
+    def resume(self, domid: int, vcpu_id: int, continuation: Continuation) -> Any:
+        """Go on with a hypercall of this vCPU that answered `continuation` (Xen's re-issued
+        hypercall): its result, or a further continuation. The trace records it as its own
+        call, with where it went on instead of the arguments (those are in the call's record)."""
+        return self._dispatch([domid, vcpu_id], continuation.op, continuation.args, continuation)
+
+    def _dispatch(self, caller: list | None, op: str, args: dict, resumed: Continuation | None = None) -> Any:
+        if resumed is None:
+            record = {"caller": caller, "op": op, "args": args}
+        else:
+            record = {"caller": caller, "op": op, "resume": resumed.summary()}
+        self.budget.start()
+        self.budget.charge(STEP_WORK)
         try:
             if caller is None:
                 handler = TOOLSTACK.get(op)
@@ -134,19 +198,27 @@ class Hypervisor:
             else:
                 vcpu = self.vcpu(*caller)
                 check_running(self, vcpu)  # VcpuNotRunning: not a XenError, so neither counted nor traced
+                vcpu.continuation = None  # a vCPU that calls is no longer in a call it gave up
                 handler = HYPERCALLS.get(op)
                 if handler is None:
                     raise XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")
-                result = handler(self, vcpu, **args)
+                if op in PREEMPTIBLE:
+                    with self.frames.preemptible(vcpu):
+                        result = run(self, vcpu, resumed or Continuation(op, args))
+                    if isinstance(result, Continuation):
+                        vcpu.continuation = result  # parked in the core until it goes on (trace.snapshot)
+                else:
+                    result = handler(self, vcpu, **args)
         except XenError as e:
             self.stats[(op, e.errno.name)] += 1
             if self.tracer:
                 record["error"] = error_result(e)
                 self.tracer(record)
             raise
-        # A call that completed but found a bug of the simulator says so in its result
-        # (destroy_domain): counted apart, as the loud outcome it is.
-        self.stats[(op, "bug" if isinstance(result, dict) and "bug" in result else "ok")] += 1
+        # A call counts once, when it is over. One that completed but found a bug of the
+        # simulator says so in its result (destroy_domain): counted apart, as the loud outcome it is.
+        if not isinstance(result, Continuation):
+            self.stats[(op, "bug" if isinstance(result, dict) and "bug" in result else "ok")] += 1
         if self.tracer:
             record["result"] = result
             self.tracer(record)

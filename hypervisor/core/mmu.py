@@ -2,7 +2,10 @@
 
 Organised as Xen's mm.c is: each hypercall is a loop over its requests that calls one checked
 primitive per entry; a failing entry raises with nothing of its own committed, the entries
-before it stay done (Xen's `*pdone`), and nothing after it runs.
+before it stay done (Xen's `*pdone`), and nothing after it runs. mmu_update and mmuext_op are
+preemptible (preempt.py): before every entry but the first they stop if the call's work is
+spent or a put left a table to tear down, and an entry whose validation stopped part-way is
+retried when the call goes on; `start` is where a continued call goes on.
 """
 
 from typing import TYPE_CHECKING
@@ -12,6 +15,7 @@ from .abi import (
     DOMID_SELF,
     DOMID_XEN,
     PAGE_SHIFT,
+    STEP_WORK,
     UVMF_ALL,
     UVMF_FLUSHTYPE_MASK,
     UVMF_INVLPG,
@@ -22,7 +26,7 @@ from .abi import (
     PageType,
 )
 from .domain import Domain, Vcpu
-from .errors import XenError
+from .errors import Restart, XenError
 from .pagetable import LEVEL_OF_TYPE, LEVELS
 from .walk import copy_from_guest, guest_addr_ok, walk_entries
 
@@ -68,24 +72,38 @@ def _check_foreign_privilege(caller: Domain, *owners: int) -> None:
 # -- mmu_update ----------------------------------------------------------------------------
 
 
-def mmu_update(hv: "Hypervisor", vcpu: Vcpu, reqs: list, foreigndom: int = DOMID_SELF) -> int:
+def stop_before(hv: "Hypervisor", vcpu: Vcpu, i: int, start: int) -> bool:
+    """Whether a batch stops before entry `i` (do_mmu_update, do_mmuext_op, do_multicall):
+    never before its first entry in this run, else when the call's work is spent or a put left
+    a table to tear down. Charges the entry's own work when it runs."""
+    budget = hv.budget  # a batch always runs preemptibly: check the budget itself, cheaply
+    if i > start and (budget.work >= budget.end or vcpu.old_guest_tables):
+        return True
+    budget.work += STEP_WORK
+    return False
+
+
+def mmu_update(hv: "Hypervisor", vcpu: Vcpu, reqs: list, foreigndom: int = DOMID_SELF, start: int = 0) -> int:
     """HYPERVISOR_mmu_update: returns the number of requests done (section 4)."""
     caller = hv.domains[vcpu.domid]
     pfd = (foreigndom >> 16) & 0xFFFF
     if pfd:
         if pfd - 1 not in hv.domains:
-            raise XenError(Errno.ESRCH, f"pagetable owner dom{pfd - 1} does not exist", done=0)
+            raise XenError(Errno.ESRCH, f"pagetable owner dom{pfd - 1} does not exist", done=start)
         pt_owner = pfd - 1
     else:
         pt_owner = caller.domid
     try:
         pg_owner = get_pg_owner(hv, caller, foreigndom & 0xFFFF)
     except XenError as e:
-        raise XenError(e.errno, e.message, done=0) from None
+        raise XenError(e.errno, e.message, done=start) from None
     flush = False
     privileged: XenError | None | bool = False  # the XSM check, made at the first PT update
     try:
-        for i, (ptr, val) in enumerate(reqs):
+        for i in range(start, len(reqs)):
+            if stop_before(hv, vcpu, i, start):
+                raise Restart(start=i)
+            ptr, val = reqs[i]
             cmd = ptr & 7
             try:
                 if cmd == MmuCmd.MACHPHYS_UPDATE:
@@ -98,6 +116,8 @@ def mmu_update(hv: "Hypervisor", vcpu: Vcpu, reqs: list, foreigndom: int = DOMID
                     flush |= _pt_update(hv, ptr - cmd, val, pt_owner, pg_owner, cmd == MmuCmd.PT_UPDATE_PRESERVE_AD)
                 else:
                     raise XenError(Errno.ENOSYS, f"unknown mmu_update command {cmd}")
+            except Restart:
+                raise Restart(start=i) from None
             except XenError as e:
                 raise e.at(i, "mmu_update") from None
     finally:
@@ -152,7 +172,7 @@ def _machphys_update(hv: "Hypervisor", caller: Domain, ptr: int, val: int, pt_ow
 # -- mmuext_op -----------------------------------------------------------------------------
 
 
-def mmuext_op(hv: "Hypervisor", vcpu: Vcpu, ops: list, foreigndom: int = DOMID_SELF) -> int:
+def mmuext_op(hv: "Hypervisor", vcpu: Vcpu, ops: list, foreigndom: int = DOMID_SELF, start: int = 0) -> int:
     """HYPERVISOR_mmuext_op: each op is (cmd, arg1, arg2); returns the number done (section 5)."""
     caller = hv.domains[vcpu.domid]
     try:
@@ -161,10 +181,15 @@ def mmuext_op(hv: "Hypervisor", vcpu: Vcpu, ops: list, foreigndom: int = DOMID_S
             raise XenError(Errno.EINVAL, f"dom{pg_owner:#x} is not a PV domain")
         _check_foreign_privilege(caller, pg_owner)
     except XenError as e:
-        raise XenError(e.errno, e.message, done=0) from None
-    for i, (cmd, arg1, arg2) in enumerate(ops):
+        raise XenError(e.errno, e.message, done=start) from None
+    for i in range(start, len(ops)):
+        if stop_before(hv, vcpu, i, start):
+            raise Restart(start=i)
+        cmd, arg1, arg2 = ops[i]
         try:
             _mmuext_one(hv, vcpu, caller, pg_owner, cmd, arg1, arg2)
+        except Restart:
+            raise Restart(start=i) from None
         except XenError as e:
             raise e.at(i, "mmuext_op") from None
     return len(ops)

@@ -4,6 +4,9 @@ Reference: xen-semantics.md sections 2 and 3. The per-level differences (disallo
 which type an entry's target takes, which slots belong to the guest, how Xen adjusts stored
 entries) are one table, `LEVELS`; the code below is written once for all levels.
 
+Validation and devalidation of an L2..L4 go entry by entry and may stop between entries when
+the hypercall's work is spent (Xen's promote_lN_table / demote_lN_table with
+hypercall_preempt_check), leaving the table partial (frames.py) to be gone on with later.
 An L1 is validated as a whole with numpy: every check of section 2.2 is computed for all 512
 entries at once, the first failing entry (in slot order, checks in Xen's order) is reported,
 and only when none fails are the references taken, in bulk. Because nothing is committed
@@ -27,12 +30,13 @@ from .abi import (
     L4_SLOT_XEN,
     PAGE_SHIFT,
     PTE_MFN_MASK,
+    STEP_WORK,
     Errno,
     PageType,
     Pte,
 )
-from .errors import SimulatorBug, XenError
-from .frames import VALIDATED, FrameTable
+from .errors import Restart, SimulatorBug, XenError
+from .frames import PARTIAL_SET, VALIDATED, FrameTable
 
 P, RW, US, A, D, G = (int(f) for f in (Pte.PRESENT, Pte.RW, Pte.USER, Pte.ACCESSED, Pte.DIRTY, Pte.GLOBAL))
 GUEST_KERNEL = int(Pte.GUEST_KERNEL)
@@ -177,18 +181,19 @@ class PageTables:
 
     # -- upper-level entries (section 2.3) -------------------------------------------------
 
-    def get_page_from_upper(self, level: Level, entry: int, table: int, domid: int) -> None:
+    def get_page_from_upper(self, level: Level, entry: int, table: int, domid: int, partial_set: bool = False) -> None:
         """Take the references an L2..L4 entry of `table` holds: the next level's type on its
         target, or, failing that with EINVAL, a read-only linear reference to a same-level
-        table (self-references take none)."""
+        table (self-references take none). With `partial_set` the entry already holds a
+        partial reference, which this goes on with (Xen's PTF_partial_set)."""
         frames = self.frames
         if entry & level.disallow:
             raise XenError(Errno.EINVAL, f"bad {level.name} flags {flag_names(entry & level.disallow)}")
         mfn = entry_mfn(entry)
         try:
-            frames.get_page_and_type(mfn, domid, level.target_type)
+            frames.get_page_and_type(mfn, domid, level.target_type, partial_set)
         except XenError as e:
-            if e.errno != Errno.EINVAL or not self._get_linear(level, entry, mfn, table, domid):
+            if e.errno != Errno.EINVAL or partial_set or not self._get_linear(level, entry, mfn, table, domid):
                 raise XenError(e.errno, f"points at mfn {mfn:#x}: {e.message}") from None
 
     def _get_linear(self, level: Level, entry: int, mfn: int, table: int, domid: int) -> bool:
@@ -210,17 +215,19 @@ class PageTables:
         frames.linear[mfn] -= 1
         return True
 
-    def put_page_from_upper(self, level: Level, entry: int, table: int) -> None:
+    def put_page_from_upper(self, level: Level, entry: int, table: int, partial_set: bool = False) -> None:
+        """Drop what an L2..L4 entry of `table` holds (with `partial_set`: a partial
+        reference, whose linear count was settled when its devalidation began)."""
         if not entry & P:
             return
         mfn = entry_mfn(entry)
         if mfn == table:
             return
         frames = self.frames
-        if frames.type.item(mfn) == level.page_type:
+        if not partial_set and frames.type.item(mfn) == level.page_type:
             frames.linear[table] -= 1
             frames.linear[mfn] += 1
-        frames.put_page_and_type(mfn)
+        frames.put_page_and_type(mfn, partial_set)
 
     # -- whole tables ----------------------------------------------------------------------
 
@@ -229,6 +236,7 @@ class PageTables:
         level = LEVEL_OF_TYPE[kind]
         domid = self.frames.owner.item(mfn)
         if level.level == 1:
+            self.frames.budget.charge(ENTRIES_PER_TABLE)
             self._promote_l1(mfn, domid)
         else:
             self._promote_upper(level, mfn, domid)
@@ -269,19 +277,44 @@ class PageTables:
             self.memory.frame(mfn)[slots] = adjusted
 
     def _promote_upper(self, level: Level, mfn: int, domid: int) -> None:
+        """Xen's promote_lN_table from entry nr_validated on (0 unless the table is partial).
+
+        Before every entry but the first it checks the call's work; when that is spent it
+        stops (Restart) with the entries so far held. An entry whose target stopped part-way
+        keeps a partial reference (PARTIAL_SET). On a failure it drops the entries it took,
+        unless the validation went on with earlier calls' work (frames.spanning): then, as in
+        Xen, the table keeps them, partial, for a preemptible teardown."""
+        frames = self.frames
         words = self.memory.entries(mfn)
         present = (words & _U64(P)) != 0
-        slots = np.flatnonzero(present & level.guest_slots).tolist()
+        first = frames.nr_validated.item(mfn)
+        resuming = bool(frames.flags.item(mfn) & PARTIAL_SET)
+        slots = np.flatnonzero(present & level.guest_slots)
+        todo = slots[slots >= first].tolist()
         done: list[int] = []
-        for slot in slots:
+        for slot in todo:
+            partial_set = resuming and slot == first
+            if done and frames.preempt_check():
+                frames.stop_at(mfn, slot, False)
+                raise Restart
+            frames.budget.charge(STEP_WORK)
             entry = int(words[slot])
             try:
-                self.get_page_from_upper(level, entry, mfn, domid)
+                self.get_page_from_upper(level, entry, mfn, domid, partial_set)
+            except Restart:
+                frames.stop_at(mfn, slot, True)
+                raise
             except XenError as e:
-                for taken in reversed(done):
-                    self.put_page_from_upper(level, int(words[taken]), mfn)
+                held = frames.left_partial(entry_mfn(entry)) or partial_set
+                if frames.spanning():
+                    frames.stop_at(mfn, slot, held)
+                else:
+                    with frames.atomic():
+                        for taken in reversed(done):
+                            self.put_page_from_upper(level, int(words[taken]), mfn)
                 raise XenError(e.errno, f"{level.name} entry {slot} of mfn {mfn:#x} {e.message}") from None
             done.append(slot)
+        slots = slots.tolist()
         self.frames.note_write(mfn)
         if slots:
             table = self.memory.frame(mfn)
@@ -299,17 +332,36 @@ class PageTables:
         return entries
 
     def demote(self, mfn: int, kind: PageType) -> None:
-        """Drop the references every entry of a table holds (section 1.6); cannot fail."""
+        """Drop the references every entry of a table holds (section 1.6); cannot fail.
+
+        An L2..L4 goes from its last held entry down (Xen's demote_lN_table) and, like
+        `_promote_upper`, stops between entries when the call's work is spent (Restart)."""
         level = LEVEL_OF_TYPE[kind]
+        frames = self.frames
         words = self.memory.entries(mfn)
         if level.level == 1:
+            frames.budget.charge(ENTRIES_PER_TABLE)
             entries = words[(words & _U64(P)) != 0]
             targets = ((entries & _MFN_MASK) >> _U64(PAGE_SHIFT)).astype(np.int64)
-            self.frames.put_pages_bulk(targets, targets[(entries & _U64(RW)) != 0])
+            frames.put_pages_bulk(targets, targets[(entries & _U64(RW)) != 0])
             return
-        slots = np.flatnonzero(((words & _U64(P)) != 0) & level.guest_slots).tolist()
-        for slot in slots:
-            self.put_page_from_upper(level, int(words[slot]), mfn)
+        end = frames.nr_validated.item(mfn)
+        resuming = bool(frames.flags.item(mfn) & PARTIAL_SET)
+        slots = np.flatnonzero(((words & _U64(P)) != 0) & level.guest_slots)
+        todo = slots[slots < end][::-1].tolist()
+        if resuming:
+            todo.insert(0, end)
+        for n, slot in enumerate(todo):
+            if n and frames.preempt_check():
+                frames.stop_at(mfn, slot + 1, False)
+                raise Restart
+            frames.budget.charge(STEP_WORK)
+            try:
+                self.put_page_from_upper(level, int(words[slot]), mfn, resuming and slot == end)
+            except Restart:
+                frames.stop_at(mfn, slot, True)
+                raise
+        frames.stop_at(mfn, 0, False)
 
     # -- checked single-entry update (section 3) -------------------------------------------
 

@@ -6,6 +6,12 @@ and result or error, and an end record with the final state digest. `replay` re-
 reports every result that differs, and with the end record checks the final state too. Bytes
 (memory contents) are written as {"hex": "..."}.
 
+A hypercall that stopped at a preemption point has the result {"continuation": {where it
+stopped}}; each time it goes on is a line of its own with "resume" (where it went on) in place
+of "args", as Xen's re-issued hypercall is a call of its own. The core parks the continuation
+on its vCPU (Vcpu.continuation) until it goes on, so a snapshot holds the calls in progress
+too. The header names the work budget, so that a replay stops at the same points.
+
 The header gives the starting machine by its size when the trace starts before any call (a
 fresh core), and otherwise carries a snapshot of the whole core (`snapshot`), so a trace started
 mid-run replays as well. Any prefix of a trace replays as the run so far: a writer that stopped
@@ -27,9 +33,11 @@ from typing import IO, Any
 
 import numpy as np
 
+from .abi import PREEMPT_WORK
 from .errors import XenError
-from .frames import VALIDATED
+from .frames import PARTIAL, VALIDATED
 from .hypervisor import Hypervisor, error_result
+from .preempt import Continuation
 from .schedop import POLL_TIMER, SINGLESHOT_TIMER
 
 FORMAT = 2  # 2: the header may carry a snapshot; format 1 never does and replays the same way
@@ -43,6 +51,8 @@ class TraceError(ValueError):
 def _encode(value):
     if isinstance(value, (bytes, bytearray)):
         return {"hex": bytes(value).hex()}
+    if isinstance(value, Continuation):
+        return {"continuation": value.summary()}
     raise TypeError(f"cannot trace a {type(value).__name__}")
 
 
@@ -67,7 +77,7 @@ class TraceWriter:
         self.hv = hv
         self.out = out
         self.calls = 0
-        header = {"xensim_trace": FORMAT, "nr_frames": hv.nr_frames, "strict_tlb": hv.strict_tlb}
+        header = {"xensim_trace": FORMAT, "nr_frames": hv.nr_frames, "strict_tlb": hv.strict_tlb, "preempt_work": hv.budget.per_call}
         if hv.stats:  # every call is counted there: this machine is no longer a fresh one
             header["snapshot"] = snapshot(hv)
         out.write(dumps(header) + "\n")
@@ -178,7 +188,9 @@ def restore(text: str) -> Hypervisor:
 
 def state_digest(hv: Hypervisor) -> str:
     """A hash of everything the model holds: frame table, M2P, memory, domains and their
-    port tables, vCPUs with their TLBs, timers and scheduler state, the clock. Not the kicks:
+    port tables, vCPUs with their TLBs, timers, scheduler state and old_guest_tables, partial
+    tables' progress, the clock. Not a vCPU's parked continuation (Vcpu.continuation): it is the
+    call in progress, whose work is in the rest, and replay checks it at each "resume". Not the kicks:
     they are the adapter's mailbox, which it empties (take_kicks) between calls, untraced.
 
     A frame's type and validated bit count only while it holds type references. Without any,
@@ -192,7 +204,8 @@ def state_digest(hv: Hypervisor) -> str:
     typed = frames.type_count != 0
     kind = np.where(typed, frames.type, np.int8(0))
     flags = np.where(typed, frames.flags, frames.flags & ~np.uint8(VALIDATED))
-    for array in (frames.owner, kind, frames.type_count, frames.count, flags, frames.linear, hv.m2p):
+    partial_progress = np.where(frames.flags & PARTIAL, frames.nr_validated, 0)  # meaningless elsewhere
+    for array in (frames.owner, kind, frames.type_count, frames.count, flags, frames.linear, partial_progress, hv.m2p):
         h.update(array.tobytes())
     for mfn, words in hv.memory.stored():
         h.update(mfn.to_bytes(8, "little"))
@@ -203,7 +216,7 @@ def state_digest(hv: Hypervisor) -> str:
         h.update(repr((domain.info(), domain.p2m.tobytes(), sorted(domain.guest_m2p), domain.evtchn, sorted(domain.poll_mask))).encode())
         for vcpu in domain.vcpus:
             timers = [sched.timer_expires(vcpu, kind) for kind in (SINGLESHOT_TIMER, POLL_TIMER)]
-            state = (vcpu.info(), vcpu.poll_evtchn, vcpu.virq_to_evtchn, vcpu.vgc_flags, vcpu.rip, vcpu.rsp, timers)
+            state = (vcpu.info(), vcpu.poll_evtchn, vcpu.virq_to_evtchn, vcpu.vgc_flags, vcpu.rip, vcpu.rsp, timers, vcpu.old_guest_tables)
             h.update(repr((state, sorted((k, repr(v)) for k, v in vcpu.tlb.entries.items()))).encode())
     h.update(repr((sched.now_ns, hv.strict_tlb)).encode())
     return h.hexdigest()
@@ -281,13 +294,20 @@ def _machine(number: int, header: Any, report: ReplayReport) -> Hypervisor:
             raise TraceError(f"line {number}: {e}") from None
     if not isinstance(header.get("nr_frames"), int) or not isinstance(header.get("strict_tlb", False), bool):
         raise TraceError(f"line {number} is a trace header without a machine size")
-    return Hypervisor(nr_frames=header["nr_frames"], strict_tlb=header.get("strict_tlb", False))
+    if not isinstance(header.get("preempt_work", PREEMPT_WORK), int):
+        raise TraceError(f"line {number} is a trace header with a work budget that is not a number")
+    return Hypervisor(nr_frames=header["nr_frames"], strict_tlb=header.get("strict_tlb", False), preempt_work=header.get("preempt_work", PREEMPT_WORK))
 
 
 def _is_call(record: Any) -> bool:
-    if not isinstance(record, dict) or not isinstance(record.get("op"), str) or not isinstance(record.get("args"), dict) or "caller" not in record:
+    """A call record: arguments, or for a hypercall that goes on, where it goes on ("resume")."""
+    if not isinstance(record, dict) or not isinstance(record.get("op"), str) or "caller" not in record:
         return False
     caller = record["caller"]
+    if isinstance(record.get("resume"), dict):
+        return isinstance(caller, list) and len(caller) == 2 and all(isinstance(x, int) for x in caller)
+    if not isinstance(record.get("args"), dict):
+        return False
     return caller is None or (isinstance(caller, list) and len(caller) == 2 and all(isinstance(x, int) for x in caller))
 
 
@@ -297,6 +317,11 @@ def _outcome(hv: Hypervisor, record: dict) -> dict:
     try:
         if record["caller"] is None:
             return {"result": hv.toolstack(record["op"], **record["args"])}
+        if "resume" in record:  # goes on from the continuation the replay itself parked
+            continuation = hv.vcpu(*record["caller"]).continuation
+            if continuation is None or continuation.summary() != record["resume"]:
+                return {"exception": f"goes on from {record['resume']}, replay had {continuation and continuation.summary()}"}
+            return {"result": hv.resume(*record["caller"], continuation)}
         return {"result": hv.hypercall(*record["caller"], record["op"], **record["args"])}
     except XenError as e:
         return {"error": error_result(e)}

@@ -10,7 +10,7 @@ taken down keeps those references; taking down the last vCPU that is up shuts th
 from typing import TYPE_CHECKING
 
 from .abi import Errno, PageType, SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online
-from .errors import XenError
+from .errors import Restart, XenError
 from .sched import domain_shutdown, s_time
 from .schedop import SINGLESHOT_TIMER, arm_singleshot_timer, send_timer_event
 from .walk import canonical
@@ -48,7 +48,10 @@ def _set_info_guest(
     """arch_set_info_guest for a vCPU that never ran (xen/arch/x86/domain.c), its checks in
     Xen's order. Xen commits the kernel base before it looks at the user base, and keeps it
     when the user base is refused; here both bases are taken as one step
-    (FrameTable.atomically), so that a refused call changes nothing at all."""
+    (FrameTable.atomically), so that a refused call changes nothing at all. When the user
+    base's validation stops at a preemption point, the kernel base is dropped too and the call
+    starts over (preempt.py): the user base's progress is kept in its partial tables, so each
+    run gets further, though an unpinned kernel tree is validated again each time."""
     where = f"VCPUOP_initialise of dom{domain.domid} vCPU {vcpu.vcpu_id}"
     if vcpu.initialised:
         raise XenError(Errno.EEXIST, f"{where}: the vCPU is already initialised")
@@ -64,7 +67,7 @@ def _set_info_guest(
         if ctrlreg1:
             try:
                 _take_base(hv, domain, ctrlreg1, f"{where}: ctrlreg1")
-            except XenError:
+            except (XenError, Restart):  # Restart: ctrlreg1's validation stopped part-way
                 frames.put_page_and_type(ctrlreg3)
                 raise
 

@@ -4,6 +4,14 @@ Theory of operation. Everything runs on one asyncio loop, which is the hyperviso
 core call runs synchronously, atomically, inside a handler. What would wait in Xen waits here
 as an await that blocks nothing else:
 
+- A long hypercall stops after a bounded amount of work and answers a `Continuation` (the
+  core's preempt.py); its caller yields to the loop, so that every other call, the toolstack
+  and the health check get their turn, then goes on with it (`Hypervisor.resume`) until it is
+  over, still holding its vCPU's lock (the vCPU is inside the hypercall). A paused domain's
+  call waits before it goes on; a destroyed domain's call ends ABORTED like any other. Calls
+  that each stay short but come many to a Session message yield as often, by the same count
+  of work.
+
 - A hypercall that sleeps (SCHEDOP_block / poll) answers `BLOCKED`; its caller awaits the
   vCPU's `wake` event until the core says the vCPU is no longer blocked.
 - After every core call the runtime drains the core's kicks (a coalescing set of vCPUs to
@@ -23,7 +31,9 @@ as an await that blocks nothing else:
   while paused answers after the unpause.
 - A vCPU that Xen does not run (down, or of a domain that shut down) gets no push, and the
   core refuses its calls (VcpuNotRunning, answered FAILED_PRECONDITION by errors.py). A call
-  already asleep when that happens answers when it is woken, as any sleeping call does.
+  already asleep when that happens answers when it is woken, as any sleeping call does; one
+  stopped at a preemption point goes on once the vCPU is up again (`_may_go_on`), or is
+  refused if its domain shut down.
 - Handlers register their task under their domain (`guard`), so DestroyDomain can end that
   domain's calls and streams with ABORTED, and shutdown every call with UNAVAILABLE.
 """
@@ -37,7 +47,7 @@ from time import perf_counter
 
 import grpc
 
-from hypervisor.core import Hypervisor, XenError
+from hypervisor.core import Continuation, Hypervisor, XenError
 from hypervisor.core.domain import Domain, Vcpu
 from hypervisor.core.evtchn import local_events_need_delivery
 from hypervisor.core.sched import BLOCKED
@@ -159,6 +169,7 @@ class Runtime:
         # Hypercalls by (domid, op, outcome) since the server started: the core's Stats per
         # domain (Toolstack DomainStats, xl top). A reused domid inherits its predecessor's.
         self.domain_stats: Counter = Counter()
+        self._yielded_at = hv.budget.work  # the core's work count when calls last gave way
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -234,30 +245,69 @@ class Runtime:
 
     async def call(self, slot: VcpuSlot, op: str, args: dict):
         """Run one hypercall of `slot`'s vCPU: wait while its domain is paused, run it on the
-        core, then sleep if it blocked. Kicks are drained whatever the outcome."""
-        gate = self.paused.get(slot.domid)
-        if gate is not None:
-            await gate.wait()
-        started = perf_counter() if self.observe is not None else 0.0
+        core, going on with it after every preemption point until it is over, then sleep if it
+        blocked. Kicks are drained whatever the outcome. The call is counted (domain_stats) and
+        its time in the core observed once, when it is over."""
+        await self._unpaused(slot.domid)
+        if self.hv.budget.work - self._yielded_at >= self.hv.budget.per_call:
+            await self._give_way()
+        in_core = [0.0]
         try:
-            result = self.hv.hypercall(slot.domid, slot.vcpu_id, op, **args)
+            result = self._run(in_core, self.hv.hypercall, slot.domid, slot.vcpu_id, op, **args)
+            while isinstance(result, Continuation):
+                await self._give_way()
+                await self._may_go_on(slot)
+                result = self._run(in_core, self.hv.resume, slot.domid, slot.vcpu_id, result)
         except XenError as e:
             self.domain_stats[(slot.domid, op, e.errno.name)] += 1
             raise
         finally:
             if self.observe is not None:
-                self.observe(op, perf_counter() - started)
-            self.drain()
+                self.observe(op, in_core[0])
         self.domain_stats[(slot.domid, op, "ok")] += 1
         if result is BLOCKED:
             while slot.vcpu.blocked:
                 slot.wake.clear()
                 await slot.wake.wait()
-            gate = self.paused.get(slot.domid)
-            if gate is not None:
-                await gate.wait()
+            await self._unpaused(slot.domid)
             result = 0
         return result
+
+    def _run(self, in_core: list[float], core_call, *args, **kwargs):
+        """A call into the core; the kicks it made are drained whatever its outcome, and the
+        time it took is added to in_core[0]."""
+        started = perf_counter()
+        try:
+            return core_call(*args, **kwargs)
+        finally:
+            in_core[0] += perf_counter() - started
+            self.drain()
+
+    async def _may_go_on(self, slot: VcpuSlot) -> None:
+        """Wait until a call that stopped at a preemption point may go on: not while its domain
+        is paused, and not while its vCPU is down. Xen keeps a continuation in the vCPU's
+        registers, and a vCPU that VCPUOP_down took down runs nothing until VCPUOP_up makes it
+        runnable again (vcpu_runnable, xen/include/xen/sched.h); VCPUOP_up kicks the vCPU,
+        which sets its `wake`. A domain that shut down never runs its vCPUs again: the call
+        goes on at once, and the core refuses it as it refuses that vCPU's every call
+        (VcpuNotRunning)."""
+        while True:
+            await self._unpaused(slot.domid)
+            domain = self.hv.domains.get(slot.domid)
+            if domain is None or domain.shutdown_code is not None or not slot.vcpu.down:
+                return
+            slot.wake.clear()
+            await slot.wake.wait()
+
+    async def _give_way(self) -> None:
+        """A preemption point: every call that is ready runs before this one goes on."""
+        self._yielded_at = self.hv.budget.work
+        await asyncio.sleep(0)
+
+    async def _unpaused(self, domid: int) -> None:
+        gate = self.paused.get(domid)
+        if gate is not None:
+            await gate.wait()
 
     def drain(self) -> None:
         """Look at the vCPUs the core kicked, and re-arm the timer."""

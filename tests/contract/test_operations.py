@@ -44,6 +44,11 @@ SCALARS = {
     FieldDescriptor.TYPE_STRING: "x",
 }
 NO_OP_NUMBER = 99  # for the `cmd` cases, which carry the number of an op that has no case
+# Parameters that only Hypervisor.resume sets, from a Continuation (where a preempted batch goes
+# on: the next entry, a multicall's results so far and the continuation of the entry it stopped
+# in; hypervisor/core/preempt.py): no guest names them, as Xen's continuations rewrite the
+# hypercall's arguments themselves (hypercall_create_continuation), so no wire field does.
+CONTINUATION_ONLY = {"mmu_update": {"start"}, "mmuext_op": {"start"}, "multicall": {"start", "results", "inner"}}
 
 
 class Clock:
@@ -152,7 +157,9 @@ def test_every_converted_call_binds_to_its_handler_and_together_they_set_every_p
             signature.bind(**args)
         except TypeError as e:
             pytest.fail(f"{name}{signature} cannot take the wire's {sorted(args)}: {e}")
-    assert set(itertools.chain.from_iterable(runs)) >= _names(signature), f"{name}: parameters no field sets"
+    exempt = CONTINUATION_ONLY.get(name, set())
+    assert exempt <= _names(signature), f"{name}: exempts parameters it does not have"
+    assert set(itertools.chain.from_iterable(runs)) >= _names(signature) - exempt, f"{name}: parameters no field sets"
 
 
 def _snake(name: str) -> str:

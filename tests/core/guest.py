@@ -5,7 +5,7 @@ into hypercalls, so each test reads as the protocol it exercises.
 """
 
 
-from hypervisor.core import Hypervisor
+from hypervisor.core import Continuation, Hypervisor
 from hypervisor.core.abi import (
     DOMID_SELF,
     PAGE_OFFSET,
@@ -106,6 +106,27 @@ class Guest:
         """Drop the direct map's write access to pfn, as a guest does before pinning it."""
         l1, index = self.direct_l1(pfn)
         self.set_entry(l1, index, (self.mfn(pfn) << PAGE_SHIFT) | P | A | D)
+
+    def leave_boot_tree(self, vcpu: int = 0) -> int:
+        """Load a fresh empty L4 as the base of `vcpu` and of every other vCPU on the boot L4,
+        and unpin the boot L4, so that nothing holds the boot tree any more and each pin of it
+        validates the whole tree. Returns the new base."""
+        pfn, mfn = self.alloc()
+        self.make_readonly(pfn)
+        for other, state in enumerate(self.domain.vcpus):
+            if other != vcpu and state.guest_table == self.l4:
+                assert self.go_on(self.mmuext((MmuextCmd.NEW_BASEPTR, mfn), vcpu=other), other)[0] == 1
+        assert self.go_on(self.mmuext((MmuextCmd.NEW_BASEPTR, mfn), (MmuextCmd.UNPIN_TABLE, self.l4), vcpu=vcpu), vcpu)[0] == 2
+        return mfn
+
+    def go_on(self, answer, vcpu: int = 0) -> tuple[object, list[dict]]:
+        """Resume a call that answered a Continuation until it is over, as the server does:
+        (its final result, where each run stopped). Raises its final XenError."""
+        stops = []
+        while isinstance(answer, Continuation):
+            stops.append(answer.summary())
+            answer = self.hv.resume(self.domid, vcpu, answer)
+        return answer, stops
 
     def make_writable(self, pfn: int) -> None:
         l1, index = self.direct_l1(pfn)

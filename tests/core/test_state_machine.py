@@ -9,7 +9,10 @@ check included: no translation of any base, pin or TLB reaches a frame its domai
 every access to Xen's range faults, no exception but XenError (or VcpuNotRunning, for a vCPU
 that is down or of a domain that shut down) escapes, and a call that fails before committing
 any entry leaves the model exactly as it was. Domains are destroyed and re-created along the
-way, so destruction is exercised from random states.
+way, so destruction is exercised from random states. The work budget is drawn small, so long
+calls stop part-way (preempt.py): a call that answers a continuation is left in its vCPU while
+other rules run, then goes on before that vCPU's next call (or when a rule says so; not while
+the vCPU is down, as in Xen), or is given up, as a vCPU process that dies in it does.
 
 CI runs a few hundred examples and prints how many hypercalls they made and how fast; README
 says how to run a million. XENSIM_STATEFUL_EXAMPLES sets the number of examples.
@@ -31,7 +34,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from hypervisor.core import Hypervisor, VcpuNotRunning, XenError, audit
+from hypervisor.core import Continuation, Hypervisor, VcpuNotRunning, XenError, audit
 from hypervisor.core.abi import (
     DOMID_IO,
     DOMID_SELF,
@@ -84,9 +87,11 @@ class HostileGuests(RuleBasedStateMachine):
     tables = Bundle("tables")
     ports = Bundle("ports")
 
-    @initialize(target=frames)
-    def boot(self):
-        self.hv = Hypervisor(nr_frames=NR_FRAMES)
+    @initialize(target=frames, budget=st.sampled_from([64, 128, 256, 512, 1 << 13]))
+    def boot(self, budget):
+        self.hv = Hypervisor(nr_frames=NR_FRAMES, preempt_work=budget)
+        self.parked: dict[tuple[int, int], Continuation] = {}  # (who, vCPU) -> the call it is in
+        self.roots: list[list[int]] = [[] for _ in range(NR_DOMAINS)]  # each guest's L4s from build_tree
         self.guests = [Guest(self.hv, nr_pages=NR_PAGES, nr_vcpus=NR_VCPUS, online=ONLINE) for _ in range(NR_DOMAINS)]
         interesting = {0, 5, self.hv.nr_frames - 1, self.hv.nr_frames + 3}
         for g in self.guests:
@@ -94,19 +99,43 @@ class HostileGuests(RuleBasedStateMachine):
         return multiple(*sorted(interesting))
 
     def attempt(self, who: int, op: str, caller: int = 0, **args):
-        """Run a hypercall as guest `who`; a failure that committed nothing changed nothing."""
+        """Run a hypercall as guest `who`, after the call its vCPU is in; a failure that
+        committed nothing changed nothing (unless the vCPU first finished tearing down what a
+        call it gave up left, as put_old_guest_table does). A continuation stays parked in
+        the vCPU."""
         guest = self.guests[who]
+        self.go_on(who, caller)
         before = state_digest(self.hv)
+        inherited = bool(guest.domain.vcpus[caller].old_guest_tables)
         try:
-            return self.hv.hypercall(guest.domid, caller, op, **args)
+            answer = self.hv.hypercall(guest.domid, caller, op, **args)
         except VcpuNotRunning as e:  # the caller is down or its domain shut down
             assert state_digest(self.hv) == before, f"{op} of a stopped vCPU changed the model: {e}"
             return e
         except XenError as e:
             partial = e.done not in (None, 0) or (op == "update_va_mapping" and e.errno.name == "EFAULT")
-            if not partial:
+            if not partial and not inherited:
                 assert state_digest(self.hv) == before, f"failed {op} changed the model: {e}"
             return e
+        if isinstance(answer, Continuation):
+            self.parked[(who, caller)] = answer
+        return answer
+
+    def go_on(self, who: int, vcpu: int, steps: int | None = None):
+        """Go on with the call the vCPU is in (for `steps` runs, or to its end): its outcome."""
+        answer = self.parked.pop((who, vcpu), None)
+        while isinstance(answer, Continuation) and steps != 0:
+            try:
+                answer = self.hv.resume(self.guests[who].domid, vcpu, answer)
+            except VcpuNotRunning as e:  # the call waits in its vCPU until it runs again
+                self.parked[(who, vcpu)] = answer
+                return e
+            except XenError as e:
+                return e
+            steps = None if steps is None else steps - 1
+        if isinstance(answer, Continuation):
+            self.parked[(who, vcpu)] = answer
+        return answer
 
     # -- building blocks a guest would use ---------------------------------------------------
 
@@ -140,6 +169,7 @@ class HostileGuests(RuleBasedStateMachine):
             tree = guest.new_pgd(data, l4_entries=junk)
         except (XenError, VcpuNotRunning):
             return multiple()
+        self.roots[who].append(tree["l4"])
         return multiple(tree["l4"], tree["l3"], tree["l2"], tree["l1"])
 
     @rule(who=WHO, frame=st.one_of(tables, frames), words=st.dictionaries(st.one_of(XEN_SLOTS, SLOTS), garbage(frames), min_size=1, max_size=8))
@@ -172,6 +202,14 @@ class HostileGuests(RuleBasedStateMachine):
         fd = self.guests[peer].domid if foreign else DOMID_SELF
         self.attempt(who, "mmuext_op", ops=[[MmuextCmd.PIN_L1_TABLE + level - 1, mfn, 0]], foreigndom=fd)
 
+    @rule(who=WHO, vcpu=VCPU, pick=st.integers(0, 7), pairs=st.integers(1, 3))
+    def pin_unpin_pairs(self, who, vcpu, pick, pairs):
+        """Issue 10's attack in small, on one of the guest's own trees: each pin validates the
+        tree, each unpin devalidates it, so long calls stop inside trees."""
+        roots = self.roots[who] or [self.guests[who].l4]
+        l4 = roots[pick % len(roots)]
+        self.attempt(who, "mmuext_op", vcpu, ops=[[MmuextCmd.PIN_L4_TABLE, l4, 0], [MmuextCmd.UNPIN_TABLE, l4, 0]] * pairs)
+
     @rule(who=WHO, mfn=st.one_of(tables, frames))
     def unpin(self, who, mfn):
         self.attempt(who, "mmuext_op", ops=[[MmuextCmd.UNPIN_TABLE, mfn, 0]])
@@ -201,6 +239,8 @@ class HostileGuests(RuleBasedStateMachine):
         calls = [{"op": "mmuext_op", "args": {"ops": [[MmuextCmd.PIN_L4_TABLE, m, 0]]}} for m in mfns]
         calls.append({"op": "multicall", "args": {"calls": []}})
         results = self.attempt(who, "multicall", calls=calls)
+        if isinstance(results, Continuation):
+            results = self.go_on(who, 0)
         assert isinstance(results, VcpuNotRunning) or results[-1]["errno"] == "EINVAL"
 
     # -- event channels, vCPU ops and memory accesses, across both domains -------------------
@@ -244,9 +284,20 @@ class HostileGuests(RuleBasedStateMachine):
         if va in XEN_VAS and not isinstance(outcome, VcpuNotRunning):
             assert isinstance(outcome, dict) and "fault" in outcome, f"{op} at {va:#x} in Xen's range: {outcome}"
 
+    @rule(who=WHO, vcpu=VCPU, steps=st.integers(1, 3))
+    def resume(self, who, vcpu, steps):
+        self.go_on(who, vcpu, steps)
+
+    @rule(who=WHO, vcpu=VCPU)
+    def give_up(self, who, vcpu):
+        """The vCPU's process died in its call: nobody goes on with it."""
+        self.parked.pop((who, vcpu), None)
+
     @rule(who=WHO)
     def destroy_and_recreate(self, who):
         self.hv.toolstack("destroy_domain", domid=self.guests[who].domid)
+        self.parked = {key: answer for key, answer in self.parked.items() if key[0] != who}
+        self.roots[who] = []
         self.guests[who] = Guest(self.hv, nr_pages=NR_PAGES, nr_vcpus=NR_VCPUS, online=ONLINE)
 
     @invariant()

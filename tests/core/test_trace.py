@@ -9,8 +9,9 @@ import zlib
 
 import pytest
 
-from hypervisor.core import Hypervisor, XenError
-from hypervisor.core.trace import FORMAT, TraceError, TraceWriter, replay, state_digest
+from hypervisor.core import Continuation, Hypervisor, XenError
+from hypervisor.core.abi import ENTRIES_PER_TABLE, Errno, MmuextCmd
+from hypervisor.core.trace import FORMAT, TraceError, TraceWriter, replay, restore, snapshot, state_digest
 from xensim.cli import main
 
 from .guest import Guest
@@ -126,3 +127,71 @@ def test_replay_of_what_is_not_a_trace_is_one_clear_error(lines, says):
     with pytest.raises(TraceError) as caught:
         replay(lines)
     assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_replay_of_preempted_calls_goes_on_where_the_run_went_on():
+    """Each run of a continued call is its own record (as Xen's re-issued hypercall is a call
+    of its own), with other domains' calls between them; the replay stops at the same points
+    because the budget is in the header, and ends in the same state."""
+    hv = Hypervisor(nr_frames=1 << 14, preempt_work=2 * ENTRIES_PER_TABLE)
+    out = io.StringIO()
+    writer = TraceWriter(hv, out)
+    hv.tracer = writer
+    guest, other = Guest(hv, nr_pages=4096), Guest(hv)
+    guest.leave_boot_tree()
+    pin, unpin = MmuextCmd.PIN_L4_TABLE, MmuextCmd.UNPIN_TABLE
+
+    def go_on_between_other_calls(answer) -> None:
+        while isinstance(answer, Continuation):
+            other.mmuext((MmuextCmd.TLB_FLUSH_LOCAL,))
+            try:
+                answer = hv.resume(guest.domid, 0, answer)
+            except XenError:
+                return
+
+    go_on_between_other_calls(guest.mmuext((pin, guest.l4), (unpin, guest.l4), (pin, guest.l4), (pin, other.l4)))
+    go_on_between_other_calls(guest.call("multicall", calls=[{"op": "mmuext_op", "args": {"ops": [[unpin, guest.l4, 0]]}}]))
+    writer.close()
+    trace = out.getvalue()
+    assert trace.count('"resume":') >= 4 and '"continuation":{"op":"multicall","start":0,"inner":{"op":"mmuext_op","outcome":"result"}}' in trace
+    report, replayed = replay(trace.splitlines())
+    assert report.ok and report.digest_matched and state_digest(replayed) == state_digest(hv)
+
+
+def test_a_trace_started_inside_a_preempted_call_goes_on_with_it():
+    """The call a vCPU is in when tracing starts is parked in the core (Vcpu.continuation), so
+    the snapshot holds it and the trace's "resume" records go on from it."""
+    hv = Hypervisor(nr_frames=1 << 14, preempt_work=2 * ENTRIES_PER_TABLE)
+    guest = Guest(hv, nr_pages=4096)
+    guest.leave_boot_tree()
+    answer = guest.mmuext((MmuextCmd.PIN_L4_TABLE, guest.l4))
+    assert isinstance(answer, Continuation)
+
+    out = io.StringIO()
+    hv.tracer = writer = TraceWriter(hv, out)  # the call so far is only in the snapshot
+    while isinstance(answer, Continuation):
+        answer = hv.resume(guest.domid, 0, answer)
+    writer.close()
+
+    trace = out.getvalue()
+    assert answer == 1 and '"resume":' in trace
+    report, replayed = replay(trace.splitlines())
+    assert report.ok and report.snapshot and report.digest_matched, report.mismatches
+    assert state_digest(replayed) == state_digest(hv)
+
+
+def test_a_snapshot_holds_a_parked_continuation_with_everything_it_carries():
+    """What a continuation may hold when a snapshot is taken: arguments with bytes, a
+    multicall's results so far, the inner continuation of the entry it stopped in, and an
+    answer held back until the vCPU's teardown is over, a XenError with its done count."""
+    hv = Hypervisor(nr_frames=1 << 12)
+    guest = Guest(hv, nr_pages=256)
+    held = XenError(Errno.EINVAL, "mmuext_op entry 3: why", index=3, done=3)
+    inner = Continuation("mmuext_op", {"ops": [[0, 0, 0]]}, outcome=("error", held))
+    parked = Continuation("multicall", {"calls": [{"op": "write", "args": {"data": b"\x01"}}]}, {"start": 1, "results": [{"result": 1}], "inner": inner})
+    guest.domain.vcpus[0].continuation = parked
+
+    loaded = restore(snapshot(hv)).domains[guest.domid].vcpus[0].continuation
+    assert loaded.summary() == parked.summary() and loaded.args == parked.args
+    error = loaded.at["inner"].outcome[1]
+    assert (type(error), error.errno, error.message, error.index, error.done) == (XenError, Errno.EINVAL, held.message, 3, 3)

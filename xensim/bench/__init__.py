@@ -17,7 +17,7 @@ GROUPS = {
     "guest": ["xensim.bench.guest"],
     "stress": ["xensim.bench.stress"],
     "server": ["xensim.bench.stress"],
-    "load": ["xensim.bench.load"],
+    "load": ["xensim.bench.load", "xensim.bench.revalidation"],
 }
 
 

@@ -7,7 +7,7 @@ shared kernel half), through the core's dispatch but without any transport.
 import statistics
 import time
 
-from hypervisor.core import Hypervisor
+from hypervisor.core import Continuation, Hypervisor
 from hypervisor.core.abi import PAGE_SHIFT, MmuextCmd, Pte
 
 _USER = int(Pte.PRESENT | Pte.RW | Pte.USER | Pte.ACCESSED | Pte.DIRTY)
@@ -63,7 +63,12 @@ class ProcessTree:
         return walk_entries(self.hv.memory, self.boot_l4, PAGE_OFFSET + (pfn << PAGE_SHIFT))[3][0]
 
     def call(self, op: str, **args):
-        return self.hv.hypercall(self.domid, 0, op, **args)
+        """A hypercall to its end: one that stops part-way goes on at once, as the server
+        makes it go on (between other calls), so the figures include what stopping costs."""
+        answer = self.hv.hypercall(self.domid, 0, op, **args)
+        while isinstance(answer, Continuation):
+            answer = self.hv.resume(self.domid, 0, answer)
+        return answer
 
     def mmuext(self, cmd: MmuextCmd, mfn: int) -> None:
         self.call("mmuext_op", ops=[[int(cmd), mfn, 0]])
