@@ -661,3 +661,18 @@ EventStorm.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestEventStorm = EventStorm.TestCase
+
+
+def test_a_multicalls_failed_entries_are_counted_as_errors_of_their_op(hv, guest):
+    """A guest meets -EBUSY inside a batch (the lazy-TLB race's remap) while the multicall
+    itself succeeds: Stats must show that error, or a report puts 'hypercall errors 0' beside
+    the kernel BUG it caused."""
+    guest.call("multicall", calls=[
+        {"op": "event_channel_op", "args": {"cmd": "close", "port": 7}},
+        {"op": "event_channel_op", "args": {"cmd": "close", "port": 8}},
+        {"op": "multicall", "args": {"calls": []}},
+        {"op": "event_channel_op", "args": {"cmd": "bind_ipi", "vcpu": 1}},
+    ])
+    assert hv.stats[("multicall", "ok")] == 1
+    assert hv.stats[("multicall/event_channel_op", "EINVAL")] == 2 and hv.stats[("multicall/multicall", "EINVAL")] == 1
+    assert ("multicall/event_channel_op", "ok") not in hv.stats
