@@ -11,7 +11,7 @@ the total rate and the server's CPU per call.
 
 - "aio" is the real server (`python -m hypervisor serve`, hypervisor/server/app.py).
 - "sync" is a throwaway written here: `grpc.server` with a ThreadPoolExecutor (two workers per
-  stream: an open bidi stream pins one for its whole life, shared/reference/transport.md 3(a)),
+  stream: an open bidi stream pins one for its whole life, docs/transport.md section 3.1),
   the same conversion table (`convert.CALLS`) and core, and a `threading.Lock` as the
   hypervisor lock. It skips what the real server adds per message (auth lookup per stream,
   the push check, the write lock), so it flatters the thread-pool model slightly.

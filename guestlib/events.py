@@ -1,6 +1,6 @@
 """Event-channel upcalls, guest side: Linux's xen_evtchn_do_upcall over the 2-level ABI.
 
-The Upcall push is only the interrupt; the truth is in the shared-info frame (xen-semantics
+The Upcall push is only the interrupt; the truth is in the shared-info frame (docs/xen.md sections
 16.5-16.6), which the guest reads and clears with its own simulated loads, stores and atomics
 through the virtual address where it mapped that frame (Linux: set_fixmap of
 start_info->shared_info). The contract has no physical-memory access, so the frame must be

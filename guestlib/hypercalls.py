@@ -1,6 +1,6 @@
 """The guest's typed hypercall client: every hypercall and memory access of the contract.
 
-A Session message costs ~300-600 us here and a call inside one ~1 us (transport.md 2.4), so
+A Session message costs ~300-600 us here and a call inside one ~1 us (docs/transport.md section 2.4), so
 calls are values that can be sent one per message or many per message. Each method of
 `Hypercalls` builds an `Op` (the wire `Call` and how to read its result) and hands it to
 `_issue`, which decides what issuing means: the base class returns the Op (for `submit` or a
@@ -171,7 +171,7 @@ class Hypercalls:
     def _issue(self, op: Op) -> Any:
         return op
 
-    # -- HYPERVISOR_mmu_update, mmuext_op, update_va_mapping (xen-semantics 4-6) --------------
+    # -- HYPERVISOR_mmu_update, mmuext_op, update_va_mapping (docs/xen.md sections 4-6) --------------
 
     def mmu_update(self, reqs: Iterable[tuple[int, int]], foreigndom: int | None = None):
         """A batch of (ptr, val) requests: ptr = machine address of the entry | MmuCmd."""
@@ -243,7 +243,7 @@ class Hypercalls:
 
         return self._issue(Op("multicall", request, decode))
 
-    # -- HYPERVISOR_event_channel_op (xen-semantics 16.3) ---------------------------------------
+    # -- HYPERVISOR_event_channel_op (docs/xen.md section 16.3) ---------------------------------------
 
     def _evtchn(self, decode: Callable, **op):
         return self._issue(Op("event_channel_op", hypercalls_pb2.EventChannelOpRequest(**op), decode))
@@ -279,7 +279,7 @@ class Hypercalls:
     def evtchn_unmask(self, port: int):
         return self._evtchn(_nothing, unmask={"port": port})
 
-    # -- HYPERVISOR_vcpu_op (xen-semantics 14) ---------------------------------------------------
+    # -- HYPERVISOR_vcpu_op (docs/xen.md section 14) ---------------------------------------------------
 
     def _vcpu_op(self, vcpuid: int, decode: Callable = _nothing, **op):
         return self._issue(Op("vcpu_op", hypercalls_pb2.VcpuOpRequest(vcpuid=vcpuid, **op), decode))
@@ -307,7 +307,7 @@ class Hypercalls:
     def vcpu_stop_singleshot_timer(self, vcpuid: int):
         return self._vcpu_op(vcpuid, stop_singleshot_timer={})
 
-    # -- HYPERVISOR_sched_op, set_timer_op, xen_version (xen-semantics 15) -----------------------
+    # -- HYPERVISOR_sched_op, set_timer_op, xen_version (docs/xen.md section 15) -----------------------
 
     def _sched_op(self, **op):
         return self._issue(Op("sched_op", hypercalls_pb2.SchedOpRequest(**op), _nothing))

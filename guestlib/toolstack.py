@@ -1,7 +1,7 @@
 """A small async client of the Toolstack service (the admin's `xl`), for tests and tools.
 
 Toolstack calls are rare and off the hot path, so each is a unary call on the sync stub run in
-a trio worker thread (transport.md: fine for tooling, ~2x a stream message). Errors are the
+a trio worker thread (docs/transport.md section 2.1: fine for tooling, ~2x a stream message). Errors are the
 same exceptions as a guest's: XenError for a Xen errno, CallRejected otherwise.
 """
 

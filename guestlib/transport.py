@@ -4,8 +4,8 @@ grpcio cannot run under trio (grpc/grpc#25050), so the stream is a sync-stub bid
 puts each request on a SimpleQueue (never blocks), grpc's own consumer thread pulls it through
 the request iterator, and one reader thread of ours iterates the responses and hands each to
 trio with `TrioToken.run_sync_soon`, which wakes the task waiting on that request id or queues
-a push. This was the cheapest sound bridge measured here (shared/reference/transport.md 2.1 6c
-and section 4); every other piece of the guest stays in trio.
+a push. This was the cheapest sound bridge measured here (docs/transport.md section 2.1, case 6c
+and docs/transport.md section 4); every other piece of the guest stays in trio.
 """
 
 import itertools

@@ -5,7 +5,7 @@ memory (the kernel's control area), never through sleeps and luck. vCPU 1 runs t
 T to vCPU 0 and then either goes idle on T's mm (lazy TLB) or starts switching away from it
 and stops with the switch queued in its lazy batch (the stale-cr3 window); vCPU 0 finishes T and
 runs exit_mmap with the kernel's drop_mm_ref. Each returns what vCPU 0 saw: the kernel BUG, if
-any (xen-semantics.md section 11: -EBUSY on the writable remap of the pgd after UNPIN).
+any (docs/xen.md section 11: -EBUSY on the writable remap of the pgd after UNPIN).
 
 - `lazy-exit`: `none` BUGs; `mask`, `current-cr3` and `modern` shoot vCPU 1 down and succeed.
 - `stale-cr3`: `mask` BUGs (vCPU 1 left the cpumask but Xen still has T's pgd as its cr3);

@@ -1,6 +1,6 @@
 """The numbers of Xen's public ABI (xen/include/public) that the model and the wire share.
 
-Every constant lives here once, named as Xen names it; reference: xen-semantics.md section 0
+Every constant lives here once, named as Xen names it; reference: docs/xen.md section 0
 and the section cited beside each group. The proto's enums mirror these (a test checks).
 """
 
@@ -29,7 +29,7 @@ class Errno(IntEnum):
     EOPNOTSUPP = 95
 
 
-# Domain ids (section 0.3).
+# Domain ids (docs/xen.md section 0.3).
 DOMID_SELF = 0x7FF0
 DOMID_IO = 0x7FF1
 DOMID_XEN = 0x7FF2
@@ -47,7 +47,7 @@ INVALID_MFN = (1 << (PADDR_BITS - PAGE_SHIFT)) - 1  # the all-ones frame number
 
 
 class Pte(IntEnum):
-    """PTE flag bits in pte-bit terms (section 0.4)."""
+    """PTE flag bits in pte-bit terms (docs/xen.md section 0.4)."""
 
     PRESENT = 1 << 0
     RW = 1 << 1
@@ -59,13 +59,13 @@ class Pte(IntEnum):
     PSE = 1 << 7  # PAT in an L1
     GLOBAL = 1 << 8
     AVAIL = 0x7 << 9
-    GUEST_KERNEL = 1 << 52  # Xen's marker for a 64-bit PV guest-kernel page (section 2.5)
+    GUEST_KERNEL = 1 << 52  # Xen's marker for a 64-bit PV guest-kernel page (docs/xen.md section 2.5)
     AVAIL_HIGH = 0x7FF << 52  # pte bits 52..62
     NX = 1 << 63
 
 
 class PageType(IntEnum):
-    """A frame's type: the top three bits of Xen's type_info, shifted down (section 1.1)."""
+    """A frame's type: the top three bits of Xen's type_info, shifted down (docs/xen.md section 1.1)."""
 
     NONE = 0
     L1 = 1
@@ -77,7 +77,7 @@ class PageType(IntEnum):
     WRITABLE = 7
 
 
-# Xen's reserved L4 slots for a 64-bit PV guest (section 9.1), and those of them where Xen
+# Xen's reserved L4 slots for a 64-bit PV guest (docs/xen.md section 9.1), and those of them where Xen
 # maps something of its own in every guest L4 (xen/arch/x86/include/asm/config.h; written by
 # xen/arch/x86/mm.c init_xen_l4_slots).
 HYPERVISOR_L4_FIRST = 256
@@ -91,7 +91,7 @@ L4_SLOT_DIRECTMAP = 262  # DIRECTMAP_VIRT_START: the direct map of RAM, slots 26
 
 
 class MmuCmd(IntEnum):
-    """mmu_update request commands: ptr & 7 (section 4.2)."""
+    """mmu_update request commands: ptr & 7 (docs/xen.md section 4.2)."""
 
     NORMAL_PT_UPDATE = 0
     MACHPHYS_UPDATE = 1
@@ -100,7 +100,7 @@ class MmuCmd(IntEnum):
 
 
 class MmuextCmd(IntEnum):
-    """mmuext_op commands (section 5.1)."""
+    """mmuext_op commands (docs/xen.md section 5.1)."""
 
     PIN_L1_TABLE = 0
     PIN_L2_TABLE = 1
@@ -124,7 +124,7 @@ class MmuextCmd(IntEnum):
     UNMARK_SUPER = 20
 
 
-# update_va_mapping flags (section 6): the low two bits pick the flush, the rest its scope.
+# update_va_mapping flags (docs/xen.md section 6): the low two bits pick the flush, the rest its scope.
 UVMF_NONE = 0
 UVMF_TLB_FLUSH = 1
 UVMF_INVLPG = 2
@@ -147,7 +147,7 @@ MAX_BATCH = 4096
 PREEMPT_WORK = 1 << 13
 STEP_WORK = 32
 
-# The start-info page (section 17), in xensim's layout: the magic, then these fields as
+# The start-info page (docs/xen.md section 17), in xensim's layout: the magic, then these fields as
 # little-endian u64 in this order. The first six are Xen's; the rest are xensim's, so that a
 # guest need not guess its own layout.
 START_INFO_MAGIC = b"xen-3.0-x86_64"
@@ -167,7 +167,7 @@ START_INFO_FIELD_OFFSET = 32
 PAGE_OFFSET = 0xFFFF880000000000  # 64-bit Linux's direct map, L4 slot 272
 MAX_VCPUS = 32  # vcpu_info areas in the shared-info frame (XEN_LEGACY_MAX_VCPUS)
 
-# Event channel operations (public/event_channel.h; section 16.3).
+# Event channel operations (public/event_channel.h; docs/xen.md section 16.3).
 EVTCHNOP_bind_interdomain = 0
 EVTCHNOP_bind_virq = 1
 EVTCHNOP_bind_pirq = 2
@@ -180,7 +180,7 @@ EVTCHNOP_bind_vcpu = 8
 EVTCHNOP_unmask = 9
 EVTCHNOP_reset = 10
 
-# EVTCHNOP_status states (section 16.1).
+# EVTCHNOP_status states (docs/xen.md section 16.1).
 EVTCHNSTAT_closed = 0
 EVTCHNSTAT_unbound = 1
 EVTCHNSTAT_interdomain = 2
@@ -188,11 +188,11 @@ EVTCHNSTAT_pirq = 3
 EVTCHNSTAT_virq = 4
 EVTCHNSTAT_ipi = 5
 
-# Ports of the 2-level ABI for a 64-bit guest: 64 words of 64 bits (section 16.2).
+# Ports of the 2-level ABI for a 64-bit guest: 64 words of 64 bits (docs/xen.md section 16.2).
 BITS_PER_EVTCHN_WORD = 64
 EVTCHN_2L_NR_CHANNELS = BITS_PER_EVTCHN_WORD * BITS_PER_EVTCHN_WORD
 
-# struct shared_info for x86_64 (public/xen.h, arch-x86/xen.h; section 16.5): byte offsets.
+# struct shared_info for x86_64 (public/xen.h, arch-x86/xen.h; docs/xen.md section 16.5): byte offsets.
 SHARED_INFO_VCPU_INFO = 0  # vcpu_info[MAX_VCPUS], VCPU_INFO_SIZE bytes each
 VCPU_INFO_SIZE = 64
 VCPU_INFO_UPCALL_PENDING = 0  # u8 evtchn_upcall_pending, within a vcpu_info
@@ -201,7 +201,7 @@ VCPU_INFO_PENDING_SEL = 8  # u64 evtchn_pending_sel: bit w = word w of evtchn_pe
 SHARED_INFO_EVTCHN_PENDING = 2048  # u64 evtchn_pending[64]: port p is bit p % 64 of word p / 64
 SHARED_INFO_EVTCHN_MASK = 2560  # u64 evtchn_mask[64], laid out likewise
 
-# Virtual IRQs (xen.h; section 16.4). Per-vCPU: TIMER, DEBUG, XENOPROF, XENPMU.
+# Virtual IRQs (xen.h; docs/xen.md section 16.4). Per-vCPU: TIMER, DEBUG, XENOPROF, XENPMU.
 VIRQ_TIMER = 0
 VIRQ_DEBUG = 1
 VIRQ_CONSOLE = 2
@@ -218,7 +218,7 @@ VIRQ_XENPMU = 13
 VIRQ_ARCH_0 = 16
 NR_VIRQS = 24
 
-# vcpu_op commands (public/vcpu.h; section 14) and vcpu_guest_context flags (arch-x86/xen.h).
+# vcpu_op commands (public/vcpu.h; docs/xen.md section 14) and vcpu_guest_context flags (arch-x86/xen.h).
 VCPUOP_initialise = 0
 VCPUOP_up = 1
 VCPUOP_down = 2
@@ -229,7 +229,7 @@ VCPU_SSHOTTMR_future = 1 << 0  # Xen ignores it since 4.18 (a late deadline fire
 VGCF_in_kernel = 1 << 2
 VGCF_online = 1 << 5
 
-# sched_op commands and shutdown reasons (public/sched.h; section 15).
+# sched_op commands and shutdown reasons (public/sched.h; docs/xen.md section 15).
 SCHEDOP_yield = 0
 SCHEDOP_block = 1
 SCHEDOP_shutdown = 2

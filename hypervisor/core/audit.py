@@ -1,12 +1,12 @@
 """Audit: recompute every reference from first principles and report each mismatch.
 
-This is Xen 3.0's audit.c (section 12.5) over the holder table of section 12.1: starting from
+This is Xen 3.0's audit.c (docs/xen.md section 12.5) over the holder table of docs/xen.md section 12.1: starting from
 nothing, add one general reference for each allocation, pin, vCPU base pointer and present
 entry of a validated table, and one type reference for each pin, base pointer, upper-level
 entry and writable L1 entry (a partial table holds what frames.py says: its entries below
 nr_validated, a general reference for its PARTIAL_SET entry, and both kinds on itself; a
 vCPU's old_guest_tables hold a general reference each); then every frame's counts must equal
-what the frame table says, along with the invariants of section 12.2 and P2M/M2P agreement,
+what the frame table says, along with the invariants of docs/xen.md section 12.2 and P2M/M2P agreement,
 then the event-channel port tables (`evtchn.audit`). A healthy model has no findings. A frame
 quarantined by a domain's teardown (frames.quarantine) holds nothing and is reported with what
 happened to it, since it is the trace of a bug.

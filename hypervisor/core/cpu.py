@@ -1,9 +1,9 @@
 """A vCPU's memory path: loads, stores, atomics and block copies through its TLB and MMU walk.
 
-Theory of operation (reference: xen-semantics.md sections 2.5, 9.2 and 10). vCPUs share guest
+Theory of operation (reference: docs/xen.md sections 2.5, 9.2 and 10). vCPUs share guest
 memory only through the hypervisor, so the core plays each vCPU's MMU. An access at a virtual
 address looks its page up in the vCPU's TLB; on a miss it walks the 4-level table under the
-current mode's base (kernel mode: `guest_table`; user mode: `guest_table_user`, section 9.2),
+current mode's base (kernel mode: `guest_table`; user mode: `guest_table_user`, docs/xen.md section 9.2),
 which needs P and USER at every level and, for a write, RW at every level; it then sets the
 accessed bit of every entry it used and, for a write, the L1 entry's dirty bit in the stored
 entries, as the hardware does, and caches the translation (global when the L1 entry has G).
@@ -13,7 +13,7 @@ drops the address's TLB entry. A write hit on an entry cached read-only or clean
 which is how the hardware sets the dirty bit.
 
 Why USER in kernel mode too: a 64-bit PV guest kernel runs in ring 3, so to the CPU all its
-accesses are user accesses. Xen adds USER to every entry it stores (section 2.5), so only Xen's
+accesses are user accesses. Xen adds USER to every entry it stores (docs/xen.md section 2.5), so only Xen's
 own entries are out of the guest's reach, and the guest's kernel and user are kept apart by the
 two bases. The error code's U bit tells the guest's mode, as Xen's pv_inject_event rewrites it.
 
@@ -29,8 +29,8 @@ give (another frame, or a fault) is counted on the vCPU and, with `Hypervisor.st
 faults instead: that is how a missing guest flush becomes visible. Checking a hit costs one
 word: a TLB entry remembers its base and the L1 entry it came from, and while both are the
 same so is the translation, because upper levels never change behind a TLB entry (Xen flushes
-every vCPU of the domain when an L2..L4 entry changes, section 4.3; a base load flushes,
-section 8; a validated table cannot be written otherwise). Only when they differ does a hit
+every vCPU of the domain when an L2..L4 entry changes, docs/xen.md section 4.3; a base load flushes,
+docs/xen.md section 8; a validated table cannot be written otherwise). Only when they differ does a hit
 cost a walk.
 
 A store the kernel makes through a read-only mapping of one of its validated L1s is emulated

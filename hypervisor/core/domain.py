@@ -1,10 +1,10 @@
 """Domains and vCPUs, the domain builder, and domain destruction.
 
-The builder plays libxl/libxenguest for a 64-bit PV guest (section 17): it allocates the
+The builder plays libxl/libxenguest for a 64-bit PV guest (docs/xen.md section 17): it allocates the
 guest's frames, writes start-info and the P2M list into guest memory, builds a 4-level
 pagetable that maps all lowmem at PAGE_OFFSET (the pagetable frames themselves read-only),
 pins the L4 and loads it as vCPU 0's kernel base, all through the ordinary reference
-primitives, so a freshly built guest audits clean. Destruction follows section 12.4.
+primitives, so a freshly built guest audits clean. Destruction follows docs/xen.md section 12.4.
 """
 
 from collections import deque
@@ -67,7 +67,7 @@ class Vcpu:
     rsp: int = 0
     blocked: bool = False  # _VPF_blocked: asleep in SCHEDOP_block or SCHEDOP_poll
     poll_evtchn: int = 0  # SCHEDOP_poll's one port; -1 = several; 0 = not polling
-    virq_to_evtchn: list[int] = field(default_factory=lambda: [0] * NR_VIRQS)  # VIRQ -> port (section 16.4)
+    virq_to_evtchn: list[int] = field(default_factory=lambda: [0] * NR_VIRQS)  # VIRQ -> port (docs/xen.md section 16.4)
     # Xen's old_guest_table: partial tables this vCPU's call left to tear down, each with a
     # general reference (frames.py). Xen needs one slot; a VCPUOP_initialise that xensim rolls
     # back can leave two.
@@ -156,7 +156,7 @@ def build(
     highmem_pages: int,
     max_evtchn_port: int = LIBXL_MAX_EVTCHN_PORT,
 ) -> Domain:
-    """Create a domain the way the toolstack's domain builder does (section 17)."""
+    """Create a domain the way the toolstack's domain builder does (docs/xen.md section 17)."""
     if not 1 <= nr_vcpus <= MAX_VCPUS:
         raise XenError(Errno.EINVAL, f"nr_vcpus {nr_vcpus} is outside 1..{MAX_VCPUS}")
     if not 0 <= max_evtchn_port < EVTCHN_2L_NR_CHANNELS:
@@ -245,7 +245,7 @@ def teardown_step(problems: list[str], what: str) -> Iterator[None]:
 def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
     """Release everything a dying domain holds (xen/arch/x86/domain.c:domain_relinquish_resources).
 
-    Order as in section 12.4: vCPU base pointers and the tables the vCPUs were tearing down
+    Order as in docs/xen.md section 12.4: vCPU base pointers and the tables the vCPUs were tearing down
     (put_old_guest_table), Xen-heap pages, then pins, then the work of partial tables (which
     Xen's relinquish_memory finishes for PGT_partial pages), then forced devalidation of
     validated tables top-down (which breaks linear-pagetable cycles), then every allocation

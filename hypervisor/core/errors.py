@@ -1,7 +1,7 @@
 """How a hypercall fails: `XenError` is the guest's errno; `VcpuNotRunning` is a call that
 could not have been made; `SimulatorBug` is ours.
 
-A guest must never see a bug of the simulator as an errno (STYLE.md): the adapter turns
+A guest must never see a bug of the simulator as an errno: the adapter turns
 `SimulatorBug` (and any other exception) into a loud INTERNAL status, never into a Xen error.
 """
 

@@ -1,4 +1,4 @@
-"""Event channels, 2-level ABI (xen-semantics.md section 16): the port table of each domain and
+"""Event channels, 2-level ABI (docs/xen.md section 16): the port table of each domain and
 the pending, mask and selector bits that live in its shared-info frame.
 
 Theory of operation. Each domain has a table of ports that grows in buckets of 64: a port below
@@ -12,7 +12,7 @@ Xen x86-64 puts it (abi.SHARED_INFO_*): a pending and a mask bit per port and, p
 selector word and the upcall-pending and upcall-mask bytes. The guest reads and clears them
 with its own loads and atomics, as Linux does; Xen writes a mask bit only in EVTCHNOP_unmask.
 
-Delivery (`set_pending`, section 16.5) sets the port's pending bit and goes on only if that bit
+Delivery (`set_pending`, docs/xen.md section 16.5) sets the port's pending bit and goes on only if that bit
 was clear. If the port is unmasked and the selector bit of its word was clear, the notified
 vCPU's upcall-pending goes 0->1 and the vCPU is kicked (see `sched`). Each step fires only on
 the edge of the one before, so events coalesce: a storm of sends costs the guest one upcall. A
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from .hypervisor import Hypervisor
 
 EVTCHNS_PER_BUCKET = 64
-LIBXL_MAX_EVTCHN_PORT = 1023  # libxl's default event_channels (section 16.2)
+LIBXL_MAX_EVTCHN_PORT = 1023  # libxl's default event_channels (docs/xen.md section 16.2)
 # A domU's d->nr_pirqs (xen/common/domain.c, domain_create): nr_static_irqs, which is
 # nr_irqs_gsi, NR_ISA_IRQS = 16 on a host without an IO-APIC (xen/arch/x86/irq.c), plus
 # extra_domU_irqs, DEFAULT_EXTRA_DOMU_IRQS = 32.
@@ -82,7 +82,7 @@ def _vcpu_info(vcpu_id: int) -> int:
 
 
 class ECS(IntEnum):
-    """A port's state: Xen's internal ECS_* (section 16.1)."""
+    """A port's state: Xen's internal ECS_* (docs/xen.md section 16.1)."""
 
     FREE = 0
     RESERVED = 1
@@ -93,7 +93,7 @@ class ECS(IntEnum):
     IPI = 6
 
 
-# What EVTCHNOP_status reports for each state (section 16.1).
+# What EVTCHNOP_status reports for each state (docs/xen.md section 16.1).
 _STATUS = {
     ECS.FREE: EVTCHNSTAT_closed,
     ECS.RESERVED: EVTCHNSTAT_closed,
@@ -106,7 +106,7 @@ _STATUS = {
 
 
 class VirqType(Enum):
-    """get_virq_type (section 16.4): who a VIRQ belongs to, hence which vCPU's
+    """get_virq_type (docs/xen.md section 16.4): who a VIRQ belongs to, hence which vCPU's
     virq_to_evtchn holds its port (the target's for VCPU, vCPU 0's otherwise)."""
 
     VCPU = "per-vCPU"
@@ -171,7 +171,7 @@ def _port_limit(domain: "Domain") -> int:
 
 
 def get_free_port(domain: "Domain") -> int:
-    """get_free_port (section 16.2): the lowest free port up to the cap, which may lie in the
+    """get_free_port (docs/xen.md section 16.2): the lowest free port up to the cap, which may lie in the
     next bucket. Unlike Xen, the table grows only when an op binds the port (`claim_port`): a
     failed op then leaves it as it was, and a foreign caller refused by XSM cannot grow or
     probe another domain's table."""
@@ -241,7 +241,7 @@ def _notify(hv: "Hypervisor", domain: "Domain", vcpu_id: int, word: int, words: 
 
 
 def set_pending(hv: "Hypervisor", domain: "Domain", vcpu_id: int, port: int) -> None:
-    """evtchn_2l_set_pending (section 16.5), in Xen's order: pending, then (if unmasked) the
+    """evtchn_2l_set_pending (docs/xen.md section 16.5), in Xen's order: pending, then (if unmasked) the
     selector and upcall-pending of `vcpu_id`, then the pollers, all only on a 0->1 edge."""
     words = hv.memory.frame(domain.shared_info_mfn)
     word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
@@ -273,7 +273,7 @@ def evtchn_port_poll(hv: "Hypervisor", domain: "Domain", port: int) -> bool:
 
 
 def local_events_need_delivery(hv: "Hypervisor", vcpu: "Vcpu") -> bool:
-    """An upcall is deliverable: upcall-pending set and upcall-mask clear (section 16.6)."""
+    """An upcall is deliverable: upcall-pending set and upcall-mask clear (docs/xen.md section 16.6)."""
     word = hv.memory.entries(hv.domains[vcpu.domid].shared_info_mfn).item(_vcpu_info(vcpu.vcpu_id))
     return bool(word >> _UPCALL_PENDING_SHIFT & 0xFF) and not word >> _UPCALL_MASK_SHIFT & 0xFF
 
@@ -312,7 +312,7 @@ def deliver_upcall(hv: "Hypervisor", domid: int, vcpu: int) -> list[int] | None:
     return [p for p in ports if p < len(table) and table[p].usable and table[p].notify_vcpu_id == vcpu]
 
 
-# -- EVTCHNOP_* (section 16.3) ---------------------------------------------------------------
+# -- EVTCHNOP_* (docs/xen.md section 16.3) ---------------------------------------------------------------
 
 
 def alloc_unbound(hv: "Hypervisor", current: "Vcpu", dom: int = DOMID_SELF, remote_dom: int = DOMID_SELF) -> int:
@@ -348,7 +348,7 @@ def bind_interdomain(hv: "Hypervisor", current: "Vcpu", remote_port: int, remote
 
 
 def bind_virq(hv: "Hypervisor", current: "Vcpu", virq: int, vcpu: int) -> int:
-    """Bind a VIRQ (section 16.4). Per-vCPU VIRQs bind on any vCPU, the others on vCPU 0
+    """Bind a VIRQ (docs/xen.md section 16.4). Per-vCPU VIRQs bind on any vCPU, the others on vCPU 0
     only. Global VIRQs belong to the hardware domain, which xensim does not have: EBUSY."""
     domain = hv.domains[current.domid]
     if not 0 <= virq < NR_VIRQS:
@@ -370,7 +370,7 @@ def bind_virq(hv: "Hypervisor", current: "Vcpu", virq: int, vcpu: int) -> int:
 
 def bind_ipi(hv: "Hypervisor", current: "Vcpu", vcpu: int) -> int:
     """A port whose sends notify `vcpu` of the caller's domain (Linux binds one per (vCPU,
-    IPI kind), linux-guest.md 7.2)."""
+    IPI kind), docs/linux-guest.md section 7.2)."""
     domain = hv.domains[current.domid]
     hv.vcpu(domain.domid, vcpu)  # ENOENT if there is no such vCPU
     port = get_free_port(domain)
@@ -446,7 +446,7 @@ def _virq_holder(domain: "Domain", chn: Evtchn) -> "Vcpu":
 
 def close_all(hv: "Hypervisor", domain: "Domain") -> None:
     """Close every bound port: evtchn_reset's loop, and evtchn_destroy's when the domain dies
-    (section 12.4). The order does not matter: each close touches one port and its peer."""
+    (docs/xen.md section 12.4). The order does not matter: each close touches one port and its peer."""
     for port, chn in enumerate(domain.evtchn):
         if chn.usable:
             evtchn_close(hv, domain, port)

@@ -1,6 +1,6 @@
 """The frame table: per-mfn owner, type, counts and flags, and the reference primitives.
 
-Theory of operation (reference: xen-semantics.md sections 1 and 12).
+Theory of operation (reference: docs/xen.md sections 1 and 12).
 
 Every machine frame has a general reference count and a type with a type count. Whoever
 depends on a frame existing holds a general reference: the owning domain's allocation (the
@@ -73,7 +73,7 @@ class FrameTable:
         self.count = np.zeros(nr_frames, dtype=np.int64)
         self.flags = np.zeros(nr_frames, dtype=np.uint8)
         # Xen's linear_pt_count: > 0 the table holds that many linear entries, < 0 it is the
-        # target of that many linear entries (section 2.3).
+        # target of that many linear entries (docs/xen.md section 2.3).
         self.linear = np.zeros(nr_frames, dtype=np.int32)
         # Xen's nr_validated_ptes: how far a partial table's (de)validation got.
         self.nr_validated = np.zeros(nr_frames, dtype=np.int16)
@@ -245,7 +245,7 @@ class FrameTable:
     # -- type references ------------------------------------------------------------------
 
     def get_page_type(self, mfn: int, want: PageType) -> None:
-        """Take a type reference of type `want`, validating on first use (section 1.4).
+        """Take a type reference of type `want`, validating on first use (docs/xen.md section 1.4).
 
         Raises `XenError(EINVAL)` on a type conflict, or the validation errno. On failure no
         reference is kept, and the type bits are what Xen leaves: a frame whose validation
@@ -353,7 +353,7 @@ class FrameTable:
         self.flags[mfn] = (self.flags.item(mfn) & ~PARTIAL_SET) | VALIDATED
 
     def put_page_type(self, mfn: int, partial_set: bool = False) -> None:
-        """Drop a type reference; the last one of a pagetable devalidates it (section 1.6).
+        """Drop a type reference; the last one of a pagetable devalidates it (docs/xen.md section 1.6).
 
         The type bits stay, so taking the same type again re-validates from scratch. With
         `partial_set` the caller holds a partial frame's work rather than a type reference

@@ -37,7 +37,7 @@ MAX_DOMAINS = 256
 
 
 def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results: tuple = (), inner: Continuation | None = None) -> list[dict]:
-    """HYPERVISOR_multicall (section 13): run each {"op", "args"} entry, record its result,
+    """HYPERVISOR_multicall (docs/xen.md section 13): run each {"op", "args"} entry, record its result,
     and go on past failures; a multicall inside a multicall fails with EINVAL. A block or poll
     that would sleep wakes at once with result 0 (a spurious wake-up, which guests allow for).
 

@@ -1,4 +1,4 @@
-"""The PV MMU hypercalls: mmu_update, mmuext_op, update_va_mapping (sections 4 to 8, 10).
+"""The PV MMU hypercalls: mmu_update, mmuext_op, update_va_mapping (docs/xen.md sections 4 to 8, 10).
 
 Organised as Xen's mm.c is: each hypercall is a loop over its requests that calls one checked
 primitive per entry; a failing entry raises with nothing of its own committed, the entries
@@ -43,7 +43,7 @@ MAX_LDT_ENTRIES = 8192
 
 
 def get_pg_owner(hv: "Hypervisor", caller: Domain, domid: int) -> int:
-    """Xen's get_pg_owner: the domain whose frames a call names (section 0.3 quirk)."""
+    """Xen's get_pg_owner: the domain whose frames a call names (docs/xen.md section 0.3 quirk)."""
     if domid == DOMID_SELF:
         return caller.domid
     if domid == caller.domid:
@@ -84,7 +84,7 @@ def stop_before(hv: "Hypervisor", vcpu: Vcpu, i: int, start: int) -> bool:
 
 
 def mmu_update(hv: "Hypervisor", vcpu: Vcpu, reqs: list, foreigndom: int = DOMID_SELF, start: int = 0) -> int:
-    """HYPERVISOR_mmu_update: returns the number of requests done (section 4)."""
+    """HYPERVISOR_mmu_update: returns the number of requests done (docs/xen.md section 4)."""
     caller = hv.domains[vcpu.domid]
     pfd = (foreigndom >> 16) & 0xFFFF
     if pfd:
@@ -173,7 +173,7 @@ def _machphys_update(hv: "Hypervisor", caller: Domain, ptr: int, val: int, pt_ow
 
 
 def mmuext_op(hv: "Hypervisor", vcpu: Vcpu, ops: list, foreigndom: int = DOMID_SELF, start: int = 0) -> int:
-    """HYPERVISOR_mmuext_op: each op is (cmd, arg1, arg2); returns the number done (section 5)."""
+    """HYPERVISOR_mmuext_op: each op is (cmd, arg1, arg2); returns the number done (docs/xen.md section 5)."""
     caller = hv.domains[vcpu.domid]
     try:
         pg_owner = get_pg_owner(hv, caller, foreigndom)
@@ -253,7 +253,7 @@ def with_writable(hv: "Hypervisor", mfn: int, owner: int, what: str, action) -> 
 
 
 def new_guest_cr3(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
-    """Load a new kernel base (section 8): take the new table's L4 reference (validating an
+    """Load a new kernel base (docs/xen.md section 8): take the new table's L4 reference (validating an
     unpinned tree), then drop the old one's (devalidating it if that was the last)."""
     frames = hv.frames
     old = vcpu.guest_table
@@ -284,7 +284,7 @@ def new_user_baseptr(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
 
 
 def read_vcpumask(hv: "Hypervisor", vcpu: Vcpu, caller: Domain, va: int) -> list[Vcpu] | None:
-    """The vCPUs named by the bitmap at guest virtual `va` (section 10); None on a fault.
+    """The vCPUs named by the bitmap at guest virtual `va` (docs/xen.md section 10); None on a fault.
     Bits beyond the domain's vCPUs are ignored."""
     words = -(-len(caller.vcpus) // 64)
     data = copy_from_guest(hv.memory, vcpu.guest_table, va, 8 * words)
@@ -342,7 +342,7 @@ _LOCAL_OPS = {
 
 
 def update_va_mapping(hv: "Hypervisor", vcpu: Vcpu, va: int, val: int, flags: int = 0, domid: int | None = None) -> int:
-    """HYPERVISOR_update_va_mapping[_otherdomain] (section 6): a checked update of the L1
+    """HYPERVISOR_update_va_mapping[_otherdomain] (docs/xen.md section 6): a checked update of the L1
     entry that maps `va` in the caller's current pagetable, then the flush `flags` ask for."""
     caller = hv.domains[vcpu.domid]
     pg_owner = caller.domid if domid is None else get_pg_owner(hv, caller, domid)

@@ -1,13 +1,13 @@
 """Pagetable entry rules per level: validation (promote), devalidation (demote), mod_lN_entry.
 
-Reference: xen-semantics.md sections 2 and 3. The per-level differences (disallowed flags,
+Reference: docs/xen.md sections 2 and 3. The per-level differences (disallowed flags,
 which type an entry's target takes, which slots belong to the guest, how Xen adjusts stored
 entries) are one table, `LEVELS`; the code below is written once for all levels.
 
 Validation and devalidation of an L2..L4 go entry by entry and may stop between entries when
 the hypercall's work is spent (Xen's promote_lN_table / demote_lN_table with
 hypercall_preempt_check), leaving the table partial (frames.py) to be gone on with later.
-An L1 is validated as a whole with numpy: every check of section 2.2 is computed for all 512
+An L1 is validated as a whole with numpy: every check of docs/xen.md section 2.2 is computed for all 512
 entries at once, the first failing entry (in slot order, checks in Xen's order) is reported,
 and only when none fails are the references taken, in bulk. Because nothing is committed
 before every entry has passed, a failed validation leaves no trace, which is the state Xen
@@ -82,7 +82,7 @@ def _guest_slots(level: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Level:
-    """What differs between pagetable levels (sections 2.1, 2.4, 2.5, 3)."""
+    """What differs between pagetable levels (docs/xen.md sections 2.1, 2.4, 2.5, 3)."""
 
     level: int
     page_type: PageType
@@ -148,7 +148,7 @@ class PageTables:
         frames.demote = self.demote
         self.entries_validated = 0  # counter for benchmarks and stats
 
-    # -- leaf entries (section 2.2) ------------------------------------------------------
+    # -- leaf entries (docs/xen.md section 2.2) ------------------------------------------------------
 
     def get_page_from_l1e(self, entry: int, pg_owner: int) -> None:
         """Take the references a present L1 entry holds, or raise Xen's errno."""
@@ -179,7 +179,7 @@ class PageTables:
         else:
             self.frames.put_page(mfn)
 
-    # -- upper-level entries (section 2.3) -------------------------------------------------
+    # -- upper-level entries (docs/xen.md section 2.3) -------------------------------------------------
 
     def get_page_from_upper(self, level: Level, entry: int, table: int, domid: int, partial_set: bool = False) -> None:
         """Take the references an L2..L4 entry of `table` holds: the next level's type on its
@@ -232,7 +232,7 @@ class PageTables:
     # -- whole tables ----------------------------------------------------------------------
 
     def promote(self, mfn: int, kind: PageType) -> None:
-        """Validate every entry of a frame that is gaining pagetable type `kind` (section 2.4)."""
+        """Validate every entry of a frame that is gaining pagetable type `kind` (docs/xen.md section 2.4)."""
         level = LEVEL_OF_TYPE[kind]
         domid = self.frames.owner.item(mfn)
         if level.level == 1:
@@ -332,7 +332,7 @@ class PageTables:
         return entries
 
     def demote(self, mfn: int, kind: PageType) -> None:
-        """Drop the references every entry of a table holds (section 1.6); cannot fail.
+        """Drop the references every entry of a table holds (docs/xen.md section 1.6); cannot fail.
 
         An L2..L4 goes from its last held entry down (Xen's demote_lN_table) and, like
         `_promote_upper`, stops between entries when the call's work is spent (Restart)."""
@@ -363,7 +363,7 @@ class PageTables:
                 raise
         frames.stop_at(mfn, 0, False)
 
-    # -- checked single-entry update (section 3) -------------------------------------------
+    # -- checked single-entry update (docs/xen.md section 3) -------------------------------------------
 
     def mod_entry(self, level: Level, table: int, slot: int, new: int, pt_owner: int, pg_owner: int, preserve_ad: bool = False) -> None:
         """Xen's mod_lN_entry: write entry `slot` of validated table `table`, taking the new

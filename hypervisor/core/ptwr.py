@@ -1,4 +1,4 @@
-"""Writable pagetables: a guest kernel's store into its own read-only mapped L1 (section 17).
+"""Writable pagetables: a guest kernel's store into its own read-only mapped L1 (docs/xen.md section 17).
 
 With VMASST writable_pagetables (always on for our guests) Xen does not deliver the #PF of such
 a store: it emulates the store as a checked L1 entry update (pv/ro-page-fault.c).
@@ -22,7 +22,7 @@ def emulate(hv: "Hypervisor", vcpu: Vcpu, va: int, modify: Callable[[int], tuple
     present page at `va`. If the kernel's L1 entry for `va` maps, read-only, a validated L1 of
     this domain (get_page_from_mfn, page_lock, type L1), the entry that holds `va` becomes the
     new word of `modify(entry) -> (old value, new word, store?)` through mod_l1_entry, with
-    every check of section 3. Returns the old value, or None when Xen would not emulate (not
+    every check of docs/xen.md section 3. Returns the old value, or None when Xen would not emulate (not
     such an L1, or the new entry fails a check): then the original #PF stands and nothing
     changed.
 

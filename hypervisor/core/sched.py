@@ -152,7 +152,7 @@ def vcpu_kick(hv: "Hypervisor", vcpu: "Vcpu") -> None:
 
 
 def domain_shutdown(hv: "Hypervisor", domain: "Domain", reason: int) -> None:
-    """domain_shutdown (section 15): the first reason wins and later calls change nothing;
+    """domain_shutdown (docs/xen.md section 15): the first reason wins and later calls change nothing;
     every vCPU is paused, so each is poked for the adapter to stop it."""
     if domain.shutdown_code is not None:
         return

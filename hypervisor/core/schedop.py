@@ -1,4 +1,4 @@
-"""HYPERVISOR_sched_op and set_timer_op (xen-semantics.md section 15): yield, block, poll,
+"""HYPERVISOR_sched_op and set_timer_op (docs/xen.md section 15): yield, block, poll,
 shutdown, and the vCPU's single-shot timer that raises VIRQ_TIMER.
 
 block and poll answer `sched.BLOCKED` when the vCPU goes to sleep; the adapter holds the call

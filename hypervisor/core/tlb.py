@@ -2,8 +2,8 @@
 
 Hardware keeps a translation until it is flushed, even after the pagetable entry behind it
 changed; the guest must flush (mmuext flush ops, UVMF flags), and Xen flushes on its own only
-where section 10 says. Global entries (Xen makes user pages global, section 2.5) survive the
-kernel/user toggle but not a base-pointer load, which is a full flush in Xen (section 8).
+where docs/xen.md section 10 says. Global entries (Xen makes user pages global, docs/xen.md section 2.5) survive the
+kernel/user toggle but not a base-pointer load, which is a full flush in Xen (docs/xen.md section 8).
 Entries are tagged with the guest mode whose base filled them, as Xen's PCIDs for a PV
 guest's kernel and user halves tag them (PCID_PV_PRIV/PCID_PV_USER); a non-global entry serves
 only its own mode. Each entry also remembers where it came from (base, L1 frame, slot and the

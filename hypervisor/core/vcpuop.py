@@ -1,4 +1,4 @@
-"""HYPERVISOR_vcpu_op (xen-semantics.md section 14): initialise, bring up and take down the
+"""HYPERVISOR_vcpu_op (docs/xen.md section 14): initialise, bring up and take down the
 vCPUs of the caller's domain, and set or stop the caller's single-shot timer.
 
 Every vCPU but 0 is created down and uninitialised. VCPUOP_initialise gives it a context whose

@@ -1,7 +1,7 @@
 """Walking a guest's 4-level pagetable: how Xen itself reads guest virtual memory.
 
 Xen copies hypercall arguments that live in guest memory (the vCPU bitmaps of the MULTI
-flushes, section 10) through the calling vCPU's current kernel pagetable, as supervisor, so
+flushes, docs/xen.md section 10) through the calling vCPU's current kernel pagetable, as supervisor, so
 only presence matters here. The guest's own loads and stores, with permissions, accessed and
 dirty bits and the TLB, are the CPU model's business and build on `walk_entries`.
 

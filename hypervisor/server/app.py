@@ -1,7 +1,6 @@
 """Serving: a grpc.aio server around a fresh core, its ready line, and a clean stop.
 
-One asyncio loop runs every handler and so is the hypervisor lock (shared/reference/
-transport.md section 0: grpc.aio, not the thread-pool server, whose streams each pin a worker;
+One asyncio loop runs every handler and so is the hypervisor lock (docs/transport.md section 0: grpc.aio, not the thread-pool server, whose streams each pin a worker;
 benchmarks/server_model.py measures the two). Health checking and reflection are always on.
 Once serving, stdout gets exactly one JSON line that other programs wait for:
 

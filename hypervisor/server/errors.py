@@ -5,7 +5,7 @@ ErrorInfo (domain "xen") the guest can act on; malformed input is INVALID_ARGUME
 BadRequest naming the field; a call from a vCPU that Xen does not run is FAILED_PRECONDITION
 with an ErrorInfo (domain "xensim", reason VCPU_NOT_RUNNING); a refused caller gets
 UNAUTHENTICATED, PERMISSION_DENIED, ... with a message only. Anything else is a bug of the simulator: INTERNAL, logged loudly with its
-traceback and counted, never dressed as an errno (STYLE.md, Firecracker).
+traceback and counted, never dressed as an errno (one mapping, as Firecracker's API layer has).
 """
 
 import asyncio

@@ -1,7 +1,7 @@
 """Server reflection that serves the proto comments, so `grpcurl describe` shows them.
 
 grpcio-reflection serializes descriptors from the generated pool, whose files carry no
-SourceCodeInfo (shared/reference/transport.md 3(c)); its private hooks change between
+SourceCodeInfo (docs/transport.md section 3.2); its private hooks change between
 releases. So this answers ServerReflectionInfo itself, from the descriptor set that
 scripts/gen_proto.py writes with --include_source_info (xensim/v1/xensim.binpb, which also
 holds the google/rpc files it imports); other services' files (health, reflection) come from

@@ -1,5 +1,5 @@
 """The vCPU's memory path: walks, faults, A/D bits, modes, the stale-TLB oracle, ptwr, phys
-access (xen-semantics.md sections 2.5, 7, 9.2, 10, 17; pv/ro-page-fault.c)."""
+access (docs/xen.md sections 2.5, 7, 9.2, 10, 17; pv/ro-page-fault.c)."""
 
 import io
 
@@ -283,7 +283,7 @@ def test_global_entry_serves_both_modes(hv, guest):
     tree = user_space(guest, {USER_VA: a})
     guest.new_baseptr(tree["l4"])
     assert guest.load(USER_VA, user=True) == 0xA
-    assert entry(hv, tree["l1"], 0) & G  # Xen makes user pages global (section 2.5)
+    assert entry(hv, tree["l1"], 0) & G  # Xen makes user pages global (docs/xen.md section 2.5)
     remap_without_flush(guest, tree, USER_VA, b)
     assert guest.load(USER_VA) == 0xA
     assert list(hv.domains[guest.domid].vcpus[0].stale_tlb_records)[-1]["user"] is False

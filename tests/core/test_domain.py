@@ -1,4 +1,4 @@
-"""The domain builder and domain destruction (sections 12.4, 17)."""
+"""The domain builder and domain destruction (docs/xen.md sections 12.4, 17)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Event channels, 2-level ABI: every op and errno row of xen-semantics.md 16.3 and 19, delivery
+"""Event channels, 2-level ABI: every op and errno row of docs/xen.md sections 16.3 and 19, delivery
 through the shared-info bits (16.5), coalescing kicks, ports and buckets (16.2)."""
 
 import os

@@ -1,4 +1,4 @@
-"""mmu_update: entry checks, per-level rules, done-counts (xen-semantics.md sections 2-4, 19)."""
+"""mmu_update: entry checks, per-level rules, done-counts (docs/xen.md sections 2-4, 19)."""
 
 from hypervisor.core import XenError
 from hypervisor.core.abi import DOMID_IO, DOMID_SELF, PAGE_SHIFT, Errno, MmuCmd, Pte

@@ -1,4 +1,4 @@
-"""mmuext_op: pins, base pointers, flushes, page ops (xen-semantics.md sections 5, 8, 10, 19)."""
+"""mmuext_op: pins, base pointers, flushes, page ops (docs/xen.md sections 5, 8, 10, 19)."""
 
 import pytest
 

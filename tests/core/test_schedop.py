@@ -1,4 +1,4 @@
-"""SCHEDOP, set_timer_op and VCPUOP_set/stop_singleshot_timer (xen-semantics.md sections 14,
+"""SCHEDOP, set_timer_op and VCPUOP_set/stop_singleshot_timer (docs/xen.md sections 14,
 15): block and poll answer BLOCKED and are woken by kicks, events and timeouts; timers run on
 the caller's clock (advance_time)."""
 

@@ -1,4 +1,4 @@
-"""The lazy-TLB unpin race at the hypervisor level (xen-semantics.md section 11).
+"""The lazy-TLB unpin race at the hypervisor level (docs/xen.md section 11).
 
 Unpin is never refused while another vCPU runs on the table; what the guest then sees is
 that the tree stays a live pagetable, so making any of its frames writable fails with

@@ -1,4 +1,4 @@
-"""update_va_mapping: a checked L1 update through the current pagetable (section 6)."""
+"""update_va_mapping: a checked L1 update through the current pagetable (docs/xen.md section 6)."""
 
 from hypervisor.core.abi import PAGE_SHIFT, UVMF_ALL, UVMF_INVLPG, UVMF_TLB_FLUSH, Errno
 from hypervisor.core.tlb import TlbEntry

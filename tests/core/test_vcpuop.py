@@ -1,4 +1,4 @@
-"""VCPUOP (xen-semantics.md section 14): initialise, up, down, is_up; every errno row, the base
+"""VCPUOP (docs/xen.md section 14): initialise, up, down, is_up; every errno row, the base
 references initialise takes (as NEW_BASEPTR does) and keeps across down; and the rule that a
 vCPU Xen does not run (down, or of a domain that shut down) makes no calls."""
 

@@ -39,7 +39,7 @@ def test_list_shows_both_services_health_and_reflection(server):
 def test_describe_shows_the_proto_comments(server):
     method = grpcurl(server, "describe", "xensim.v1.Hypercalls.MmuUpdate")
     assert method.returncode == 0, method.stderr
-    assert "// HYPERVISOR_mmu_update (hypercall 1; xen-semantics 4)" in method.stdout
+    assert "// HYPERVISOR_mmu_update (hypercall 1; docs/xen.md section 4)" in method.stdout
     message = grpcurl(server, "describe", "xensim.v1.MmuextOpRequest")
     assert "// The ops, run in order; 0 to 4096 of them" in message.stdout
 

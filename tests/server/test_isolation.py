@@ -321,7 +321,7 @@ def _toolstack_rows() -> list[Attack]:
 
 
 ATTACKS = [
-    # mmu_update: map A's frames, write A's tables, name A as an owner (xen-semantics 4, 19)
+    # mmu_update: map A's frames, write A's tables, name A as an owner (docs/xen.md sections 4, 19)
     Attack("mmu_update maps A's secret read-only in B's L1", "MmuUpdate", lambda a, b: mmu((own_entry(b), pte(a.secret))), "EBUSY"),
     Attack("mmu_update maps A's secret writable in B's L1", "MmuUpdate", lambda a, b: mmu((own_entry(b), pte(a.secret, P | RW | A | D))), "EBUSY"),
     Attack("mmu_update maps A's pinned L1 writable", "MmuUpdate", lambda a, b: mmu((own_entry(b), pte(a.l1, P | RW | A | D))), "EBUSY"),
@@ -340,13 +340,13 @@ ATTACKS = [
     Attack("MMU_MACHPHYS_UPDATE of A's frame", "MmuUpdate", lambda a, b: mmu((a.secret << 12 | 1, 0)), "EINVAL"),
     Attack("MMU_MACHPHYS_UPDATE with A as data owner", "MmuUpdate", lambda a, b: mmu((a.secret << 12 | 1, 0), foreigndom=a.domid), "EPERM"),
     Attack("MMU_MACHPHYS_UPDATE with A as pagetable owner", "MmuUpdate", lambda a, b: mmu((a.secret << 12 | 1, 0), foreigndom=(a.domid + 1) << 16 | DOMID_SELF), "EPERM"),
-    # update_va_mapping (xen-semantics 6)
+    # update_va_mapping (docs/xen.md section 6)
     Attack("update_va_mapping maps A's secret read-only", "UpdateVaMapping", lambda a, b: uvm(b.direct_va(own_pfn(b)), pte(a.secret)), "EBUSY"),
     Attack("update_va_mapping maps A's pinned L1 writable, flushing all", "UpdateVaMapping", lambda a, b: uvm(b.direct_va(own_pfn(b)), pte(a.l1, P | RW | A | D), UVMF_TLB_FLUSH | UVMF_ALL), "EBUSY"),
     Attack("update_va_mapping_otherdomain names A", "UpdateVaMapping", lambda a, b: uvm(b.direct_va(own_pfn(b)), pte(a.secret), otherdomain=a.domid), "EPERM"),
     Attack("update_va_mapping_otherdomain names B by number", "UpdateVaMapping", lambda a, b: uvm(b.direct_va(own_pfn(b)), pte(a.secret), otherdomain=b.domid), "ESRCH"),
     Attack("update_va_mapping_otherdomain DOMID_SELF maps A's secret", "UpdateVaMapping", lambda a, b: uvm(b.direct_va(own_pfn(b)), pte(a.secret), otherdomain=DOMID_SELF), "EBUSY"),
-    # mmuext_op on A's frames, and flushes that must stay within B (xen-semantics 5, 8, 10)
+    # mmuext_op on A's frames, and flushes that must stay within B (docs/xen.md sections 5, 8, 10)
     Attack("PIN_L1_TABLE of A's secret", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_PIN_L1_TABLE, a.secret), "EINVAL"),
     Attack("PIN_L2_TABLE of A's plain page", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_PIN_L2_TABLE, a.plain), "EINVAL"),
     Attack("PIN_L3_TABLE of A's plain page", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_PIN_L3_TABLE, a.plain), "EINVAL"),
@@ -376,7 +376,7 @@ ATTACKS = [
     Attack("SET_LDT with A as foreigndom", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_SET_LDT, b.direct_va(own_pfn(b)), 1, foreigndom=a.domid), "EPERM"),
     Attack("MARK_SUPER of A's secret", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_MARK_SUPER, a.secret), "EOPNOTSUPP"),
     Attack("UNMARK_SUPER of A's secret", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_UNMARK_SUPER, a.secret), "EOPNOTSUPP"),
-    # event channels: A's ports are not B's (xen-semantics 16.3)
+    # event channels: A's ports are not B's (docs/xen.md section 16.3)
     Attack("bind_interdomain to A's port offered to C", "EventChannelOp", lambda a, b: evtchn(bind_interdomain=h.EvtchnBindInterdomain(remote_dom=a.domid, remote_port=a.ports["offered_to_c"])), "EINVAL"),
     Attack("bind_interdomain to A's loopback port", "EventChannelOp", lambda a, b: evtchn(bind_interdomain=h.EvtchnBindInterdomain(remote_dom=a.domid, remote_port=a.ports["loopback"])), "EINVAL"),
     Attack("bind_interdomain to A's IPI port", "EventChannelOp", lambda a, b: evtchn(bind_interdomain=h.EvtchnBindInterdomain(remote_dom=a.domid, remote_port=a.ports["ipi"])), "EINVAL"),
@@ -400,7 +400,7 @@ ATTACKS = [
     Attack("reset of A's ports", "EventChannelOp", lambda a, b: evtchn(reset=h.EvtchnReset(dom=a.domid)), "EPERM"),
     Attack("bind_pirq of a physical IRQ", "EventChannelOp", lambda a, b: evtchn(bind_pirq=h.EvtchnBindPirq(pirq=1)), "EPERM"),
     Attack("an EVTCHNOP number Xen does not know", "EventChannelOp", lambda a, b: evtchn(cmd=99), "ENOSYS"),
-    # VCPUOP: B names vCPUs by id in its own domain only (xen-semantics 14)
+    # VCPUOP: B names vCPUs by id in its own domain only (docs/xen.md section 14)
     Attack("VCPUOP_initialise of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, initialise=init_context(b.start_info.pt_base_mfn)), "ENOENT"),
     Attack("VCPUOP_up of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, up=h.VcpuUp()), "ENOENT"),
     Attack("VCPUOP_down of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, down=h.VcpuDown()), "ENOENT"),

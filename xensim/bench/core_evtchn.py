@@ -3,7 +3,7 @@
 Domain A sends over 256 interdomain channels to domain B, whose ports notify its two vCPUs in
 turn; after each round B acknowledges as an upcall handler does (clears upcall-pending, the
 selectors and the pending words) and the adapter drains the kicks, so every round takes the
-full path of section 16.5 (pending, selector, upcall, kick) and then its coalescing tail.
+full path of docs/xen.md section 16.5 (pending, selector, upcall, kick) and then its coalescing tail.
 """
 
 import time

@@ -2,9 +2,9 @@
 
 One guestlib client (trio, the grpc bridge, the vCPU's Session) talks to a hypervisor server
 subprocess on a free loopback port. The echo is the floor of that same stack, as
-reference/transport.md section 4 says it must be for the ratio to mean anything; echo and
+docs/transport.md section 4 says it must be for the ratio to mean anything; echo and
 hypercall calls alternate one by one and the 512-entry batches follow in each round, so the
-noise of these shared machines hits all three alike (DESIGN.md section 6).
+noise of these shared machines hits all three alike (README.md, Benchmarks).
 """
 
 import json

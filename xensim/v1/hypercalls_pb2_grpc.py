@@ -177,7 +177,7 @@ class HypercallsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MmuUpdate(self, request, context):
-        """HYPERVISOR_mmu_update (hypercall 1; xen-semantics 4): a batch of checked page-table entry
+        """HYPERVISOR_mmu_update (hypercall 1; docs/xen.md section 4): a batch of checked page-table entry
         writes and M2P updates. Stops at the first failing entry (EINVAL, EBUSY, EPERM, ENOSYS,
         ESRCH, ...); ErrorInfo metadata gives its index and the done count.
         """
@@ -186,7 +186,7 @@ class HypercallsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MmuextOp(self, request, context):
-        """HYPERVISOR_mmuext_op (hypercall 26; xen-semantics 5): a batch of pin/unpin, baseptr, TLB
+        """HYPERVISOR_mmuext_op (hypercall 26; docs/xen.md section 5): a batch of pin/unpin, baseptr, TLB
         flush and page ops. Stops at the first failing op (EINVAL, EPERM, EBUSY, EACCES,
         EOPNOTSUPP, ESRCH, ...); ErrorInfo metadata gives its index and the done count.
         """
@@ -196,7 +196,7 @@ class HypercallsServicer:
 
     def UpdateVaMapping(self, request, context):
         """HYPERVISOR_update_va_mapping (hypercall 14), or update_va_mapping_otherdomain (22) when
-        otherdomain is set (xen-semantics 6): write the L1 entry that maps a virtual address, then
+        otherdomain is set (docs/xen.md section 6): write the L1 entry that maps a virtual address, then
         flush as flags say. EINVAL, EBUSY, EPERM, ESRCH, EFAULT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -204,7 +204,7 @@ class HypercallsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Multicall(self, request, context):
-        """HYPERVISOR_multicall (hypercall 13; xen-semantics 13): a list of hypercalls run in order;
+        """HYPERVISOR_multicall (hypercall 13; docs/xen.md section 13): a list of hypercalls run in order;
         a failing entry does not stop the rest, each entry has its own result. The call itself
         succeeds unless the list is malformed.
         """
@@ -213,7 +213,7 @@ class HypercallsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EventChannelOp(self, request, context):
-        """HYPERVISOR_event_channel_op (hypercall 32; xen-semantics 16): allocate, bind, send to,
+        """HYPERVISOR_event_channel_op (hypercall 32; docs/xen.md section 16): allocate, bind, send to,
         close, query, unmask and reset event-channel ports. EINVAL, ENOSPC, EEXIST, ENOENT, EBUSY,
         ESRCH, EPERM, ENOSYS (an op number without a case).
         """
@@ -222,7 +222,7 @@ class HypercallsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def VcpuOp(self, request, context):
-        """HYPERVISOR_vcpu_op (hypercall 24; xen-semantics 14): initialise, bring up, take down and
+        """HYPERVISOR_vcpu_op (hypercall 24; docs/xen.md section 14): initialise, bring up, take down and
         query a vCPU of the caller's domain, and set or stop the caller's single-shot timer.
         ENOENT, EINVAL, EEXIST, ENOSYS.
         """
@@ -231,7 +231,7 @@ class HypercallsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SchedOp(self, request, context):
-        """HYPERVISOR_sched_op (hypercall 29; xen-semantics 15): yield, block, poll, shutdown. block
+        """HYPERVISOR_sched_op (hypercall 29; docs/xen.md section 15): yield, block, poll, shutdown. block
         and poll answer only when the vCPU is woken. EINVAL (poll), EFAULT, ENOSYS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

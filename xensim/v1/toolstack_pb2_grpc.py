@@ -176,7 +176,7 @@ class ToolstackServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DestroyDomain(self, request, context):
-        """Destroy a domain (xl destroy; xen-semantics 12.4). First the domain is dead to its callers:
+        """Destroy a domain (xl destroy; docs/xen.md section 12.4). First the domain is dead to its callers:
         its token is refused (UNAUTHENTICATED) and its vCPUs' calls and Session streams end with
         ABORTED. Then it is torn down: its ports closed, its vCPUs' cr3 references and pins
         dropped, its frames scrubbed and freed. Teardown always completes: a frame whose counts a
