@@ -5,6 +5,7 @@ token files."""
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -63,13 +64,18 @@ def test_two_replicas_share_out_a_domains_vcpus_and_each_vcpu_runs_once(secure_s
     assert (domain["nr_vcpus"], domain["server"]) == (4, secure_server.address)
     assert stat.S_IMODE((tmp_path / f"dom{domain['domid']}.json").stat().st_mode) == 0o600
 
-    argv = on_loopback(command("guest", SMALL_RUN), secure_server, tmp_path)
+    argv = on_loopback([*command("guest", SMALL_RUN), "--progress", "1"], secure_server, tmp_path)
     with ExitStack() as stack:
         replicas = [stack.enter_context(launch.started(argv, env=guest_env())) for _ in range(2)]
         outputs = [replica.finish(TIMEOUT) for replica in replicas]
     for replica, out in zip(replicas, outputs):
         assert replica.process.returncode == 0, out + replica.log()
     summaries = [summary(out) for out in outputs]
+    for out in outputs:  # progress as it runs, then a summary and a verdict beside the JSON
+        lines = out.splitlines()
+        assert re.match(r" *\d+\.\d/3 s: \d+ process exits, 2/2 vCPU processes running$", lines[0]), out
+        assert re.match(r"\d+ process lifecycles in [\d.]+ s; seed \d+$", lines[-5]) and lines[-2] == "verdict: OK", out
+        assert lines[-4].startswith("  ran        dom") and lines[-3] == "  unclaimed  0", out
     assert [len(s["ran"]) for s in summaries] == [2, 2]
     ran = sorted((r["domid"], r["vcpu"]) for s in summaries for r in s["ran"])
     assert ran == [(domain["domid"], v) for v in range(4)]
