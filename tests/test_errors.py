@@ -5,7 +5,6 @@ traceback; only a bug of the simulator gets one."""
 import argparse
 import socket
 import subprocess
-import sys
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ from guestlib import CallRejected
 from guestlib.kernel.shootdown import VARIANTS
 from guestlib.vcpu import build_parser as build_vcpu_parser
 from hypervisor.core import SimulatorBug
+from xensim import launch
 from xensim.cli import build_parser
 from xensim.errors import EXIT_BUG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, run_program
 from xensim.launch import hypervisor_server
@@ -25,7 +25,7 @@ SERVE = ("-m", "hypervisor", "serve")
 
 
 def run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=90)
+    return launch.run(launch.python(*argv), timeout=90)
 
 
 def assert_one_line(done: subprocess.CompletedProcess, status: int, says: str) -> None:

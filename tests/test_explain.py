@@ -3,8 +3,6 @@ vCPUs involved, who held the frames its error names at that moment (the trace re
 it), and the command that opens the focused timeline."""
 
 import io
-import subprocess
-import sys
 
 import pytest
 
@@ -13,6 +11,7 @@ from hypervisor.core.abi import ENTRIES_PER_TABLE, MmuextCmd
 from hypervisor.core.trace import TraceWriter
 from xensim.cli import main
 from xensim.explain import explain
+from xensim.launch import run, xensim_command
 
 from .core.guest import Guest
 from .test_timeline import race_trace
@@ -51,10 +50,7 @@ def test_a_report_picks_its_failure_by_the_message_it_quotes(tmp_path, capsys):
 @pytest.mark.timeout(200)
 def test_stress_explains_its_kernel_bugs(tmp_path):
     trace = tmp_path / "stress.jsonl"
-    done = subprocess.run(
-        [sys.executable, "-m", "xensim.cli", "stress", "--domains", "1", "--vcpus", "4", "--seconds", "4", "--variant", "none", "--trace", str(trace)],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    done = run(xensim_command("stress", "--domains", "1", "--vcpus", "4", "--seconds", "4", "--variant", "none", "--trace", str(trace)), timeout=180)
     assert done.returncode == 1 and "kernel BUG: " in done.stdout, done.stdout + done.stderr
     assert "  vCPUs involved: dom1 vCPU" in done.stdout and "base pointer (cr3) of dom1 vCPU" in done.stdout
     assert f"  see it: xensim timeline {trace} --html focus-" in done.stdout

@@ -3,7 +3,6 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -11,12 +10,13 @@ import pytest
 from hypervisor.core.trace import replay
 from hypervisor.server.tracing import open_trace
 from tests.support.processes import alive, children
+from xensim.launch import run, started, xensim_command
 
 REPORT_KEYS = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames")
 
 
 def xensim(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xensim.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return run(xensim_command(*args), timeout=timeout)
 
 
 @pytest.mark.timeout(180)
@@ -68,28 +68,25 @@ def test_ctrl_c_stops_a_run_with_its_partial_report_exit_130_and_no_process_left
     and the hypervisor are stopped, the domains still audited and destroyed, the partial
     report written, and the trace replays clean."""
     report_file, trace = tmp_path / "report.json", tmp_path / "trace.jsonl.gz"
-    command = [sys.executable, "-m", "xensim.cli", program, "--vcpus", "2", "--seconds", "120", "--json", str(report_file), "--trace", str(trace)]
+    command = xensim_command(program, "--vcpus", "2", "--seconds", "120", "--json", str(report_file), "--trace", str(trace))
     if program == "stress":
         command += ["--domains", "1"]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with started(command) as running:
         deadline = time.monotonic() + 120
-        while len(spawned := children(run.pid)) < 3 and time.monotonic() < deadline:  # the hypervisor and 2 vCPUs
+        while len(spawned := children(running.pid)) < 3 and time.monotonic() < deadline:  # the hypervisor and 2 vCPUs
             time.sleep(0.2)
-        assert len(spawned) == 3, run.communicate(timeout=60)
+        assert len(spawned) == 3, running.log()
         time.sleep(3)  # some work to report
-        run.send_signal(signal.SIGINT)
-        out, err = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    assert run.returncode == 130, out + err
+        running.process.send_signal(signal.SIGINT)
+        out = running.finish(120)
+    err = running.log()
+    assert running.process.returncode == 130, out + err
     assert "Traceback" not in err and not [pid for pid in spawned if alive(pid)]
     report = json.loads(report_file.read_text())
     assert report["interrupted"] and report["process_lifecycles"] > 0 and report["audit_findings"] == 0 and report["leaked_frames"] == 0
     if program == "demo":
         assert "INTERRUPTED" in out and str(trace) in out and report["trace"] == str(trace)
-    replayed = subprocess.run([sys.executable, "-m", "xensim.cli", "replay", str(trace)], capture_output=True, text=True, timeout=120)
+    replayed = xensim("replay", str(trace), timeout=120)
     assert replayed.returncode == 0 and " 0 mismatches" in replayed.stdout, replayed.stdout + replayed.stderr
 
 

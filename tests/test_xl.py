@@ -10,8 +10,6 @@ say why.
 import json
 import re
 import struct
-import subprocess
-import sys
 
 import grpc
 import pytest
@@ -21,6 +19,7 @@ from tests.server.helpers import RW, US, A, D, P, WireGuest, error_info, status_
 from tests.support.server import start_server
 from tests.test_timeline import CHROMIUM, CHROMIUM_TIMEOUT, chromium
 from xensim.cli import main
+from xensim.launch import run, xensim_command
 from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2
 from xensim.xl import EXIT_AUTH, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, read_config
 
@@ -191,9 +190,7 @@ def test_a_bad_mfn_is_a_usage_error(capsys):
 
 
 def test_no_server_is_exit_3_without_a_traceback():
-    done = subprocess.run(
-        [sys.executable, "-m", "xensim.cli", "xl", "list", "--server", "127.0.0.1:1", "--timeout", "5"], capture_output=True, text=True, timeout=60
-    )
+    done = run(xensim_command("xl", "list", "--server", "127.0.0.1:1", "--timeout", "5"), timeout=60)
     assert done.returncode == EXIT_UNREACHABLE and done.stdout == ""
     assert done.stderr.splitlines() == ["xensim xl list: cannot reach the hypervisor at 127.0.0.1:1 (UNAVAILABLE); is `xensim serve` running there?"]
 

@@ -1,24 +1,41 @@
 """Starting the pieces as real processes: a hypervisor server, domains, vCPU processes.
 
-The programs (bench, demo, stress) and the tests run the simulator the way a user does: the
-hypervisor is `python -m hypervisor serve` on a free loopback port, domains are made through
-the Toolstack service, and each vCPU is `python -m guestlib.vcpu` in its own process.
+The programs (bench, demo, stress, guest) and the tests run the simulator the way a user does:
+the hypervisor is `python -m hypervisor serve` on a free loopback port, domains are made
+through the Toolstack service, and each vCPU is `python -m guestlib.vcpu` in its own process.
+
+This module is the one place that builds the command of a project process and starts it, so
+that every one is started alike (tests/test_launch.py fails on a spawn elsewhere):
+- in its own session, so that a Ctrl-C in the terminal reaches the program, which then stops
+  its processes in order (the vCPUs, the audit, the hypervisor) rather than all at once;
+- stdin from /dev/null unless asked for, stdout a pipe (reports are JSON lines there), stderr
+  into an unnamed temporary file, which a chatty child can never fill up and block on;
+- stopped when the block that started it ends (a context manager: SIGKILL, or SIGTERM first
+  for the hypervisor, which then ends its streams and its trace cleanly);
+- on Linux, with a parent-death signal (prctl PR_SET_PDEATHSIG, set by setpriv), so that a
+  program that is itself killed (SIGKILL, or SIGTERM before it could stop them) leaves no
+  process behind.
+  That signal comes when the *thread* that started the child ends, so children are started
+  from the caller's own thread, never from a worker thread (trio.lowlevel.open_process uses
+  one, whose exit after ten idle seconds would kill the child): hence `opened` below.
 """
 
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import trio
 
 from xensim.v1 import toolstack_pb2, toolstack_pb2_grpc
 
@@ -26,6 +43,7 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 VCPU_TIMEOUT = 300.0
 TRACE_CACHE_BYTES = 256 << 20  # a 20 s demo writes ~2.5 MB
+SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None  # util-linux, on every Debian and Ubuntu
 
 
 def default_trace() -> str:
@@ -42,17 +60,167 @@ def default_trace() -> str:
     return str(directory / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl.gz")
 
 
-@dataclass
-class Server:
+def python(*args: str) -> list[str]:
+    """This interpreter with `args` (the inherited cwd finds a checkout's modules)."""
+    return [sys.executable, *args]
+
+
+def python_command(module: str, *args: str) -> list[str]:
+    """`python -m module args` with this interpreter."""
+    return python("-m", module, *args)
+
+
+def xensim_command(*args: str) -> list[str]:
+    """An `xensim ...` program, as a user runs it."""
+    return python_command("xensim.cli", *args)
+
+
+def _dying_with_parent(command: list[str], signum: int) -> list[str]:
+    """`command` run through util-linux's setpriv, which asks Linux (prctl PR_SET_PDEATHSIG,
+    kept across the exec) to send it `signum` when its parent dies; unchanged where there is
+    no setpriv. Not a preexec_fn: that forces a fork() of this process, whose grpc does not
+    survive it (grpc's epoll wakeup check aborted such children, ev_epoll1_linux.cc), where
+    subprocess otherwise uses vfork."""
+    return [SETPRIV, f"--pdeathsig={signal.Signals(signum).name}", "--", *command] if SETPRIV else command
+
+
+def _popen(command: list[str], stdin, stdout, stderr, env: dict[str, str] | None, dies_with: int, text: bool) -> subprocess.Popen:
+    """subprocess.Popen under the conventions above."""
+    return subprocess.Popen(_dying_with_parent(command, dies_with), stdin=stdin, stdout=stdout, stderr=stderr, env=env, text=text, start_new_session=True)
+
+
+class Child:
+    """A started process: `process` (its stdout a text pipe), its stderr so far (`log()`)."""
+
+    def __init__(self, process: subprocess.Popen, stderr):
+        self.process, self.pid = process, process.pid
+        self.killed = False  # it did not stop within STOP_TIMEOUT of the first signal
+        self._stderr, self._final_log = stderr, None
+
+    def log(self) -> str:
+        """Everything it wrote to stderr (up to its stop, once stopped)."""
+        if self._final_log is not None:
+            return self._final_log
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def finish(self, timeout: float) -> str:
+        """Its whole stdout, once it has exited (subprocess.TimeoutExpired past `timeout`)."""
+        return self.process.communicate(timeout=timeout)[0]
+
+    def stop(self, signum: int = signal.SIGKILL) -> int:
+        """`signum` if it still runs, then SIGKILL if it does not stop in time; its exit status."""
+        if self._final_log is None:
+            if self.process.poll() is None:
+                self.process.send_signal(signum)
+                try:
+                    self.process.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.killed = True
+                    self.process.kill()
+                    self.process.wait()
+            self._final_log = self.log()
+            for pipe in (self.process.stdin, self.process.stdout, self._stderr):
+                if pipe is not None:
+                    pipe.close()
+        return self.process.returncode
+
+
+@contextmanager
+def started(command: list[str], *, stdin: bool = False, env: dict[str, str] | None = None, stop: int = signal.SIGKILL, kind: type[Child] = Child) -> Iterator[Child]:
+    """Start `command` for the block (with a stdin pipe if asked) as a `kind`; stop it
+    (`stop`, which is also its parent-death signal, then SIGKILL) when the block ends."""
+    stderr = tempfile.TemporaryFile()
+    try:
+        child = kind(_popen(command, subprocess.PIPE if stdin else subprocess.DEVNULL, subprocess.PIPE, stderr, env, stop, text=True), stderr)
+    except BaseException:
+        stderr.close()
+        raise
+    try:
+        yield child
+    finally:
+        child.stop(stop)
+
+
+def run(command: list[str], *, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `command` to its end (killed past `timeout`: subprocess.TimeoutExpired)."""
+    with started(command, env=env) as child:
+        out = child.finish(timeout)
+    return subprocess.CompletedProcess(command, child.process.returncode, out, child.log())
+
+
+class AsyncChild(Child):
+    """A started process for trio: `stdout` (and `stdin`) are trio streams, `wait()` awaits."""
+
+    def __init__(self, process: subprocess.Popen, stderr, stdin: trio.lowlevel.FdStream | None, stdout: trio.lowlevel.FdStream):
+        super().__init__(process, stderr)
+        self.stdin, self.stdout = stdin, stdout
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def wait(self) -> int:
+        """Its exit status, once it has exited (a pidfd becomes readable then: Linux 5.3)."""
+        if self.process.poll() is None:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+        return self.process.wait()
+
+
+@asynccontextmanager
+async def opened(command: list[str], *, stdin: bool = False, env: dict[str, str] | None = None) -> AsyncIterator[AsyncChild]:
+    """`started` for trio: the process is started from this (trio's) thread, and SIGKILLed
+    and waited for, shielded from cancellation, when the block ends."""
+    stderr = tempfile.TemporaryFile()
+    out_r, out_w = os.pipe()
+    in_r, in_w = os.pipe() if stdin else (subprocess.DEVNULL, None)
+    try:
+        process = _popen(command, in_r, out_w, stderr, env, signal.SIGKILL, text=False)
+    except BaseException:
+        for fd in (out_r, out_w, in_w):
+            if fd is not None:
+                os.close(fd)
+        stderr.close()
+        raise
+    finally:
+        if stdin:
+            os.close(in_r)
+    os.close(out_w)
+    child = AsyncChild(process, stderr, trio.lowlevel.FdStream(in_w) if stdin else None, trio.lowlevel.FdStream(out_r))
+    try:
+        yield child
+    finally:
+        with trio.CancelScope(shield=True):
+            if child.returncode is None:
+                process.kill()
+            await child.wait()
+            for stream in (child.stdin, child.stdout):
+                if stream is not None:
+                    await stream.aclose()
+            child.stop()  # keeps its stderr, closes the file
+
+
+async def run_async(command: list[str], *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`run` for trio (cancel the caller's scope for a timeout)."""
+    async with opened(command, env=env) as child:
+        out = b"".join([chunk async for chunk in child.stdout])
+        status = await child.wait()
+    return subprocess.CompletedProcess(command, status, out.decode(errors="replace"), child.log())
+
+
+class Server(Child):
     """A running `python -m hypervisor serve`: where it listens, its ready line, its stderr."""
 
-    address: str
-    admin_token: str | None
-    ready: dict
-    process: subprocess.Popen
-    stderr: "tempfile._TemporaryFileWrapper"
-    killed: bool = False  # it did not stop within STOP_TIMEOUT of SIGTERM
-    _final_log: str | None = None
+    address: str = ""
+    admin_token: str | None = None
+    ready: dict = {}  # its ready line, once read
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """What a Toolstack call carries: the admin token, or nothing without one."""
@@ -61,28 +229,9 @@ class Server:
     def toolstack(self) -> toolstack_pb2_grpc.ToolstackStub:
         return toolstack_pb2_grpc.ToolstackStub(grpc.insecure_channel(self.address))
 
-    def log(self) -> str:
-        """Everything the server wrote to stderr (up to its stop, once stopped)."""
-        if self._final_log is not None:
-            return self._final_log
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace")
-
-    def stop(self) -> int:
-        """SIGTERM, then SIGKILL if it does not stop in time; returns the exit status."""
-        if self._final_log is None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    self.killed = True
-                    self.process.kill()
-                    self.process.wait()
-            self._final_log = self.log()
-            self.process.stdout.close()
-            self.stderr.close()
-        return self.process.returncode
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """SIGTERM (it ends its streams and trace), then SIGKILL if it does not stop in time."""
+        return super().stop(signum)
 
 
 def machine_frames(nr_domains: int, nr_pages: int) -> int:
@@ -92,7 +241,7 @@ def machine_frames(nr_domains: int, nr_pages: int) -> int:
 
 
 def server_command(*args: str, frames: int = 1 << 16, listen: str = "127.0.0.1:0") -> list[str]:
-    return [sys.executable, "-m", "hypervisor", "serve", "--listen", listen, "--frames", str(frames), *args]
+    return python_command("hypervisor", "serve", "--listen", listen, "--frames", str(frames), *args)
 
 
 @contextmanager
@@ -100,19 +249,14 @@ def hypervisor_server(*args: str, frames: int = 1 << 16, admin_token: str | None
     """`python -m hypervisor serve` (on a free loopback port unless `listen` says otherwise)
     until the block ends; without `admin_token` it runs with --insecure-no-admin-token."""
     auth = ("--admin-token", admin_token) if admin_token else ("--insecure-no-admin-token",)
-    stderr = tempfile.TemporaryFile()
-    process = subprocess.Popen(server_command(*auth, *args, frames=frames, listen=listen), stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)  # Ctrl-C reaches us, not it
-    server = Server("", None, {}, process, stderr)
-    try:
+    with started(server_command(*auth, *args, frames=frames, listen=listen), stop=signal.SIGTERM, kind=Server) as server:
         with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            ready = json.loads(process.stdout.readline() or "{}") if selector.select(START_TIMEOUT) else {}
+            selector.register(server.process.stdout, selectors.EVENT_READ)
+            ready = json.loads(server.process.stdout.readline() or "{}") if selector.select(START_TIMEOUT) else {}
         if ready.get("event") != "ready":
-            raise RuntimeError(f"the hypervisor did not start within {START_TIMEOUT} s (exit status {process.poll()}):\n{server.log()}")
+            raise RuntimeError(f"the hypervisor did not start within {START_TIMEOUT} s (exit status {server.process.poll()}):\n{server.log()}")
         server.address, server.admin_token, server.ready = ready["listen"], ready["admin_token"], ready
         yield server
-    finally:
-        server.stop()
 
 
 def create_domain(server: Server, nr_pages: int, nr_vcpus: int, highmem_pages: int = 0, name: str = "") -> toolstack_pb2.CreateDomainResponse:
@@ -148,12 +292,12 @@ class VcpuRun:
 
 
 def vcpu_command(address: str, token: str, vcpu: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "guestlib.vcpu", "--server", address, f"--token={token}", "--vcpu", str(vcpu), *args]  # a token may start with "-"
+    return python_command("guestlib.vcpu", "--server", address, f"--token={token}", "--vcpu", str(vcpu), *args)  # a token may start with "-"
 
 
 def claim_command(address: str, tokens: list[str], *args: str) -> list[str]:
     """A vCPU process that runs as the first free vCPU of these domains (guestlib.vcpu --claim)."""
-    return [sys.executable, "-m", "guestlib.vcpu", "--server", address, *(f"--token={t}" for t in tokens), "--claim", *args]
+    return python_command("guestlib.vcpu", "--server", address, *(f"--token={t}" for t in tokens), "--claim", *args)
 
 
 def run_vcpus(address: str, token: str, nr_vcpus: int, *args: str, timeout: float = VCPU_TIMEOUT) -> VcpuRun:
@@ -164,18 +308,9 @@ def run_vcpus(address: str, token: str, nr_vcpus: int, *args: str, timeout: floa
 
 def run_processes(commands: list[list[str]], timeout: float = VCPU_TIMEOUT) -> VcpuRun:
     """Run these vCPU process commands at once, as `run_vcpus` does."""
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
-    reports, codes, errors = [], [], []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            lines = out.strip().splitlines()
-            reports.append(json.loads(lines[-1]) if lines else {"bug": f"no report (exit status {proc.returncode}): {err[-2000:]}"})
-            codes.append(proc.returncode)
-            errors.append(err)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return VcpuRun(reports, codes, errors)
+    with ExitStack() as stack:
+        children = [stack.enter_context(started(command)) for command in commands]
+        outs = [child.finish(timeout) for child in children]
+    lines = [out.strip().splitlines() for out in outs]
+    reports = [json.loads(ls[-1]) if ls else {"bug": f"no report (exit status {c.process.returncode}): {c.log()[-2000:]}"} for ls, c in zip(lines, children)]
+    return VcpuRun(reports, [c.process.returncode for c in children], [c.log() for c in children])

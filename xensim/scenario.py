@@ -10,11 +10,10 @@ outcome is the one the variant is known for, 1 otherwise.
 
 import argparse
 import json
-import subprocess
 import textwrap
 from dataclasses import dataclass
 
-from xensim.launch import VCPU_TIMEOUT, create_domain, default_trace, destroy_and_audit, hypervisor_server, run_processes, vcpu_command
+from xensim.launch import VCPU_TIMEOUT, create_domain, default_trace, destroy_and_audit, hypervisor_server, run_processes, started, vcpu_command
 
 PAGES = 4096
 
@@ -95,16 +94,11 @@ def _run_vcpus(address: str, token: str, scenario: str, args: list[str]) -> list
     commands = [vcpu_command(address, token, v, *args) for v in range(SCENARIOS[scenario].vcpus)]
     if scenario != "killed-mid-switch":
         return run_processes(commands).reports
-    exiter = subprocess.Popen(commands[0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with started(commands[0]) as exiter:
         killed = run_processes(commands[1:])
         print(f"vCPU 1's first process ended with status {killed.returncodes[0]} (SIGKILLed in the window); starting a new one")
         victim = run_processes(commands[1:]).reports[0]
-        out, _ = exiter.communicate(timeout=VCPU_TIMEOUT)
-    finally:
-        if exiter.poll() is None:
-            exiter.kill()
-            exiter.wait()
+        out = exiter.finish(VCPU_TIMEOUT)
     lines = out.strip().splitlines()
     return [json.loads(lines[-1]) if lines else {"bug": "vCPU 0 wrote no report"}, victim]
 

@@ -13,8 +13,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +22,7 @@ from guestlib import Toolstack
 from guestlib.kernel.shootdown import VARIANTS
 from hypervisor.server.config import ADMIN_TOKEN_ENV
 from xensim.errors import EXIT_INTERRUPTED, address, at_least, fraction, writable_file
-from xensim.launch import hypervisor_server, machine_frames, vcpu_command
+from xensim.launch import AsyncChild, hypervisor_server, machine_frames, opened, vcpu_command
 
 GRACE_SECONDS = 60.0  # how long past --seconds the vCPUs get to wind down
 PROGRESS_SECONDS = 5.0
@@ -83,7 +81,7 @@ class VcpuState:
     starts: int = 0
     kills: int = 0
     stderr_tail: str = ""  # of its last process, for a vCPU that did not finish
-    process: trio.Process | None = None
+    process: AsyncChild | None = None
 
 
 @dataclass
@@ -150,26 +148,19 @@ async def _keep_running(address: str, token: str, variant: str, state: VcpuState
         if config.highmem_pages:
             args.append("--highpte")
         state.starts += 1
-        with tempfile.TemporaryFile() as stderr:
-            process = await trio.lowlevel.open_process(
-                vcpu_command(address, token, state.vcpu, *args), stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
-            )  # its own session: a Ctrl-C in the terminal reaches the orchestrator only
+        async with opened(vcpu_command(address, token, state.vcpu, *args)) as process:
             state.process = process
             try:
                 await _read_lines(process, state)
+                await process.wait()
             finally:
                 state.process = None
-                with trio.CancelScope(shield=True):
-                    if process.returncode is None and state.report is None:
-                        process.kill()
-                    await process.wait()
-            stderr.seek(0)
-            state.stderr_tail = stderr.read().decode(errors="replace")[-1500:]
-            if state.report is None and process.returncode != -signal.SIGKILL:
-                state.report = {"bug": f"dom{state.domid} vCPU {state.vcpu}: process exited with status {process.returncode} and no report: {state.stderr_tail}", "lifecycles": 0}
+        state.stderr_tail = process.log()[-1500:]
+        if state.report is None and process.returncode != -signal.SIGKILL:
+            state.report = {"bug": f"dom{state.domid} vCPU {state.vcpu}: process exited with status {process.returncode} and no report: {state.stderr_tail}", "lifecycles": 0}
 
 
-async def _read_lines(process: trio.Process, state: VcpuState) -> None:
+async def _read_lines(process: AsyncChild, state: VcpuState) -> None:
     buffer = b""
     async for chunk in process.stdout:
         buffer += chunk

@@ -5,12 +5,12 @@ token files."""
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
-import sys
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
 
 import pytest
 import trio
@@ -18,6 +18,8 @@ import trio
 from guestlib import connect
 from guestlib.hypercalls import claim
 from tests.support.processes import alive, children
+from xensim import launch
+from xensim.launch import xensim_command
 from xensim.toolstack import read_token_files
 
 from .compose import command, healthcheck
@@ -30,7 +32,7 @@ SMALL_RUN = {"XENSIM_DOMAINS": "1", "XENSIM_VCPUS": "4", "XENSIM_PAGES": "8192",
 def on_loopback(argv: list[str], server, tokens) -> list[str]:
     """A compose command as a local process: compose's addresses become the test server's."""
     local = {"hypervisor:50051": server.address, "127.0.0.1:50051": server.address, "/tokens": str(tokens)}
-    return [sys.executable, "-m", "xensim.cli", *(local.get(arg, arg) for arg in argv)]
+    return xensim_command(*(local.get(arg, arg) for arg in argv))
 
 
 def guest_env() -> dict[str, str]:
@@ -39,7 +41,7 @@ def guest_env() -> dict[str, str]:
 
 
 def run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, env=env or guest_env())
+    return launch.run(argv, timeout=TIMEOUT, env=env or guest_env())
 
 
 def create_domains(server, tokens) -> list[dict]:
@@ -62,18 +64,18 @@ def test_two_replicas_share_out_a_domains_vcpus_and_each_vcpu_runs_once(secure_s
     assert (domain["nr_vcpus"], domain["server"]) == (4, secure_server.address)
     assert stat.S_IMODE((tmp_path / f"dom{domain['domid']}.json").stat().st_mode) == 0o600
 
-    argv = on_loopback(command("guest", SMALL_RUN), secure_server, tmp_path)
-    replicas = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=guest_env()) for _ in range(2)]
-    try:
-        outputs = [replica.communicate(timeout=TIMEOUT) for replica in replicas]
-    finally:
-        for replica in replicas:
-            if replica.poll() is None:
-                replica.kill()
-                replica.wait()
-    for replica, (out, err) in zip(replicas, outputs):
-        assert replica.returncode == 0, out + err
-    summaries = [summary(out) for out, _ in outputs]
+    argv = on_loopback([*command("guest", SMALL_RUN), "--progress", "1"], secure_server, tmp_path)
+    with ExitStack() as stack:
+        replicas = [stack.enter_context(launch.started(argv, env=guest_env())) for _ in range(2)]
+        outputs = [replica.finish(TIMEOUT) for replica in replicas]
+    for replica, out in zip(replicas, outputs):
+        assert replica.process.returncode == 0, out + replica.log()
+    summaries = [summary(out) for out in outputs]
+    for out in outputs:  # progress as it runs, then a summary and a verdict beside the JSON
+        lines = out.splitlines()
+        assert re.match(r" *\d+\.\d/3 s: \d+ process exits, 2/2 vCPU processes running$", lines[0]), out
+        assert re.match(r"\d+ process lifecycles in [\d.]+ s; seed \d+$", lines[-5]) and lines[-2] == "verdict: OK", out
+        assert lines[-4].startswith("  ran        dom") and lines[-3] == "  unclaimed  0", out
     assert [len(s["ran"]) for s in summaries] == [2, 2]
     ran = sorted((r["domid"], r["vcpu"]) for s in summaries for r in s["ran"])
     assert ran == [(domain["domid"], v) for v in range(4)]
@@ -95,9 +97,9 @@ async def test_a_replica_finds_nothing_to_claim_when_every_vcpu_has_a_process(se
             await client.echo()
         argv = on_loopback([*command("guest", SMALL_RUN), "--vcpus-per-replica", "1"], secure_server, tmp_path)
         with trio.fail_after(TIMEOUT):
-            replica = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, env=guest_env())
-    out = replica.stdout.decode()
-    assert replica.returncode == 0, out + replica.stderr.decode()
+            replica = await launch.run_async(argv, env=guest_env())
+    out = replica.stdout
+    assert replica.returncode == 0, out + replica.stderr
     assert summary(out) | {"seed": None} == {"seed": None, "ran": [], "unclaimed": 1, "lifecycles": 0, "failures": []}
 
 
@@ -113,10 +115,10 @@ async def test_toolstack_detach_frees_a_held_vcpu_for_the_next_claim(secure_serv
             client = await held.enter_async_context(connect(secure_server.address, domain["token"], vcpu))
             await client.echo()
         with trio.fail_after(TIMEOUT):
-            detached = await trio.run_process(detach, capture_stdout=True, capture_stderr=True, check=False, env=admin)
+            detached = await launch.run_async(detach, env=admin)
             async with claim(secure_server.address, [domain["token"]]) as claimed:
                 assert claimed is not None and claimed[:2] == (0, 2)
-    assert (detached.returncode, detached.stdout.decode().strip()) == (0, f"dom{domain['domid']} vCPU 2: Session detached"), detached.stderr.decode()
+    assert (detached.returncode, detached.stdout.strip()) == (0, f"dom{domain['domid']} vCPU 2: Session detached"), detached.stderr
 
 
 
@@ -124,16 +126,13 @@ def test_sigterm_stops_a_replica_and_its_vcpu_processes(secure_server, tmp_path)
     """`docker compose down` sends SIGTERM: the replica stops its vCPU processes and exits 143."""
     create_domains(secure_server, tmp_path)
     argv = on_loopback([*command("guest", {**SMALL_RUN, "XENSIM_SECONDS": "120"})], secure_server, tmp_path)
-    replica = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=guest_env())
-    try:
+    with launch.started(argv, env=guest_env()) as replica:
         deadline = time.monotonic() + 60
         while len(vcpus := children(replica.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(vcpus) == 2
-        replica.send_signal(signal.SIGTERM)
-        _, err = replica.communicate(timeout=30)
-    finally:
-        if replica.poll() is None:
-            replica.kill()
-    assert replica.returncode == 143 and "Traceback" not in err, err
+        replica.process.send_signal(signal.SIGTERM)
+        replica.finish(30)
+    err = replica.log()
+    assert replica.process.returncode == 143 and "Traceback" not in err, err
     assert not [pid for pid in vcpus if alive(pid)]

@@ -6,13 +6,12 @@ then destroys the domain and audits the whole machine (no finding, no leak).
 
 import json
 import signal
-import subprocess
 
 import pytest
 
 from hypervisor.core.hypervisor import RESERVED_FRAMES
 from tests.support.server import start_server
-from xensim.launch import vcpu_command
+from xensim.launch import run, started, vcpu_command
 
 from .kernel import VCPU_TIMEOUT, audit_after_destroy, run_guest
 
@@ -68,19 +67,15 @@ def test_a_vcpu_killed_between_switch_mm_messages_finishes_the_switch_on_restart
     through xen_current_cr3) BUGs in the IPI handler, which has nothing to switch away from."""
     domain = server.create_domain(nr_pages=4096, nr_vcpus=2)
     command = [vcpu_command(server.address, domain.token, v, "--variant", variant, "--scenario", "killed-mid-switch") for v in (0, 1)]
-    exiter = subprocess.Popen(command[0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        killed = subprocess.run(command[1], capture_output=True, text=True, timeout=VCPU_TIMEOUT)
+    with started(command[0]) as exiter:
+        killed = run(command[1], timeout=VCPU_TIMEOUT)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
-        second = subprocess.run(command[1], capture_output=True, text=True, timeout=VCPU_TIMEOUT)
-        out, err = exiter.communicate(timeout=VCPU_TIMEOUT)
-    finally:
-        if exiter.poll() is None:
-            exiter.kill()
-            exiter.wait()
+        second = run(command[1], timeout=VCPU_TIMEOUT)
+        out = exiter.finish(VCPU_TIMEOUT)
+    err = exiter.log()
     victim, report = (json.loads(text.strip().splitlines()[-1]) for text in (second.stdout, out))
     assert victim["restarted"] and victim["bug"] is None and second.returncode == 0, second.stderr
-    assert report["bug"] is None and report["lifecycles"] == 1 and exiter.returncode == 0, err
+    assert report["bug"] is None and report["lifecycles"] == 1 and exiter.process.returncode == 0, err
     assert audit_after_destroy(server, domain.domid) == []
 
 

@@ -11,10 +11,8 @@ one of the worker's steps below. A reply is {"value": ...} or {"error": ...}; a 
 crosses the pipe with its errno, message, index and done and is raised again in the test.
 """
 
-import functools
 import json
 import os
-import subprocess
 import sys
 
 import trio
@@ -24,8 +22,7 @@ from google.protobuf.message import Message
 from guestlib import CallRejected, EventChannels, PageFault, SessionClosed, XenError, connect, ops
 from guestlib.hypercalls import Pending
 from guestlib.xen import Errno
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from xensim.launch import AsyncChild, opened, python_command
 
 
 class Lines:
@@ -144,7 +141,7 @@ def decode_error(reply: dict) -> Exception:
 class VcpuProcess:
     """The test's handle on one vCPU worker process."""
 
-    def __init__(self, process: trio.Process, vcpu: int):
+    def __init__(self, process: AsyncChild, vcpu: int):
         self.process, self.vcpu = process, vcpu
         self._pipe = Lines(process.stdout, process.stdin)
 
@@ -155,7 +152,7 @@ class VcpuProcess:
         """The next reply's value; raises what the worker caught (XenError, SessionClosed)."""
         reply = await self._pipe.read()
         if reply is None:
-            raise RuntimeError(f"vCPU {self.vcpu}'s process exited (status {self.process.poll()})")
+            raise RuntimeError(f"vCPU {self.vcpu}'s process exited (status {self.process.returncode}): {self.process.log()[-2000:]}")
         if "error" in reply:
             raise decode_error(reply)
         return reply["value"]
@@ -178,14 +175,18 @@ class VcpuProcess:
         await self.process.stdin.aclose()
         with trio.fail_after(10):
             await self.process.wait()
-        assert self.process.returncode == 0, f"vCPU {self.vcpu}'s process exited with {self.process.returncode}"
+        assert self.process.returncode == 0, f"vCPU {self.vcpu}'s process exited with {self.process.returncode}: {self.process.log()[-2000:]}"
+
+
+async def _run(command: list[str], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with opened(command, stdin=True) as process:
+        task_status.started(process)
+        await process.wait()
 
 
 async def spawn_vcpu(nursery: trio.Nursery, address: str, token: str, vcpu: int) -> VcpuProcess:
     """Start vCPU `vcpu`'s process in nursery (killed if the nursery is cancelled)."""
-    command = [sys.executable, "-m", "tests.guest.vcpus", address, token, str(vcpu)]
-    run = functools.partial(trio.run_process, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, check=False)
-    process = await nursery.start(run)
+    process = await nursery.start(_run, python_command("tests.guest.vcpus", address, token, str(vcpu)))
     return VcpuProcess(process, vcpu)
 
 

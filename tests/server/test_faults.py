@@ -10,16 +10,15 @@ in flight) and how the test knows it got there.
 import json
 import select
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from tests.support.server import start_server
+from xensim.launch import python, python_command, started
 from xensim.v1 import hypercalls_pb2 as h
 from xensim.v1 import memory_pb2 as m
 from xensim.v1 import toolstack_pb2 as t
@@ -28,7 +27,6 @@ from .helpers import RW, A, D, P, WireGuest
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parents[2]
 ENTRIES = 64  # entries of the pinned L1 that each mid-batch mmu_update remaps
 HELD = ("initialised", "online", "blocked", "kernel_cr3_mfn", "user_cr3_mfn")  # what a death must not change
 
@@ -96,28 +94,25 @@ KILLS = [
 class VcpuProcess:
     """tests/server/vcpu_process.py as vCPU 0 of the domain, repeating one message."""
 
-    def __init__(self, server, domain: Domain, kill: Kill, count: int):
+    def __init__(self, stack: ExitStack, server, domain: Domain, kill: Kill, count: int):
         message = h.SessionRequest(calls=kill.message(domain)).SerializeToString().hex()
-        command = [sys.executable, "-m", "tests.server.vcpu_process", server.address, domain.guest.token, "0", message, str(kill.depth), str(count)]
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        command = python_command("tests.server.vcpu_process", server.address, domain.guest.token, "0", message, str(kill.depth), str(count))
+        self.child = stack.enter_context(started(command))
 
     def event(self, timeout: float = 30.0) -> str:
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        ready, _, _ = select.select([self.child.process.stdout], [], [], timeout)
         assert ready, f"the vCPU process said nothing within {timeout} s"
-        line = self.process.stdout.readline()
-        assert line, f"the vCPU process ended ({self.process.wait()}): {self.process.stderr.read()}"
+        line = self.child.process.stdout.readline()
+        assert line, f"the vCPU process ended ({self.child.process.wait()}): {self.child.log()}"
         return json.loads(line)["event"]
 
     def finish(self) -> dict:
-        out, err = self.process.communicate(timeout=60)
-        assert self.process.returncode == 0, err
+        out = self.child.finish(60)
+        assert self.child.process.returncode == 0, self.child.log()
         return json.loads(out.strip().splitlines()[-1])
 
     def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-        self.process.stdout.close()
-        self.process.stderr.close()
+        self.child.stop(signal.SIGKILL)
 
 
 def reach(process: VcpuProcess, domain: Domain, kill: Kill) -> None:
@@ -129,6 +124,13 @@ def reach(process: VcpuProcess, domain: Domain, kill: Kill) -> None:
         time.sleep(0.2)  # let messages keep flowing, so the kill lands among them
 
 
+@pytest.fixture
+def processes():
+    """Where a test's processes are started: each is stopped when the test ends, passed or not."""
+    with ExitStack() as stack:
+        yield stack
+
+
 @pytest.fixture(scope="module")
 def server():
     with start_server() as running:  # fails the module if the server logged a traceback or INTERNAL
@@ -136,13 +138,13 @@ def server():
 
 
 @pytest.mark.parametrize("kill", KILLS, ids=[k.where for k in KILLS])
-def test_a_killed_vcpu_process_is_cleaned_up_and_a_new_one_goes_on(server, kill):
+def test_a_killed_vcpu_process_is_cleaned_up_and_a_new_one_goes_on(server, processes, kill):
     domain = Domain.build(server)
     guest = domain.guest
     runs = guest.frame_runs(vcpu=1)
     frames = guest.frames(runs)
 
-    first = VcpuProcess(server, domain, kill, count=0)
+    first = VcpuProcess(processes, server, domain, kill, count=0)
     reach(first, domain, kill)
     held = domain.vcpu0()
     first.kill()
@@ -151,7 +153,7 @@ def test_a_killed_vcpu_process_is_cleaned_up_and_a_new_one_goes_on(server, kill)
     assert [getattr(after, f) for f in HELD] == [getattr(held, f) for f in HELD]
     assert not guest.toolstack("Audit", t.AuditRequest()).findings
 
-    second = VcpuProcess(server, domain, kill, count=1 if kill.sleeps else 20)  # the same vCPU, a new process
+    second = VcpuProcess(processes, server, domain, kill, count=1 if kill.sleeps else 20)  # the same vCPU, a new process
     if kill.sleeps:
         reach(second, domain, kill)
         domain.wake()
@@ -177,19 +179,17 @@ time.sleep(60)
 """
 
 
-def test_a_client_killed_while_the_server_waits_to_write_its_answer_is_no_internal_error(server):
+def test_a_client_killed_while_the_server_waits_to_write_its_answer_is_no_internal_error(server, processes):
     """Regression: 4 MiB answers to a client that reads none of them fill the stream's window,
     so the server is inside context.write when the client dies; grpc then fails the write
     before it cancels the handler, which used to log INTERNAL and make the server exit 1."""
     domain = Domain.build(server)
     va = domain.guest.direct_va(domain.guest.next_pfn)
-    stalled = subprocess.Popen([sys.executable, "-c", STALLED_CLIENT, server.address, domain.guest.token, str(va)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert stalled.stdout.readline().strip() == "sent"
+    stalled = processes.enter_context(started(python("-c", STALLED_CLIENT, server.address, domain.guest.token, str(va))))
+    assert stalled.process.stdout.readline().strip() == "sent", stalled.log()
     wait_until(lambda: domain.vcpu0().session_open, "the Session is open")
     time.sleep(0.5)  # the first answers fill the window; the server waits in write
-    stalled.kill()
-    stalled.wait(10)
-    stalled.stdout.close()
+    stalled.stop(signal.SIGKILL)
     wait_until(lambda: not domain.vcpu0().session_open, "the server ends the dead client's stream")
     assert "INTERNAL" not in server.stderr()
-    assert VcpuProcess(server, domain, MID_STREAM, count=3).finish()["messages"] == 3
+    assert VcpuProcess(processes, server, domain, MID_STREAM, count=3).finish()["messages"] == 3

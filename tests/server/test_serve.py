@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypervisor.__main__ import main as hypervisor_main
 from tests.support.server import TEST_FRAMES, start_server
 from xensim.cli import main as xensim_main
-from xensim.launch import server_command
+from xensim.launch import run, server_command, started
 from xensim.v1 import hypercalls_pb2, toolstack_pb2
 
 from .helpers import SessionClient, WireGuest
@@ -52,14 +52,11 @@ def test_reflection_lists_every_service_and_serves_the_proto_comments(server):
 
 def test_ready_line_carries_the_admin_token_given_in_the_environment():
     env = {**os.environ, "XENSIM_ADMIN_TOKEN": "from-the-environment"}
-    process = subprocess.Popen(server_command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        ready = json.loads(process.stdout.readline())
+    with started(server_command(), env=env, stop=signal.SIGTERM) as process:
+        ready = json.loads(process.process.stdout.readline())
         assert ready["event"] == "ready" and ready["admin_token"] == "from-the-environment"
         assert ready["listen"].startswith("127.0.0.1:") and int(ready["listen"].rsplit(":", 1)[1]) > 0
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(10) == 0
+        assert process.stop(signal.SIGTERM) == 0
 
 
 SIGNALS = pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -101,9 +98,7 @@ def test_a_signal_while_streams_are_busy_ends_each_with_unavailable_and_logs_no_
 
 
 def test_a_second_server_on_a_taken_port_fails_loudly(server):
-    second = subprocess.run(
-        server_command("--insecure-no-admin-token", listen=server.address), capture_output=True, text=True, timeout=20
-    )
+    second = run(server_command("--insecure-no-admin-token", listen=server.address), timeout=20)
     assert second.returncode != 0 and not second.stdout
     assert f"cannot listen on {server.address}" in second.stderr
     assert WireGuest(server).domid  # the first one still serves

@@ -17,6 +17,7 @@ import time
 import grpc
 import trio
 
+from xensim.launch import python_command
 from xensim.v1 import hypercalls_pb2
 
 WARMUP = 100
@@ -84,7 +85,7 @@ KINDS = {"floor": floor, "guest": guest}
 
 def command(kind: str, address: str, token: str, vcpu: int, count: int = 0, seconds: float = 0) -> list[str]:
     amount = ["--seconds", str(seconds)] if seconds else [str(count)]
-    return [sys.executable, "-m", "xensim.bench.client_cpu", kind, address, f"--token={token}", str(vcpu), *amount]
+    return python_command("xensim.bench.client_cpu", kind, address, f"--token={token}", str(vcpu), *amount)
 
 
 def main(argv: list[str]) -> None:

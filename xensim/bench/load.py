@@ -15,16 +15,15 @@ stays flat because events coalesce (a port pending twice is pending once).
 import json
 import select
 import statistics
-import subprocess
 import sys
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
 
 import trio
 
 from guestlib import EventChannels, connect, ops
 from guestlib.xen import PAGE_SHIFT, UVMF_INVLPG, Pte
-from xensim.launch import create_domain, destroy_and_audit, hypervisor_server
+from xensim.launch import Child, create_domain, destroy_and_audit, hypervisor_server, python_command, started
 
 DOMAINS = 8
 VCPUS = 8
@@ -99,43 +98,33 @@ def rss_mb(pid: int) -> dict[str, float]:
     return {name: int(fields[key].split()[0]) / 1024 for name, key in (("rss", "VmRSS"), ("peak", "VmHWM"))}
 
 
-def _started(process: subprocess.Popen, deadline: float) -> None:
+def _ready(client: Child, deadline: float) -> None:
     """Wait for the client's `ready` line (it has booted its domain's vCPUs)."""
-    readable, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-    if not readable or json.loads(process.stdout.readline() or "{}").get("event") != "ready":
-        process.kill()
-        raise RuntimeError(f"a load client did not get ready (exit status {process.wait()}): {process.stderr.read()[-2000:]}")
+    readable, _, _ = select.select([client.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+    if not readable or json.loads(client.process.stdout.readline() or "{}").get("event") != "ready":
+        raise RuntimeError(f"a load client did not get ready (exit status {client.stop()}): {client.log()[-2000:]}")
 
 
 def measure(seconds: float = SECONDS) -> dict:
     """Run the load for `seconds` and return the per-stream rates, round trips and memory."""
     with hypervisor_server() as server:
         domains = [create_domain(server, nr_pages=1024, nr_vcpus=VCPUS, name=f"load{i}") for i in range(DOMAINS)]
-        command = [sys.executable, "-m", "xensim.bench.load"]
-        processes = [
-            subprocess.Popen([*command, server.address, d.token, str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for d in domains
-        ]
-        try:
+        with ExitStack() as stack:
+            clients = [stack.enter_context(started(python_command("xensim.bench.load", server.address, d.token, str(seconds)), stdin=True)) for d in domains]
             deadline = time.monotonic() + READY_TIMEOUT
-            for process in processes:
-                _started(process, deadline)
-            before = rss_mb(server.process.pid)
-            for process in processes:
-                process.stdin.write("go\n")
-                process.stdin.flush()
+            for client in clients:
+                _ready(client, deadline)
+            before = rss_mb(server.pid)
+            for client in clients:
+                client.process.stdin.write("go\n")
+                client.process.stdin.flush()
             reports = []
-            for process in processes:
-                out, err = process.communicate(timeout=seconds + READY_TIMEOUT)
-                if process.returncode:
-                    raise RuntimeError(f"a load client failed (exit status {process.returncode}): {err[-2000:]}")
+            for client in clients:
+                out = client.finish(seconds + READY_TIMEOUT)
+                if client.process.returncode:
+                    raise RuntimeError(f"a load client failed (exit status {client.process.returncode}): {client.log()[-2000:]}")
                 reports.append(json.loads(out.strip().splitlines()[-1]))
-            after = rss_mb(server.process.pid)
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+            after = rss_mb(server.pid)
         stub = server.toolstack()
         findings = [f for d in domains for f in destroy_and_audit(stub, server.metadata(), d.domid)]
     if findings:

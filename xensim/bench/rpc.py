@@ -9,7 +9,6 @@ noise of these shared machines hits all three alike (README.md, Benchmarks).
 
 import json
 import statistics
-import subprocess
 import time
 
 import trio
@@ -17,6 +16,7 @@ import trio
 from guestlib import Toolstack, connect, ops
 from guestlib.layout import BootLayout
 from guestlib.xen import ENTRIES_PER_TABLE, PAGE_SHIFT, Pte
+from xensim import launch
 from xensim.bench.client_cpu import command
 from xensim.launch import create_domain, hypervisor_server
 
@@ -116,8 +116,10 @@ def _client_cpu(server) -> dict:
     rounds = {"floor": [], "guest": []}
     for _ in range(CPU_ROUNDS):
         for kind, results in rounds.items():
-            out = subprocess.run(command(kind, server.address, token, 0, CPU_MESSAGES), capture_output=True, text=True, timeout=300, check=True)
-            results.append(json.loads(out.stdout)["cpu_us"])
+            done = launch.run(command(kind, server.address, token, 0, CPU_MESSAGES), timeout=300)
+            if done.returncode:
+                raise RuntimeError(f"a client_cpu process failed (exit status {done.returncode}): {done.stderr[-2000:]}")
+            results.append(json.loads(done.stdout)["cpu_us"])
     ratios = [g / f for g, f in zip(rounds["guest"], rounds["floor"])]
     return {
         "rpc.vcpu_cpu_us_per_msg_over_grpc_floor": {

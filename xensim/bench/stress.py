@@ -10,11 +10,10 @@ process's resident memory (VmRSS) after four domains of 65536 pages have booted 
 """
 
 import json
-import subprocess
-import sys
+from contextlib import ExitStack
 
 from xensim.bench.client_cpu import command as client_command
-from xensim.launch import create_domain, hypervisor_server, run_processes, run_vcpus, vcpu_command
+from xensim.launch import create_domain, hypervisor_server, python_command, run_processes, run_vcpus, started, vcpu_command
 
 SECONDS = 8.0
 PROCESSES = 8
@@ -23,16 +22,17 @@ MIB_256 = 65536  # pages of 4 KiB
 
 def _echo_rate(address: str, token: str) -> float:
     """Echo messages per second, summed over PROCESSES echo processes at once."""
-    command = [sys.executable, "-m", "xensim.bench.echo_load", address, token]
-    procs = [subprocess.Popen([*command, str(v), str(SECONDS)], stdout=subprocess.PIPE, text=True) for v in range(PROCESSES)]
-    return sum(int(p.communicate(timeout=SECONDS + 60)[0]) for p in procs) / SECONDS
+    with ExitStack() as stack:
+        clients = [stack.enter_context(started(python_command("xensim.bench.echo_load", address, token, str(v), str(SECONDS)))) for v in range(PROCESSES)]
+        return sum(int(c.finish(SECONDS + 60)) for c in clients) / SECONDS
 
 
 def _grpc_stream_rate(address: str, token: str) -> float:
     """Messages per second of PROCESSES bare grpcio stream clients at once: what the machine
     carries with no guest stack at all."""
-    procs = [subprocess.Popen(client_command("floor", address, token, v, seconds=SECONDS), stdout=subprocess.PIPE, text=True) for v in range(PROCESSES)]
-    return sum(json.loads(p.communicate(timeout=SECONDS + 60)[0])["messages"] for p in procs) / SECONDS
+    with ExitStack() as stack:
+        clients = [stack.enter_context(started(client_command("floor", address, token, v, seconds=SECONDS))) for v in range(PROCESSES)]
+        return sum(json.loads(c.finish(SECONDS + 60))["messages"] for c in clients) / SECONDS
 
 
 def _rss_mb(pid: int) -> float:
