@@ -21,7 +21,8 @@ OUTSIDE = re.compile(r"\.\./shared|shared/reference|xen-semantics|DESIGN\.md|STY
 
 def _sources() -> list[Path]:
     names = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    return [REPO / n for n in names if not n.startswith("xensim/v1/") and n.endswith((".py", ".proto", ".md", ".yml", ".toml", "Dockerfile"))]
+    here = Path(__file__).relative_to(REPO).as_posix()  # this file names the patterns it looks for
+    return [REPO / n for n in names if n != here and not n.startswith("xensim/v1/") and n.endswith((".py", ".proto", ".md", ".yml", ".toml", "Dockerfile"))]
 
 
 def _headings(doc: Path) -> set[str]:
