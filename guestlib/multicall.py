@@ -1,4 +1,4 @@
-"""Linux's multicall batching (arch/x86/xen/multicalls.c; docs/linux-guest.md section 4.3) on guestlib.
+"""Linux's multicall batching (arch/x86/xen/multicalls.c; docs/linux.md section 4.3) on guestlib.
 
     async with xen_mc_batch(client) as mc:      # xen_mc_batch()
         pin = mc.pin_table(4, l4)                # __xen_mc_entry + MULTI_mmuext_op

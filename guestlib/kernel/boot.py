@@ -1,6 +1,6 @@
 """Start of day (vCPU 0) and attaching a vCPU to the running kernel (every vCPU).
 
-Reference: docs/linux-guest.md sections 7.1 and 9. vCPU 0 boots from start-info: it reads the P2M,
+Reference: docs/linux.md sections 7.1 and 9. vCPU 0 boots from start-info: it reads the P2M,
 builds the page allocator's bitmap, marks the boot pagetable's pages PG_pinned (Linux's hook
 once the allocator exists: they were pinned by the domain builder), builds the fixmap (a kernel
 L3/L2/L1 under the swapper pgd's top slot) holding the shared-info frame and one kmap slot per

@@ -1,6 +1,6 @@
 """Address spaces: creation, fork with copy-on-write, page faults, munmap, teardown.
 
-Reference: docs/linux-guest.md sections 2, 8 and 10. An mm lives in guest memory (`layout.MM`): its
+Reference: docs/linux.md sections 2, 8 and 10. An mm lives in guest memory (`layout.MM`): its
 two pgds (kernel and user, 64-bit PV), the L3/L2/L1 pages it owns, its cpumask (which doubles
 as the vCPU bitmap TLB_FLUSH_MULTI reads from guest memory) and two counts: `users` (tasks
 using it) and `count` (one for all users, plus one per CPU borrowing it lazily). "Late pin,
@@ -116,7 +116,7 @@ def free_task(cpu: Cpu, task: int) -> None:
 
 
 async def mm_alloc(cpu: Cpu, pt: PageTables, batch, mm_id: int, user_ptes: dict[int, int]) -> Mm:
-    """pgd_alloc and the user tables, filled while still plain memory (docs/linux-guest.md sections 2.2, 2.3): the
+    """pgd_alloc and the user tables, filled while still plain memory (docs/linux.md sections 2.2, 2.3): the
     kernel half copied from swapper, the user half one L3 -> L2 -> L1 chain (the L1 from
     highmem with highpte), and the mm struct."""
     pgd, user_pgd, l3, l2 = await alloc_pages(cpu, 4)

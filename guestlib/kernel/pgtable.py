@@ -1,12 +1,12 @@
 """Direct pagetables: pfn-to-mfn entries, table writes, the pin and unpin walks, highpte kmap.
 
 Every entry the kernel writes names a machine frame (pte_pfn_to_mfn through the P2M) and every
-entry it reads is turned back through the inverse (pte_mfn_to_pfn); docs/linux-guest.md section 9.
-How a table is written depends on its state, as in Linux (docs/linux-guest.md section 4): an unpinned table is
+entry it reads is turned back through the inverse (pte_mfn_to_pfn); docs/linux.md section 9.
+How a table is written depends on its state, as in Linux (docs/linux.md section 4): an unpinned table is
 plain memory (a store through the direct map, or through this CPU's kmap slot for a highmem
 pte page); a pinned one only through mmu_update, batched in the lazy-MMU multicall.
 
-Pinning (xen_pgd_pin, docs/linux-guest.md section 3): remap every lowmem table page read-only in the direct map,
+Pinning (xen_pgd_pin, docs/linux.md section 3): remap every lowmem table page read-only in the direct map,
 then PIN_L4 the kernel and the user pgd. Unpinning is the reverse: UNPIN both, then make every
 table page writable again. A highmem pte page is in no permanent mapping, only in a kmap slot,
 which is mapped read-only while its table is pinned (xen_kmap_atomic_pte).

@@ -1,6 +1,6 @@
 """Switching address spaces: switch_mm, lazy TLB for kernel threads, leave_mm, mmdrop.
 
-Reference: docs/linux-guest.md sections 2.5 and 5. A context switch is two steps, as in Linux under
+Reference: docs/linux.md sections 2.5 and 5. A context switch is two steps, as in Linux under
 Xen: first the plain memory writes that other CPUs may read at once (the cpumask bits,
 `loaded_mm`, `xen_cr3`), in a message of their own; then, at the end of the switch, the
 lazy-CPU multicall with NEW_BASEPTR and NEW_USER_BASEPTR, followed by `xen_current_cr3`, which

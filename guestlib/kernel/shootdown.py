@@ -1,6 +1,6 @@
 """exit_mmap and drop_mm_ref: making sure no vCPU runs on a pgd before it is unpinned.
 
-Reference: docs/linux-guest.md section 6. Lazy CPUs keep a dead mm's pgd as their cr3, and Xen
+Reference: docs/linux.md section 6. Lazy CPUs keep a dead mm's pgd as their cr3, and Xen
 refuses to make a pagetable writable while any vCPU's cr3 holds it, so exit_mmap must first
 push every such CPU off the pgd. Each historical form of the fix is here, chosen by name:
 

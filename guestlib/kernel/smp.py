@@ -1,6 +1,6 @@
 """SMP over event channels: IPI ports, the upcall loop, smp_call_function_many.
 
-Reference: docs/linux-guest.md section 7. Each CPU has a reschedule and a call-function port, bound
+Reference: docs/linux.md section 7. Each CPU has a reschedule and a call-function port, bound
 by the boot CPU with EVTCHNOP_bind_ipi and recorded in the per-CPU areas. An IPI is
 EVTCHNOP_send on the *target's* port; the target's upcall (guestlib.events) clears the pending
 bits and runs the handler with interrupts off on that vCPU.

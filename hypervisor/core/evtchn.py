@@ -370,7 +370,7 @@ def bind_virq(hv: "Hypervisor", current: "Vcpu", virq: int, vcpu: int) -> int:
 
 def bind_ipi(hv: "Hypervisor", current: "Vcpu", vcpu: int) -> int:
     """A port whose sends notify `vcpu` of the caller's domain (Linux binds one per (vCPU,
-    IPI kind), docs/linux-guest.md section 7.2)."""
+    IPI kind), docs/linux.md section 7.2)."""
     domain = hv.domains[current.domid]
     hv.vcpu(domain.domid, vcpu)  # ENOENT if there is no such vCPU
     port = get_free_port(domain)
