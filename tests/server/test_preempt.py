@@ -75,17 +75,29 @@ def test_other_calls_complete_while_one_call_revalidates_a_tree_again_and_again(
     assert boot_l4_state(guest) == (0, 1, False, False)  # unpinned, devalidated, its allocation only
 
 
+def held_between_runs(victim, guest, attack, hold, release) -> None:
+    """The attack's long call is under way; after `hold` it makes no progress (its tree stays as
+    it was) while the victim's calls go on, and after `release` it finishes."""
+    assert victim_calls(victim, attack, limit=3) == 3 and not attack.done()
+    hold()
+    held = boot_l4_state(guest)
+    assert victim_calls(victim, attack, limit=MIN_CALLS) == MIN_CALLS
+    assert boot_l4_state(guest) == held and not attack.done()
+    release()
+    assert attack.result().done == 2 * PAIRS
+
+
 @pytest.mark.timeout(CALL_TIMEOUT)
 def test_a_paused_domain_s_call_stops_between_two_runs_and_goes_on_when_unpaused(server):
     victim = WireGuest(server, nr_pages=512, nr_vcpus=1)
     guest, attack = attacker(server)
-    assert victim_calls(victim, attack, limit=3) == 3 and not attack.done()
-    guest.toolstack("PauseDomain", toolstack_pb2.PauseDomainRequest(domid=guest.domid))
-    held = boot_l4_state(guest)
-    assert victim_calls(victim, attack, limit=MIN_CALLS) == MIN_CALLS
-    assert boot_l4_state(guest) == held and not attack.done()
-    guest.toolstack("UnpauseDomain", toolstack_pb2.UnpauseDomainRequest(domid=guest.domid))
-    assert attack.result().done == 2 * PAIRS
+    held_between_runs(
+        victim,
+        guest,
+        attack,
+        hold=lambda: guest.toolstack("PauseDomain", toolstack_pb2.PauseDomainRequest(domid=guest.domid)),
+        release=lambda: guest.toolstack("UnpauseDomain", toolstack_pb2.UnpauseDomainRequest(domid=guest.domid)),
+    )
 
 
 @pytest.mark.timeout(CALL_TIMEOUT)
@@ -94,13 +106,13 @@ def test_a_call_whose_vcpu_is_taken_down_waits_between_two_runs_until_it_is_up_a
     sibling): the call neither goes on nor fails until VCPUOP_up."""
     victim = WireGuest(server, nr_pages=512, nr_vcpus=1)
     guest, attack = attacker(server, nr_vcpus=2)
-    assert victim_calls(victim, attack, limit=3) == 3 and not attack.done()
-    guest.call("VcpuOp", hypercalls_pb2.VcpuOpRequest(vcpuid=0, down=hypercalls_pb2.VcpuDown()), vcpu=1)
-    held = boot_l4_state(guest)
-    assert victim_calls(victim, attack, limit=MIN_CALLS) == MIN_CALLS
-    assert boot_l4_state(guest) == held and not attack.done()
-    guest.call("VcpuOp", hypercalls_pb2.VcpuOpRequest(vcpuid=0, up=hypercalls_pb2.VcpuUp()), vcpu=1)
-    assert attack.result().done == 2 * PAIRS
+    held_between_runs(
+        victim,
+        guest,
+        attack,
+        hold=lambda: guest.call("VcpuOp", hypercalls_pb2.VcpuOpRequest(vcpuid=0, down=hypercalls_pb2.VcpuDown()), vcpu=1),
+        release=lambda: guest.call("VcpuOp", hypercalls_pb2.VcpuOpRequest(vcpuid=0, up=hypercalls_pb2.VcpuUp()), vcpu=1),
+    )
 
 
 @pytest.mark.timeout(CALL_TIMEOUT)
