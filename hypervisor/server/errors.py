@@ -8,7 +8,6 @@ UNAUTHENTICATED, PERMISSION_DENIED, ... with a message only. Anything else is a 
 traceback and counted, never dressed as an errno (one mapping, as Firecracker's API layer has).
 """
 
-import asyncio
 import logging
 from typing import NoReturn
 
@@ -72,20 +71,9 @@ class PeerGone(Exception):
 
 async def write(context: grpc.aio.ServicerContext, message, who: str) -> None:
     """`context.write`, with a client that went away as PeerGone (grpc's own error type for
-    it, ExecuteBatchError, would otherwise be an INTERNAL bug).
-
-    A handler ended from outside (shutdown, DestroyDomain, DetachSession) while a message is
-    going out still lets that message finish before it unwinds: grpc refuses the stream's
-    closing status while a send is in flight (TOO_MANY_OPERATIONS), which would turn a clean
-    UNAVAILABLE or ABORTED into a logged error."""
-    sending = asyncio.ensure_future(context.write(message))
+    it, ExecuteBatchError, would otherwise be an INTERNAL bug)."""
     try:
-        await asyncio.shield(sending)
-    except asyncio.CancelledError:
-        await asyncio.wait([sending])
-        if not sending.cancelled():
-            sending.exception()  # retrieved: whether it reached the client no longer matters
-        raise
+        await context.write(message)
     except Exception as exc:  # noqa: BLE001 - ExecuteBatchError is not a public grpc type
         raise PeerGone(f"{who}: the client went away") from exc
 

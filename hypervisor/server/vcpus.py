@@ -88,7 +88,8 @@ class Stream:
 
     async def _send(self, message: hypercalls_pb2.SessionResponse) -> None:
         message.system_time_ns = self.runtime.now_ns()
-        await write(self.context, message, f"dom{self.slot.domid} vCPU {self.slot.vcpu_id}'s Session")
+        with self.runtime.writing():
+            await write(self.context, message, f"dom{self.slot.domid} vCPU {self.slot.vcpu_id}'s Session")
 
     async def close(self) -> None:
         """Stop pushing, between two writes."""
@@ -165,6 +166,7 @@ class Runtime:
         self._timer_deadline: int | None = None
         self._tasks: dict[int | None, set[asyncio.Task]] = {}
         self._endings: dict[asyncio.Task, Exception] = {}
+        self._writing: set[asyncio.Task] = set()  # handlers inside a Session write (see writing)
         self.observe: Callable[[str, float], None] | None = None  # observe.Metrics, with --metrics-port
         # Hypercalls by (domid, op, outcome) since the server started: the core's Stats per
         # domain (Toolstack DomainStats, xl top). A reused domid inherits its predecessor's.
@@ -358,10 +360,28 @@ class Runtime:
             self._endings.pop(task, None)
 
     def end_task(self, task: asyncio.Task, exc: Exception) -> None:
-        """End a registered handler: it raises `exc` (see `guard`)."""
+        """End a registered handler: it raises `exc` (see `guard`), once any Session message it
+        is sending has gone out (see `writing`)."""
         if task not in self._endings:
             self._endings[task] = exc
-            task.cancel()
+            if task not in self._writing:
+                task.cancel()
+
+    @contextmanager
+    def writing(self):
+        """A Session message is going out: an ending that comes meanwhile (shutdown,
+        DestroyDomain, DetachSession) waits for it, because grpc refuses a stream's closing
+        status while a send is in flight (TOO_MANY_OPERATIONS), which turned a clean
+        UNAVAILABLE or ABORTED into a logged error. Costs a set insertion per message, where
+        shielding each write cost a task."""
+        task = asyncio.current_task()
+        self._writing.add(task)
+        try:
+            yield
+        finally:
+            self._writing.discard(task)
+            if task in self._endings:
+                task.cancel()
 
     def forget_domain(self, domid: int) -> None:
         """DestroyDomain, before the core tears the domain down: end the domain's calls and
