@@ -84,10 +84,12 @@ HYPERVISOR_L4_FIRST = 256
 HYPERVISOR_L4_LAST = 271
 HYPERVISOR_VIRT_START = 0xFFFF800000000000
 HYPERVISOR_VIRT_END = 0xFFFF880000000000
+L4_SLOT_RO_MPT = 256  # RO_MPT_VIRT_START: the read-only M2P, readable by the guest (docs/xen.md section 20)
 L4_SLOT_LINEAR = 258  # LINEAR_PT_VIRT_START: Xen's own self-map of every L4
 L4_SLOT_PERDOMAIN = 260  # PERDOMAIN_VIRT_START: per-domain mappings (GDT/LDT shadows, mapcache)
 L4_SLOT_XEN = 261  # XEN_VIRT_START's slot: M2P, vmap, Xen's text and data, frame table
 L4_SLOT_DIRECTMAP = 262  # DIRECTMAP_VIRT_START: the direct map of RAM, slots 262..271 for PV
+RO_MPT_VIRT_START = HYPERVISOR_VIRT_START  # machine_to_phys_mapping: one u64 pfn per mfn
 
 
 class MmuCmd(IntEnum):

@@ -21,7 +21,7 @@ still holds Xen's; neither is a base or a pin, so no translation goes through it
 
 import numpy as np
 
-from .abi import DOMID_XEN, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, L4_SLOT_LINEAR, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
+from .abi import DOMID_XEN, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, L4_SLOT_LINEAR, L4_SLOT_RO_MPT, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
 from .domain import INVALID_M2P
 from .evtchn import audit as audit_ports
 from .frames import ALLOCATED, NO_OWNER, PARTIAL, PARTIAL_SET, PINNED, VALIDATED, XEN_HEAP
@@ -126,12 +126,16 @@ def audit(hv) -> list[str]:
 
 def xen_slots(hv, l4s: np.ndarray) -> list[str]:
     """Every validated L4 holds Xen's own entries in slots 256..271 (init_xen_l4_slots wrote
-    them at promotion, and nothing a guest can do writes them while the table is live)."""
+    them at promotion, and nothing a guest can do writes them while the table is live), slot
+    256 either empty or the read-only M2P (fill_ro_mpt)."""
     if not len(l4s):
         return []
     held = np.array([hv.memory.entries(l4)[XEN_SLOTS] for l4 in l4s.tolist()])
     want = np.tile(hv.pagetables.xen_l4_entries(0), (len(l4s), 1))
     want[:, L4_SLOT_LINEAR - HYPERVISOR_L4_FIRST] |= l4s.astype(np.uint64) << _SHIFT
+    ro_mpt = L4_SLOT_RO_MPT - HYPERVISOR_L4_FIRST  # empty, or filled once a kernel base (fill_ro_mpt)
+    filled = held[:, ro_mpt] == np.uint64(hv.pagetables.ro_mpt_entry)
+    want[filled, ro_mpt] = held[filled, ro_mpt]
     return [
         f"L4 mfn {int(l4s[i]):#x} slot {HYPERVISOR_L4_FIRST + j} holds {int(held[i, j]):#x}, not Xen's {int(want[i, j]):#x}"
         for i, j in zip(*(a.tolist() for a in np.nonzero(held != want)))
@@ -190,6 +194,7 @@ class _Reach:
         if self.privileged:
             foreign = np.isin(owner, list(self.hv.domains)) | ((owner == DOMID_XEN) & ~writable)
             ok |= np.isin(domids, self.privileged) & foreign
+        ok |= (mfns == self.hv.pagetables.ro_mpt_l3) & ~writable  # the read-only M2P, readable by every guest
         return ok
 
     def what(self, mfn: int, writable: bool) -> str:

@@ -156,7 +156,7 @@ class Hypervisor:
         self.budget.per_call = preempt_work
         xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES)
         self.frames.flags[xen] |= np.uint8(XEN_HEAP)
-        self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]))
+        self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]), ro_mpt_l3=int(xen[2]))
         self.frames.forget_mappings = self._forget_mappings
         self.m2p = np.full(nr_frames, INVALID_M2P, dtype=np.uint64)
         self.domains: dict[int, Domain] = {}
@@ -258,6 +258,7 @@ class Hypervisor:
             domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
         instance = self._instances + 1
         domain = build(self.frames, self.m2p, domid, instance, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages, max_evtchn_port)
+        self.pagetables.fill_ro_mpt(domain.vcpus[0].guest_table)  # the toolstack's arch_set_info_guest for vCPU 0
         self.domains[domid] = domain
         self._instances = instance
         self._next_domid = domid % (DOMID_FIRST_RESERVED - 1) + 1

@@ -254,7 +254,8 @@ def with_writable(hv: "Hypervisor", mfn: int, owner: int, what: str, action) -> 
 
 def new_guest_cr3(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
     """Load a new kernel base (docs/xen.md section 8): take the new table's L4 reference (validating an
-    unpinned tree), then drop the old one's (devalidating it if that was the last)."""
+    unpinned tree), map the read-only M2P in it, then drop the old one's (devalidating it if
+    that was the last)."""
     frames = hv.frames
     old = vcpu.guest_table
     if mfn != old:
@@ -262,6 +263,7 @@ def new_guest_cr3(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
             frames.get_page_and_type(mfn, vcpu.domid, PageType.L4)
         except XenError as e:
             raise XenError(e.errno, f"new base {e.message}") from None
+        hv.pagetables.fill_ro_mpt(mfn)  # the read-only M2P (docs/xen.md section 20)
         vcpu.guest_table = mfn
     vcpu.tlb.flush()
     if old and mfn != old:
