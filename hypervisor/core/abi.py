@@ -44,6 +44,7 @@ ENTRIES_PER_TABLE = 512
 PADDR_BITS = 52
 PTE_MFN_MASK = ((1 << PADDR_BITS) - 1) & ~(PAGE_SIZE - 1)  # pte bits 12..51
 INVALID_MFN = (1 << (PADDR_BITS - PAGE_SHIFT)) - 1  # the all-ones frame number
+INVALID_M2P = (1 << 64) - 1  # INVALID_M2P_ENTRY: the M2P entry of a frame no guest owns
 
 
 class Pte(IntEnum):
@@ -219,6 +220,16 @@ VIRQ_ENOMEM = 12
 VIRQ_XENPMU = 13
 VIRQ_ARCH_0 = 16
 NR_VIRQS = 24
+
+# memory_op commands and flags (public/memory.h; docs/xen.md section 21).
+XENMEM_increase_reservation = 0
+XENMEM_decrease_reservation = 1
+XENMEM_maximum_ram_page = 2
+XENMEM_current_reservation = 3
+XENMEM_maximum_reservation = 4
+XENMEM_populate_physmap = 6
+XENMEM_exchange = 11
+XENMEMF_populate_on_demand = 1 << 16
 
 # vcpu_op commands (public/vcpu.h; docs/xen.md section 14) and vcpu_guest_context flags (arch-x86/xen.h).
 VCPUOP_initialise = 0

@@ -21,8 +21,7 @@ still holds Xen's; neither is a base or a pin, so no translation goes through it
 
 import numpy as np
 
-from .abi import DOMID_XEN, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, L4_SLOT_LINEAR, L4_SLOT_RO_MPT, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
-from .domain import INVALID_M2P
+from .abi import DOMID_XEN, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, INVALID_M2P, INVALID_MFN, L4_SLOT_LINEAR, L4_SLOT_RO_MPT, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
 from .evtchn import audit as audit_ports
 from .frames import ALLOCATED, NO_OWNER, PARTIAL, PARTIAL_SET, PINNED, VALIDATED, XEN_HEAP
 from .pagetable import LEVEL_OF_TYPE, LEVELS, XEN_SLOTS
@@ -111,15 +110,15 @@ def audit(hv) -> list[str]:
     findings += [f"mfn {mfn:#x} is quarantined (scrubbed, owned by Xen, never reallocated): {why}" for mfn, why in sorted(frames.quarantined.items())]
 
     for domain in hv.domains.values():
-        p2m = domain.p2m
+        pfns = np.flatnonzero(domain.p2m != INVALID_MFN)  # a frame given back has none (memop.py)
+        p2m = domain.p2m[pfns]
         if (frames.owner[p2m] != domain.domid).any():
             findings.append(f"dom{domain.domid}: P2M names frames the domain does not own")
         if len(np.unique(p2m)) != len(p2m):
             findings.append(f"dom{domain.domid}: P2M maps two pfns to one mfn")
-        expected_m2p = np.arange(len(p2m), dtype=np.uint64)
         checked = ~np.isin(p2m, list(domain.guest_m2p)) if domain.guest_m2p else np.ones(len(p2m), dtype=bool)
-        for pfn in np.flatnonzero(checked & (hv.m2p[p2m] != expected_m2p)).tolist():
-            findings.append(f"dom{domain.domid}: P2M says pfn {pfn:#x} is mfn {int(p2m[pfn]):#x}, M2P says that mfn is pfn {int(hv.m2p[p2m[pfn]]):#x}")
+        for k in np.flatnonzero(checked & (hv.m2p[p2m] != pfns.astype(np.uint64))).tolist():
+            findings.append(f"dom{domain.domid}: P2M says pfn {int(pfns[k]):#x} is mfn {int(p2m[k]):#x}, M2P says that mfn is pfn {int(hv.m2p[p2m[k]]):#x}")
     findings += xen_slots(hv, np.flatnonzero(live & ~partial & (frames.type == PageType.L4)))
     return findings + reachability(hv) + audit_ports(hv)
 

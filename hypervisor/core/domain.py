@@ -40,8 +40,10 @@ from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, XEN_HEAP, Frame
 from .preempt import Continuation
 from .tlb import Tlb
 
-INVALID_M2P = 0xFFFFFFFFFFFFFFFF
 MIN_PAGES = 16
+# libxl's max_pages: the guest's memory plus LIBXL_MAXMEM_CONSTANT (1024 KiB) of slack
+# (tools/libs/light/libxl_dom.c, libxl__build_pre; docs/xen.md section 21).
+MAXMEM_SLACK_PAGES = 1024 * 1024 // PAGE_SIZE
 _TABLE_FLAGS = int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY)
 _DATA_FLAGS = int(Pte.PRESENT | Pte.ACCESSED | Pte.DIRTY)
 
@@ -100,7 +102,10 @@ class Domain:
     name: str
     nr_pages: int
     nr_lowmem_pages: int
-    p2m: np.ndarray  # pfn -> mfn, as the builder assigned them
+    # pfn -> mfn, as the builder assigned them; INVALID_MFN where the guest gave the frame back,
+    # a frame populate_physmap gave for a pfn without one (memop.py). Xen keeps no P2M for a PV
+    # guest: this is the audit's reference, the guest's own P2M is in its memory.
+    p2m: np.ndarray
     vcpus: list[Vcpu]
     shared_info_mfn: int = 0
     start_info: dict = field(default_factory=dict)
@@ -113,6 +118,7 @@ class Domain:
     evtchn: list = field(default_factory=list)  # the port table (evtchn.Evtchn), whole buckets
     poll_mask: set[int] = field(default_factory=set)  # ids of the vCPUs in SCHEDOP_poll
     shutdown_code: int | None = None  # SHUTDOWN_*, once the domain has shut down
+    max_pages: int = 0  # d->max_pages: the reservation memory_op may grow to (docs/xen.md section 21)
 
     def info(self) -> dict:
         return {
@@ -176,6 +182,7 @@ def build(
     frames.flags[shared_info] |= np.uint8(XEN_HEAP)
     frames.get_page_type(shared_info, PageType.WRITABLE)
     domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port)
+    domain.max_pages = nr_pages + MAXMEM_SLACK_PAGES  # libxl's setmaxmem
     evtchn_init(domain)
     for vcpu in range(nr_vcpus):  # libxenguest's shared_info_x86_64: no events until the guest enables them
         frames.memory.write(shared_info, SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_MASK, b"\x01")

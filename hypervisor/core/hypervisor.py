@@ -13,17 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from . import cpu, evtchn, mmu, schedop, vcpuop
+from . import cpu, evtchn, memop, mmu, schedop, vcpuop
 from .abi import (
     DOMID_FIRST_RESERVED,
     DOMID_XEN,
     HYPERVISOR_VIRT_START,
+    INVALID_M2P,
     PAGE_SIZE,
     PREEMPT_WORK,
     STEP_WORK,
     Errno,
 )
-from .domain import INVALID_M2P, Domain, Vcpu, build, relinquish, teardown_step
+from .domain import Domain, Vcpu, build, relinquish, teardown_step
 from .errors import Restart, XenError
 from .frames import ALLOCATED, XEN_HEAP, FrameTable
 from .memory import MachineMemory
@@ -69,9 +70,10 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results
     return results
 
 
-# The hypercalls that may stop part-way (do_mmu_update, do_mmuext_op, do_multicall and
-# VCPUOP_initialise's arch_set_info_guest are Xen's preemptible ones that the model has).
-PREEMPTIBLE = frozenset({"mmu_update", "mmuext_op", "multicall", "vcpu_op"})
+# The hypercalls that may stop part-way (do_mmu_update, do_mmuext_op, do_multicall,
+# VCPUOP_initialise's arch_set_info_guest and do_memory_op's reservation ops and exchange are
+# Xen's preemptible ones that the model has).
+PREEMPTIBLE = frozenset({"mmu_update", "mmuext_op", "multicall", "vcpu_op", "memory_op"})
 
 
 def run(hv: "Hypervisor", vcpu: Vcpu, call: Continuation) -> Any:
@@ -137,6 +139,7 @@ HYPERCALLS: dict[str, Callable[..., Any]] = {
     "sched_op": schedop.sched_op,
     "set_timer_op": schedop.set_timer_op,
     "xen_version": xen_version,
+    "memory_op": memop.memory_op,
     # The vCPU's memory path (cpu.py): load, store, atomic, read, write.
     # Their arguments and results carry bytes, which the trace writes hex-encoded.
     **cpu.HYPERCALLS,
@@ -158,7 +161,7 @@ class Hypervisor:
         self.frames.flags[xen] |= np.uint8(XEN_HEAP)
         self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]), ro_mpt_l3=int(xen[2]))
         self.frames.forget_mappings = self._forget_mappings
-        self.m2p = np.full(nr_frames, INVALID_M2P, dtype=np.uint64)
+        self.m2p = self.frames.m2p
         self.domains: dict[int, Domain] = {}
         self._next_domid = 1
         self._instances = 0  # domains ever created: the next one is instance _instances + 1

@@ -19,6 +19,7 @@ import numpy as np
 
 from .abi import (
     BITS_PER_EVTCHN_WORD,
+    INVALID_M2P,
     PAGE_SHIFT,
     PTE_MFN_MASK,
     SHARED_INFO_EVTCHN_MASK,
@@ -31,7 +32,7 @@ from .abi import (
     PageType,
     Pte,
 )
-from .domain import INVALID_M2P, Domain, Vcpu
+from .domain import Domain, Vcpu
 from .errors import XenError
 from .evtchn import ECS
 from .evtchn import status as evtchn_status

@@ -5,12 +5,11 @@ reflecting every M2P change at once; a table never loaded as a kernel base has i
 
 import pytest
 
-from hypervisor.core.abi import INVALID_MFN, L4_SLOT_RO_MPT, RO_MPT_VIRT_START, MmuextCmd
+from hypervisor.core.abi import INVALID_M2P, INVALID_MFN, L4_SLOT_RO_MPT, RO_MPT_VIRT_START, MmuextCmd
 from hypervisor.core.abi import PFEC_page_present as PF_P
 from hypervisor.core.abi import PFEC_user_mode as PF_U
 from hypervisor.core.abi import PFEC_write_access as PF_W
 from hypervisor.core.cpu import PageFault
-from hypervisor.core.domain import INVALID_M2P
 
 from .conftest import unchanged
 
