@@ -177,6 +177,30 @@ def _vcpu_op_args(msg, path, clock) -> dict:
     return args
 
 
+_XENMEM_NUMBERS = _op_numbers(hypercalls_pb2.MemoryOpRequest, "XENMEM_")
+
+
+def _reservation(msg, path: str) -> dict:
+    _count(msg.extent_start, f"{path}extent_start", MAX_BATCH)
+    return {"extent_start": list(msg.extent_start), "nr_extents": msg.nr_extents, "extent_order": msg.extent_order, "mem_flags": msg.mem_flags, "domid": _domid(msg, "domid")}
+
+
+def _memory_op_args(msg, path, clock) -> dict:
+    cmd = _cmd(msg, path, _XENMEM_NUMBERS)
+    if isinstance(cmd, int) or cmd == "maximum_ram_page":
+        return {"cmd": cmd}
+    arg, where = getattr(msg, cmd), f"{path}{cmd}."
+    if cmd == "exchange":
+        return {"cmd": cmd, "input": _reservation(arg.input, f"{where}input."), "output": _reservation(arg.output, f"{where}output."), "nr_exchanged": arg.nr_exchanged}
+    if cmd in ("current_reservation", "maximum_reservation"):
+        return {"cmd": cmd, "domid": _domid(arg, "domid")}
+    return {"cmd": cmd, **_reservation(arg, where)}
+
+
+def _memory_op_result(result: dict, args: dict) -> hypercalls_pb2.MemoryOpResponse:
+    return hypercalls_pb2.MemoryOpResponse(**result)
+
+
 def _deadline(msg, path: str, clock: Clock) -> int:
     """The absolute deadline (Xen system time; 0 = none) that a poll or set_timer_op names:
     Xen's `timeout_ns`, or now + `timeout_ns_relative`, the form hypercalls.proto keeps for
@@ -301,6 +325,7 @@ CALLS: dict[str, Op] = {
     "atomic": Op("atomic", _atomic_args, _access(memory_pb2.AtomicResponse)),
     "read": Op("read", _read_args, _access(memory_pb2.ReadResponse)),
     "write": Op("write", _write_args, _access(memory_pb2.WriteResponse)),
+    "memory_op": Op("memory_op", _memory_op_args, _memory_op_result),
     "echo": Op(None, lambda msg, path, clock: {"payload": msg.payload}, lambda result, args: hypercalls_pb2.EchoResponse(payload=args["payload"])),
 }
 CASE_OF_OP = {op.name: case for case, op in CALLS.items() if op.name}
