@@ -65,8 +65,8 @@ class PageTables:
 
     @staticmethod
     def m2p_op(entry: int) -> Op:
-        """mfn_to_pfn's read of machine_to_phys_mapping, Xen's read-only M2P (docs/xen.md
-        section 20), for the frame an entry maps; `pfn_of` checks its answer."""
+        """mfn_to_pfn's read of machine_to_phys_mapping, Xen's read-only M2P
+        (docs/xen.md section 20), for the frame an entry maps; `pfn_of` checks its answer."""
         return ops.load(RO_MPT_VIRT_START + 8 * ((entry & PTE_MFN_MASK) >> PAGE_SHIFT))
 
     def pfn_of(self, cpu: Cpu, entry: int, pending: Pending) -> int:
