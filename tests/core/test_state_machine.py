@@ -158,6 +158,8 @@ class HostileGuests(RuleBasedStateMachine):
             _, l3 = guest.new_table({i: l2 << PAGE_SHIFT | table for i in range(4)})
         except VcpuNotRunning:  # its vCPU 0 was taken down: it writes nothing
             return multiple()
+        except XenError:  # a page it took was one the guest gave back to Xen (balloon_out)
+            return multiple()
         return l3
 
     @rule(target=tables, who=WHO, mapped=st.booleans(), junk=st.dictionaries(st.one_of(XEN_SLOTS, SLOTS), garbage(frames), max_size=6))
