@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from guestlib import Toolstack
+from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
 from xensim import scenario
 from xensim.errors import EXIT_INTERRUPTED, at_least, writable_file
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a quarter of the guest's memory)")
     parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
     parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant and --trace apply to it")
-    parser.add_argument("--balloon", type=at_least(1), nargs="?", const=16, default=0, metavar="PAGES", help="each vCPU gives PAGES (16) back to Xen and takes them again between lifecycles")
+    parser.add_argument("--balloon", type=at_least(1, high=BALLOON_SLOTS), nargs="?", const=16, default=0, metavar="PAGES", help="each vCPU gives PAGES (16) back to Xen and takes them again")
     parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
     parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")

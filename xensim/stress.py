@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from guestlib import Toolstack
+from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
 from hypervisor.server.config import ADMIN_TOKEN_ENV
 from xensim.errors import EXIT_INTERRUPTED, address, at_least, fraction, writable_file
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", action="append", choices=VARIANTS, metavar="VARIANT", help="drop_mm_ref per domain, cycled (default modern; the variants are below)")
     parser.add_argument("--kill-vcpus", type=at_least(0.0, float), default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second; killed vCPUs are restarted")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
-    parser.add_argument("--balloon", type=at_least(0), default=0, metavar="PAGES", help="pages each vCPU gives back to Xen and takes again between process lifecycles (0: none)")
+    parser.add_argument("--balloon", type=at_least(0, high=BALLOON_SLOTS), default=0, metavar="PAGES", help="pages each vCPU gives back to Xen and takes again between process lifecycles (0: none)")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="record every hypercall (only when the hypervisor is started here)")
     parser.epilog = variant_help()

@@ -15,8 +15,11 @@ else is a data corruption of the run.
 
 The pages stay this CPU's for good: taken from its pool once, never returned to the allocator.
 So no other CPU ever names one of them, and no other CPU's copy of the P2M can be stale for a
-page it uses. A vCPU killed between cycles leaves its balloon pages out of the allocator, its
-given-back ones out of the domain (what it owns stays accounted for in Xen).
+page it uses. Their list, whether they are given back, and the pattern's generation live in
+the CPU's per-CPU area, written in the message that changes them, so a restarted vCPU process
+goes on with the same pages. One killed between populate_physmap's message and the next
+leaves the frames it got unused: the domain still owns them (Xen accounts for them), and the
+next take_back gets others.
 """
 
 import struct
@@ -45,13 +48,32 @@ class Balloon:
         self.corruptions: list[str] = []
 
     async def start(self) -> None:
-        """Take the pages from this CPU's pool and write their pattern; the message carries
-        the pool without them, so a restarted process never hands them out."""
-        self.pages = await alloc_pages(self.cpu, self.size)
-        batch = self.cpu.msg()
+        """Go on with the balloon a killed process of this CPU left, or take the pages from
+        this CPU's pool and write their pattern; the message carries the pool without them and
+        the balloon's record, so a restarted process never hands them out."""
+        cpu = self.cpu
+        count, state = await cpu.send(ops.load(self._field("balloon_count")), ops.load(self._field("balloon_state")))
+        if n := checked(cpu, "balloon", count):
+            (listed,) = await cpu.send(ops.read(self._field("balloon"), 8 * n))
+            self.pages = list(struct.unpack(f"<{n}Q", checked(cpu, "balloon", listed)))
+            state = checked(cpu, "balloon", state)
+            self.given_back, self.generation = bool(state & 1), state >> 1
+            return
+        self.pages = await alloc_pages(cpu, self.size)
+        batch = cpu.msg()
         for pfn in self.pages:
             batch.write(self.pt.direct_va(pfn), pattern(pfn, self.generation))
+        batch.write(self._field("balloon"), struct.pack(f"<{len(self.pages)}Q", *self.pages))
+        batch.store(self._field("balloon_count"), len(self.pages))
+        self._record(batch)
         await batch.flush()
+
+    def _field(self, name: str) -> int:
+        return self.cpu.kl.percpu(self.cpu.id, name)[0]
+
+    def _record(self, batch) -> None:
+        """The balloon's state, in the message that makes it so."""
+        batch.store(self._field("balloon_state"), self.generation << 1 | self.given_back)
 
     async def cycle(self) -> None:
         if self.given_back:
@@ -69,6 +91,8 @@ class Balloon:
         for pfn in self.pages:
             batch.store(boot.start_info.mfn_list + 8 * pfn, INVALID_P2M_ENTRY)
         done = batch.decrease_reservation(mfns)
+        self.given_back = True
+        self._record(batch)
         await batch.flush()
         for pfn, data in zip(self.pages, held, strict=True):
             if checked(cpu, "balloon", data) != pattern(pfn, self.generation):
@@ -77,7 +101,6 @@ class Balloon:
             raise cpu.bug("balloon", f"decrease_reservation gave back {done.result()} of {len(mfns)} frames")
         for pfn in self.pages:
             pt.set_p2m(pfn, INVALID_P2M_ENTRY)
-        self.given_back = True
         cpu.count("ballooned_out", len(mfns))
 
     async def take_back(self) -> None:
@@ -97,11 +120,12 @@ class Balloon:
         for pfn in self.pages:
             batch.write(pt.direct_va(pfn), pattern(pfn, self.generation))
         written = [batch.read(pt.direct_va(pfn), PAGE_SIZE) for pfn in self.pages]
+        self.given_back = False
+        self._record(batch)
         await batch.flush()
         for pfn, fresh, back in zip(self.pages, scrubbed, written, strict=True):
             if checked(cpu, "balloon", fresh) != bytes(PAGE_SIZE):
                 self.corruptions.append(f"balloon page {pfn:#x} on vCPU {cpu.id}: the frame Xen gave was not scrubbed")
             if checked(cpu, "balloon", back) != pattern(pfn, self.generation):
                 self.corruptions.append(f"balloon page {pfn:#x} on vCPU {cpu.id}: its pattern did not read back")
-        self.given_back = False
         cpu.count("ballooned_in", len(mfns))
