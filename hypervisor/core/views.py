@@ -137,6 +137,14 @@ def domain_summary(hv: Hypervisor, domain: Domain) -> dict:
     }
 
 
+def domain_stats(hv: Hypervisor, domid: int | None = None) -> list[tuple[int, str, str, int]]:
+    """(domid, op, outcome, count) of every domain's calls, or of one domain's, sorted: what
+    xentop shows per domain. Counted by the core as it runs them (Hypervisor.count), so a
+    replayed trace gives the same answer; a domain that does not exist has none."""
+    domains = hv.domains.values() if domid is None else [hv.domains[domid]] if domid in hv.domains else []
+    return sorted((d.domid, op, outcome, n) for d in domains for (op, outcome), n in d.stats.items())
+
+
 # -- memory maps ----------------------------------------------------------------------------
 
 
