@@ -49,7 +49,8 @@ _PAGETABLE = np.array([int(t) for t in PAGETABLE_TYPES], dtype=np.int8)
 
 
 def host_info(hv: Hypervisor) -> dict:
-    """xl info's machine part: memory, domains, the Xen version the model follows."""
+    """xl info's machine part: memory, domains, the Xen version the model follows, and the
+    frames destroyed domains left quarantined."""
     return {
         "nr_frames": hv.nr_frames,
         "free_frames": hv.frames.free_frames(),
@@ -57,13 +58,15 @@ def host_info(hv: Hypervisor) -> dict:
         "xen_version": f"{XEN_VERSION['major']}.{XEN_VERSION['minor']}{XEN_VERSION['extraversion']}",
         "simulator": XEN_VERSION["simulator"],
         "strict_tlb": hv.strict_tlb,
+        "quarantined_frames": len(hv.frames.quarantined),
     }
 
 
 def domain_state(domain: Domain) -> str:
     """xl list's state column in words: shutdown, paused, blocked (every vCPU that is up
     sleeps in SCHEDOP_block or poll) or running. Destruction is one call here, so no domain
-    is ever seen dying."""
+    is ever seen dying; where Xen would keep one dying for good (a zombie whose pages kept
+    references), the frames are quarantined instead, which `host_info` counts."""
     if domain.shutdown_code is not None:
         return "shutdown"
     if domain.paused:
