@@ -308,7 +308,9 @@ def _lane_name(lane: tuple | None) -> str:
 def render(timeline: Timeline, title: str) -> str:
     """The page: summary, legend, lanes and failed calls as HTML, the calls as JSON for the
     script that draws them."""
-    lanes = [*([] if timeline.focus else [None]), *sorted(timeline.lanes)]  # the toolstack's lane says nothing about one domain
+    # The toolstack's lane says nothing about one domain, unless the focused call is on it.
+    toolstack = not timeline.focus or any(c.lane is None for c in timeline.calls)
+    lanes = [*([None] if toolstack else []), *sorted(timeline.lanes)]
     index = {lane: i for i, lane in enumerate(lanes)}
     data = {
         "first": timeline.first,
