@@ -1,6 +1,8 @@
 """Per-domain hypercall counts (Toolstack DomainStats, `xensim xl top`, `xl list`) are the
 core's, so a trace replayed into a new core answers DomainStats as the live server did."""
 
+import json
+
 import grpc
 import pytest
 
@@ -9,6 +11,7 @@ from hypervisor.core.abi import Errno
 from hypervisor.core.trace import replay
 from hypervisor.server.tracing import read_trace
 from tests.support.server import start_server
+from xensim.cli import main as xensim_main
 from xensim.v1 import common_pb2
 from xensim.v1 import hypercalls_pb2 as h
 from xensim.v1 import memory_pb2 as m
@@ -24,7 +27,7 @@ def live_counts(guest: WireGuest) -> list[tuple[int, str, str, int]]:
     return [(c.domid, c.op, Errno(c.errno).name if c.errno else "ok", c.count) for c in counts]
 
 
-def test_a_replayed_trace_answers_domain_stats_as_the_live_server_did(tmp_path):
+def test_a_replayed_trace_answers_domain_stats_as_the_live_server_did(tmp_path, capsys):
     path = tmp_path / "run.trace"
     with start_server("--trace", str(path)) as server:
         guest, gone = WireGuest(server), WireGuest(server)
@@ -40,12 +43,15 @@ def test_a_replayed_trace_answers_domain_stats_as_the_live_server_did(tmp_path):
         gone.toolstack("DestroyDomain", t.DestroyDomainRequest(domid=gone.domid))
         live = live_counts(guest)
         one = guest.toolstack("DomainStats", t.DomainStatsRequest(domid=guest.domid)).counts
+        assert xensim_main(["xl", "list", "--json", "--server", server.address]) == 0
+        (listed,) = json.loads(capsys.readouterr().out)
         guest.toolstack("StopTrace", t.StopTraceRequest())
 
     d = guest.domid
     assert (d, "mmuext_op", "EINVAL", 1) in live and (d, "multicall", "ok", 1) in live
     assert (d, "multicall/mmuext_op", "EINVAL", 1) in live  # a failed entry counts as its op's error, as in Stats
     assert all(domid == d for domid, *_ in live) and len(one) == len(live)  # the destroyed domain's counts went with it
+    assert listed["hypercalls"] == sum(n for _, op, _, n in live if "/" not in op)  # a multicall's entries are not calls of their own
     _, hv = replay(read_trace(str(path)))
     assert views.domain_stats(hv) == live
     assert views.domain_stats(hv, gone.domid) == []
