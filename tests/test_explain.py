@@ -179,7 +179,8 @@ def test_an_audit_finding_points_at_the_call_that_last_changed_its_frame(tmp_pat
     quarantined = next(e["data"] for e in explained if "quarantined" in e["data"]["report"])
     assert quarantined["after"] is None and quarantined["frames"][0]["frame"]["owner"] != guest.domid  # Xen's now
     assert "destroy_domain" in quarantined["frames"][0]["last_changed"]["call"]
-    assert run_timeline(quarantined["timeline"], tmp_path) == 0  # focused on a toolstack call
+    assert run_timeline(quarantined["timeline"], tmp_path) == 0  # focused on a toolstack call: its lane, and the domain it destroyed
+    assert '"lanes":["Xen (toolstack)","dom1 vCPU0","dom1 vCPU1"]' in (tmp_path / "focus.html").read_text()
     assert run_timeline(first["timeline"], tmp_path) == 0
     assert named_problems(report, limit=1) == [f"audit finding: {domain_findings[0]}", f"... and {len(explained) - 1} more audit findings (--json has them all)"]
     capsys.readouterr()

@@ -77,6 +77,7 @@ class Call:
     target: tuple | None = None  # the vCPU an IPI notifies
     multicall: bool = False
     mfns: set = field(default_factory=set)  # frames its arguments or errors name
+    domid: int | None = None  # for a toolstack op: the domain it acts on
 
     @property
     def kind(self) -> str:
@@ -174,6 +175,7 @@ class _Scanner:
             return
         call.kinds.add("toolstack")
         call.lines.append(f"{op} {json.dumps(args)}")
+        call.domid = args.get("domid", (result or {}).get("domid") if isinstance(result, dict) else None)
         if op == "create_domain" and result:
             domid = result["domid"]
             self.t.lanes.update((domid, v) for v in range(args["nr_vcpus"]))
@@ -261,7 +263,7 @@ def focus(timeline: Timeline, seq: int, memory: bool = False, mfns: set[int] = f
             f"call #{seq} is not a failed call in calls {timeline.first}..{timeline.last}; the failed ones are {[c.seq for c in timeline.failures][:20]}"
             " (to focus on a call that did not fail, name the frames to mark with --mfn)"
         )
-    domid = call.lane[0] if call.lane else None
+    domid = call.lane[0] if call.lane else call.domid
     lanes = {lane for lane in timeline.lanes if lane[0] == domid}
     mine = [c for c in timeline.calls if c.lane in lanes or c.target in lanes or c is call]
     kept = [c for c in mine if memory or c.kind != "mem" or c is call]
