@@ -274,8 +274,8 @@ def explain_corruption(path: str, report: str) -> dict | None:
         ]
     if not reads:
         return None
-    seq, user = reads[-1]
     mapped = int(match["mfn"], 16)
+    seq, user = reads[-1] if len(reads) == 1 else _the_tasks_read(path, reads, domid, vcpu, va, mapped)
     hv, last = _follow(path, {mapped}, seq - 1)
     used = _read_frame(hv, domid, vcpu, va, user)
     mfns = [mapped] + ([used] if used not in (None, mapped) else [])
@@ -286,6 +286,28 @@ def explain_corruption(path: str, report: str) -> dict | None:
     stale = f"; the read used mfn {used:#x}, which its TLB still held (stale)" if used not in (None, mapped) else ""
     what = f"data corruption: {report}\n  read back by call #{seq} ({reader}, va {va:#x}); the task's L1 entry maps mfn {mapped:#x}{stale}"
     return _report(path, what, f"just before call #{seq}", frames, texts, [reader] + [v for v in vcpus if v != reader], {"read": seq, "read_from": None if used is None else hex(used)})
+
+
+def _the_tasks_read(path: str, reads: list[tuple[int, bool]], domid: int, vcpu_id: int, va: int, mapped: int) -> tuple[int, bool]:
+    """Of several reads that returned the same data (a task's own, and another task's that
+    read it through a stale translation), the one made while the vCPU's tables mapped the
+    address to the reported frame: the last such, or the last read if none was."""
+    before = {seq - 1: (seq, user) for seq, user in reads}
+    chosen = []
+    n = 0
+
+    def observe(hv: Hypervisor, record: dict | None) -> None:
+        nonlocal n
+        n += record is not None
+        if n in before:
+            seq, user = before[n]
+            vcpu = hv.vcpu(domid, vcpu_id)
+            if translate(hv.memory, vcpu.guest_table_user if user else vcpu.guest_table, va) == mapped:
+                chosen.append((seq, user))
+
+    with open_trace(path) as lines:
+        replay(islice(lines, reads[-1][0]), observe)  # the header and the calls before the last read
+    return chosen[-1] if chosen else reads[-1]
 
 
 def _read_data(record: dict) -> str:
