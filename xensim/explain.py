@@ -256,8 +256,9 @@ def explain_findings(path: str, findings: list[str], until: int | None = None) -
 
 
 def explain_corruption(path: str, report: str) -> dict | None:
-    """Explain a page that read back wrong (`CORRUPTION`): find the read in the trace (the
-    last read of that address by that vCPU whose data starts as the report says it read),
+    """Explain a page that read back wrong (`CORRUPTION`): find the read in the trace (a read
+    of that address by that vCPU whose data starts as the report says it read, see
+    `_the_tasks_read`),
     replay up to it, and report the frame the task's L1 entry maps and the frame the read
     used (they differ when a stale TLB entry served it), each with who held it and the last
     call that changed it. None if the report is not the oracle's or its read is not traced."""
