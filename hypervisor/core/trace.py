@@ -27,7 +27,7 @@ import json
 import pickle
 import types
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -235,9 +235,11 @@ class ReplayReport:
         return not self.mismatches and self.digest_matched is not False
 
 
-def replay(lines: Iterable[str]) -> tuple[ReplayReport, Hypervisor]:
+def replay(lines: Iterable[str], observe: Callable[[Hypervisor, dict | None], None] | None = None) -> tuple[ReplayReport, Hypervisor]:
     """Re-execute a trace, or any prefix of one, and compare every outcome with the recorded
-    one. Raises TraceError for input that is not a trace."""
+    one. Raises TraceError for input that is not a trace. `observe` (a reader following a
+    frame through the run, xensim.explain) sees the machine it starts from (record None) and
+    the machine after each call with that call's record."""
     report = ReplayReport()
     records = _decoded(lines, report)
     first = next(records, None)
@@ -246,6 +248,8 @@ def replay(lines: Iterable[str]) -> tuple[ReplayReport, Hypervisor]:
             raise TraceError(f"line {report.cut_line} is not a xensim trace header")
         raise TraceError("empty: not a xensim trace (it has no header line)")
     hv = _machine(*first, report)
+    if observe:
+        observe(hv, None)
     for number, record in records:
         if report.digest_matched is not None:
             raise TraceError(f"line {number} follows the trace's end record")
@@ -257,6 +261,8 @@ def replay(lines: Iterable[str]) -> tuple[ReplayReport, Hypervisor]:
         report.calls += 1
         expected = {"error": record["error"]} if "error" in record else {"result": record.get("result")}
         got = _outcome(hv, record)
+        if observe:
+            observe(hv, record)
         if loads(dumps(got)) != expected:
             report.mismatches.append(f"line {number} ({record['op']}): recorded {expected}, replay gave {got}")
     return report, hv
