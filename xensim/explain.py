@@ -17,11 +17,11 @@ message).
 import argparse
 import json
 from collections.abc import Iterable, Iterator
-from itertools import islice
 
 from hypervisor.core import views
 from hypervisor.core.trace import replay
-from hypervisor.server.tracing import open_trace
+from hypervisor.server.tracing import open_trace, read_trace
+from xensim.errors import reading
 from xensim.timeline import named_mfns
 from xensim.xl import frame_record, who_maps
 
@@ -30,7 +30,7 @@ DEFAULT_LIMIT = 5
 
 def add_arguments(sub) -> None:
     explain = sub.add_parser("explain", help="for failed calls of a trace: the frames they name as they were then (who held them), the vCPUs involved, a focused timeline command")
-    explain.add_argument("trace", help="a trace (JSON lines, .gz too)")
+    explain.add_argument("trace", help="a trace (.gz too)")
     explain.add_argument("--seq", type=int, action="append", metavar="SEQ", help="explain this failed call (repeatable; default: the first --limit failures)")
     explain.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N", help="explain at most N failures (default %(default)s)")
     explain.add_argument("--json", action="store_true", help="print one JSON document")
@@ -38,7 +38,8 @@ def add_arguments(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    explained = explain(args.trace, seqs=args.seq, limit=args.limit)
+    with reading(args.trace):
+        explained = explain(args.trace, seqs=args.seq, limit=args.limit)
     if args.json:
         print(json.dumps([e["data"] for e in explained], indent=2))
     else:
@@ -46,17 +47,14 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def failed_calls(lines: Iterable[str]) -> Iterator[tuple[int, dict, list[str]]]:
+def failed_calls(records: Iterable[tuple[int, dict]]) -> Iterator[tuple[int, dict, list[str]]]:
     """(sequence number, record, errors as "op: ERRNO: message") of every call that failed or
     whose multicall entries did, in trace order; sequence numbers count calls from 1, as the
     timeline does. A call that stopped part-way is judged where it ends, a record with "resume"
     in place of "args" (docs/preemption.md), by the arguments it began with."""
     seq = 0
     stopped: dict[tuple, dict] = {}  # caller -> the arguments of its call that stopped part-way
-    for line in lines:
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for _, record in records:
         if "op" not in record:
             continue
         seq += 1
@@ -79,23 +77,22 @@ def explain(path: str, seqs: list[int] | None = None, matching: list[str] | None
     """Explain the failed calls numbered `seqs`, or those whose error message occurs in one of
     the `matching` reports (a kernel BUG quotes it), or else the first ones; at most `limit`.
     Each is {"data": JSON-able, "text": for people}."""
-    with open_trace(path) as lines:
-        chosen = []
-        for seq, record, errors in failed_calls(lines):
-            messages = [e.split(": ", 2)[2] for e in errors]
-            if seqs is not None and seq not in seqs:
-                continue
-            if matching is not None and not any(m in report for m in messages for report in matching):
-                continue
-            chosen.append((seq, record, errors))
-            if len(chosen) >= limit:
-                break
+    chosen = []
+    for seq, record, errors in failed_calls(read_trace(path)):
+        messages = [e.split(": ", 2)[2] for e in errors]
+        if seqs is not None and seq not in seqs:
+            continue
+        if matching is not None and not any(m in report for m in messages for report in matching):
+            continue
+        chosen.append((seq, record, errors))
+        if len(chosen) >= limit:
+            break
     return [_explain_one(path, seq, record, errors) for seq, record, errors in chosen]
 
 
 def _explain_one(path: str, seq: int, record: dict, errors: list[str]) -> dict:
-    with open_trace(path) as lines:
-        _, hv = replay(islice(lines, seq + 1))  # the header and calls 1..seq: the failed call changed nothing
+    with open_trace(path) as stream:
+        _, hv = replay(stream, calls=seq)  # calls 1..seq: the failed call changed nothing
     caller = f"dom{record['caller'][0]} vCPU{record['caller'][1]}" if record["caller"] else "the toolstack"
     frames, texts, vcpus = [], [], [caller]
     for mfn in sorted(set().union(*(named_mfns(e) for e in errors))):
