@@ -89,13 +89,13 @@ def test_demo_traces_go_to_the_user_cache_and_the_oldest_go_past_its_cap(tmp_pat
     monkeypatch.setattr(launch, "TRACE_CACHE_BYTES", 3000)
     traces = tmp_path / "xensim" / "traces"
     traces.mkdir(parents=True)
-    for age in range(5):  # 1000 bytes each, the first the newest
-        old = traces / f"demo-{age}.jsonl.gz"
+    for age in range(5):  # 1000 bytes each, the first the newest; format 2's and format 3's names
+        old = traces / f"demo-{age}.{('jsonl', 'trace')[age % 2]}.gz"
         old.write_bytes(bytes(1000))
         os.utime(old, (1e9 - age, 1e9 - age))
     new = launch.default_trace()
-    assert Path(new).parent == traces and not Path(new).exists()
-    assert sorted(p.name for p in traces.iterdir()) == ["demo-0.jsonl.gz", "demo-1.jsonl.gz", "demo-2.jsonl.gz"]
+    assert Path(new).parent == traces and not Path(new).exists() and new.endswith(".trace.gz")
+    assert sorted(p.name for p in traces.iterdir()) == ["demo-0.jsonl.gz", "demo-1.trace.gz", "demo-2.jsonl.gz"]
 
 
 COMMANDS = {

@@ -6,7 +6,7 @@ arguments and result or error, and an end record with the final state digest. `r
 re-executes it, reports every result that differs, and with the end record checks the final
 state too.
 
-Format 3 (docs/trace.md section 5): the header is a line of JSON, and each record after it
+Format 3 (docs/trace.md, "The format"): the header is a line of JSON, and each record after it
 a frame, a 4-byte length and a pickle of plain values (dicts, lists, tuples, ints, strings,
 bytes) that names no class, so memory written is stored as its bytes, not as hex. What replay
 computes again is not stored: the memory contents a call returns (read) are recorded as their
