@@ -10,7 +10,7 @@ untraced calls pay nothing. Tracing never fails a call nor holds the event loop:
   (a gzip trace gets a sync flush, after which every record so far decompresses), so the file
   of a killed server replays as a prefix of its run.
 - A write error (a full disk) stops the file trace, is logged in one line, and is kept for
-  StopTrace, Stats and the server's exit; the call whose record failed keeps its result.
+  StopTrace, Stats and the server's exit; the calls whose records failed keep their results.
 - A StreamTrace reader has a backlog bounded in bytes, READER_BACKLOG_BYTES; one that falls
   further behind is dropped with RESOURCE_EXHAUSTED.
 """
