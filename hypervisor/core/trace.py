@@ -407,7 +407,7 @@ class Records:
             header = json.loads(line.decode("ascii"))
         except UnicodeDecodeError as e:
             raise TraceError(f"not a xensim trace: byte {e.object[e.start]:#04x} is not text") from None
-        except ValueError:
+        except (ValueError, RecursionError):
             header = None
         if not isinstance(header, dict) or "xensim_trace" not in header:
             raise TraceError("line 1 is not a xensim trace header")

@@ -147,6 +147,7 @@ class Exploit:
         (b"", "empty: not a xensim trace"),
         (b"\x00\x01garbage", "line 1 is not a xensim trace header"),
         (b'{"caller":null,"op":"xen_version","args":{}}\n', "line 1 is not a xensim trace header"),
+        (b"[" * 100_000 + b"\n", "line 1 is not a xensim trace header"),
         (b'{"xensim_trace":99}\n', "trace format 99; this xensim reads formats 1, 2, 3"),
         (b'{"xensim_trace":1,"nr_frames":8192}\ngarbage\n{"digest":"0"}\n', "line 2 is not a trace record"),
         (b'{"xensim_trace":1,"nr_frames":8192}\n{"op":"xen_version"}\n{"digest":"0"}\n', "record 2 is not a trace record"),
