@@ -29,7 +29,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from .abi import RUNSTATE_INFO_SIZE, RUNSTATE_INFO_TIME, RUNSTATE_blocked, RUNSTATE_offline, RUNSTATE_running, Errno
+from .abi import RUNSTATE_INFO_SIZE, RUNSTATE_INFO_TIME, Errno, RUNSTATE_blocked, RUNSTATE_offline, RUNSTATE_running
 from .errors import VcpuNotRunning, XenError
 from .walk import copy_to_guest
 
