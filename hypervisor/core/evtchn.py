@@ -52,7 +52,7 @@ from .abi import (
     EVTCHNSTAT_virq,
 )
 from .errors import XenError
-from .sched import vcpu_kick, vcpu_unblock
+from .sched import rebind_periodic_timer, vcpu_kick, vcpu_unblock
 
 if TYPE_CHECKING:
     from .domain import Domain, Vcpu
@@ -380,6 +380,8 @@ def bind_virq(hv: "Hypervisor", current: "Vcpu", virq: int, vcpu: int) -> int:
     chn = claim_port(domain, port)
     chn.state, chn.notify_vcpu_id, chn.virq = ECS.VIRQ, vcpu, virq
     target.virq_to_evtchn[virq] = port
+    if virq == VIRQ_TIMER:
+        rebind_periodic_timer(hv, target)
     return port
 
 

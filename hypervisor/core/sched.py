@@ -19,9 +19,10 @@ adapter) drives, so what Xen's scheduler does is reduced to state and notificati
 - Xen's context switch is a change of runstate (`vcpu_runstate_change`): a vCPU is running
   unless it is blocked, down, paused or of a domain that shut down. Switching a vCPU out stops
   its periodic timer and switching it in restarts it, as Xen's schedule() does. A tick that
-  raises nothing new (VIRQ_TIMER unbound, or its port already pending) parks the timer until
-  the domain next calls, since nothing else can make the next tick news: so a guest that never
-  takes its ticks costs the adapter no wake-ups (docs/vcpu-time.md section 5).
+  raises nothing new parks the timer until something can make the next tick news: the
+  domain's next call if the port was already pending, the binding of VIRQ_TIMER if none was
+  bound. So a guest that never takes its ticks costs the adapter no wake-ups
+  (docs/vcpu-time.md section 5).
 """
 
 import heapq
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from .abi import RUNSTATE_INFO_SIZE, RUNSTATE_INFO_TIME, Errno, RUNSTATE_blocked, RUNSTATE_offline, RUNSTATE_running
+from .abi import RUNSTATE_INFO_SIZE, RUNSTATE_INFO_TIME, VIRQ_TIMER, Errno, RUNSTATE_blocked, RUNSTATE_offline, RUNSTATE_running
 from .errors import VcpuNotRunning, XenError
 from .walk import copy_to_guest
 
@@ -65,7 +66,11 @@ class Scheduler:
         # What the periodic timer does when it fires: raise VIRQ_TIMER (schedop.send_timer_event,
         # which evtchn implements on top of this module), answering whether that was news.
         self.tick = tick
-        self.parked: dict[int, list[Vcpu]] = {}  # domid -> vCPUs whose periodic timer waits for a call
+        # Periodic timers whose last tick was no news (docs/vcpu-time.md section 5): by domid,
+        # those waiting for the domain's next call (their port was pending), and those waiting
+        # for VIRQ_TIMER to be bound.
+        self.parked: dict[int, list[Vcpu]] = {}
+        self.unbound: set[Vcpu] = set()
         self.kicks: dict[tuple[int, int], None] = {}
         self._armed: dict[tuple[Vcpu, str], tuple[int, int, TimerFn]] = {}
         self._heap: list[tuple[int, int, Vcpu, str]] = []
@@ -117,6 +122,7 @@ class Scheduler:
     def forget(self, domain: "Domain") -> None:
         """A dying domain's vCPUs: kill their timers (vcpu_destroy) and drop their kicks."""
         self.parked.pop(domain.domid, None)
+        self.unbound.difference_update(domain.vcpus)
         for vcpu in domain.vcpus:
             for kind in [k for v, k in self._armed if v is vcpu]:
                 del self._armed[(vcpu, kind)]
@@ -222,42 +228,62 @@ def update_runstate_area(hv: "Hypervisor", vcpu: "Vcpu") -> None:
 def vcpu_periodic_timer_work(hv: "Hypervisor", vcpu: "Vcpu") -> None:
     """vcpu_periodic_timer_work (xen/common/sched/core.c), also the timer's function: if a
     period has passed since the last tick, tick now; then arm the timer for a period after the
-    last tick. Ticks that were missed are not made up. A tick that was no news parks the timer
-    (`Scheduler.parked`) instead, as if each further tick were made and changed nothing."""
+    last tick. Ticks that were missed are not made up. A timer whose next tick cannot be news
+    (the last one was not, or VIRQ_TIMER is unbound) is parked instead (`Scheduler.parked`),
+    as if each further tick were made and changed nothing."""
     period = vcpu.periodic_period
     if not period:
         return
     now = hv.sched.now_ns
-    next_event = vcpu.periodic_last_event + period
-    if now >= next_event:
+    if now >= vcpu.periodic_last_event + period:
         vcpu.periodic_last_event = now
         if not hv.sched.tick(hv, vcpu):
-            parked = hv.sched.parked.setdefault(vcpu.domid, [])
-            if vcpu not in parked:
-                parked.append(vcpu)
+            _park(hv, vcpu)
             return
-        next_event = now + period
-    hv.sched.set_timer(vcpu, PERIODIC_TIMER, next_event, vcpu_periodic_timer_work)
+    elif not vcpu.virq_to_evtchn[VIRQ_TIMER]:
+        _park(hv, vcpu)
+        return
+    hv.sched.set_timer(vcpu, PERIODIC_TIMER, vcpu.periodic_last_event + period, vcpu_periodic_timer_work)
+
+
+def _park(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    if not vcpu.virq_to_evtchn[VIRQ_TIMER]:
+        hv.sched.unbound.add(vcpu)
+        return
+    parked = hv.sched.parked.setdefault(vcpu.domid, [])
+    if vcpu not in parked:
+        parked.append(vcpu)
 
 
 def stop_periodic_timer(hv: "Hypervisor", vcpu: "Vcpu") -> None:
     """stop_timer(&v->periodic_timer), parked or armed."""
     hv.sched.stop_timer(vcpu, PERIODIC_TIMER)
+    hv.sched.unbound.discard(vcpu)
     parked = hv.sched.parked.get(vcpu.domid)
     if parked and vcpu in parked:
         parked.remove(vcpu)
 
 
 def unpark_periodic_timers(hv: "Hypervisor", domid: int) -> None:
-    """The domain calls: from now on a tick may be news again (the guest may clear the port's
-    pending bit, or bind VIRQ_TIMER). Each parked timer is armed for the first tick after now
-    on its own beat (periodic_last_event plus whole periods), where Xen's ticks in between,
-    all no-ops, would have left it."""
+    """The domain calls: from now on a tick on a pending port may be news again (the guest
+    may clear the pending bit)."""
     for vcpu in hv.sched.parked.pop(domid):
-        period, last = vcpu.periodic_period, vcpu.periodic_last_event
-        missed = (hv.sched.now_ns - last) // period
-        vcpu.periodic_last_event = last + missed * period
-        hv.sched.set_timer(vcpu, PERIODIC_TIMER, vcpu.periodic_last_event + period, vcpu_periodic_timer_work)
+        _rearm(hv, vcpu)
+
+
+def rebind_periodic_timer(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    """VIRQ_TIMER was bound on the vCPU: a timer parked while it was unbound ticks again."""
+    if vcpu in hv.sched.unbound:
+        hv.sched.unbound.discard(vcpu)
+        _rearm(hv, vcpu)
+
+
+def _rearm(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    """Arm a parked timer for the first tick after now on its own beat (periodic_last_event
+    plus whole periods), where Xen's ticks in between, all no-ops, would have left it."""
+    period, last = vcpu.periodic_period, vcpu.periodic_last_event
+    vcpu.periodic_last_event = last + (hv.sched.now_ns - last) // period * period
+    hv.sched.set_timer(vcpu, PERIODIC_TIMER, vcpu.periodic_last_event + period, vcpu_periodic_timer_work)
 
 
 def vcpu_set_periodic_timer(hv: "Hypervisor", vcpu: "Vcpu", period_ns: int) -> None:

@@ -217,7 +217,7 @@ def state_digest(hv: Hypervisor) -> str:
         h.update(repr((domain.info(), domain.p2m.tobytes(), sorted(domain.guest_m2p), domain.evtchn, sorted(domain.poll_mask))).encode())
         for vcpu in domain.vcpus:
             timers = [sched.timer_expires(vcpu, kind) for kind in (SINGLESHOT_TIMER, POLL_TIMER, PERIODIC_TIMER)]
-            timers.append(vcpu in sched.parked.get(domid, ()))
+            timers += [vcpu in sched.parked.get(domid, ()), vcpu in sched.unbound]
             state = (vcpu.info(), vcpu.poll_evtchn, vcpu.virq_to_evtchn, vcpu.vgc_flags, vcpu.rip, vcpu.rsp, timers, vcpu.old_guest_tables)
             state += (vcpu.periodic_period, vcpu.periodic_last_event, vcpu.runstate, vcpu.runstate_guest, vcpu.vcpu_info_area)
             h.update(repr((state, sorted((k, repr(v)) for k, v in vcpu.tlb.entries.items()))).encode())
