@@ -264,12 +264,10 @@ STIME_DELTA_MAX = ((1 << 64) - 1) >> 2
 PERIODIC_DEFAULT_NS = 10 * MILLISECS
 PERIODIC_MIN_NS = 1 * MILLISECS
 
-# struct vcpu_runstate_info (public/vcpu.h; docs/vcpu-time.md section 6): int state, then u64
-# state_entry_time and u64 time[4] at these byte offsets, 48 bytes in all.
+# struct vcpu_runstate_info (public/vcpu.h; docs/vcpu-time.md section 6): int state (padded to
+# 8 bytes), u64 state_entry_time, u64 time[4] indexed by state; 48 bytes in all.
 RUNSTATE_running = 0
 RUNSTATE_runnable = 1
 RUNSTATE_blocked = 2
 RUNSTATE_offline = 3
-RUNSTATE_INFO_STATE_ENTRY_TIME = 8
-RUNSTATE_INFO_TIME = 16
 RUNSTATE_INFO_SIZE = 48

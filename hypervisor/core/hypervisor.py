@@ -51,7 +51,7 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results
         op, args = calls[i]["op"], calls[i].get("args", {})
         try:
             if op == "multicall":
-                raise XenError(Errno.EINVAL, "multicall may not be nested")
+                raise XenError(Errno.EINVAL, f"multicall entry {i} is itself a multicall: do_multicall refuses reentry (xen/common/multicall.c)")
             if op not in HYPERCALLS:
                 raise XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")
             result = run(hv, vcpu, inner if i == start and inner is not None else Continuation(op, args))

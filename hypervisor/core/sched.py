@@ -30,7 +30,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from .abi import RUNSTATE_INFO_SIZE, RUNSTATE_INFO_TIME, VIRQ_TIMER, Errno, RUNSTATE_blocked, RUNSTATE_offline, RUNSTATE_running
+from .abi import VIRQ_TIMER, Errno, RUNSTATE_blocked, RUNSTATE_offline, RUNSTATE_running
 from .errors import VcpuNotRunning, XenError
 from .walk import copy_to_guest
 
@@ -214,11 +214,11 @@ def vcpu_runstate_get(hv: "Hypervisor", vcpu: "Vcpu") -> tuple[int, int, list[in
 
 def update_runstate_area(hv: "Hypervisor", vcpu: "Vcpu") -> None:
     """update_runstate_area (xen/common/domain.c): copy struct vcpu_runstate_info to the
-    registered guest address through the vCPU's kernel pagetable. A copy that faults is
+    registered guest address through the vCPU's kernel pagetable: six little-endian u64s, the
+    int state padded to eight bytes, RUNSTATE_INFO_SIZE in all. A copy that faults is
     dropped, as Xen drops it (its __copy_to_guest result is not looked at)."""
     runstate = vcpu.runstate
     record = b"".join(value.to_bytes(8, "little") for value in (runstate.state, runstate.state_entry_time, *runstate.time))
-    assert len(record) == RUNSTATE_INFO_SIZE and RUNSTATE_INFO_TIME == 16
     copy_to_guest(hv.memory, vcpu.guest_table, vcpu.runstate_guest, record)
 
 
