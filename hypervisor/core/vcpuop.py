@@ -26,6 +26,7 @@ from .abi import (
 )
 from .errors import Restart, XenError
 from .evtchn import vcpu_info_words, vcpu_mark_events_pending
+from .mmu import get_writable
 from .sched import domain_shutdown, s_time, update_runstate_area, vcpu_runstate_change, vcpu_runstate_get, vcpu_set_periodic_timer
 from .schedop import SINGLESHOT_TIMER, arm_singleshot_timer, send_timer_event
 from .walk import canonical, guest_addr_ok
@@ -214,14 +215,7 @@ def register_vcpu_info(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", mfn: in
         raise XenError(Errno.EBUSY, f"{where}: its vcpu_info is already at mfn {vcpu.vcpu_info_area[0]:#x} offset {vcpu.vcpu_info_area[1]:#x}")
     if offset + VCPU_INFO_SIZE > PAGE_SIZE or offset % 8:
         raise XenError(Errno.ENXIO, f"{where}: {VCPU_INFO_SIZE} bytes at offset {offset:#x} of mfn {mfn:#x} cross the page's end or are not 8-byte aligned")
-    frames = hv.frames
-    if not frames.get_page(mfn, domain.domid):
-        raise XenError(Errno.EINVAL, f"{where}: mfn {mfn:#x} is {frames.describe_owner(mfn) if 0 <= mfn < frames.nr_frames else 'outside machine memory'}, not owned by dom{domain.domid}")
-    try:
-        frames.get_page_type(mfn, PageType.WRITABLE)
-    except XenError as e:
-        frames.put_page(mfn)
-        raise XenError(Errno.EACCES, f"{where}: mfn {mfn:#x} cannot be writable: {e.message}") from None
+    get_writable(hv, mfn, domain.domid, f"{where}: vcpu_info", type_errno=Errno.EACCES)
     old_mfn, old_index = vcpu_info_words(hv, vcpu)
     hv.memory.write(mfn, offset, hv.memory.read(old_mfn, old_index * 8, VCPU_INFO_SIZE))  # vcpu_info_populate
     vcpu.vcpu_info_area = (mfn, offset)
