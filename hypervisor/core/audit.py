@@ -1,9 +1,9 @@
 """Audit: recompute every reference from first principles and report each mismatch.
 
 This is Xen 3.0's audit.c (docs/xen.md section 12.5) over the holder table of docs/xen.md section 12.1: starting from
-nothing, add one general reference for each allocation, pin, vCPU base pointer and present
-entry of a validated table, and one type reference for each pin, base pointer, upper-level
-entry and writable L1 entry (a partial table holds what frames.py says: its entries below
+nothing, add one general reference for each allocation, pin, vCPU base pointer, registered
+vcpu_info and present entry of a validated table, and one type reference for each pin, base
+pointer, registered vcpu_info, upper-level entry and writable L1 entry (a partial table holds what frames.py says: its entries below
 nr_validated, a general reference for its PARTIAL_SET entry, and both kinds on itself; a
 vCPU's old_guest_tables hold a general reference each); then every frame's counts must equal
 what the frame table says, along with the invariants of docs/xen.md section 12.2 and P2M/M2P agreement,
@@ -53,6 +53,12 @@ def audit(hv) -> list[str]:
         for vcpu in domain.vcpus:
             for mfn in vcpu.old_guest_tables:  # a general reference each (preempt.py)
                 count[mfn] += 1
+            if vcpu.vcpu_info_area is not None:  # a registered vcpu_info: both kinds, writable
+                mfn = vcpu.vcpu_info_area[0]
+                count[mfn] += 1
+                tcount[mfn] += 1
+                if frames.type[mfn] != PageType.WRITABLE:
+                    findings.append(f"dom{domain.domid} vCPU {vcpu.vcpu_id} vcpu_info mfn {mfn:#x} is {PageType(frames.type[mfn]).name}, not WRITABLE")
             for base in (vcpu.guest_table, vcpu.guest_table_user):
                 if base:
                     count[base] += 1

@@ -22,6 +22,7 @@ from .abi import (
     PAGE_OFFSET,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PERIODIC_DEFAULT_NS,
     SHARED_INFO_VCPU_INFO,
     START_INFO_FIELD_OFFSET,
     START_INFO_FIELDS,
@@ -31,6 +32,7 @@ from .abi import (
     Errno,
     PageType,
     Pte,
+    RUNSTATE_offline,
     VGCF_in_kernel,
     VGCF_online,
 )
@@ -44,6 +46,16 @@ INVALID_M2P = 0xFFFFFFFFFFFFFFFF
 MIN_PAGES = 16
 _TABLE_FLAGS = int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY)
 _DATA_FLAGS = int(Pte.PRESENT | Pte.ACCESSED | Pte.DIRTY)
+
+
+@dataclass
+class Runstate:
+    """struct vcpu_runstate_info (docs/vcpu-time.md section 6): the RUNSTATE_* the vCPU is in,
+    since when (Xen system time), and the ns spent in each state before that."""
+
+    state: int = RUNSTATE_offline  # vcpu_create: every vCPU starts offline
+    state_entry_time: int = 0
+    time: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
 
 @dataclass(eq=False)
@@ -76,6 +88,17 @@ class Vcpu:
     # goes on with it (Xen keeps it in the vCPU's registers): part of the core's state, so
     # that a snapshot taken meanwhile replays the rest of the call.
     continuation: Continuation | None = None
+    # The periodic timer (docs/vcpu-time.md section 5): its period (0 = stopped) and when it
+    # last fired, Xen's periodic_period and periodic_last_event.
+    periodic_period: int = PERIODIC_DEFAULT_NS
+    periodic_last_event: int = 0
+    runstate: Runstate = field(default_factory=Runstate)
+    # VCPUOP_register_runstate_memory_area's guest virtual address (0 = none), which Xen
+    # rewrites whenever the runstate changes (docs/vcpu-time.md section 6).
+    runstate_guest: int = 0
+    # VCPUOP_register_vcpu_info's area as (mfn, byte offset), holding a general and a writable
+    # type reference on the mfn; None = vcpu_info[vcpu_id] of shared info (docs/vcpu-time.md section 7).
+    vcpu_info_area: tuple[int, int] | None = None
 
     def info(self) -> dict:
         return {
@@ -248,8 +271,8 @@ def teardown_step(problems: list[str], what: str) -> Iterator[None]:
 def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
     """Release everything a dying domain holds (xen/arch/x86/domain.c:domain_relinquish_resources).
 
-    Order as in docs/xen.md section 12.4: vCPU base pointers and the tables the vCPUs were tearing down
-    (put_old_guest_table), Xen-heap pages, then pins, then the work of partial tables (which
+    Order as in docs/xen.md section 12.4: vCPU base pointers, registered vcpu_info areas and the tables the
+    vCPUs were tearing down (put_old_guest_table), Xen-heap pages, then pins, then the work of partial tables (which
     Xen's relinquish_memory finishes for PGT_partial pages), then forced devalidation of
     validated tables top-down (which breaks linear-pagetable cycles), then every allocation
     reference. Xen forces L4s, L3s and L2s only, since in a sound model the L1s lose their last
@@ -268,6 +291,10 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
                 with teardown_step(problems, f"vCPU {vcpu.vcpu_id} base pointer mfn {base:#x}"):
                     frames.put_page_and_type(base)
         vcpu.guest_table = vcpu.guest_table_user = 0
+        if vcpu.vcpu_info_area is not None:  # unmap_guest_area (docs/vcpu-time.md section 7)
+            with teardown_step(problems, f"vCPU {vcpu.vcpu_id} vcpu_info mfn {vcpu.vcpu_info_area[0]:#x}"):
+                frames.put_page_and_type(vcpu.vcpu_info_area[0])
+            vcpu.vcpu_info_area = None
         with teardown_step(problems, f"vCPU {vcpu.vcpu_id} old_guest_tables {vcpu.old_guest_tables}"):
             frames.put_old_guest_tables(vcpu)
         vcpu.tlb.flush()

@@ -29,7 +29,7 @@ from .frames import ALLOCATED, XEN_HEAP, FrameTable
 from .memory import MachineMemory
 from .pagetable import PageTables
 from .preempt import Budget, Continuation
-from .sched import BLOCKED, Scheduler, advance_time, check_running, vcpu_unblock
+from .sched import BLOCKED, Scheduler, advance_time, check_running, unpark_periodic_timers, vcpu_runstate_change, vcpu_unblock
 
 DEFAULT_FRAMES = 1 << 20  # 4 GiB of machine memory
 RESERVED_FRAMES = 16  # the low frames belong to Xen, so mfn 0 never names a guest frame
@@ -51,7 +51,7 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results
         op, args = calls[i]["op"], calls[i].get("args", {})
         try:
             if op == "multicall":
-                raise XenError(Errno.EINVAL, "multicall may not be nested")
+                raise XenError(Errno.EINVAL, f"multicall entry {i} is itself a multicall: do_multicall refuses reentry (xen/common/multicall.c)")
             if op not in HYPERCALLS:
                 raise XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")
             result = run(hv, vcpu, inner if i == start and inner is not None else Continuation(op, args))
@@ -164,7 +164,7 @@ class Hypervisor:
         self._instances = 0  # domains ever created: the next one is instance _instances + 1
         self.tracer: Callable[[dict], None] | None = None
         self.stats: Counter = Counter()
-        self.sched = Scheduler()  # kicks for the adapter, timers on the caller's clock
+        self.sched = Scheduler(tick=schedop.send_timer_event)  # kicks for the adapter, timers on the caller's clock
 
     # -- the dispatch ------------------------------------------------------------------------
 
@@ -199,6 +199,8 @@ class Hypervisor:
             else:
                 vcpu = self.vcpu(*caller)
                 check_running(self, vcpu)  # VcpuNotRunning: not a XenError, so neither counted nor traced
+                if vcpu.domid in self.sched.parked:
+                    unpark_periodic_timers(self, vcpu.domid)
                 vcpu.continuation = None  # a vCPU that calls is no longer in a call it gave up
                 handler = HYPERCALLS.get(op)
                 if handler is None:
@@ -267,6 +269,9 @@ class Hypervisor:
         instance = self._instances + 1
         domain = build(self.frames, self.m2p, domid, instance, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages, max_evtchn_port)
         self.domains[domid] = domain
+        for vcpu in domain.vcpus:  # vcpu_create: offline since now; vCPU 0 is scheduled at once
+            vcpu.runstate.state_entry_time = self.sched.now_ns
+        vcpu_runstate_change(self, domain.vcpus[0])
         self._instances = instance
         self._next_domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
         return {"domid": domid, "instance": instance, "start_info": dict(domain.start_info)}
@@ -303,12 +308,18 @@ class Hypervisor:
         return result
 
     def pause_domain(self, domid: int) -> int:
-        """xl pause: sets the flag EVTCHNOP_reset checks; the adapter holds the domain's calls."""
-        self.domain(domid).paused = True
-        return 0
+        """xl pause: sets the flag EVTCHNOP_reset checks; the adapter holds the domain's calls.
+        Its vCPUs are switched out (offline, unless blocked)."""
+        return self._set_paused(domid, True)
 
     def unpause_domain(self, domid: int) -> int:
-        self.domain(domid).paused = False
+        return self._set_paused(domid, False)
+
+    def _set_paused(self, domid: int, paused: bool) -> int:
+        domain = self.domain(domid)
+        domain.paused = paused
+        for vcpu in domain.vcpus:
+            vcpu_runstate_change(self, vcpu)
         return 0
 
     def frame_info(self, mfn: int) -> dict:

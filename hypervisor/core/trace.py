@@ -47,6 +47,7 @@ from .errors import XenError
 from .frames import PARTIAL, VALIDATED
 from .hypervisor import Hypervisor, error_result
 from .preempt import Continuation
+from .sched import PERIODIC_TIMER
 from .schedop import POLL_TIMER, SINGLESHOT_TIMER
 
 # 3: framed binary records, memory read back stored as a checksum; 2: JSON lines whose header
@@ -349,8 +350,10 @@ def state_digest(hv: Hypervisor) -> str:
         domain = hv.domains[domid]
         h.update(repr((domain.info(), domain.p2m.tobytes(), sorted(domain.guest_m2p), domain.evtchn, sorted(domain.poll_mask))).encode())
         for vcpu in domain.vcpus:
-            timers = [sched.timer_expires(vcpu, kind) for kind in (SINGLESHOT_TIMER, POLL_TIMER)]
+            timers = [sched.timer_expires(vcpu, kind) for kind in (SINGLESHOT_TIMER, POLL_TIMER, PERIODIC_TIMER)]
+            timers += [vcpu in sched.parked.get(domid, ()), vcpu in sched.unbound]
             state = (vcpu.info(), vcpu.poll_evtchn, vcpu.virq_to_evtchn, vcpu.vgc_flags, vcpu.rip, vcpu.rsp, timers, vcpu.old_guest_tables)
+            state += (vcpu.periodic_period, vcpu.periodic_last_event, vcpu.runstate, vcpu.runstate_guest, vcpu.vcpu_info_area)
             h.update(repr((state, sorted((k, repr(v)) for k, v in vcpu.tlb.entries.items()))).encode())
     h.update(repr((sched.now_ns, hv.strict_tlb)).encode())
     return h.hexdigest()

@@ -23,7 +23,6 @@ from .abi import (
     PTE_MFN_MASK,
     SHARED_INFO_EVTCHN_MASK,
     SHARED_INFO_EVTCHN_PENDING,
-    SHARED_INFO_VCPU_INFO,
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     VCPU_INFO_UPCALL_PENDING,
@@ -33,7 +32,7 @@ from .abi import (
 )
 from .domain import INVALID_M2P, Domain, Vcpu
 from .errors import XenError
-from .evtchn import ECS
+from .evtchn import ECS, vcpu_info_words
 from .evtchn import status as evtchn_status
 from .frames import NO_OWNER, PAGETABLE_TYPES, PINNED, VALIDATED
 from .hypervisor import XEN_VERSION, Hypervisor
@@ -87,14 +86,18 @@ def domain_info(hv: Hypervisor, domain: Domain) -> dict:
 
 
 def vcpu_info(hv: Hypervisor, domain: Domain, vcpu: Vcpu) -> dict:
-    """A vCPU's state with the two bytes of its vcpu_info in the shared-info frame
-    (public/xen.h struct vcpu_info: evtchn_upcall_pending, evtchn_upcall_mask)."""
-    info = SHARED_INFO_VCPU_INFO + vcpu.vcpu_id * VCPU_INFO_SIZE
-    shared = hv.memory.read(domain.shared_info_mfn, info, VCPU_INFO_SIZE)
+    """A vCPU's state with the two bytes of its vcpu_info, in the shared-info frame or where
+    VCPUOP_register_vcpu_info moved it (public/xen.h struct vcpu_info: evtchn_upcall_pending,
+    evtchn_upcall_mask), its periodic timer's period and its vcpu_info's place."""
+    mfn, index = vcpu_info_words(hv, vcpu)
+    info = hv.memory.read(mfn, 8 * index, VCPU_INFO_SIZE)
     return {
         **vcpu.info(),
-        "upcall_pending": bool(shared[VCPU_INFO_UPCALL_PENDING]),
-        "upcall_mask": bool(shared[VCPU_INFO_UPCALL_MASK]),
+        "upcall_pending": bool(info[VCPU_INFO_UPCALL_PENDING]),
+        "upcall_mask": bool(info[VCPU_INFO_UPCALL_MASK]),
+        "periodic_period_ns": vcpu.periodic_period,
+        "vcpu_info_mfn": mfn if vcpu.vcpu_info_area is not None else 0,
+        "vcpu_info_offset": 8 * index if vcpu.vcpu_info_area is not None else 0,
     }
 
 

@@ -166,15 +166,27 @@ def _event_channel_op_args(msg, path, clock) -> dict:
 
 
 def _vcpu_op_args(msg, path, clock) -> dict:
+    """The core's clock is brought to now first: a deadline already past fires at once, a
+    periodic timer starts on the present's beat and a runstate changes at the present
+    (docs/vcpu-time.md section 6)."""
     cmd = _cmd(msg, path, _VCPUOP_NUMBERS)
     args = {"cmd": cmd, "vcpuid": msg.vcpuid}
+    if isinstance(cmd, int):
+        return args
+    clock.catch_up()
     if cmd == "initialise":
         c = msg.initialise.context
         args["context"] = {"flags": c.flags, "ctrlreg3": c.kernel_cr3_mfn, "ctrlreg1": c.user_cr3_mfn, "rip": c.rip, "rsp": c.rsp}
-    elif cmd == "set_singleshot_timer":
-        clock.catch_up()  # so that a deadline already past fires at once
-        args.update(_set_fields(msg.set_singleshot_timer))
+    else:
+        args.update(_set_fields(getattr(msg, cmd)))
     return args
+
+
+def _vcpu_op_result(result, args: dict) -> hypercalls_pb2.VcpuOpResponse:
+    if args["cmd"] == "get_runstate_info":
+        runstate = hypercalls_pb2.VcpuRunstateInfo(state=result["state"] + 1, state_entry_time=result["state_entry_time"], time=result["time"])
+        return hypercalls_pb2.VcpuOpResponse(runstate=runstate)
+    return hypercalls_pb2.VcpuOpResponse(is_up=bool(result))
 
 
 def _deadline(msg, path: str, clock: Clock) -> int:
@@ -200,8 +212,12 @@ def _sched_op_args(msg, path, clock) -> dict:
     if isinstance(case, int):
         return {"cmd": case}
     args = {"cmd": _SCHEDOP_CMD[case]}
-    if case == "poll":
+    if case == "block":
+        clock.catch_up()  # the vCPU sleeps from now on (its runstate)
+    elif case == "poll":
         args.update(ports=list(msg.poll.ports), timeout_ns=_deadline(msg.poll, f"{path}poll.", clock))
+        if not args["timeout_ns"]:  # _deadline caught up otherwise
+            clock.catch_up()
     elif case == "shutdown":
         args["reason"] = _xen_number(msg.shutdown.reason, common_pb2.ShutdownReason.DESCRIPTOR, f"{path}shutdown.reason")
     return args
@@ -292,7 +308,7 @@ CALLS: dict[str, Op] = {
     "update_va_mapping": Op("update_va_mapping", _update_va_mapping_args, _empty(hypercalls_pb2.UpdateVaMappingResponse)),
     "multicall": Op("multicall", _multicall_args, _multicall_result),
     "event_channel_op": Op("event_channel_op", _event_channel_op_args, _event_channel_op_result),
-    "vcpu_op": Op("vcpu_op", _vcpu_op_args, lambda up, args: hypercalls_pb2.VcpuOpResponse(is_up=bool(up))),
+    "vcpu_op": Op("vcpu_op", _vcpu_op_args, _vcpu_op_result),
     "sched_op": Op("sched_op", _sched_op_args, _empty(hypercalls_pb2.SchedOpResponse)),
     "set_timer_op": Op("set_timer_op", lambda msg, path, clock: {"timeout_ns": _deadline(msg, path, clock)}, _empty(hypercalls_pb2.SetTimerOpResponse)),
     "xen_version": Op("xen_version", lambda msg, path, clock: {}, lambda version, args: hypercalls_pb2.XenVersionResponse(**version)),

@@ -155,6 +155,9 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
                     stale_tlb_hits=info["stale_tlb_hits"],
                     tlb_entries=info["tlb_entries"],
                     session_open=self.runtime.session_open(request.domid, vcpu.vcpu_id),
+                    periodic_period_ns=info["periodic_period_ns"],
+                    vcpu_info_mfn=info["vcpu_info_mfn"],
+                    vcpu_info_offset=info["vcpu_info_offset"],
                 )
             )
         return toolstack_pb2.VcpuInfoResponse(vcpus=records)

@@ -44,7 +44,7 @@ def record_a_run() -> tuple[bytes, str]:
     out = io.BytesIO()
     writer = TraceWriter(hv, out)
     hv.tracer = writer
-    guest, other = Guest(hv), Guest(hv)
+    guest, other = Guest(hv, ticking=True), Guest(hv, ticking=True)  # their periodic timers run, and replay alike
     tree = guest.new_pgd({0x400000: guest.alloc()[1]})
     guest.pin(4, tree["l4"])
     guest.new_baseptr(tree["l4"], vcpu=1)

@@ -108,6 +108,8 @@ def build_victim(server) -> Victim:
     c_port = _evtchn(c, alloc_unbound=h.EvtchnAllocUnbound(remote_dom=a.domid))
     ports["interdomain"] = _evtchn(a, bind_interdomain=h.EvtchnBindInterdomain(remote_dom=c.domid, remote_port=c_port))
     a.call("EventChannelOp", h.EventChannelOpRequest(send=h.EvtchnSend(port=ports["ipi"])))  # pending: an unmask would deliver it
+    for vcpu in range(3):  # as Linux at boot: no periodic VIRQ_TIMER to change A between two looks
+        a.call("VcpuOp", h.VcpuOpRequest(vcpuid=vcpu, stop_periodic_timer=h.VcpuStopPeriodicTimer()))
     victim = Victim(a, secret_pfn, secret, l1_pfn, l1, plain, ports, a.frame_runs())
     victim.state()  # its reads fill A's TLB once; from now on they only hit
     return victim
@@ -412,6 +414,17 @@ ATTACKS = [
     Attack("VCPUOP_set_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ENOENT"),
     Attack("VCPUOP_set_singleshot_timer fires on B only", "VcpuOp", lambda a, b: vcpu_op(0, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ok"),
     Attack("VCPUOP_stop_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, stop_singleshot_timer=h.VcpuStopSingleshotTimer()), "ENOENT"),
+    Attack("VCPUOP_set_periodic_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, set_periodic_timer=h.VcpuSetPeriodicTimer(period_ns=10**6)), "ENOENT"),
+    Attack("VCPUOP_set_periodic_timer ticks on B only", "VcpuOp", lambda a, b: vcpu_op(1, set_periodic_timer=h.VcpuSetPeriodicTimer(period_ns=10**6)), "ok"),
+    Attack("VCPUOP_stop_periodic_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, stop_periodic_timer=h.VcpuStopPeriodicTimer()), "ENOENT"),
+    Attack("VCPUOP_get_runstate_info of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, get_runstate_info=h.VcpuGetRunstateInfo()), "ENOENT"),
+    Attack("VCPUOP_register_runstate_memory_area of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=beyond(b))), "ENOENT"),
+    Attack("VCPUOP_register_runstate_memory_area in Xen's range", "VcpuOp", lambda a, b: vcpu_op(0, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=XEN_VA)), "EFAULT"),
+    Attack("VCPUOP_register_runstate_memory_area where B maps nothing: its copies fault", "VcpuOp", lambda a, b: vcpu_op(0, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=beyond(b))), "ok"),
+    Attack("VCPUOP_register_vcpu_info of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=b.mfn(own_pfn(b)))), "ENOENT"),
+    Attack("VCPUOP_register_vcpu_info on A's secret page", "VcpuOp", lambda a, b: vcpu_op(0, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.secret)), "EINVAL"),
+    Attack("VCPUOP_register_vcpu_info on A's shared info", "VcpuOp", lambda a, b: vcpu_op(1, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.shared_info, offset=64)), "EINVAL"),
+    Attack("VCPUOP_register_vcpu_info on A's pinned L1", "VcpuOp", lambda a, b: vcpu_op(0, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.l1)), "EINVAL"),
     # SCHEDOP, timers, version, echo
     Attack("poll A's port numbers", "SchedOp", lambda a, b: sched(poll=h.SchedPoll(ports=[a.ports["ipi"], a.ports["virq"]], timeout_ns=1)), "EINVAL"),
     Attack("shutdown shuts B down, not A", "SchedOp", lambda a, b: sched(shutdown=h.SchedShutdown(reason=C.SHUTDOWN_REASON_CRASH)), "ok"),
@@ -458,6 +471,17 @@ ATTACKS = [
             ]
         ),
         ("EBUSY", "EINVAL", "EBUSY", "EINVAL", "ENOENT", "EINVAL", "ok", "ok"),
+    ),
+    Attack(
+        "a multicall inside a multicall: refused in that entry only (do_multicall)",
+        "Multicall",
+        lambda a, b: h.MulticallRequest(
+            entries=[
+                h.MulticallEntry(multicall=h.MulticallRequest(entries=[entry(ext(C.MMUEXT_CMD_UNPIN_TABLE, a.l4))])),
+                entry(ext(C.MMUEXT_CMD_UNPIN_TABLE, a.l4)),
+            ]
+        ),
+        ("EINVAL", "EINVAL"),
     ),
     # credentials (hypercalls.proto: the caller is the token's domain, the id one of its vCPUs)
     Attack("B's token naming a vCPU only A has", "XenVersion", lambda a, b: h.XenVersionRequest(), "INVALID_ARGUMENT", b_naming_a_only_vcpu),

@@ -223,8 +223,9 @@ class HypercallsServicer:
 
     def VcpuOp(self, request, context):
         """HYPERVISOR_vcpu_op (hypercall 24; docs/xen.md section 14): initialise, bring up, take down and
-        query a vCPU of the caller's domain, and set or stop the caller's single-shot timer.
-        ENOENT, EINVAL, EEXIST, ENOSYS.
+        query a vCPU of the caller's domain, set or stop the caller's single-shot timer and any
+        vCPU's periodic timer, read its runstate, and place its runstate area and vcpu_info.
+        ENOENT, EINVAL, EEXIST, EBUSY, ENXIO, EACCES, EFAULT, ENOSYS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
