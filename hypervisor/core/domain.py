@@ -36,7 +36,7 @@ from .abi import (
 )
 from .errors import XenError
 from .evtchn import LIBXL_MAX_EVTCHN_PORT, evtchn_init
-from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, XEN_HEAP, FrameTable
+from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, FrameTable
 from .preempt import Continuation
 from .tlb import Tlb
 
@@ -171,9 +171,8 @@ def build(
         raise XenError(Errno.ENOMEM, f"{nr_pages + 1} frames wanted, {frames.free_frames()} free")
     mfns = frames.alloc(domid, nr_pages)[::-1].copy()  # pfn != mfn, so translation matters
     m2p[mfns] = np.arange(nr_pages, dtype=np.uint64)
-    shared_info = int(frames.alloc(domid, 1)[0])
     # A Xen-heap page shared with the guest: permanently writable (share_xen_page_with_guest).
-    frames.flags[shared_info] |= np.uint8(XEN_HEAP)
+    shared_info = int(frames.alloc(domid, 1, xen_heap=True)[0])
     frames.get_page_type(shared_info, PageType.WRITABLE)
     domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port)
     evtchn_init(domain)
@@ -194,7 +193,13 @@ def build(
     memory.frame(int(mfns[pt]))[l4_slot] = (int(mfns[l3_pfn]) << PAGE_SHIFT) | _TABLE_FLAGS
 
     l4 = int(mfns[pt])
+    # The L1s first, all at once (a 4 GiB guest has 2048): the L2s' entries then find them
+    # validated and take their references as usual, and the builder drops its own.
+    l1s = mfns[l1_pfn : l1_pfn + layout["nr_l1"]]
+    frames.get_l1_types_bulk(l1s, domid)
     frames.get_page_and_type(l4, domid, PageType.L4)  # the toolstack's PIN_L4_TABLE
+    for l1 in l1s.tolist():
+        frames.put_page_type(l1)
     frames.set_pinned(l4, True)
     frames.get_page_and_type(l4, domid, PageType.L4)  # vCPU 0's kernel base
     boot = domain.vcpus[0]
@@ -242,7 +247,20 @@ def teardown_step(problems: list[str], what: str) -> Iterator[None]:
         problems.append(f"{what}: {type(e).__name__}: {e}")
 
 
-def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
+def owned_frames(frames: FrameTable, domain: Domain) -> np.ndarray:
+    """The frames `domain` owns, in mfn order (Xen's d->page_list and d->xenpage_list): those
+    the builder gave it, which are its P2M's and its shared info, as no frame changes owner
+    while its domain lives. Checked against the frame table's counts of the domain's frames,
+    so that a frame that became the domain's otherwise (a bug, which audit reports) is still
+    found, by a scan of the whole frame table."""
+    mine = np.sort(np.append(domain.p2m, domain.shared_info_mfn))
+    mine = mine[frames.owner[mine] == domain.domid]
+    if len(mine) != frames.tot_pages.item(domain.domid) + frames.xenheap_pages.item(domain.domid):
+        return np.flatnonzero(frames.owner == domain.domid)
+    return mine
+
+
+def relinquish(frames: FrameTable, pagetables, domain: Domain, owned: np.ndarray) -> list[str]:
     """Release everything a dying domain holds (xen/arch/x86/domain.c:domain_relinquish_resources).
 
     Order as in docs/xen.md section 12.4: vCPU base pointers and the tables the vCPUs were tearing down
@@ -255,7 +273,8 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
     instead of every frame the L1 maps. Runs in one go: the toolstack's destruction is not
     preemptible in xensim.
 
-    Returns what went wrong (see `teardown_step`): nothing, in a sound model. Frames still
+    `owned` are the domain's frames (`owned_frames`). Returns what went wrong (see
+    `teardown_step`): nothing, in a sound model. Frames still
     referenced afterwards stay allocated to the domain for the caller to quarantine.
     """
     problems: list[str] = []
@@ -270,7 +289,6 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
         vcpu.tlb.flush()
     with teardown_step(problems, f"shared-info mfn {domain.shared_info_mfn:#x}"):
         frames.put_page_type(domain.shared_info_mfn)
-    owned = np.flatnonzero(frames.owner == domain.domid)
     for mfn in owned[(frames.flags[owned] & PINNED) != 0].tolist():
         frames.set_pinned(mfn, False)
         with teardown_step(problems, f"pin of mfn {mfn:#x}"):
