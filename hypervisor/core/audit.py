@@ -35,7 +35,7 @@ import numpy as np
 from .abi import DOMID_XEN, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, L4_SLOT_LINEAR, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
 from .domain import INVALID_M2P, owned_frames
 from .evtchn import audit as audit_ports
-from .frames import ALLOCATED, NO_OWNER, PARTIAL, PARTIAL_SET, PINNED, VALIDATED, XEN_HEAP
+from .frames import ALLOCATED, NO_OWNER, NR_OWNERS, PARTIAL, PARTIAL_SET, PINNED, VALIDATED, XEN_HEAP
 from .pagetable import LEVEL_OF_TYPE, LEVELS, XEN_SLOTS
 
 _P, _RW = np.uint64(Pte.PRESENT), np.uint64(Pte.RW)
@@ -67,7 +67,11 @@ def audit_domain(hv, domid: int) -> list[str]:
         _hold_vcpus(hv, scope, [d for d in hv.domains.values() if d not in near], [])
         _hold_tables(hv, scope, rest, [])
     out += _frame_findings(hv, scope)
-    out += _counters(hv, {domid: scope.mfns})
+    heap = np.zeros(NR_OWNERS, dtype=np.int64)
+    heap[domid] = np.count_nonzero(frames.flags[scope.mfns] & XEN_HEAP)
+    tot = np.zeros(NR_OWNERS, dtype=np.int64)
+    tot[domid] = len(scope.mfns) - heap[domid]
+    out += _counters(hv, np.array([domid]), tot, heap)
     out += _p2m(hv, domain)
     out += xen_slots(hv, _live(frames, scope.mfns, PageType.L4))
     out += reachability(hv, domain, scope.mfns)
@@ -89,8 +93,9 @@ def findings(hv) -> list[Finding]:
     orphans = ~free & (frames.owner != DOMID_XEN) & ~np.isin(frames.owner, list(hv.domains))
     out += [(None, f"mfn {mfn:#x} is owned by dom{int(frames.owner[mfn])}, which does not exist") for mfn in np.flatnonzero(orphans).tolist()]
     out += [(None, f"mfn {mfn:#x} is quarantined (scrubbed, owned by Xen, never reallocated): {why}") for mfn, why in sorted(frames.quarantined.items())]
-    owned = np.flatnonzero(~free)
-    out += _counters(hv, {int(o): owned[frames.owner[owned] == o] for o in np.union1d(np.flatnonzero(frames.tot_pages | frames.xenheap_pages), np.unique(frames.owner[owned]))})
+    heap = (frames.flags & XEN_HEAP) != 0
+    has = [np.bincount(frames.owner[~free & kind], minlength=NR_OWNERS) for kind in (~heap, heap)]
+    out += _counters(hv, np.flatnonzero(frames.tot_pages | frames.xenheap_pages | has[0] | has[1]), *has)
     for domain in hv.domains.values():
         out += _p2m(hv, domain)
     out += xen_slots(hv, _live(frames, None, PageType.L4))
@@ -229,14 +234,14 @@ def _frame_findings(hv, scope: _Scope) -> list[Finding]:
     return out
 
 
-def _counters(hv, owned: dict[int, np.ndarray]) -> list[Finding]:
-    """The frame table's per-owner counts (frames.py) against the frames each owner has."""
+def _counters(hv, owners: np.ndarray, tot_pages: np.ndarray, xenheap_pages: np.ndarray) -> list[Finding]:
+    """The frame table's per-owner counts (frames.py) against the frames each of `owners`
+    has, by kind: `tot_pages` and `xenheap_pages`, indexed by owner."""
     frames = hv.frames
     out: list[Finding] = []
-    for owner, mfns in owned.items():
-        heap = int(np.count_nonzero(frames.flags[mfns] & XEN_HEAP))
+    for owner in owners.tolist():
         who = "Xen" if owner == DOMID_XEN else f"dom{owner}"
-        for what, counted, has in (("tot_pages", frames.tot_pages.item(owner), len(mfns) - heap), ("xenheap_pages", frames.xenheap_pages.item(owner), heap)):
+        for what, counted, has in (("tot_pages", frames.tot_pages.item(owner), tot_pages.item(owner)), ("xenheap_pages", frames.xenheap_pages.item(owner), xenheap_pages.item(owner))):
             if counted != has:
                 out.append((owner if owner in hv.domains else None, f"{who}: {what} is {counted}, but it owns {has} such frames"))
     return out
