@@ -111,9 +111,9 @@ class FrameTable:
     def alloc(self, domid: int, n: int, xen_heap: bool = False) -> np.ndarray:
         """Assign `n` free frames to `domid` (lowest free first), each with the allocation ref;
         with `xen_heap`, Xen-heap pages shared with it (share_xen_page_with_guest)."""
-        free = np.flatnonzero(self.owner[self._alloc_cursor :] == NO_OWNER)[:n] + self._alloc_cursor
+        free = self._first_free(self._alloc_cursor, n)
         if len(free) < n:
-            free = np.flatnonzero(self.owner == NO_OWNER)[:n]
+            free = self._first_free(0, n)
         if len(free) < n:
             raise XenError(Errno.ENOMEM, f"machine has {len(free)} free frames, {n} wanted")
         self.owner[free] = domid
@@ -124,6 +124,19 @@ class FrameTable:
         self._alloc_cursor = int(free[-1]) + 1 if n else self._alloc_cursor
         return free
 
+    def _first_free(self, start: int, n: int) -> np.ndarray:
+        """The `n` lowest free frames from `start` on (fewer if there are not as many), found
+        in windows that double from `n`, so that a small allocation on a large machine reads
+        little more of the frame table than it takes."""
+        found, have, window = [], 0, max(n, ENTRIES_PER_TABLE)
+        while have < n and start < self.nr_frames:
+            free = np.flatnonzero(self.owner[start : start + window] == NO_OWNER) + start
+            found.append(free)
+            have += len(free)
+            start += window
+            window *= 2
+        return np.concatenate(found)[:n] if found else np.zeros(0, dtype=np.int64)
+
     def _disown(self, mfns: np.ndarray) -> None:
         """Take frames off their owners' counts, before they change owner."""
         heap = (self.flags[mfns] & XEN_HEAP) != 0
@@ -131,7 +144,8 @@ class FrameTable:
         np.subtract.at(self.xenheap_pages, self.owner[mfns[heap]], 1)
 
     def free_frames(self) -> int:
-        return int(np.count_nonzero(self.owner == NO_OWNER))
+        """Frames nobody owns: all but those the per-owner counts count (audit checks them)."""
+        return self.nr_frames - int(self.tot_pages.sum()) - int(self.xenheap_pages.sum())
 
     # -- general references ---------------------------------------------------------------
 
