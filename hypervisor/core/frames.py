@@ -30,8 +30,8 @@ All counts change only in the primitives of this module (`get_page`, `put_page`,
 `audit` recomputes them from first principles.
 
 The frame table also keeps, per owner, how many frames it owns (Xen's d->tot_pages and
-d->xenheap_pages), changed wherever a frame changes owner, so that the toolstack's views of a
-domain cost nothing however large the machine (audit recomputes them).
+d->xenheap_pages, docs/xen.md section 20), changed wherever a frame changes owner, so that the
+toolstack's views of a domain cost nothing however large the machine (audit recomputes them).
 
 A frame whose references a dying domain's teardown could not account for (a bug of the
 simulator) is *quarantined*: scrubbed, its counts cleared, owned by Xen and kept out of the free
