@@ -93,7 +93,7 @@ class FrameTable:
         self.demote: Callable[[int, PageType], None] = _unset
         self.promote_l1s: Callable[[np.ndarray, int], None] = _unset
         self.forget_mappings: Callable[[int], None] = lambda mfn: None
-        self.forget_mappings_of: Callable[[np.ndarray], None] = lambda mfns: None  # the same for many frames
+        self.forget_mappings_of: Callable[[np.ndarray, int], None] = lambda mfns, owner: None  # the same for many frames of one owner
         # Frames owned, by owner (domid or DOMID_XEN): Xen-heap pages apart, as Xen counts them.
         self.tot_pages = np.zeros(NR_OWNERS, dtype=np.int64)
         self.xenheap_pages = np.zeros(NR_OWNERS, dtype=np.int64)
@@ -471,15 +471,16 @@ class FrameTable:
 
     # -- bulk forms for vectorised L1 (de)validation ----------------------------------------
 
-    def get_pages_bulk(self, mfns: np.ndarray, writable: np.ndarray) -> None:
+    def get_pages_bulk(self, mfns: np.ndarray, writable: np.ndarray, owner: int) -> None:
         """Commit the references of a validated L1: a general ref per entry and a writable
-        type ref per RW entry. The caller has already checked every entry."""
+        type ref per RW entry. The caller has already checked every entry (all are frames of
+        `owner`)."""
         np.add.at(self.count, mfns, 1)
         if len(writable):
             retype = writable[(self.type_count[writable] == 0) & (self.type[writable] != _WRITABLE)]
             if len(retype):  # _retype of each at once (a frame mapped twice is named twice)
                 self.type[retype] = _WRITABLE
-                self.forget_mappings_of(retype)
+                self.forget_mappings_of(retype, owner)
             self.flags[writable] |= np.uint8(VALIDATED)
             np.add.at(self.type_count, writable, 1)
 
@@ -492,7 +493,7 @@ class FrameTable:
             raise SimulatorBug(f"bulk L1 validation of frames that are typed or not dom{domid}'s: {mfns.tolist()[:8]}")
         retype = mfns[self.type[mfns] != PageType.L1]
         self.type[retype] = PageType.L1
-        self.forget_mappings_of(retype)
+        self.forget_mappings_of(retype, domid)
         self.flags[mfns] &= ~np.uint8(VALIDATED | PARTIAL_SET)
         self.nr_validated[mfns] = 0
         self.type_count[mfns] = 1

@@ -246,13 +246,13 @@ class Hypervisor:
                 if vcpu.tlb.maps(mfn):
                     vcpu.tlb.forget_mfn(mfn)
 
-    def _forget_mappings_of(self, mfns: np.ndarray) -> None:
-        """`_forget_mappings` of many frames at once: each vCPU of their owners checks the few
-        frames its TLB maps against them."""
-        for domid in np.flatnonzero(np.bincount(self.frames.owner[mfns])).tolist():  # owned frames: no NO_OWNER
-            for vcpu in self.domains[domid].vcpus if domid in self.domains else ():
-                for mfn in vcpu.tlb.mapped(mfns):
-                    vcpu.tlb.forget_mfn(mfn)
+    def _forget_mappings_of(self, mfns: np.ndarray, owner: int) -> None:
+        """`_forget_mappings` of many frames of `owner` at once: each of its vCPUs checks the
+        few frames its TLB maps against them."""
+        domain = self.domains.get(owner)
+        for vcpu in domain.vcpus if domain is not None else ():
+            for mfn in vcpu.tlb.mapped(mfns):
+                vcpu.tlb.forget_mfn(mfn)
 
     # -- toolstack ---------------------------------------------------------------------------
 

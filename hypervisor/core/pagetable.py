@@ -277,11 +277,11 @@ class PageTables:
             except XenError as e:
                 # promote_l1_table took the references of the entries before this one and now
                 # drops them: a frame one of them mapped writable keeps the WRITABLE type.
-                frames.get_pages_bulk(targets[:i], targets[:i][rw[:i]])
+                frames.get_pages_bulk(targets[:i], targets[:i][rw[:i]], domid)
                 frames.put_pages_bulk(targets[:i], targets[:i][rw[:i]])
                 raise XenError(e.errno, f"L1 entry {int(slots[i])} of mfn {mfn:#x} {e.message}") from None
             raise SimulatorBug(f"vectorised L1 check refused entry {int(slots[i])} of mfn {mfn:#x}, scalar accepted")
-        frames.get_pages_bulk(targets, targets[rw])
+        frames.get_pages_bulk(targets, targets[rw], domid)
         kernel = (entries & _U64(US)) == 0
         adjusted = entries | np.where(kernel, _U64(US | GUEST_KERNEL), _U64(0))
         adjusted |= np.where((adjusted & _U64(GUEST_KERNEL)) == 0, _U64(G | US), _U64(0))
