@@ -249,29 +249,30 @@ class PageTables:
         validated together, it is a bug of the builder that made them."""
         self.frames.budget.charge(ENTRIES_PER_TABLE * len(mfns))
         words = self.memory.entries(int(mfns[0]))[None] if len(mfns) == 1 else np.stack([self.memory.entries(mfn) for mfn in mfns.tolist()])
-        at, slots = np.nonzero(words & _U64(P))
-        if len(slots):
-            self._get_l1_references(mfns, domid, words, at, slots)
+        present = np.flatnonzero(words.reshape(-1) & _U64(P))
+        if len(present):
+            self._get_l1_references(mfns, domid, words, present)
         self.entries_validated += ENTRIES_PER_TABLE * len(mfns)
 
-    def _get_l1_references(self, mfns: np.ndarray, domid: int, words: np.ndarray, at: np.ndarray, slots: np.ndarray) -> None:
-        """Take the references of the present entries (`slots` of row `at` of `words`, the
-        contents of `mfns`) and store them adjusted, or raise with none taken."""
+    def _get_l1_references(self, mfns: np.ndarray, domid: int, words: np.ndarray, present: np.ndarray) -> None:
+        """Take the references of the `present` entries (indices into `words` flattened, the
+        contents of `mfns` a row each) and store them adjusted, or raise with none taken."""
         frames = self.frames
-        entries = words[at, slots]
+        entries = words.reshape(-1)[present]
         targets = ((entries & _MFN_MASK) >> _U64(PAGE_SHIFT)).astype(np.int64)
         bad_flags = (entries & _U64(LEVELS[1].disallow)) != 0
         outside = targets >= frames.nr_frames
-        safe = np.where(outside, 0, targets)
+        safe = np.where(outside, 0, targets) if outside.any() else targets
         foreign = (frames.owner[safe] != domid) | (frames.count[safe] == 0)
         rw = (entries & _U64(RW)) != 0
         busy = rw & (frames.type_count[safe] != 0) & (frames.type[safe] != PageType.WRITABLE)
         failed = bad_flags | outside | foreign | busy
         if failed.any():
             i = int(np.argmax(failed))
-            mfn = int(mfns[at[i]])
+            row, slot = divmod(int(present[i]), ENTRIES_PER_TABLE)
+            mfn = int(mfns[row])
             if len(mfns) > 1:
-                raise SimulatorBug(f"L1 entry {int(slots[i])} of mfn {mfn:#x}, validated with {len(mfns) - 1} other tables, is invalid")
+                raise SimulatorBug(f"L1 entry {slot} of mfn {mfn:#x}, validated with {len(mfns) - 1} other tables, is invalid")
             try:
                 self.get_page_from_l1e(int(entries[i]), domid)
             except XenError as e:
@@ -279,8 +280,8 @@ class PageTables:
                 # drops them: a frame one of them mapped writable keeps the WRITABLE type.
                 frames.get_pages_bulk(targets[:i], targets[:i][rw[:i]], domid)
                 frames.put_pages_bulk(targets[:i], targets[:i][rw[:i]])
-                raise XenError(e.errno, f"L1 entry {int(slots[i])} of mfn {mfn:#x} {e.message}") from None
-            raise SimulatorBug(f"vectorised L1 check refused entry {int(slots[i])} of mfn {mfn:#x}, scalar accepted")
+                raise XenError(e.errno, f"L1 entry {slot} of mfn {mfn:#x} {e.message}") from None
+            raise SimulatorBug(f"vectorised L1 check refused entry {slot} of mfn {mfn:#x}, scalar accepted")
         frames.get_pages_bulk(targets, targets[rw], domid)
         kernel = (entries & _U64(US)) == 0
         adjusted = entries | np.where(kernel, _U64(US | GUEST_KERNEL), _U64(0))
@@ -288,9 +289,9 @@ class PageTables:
         changed = adjusted != entries
         if changed.any():
             stored = words.copy()
-            stored[at, slots] = adjusted
+            stored.reshape(-1)[present] = adjusted
             rows = np.zeros(len(mfns), dtype=bool)
-            rows[at[changed]] = True
+            rows[present[changed] // ENTRIES_PER_TABLE] = True
             for row in np.flatnonzero(rows).tolist():
                 mfn = int(mfns[row])
                 frames.note_write(mfn)
