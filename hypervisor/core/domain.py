@@ -248,12 +248,12 @@ def teardown_step(problems: list[str], what: str) -> Iterator[None]:
 
 
 def owned_frames(frames: FrameTable, domain: Domain, nr_owned: int | None = None) -> np.ndarray:
-    """The frames `domain` owns, in mfn order (Xen's d->page_list and d->xenpage_list, docs/xen.md
-    section 20): those the builder gave it, which are its P2M's and its shared info, as no frame
-    changes owner while its domain lives. Checked against how many it owns, `nr_owned` (by
-    default the frame table's counts, which audit checks), so that a frame that became the
-    domain's otherwise (a bug, which audit reports) is still found, by a scan of the whole
-    frame table."""
+    """The frames `domain` owns, in mfn order (Xen's d->page_list and d->xenpage_list,
+    docs/xen.md section 20): those the builder gave it, which are its P2M's and its shared
+    info, as no frame changes owner while its domain lives. Checked against how many it owns,
+    `nr_owned` (by default the frame table's counts, which audit checks), so that a frame that
+    became the domain's otherwise (a bug, which audit reports) is still found, by a scan of the
+    whole frame table."""
     if nr_owned is None:
         nr_owned = frames.tot_pages.item(domain.domid) + frames.xenheap_pages.item(domain.domid)
     mine = np.sort(np.append(domain.p2m, domain.shared_info_mfn))
