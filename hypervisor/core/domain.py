@@ -7,7 +7,7 @@ pins the L4 and loads it as vCPU 0's kernel base, all through the ordinary refer
 primitives, so a freshly built guest audits clean. Destruction follows docs/xen.md section 12.4.
 """
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,6 +113,9 @@ class Domain:
     evtchn: list = field(default_factory=list)  # the port table (evtchn.Evtchn), whole buckets
     poll_mask: set[int] = field(default_factory=set)  # ids of the vCPUs in SCHEDOP_poll
     shutdown_code: int | None = None  # SHUTDOWN_*, once the domain has shut down
+    # Its hypercalls by (op, outcome), as Hypervisor.stats counts the machine's: kept with the
+    # domain (and gone with it), so a replayed trace counts them too (views.domain_stats).
+    stats: Counter = field(default_factory=Counter)
 
     def info(self) -> dict:
         return {

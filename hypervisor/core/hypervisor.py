@@ -64,7 +64,7 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results
         except XenError as e:
             # The multicall itself succeeds; its failed entries are counted apart, so that a
             # report of hypercall errors shows an -EBUSY a guest met inside a batch.
-            hv.stats[(f"multicall/{op}", e.errno.name)] += 1
+            hv.count(vcpu.domid, (f"multicall/{op}", e.errno.name))
             results.append(error_result(e))
     return results
 
@@ -211,7 +211,7 @@ class Hypervisor:
                 else:
                     result = handler(self, vcpu, **args)
         except XenError as e:
-            self.stats[(op, e.errno.name)] += 1
+            self.count(caller and caller[0], (op, e.errno.name))
             if self.tracer:
                 record["error"] = error_result(e)
                 self.tracer(record)
@@ -219,11 +219,19 @@ class Hypervisor:
         # A call counts once, when it is over. One that completed but found a bug of the
         # simulator says so in its result (destroy_domain): counted apart, as the loud outcome it is.
         if not isinstance(result, Continuation):
-            self.stats[(op, "bug" if isinstance(result, dict) and "bug" in result else "ok")] += 1
+            self.count(caller and caller[0], (op, "bug" if isinstance(result, dict) and "bug" in result else "ok"))
         if self.tracer:
             record["result"] = result
             self.tracer(record)
         return result
+
+    def count(self, domid: int | None, key: tuple[str, str]) -> None:
+        """Count a call that is over by (op, outcome): for the machine (Stats), and for the
+        calling domain while it exists (DomainStats; `domid` None for a toolstack op)."""
+        self.stats[key] += 1
+        domain = self.domains.get(domid)
+        if domain is not None:
+            domain.stats[key] += 1
 
     def vcpu(self, domid: int, vcpu_id: int) -> Vcpu:
         domain = self.domain(domid)

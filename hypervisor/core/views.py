@@ -49,7 +49,8 @@ _PAGETABLE = np.array([int(t) for t in PAGETABLE_TYPES], dtype=np.int8)
 
 
 def host_info(hv: Hypervisor) -> dict:
-    """xl info's machine part: memory, domains, the Xen version the model follows."""
+    """xl info's machine part: memory, domains, the Xen version the model follows, and the
+    frames destroyed domains left quarantined."""
     return {
         "nr_frames": hv.nr_frames,
         "free_frames": hv.frames.free_frames(),
@@ -57,13 +58,15 @@ def host_info(hv: Hypervisor) -> dict:
         "xen_version": f"{XEN_VERSION['major']}.{XEN_VERSION['minor']}{XEN_VERSION['extraversion']}",
         "simulator": XEN_VERSION["simulator"],
         "strict_tlb": hv.strict_tlb,
+        "quarantined_frames": len(hv.frames.quarantined),
     }
 
 
 def domain_state(domain: Domain) -> str:
     """xl list's state column in words: shutdown, paused, blocked (every vCPU that is up
     sleeps in SCHEDOP_block or poll) or running. Destruction is one call here, so no domain
-    is ever seen dying."""
+    is ever seen dying; where Xen would keep one dying for good (a zombie whose pages kept
+    references), the frames are quarantined instead, which `host_info` counts."""
     if domain.shutdown_code is not None:
         return "shutdown"
     if domain.paused:
@@ -137,6 +140,14 @@ def domain_summary(hv: Hypervisor, domain: Domain) -> dict:
         "writable_mappings": int(frames.type_count[writable].sum()),
         "writable_frames": int(np.count_nonzero(frames.type_count[writable])),
     }
+
+
+def domain_stats(hv: Hypervisor, domid: int | None = None) -> list[tuple[int, str, str, int]]:
+    """(domid, op, outcome, count) of every domain's calls, or of one domain's, sorted: what
+    xentop shows per domain. Counted by the core as it runs them (Hypervisor.count), so a
+    replayed trace gives the same answer; a domain that does not exist has none."""
+    domains = hv.domains.values() if domid is None else [hv.domains[domid]] if domid in hv.domains else []
+    return sorted((d.domid, op, outcome, n) for d in domains for (op, outcome), n in d.stats.items())
 
 
 # -- memory maps ----------------------------------------------------------------------------

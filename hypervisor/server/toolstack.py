@@ -261,6 +261,6 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
 
     @_admin("domain_stats")
     def DomainStats(self, request):
-        wanted = {request.domid} if request.HasField("domid") else set(self.hv.domains)
-        counts = sorted((d, op, 0 if outcome == "ok" else int(Errno[outcome]), n) for (d, op, outcome), n in self.runtime.domain_stats.items() if d in wanted)
+        counts = views.domain_stats(self.hv, request.domid if request.HasField("domid") else None)
+        counts = [(d, op, 0 if outcome == "ok" else int(Errno[outcome]), n) for d, op, outcome, n in counts]
         return toolstack_pb2.DomainStatsResponse(counts=[toolstack_pb2.DomainOpCount(domid=d, op=op, errno=e, count=n) for d, op, e, n in counts])

@@ -40,14 +40,13 @@ as an await that blocks nothing else:
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from time import perf_counter
 
 import grpc
 
-from hypervisor.core import Continuation, Hypervisor, XenError
+from hypervisor.core import Continuation, Hypervisor
 from hypervisor.core.domain import Domain, Vcpu
 from hypervisor.core.evtchn import local_events_need_delivery
 from hypervisor.core.sched import BLOCKED
@@ -168,9 +167,6 @@ class Runtime:
         self._endings: dict[asyncio.Task, Exception] = {}
         self._writing: set[asyncio.Task] = set()  # handlers inside a Session write (see writing)
         self.observe: Callable[[str, float], None] | None = None  # observe.Metrics, with --metrics-port
-        # Hypercalls by (domid, op, outcome) since the server started: the core's Stats per
-        # domain (Toolstack DomainStats, xl top). A reused domid inherits its predecessor's.
-        self.domain_stats: Counter = Counter()
         self._yielded_at = hv.budget.work  # the core's work count when calls last gave way
 
     # -- time ---------------------------------------------------------------------------------
@@ -248,8 +244,8 @@ class Runtime:
     async def call(self, slot: VcpuSlot, op: str, args: dict):
         """Run one hypercall of `slot`'s vCPU: wait while its domain is paused, run it on the
         core, going on with it after every preemption point until it is over, then sleep if it
-        blocked. Kicks are drained whatever the outcome. The call is counted (domain_stats) and
-        its time in the core observed once, when it is over."""
+        blocked. Kicks are drained whatever the outcome. Its time in the core is observed once,
+        when it is over (the core counts it, Hypervisor.count)."""
         await self._unpaused(slot.domid)
         if self.hv.budget.work - self._yielded_at >= self.hv.budget.per_call:
             await self._give_way()
@@ -260,13 +256,9 @@ class Runtime:
                 await self._give_way()
                 await self._may_go_on(slot)
                 result = self._run(in_core, self.hv.resume, slot.domid, slot.vcpu_id, result)
-        except XenError as e:
-            self.domain_stats[(slot.domid, op, e.errno.name)] += 1
-            raise
         finally:
             if self.observe is not None:
                 self.observe(op, in_core[0])
-        self.domain_stats[(slot.domid, op, "ok")] += 1
         if result is BLOCKED:
             while slot.vcpu.blocked:
                 slot.wake.clear()
