@@ -31,8 +31,8 @@ GIB_16 = 1 << 22  # frames
 REPEAT = 3
 
 
-def _ms(fn, repeat: int = REPEAT, clock=time.process_time) -> tuple[float, list[float]]:
-    """The median of `repeat` timed calls of `fn`, in ms of `clock`, and every time. The core's
+def _ms(fn, repeat: int = REPEAT, clock=time.process_time) -> float:
+    """The median of `repeat` timed calls of `fn`, in ms of `clock`. The core's
     work is timed in this process's CPU time, which other load on a shared machine does not
     inflate; what a user waits for (a call to the server) in wall time."""
     times = []
@@ -40,17 +40,17 @@ def _ms(fn, repeat: int = REPEAT, clock=time.process_time) -> tuple[float, list[
         start = clock()
         fn()
         times.append((clock() - start) * 1e3)
-    return statistics.median(times), times
+    return statistics.median(times)
 
 
 def _lifecycle(hv: Hypervisor, pages: int) -> dict:
     """Create, audit (whole and of the domain) and destroy a domain of `pages`, each timed."""
     created = []
-    create_ms, creates = _ms(lambda: created.append(hv.toolstack("create_domain", nr_pages=pages)["domid"]), 1)
+    create_ms = _ms(lambda: created.append(hv.toolstack("create_domain", nr_pages=pages)["domid"]), 1)
     domid = created[0]
-    audit_ms, _ = _ms(lambda: _clean(audit(hv)), 1)
-    one_ms, _ = _ms(lambda: _clean(audit_domain(hv, domid)))
-    destroy_ms, _ = _ms(lambda: hv.toolstack("destroy_domain", domid=domid), 1)
+    audit_ms = _ms(lambda: _clean(audit(hv)), 1)
+    one_ms = _ms(lambda: _clean(audit_domain(hv, domid)))
+    destroy_ms = _ms(lambda: hv.toolstack("destroy_domain", domid=domid), 1)
     return {"create_ms": create_ms, "destroy_ms": destroy_ms, "audit_ms": audit_ms, "audit_one_domain_ms": one_ms}
 
 
@@ -88,9 +88,9 @@ def _by_domain_count() -> dict:
                 hv.toolstack("create_domain", nr_pages=16 * MIB)
                 create_domain(server, nr_pages=16 * MIB, nr_vcpus=1)
             some = sorted(hv.domains)[:: max(1, count // 8)]
-            one_ms = statistics.median(_ms(lambda d=d: _clean(audit_domain(hv, d)), 1)[0] for d in some)
-            list_ms, _ = _ms(lambda n=count: _list_domains(stub, metadata, n), 11, time.perf_counter)
-            rows[f"{count} domains"] = {"list_domains_ms": list_ms, "audit_one_domain_ms": one_ms, "audit_ms": _ms(lambda: _clean(audit(hv)), 1)[0]}
+            one_ms = statistics.median(_ms(lambda d=d: _clean(audit_domain(hv, d)), 1) for d in some)
+            list_ms = _ms(lambda n=count: _list_domains(stub, metadata, n), 11, time.perf_counter)
+            rows[f"{count} domains"] = {"list_domains_ms": list_ms, "audit_one_domain_ms": one_ms, "audit_ms": _ms(lambda: _clean(audit(hv)), 1)}
     return rows
 
 
