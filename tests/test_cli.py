@@ -126,3 +126,23 @@ def test_every_trace_reader_reads_a_cut_trace_as_the_run_so_far(tmp_path, capsys
     path.write_bytes(trace[: frame_ends(trace)[-3] + 7])
     status, out, err = _cli(COMMANDS[command](str(path), str(tmp_path / "out")), capsys)
     assert (status, err) == (0, "") and out
+
+
+def test_bench_scale_writes_every_key_over_a_small_configuration(tmp_path, monkeypatch):
+    """The scale group's keys and growth tables, on machines and domains small enough for CI:
+    each figure is there, and the guests booted and worked (else the group fails)."""
+    from xensim.bench import scale
+
+    for name, value in {"MACHINE_SHIFTS": (14, 15), "DOMAIN_MIB": (16, 32), "DOMAIN_COUNTS": (1, 3), "BOOT_MIB": (16, 32), "GIB_16": 1 << 15, "REPEAT": 1}.items():
+        monkeypatch.setattr(scale, name, value)
+    monkeypatch.setattr(scale, "BOOT_KEYS", {"scale.boot_s_1gib": 16, "scale.boot_s_4gib": 32})
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--only", "scale", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for key in ("list_domains_ms_256_on_16gib", "audit_one_domain_ms_16mib_on_16gib", "create_ms_4gib", "destroy_ms_4gib", "audit_ms_4gib", "boot_s_1gib", "boot_s_4gib"):
+        assert report[f"scale.{key}"]["value"] > 0 and report[f"scale.{key}"]["unit"], key
+    assert list(report["scale.by_machine_frames"]["table"]) == ["2^14", "2^15"]
+    assert list(report["scale.by_domain_size"]["table"]) == ["16 MiB", "32 MiB"]
+    assert list(report["scale.by_domain_count"]["table"]) == ["1 domains", "3 domains"]
+    assert set(report["scale.by_domain_count"]["table"]["3 domains"]) == {"list_domains_ms", "audit_one_domain_ms", "audit_ms"}
+    assert len(report["scale.by_guest_size"]["rows"]) == 3

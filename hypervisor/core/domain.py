@@ -38,7 +38,7 @@ from .abi import (
 )
 from .errors import XenError
 from .evtchn import LIBXL_MAX_EVTCHN_PORT, evtchn_init
-from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, XEN_HEAP, FrameTable
+from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, FrameTable
 from .preempt import Continuation
 from .tlb import Tlb
 
@@ -197,9 +197,8 @@ def build(
         raise XenError(Errno.ENOMEM, f"{nr_pages + 1} frames wanted, {frames.free_frames()} free")
     mfns = frames.alloc(domid, nr_pages)[::-1].copy()  # pfn != mfn, so translation matters
     m2p[mfns] = np.arange(nr_pages, dtype=np.uint64)
-    shared_info = int(frames.alloc(domid, 1)[0])
     # A Xen-heap page shared with the guest: permanently writable (share_xen_page_with_guest).
-    frames.flags[shared_info] |= np.uint8(XEN_HEAP)
+    shared_info = int(frames.alloc(domid, 1, xen_heap=True)[0])
     frames.get_page_type(shared_info, PageType.WRITABLE)
     domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port)
     evtchn_init(domain)
@@ -220,7 +219,13 @@ def build(
     memory.frame(int(mfns[pt]))[l4_slot] = (int(mfns[l3_pfn]) << PAGE_SHIFT) | _TABLE_FLAGS
 
     l4 = int(mfns[pt])
+    # The L1s first, all at once (a 4 GiB guest has 2048): the L2s' entries then find them
+    # validated and take their references as usual, and the builder drops its own.
+    l1s = mfns[l1_pfn : l1_pfn + layout["nr_l1"]]
+    frames.get_l1_types_bulk(l1s, domid)
     frames.get_page_and_type(l4, domid, PageType.L4)  # the toolstack's PIN_L4_TABLE
+    for l1 in l1s.tolist():
+        frames.put_page_type(l1)
     frames.set_pinned(l4, True)
     frames.get_page_and_type(l4, domid, PageType.L4)  # vCPU 0's kernel base
     boot = domain.vcpus[0]
@@ -268,7 +273,21 @@ def teardown_step(problems: list[str], what: str) -> Iterator[None]:
         problems.append(f"{what}: {type(e).__name__}: {e}")
 
 
-def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
+def owned_frames(frames: FrameTable, domain: Domain, nr_owned: int | None = None) -> np.ndarray:
+    """The frames `domain` owns, in mfn order (Xen's d->page_list and d->xenpage_list,
+    docs/xen.md section 21): those the builder gave it, which are its P2M's and its shared
+    info, as no frame changes owner while its domain lives. Checked against how many it owns,
+    `nr_owned` (by default the frame table's counts, which audit checks), so that a frame that
+    became the domain's otherwise (a bug, which audit reports) is still found, by a scan of the
+    whole frame table."""
+    if nr_owned is None:
+        nr_owned = frames.tot_pages.item(domain.domid) + frames.xenheap_pages.item(domain.domid)
+    mine = np.sort(np.append(domain.p2m, domain.shared_info_mfn))
+    mine = mine[(frames.owner[mine] == domain.domid) & np.append(True, mine[1:] != mine[:-1])]  # once each, should the P2M repeat one
+    return mine if len(mine) == nr_owned else np.flatnonzero(frames.owner == domain.domid)
+
+
+def relinquish(frames: FrameTable, pagetables, domain: Domain, owned: np.ndarray) -> list[str]:
     """Release everything a dying domain holds (xen/arch/x86/domain.c:domain_relinquish_resources).
 
     Order as in docs/xen.md section 12.4: vCPU base pointers, registered vcpu_info areas and the tables the
@@ -281,7 +300,8 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
     instead of every frame the L1 maps. Runs in one go: the toolstack's destruction is not
     preemptible in xensim.
 
-    Returns what went wrong (see `teardown_step`): nothing, in a sound model. Frames still
+    `owned` are the domain's frames (`owned_frames`). Returns what went wrong (see
+    `teardown_step`): nothing, in a sound model. Frames still
     referenced afterwards stay allocated to the domain for the caller to quarantine.
     """
     problems: list[str] = []
@@ -300,7 +320,6 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
         vcpu.tlb.flush()
     with teardown_step(problems, f"shared-info mfn {domain.shared_info_mfn:#x}"):
         frames.put_page_type(domain.shared_info_mfn)
-    owned = np.flatnonzero(frames.owner == domain.domid)
     for mfn in owned[(frames.flags[owned] & PINNED) != 0].tolist():
         frames.set_pinned(mfn, False)
         with teardown_step(problems, f"pin of mfn {mfn:#x}"):

@@ -538,12 +538,13 @@ def event_channel_op(hv: "Hypervisor", current: "Vcpu", cmd: str, **fields):
 # -- audit ---------------------------------------------------------------------------------
 
 
-def audit(hv: "Hypervisor") -> list[str]:
-    """Port-table invariants: interdomain bindings are symmetric, virq_to_evtchn and the VIRQ
-    ports agree both ways (so no VIRQ is bound twice on a vCPU), every notify vCPU exists, no
-    port is bound beyond the cap, and pollers are blocked and listed in the poll mask."""
+def audit(hv: "Hypervisor", domains: list | None = None) -> list[str]:
+    """Port-table invariants of `domains` (else every domain's): interdomain bindings are
+    symmetric, virq_to_evtchn and the VIRQ ports agree both ways (so no VIRQ is bound twice on
+    a vCPU), every notify vCPU exists, no port is bound beyond the cap, and pollers are blocked
+    and listed in the poll mask."""
     findings: list[str] = []
-    for domain in hv.domains.values():
+    for domain in hv.domains.values() if domains is None else domains:
         table, limit, d = domain.evtchn, _port_limit(domain), domain.domid
         if not table or len(table) % EVTCHNS_PER_BUCKET or table[0].state != ECS.RESERVED:
             findings.append(f"dom{d}: port table of {len(table)} ports is not whole buckets with port 0 reserved")

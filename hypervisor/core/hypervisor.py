@@ -23,9 +23,9 @@ from .abi import (
     STEP_WORK,
     Errno,
 )
-from .domain import INVALID_M2P, Domain, Vcpu, build, relinquish, teardown_step
+from .domain import INVALID_M2P, Domain, Vcpu, build, owned_frames, relinquish, teardown_step
 from .errors import Restart, XenError
-from .frames import ALLOCATED, XEN_HEAP, FrameTable
+from .frames import ALLOCATED, FrameTable
 from .memory import MachineMemory
 from .pagetable import PageTables
 from .preempt import Budget, Continuation
@@ -154,10 +154,10 @@ class Hypervisor:
         self.frames = FrameTable(nr_frames, self.memory)
         self.budget: Budget = self.frames.budget  # work per entry into the core (preempt.py)
         self.budget.per_call = preempt_work
-        xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES)
-        self.frames.flags[xen] |= np.uint8(XEN_HEAP)
+        xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES, xen_heap=True)
         self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]))
         self.frames.forget_mappings = self._forget_mappings
+        self.frames.forget_mappings_of = self._forget_mappings_of
         self.m2p = np.full(nr_frames, INVALID_M2P, dtype=np.uint64)
         self.domains: dict[int, Domain] = {}
         self._next_domid = 1
@@ -256,6 +256,14 @@ class Hypervisor:
                 if vcpu.tlb.maps(mfn):
                     vcpu.tlb.forget_mfn(mfn)
 
+    def _forget_mappings_of(self, mfns: np.ndarray, owner: int) -> None:
+        """`_forget_mappings` of many frames of `owner` at once: each of its vCPUs checks the
+        few frames its TLB maps against them."""
+        domain = self.domains.get(owner)
+        for vcpu in domain.vcpus if domain is not None else ():
+            for mfn in vcpu.tlb.mapped(mfns):
+                vcpu.tlb.forget_mfn(mfn)
+
     # -- toolstack ---------------------------------------------------------------------------
 
     def create_domain(
@@ -292,8 +300,8 @@ class Hypervisor:
             evtchn.close_all(self, domain)
         with teardown_step(problems, "timers"):
             self.sched.forget(domain)
-        owned = np.flatnonzero(self.frames.owner == domid)
-        problems += relinquish(self.frames, self.pagetables, domain)
+        owned = owned_frames(self.frames, domain)
+        problems += relinquish(self.frames, self.pagetables, domain, owned)
         del self.domains[domid]
         self.m2p[owned] = INVALID_M2P
         stranded = owned[self.frames.owner[owned] == domid]
@@ -331,9 +339,9 @@ class Hypervisor:
 
     def tot_pages(self, domid: int) -> int:
         """Xen's d->tot_pages: frames the domain owns, not counting Xen-heap pages shared
-        with it (shared info), which Xen keeps on a list of their own."""
-        frames = self.frames
-        return int(np.count_nonzero((frames.owner == domid) & ((frames.flags & XEN_HEAP) == 0)))
+        with it (shared info), which Xen keeps on a list of their own (frames.py keeps both
+        counts; audit checks them)."""
+        return self.frames.tot_pages.item(domid)
 
     def allocated_frames(self) -> int:
         return int(np.count_nonzero(self.frames.flags & ALLOCATED))

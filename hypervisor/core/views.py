@@ -30,7 +30,7 @@ from .abi import (
     PageType,
     Pte,
 )
-from .domain import INVALID_M2P, Domain, Vcpu
+from .domain import INVALID_M2P, Domain, Vcpu, owned_frames
 from .errors import XenError
 from .evtchn import ECS, vcpu_info_words
 from .evtchn import status as evtchn_status
@@ -125,16 +125,18 @@ def evtchn_ports(hv: Hypervisor, domain: Domain) -> list[dict]:
 def domain_summary(hv: Hypervisor, domain: Domain) -> dict:
     """Debug key 'q' condensed (xen/arch/x86/mm.c and common/keyhandler.c dump a domain's
     page list): the domain's frames counted by type, its pagetables that are validated and
-    pinned, and its writable mappings (writable type references on its data frames)."""
+    pinned, and its writable mappings (writable type references on its data frames). Reads
+    the domain's own frames only (domain.owned_frames)."""
     frames = hv.frames
-    owned = np.flatnonzero(frames.owner == domain.domid)
+    owned = owned_frames(frames, domain)
     types = frames.type[owned]
     flags = frames.flags[owned]
     tables = np.isin(types, _PAGETABLE)
     writable = owned[types == PageType.WRITABLE]
+    by_type = np.bincount(types, minlength=len(PageType))
     return {
         "frames": len(owned),
-        "by_type": {PageType(t).name: int(n) for t, n in zip(*np.unique(types, return_counts=True))},
+        "by_type": {PageType(t).name: int(n) for t, n in enumerate(by_type.tolist()) if n},
         "pagetables": int(np.count_nonzero(tables)),
         "validated_pagetables": int(np.count_nonzero(tables & ((flags & VALIDATED) != 0))),
         "pinned_pagetables": int(np.count_nonzero(tables & ((flags & PINNED) != 0))),
