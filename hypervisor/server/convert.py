@@ -48,10 +48,10 @@ class Op:
 # -- checks of malformed input ----------------------------------------------------------------
 
 
-def _count(items, path: str, limit: int) -> None:
+def _count(items, path: str, field: str, limit: int) -> None:
     """A batch's size: Xen's loops take none too (done 0); the simulator bounds the rest."""
     if len(items) > limit:
-        raise BadRequest(path, f"{len(items)} entries; 0 to {limit} allowed")
+        raise BadRequest(f"{path}{field}", f"{len(items)} entries; 0 to {limit} allowed")
 
 
 def _enum(value: int, enum: EnumDescriptor, path: str) -> int:
@@ -110,12 +110,12 @@ def _domid(msg: Message, name: str) -> int:
 
 
 def _mmu_update_args(msg, path, clock) -> dict:
-    _count(msg.reqs, f"{path}reqs", MAX_BATCH)
+    _count(msg.reqs, path, "reqs", MAX_BATCH)
     return {"reqs": [[r.ptr, r.val] for r in msg.reqs], "foreigndom": _domid(msg, "foreigndom")}
 
 
 def _mmuext_op_args(msg, path, clock) -> dict:
-    _count(msg.ops, f"{path}ops", MAX_BATCH)
+    _count(msg.ops, path, "ops", MAX_BATCH)
     cmd = common_pb2.MmuextCmd.DESCRIPTOR
     ops = [[_xen_number(op.cmd, cmd, f"{path}ops[{i}].cmd"), op.arg1, op.arg2] for i, op in enumerate(msg.ops)]
     return {"ops": ops, "foreigndom": _domid(msg, "foreigndom")}
@@ -129,7 +129,7 @@ def _update_va_mapping_args(msg, path, clock) -> dict:
 
 
 def _multicall_args(msg, path, clock) -> dict:
-    _count(msg.entries, f"{path}entries", MAX_BATCH)
+    _count(msg.entries, path, "entries", MAX_BATCH)
     calls = []
     for i, entry in enumerate(msg.entries):
         where = f"{path}entries[{i}]."

@@ -135,7 +135,7 @@ class Stream:
         if vcpu.down:
             self.started_sent = False
             return []
-        if slot.domid in self.runtime.paused or hv.domains[slot.domid].shutdown_code is not None:
+        if slot.domid in self.runtime.paused or domain.shutdown_code is not None:
             return []  # paused, by the toolstack or by domain_shutdown: the vCPU runs nothing
         pushes = []
         if not self.started_sent:
