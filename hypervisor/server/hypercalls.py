@@ -2,9 +2,10 @@
 
 Every call, whether a unary RPC, one call of a Session message or (inside the core) a
 multicall entry, goes through `convert.CALLS`: request -> core op and arguments -> core
-result -> response. `execute` runs one such call for the authenticated vCPU and returns its
-response or the google.rpc.Status it failed with; a unary RPC fails with that status, a
-Session puts it in the call's CallResult and carries on.
+result -> response. `execute` runs one such call for the authenticated vCPU, filling its
+response message in place (the unary RPC's, or the Session's CallResult's), or returns the
+google.rpc.Status it failed with; a unary RPC fails with that status, a Session puts it in
+the call's CallResult and carries on.
 """
 
 import grpc
