@@ -184,10 +184,9 @@ class Hypervisor:
         return self._dispatch([domid, vcpu_id], continuation.op, continuation.args, continuation)
 
     def _dispatch(self, caller: list | None, op: str, args: dict, resumed: Continuation | None = None) -> Any:
-        if resumed is None:
-            record = {"caller": caller, "op": op, "args": args}
-        else:
-            record = {"caller": caller, "op": op, "resume": resumed.summary()}
+        record = None  # the trace's, made only while something traces
+        if self.tracer:
+            record = {"caller": caller, "op": op, "args": args} if resumed is None else {"caller": caller, "op": op, "resume": resumed.summary()}
         self.budget.start()
         self.budget.charge(STEP_WORK)
         try:
@@ -214,7 +213,7 @@ class Hypervisor:
                     result = handler(self, vcpu, **args)
         except XenError as e:
             self.count(caller and caller[0], (op, e.errno.name))
-            if self.tracer:
+            if record is not None:
                 record["error"] = error_result(e)
                 self.tracer(record)
             raise
@@ -222,7 +221,7 @@ class Hypervisor:
         # simulator says so in its result (destroy_domain): counted apart, as the loud outcome it is.
         if not isinstance(result, Continuation):
             self.count(caller and caller[0], (op, "bug" if isinstance(result, dict) and "bug" in result else "ok"))
-        if self.tracer:
+        if record is not None:
             record["result"] = result
             self.tracer(record)
         return result
