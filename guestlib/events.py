@@ -45,10 +45,12 @@ class EventChannels:
     bind_evtchn_to_cpu): the scan takes only this vCPU's ports out of the shared bitmaps.
     """
 
-    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int):
+    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int, vcpu_info_va: int | None = None):
+        """`vcpu_info_va`: where the vCPU's vcpu_info is mapped if it was moved out of shared
+        info (VCPUOP_register_vcpu_info); shared info's slot for the vCPU otherwise."""
         self._client = client
         self._shared_info = shared_info_va
-        self._vcpu_info = shared_info_va + SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu_id
+        self._vcpu_info = shared_info_va + SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu_id if vcpu_info_va is None else vcpu_info_va
         self._handlers: dict[int, Handler] = {}
         self._prefetch: dict[int, Prefetch] = {}
 

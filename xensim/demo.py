@@ -23,7 +23,7 @@ from guestlib.kernel.shootdown import VARIANTS
 from xensim import scenario
 from xensim.errors import EXIT_INTERRUPTED, at_least, writable_file
 from xensim.launch import default_trace, hypervisor_server, machine_frames
-from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, run_stress, variant_help
+from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, named_problems, run_stress, variant_help
 
 # stat -> heading, in Linux's terms, two lines each so that the table fits 80 columns.
 COLUMNS = {
@@ -114,6 +114,8 @@ def _print_report(console: Console, report: dict) -> None:
     for bug in report["kernel_bugs"]:
         console.print(f"    {bug}", style="red")
     console.print(f"  audit findings      {report['audit_findings']:>8}")
+    for line in named_problems(report):
+        console.print(f"    {line}", style="red", markup=False, highlight=False)
     console.print(f"  leaked frames       {report['leaked_frames']:>8}")
     console.print(f"  unaccounted frames  {report['unaccounted_frames']:>8}")
     if report.get("killed_vcpus"):
@@ -181,11 +183,13 @@ def main(args: argparse.Namespace) -> int:
             report |= {"seed": args.seed, "variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace)}
             _print_report(console, report)
             status = EXIT_INTERRUPTED if report["interrupted"] else int(failed(report))
-    if trace and not args.race and report["kernel_bugs"]:  # the trace is complete: the server stopped
-        from xensim.explain import explain
+    if trace and not args.race and failed(report):  # the trace is complete: the server stopped
+        from xensim.explain import explain_run
 
-        for explained in explain(trace, matching=report["kernel_bugs"]):
-            console.print(explained["text"], markup=False, highlight=False, soft_wrap=True)
+        explained = explain_run(trace, report)
+        report["explained"] = [e["data"] for e in explained]
+        for e in explained:
+            console.print(e["text"], markup=False, highlight=False, soft_wrap=True)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)

@@ -1,6 +1,6 @@
 """The balloon driver: this CPU gives pages back to Xen and takes them again, under load.
 
-Reference: docs/xen.md section 21.3 (Linux's drivers/xen/balloon.c). Giving back (inflating
+Reference: docs/xen.md section 23.3 (Linux's drivers/xen/balloon.c). Giving back (inflating
 the balloon): unmap each page from the direct map, flush every TLB (flush_tlb_all), mark its
 P2M entry invalid in guest memory (the list the builder handed over, start_info.mfn_list, and
 this CPU's copy of it), then XENMEM_decrease_reservation with the frames, all in one message.

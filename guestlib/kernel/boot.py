@@ -4,8 +4,9 @@ Reference: docs/linux.md sections 7.1 and 9. vCPU 0 boots from start-info: it re
 builds the page allocator's bitmap, marks the boot pagetable's pages PG_pinned (Linux's hook
 once the allocator exists: they were pinned by the domain builder), builds the fixmap (a kernel
 L3/L2/L1 under the swapper pgd's top slot) holding the shared-info frame and one kmap slot per
-CPU, binds every CPU's IPI ports, and brings the other vCPUs up with VCPUOP_initialise (on the
-swapper pgd) and VCPUOP_up. Secondary vCPU processes wait until they are started and the
+CPU, binds every CPU's IPI ports, stops every vCPU's periodic timer and moves its vcpu_info into
+its per-CPU page (docs/linux.md section 11), and brings the other vCPUs up with
+VCPUOP_initialise (on the swapper pgd) and VCPUOP_up. Secondary vCPU processes wait until they are started and the
 kernel's magic is written, then attach like vCPU 0.
 """
 
@@ -77,6 +78,7 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool) -> 
     ports = [[batch.evtchn_bind_ipi(c) for _ in IPI_KINDS] for c in range(kl.nr_cpus)]
     await batch.flush()
     batch = cpu.msg()
+    checked_later, again = [], []
     shared_info = kl.fixmap_va(FIX_SHARED_INFO)
     for c, bound in enumerate(ports):
         for kind, pending in zip(IPI_KINDS, bound):
@@ -85,13 +87,19 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool) -> 
         batch.atomic("fetch_or", shared_info + SHARED_INFO_EVTCHN_MASK + 8 * (kick // 64), 1 << kick % 64)
         for field in ("xen_cr3", "xen_current_cr3"):
             batch.store(kl.percpu(c, field)[0], pt.swapper_pfn)
-    bringup = [batch.vcpu_initialise(c, pt.mfn(pt.swapper_pfn), flags=VGCF_in_kernel) for c in range(1, kl.nr_cpus)]
+    for c in range(kl.nr_cpus):  # one-shot timers only, and each vcpu_info per-CPU (docs/linux.md section 11)
+        checked_later.append(batch.vcpu_stop_periodic_timer(c))
+        pfn, offset = kl.pfn_offset(kl.percpu(c, "vcpu_info")[0])
+        again.append(batch.vcpu_register_vcpu_info(c, pt.mfn(pfn), offset))
+    again += [batch.vcpu_initialise(c, pt.mfn(pt.swapper_pfn), flags=VGCF_in_kernel) for c in range(1, kl.nr_cpus)]
     batch.store(kl.kglobal("magic")[0], KERNEL_MAGIC)
-    bringup += [batch.vcpu_up(c) for c in range(1, kl.nr_cpus)]
+    checked_later += [batch.vcpu_up(c) for c in range(1, kl.nr_cpus)]
     await batch.flush()
-    for pending in bringup:  # EEXIST: a vCPU 0 killed mid-boot already initialised it
+    for pending in checked_later:
+        checked(cpu, "bring up", pending)
+    for pending in again:  # EBUSY, EEXIST: a vCPU 0 killed mid-boot already did it
         error = pending.exception()
-        if not (error is None or getattr(error, "errno", None) == Errno.EEXIST):
+        if not (error is None or getattr(error, "errno", None) in (Errno.EBUSY, Errno.EEXIST)):
             checked(cpu, "bring up", pending)
 
 
@@ -125,7 +133,7 @@ async def attach(client: HypercallClient, vcpu_id: int, hook: Hook = _no_hook) -
     pt = PageTables(boot, kl)
     await pt.read_kernel_half(cpu)
     (variant, highpte) = await cpu.send(ops.load(kl.kglobal("variant")[0]), ops.load(kl.kglobal("highpte")[0]))
-    events = EventChannels(client, kl.fixmap_va(FIX_SHARED_INFO), vcpu_id)
+    events = EventChannels(client, kl.fixmap_va(FIX_SHARED_INFO), vcpu_id, kl.percpu(vcpu_id, "vcpu_info")[0])
     smp = Smp(cpu, events, await Smp.read_ports(cpu))
     kernel = Kernel(cpu, pt, smp, VARIANTS[checked(cpu, "attach", variant)], bool(checked(cpu, "attach", highpte)))
     await _restore(kernel)

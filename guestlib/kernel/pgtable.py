@@ -2,7 +2,7 @@
 
 Every entry the kernel writes names a machine frame (pte_pfn_to_mfn through the P2M) and every
 entry it reads is turned back through the inverse (pte_mfn_to_pfn), a read of Xen's read-only
-M2P as Linux's mfn_to_pfn does (docs/linux.md section 9, docs/xen.md section 20).
+M2P as Linux's mfn_to_pfn does (docs/linux.md section 9, docs/xen.md section 22).
 How a table is written depends on its state, as in Linux (docs/linux.md section 4): an unpinned table is
 plain memory (a store through the direct map, or through this CPU's kmap slot for a highmem
 pte page); a pinned one only through mmu_update, batched in the lazy-MMU multicall.
@@ -66,7 +66,7 @@ class PageTables:
     @staticmethod
     def m2p_op(entry: int) -> Op:
         """mfn_to_pfn's read of machine_to_phys_mapping, Xen's read-only M2P
-        (docs/xen.md section 20), for the frame an entry maps; `pfn_of` checks its answer."""
+        (docs/xen.md section 22), for the frame an entry maps; `pfn_of` checks its answer."""
         return ops.load(RO_MPT_VIRT_START + 8 * ((entry & PTE_MFN_MASK) >> PAGE_SHIFT))
 
     def pfn_of(self, cpu: Cpu, entry: int, pending: Pending) -> int:

@@ -85,7 +85,7 @@ HYPERVISOR_L4_FIRST = 256
 HYPERVISOR_L4_LAST = 271
 HYPERVISOR_VIRT_START = 0xFFFF800000000000
 HYPERVISOR_VIRT_END = 0xFFFF880000000000
-L4_SLOT_RO_MPT = 256  # RO_MPT_VIRT_START: the read-only M2P, readable by the guest (docs/xen.md section 20)
+L4_SLOT_RO_MPT = 256  # RO_MPT_VIRT_START: the read-only M2P, readable by the guest (docs/xen.md section 22)
 L4_SLOT_LINEAR = 258  # LINEAR_PT_VIRT_START: Xen's own self-map of every L4
 L4_SLOT_PERDOMAIN = 260  # PERDOMAIN_VIRT_START: per-domain mappings (GDT/LDT shadows, mapcache)
 L4_SLOT_XEN = 261  # XEN_VIRT_START's slot: M2P, vmap, Xen's text and data, frame table
@@ -221,7 +221,7 @@ VIRQ_XENPMU = 13
 VIRQ_ARCH_0 = 16
 NR_VIRQS = 24
 
-# memory_op commands and flags (public/memory.h; docs/xen.md section 21).
+# memory_op commands and flags (public/memory.h; docs/xen.md section 23).
 XENMEM_increase_reservation = 0
 XENMEM_decrease_reservation = 1
 XENMEM_maximum_ram_page = 2
@@ -236,8 +236,13 @@ VCPUOP_initialise = 0
 VCPUOP_up = 1
 VCPUOP_down = 2
 VCPUOP_is_up = 3
+VCPUOP_get_runstate_info = 4
+VCPUOP_register_runstate_memory_area = 5
+VCPUOP_set_periodic_timer = 6
+VCPUOP_stop_periodic_timer = 7
 VCPUOP_set_singleshot_timer = 8
 VCPUOP_stop_singleshot_timer = 9
+VCPUOP_register_vcpu_info = 10
 VCPU_SSHOTTMR_future = 1 << 0  # Xen ignores it since 4.18 (a late deadline fires, never -ETIME)
 VGCF_in_kernel = 1 << 2
 VGCF_online = 1 << 5
@@ -260,3 +265,22 @@ SHUTDOWN_soft_reset = 5
 PFEC_page_present = 1
 PFEC_write_access = 2
 PFEC_user_mode = 4
+
+# Xen system time in ns (xen/include/xen/time.h): MILLISECS, and STIME_DELTA_MAX, the longest
+# period a timer takes (the largest s_time_t with two bits to spare).
+MILLISECS = 1_000_000
+STIME_DELTA_MAX = ((1 << 64) - 1) >> 2
+
+# The periodic timer (docs/vcpu-time.md section 5): every PV vCPU starts with a 10 ms period
+# (xen/arch/x86/pv/domain.c, pv_vcpu_initialise); VCPUOP_set_periodic_timer takes 1 ms to
+# STIME_DELTA_MAX (xen/common/domain.c, common_vcpu_op).
+PERIODIC_DEFAULT_NS = 10 * MILLISECS
+PERIODIC_MIN_NS = 1 * MILLISECS
+
+# struct vcpu_runstate_info (public/vcpu.h; docs/vcpu-time.md section 6): int state (padded to
+# 8 bytes), u64 state_entry_time, u64 time[4] indexed by state; 48 bytes in all.
+RUNSTATE_running = 0
+RUNSTATE_runnable = 1
+RUNSTATE_blocked = 2
+RUNSTATE_offline = 3
+RUNSTATE_INFO_SIZE = 48

@@ -20,7 +20,7 @@ two bases. The error code's U bit tells the guest's mode, as Xen's pv_inject_eve
 Xen's range (L4 slots 256..271) is never walked: an access there faults on the L4 entry Xen
 wrote into every base (pagetable.xen_l4_slots), which is empty or lacks USER, whatever lies
 below it, and whatever the base's slot holds. The one exception is the read-only M2P, which
-Xen maps readable in slot 256 of a kernel base (docs/xen.md section 20): a read there returns
+Xen maps readable in slot 256 of a kernel base (docs/xen.md section 22): a read there returns
 the M2P's entry, a write faults. Xen passes such a fault to the guest (xen/arch/x86/traps.c fixup_page_fault does not
 emulate in Xen's range). The error code's P bit is that of Xen's L4 entry: the model has none
 of Xen's lower tables, where a real walk could meet a hole and clear it.
@@ -148,7 +148,7 @@ def _maps_ro_mpt(hv: "Hypervisor", root: int) -> bool:
 
 def _m2p_read(hv: "Hypervisor", vcpu: Vcpu, va: int, length: int, user: bool) -> bytes | None:
     """What a read of `length` bytes at `va` gets from Xen's read-only M2P
-    (machine_to_phys_mapping, docs/xen.md section 20): the M2P entry of mfn (va -
+    (machine_to_phys_mapping, docs/xen.md section 22): the M2P entry of mfn (va -
     RO_MPT_VIRT_START) / 8, as MMU_MACHPHYS_UPDATE and memory_op last set it, when the base
     maps the M2P in slot 256; None where it does not (the access faults)."""
     first = va - RO_MPT_VIRT_START

@@ -1,4 +1,4 @@
-"""HYPERVISOR_memory_op (docs/xen.md section 21): a domain's memory reservation, as
+"""HYPERVISOR_memory_op (docs/xen.md section 23): a domain's memory reservation, as
 xen/common/memory.c's do_memory_op answers a 64-bit PV guest.
 
 Theory of operation. A PV guest is not translated: its "gmfn" is the machine frame itself, Xen

@@ -1,11 +1,11 @@
-"""HYPERVISOR_memory_op (docs/xen.md section 21; xen/common/memory.c do_memory_op,
+"""HYPERVISOR_memory_op (docs/xen.md section 23; xen/common/memory.c do_memory_op,
 increase_reservation, decrease_reservation, populate_physmap, memory_exchange,
 guest_remove_page): counts, errnos, limits, preemption, and a failure that changes nothing."""
 
 import numpy as np
 import pytest
 
-from hypervisor.core import Continuation, Hypervisor, XenError, audit
+from hypervisor.core import Continuation, Hypervisor, XenError, audit, audit_domain
 from hypervisor.core.abi import DOMID_SELF, INVALID_M2P, INVALID_MFN, PAGE_SHIFT, RO_MPT_VIRT_START, Errno, MmuextCmd
 from hypervisor.core.domain import MAXMEM_SLACK_PAGES
 from hypervisor.core.memop import DOMU_MAX_ORDER
@@ -278,3 +278,24 @@ def test_balloon_round_trip_through_the_m2p(hv, guest):
         guest.store(guest.direct_va(pfn), pfn)
     guest.mmuext((MmuextCmd.TLB_FLUSH_LOCAL, 0))
     assert [guest.load(guest.direct_va(p)) for p, _ in pages] == [p for p, _ in pages]
+
+
+def test_page_counts_audit_and_destroy_follow_frames_that_changed_owner(hv, guest):
+    """The per-owner counts (docs/xen.md section 21) follow every frame memory_op gives or
+    takes, and the domain's frames are found beyond its P2M: one given back but still pinned
+    (no P2M entry, still the domain's) and an extent taken outside the P2M. audit_domain and
+    destruction find both; destruction frees every frame, none quarantined."""
+    pfn, pinned = guest.alloc()
+    guest.make_readonly(pfn)
+    guest.pin(1, pinned)
+    assert give_back(guest, [pinned])["result"] == 1
+    assert memop(guest, "increase_reservation", nr_extents=1, extent_order=2)["result"] == 1
+    frames, d = hv.frames, guest.domid
+    owned = np.flatnonzero(frames.owner == d)
+    assert memop(guest, "current_reservation")["result"] == hv.tot_pages(d) == len(owned) - 1  # less shared info
+    assert audit(hv) == [] and audit_domain(hv, d) == []
+    free = frames.free_frames()
+    result = hv.destroy_domain(d)
+    assert result["freed_frames"] == len(owned) and result["quarantined_frames"] == [] and "bug" not in result
+    assert frames.free_frames() == free + len(owned) and frames.tot_pages[d] == frames.xenheap_pages[d] == 0
+    assert audit(hv) == []

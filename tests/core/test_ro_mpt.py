@@ -1,4 +1,4 @@
-"""The read-only M2P Xen maps for every PV guest (docs/xen.md section 20): slot 256 of a kernel
+"""The read-only M2P Xen maps for every PV guest (docs/xen.md section 22): slot 256 of a kernel
 base maps machine_to_phys_mapping at RO_MPT_VIRT_START, readable by the guest, read-only,
 reflecting every M2P change at once; a table never loaded as a kernel base has it empty
 (xen/arch/x86/mm.c init_xen_l4_slots, fill_ro_mpt, new_guest_cr3)."""

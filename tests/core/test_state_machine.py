@@ -4,8 +4,9 @@ Rules are hypercalls (bad levels, foreign frames, writable mappings of tables, d
 unpins of unpinned frames, Xen's reserved slots, stray commands, foreign-domain tricks), and
 garbage left in frames before they become tables: arbitrary words and words that look like
 entries naming another domain's frames, Xen's frames or frames past the end of RAM, in any
-slot, Xen's L4 slots 256..271 included. Invariants: audit finds nothing (its reachability
-check included: no translation of any base, pin or TLB reaches a frame its domain may not),
+slot, Xen's L4 slots 256..271 included. Invariants: audit finds nothing, of the machine or of
+any one domain (its reachability check included: no translation of any base, pin or TLB
+reaches a frame its domain may not; its frame counts per owner included),
 every access to Xen's range faults, no exception but XenError (or VcpuNotRunning, for a vCPU
 that is down or of a domain that shut down) escapes, and a call that fails before committing
 any entry leaves the model exactly as it was. Domains are destroyed and re-created along the
@@ -34,7 +35,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from hypervisor.core import Continuation, Hypervisor, VcpuNotRunning, XenError, audit
+from hypervisor.core import Continuation, Hypervisor, VcpuNotRunning, XenError, audit, audit_domain
 from hypervisor.core.abi import (
     DOMID_IO,
     DOMID_SELF,
@@ -288,13 +289,13 @@ class HostileGuests(RuleBasedStateMachine):
         outcome = self.attempt(who, op, vcpu, **args)
         if va in XEN_VAS and not isinstance(outcome, VcpuNotRunning):
             if va == RO_MPT_VIRT_START and op in ("load", "read") and "fault" not in outcome:
-                # the read-only M2P, mapped in a kernel base (docs/xen.md section 20): mfn 0's entry
+                # the read-only M2P, mapped in a kernel base (docs/xen.md section 22): mfn 0's entry
                 value = outcome.get("value", int.from_bytes(outcome.get("data", b""), "little"))
                 assert value == int(self.hv.m2p[0]), f"{op} of the read-only M2P: {outcome}"
             else:
                 assert isinstance(outcome, dict) and "fault" in outcome, f"{op} at {va:#x} in Xen's range: {outcome}"
 
-    # -- memory_op (docs/xen.md section 21) ------------------------------------------------------
+    # -- memory_op (docs/xen.md section 23) ------------------------------------------------------
 
     @rule(who=WHO, vcpu=VCPU, pfns=st.lists(st.sampled_from(POOL), max_size=4, unique=True), extra=st.lists(st.one_of(tables, frames), max_size=2), order=st.sampled_from([0, 0, 1, 10]), peer=WHO, foreign=st.booleans())
     def balloon_out(self, who, vcpu, pfns, extra, order, peer, foreign):
@@ -362,8 +363,12 @@ class HostileGuests(RuleBasedStateMachine):
 
     @invariant()
     def audit_is_clean(self):
+        """The whole machine's audit (which checks the per-owner frame counts too) and each
+        domain's own, which must agree with it (audit.audit_domain)."""
         if hasattr(self, "hv"):
             assert audit(self.hv) == []
+            for guest in self.guests:
+                assert audit_domain(self.hv, guest.domid) == []
 
     def teardown(self):
         if hasattr(self, "hv"):

@@ -108,6 +108,8 @@ def build_victim(server) -> Victim:
     c_port = _evtchn(c, alloc_unbound=h.EvtchnAllocUnbound(remote_dom=a.domid))
     ports["interdomain"] = _evtchn(a, bind_interdomain=h.EvtchnBindInterdomain(remote_dom=c.domid, remote_port=c_port))
     a.call("EventChannelOp", h.EventChannelOpRequest(send=h.EvtchnSend(port=ports["ipi"])))  # pending: an unmask would deliver it
+    for vcpu in range(3):  # as Linux at boot: no periodic VIRQ_TIMER to change A between two looks
+        a.call("VcpuOp", h.VcpuOpRequest(vcpuid=vcpu, stop_periodic_timer=h.VcpuStopPeriodicTimer()))
     victim = Victim(a, secret_pfn, secret, l1_pfn, l1, plain, ports, a.frame_runs())
     victim.state()  # its reads fill A's TLB once; from now on they only hit
     return victim
@@ -230,7 +232,7 @@ def chain_in_xen_slot(base: str):
 
 
 def chain_outcome(base: str) -> tuple[str, ...]:
-    """Under a kernel base slot 256 maps Xen's read-only M2P (docs/xen.md section 20): the load
+    """Under a kernel base slot 256 maps Xen's read-only M2P (docs/xen.md section 22): the load
     and the read get M2P entries, not the chain; the rest fault."""
     accesses = ("ok", "fault", "fault", "fault", "ok", "fault") if base == "NEW_BASEPTR" else ("fault",) * 6
     return ("ok",) * (4 if base == "PIN_L4" else 3) + accesses
@@ -424,6 +426,17 @@ ATTACKS = [
     Attack("VCPUOP_set_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ENOENT"),
     Attack("VCPUOP_set_singleshot_timer fires on B only", "VcpuOp", lambda a, b: vcpu_op(0, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ok"),
     Attack("VCPUOP_stop_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, stop_singleshot_timer=h.VcpuStopSingleshotTimer()), "ENOENT"),
+    Attack("VCPUOP_set_periodic_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, set_periodic_timer=h.VcpuSetPeriodicTimer(period_ns=10**6)), "ENOENT"),
+    Attack("VCPUOP_set_periodic_timer ticks on B only", "VcpuOp", lambda a, b: vcpu_op(1, set_periodic_timer=h.VcpuSetPeriodicTimer(period_ns=10**6)), "ok"),
+    Attack("VCPUOP_stop_periodic_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, stop_periodic_timer=h.VcpuStopPeriodicTimer()), "ENOENT"),
+    Attack("VCPUOP_get_runstate_info of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, get_runstate_info=h.VcpuGetRunstateInfo()), "ENOENT"),
+    Attack("VCPUOP_register_runstate_memory_area of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=beyond(b))), "ENOENT"),
+    Attack("VCPUOP_register_runstate_memory_area in Xen's range", "VcpuOp", lambda a, b: vcpu_op(0, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=XEN_VA)), "EFAULT"),
+    Attack("VCPUOP_register_runstate_memory_area where B maps nothing: its copies fault", "VcpuOp", lambda a, b: vcpu_op(0, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=beyond(b))), "ok"),
+    Attack("VCPUOP_register_vcpu_info of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=b.mfn(own_pfn(b)))), "ENOENT"),
+    Attack("VCPUOP_register_vcpu_info on A's secret page", "VcpuOp", lambda a, b: vcpu_op(0, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.secret)), "EINVAL"),
+    Attack("VCPUOP_register_vcpu_info on A's shared info", "VcpuOp", lambda a, b: vcpu_op(1, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.shared_info, offset=64)), "EINVAL"),
+    Attack("VCPUOP_register_vcpu_info on A's pinned L1", "VcpuOp", lambda a, b: vcpu_op(0, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.l1)), "EINVAL"),
     # SCHEDOP, timers, version, echo
     Attack("poll A's port numbers", "SchedOp", lambda a, b: sched(poll=h.SchedPoll(ports=[a.ports["ipi"], a.ports["virq"]], timeout_ns=1)), "EINVAL"),
     Attack("shutdown shuts B down, not A", "SchedOp", lambda a, b: sched(shutdown=h.SchedShutdown(reason=C.SHUTDOWN_REASON_CRASH)), "ok"),
@@ -450,7 +463,7 @@ ATTACKS = [
     Attack("update_va_mapping in Xen's range", "UpdateVaMapping", lambda a, b: uvm(XEN_LINEAR_VA, pte(a.secret)), "EINVAL"),
     Attack("TLB_FLUSH_MULTI with a bitmap in Xen's range", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_TLB_FLUSH_MULTI, 0, XEN_LINEAR_VA), "EINVAL"),
     *(Attack(f"a chain left in Xen's slot 256 before {base}", "Session", chain_in_xen_slot(base), chain_outcome(base)) for base in ("PIN_L4", "NEW_BASEPTR", "NEW_USER_BASEPTR")),
-    # memory_op: give back, take for, exchange and read A's reservation (docs/xen.md section 21)
+    # memory_op: give back, take for, exchange and read A's reservation (docs/xen.md section 23)
     Attack("decrease_reservation of A's secret frame", "MemoryOp", lambda a, b: memop(decrease_reservation=reservation([a.secret])), "ok", returns=lambda a, b: h.MemoryOpResponse(
         extent_start=[a.secret], stopped=f"ENXIO: extent 0 frame 0: mfn {a.secret:#x} is owned by dom{a.domid}, not dom{b.domid} (get_page)")),
     Attack("decrease_reservation naming A", "MemoryOp", lambda a, b: memop(decrease_reservation=reservation([a.plain], domid=a.domid)), "ok", returns=lambda a, b: h.MemoryOpResponse(
@@ -488,6 +501,17 @@ ATTACKS = [
             ]
         ),
         ("EBUSY", "EINVAL", "EBUSY", "EINVAL", "ENOENT", "EINVAL", "ok", "ok"),
+    ),
+    Attack(
+        "a multicall inside a multicall: refused in that entry only (do_multicall)",
+        "Multicall",
+        lambda a, b: h.MulticallRequest(
+            entries=[
+                h.MulticallEntry(multicall=h.MulticallRequest(entries=[entry(ext(C.MMUEXT_CMD_UNPIN_TABLE, a.l4))])),
+                entry(ext(C.MMUEXT_CMD_UNPIN_TABLE, a.l4)),
+            ]
+        ),
+        ("EINVAL", "EINVAL"),
     ),
     # credentials (hypercalls.proto: the caller is the token's domain, the id one of its vCPUs)
     Attack("B's token naming a vCPU only A has", "XenVersion", lambda a, b: h.XenVersionRequest(), "INVALID_ARGUMENT", b_naming_a_only_vcpu),

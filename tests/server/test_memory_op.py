@@ -1,6 +1,6 @@
-"""memory_op over a real server (docs/xen.md section 21): a balloon of more extents than one
+"""memory_op over a real server (docs/xen.md section 23): a balloon of more extents than one
 run of the call does (abi.PREEMPT_WORK), so that the server goes on with its continuations,
-and the read-only M2P that reflects it (docs/xen.md section 20)."""
+and the read-only M2P that reflects it (docs/xen.md section 22)."""
 
 import pytest
 

@@ -228,8 +228,9 @@ class HypercallsServicer:
 
     def VcpuOp(self, request, context):
         """HYPERVISOR_vcpu_op (hypercall 24; docs/xen.md section 14): initialise, bring up, take down and
-        query a vCPU of the caller's domain, and set or stop the caller's single-shot timer.
-        ENOENT, EINVAL, EEXIST, ENOSYS.
+        query a vCPU of the caller's domain, set or stop the caller's single-shot timer and any
+        vCPU's periodic timer, read its runstate, and place its runstate area and vcpu_info.
+        ENOENT, EINVAL, EEXIST, EBUSY, ENXIO, EACCES, EFAULT, ENOSYS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -305,7 +306,7 @@ class HypercallsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MemoryOp(self, request, context):
-        """HYPERVISOR_memory_op (hypercall 12; docs/xen.md section 21): give frames back to Xen and take
+        """HYPERVISOR_memory_op (hypercall 12; docs/xen.md section 23): give frames back to Xen and take
         new ones (increase/decrease_reservation, populate_physmap, exchange), and read the
         reservation. The reservation ops answer a count, never an errno (Xen stops at the first
         extent it cannot do); exchange: EPERM, EINVAL, EFAULT, ESRCH, ENOMEM with nr_exchanged as
