@@ -359,6 +359,30 @@ class Hypercalls:
         """The XenVersionResponse: version, capabilities, virt_start, pagesize."""
         return self._issue(Op("xen_version", hypercalls_pb2.XenVersionRequest(), _field("xen_version")))
 
+    # -- HYPERVISOR_memory_op (docs/xen.md section 23) ----------------------------------------------
+
+    def _memory_op(self, decode: Callable, **op):
+        return self._issue(Op("memory_op", hypercalls_pb2.MemoryOpRequest(**op), decode))
+
+    def populate_physmap(self, pfns: Sequence[int], extent_order: int = 0):
+        """An extent for each pfn, its M2P set to it: the new mfns, one per extent done (fewer
+        than asked when Xen could not do them all)."""
+        return self._memory_op(_extents, populate_physmap=_reservation(pfns, extent_order))
+
+    def increase_reservation(self, nr_extents: int, extent_order: int = 0):
+        """nr_extents extents for this domain: their first mfns."""
+        return self._memory_op(_extents, increase_reservation=_reservation([0] * nr_extents, extent_order))
+
+    def decrease_reservation(self, mfns: Sequence[int], extent_order: int = 0):
+        """Give these extents back to Xen: how many were given back (all, unless Xen stopped)."""
+        return self._memory_op(_field("memory_op", "result"), decrease_reservation=_reservation(mfns, extent_order))
+
+    def current_reservation(self):
+        return self._memory_op(_field("memory_op", "result"), current_reservation={})
+
+    def maximum_reservation(self):
+        return self._memory_op(_field("memory_op", "result"), maximum_reservation={})
+
     # -- simulated memory accesses through this vCPU's MMU (memory.proto) -----------------------
 
     def load(self, va: int, size: int = 8, user: bool = False):
@@ -388,6 +412,15 @@ class Hypercalls:
     def echo(self, payload: bytes = b""):
         """The payload back, having touched nothing: the transport's floor."""
         return self._issue(Op("echo", hypercalls_pb2.EchoRequest(payload=payload), _field("echo", "payload")))
+
+
+def _reservation(extents: Sequence[int], order: int) -> hypercalls_pb2.XenMemoryReservation:
+    return hypercalls_pb2.XenMemoryReservation(extent_start=extents, nr_extents=len(extents), extent_order=order)
+
+
+def _extents(result) -> list[int]:
+    """The mfns a reservation op wrote, one per extent it did."""
+    return list(result.memory_op.extent_start[: result.memory_op.result])
 
 
 _PORT = _field("event_channel_op", "port")

@@ -19,6 +19,7 @@ from xensim.errors import Parser, address, at_least, fraction, run_program
 from .hypercalls import claim, connect
 from .kernel import scenarios
 from .kernel.boot import answer_pending_calls, attach, booted, start_of_day
+from .kernel.layout import BALLOON_SLOTS
 from .kernel.shootdown import VARIANTS
 from .kernel.workload import WorkloadConfig, run
 
@@ -77,6 +78,7 @@ def build_parser() -> Parser:
     parser.add_argument("--lifecycles", type=at_least(0), default=0, help="stop after this many (0: run for --seconds)")
     parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
+    parser.add_argument("--balloon", type=at_least(0, high=BALLOON_SLOTS), default=0, metavar="PAGES", help="pages each vCPU gives back to Xen and takes again between lifecycles (0: none)")
     parser.add_argument("--scenario", choices=scenarios.SCENARIOS, help="a scripted interleaving on two vCPUs instead of the workload")
     parser.add_argument("--progress", type=at_least(0.0, float), default=0, metavar="SECONDS", help="print a progress line this often (0: never)")
     return parser
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles)
+    config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles, balloon=args.balloon)
     workload = (args.variant, args.highpte, config, args.scenario, args.progress)
     if args.claim:
         report = trio.run(claim_and_run, args.server, args.token, *workload)

@@ -45,6 +45,8 @@ PADDR_BITS = 52
 PTE_MFN_MASK = ((1 << PADDR_BITS) - 1) & ~(PAGE_SIZE - 1)
 PAGE_OFFSET = 0xFFFF880000000000  # 64-bit Linux's direct map, L4 slot 272
 HYPERVISOR_VIRT_START = 0xFFFF800000000000
+RO_MPT_VIRT_START = HYPERVISOR_VIRT_START  # machine_to_phys_mapping, read-only: one u64 pfn per mfn
+INVALID_M2P = (1 << 64) - 1  # INVALID_M2P_ENTRY
 
 
 class Pte(IntEnum):

@@ -42,13 +42,32 @@ def test_demo_runs_reports_clean_and_its_trace_replays(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_stress_with_killed_vcpus_finishes_clean(tmp_path):
+    """With ballooning too: pages given back and taken again while vCPUs are killed; every
+    frame is accounted for at the end (free + owned = machine)."""
     report_file = tmp_path / "stress.json"
-    done = xensim("stress", "--domains", "2", "--vcpus", "4", "--seconds", "10", "--kill-vcpus", "0.15", "--json", str(report_file), timeout=220)
+    done = xensim("stress", "--domains", "2", "--vcpus", "4", "--seconds", "10", "--kill-vcpus", "0.15", "--balloon", "4", "--json", str(report_file), timeout=220)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(report_file.read_text())
     assert [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0] and report["kernel_bugs"] == []
+    assert report["unaccounted_frames"] == 0 and report["totals"]["ballooned_out"] > 0
     assert report["killed_vcpus"] > 0 and 0 < report["restarted_vcpus"] <= report["killed_vcpus"]  # a kill may land after a report
     assert report["unfinished_vcpus"] == 0 and report["process_lifecycles"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_demo_with_the_balloon_runs_clean_and_its_trace_replays(tmp_path):
+    """xensim demo --balloon: memory_op under load, every reused page checked, every frame
+    accounted for, and the trace (with its preempted memory_ops) replays to the same state."""
+    report_file, trace = tmp_path / "demo.json", tmp_path / "balloon.trace.gz"
+    done = xensim("demo", "--balloon", "--seconds", "5", "--json", str(report_file), "--trace", str(trace), timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(report_file.read_text())
+    assert [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0] and report["unaccounted_frames"] == 0
+    assert report["totals"]["ballooned_out"] > 0 and report["totals"]["ballooned_in"] > 0
+    assert "ballooned out" in done.stdout and "--balloon 16" in report["reproduce"]
+    with open_trace(str(trace)) as lines:
+        replayed, _ = replay(lines)
+    assert replayed.ok and replayed.digest_matched
 
 
 @pytest.mark.timeout(300)

@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from guestlib import Toolstack
+from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
 from xensim import scenario
 from xensim.errors import EXIT_INTERRUPTED, at_least, writable_file
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a quarter of the guest's memory)")
     parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
     parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant and --trace apply to it")
+    parser.add_argument("--balloon", type=at_least(1, high=BALLOON_SLOTS), nargs="?", const=16, default=0, metavar="PAGES", help="each vCPU gives PAGES (16) back to Xen and takes them again")
     parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
     parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
@@ -101,7 +103,7 @@ def _print_report(console: Console, report: dict) -> None:
     cut = ", interrupted" if report["interrupted"] else ""
     console.print(f"\n[bold]Report[/bold] ({seconds:.1f} s, {report['rpcs']:,} hypercall messages from the guest){cut}")
     console.print(f"  process lifecycles  {report['process_lifecycles']:>8}  ({report['process_lifecycles'] / seconds:,.1f}/s)")
-    for key in ("forks", "faults", "cow", "munmaps", "migrations", "lazy", "ipis_sent", "ipis_handled", "pins", "unpins"):
+    for key in ("forks", "faults", "cow", "munmaps", "migrations", "lazy", "ipis_sent", "ipis_handled", "pins", "unpins", "ballooned_out", "ballooned_in"):
         console.print(f"  {key.replace('_', ' '):<19} {totals.get(key, 0):>8}  ({totals.get(key, 0) / seconds:,.1f}/s)")
     console.print(f"  RPCs per lifecycle  {report['rpcs'] / max(report['process_lifecycles'], 1):>8.1f}")
     errors = report["hypercall_errors"]
@@ -115,6 +117,7 @@ def _print_report(console: Console, report: dict) -> None:
     for line in named_problems(report):
         console.print(f"    {line}", style="red", markup=False, highlight=False)
     console.print(f"  leaked frames       {report['leaked_frames']:>8}")
+    console.print(f"  unaccounted frames  {report['unaccounted_frames']:>8}")
     if report.get("killed_vcpus"):
         console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
     console.print(f"  seed, variant       {report['seed']}, {report['variant']}")
@@ -127,7 +130,7 @@ def _print_report(console: Console, report: dict) -> None:
 def _reproduce(args: argparse.Namespace, trace: str | None) -> str:
     """The command line that runs this demo again with the same settings (and a new trace)."""
     words = ["xensim", "demo", "--seconds", f"{args.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, "--seed", str(args.seed)]
-    words += ["--highpte"] * args.highpte + ([] if trace else ["--no-trace"])
+    words += ["--highpte"] * args.highpte + (["--balloon", str(args.balloon)] if args.balloon else []) + ([] if trace else ["--no-trace"])
     return shlex.join(words)
 
 
@@ -172,7 +175,10 @@ def main(args: argparse.Namespace) -> int:
             report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, args.seed, console)}
             status = 0
         else:
-            config = StressConfig(domains=1, vcpus=args.vcpus, seconds=args.seconds, seed=args.seed, variants=[args.variant], pages=args.pages, highmem_pages=args.pages // 4 if args.highpte else 0)
+            config = StressConfig(
+                domains=1, vcpus=args.vcpus, seconds=args.seconds, seed=args.seed, variants=[args.variant], pages=args.pages,
+                highmem_pages=args.pages // 4 if args.highpte else 0, balloon=args.balloon,
+            )  # fmt: skip
             report = trio.run(_run_once, server.address, config, console)
             report |= {"seed": args.seed, "variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace)}
             _print_report(console, report)

@@ -13,6 +13,7 @@ from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE
 MAX_MMS = 256
 MAX_TASKS = 512
 POOL_SLOTS = 120  # pfns a CPU keeps in each of its page pools
+BALLOON_SLOTS = 128  # pages a CPU's balloon may hold (balloon.py)
 RING_SLOTS = 28  # tasks in flight from one CPU's run queue to another's
 MAX_TABLES = 24  # L3, L2 and L1 pages an mm may own (its pgds are separate)
 KERNEL_MAGIC = 0x58454E53494D4B31  # "XENSIMK1": the kernel has booted
@@ -58,6 +59,7 @@ PERCPU = Struct(
     ("stats", 8 * 16),
     ("pool", 8 * POOL_SLOTS), ("hipool", 8 * POOL_SLOTS),
     ("vcpu_info", VCPU_INFO_SIZE),  # this vCPU's vcpu_info, registered at boot (xen_vcpu_setup)
+    ("balloon_count", 8), ("balloon_state", 8), ("balloon", 8 * BALLOON_SLOTS),  # balloon.py: its pages, generation << 1 | given back
     size=PAGE_SIZE,
 )  # fmt: skip
 MM = Struct(
@@ -76,7 +78,7 @@ PAGEINFO_SIZE = 4  # u32 per pfn: flags in the low byte, map count above (PAGE_C
 PG_PINNED, PG_TABLE, PG_RESERVED = 1, 2, 4
 PAGE_COUNT_ONE = 1 << 8
 
-STATS = ("lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs")
+STATS = ("lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs", "ballooned_out", "ballooned_in")
 
 
 @dataclass(frozen=True)

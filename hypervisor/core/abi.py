@@ -44,6 +44,7 @@ ENTRIES_PER_TABLE = 512
 PADDR_BITS = 52
 PTE_MFN_MASK = ((1 << PADDR_BITS) - 1) & ~(PAGE_SIZE - 1)  # pte bits 12..51
 INVALID_MFN = (1 << (PADDR_BITS - PAGE_SHIFT)) - 1  # the all-ones frame number
+INVALID_M2P = (1 << 64) - 1  # INVALID_M2P_ENTRY: the M2P entry of a frame no guest owns
 
 
 class Pte(IntEnum):
@@ -84,10 +85,12 @@ HYPERVISOR_L4_FIRST = 256
 HYPERVISOR_L4_LAST = 271
 HYPERVISOR_VIRT_START = 0xFFFF800000000000
 HYPERVISOR_VIRT_END = 0xFFFF880000000000
+L4_SLOT_RO_MPT = 256  # RO_MPT_VIRT_START: the read-only M2P, readable by the guest (docs/xen.md section 22)
 L4_SLOT_LINEAR = 258  # LINEAR_PT_VIRT_START: Xen's own self-map of every L4
 L4_SLOT_PERDOMAIN = 260  # PERDOMAIN_VIRT_START: per-domain mappings (GDT/LDT shadows, mapcache)
 L4_SLOT_XEN = 261  # XEN_VIRT_START's slot: M2P, vmap, Xen's text and data, frame table
 L4_SLOT_DIRECTMAP = 262  # DIRECTMAP_VIRT_START: the direct map of RAM, slots 262..271 for PV
+RO_MPT_VIRT_START = HYPERVISOR_VIRT_START  # machine_to_phys_mapping: one u64 pfn per mfn
 
 
 class MmuCmd(IntEnum):
@@ -217,6 +220,16 @@ VIRQ_ENOMEM = 12
 VIRQ_XENPMU = 13
 VIRQ_ARCH_0 = 16
 NR_VIRQS = 24
+
+# memory_op commands and flags (public/memory.h; docs/xen.md section 23).
+XENMEM_increase_reservation = 0
+XENMEM_decrease_reservation = 1
+XENMEM_maximum_ram_page = 2
+XENMEM_current_reservation = 3
+XENMEM_maximum_reservation = 4
+XENMEM_populate_physmap = 6
+XENMEM_exchange = 11
+XENMEMF_populate_on_demand = 1 << 16
 
 # vcpu_op commands (public/vcpu.h; docs/xen.md section 14) and vcpu_guest_context flags (arch-x86/xen.h).
 VCPUOP_initialise = 0

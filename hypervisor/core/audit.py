@@ -32,8 +32,8 @@ just as much (a second bug that hides the first from the frame's side).
 
 import numpy as np
 
-from .abi import DOMID_XEN, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, L4_SLOT_LINEAR, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
-from .domain import INVALID_M2P, owned_frames
+from .abi import DOMID_XEN, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, INVALID_M2P, INVALID_MFN, L4_SLOT_LINEAR, L4_SLOT_RO_MPT, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
+from .domain import owned_frames
 from .evtchn import audit as audit_ports
 from .frames import ALLOCATED, NO_OWNER, NR_OWNERS, PARTIAL, PARTIAL_SET, PINNED, VALIDATED, XEN_HEAP
 from .pagetable import LEVEL_OF_TYPE, LEVELS, XEN_SLOTS
@@ -256,28 +256,33 @@ def _counters(hv, owners: np.ndarray, tot_pages: np.ndarray, xenheap_pages: np.n
 def _p2m(hv, domain) -> list[Finding]:
     """The domain's P2M names distinct frames it owns, and the M2P maps them back (sort and
     compare neighbours to find a repeated mfn: a hash or set of a large P2M costs far more)."""
-    frames, d, p2m = hv.frames, domain.domid, domain.p2m
+    frames, d = hv.frames, domain.domid
+    pfns = np.flatnonzero(domain.p2m != INVALID_MFN)  # a frame given back has none (memop.py)
+    p2m = domain.p2m[pfns]
     out: list[Finding] = []
     if (frames.owner[p2m] != d).any():
         out.append((d, f"dom{d}: P2M names frames the domain does not own"))
     ordered = np.sort(p2m)
     if (ordered[1:] == ordered[:-1]).any():
         out.append((d, f"dom{d}: P2M maps two pfns to one mfn"))
-    expected_m2p = np.arange(len(p2m), dtype=np.uint64)
     checked = ~np.isin(p2m, list(domain.guest_m2p)) if domain.guest_m2p else np.ones(len(p2m), dtype=bool)
-    for pfn in np.flatnonzero(checked & (hv.m2p[p2m] != expected_m2p)).tolist():
-        out.append((d, f"dom{d}: P2M says pfn {pfn:#x} is mfn {int(p2m[pfn]):#x}, M2P says that mfn is pfn {int(hv.m2p[p2m[pfn]]):#x}"))
+    for k in np.flatnonzero(checked & (hv.m2p[p2m] != pfns.astype(np.uint64))).tolist():
+        out.append((d, f"dom{d}: P2M says pfn {int(pfns[k]):#x} is mfn {int(p2m[k]):#x}, M2P says that mfn is pfn {int(hv.m2p[p2m[k]]):#x}"))
     return out
 
 
 def xen_slots(hv, l4s: np.ndarray) -> list[Finding]:
     """Every validated L4 holds Xen's own entries in slots 256..271 (init_xen_l4_slots wrote
-    them at promotion, and nothing a guest can do writes them while the table is live)."""
+    them at promotion, and nothing a guest can do writes them while the table is live), slot
+    256 either empty or the read-only M2P (fill_ro_mpt)."""
     if not len(l4s):
         return []
     held = np.array([hv.memory.entries(l4)[XEN_SLOTS] for l4 in l4s.tolist()])
     want = np.tile(hv.pagetables.xen_l4_entries(0), (len(l4s), 1))
     want[:, L4_SLOT_LINEAR - HYPERVISOR_L4_FIRST] |= l4s.astype(np.uint64) << _SHIFT
+    ro_mpt = L4_SLOT_RO_MPT - HYPERVISOR_L4_FIRST  # empty, or filled once a kernel base (fill_ro_mpt)
+    filled = held[:, ro_mpt] == np.uint64(hv.pagetables.ro_mpt_entry)
+    want[filled, ro_mpt] = held[filled, ro_mpt]
     return [
         (_subject(hv, int(l4s[i])), f"L4 mfn {int(l4s[i]):#x} slot {HYPERVISOR_L4_FIRST + j} holds {int(held[i, j]):#x}, not Xen's {int(want[i, j]):#x}")
         for i, j in zip(*(a.tolist() for a in np.nonzero(held != want)))
@@ -343,6 +348,7 @@ class _Reach:
         if self.privileged:
             foreign = np.isin(owner, list(self.hv.domains)) | ((owner == DOMID_XEN) & ~writable)
             ok |= np.isin(domids, self.privileged) & foreign
+        ok |= (mfns == self.hv.pagetables.ro_mpt_l3) & ~writable  # the read-only M2P, readable by every guest
         return ok
 
     def what(self, mfn: int, writable: bool) -> str:

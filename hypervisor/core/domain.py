@@ -17,6 +17,7 @@ import numpy as np
 from .abi import (
     ENTRIES_PER_TABLE,
     EVTCHN_2L_NR_CHANNELS,
+    INVALID_MFN,
     MAX_VCPUS,
     NR_VIRQS,
     PAGE_OFFSET,
@@ -42,8 +43,10 @@ from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, FrameTable
 from .preempt import Continuation
 from .tlb import Tlb
 
-INVALID_M2P = 0xFFFFFFFFFFFFFFFF
 MIN_PAGES = 16
+# libxl's max_pages: the guest's memory plus LIBXL_MAXMEM_CONSTANT (1024 KiB) of slack
+# (tools/libs/light/libxl_dom.c, libxl__build_pre; docs/xen.md section 23).
+MAXMEM_SLACK_PAGES = 1024 * 1024 // PAGE_SIZE
 _TABLE_FLAGS = int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY)
 _DATA_FLAGS = int(Pte.PRESENT | Pte.ACCESSED | Pte.DIRTY)
 
@@ -123,7 +126,10 @@ class Domain:
     name: str
     nr_pages: int
     nr_lowmem_pages: int
-    p2m: np.ndarray  # pfn -> mfn, as the builder assigned them
+    # pfn -> mfn, as the builder assigned them; INVALID_MFN where the guest gave the frame back,
+    # a frame populate_physmap gave for a pfn without one (memop.py). Xen keeps no P2M for a PV
+    # guest: this is the audit's reference, the guest's own P2M is in its memory.
+    p2m: np.ndarray
     vcpus: list[Vcpu]
     shared_info_mfn: int = 0
     start_info: dict = field(default_factory=dict)
@@ -136,6 +142,7 @@ class Domain:
     evtchn: list = field(default_factory=list)  # the port table (evtchn.Evtchn), whole buckets
     poll_mask: set[int] = field(default_factory=set)  # ids of the vCPUs in SCHEDOP_poll
     shutdown_code: int | None = None  # SHUTDOWN_*, once the domain has shut down
+    max_pages: int = 0  # d->max_pages: the reservation memory_op may grow to (docs/xen.md section 23)
     # Its hypercalls by (op, outcome), as Hypervisor.stats counts the machine's: kept with the
     # domain (and gone with it), so a replayed trace counts them too (views.domain_stats).
     stats: Counter = field(default_factory=Counter)
@@ -201,6 +208,7 @@ def build(
     shared_info = int(frames.alloc(domid, 1, xen_heap=True)[0])
     frames.get_page_type(shared_info, PageType.WRITABLE)
     domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port)
+    domain.max_pages = nr_pages + MAXMEM_SLACK_PAGES  # libxl's setmaxmem
     evtchn_init(domain)
     for vcpu in range(nr_vcpus):  # libxenguest's shared_info_x86_64: no events until the guest enables them
         frames.memory.write(shared_info, SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_MASK, b"\x01")
@@ -275,14 +283,15 @@ def teardown_step(problems: list[str], what: str) -> Iterator[None]:
 
 def owned_frames(frames: FrameTable, domain: Domain, nr_owned: int | None = None) -> np.ndarray:
     """The frames `domain` owns, in mfn order (Xen's d->page_list and d->xenpage_list,
-    docs/xen.md section 21): those the builder gave it, which are its P2M's and its shared
-    info, as no frame changes owner while its domain lives. Checked against how many it owns,
-    `nr_owned` (by default the frame table's counts, which audit checks), so that a frame that
-    became the domain's otherwise (a bug, which audit reports) is still found, by a scan of the
-    whole frame table."""
+    docs/xen.md section 21): its P2M's and its shared info, which are all of them unless
+    memory_op changed its frames (docs/xen.md section 23: a frame given back but still held, an
+    extent taken outside the P2M). Checked against how many it owns, `nr_owned` (by default
+    the frame table's counts, which audit checks), so that a frame the P2M does not name
+    (after memory_op, or a bug, which audit reports) is still found, by a scan of the whole
+    frame table."""
     if nr_owned is None:
         nr_owned = frames.tot_pages.item(domain.domid) + frames.xenheap_pages.item(domain.domid)
-    mine = np.sort(np.append(domain.p2m, domain.shared_info_mfn))
+    mine = np.sort(np.append(domain.p2m[domain.p2m != INVALID_MFN], domain.shared_info_mfn))
     mine = mine[(frames.owner[mine] == domain.domid) & np.append(True, mine[1:] != mine[:-1])]  # once each, should the P2M repeat one
     return mine if len(mine) == nr_owned else np.flatnonzero(frames.owner == domain.domid)
 

@@ -44,7 +44,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .abi import DOMID_XEN, ENTRIES_PER_TABLE, Errno, PageType
+from .abi import DOMID_XEN, ENTRIES_PER_TABLE, INVALID_M2P, Errno, PageType
 from .errors import Restart, SimulatorBug, XenError
 from .memory import MachineMemory
 from .preempt import Budget
@@ -82,6 +82,9 @@ class FrameTable:
         self.linear = np.zeros(nr_frames, dtype=np.int32)
         # Xen's nr_validated_ptes: how far a partial table's (de)validation got.
         self.nr_validated = np.zeros(nr_frames, dtype=np.int16)
+        # Xen's M2P (machine_to_phys_mapping): mfn -> pfn, INVALID_M2P for a frame no guest
+        # owns; freeing a frame resets its entry (free_heap_pages, xen/common/page_alloc.c).
+        self.m2p = np.full(nr_frames, INVALID_M2P, dtype=np.uint64)
         # Preemption: the vCPU whose hypercall may stop part-way (Xen's `current` on a
         # preemptible path; None while work must finish in one go), and the work budget.
         self.current = None
@@ -116,13 +119,33 @@ class FrameTable:
             free = self._first_free(0, n)
         if len(free) < n:
             raise XenError(Errno.ENOMEM, f"machine has {len(free)} free frames, {n} wanted")
+        self._assign(free, domid, xen_heap)
+        return free
+
+    def alloc_extent(self, domid: int, order: int, below: int) -> np.ndarray | None:
+        """An extent of 2**order free frames, contiguous and aligned to its size as Xen's buddy
+        allocator gives them (alloc_domheap_pages), all below mfn `below` (MEMF_bits), assigned
+        to `domid`; None if the machine has none."""
+        size = 1 << order
+        if size == 1 and below >= self.nr_frames:
+            return self.alloc(domid, 1) if self.free_frames() else None
+        top = min(below, self.nr_frames) // size * size
+        blocks = np.flatnonzero((self.owner[:top] == NO_OWNER).reshape(-1, size).all(axis=1))
+        if not len(blocks):
+            return None
+        extent = np.arange(blocks[0] * size, (blocks[0] + 1) * size)
+        self._assign(extent, domid)
+        return extent
+
+    def _assign(self, free: np.ndarray, domid: int, xen_heap: bool = False) -> None:
+        """Make free frames `domid`'s, each with the allocation ref, and count them (Xen's
+        assign_pages and domain_adjust_tot_pages): alloc's and alloc_extent's one path."""
         self.owner[free] = domid
         self.count[free] = 1
         self.flags[free] = ALLOCATED | (XEN_HEAP if xen_heap else 0)
         self.type[free] = _NONE
-        (self.xenheap_pages if xen_heap else self.tot_pages)[domid] += n
-        self._alloc_cursor = int(free[-1]) + 1 if n else self._alloc_cursor
-        return free
+        (self.xenheap_pages if xen_heap else self.tot_pages)[domid] += len(free)
+        self._alloc_cursor = int(free[-1]) + 1 if len(free) else self._alloc_cursor
 
     def _first_free(self, start: int, n: int) -> np.ndarray:
         """The `n` lowest free frames from `start` on (fewer if there are not as many), found
@@ -174,6 +197,7 @@ class FrameTable:
         self.type[mfn] = _NONE
         self.flags[mfn] = 0
         self.linear[mfn] = 0
+        self.m2p[mfn] = INVALID_M2P
         self.memory.scrub(mfn)
 
     def release(self, mfns: np.ndarray) -> None:
@@ -190,6 +214,7 @@ class FrameTable:
         self.type[gone] = _NONE
         self.flags[gone] = 0
         self.linear[gone] = 0
+        self.m2p[gone] = INVALID_M2P
         self.memory.scrub_many(gone)
 
     def quarantine(self, mfns: np.ndarray, why: str) -> None:

@@ -13,17 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from . import cpu, evtchn, mmu, schedop, vcpuop
+from . import cpu, evtchn, memop, mmu, schedop, vcpuop
 from .abi import (
     DOMID_FIRST_RESERVED,
     DOMID_XEN,
     HYPERVISOR_VIRT_START,
+    INVALID_M2P,
     PAGE_SIZE,
     PREEMPT_WORK,
     STEP_WORK,
     Errno,
 )
-from .domain import INVALID_M2P, Domain, Vcpu, build, owned_frames, relinquish, teardown_step
+from .domain import Domain, Vcpu, build, owned_frames, relinquish, teardown_step
 from .errors import Restart, XenError
 from .frames import ALLOCATED, FrameTable
 from .memory import MachineMemory
@@ -69,9 +70,10 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results
     return results
 
 
-# The hypercalls that may stop part-way (do_mmu_update, do_mmuext_op, do_multicall and
-# VCPUOP_initialise's arch_set_info_guest are Xen's preemptible ones that the model has).
-PREEMPTIBLE = frozenset({"mmu_update", "mmuext_op", "multicall", "vcpu_op"})
+# The hypercalls that may stop part-way (do_mmu_update, do_mmuext_op, do_multicall,
+# VCPUOP_initialise's arch_set_info_guest and do_memory_op's reservation ops and exchange are
+# Xen's preemptible ones that the model has).
+PREEMPTIBLE = frozenset({"mmu_update", "mmuext_op", "multicall", "vcpu_op", "memory_op"})
 
 
 def run(hv: "Hypervisor", vcpu: Vcpu, call: Continuation) -> Any:
@@ -137,6 +139,7 @@ HYPERCALLS: dict[str, Callable[..., Any]] = {
     "sched_op": schedop.sched_op,
     "set_timer_op": schedop.set_timer_op,
     "xen_version": xen_version,
+    "memory_op": memop.memory_op,
     # The vCPU's memory path (cpu.py): load, store, atomic, read, write.
     # Their arguments and results carry bytes, which the trace writes hex-encoded.
     **cpu.HYPERCALLS,
@@ -155,10 +158,10 @@ class Hypervisor:
         self.budget: Budget = self.frames.budget  # work per entry into the core (preempt.py)
         self.budget.per_call = preempt_work
         xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES, xen_heap=True)
-        self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]))
+        self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]), ro_mpt_l3=int(xen[2]))
         self.frames.forget_mappings = self._forget_mappings
         self.frames.forget_mappings_of = self._forget_mappings_of
-        self.m2p = np.full(nr_frames, INVALID_M2P, dtype=np.uint64)
+        self.m2p = self.frames.m2p
         self.domains: dict[int, Domain] = {}
         self._next_domid = 1
         self._instances = 0  # domains ever created: the next one is instance _instances + 1
@@ -275,6 +278,7 @@ class Hypervisor:
             domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
         instance = self._instances + 1
         domain = build(self.frames, self.m2p, domid, instance, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages, max_evtchn_port)
+        self.pagetables.fill_ro_mpt(domain.vcpus[0].guest_table)  # the toolstack's arch_set_info_guest for vCPU 0
         self.domains[domid] = domain
         for vcpu in domain.vcpus:  # vcpu_create: offline since now; vCPU 0 is scheduled at once
             vcpu.runstate.state_entry_time = self.sched.now_ns

@@ -261,7 +261,8 @@ def get_writable(hv: "Hypervisor", mfn: int, owner: int, what: str, type_errno: 
 
 def new_guest_cr3(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
     """Load a new kernel base (docs/xen.md section 8): take the new table's L4 reference (validating an
-    unpinned tree), then drop the old one's (devalidating it if that was the last)."""
+    unpinned tree), map the read-only M2P in it, then drop the old one's (devalidating it if
+    that was the last)."""
     frames = hv.frames
     old = vcpu.guest_table
     if mfn != old:
@@ -269,6 +270,7 @@ def new_guest_cr3(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
             frames.get_page_and_type(mfn, vcpu.domid, PageType.L4)
         except XenError as e:
             raise XenError(e.errno, f"new base {e.message}") from None
+        hv.pagetables.fill_ro_mpt(mfn)  # the read-only M2P (docs/xen.md section 22)
         vcpu.guest_table = mfn
     vcpu.tlb.flush()
     if old and mfn != old:

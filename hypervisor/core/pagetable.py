@@ -27,6 +27,7 @@ from .abi import (
     L4_SLOT_DIRECTMAP,
     L4_SLOT_LINEAR,
     L4_SLOT_PERDOMAIN,
+    L4_SLOT_RO_MPT,
     L4_SLOT_XEN,
     PAGE_SHIFT,
     PTE_MFN_MASK,
@@ -48,6 +49,9 @@ FASTPATH_WHITELIST = int(Pte.NX | Pte.AVAIL_HIGH | Pte.AVAIL | Pte.GLOBAL | Pte.
 # The flags of Xen's own mappings (__PAGE_HYPERVISOR_RW, xen/arch/x86/include/asm/page.h):
 # no USER, so no access of a PV guest, which always runs in ring 3, passes such an entry.
 PAGE_HYPERVISOR_RW = P | RW | A | D | int(Pte.NX)
+# The read-only M2P's entry in idle_pg_table (paging_init, xen/arch/x86/x86_64/mm.c):
+# __PAGE_HYPERVISOR_RO | _PAGE_USER, the one entry of Xen's a guest may pass, for reading.
+PAGE_RO_MPT = P | US | A | int(Pte.NX)
 L4_ENTRY_FRAMES = 1 << (39 - PAGE_SHIFT)  # the frames one L4 slot spans (512 GiB)
 XEN_SLOTS = slice(HYPERVISOR_L4_FIRST, HYPERVISOR_L4_LAST + 1)
 
@@ -57,8 +61,9 @@ def xen_l4_slots(xen_l3: int, nr_frames: int) -> np.ndarray:
     (xen/arch/x86/mm.c) writes them when promote_l4_table has validated the guest's slots, with
     the linear slot's frame left 0 (each L4 maps itself there).
 
-    Slot by slot: 256, the read-only M2P, is empty (Xen fills it only for m2p_strict guests,
-    or later in new_guest_cr3, and the model maps no M2P for guests); 257, PCI MMCONFIG, is
+    Slot by slot: 256, the read-only M2P, is empty (Xen fills it at promotion only for
+    m2p_strict guests, which xensim does not model; `PageTables.fill_ro_mpt` fills it when the
+    table becomes a kernel base, docs/xen.md section 22); 257, PCI MMCONFIG, is
     empty (the model has no PCI); 258 maps the L4 itself; 259, the shadow linear map, is empty
     for a PV guest; 260 (per-domain area), 261 (Xen's text, M2P, frame table) and the
     direct-map slots from 262 that cover the machine's RAM hold Xen's own L3s, for which the
@@ -140,10 +145,12 @@ def has_changed(old: int, new: int) -> bool:
 class PageTables:
     """Validation and checked updates of pagetable frames, over one frame table."""
 
-    def __init__(self, frames: FrameTable, xen_l3: int):
+    def __init__(self, frames: FrameTable, xen_l3: int, ro_mpt_l3: int):
         self.frames = frames
         self.memory = frames.memory
         self._xen_l4 = xen_l4_slots(xen_l3, frames.nr_frames)
+        self.ro_mpt_l3 = ro_mpt_l3  # Xen's frame that stands for the read-only M2P's L3
+        self.ro_mpt_entry = (ro_mpt_l3 << PAGE_SHIFT) | PAGE_RO_MPT
         frames.promote = self.promote
         frames.promote_l1s = self.promote_l1s
         frames.demote = self.demote
@@ -351,6 +358,15 @@ class PageTables:
         entries = self._xen_l4.copy()
         entries[L4_SLOT_LINEAR - HYPERVISOR_L4_FIRST] |= _U64(l4 << PAGE_SHIFT)
         return entries
+
+    def fill_ro_mpt(self, l4: int) -> None:
+        """Map the read-only M2P in slot 256 of a validated L4 that becomes a kernel base, if
+        it is empty (fill_ro_mpt, xen/arch/x86/mm.c, called by new_guest_cr3 and
+        arch_set_info_guest for a guest without m2p_strict; docs/xen.md section 22). The entry
+        stays until the table is promoted again, which empties the slot (init_xen_l4_slots)."""
+        words = self.memory.frame(l4)
+        if not words.item(L4_SLOT_RO_MPT):
+            words[L4_SLOT_RO_MPT] = self.ro_mpt_entry
 
     def demote(self, mfn: int, kind: PageType) -> None:
         """Drop the references every entry of a table holds (docs/xen.md section 1.6); cannot fail.

@@ -89,6 +89,7 @@ def _set_info_guest(
                 raise
 
     frames.atomically(take_bases)
+    hv.pagetables.fill_ro_mpt(ctrlreg3)  # after the kernel base is taken, as arch_set_info_guest does
     vcpu.guest_table, vcpu.guest_table_user = ctrlreg3, ctrlreg1  # a vCPU that never ran held none
     vcpu.initialised = True
     vcpu.vgc_flags, vcpu.rip, vcpu.rsp = flags, rip, rsp

@@ -19,6 +19,7 @@ import numpy as np
 
 from .abi import (
     BITS_PER_EVTCHN_WORD,
+    INVALID_M2P,
     PAGE_SHIFT,
     PTE_MFN_MASK,
     SHARED_INFO_EVTCHN_MASK,
@@ -30,7 +31,7 @@ from .abi import (
     PageType,
     Pte,
 )
-from .domain import INVALID_M2P, Domain, Vcpu, owned_frames
+from .domain import Domain, Vcpu, owned_frames
 from .errors import XenError
 from .evtchn import ECS, vcpu_info_words
 from .evtchn import status as evtchn_status

@@ -183,6 +183,28 @@ def _vcpu_op_args(msg, path, clock) -> dict:
     return args
 
 
+_XENMEM_NUMBERS = _op_numbers(hypercalls_pb2.MemoryOpRequest, "XENMEM_")
+
+
+def _reservation(msg, path: str) -> dict:
+    _count(msg.extent_start, path, "extent_start", MAX_BATCH)
+    return {"extent_start": list(msg.extent_start), "nr_extents": msg.nr_extents, "extent_order": msg.extent_order, "mem_flags": msg.mem_flags, "domid": _domid(msg, "domid")}
+
+
+def _memory_op_args(msg, path, clock) -> dict:
+    cmd = _cmd(msg, path, _XENMEM_NUMBERS)
+    if isinstance(cmd, int) or cmd == "maximum_ram_page":
+        return {"cmd": cmd}
+    arg, where = getattr(msg, cmd), f"{path}{cmd}."
+    if cmd == "exchange":
+        return {"cmd": cmd, "input": _reservation(arg.input, f"{where}input."), "output": _reservation(arg.output, f"{where}output."), "nr_exchanged": arg.nr_exchanged}
+    if cmd in ("current_reservation", "maximum_reservation"):
+        return {"cmd": cmd, "domid": _domid(arg, "domid")}
+    return {"cmd": cmd, **_reservation(arg, where)}
+
+
+
+
 def _deadline(msg, path: str, clock: Clock) -> int:
     """The absolute deadline (Xen system time; 0 = none) that a poll or set_timer_op names:
     Xen's `timeout_ns`, or now + `timeout_ns_relative`, the form hypercalls.proto keeps for
@@ -307,6 +329,14 @@ def _vcpu_op_result(out: hypercalls_pb2.VcpuOpResponse, result, args: dict) -> N
         out.is_up = bool(result)
 
 
+def _memory_op_result(out: hypercalls_pb2.MemoryOpResponse, result: dict, args: dict) -> None:
+    """The core's {"result", and per op "extent_start", "nr_exchanged", "stopped"}."""
+    out.result = result["result"]
+    out.extent_start.extend(result.get("extent_start", ()))
+    out.nr_exchanged = result.get("nr_exchanged", 0)
+    out.stopped = result.get("stopped", "")
+
+
 def _xen_version_result(out: hypercalls_pb2.XenVersionResponse, version: dict, args: dict) -> None:
     out.CopyFrom(hypercalls_pb2.XenVersionResponse(**version))
 
@@ -341,6 +371,7 @@ CALLS: dict[str, Op] = {
     "atomic": Op("atomic", _atomic_args, _access),
     "read": Op("read", _read_args, _access),
     "write": Op("write", _write_args, _access),
+    "memory_op": Op("memory_op", _memory_op_args, _memory_op_result),
     "echo": Op(None, lambda msg, path, clock: {"payload": msg.payload}, _echo_result),
 }
 CASE_OF_OP = {op.name: case for case, op in CALLS.items() if op.name}

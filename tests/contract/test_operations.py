@@ -24,7 +24,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from hypervisor.core import evtchn, schedop, vcpuop
+from hypervisor.core import evtchn, memop, schedop, vcpuop
 from hypervisor.core.hypervisor import HYPERCALLS, TOOLSTACK, Hypervisor
 from hypervisor.server import convert
 from xensim.v1 import hypercalls_pb2, toolstack_pb2
@@ -37,6 +37,7 @@ SUB_OPS: dict[str, tuple[dict[str, Callable], int]] = {
     "event_channel_op": (evtchn.EVTCHNOP, 2),
     "vcpu_op": (vcpuop.VCPUOP, 3),
     "sched_op": (schedop.SCHEDOP, 2),
+    "memory_op": (memop.XENMEM, 3),
 }
 SCALARS = {
     FieldDescriptor.TYPE_BOOL: True,
@@ -48,7 +49,8 @@ NO_OP_NUMBER = 99  # for the `cmd` cases, which carry the number of an op that h
 # on: the next entry, a multicall's results so far and the continuation of the entry it stopped
 # in; hypervisor/core/preempt.py): no guest names them, as Xen's continuations rewrite the
 # hypercall's arguments themselves (hypercall_create_continuation), so no wire field does.
-CONTINUATION_ONLY = {"mmu_update": {"start"}, "mmuext_op": {"start"}, "multicall": {"start", "results", "inner"}}
+CONTINUATION_ONLY = {"mmu_update": {"start"}, "mmuext_op": {"start"}, "multicall": {"start", "results", "inner"}, "memory_op": {"start", "out"}}
+CONTINUATION_ONLY |= {f"memory_op.{op}": {"start", "out"} for op in ("increase_reservation", "decrease_reservation", "populate_physmap", "exchange")}
 
 
 class Clock:

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from hypervisor.core.abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, L4_SLOT_LINEAR, Errno
+from hypervisor.core.abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, L4_SLOT_LINEAR, RO_MPT_VIRT_START, Errno
 from hypervisor.server.errors import XEN_CODES
 from tests.support.server import start_server
 from xensim.v1 import common_pb2
@@ -208,7 +208,8 @@ def chain_in_xen_slot(base: str):
     maps A's secret and A's live L4 writable, puts the L3 in slot 256 of another plain page,
     makes that page read-only, has it validated as an L4 (PIN_L4 then NEW_USER_BASEPTR, or an
     unpinned NEW_BASEPTR / NEW_USER_BASEPTR) and reaches through Xen's range. Xen clobbers the
-    slot (init_xen_l4_slots): every access faults."""
+    slot (init_xen_l4_slots): every access faults, but for reads of the read-only M2P that a
+    kernel base maps there (chain_outcome)."""
 
     def request(a: Victim, b: WireGuest) -> h.SessionRequest:
         (_, l1), (_, l2), (_, l3), (l4_pfn, l4) = (b.alloc() for _ in range(4))
@@ -231,7 +232,10 @@ def chain_in_xen_slot(base: str):
 
 
 def chain_outcome(base: str) -> tuple[str, ...]:
-    return ("ok",) * (4 if base == "PIN_L4" else 3) + ("fault",) * 6
+    """Under a kernel base slot 256 maps Xen's read-only M2P (docs/xen.md section 22): the load
+    and the read get M2P entries, not the chain; the rest fault."""
+    accesses = ("ok", "fault", "fault", "fault", "ok", "fault") if base == "NEW_BASEPTR" else ("fault",) * 6
+    return ("ok",) * (4 if base == "PIN_L4" else 3) + accesses
 
 
 def flushes_naming_absent_vcpus(a: Victim, b: WireGuest) -> h.SessionRequest:
@@ -276,6 +280,14 @@ def b_then_a_token(a: Victim, b: WireGuest):
 
 def no_token(a: Victim, b: WireGuest):
     return (("x-xen-vcpu", "0"),)
+
+
+def memop(**op) -> h.MemoryOpRequest:
+    return h.MemoryOpRequest(**op)
+
+
+def reservation(extents: list[int], **fields) -> h.XenMemoryReservation:
+    return h.XenMemoryReservation(extent_start=extents, nr_extents=len(extents), **fields)
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -441,7 +453,7 @@ ATTACKS = [
     Attack("atomic past B's memory", "Atomic", lambda a, b: m.AtomicRequest(op=m.ATOMIC_OP_FETCH_ADD, va=beyond(b), size=8, operand=1), "fault"),
     Attack("write past B's memory", "Write", lambda a, b: m.WriteRequest(va=beyond(b), data=b"x"), "fault"),
     # Xen's range: Xen's entries there (L4 slots 256..271) lack USER or are empty (init_xen_l4_slots)
-    Attack("load in Xen's range", "Load", lambda a, b: m.LoadRequest(va=XEN_VA, size=8), "fault"),
+    Attack("load in Xen's range past the read-only M2P", "Load", lambda a, b: m.LoadRequest(va=XEN_VA + (1 << 38), size=8), "fault"),
     Attack("user-mode load in Xen's range", "Load", lambda a, b: m.LoadRequest(va=XEN_LAST_VA, size=8, user_mode=True), "fault"),
     Attack("load through Xen's linear map", "Load", lambda a, b: m.LoadRequest(va=XEN_LINEAR_VA, size=8), "fault"),
     Attack("store through Xen's linear map", "Store", lambda a, b: m.StoreRequest(va=XEN_LINEAR_VA, size=8, value=0), "fault"),
@@ -451,6 +463,24 @@ ATTACKS = [
     Attack("update_va_mapping in Xen's range", "UpdateVaMapping", lambda a, b: uvm(XEN_LINEAR_VA, pte(a.secret)), "EINVAL"),
     Attack("TLB_FLUSH_MULTI with a bitmap in Xen's range", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_TLB_FLUSH_MULTI, 0, XEN_LINEAR_VA), "EINVAL"),
     *(Attack(f"a chain left in Xen's slot 256 before {base}", "Session", chain_in_xen_slot(base), chain_outcome(base)) for base in ("PIN_L4", "NEW_BASEPTR", "NEW_USER_BASEPTR")),
+    # memory_op: give back, take for, exchange and read A's reservation (docs/xen.md section 23)
+    Attack("decrease_reservation of A's secret frame", "MemoryOp", lambda a, b: memop(decrease_reservation=reservation([a.secret])), "ok", returns=lambda a, b: h.MemoryOpResponse(
+        extent_start=[a.secret], stopped=f"ENXIO: extent 0 frame 0: mfn {a.secret:#x} is owned by dom{a.domid}, not dom{b.domid} (get_page)")),
+    Attack("decrease_reservation naming A", "MemoryOp", lambda a, b: memop(decrease_reservation=reservation([a.plain], domid=a.domid)), "ok", returns=lambda a, b: h.MemoryOpResponse(
+        extent_start=[a.plain], stopped=f"dom{b.domid} may not adjust the reservation of dom{a.domid} (xsm_memory_adjust_reservation)")),
+    Attack("increase_reservation for A", "MemoryOp", lambda a, b: memop(increase_reservation=reservation([0], domid=a.domid)), "ok", returns=lambda a, b: h.MemoryOpResponse(
+        extent_start=[0], stopped=f"dom{b.domid} may not adjust the reservation of dom{a.domid} (xsm_memory_adjust_reservation)")),
+    Attack("populate_physmap for A", "MemoryOp", lambda a, b: memop(populate_physmap=reservation([a.secret_pfn], domid=a.domid)), "ok", returns=lambda a, b: h.MemoryOpResponse(
+        extent_start=[a.secret_pfn], stopped=f"dom{b.domid} may not adjust the reservation of dom{a.domid} (xsm_memory_adjust_reservation)")),
+    Attack("exchange of A's frame", "MemoryOp", lambda a, b: memop(exchange=h.XenMemoryExchange(input=reservation([a.plain]), output=reservation([0]))), "EINVAL"),
+    Attack("exchange naming A", "MemoryOp", lambda a, b: memop(exchange=h.XenMemoryExchange(input=reservation([a.plain], domid=a.domid), output=reservation([0], domid=a.domid))), "EPERM"),
+    Attack("current_reservation of A", "MemoryOp", lambda a, b: memop(current_reservation=h.XenMemoryDomain(domid=a.domid)), "EPERM"),
+    Attack("maximum_reservation of A", "MemoryOp", lambda a, b: memop(maximum_reservation=h.XenMemoryDomain(domid=a.domid)), "EPERM"),
+    Attack("maximum_ram_page", "MemoryOp", lambda a, b: memop(maximum_ram_page=h.XenMaximumRamPage()), "ok"),
+    Attack("memory_op add_to_physmap (7)", "MemoryOp", lambda a, b: memop(cmd=7), "ENOSYS"),
+    Attack("B reads A's frame's entry in the read-only M2P (Xen's M2P is global)", "Load", lambda a, b: m.LoadRequest(va=RO_MPT_VIRT_START + 8 * a.secret, size=8), "ok",
+           returns=lambda a, b: m.LoadResponse(value=a.secret_pfn)),
+    Attack("B writes A's frame's entry in the read-only M2P", "Store", lambda a, b: m.StoreRequest(va=RO_MPT_VIRT_START + 8 * a.secret, size=8, value=1), "fault"),
     # several at once: a Session message, a multicall
     Attack("loads and stores through B's own tables that point at A's frames", "Session", rogue_table, ("ok", "ok", "ok", "EBUSY", "EBUSY", "fault", "fault", "fault", "fault", "fault")),
     Attack("TLB_FLUSH_MULTI, INVLPG_MULTI and UVMF bitmaps naming absent vCPUs", "Session", flushes_naming_absent_vcpus, ("ok", "ok", "ok", "ok")),
@@ -602,7 +632,7 @@ def interfaces() -> set[str]:
     """What the rows must cover: every RPC, Call case, event-channel / vCPU / sched op and
     mmuext command of the contract."""
     names = {m.name for m in HYPERCALLS.methods} | {m.name for m in TOOLSTACK.methods}
-    for message in (h.Call, h.EventChannelOpRequest, h.VcpuOpRequest, h.SchedOpRequest):
+    for message in (h.Call, h.EventChannelOpRequest, h.VcpuOpRequest, h.SchedOpRequest, h.MemoryOpRequest):
         names |= {f"{message.DESCRIPTOR.name}.{f.name}" for oneof in message.DESCRIPTOR.oneofs for f in oneof.fields}
     return names | {v.name for v in C.MmuextCmd.DESCRIPTOR.values if v.number}
 

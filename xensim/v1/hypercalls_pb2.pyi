@@ -410,7 +410,7 @@ class EchoResponse(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
 
 class MulticallEntry(_message.Message):
-    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "multicall")
+    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "multicall", "memory_op")
     MMU_UPDATE_FIELD_NUMBER: _ClassVar[int]
     MMUEXT_OP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_VA_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -420,6 +420,7 @@ class MulticallEntry(_message.Message):
     SET_TIMER_OP_FIELD_NUMBER: _ClassVar[int]
     XEN_VERSION_FIELD_NUMBER: _ClassVar[int]
     MULTICALL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OP_FIELD_NUMBER: _ClassVar[int]
     mmu_update: MmuUpdateRequest
     mmuext_op: MmuextOpRequest
     update_va_mapping: UpdateVaMappingRequest
@@ -429,7 +430,8 @@ class MulticallEntry(_message.Message):
     set_timer_op: SetTimerOpRequest
     xen_version: XenVersionRequest
     multicall: MulticallRequest
-    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ...) -> None: ...
+    memory_op: MemoryOpRequest
+    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpRequest, _Mapping]] = ...) -> None: ...
 
 class MulticallRequest(_message.Message):
     __slots__ = ("entries",)
@@ -444,7 +446,7 @@ class MulticallResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[CallResult, _Mapping]]] = ...) -> None: ...
 
 class Call(_message.Message):
-    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo")
+    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo", "memory_op")
     MMU_UPDATE_FIELD_NUMBER: _ClassVar[int]
     MMUEXT_OP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_VA_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -460,6 +462,7 @@ class Call(_message.Message):
     READ_FIELD_NUMBER: _ClassVar[int]
     WRITE_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OP_FIELD_NUMBER: _ClassVar[int]
     mmu_update: MmuUpdateRequest
     mmuext_op: MmuextOpRequest
     update_va_mapping: UpdateVaMappingRequest
@@ -475,10 +478,11 @@ class Call(_message.Message):
     read: _memory_pb2.ReadRequest
     write: _memory_pb2.WriteRequest
     echo: EchoRequest
-    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadRequest, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreRequest, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicRequest, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadRequest, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteRequest, _Mapping]] = ..., echo: _Optional[_Union[EchoRequest, _Mapping]] = ...) -> None: ...
+    memory_op: MemoryOpRequest
+    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadRequest, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreRequest, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicRequest, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadRequest, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteRequest, _Mapping]] = ..., echo: _Optional[_Union[EchoRequest, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpRequest, _Mapping]] = ...) -> None: ...
 
 class CallResult(_message.Message):
-    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo", "status")
+    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo", "memory_op", "status")
     MMU_UPDATE_FIELD_NUMBER: _ClassVar[int]
     MMUEXT_OP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_VA_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -494,6 +498,7 @@ class CallResult(_message.Message):
     READ_FIELD_NUMBER: _ClassVar[int]
     WRITE_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OP_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     mmu_update: MmuUpdateResponse
     mmuext_op: MmuextOpResponse
@@ -510,8 +515,9 @@ class CallResult(_message.Message):
     read: _memory_pb2.ReadResponse
     write: _memory_pb2.WriteResponse
     echo: EchoResponse
+    memory_op: MemoryOpResponse
     status: _status_pb2.Status
-    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateResponse, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpResponse, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingResponse, _Mapping]] = ..., multicall: _Optional[_Union[MulticallResponse, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpResponse, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpResponse, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpResponse, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpResponse, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionResponse, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadResponse, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreResponse, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicResponse, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadResponse, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteResponse, _Mapping]] = ..., echo: _Optional[_Union[EchoResponse, _Mapping]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateResponse, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpResponse, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingResponse, _Mapping]] = ..., multicall: _Optional[_Union[MulticallResponse, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpResponse, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpResponse, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpResponse, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpResponse, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionResponse, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadResponse, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreResponse, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicResponse, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadResponse, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteResponse, _Mapping]] = ..., echo: _Optional[_Union[EchoResponse, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpResponse, _Mapping]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("request_id", "calls", "stop_on_error")
@@ -556,3 +562,69 @@ class VcpuStarted(_message.Message):
     context: VcpuGuestContext
     start_info: _common_pb2.StartInfo
     def __init__(self, vcpu_id: _Optional[int] = ..., context: _Optional[_Union[VcpuGuestContext, _Mapping]] = ..., start_info: _Optional[_Union[_common_pb2.StartInfo, _Mapping]] = ...) -> None: ...
+
+class XenMemoryReservation(_message.Message):
+    __slots__ = ("extent_start", "nr_extents", "extent_order", "mem_flags", "domid")
+    EXTENT_START_FIELD_NUMBER: _ClassVar[int]
+    NR_EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    EXTENT_ORDER_FIELD_NUMBER: _ClassVar[int]
+    MEM_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    extent_start: _containers.RepeatedScalarFieldContainer[int]
+    nr_extents: int
+    extent_order: int
+    mem_flags: int
+    domid: int
+    def __init__(self, extent_start: _Optional[_Iterable[int]] = ..., nr_extents: _Optional[int] = ..., extent_order: _Optional[int] = ..., mem_flags: _Optional[int] = ..., domid: _Optional[int] = ...) -> None: ...
+
+class XenMemoryExchange(_message.Message):
+    __slots__ = ("input", "output", "nr_exchanged")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    NR_EXCHANGED_FIELD_NUMBER: _ClassVar[int]
+    input: XenMemoryReservation
+    output: XenMemoryReservation
+    nr_exchanged: int
+    def __init__(self, input: _Optional[_Union[XenMemoryReservation, _Mapping]] = ..., output: _Optional[_Union[XenMemoryReservation, _Mapping]] = ..., nr_exchanged: _Optional[int] = ...) -> None: ...
+
+class XenMemoryDomain(_message.Message):
+    __slots__ = ("domid",)
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    def __init__(self, domid: _Optional[int] = ...) -> None: ...
+
+class XenMaximumRamPage(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MemoryOpRequest(_message.Message):
+    __slots__ = ("increase_reservation", "decrease_reservation", "populate_physmap", "exchange", "current_reservation", "maximum_reservation", "maximum_ram_page", "cmd")
+    INCREASE_RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    DECREASE_RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    POPULATE_PHYSMAP_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_RAM_PAGE_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
+    increase_reservation: XenMemoryReservation
+    decrease_reservation: XenMemoryReservation
+    populate_physmap: XenMemoryReservation
+    exchange: XenMemoryExchange
+    current_reservation: XenMemoryDomain
+    maximum_reservation: XenMemoryDomain
+    maximum_ram_page: XenMaximumRamPage
+    cmd: int
+    def __init__(self, increase_reservation: _Optional[_Union[XenMemoryReservation, _Mapping]] = ..., decrease_reservation: _Optional[_Union[XenMemoryReservation, _Mapping]] = ..., populate_physmap: _Optional[_Union[XenMemoryReservation, _Mapping]] = ..., exchange: _Optional[_Union[XenMemoryExchange, _Mapping]] = ..., current_reservation: _Optional[_Union[XenMemoryDomain, _Mapping]] = ..., maximum_reservation: _Optional[_Union[XenMemoryDomain, _Mapping]] = ..., maximum_ram_page: _Optional[_Union[XenMaximumRamPage, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
+
+class MemoryOpResponse(_message.Message):
+    __slots__ = ("result", "extent_start", "nr_exchanged", "stopped")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    EXTENT_START_FIELD_NUMBER: _ClassVar[int]
+    NR_EXCHANGED_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    result: int
+    extent_start: _containers.RepeatedScalarFieldContainer[int]
+    nr_exchanged: int
+    stopped: str
+    def __init__(self, result: _Optional[int] = ..., extent_start: _Optional[_Iterable[int]] = ..., nr_exchanged: _Optional[int] = ..., stopped: _Optional[str] = ...) -> None: ...
