@@ -5,7 +5,8 @@ nothing, add one general reference for each allocation, pin, vCPU base pointer a
 entry of a validated table, and one type reference for each pin, base pointer, upper-level
 entry and writable L1 entry (a partial table holds what frames.py says: its entries below
 nr_validated, a general reference for its PARTIAL_SET entry, and both kinds on itself; a
-vCPU's old_guest_tables hold a general reference each); then every frame's counts must equal
+vCPU's old_guest_tables hold a general reference each; each FIFO event-array page and control
+block Xen maps holds both kinds, docs/xen.md section 20.2); then every frame's counts must equal
 what the frame table says, along with the invariants of docs/xen.md section 12.2 and P2M/M2P agreement,
 then the event-channel port tables (`evtchn.audit`). A healthy model has no findings. A frame
 quarantined by a domain's teardown (frames.quarantine) holds nothing and is reported with what
@@ -50,6 +51,10 @@ def audit(hv) -> list[str]:
     count[partial] += 1  # a partial table holds its own type reference and a general one
     tcount[partial] += 1
     for domain in hv.domains.values():
+        if domain.evtchn_fifo is not None:  # map_guest_page: a general and a writable type reference each
+            for mfn in domain.evtchn_fifo.frames():
+                count[mfn] += 1
+                tcount[mfn] += 1
         for vcpu in domain.vcpus:
             for mfn in vcpu.old_guest_tables:  # a general reference each (preempt.py)
                 count[mfn] += 1
