@@ -261,10 +261,11 @@ def _notify(hv: "Hypervisor", domain: "Domain", vcpu_id: int, word: int, words: 
 
 
 def set_pending(hv: "Hypervisor", domain: "Domain", vcpu_id: int, port: int) -> None:
-    """evtchn_port_set_pending: through the ABI the domain speaks. Under FIFO (docs/xen.md
-    section 20.3) a queue's ready bit that goes 0->1 marks the vCPU's events pending. Under
-    2-level (docs/xen.md section 16.5), in Xen's order: pending, then (if unmasked) the
-    selector and upcall-pending of `vcpu_id`, then the pollers, all only on a 0->1 edge."""
+    """evtchn_port_set_pending: through the ABI the domain speaks. Under FIFO
+    (docs/xen.md section 20.3) a queue's ready bit that goes 0->1 marks the vCPU's events
+    pending. Under 2-level (docs/xen.md section 16.5), in Xen's order: pending, then (if
+    unmasked) the selector and upcall-pending of `vcpu_id`, then the pollers, all only on a
+    0->1 edge."""
     words = hv.memory.frame(domain.shared_info_mfn)
     if domain.evtchn_fifo is not None:
         was_pending, ready = evtchn_fifo.set_pending(hv, domain, domain.vcpus[vcpu_id], domain.evtchn[port], port)
@@ -546,8 +547,8 @@ def unmask(hv: "Hypervisor", current: "Vcpu", port: int) -> int:
 def reset(hv: "Hypervisor", current: "Vcpu", dom: int = DOMID_SELF) -> int:
     """Close every port of `dom`: the caller's own, or a domain the toolstack paused. A
     domain that resets itself by DOMID_SELF also leaves the FIFO ABI: its control blocks and
-    event-array pages are unmapped and it speaks 2-level again (evtchn_reset; docs/xen.md
-    section 20.6). Its own numeric id does not do that, as in Xen."""
+    event-array pages are unmapped and it speaks 2-level again (evtchn_reset;
+    docs/xen.md section 20.6). Its own numeric id does not do that, as in Xen."""
     caller = hv.domains[current.domid]
     domain = _domain_by_any_id(hv, caller, dom)
     _check_target(caller, domain, "reset")

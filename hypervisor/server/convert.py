@@ -275,6 +275,8 @@ def _multicall_result(results: list[dict], args: dict) -> hypercalls_pb2.Multica
 def _event_channel_op_result(result, args: dict) -> hypercalls_pb2.EventChannelOpResponse:
     if args["cmd"] == "status":
         return hypercalls_pb2.EventChannelOpResponse(status=evtchn_status(result))
+    if args["cmd"] == "init_control":
+        return hypercalls_pb2.EventChannelOpResponse(link_bits=result["link_bits"])
     return hypercalls_pb2.EventChannelOpResponse(port=result)
 
 
