@@ -168,17 +168,15 @@ def set_pending(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", chn: "Evtchn",
         old.tails[chn.last_priority] = 0
     chn.last_vcpu_id, chn.last_priority = vcpu.vcpu_id, chn.priority
     tail = efv.tails[chn.priority]
-    linked = False
-    if tail:
-        tail_words, tail_index = _word(hv, domain, tail)
-        linked = _set_link(tail_words, tail_index, port)
-    control = _u32(hv, efv.control_mfn)
-    base = efv.offset // 4
-    if not linked:
-        control[base + EVTCHN_FIFO_CONTROL_HEAD // 4 + chn.priority] = port
     efv.tails[chn.priority] = port
-    if linked:
-        return was_pending, False
+    if tail:
+        same_page = tail // EVENT_WORDS_PER_PAGE == port // EVENT_WORDS_PER_PAGE
+        tail_words, tail_index = (words, tail % EVENT_WORDS_PER_PAGE) if same_page else _word(hv, domain, tail)
+        if _set_link(tail_words, tail_index, port):
+            return was_pending, False
+    control = _u32(hv, efv.control_mfn)  # the queue was empty: the port is its head
+    base = efv.offset // 4
+    control[base + EVTCHN_FIFO_CONTROL_HEAD // 4 + chn.priority] = port
     return was_pending, not _test_and_set(control, base + EVTCHN_FIFO_CONTROL_READY // 4, chn.priority)
 
 

@@ -421,3 +421,22 @@ def test_audit_counts_the_mapped_frames(hv, guest):
     hv.frames.count[fifo.array[0]] -= 1  # a lost reference is found
     assert any(f"mfn {fifo.array[0]:#x}" in finding for finding in audit(hv))
     hv.frames.count[fifo.array[0]] += 1
+
+
+def test_queues_link_across_event_array_pages(hv):
+    """A queue's tail on the first page links a port on the second; an event for a port
+    whose page came later is raised when it comes."""
+    guest = Guest(hv, max_evtchn_port=2047)
+    fifo = Fifo(guest, pages=1)
+    first = guest.evtchn("bind_ipi", vcpu=0)
+    while (port := guest.evtchn("alloc_unbound")) < 1024:
+        pass
+    guest.evtchn("close", port=port)
+    second = guest.evtchn("bind_ipi", vcpu=0)
+    assert second >= 1024
+    guest.evtchn("send", port=first)
+    guest.evtchn("send", port=second)  # no page yet: remembered
+    assert fifo.word(first) == PENDING | LINKED
+    fifo.expand()
+    assert fifo.word(first) == PENDING | LINKED | second
+    assert fifo.consume(0) == [first, second]
