@@ -40,7 +40,6 @@ class Fifo:
     def __init__(self, guest: Guest, vcpus=(0, 1), pages: int = 1, masked: bool = False):
         self.guest, self.memory = guest, guest.hv.memory
         self.control: dict[int, int] = {}
-        self.local_head: dict[tuple[int, int], int] = {}
         for vcpu in vcpus:
             self.init_control(vcpu)
         self.array: list[int] = []
@@ -62,51 +61,20 @@ class Fifo:
         self.array.append(mfn)
         return mfn
 
-    def _u32(self, mfn: int, index: int) -> int:
-        return self.memory.entries(mfn).view(np.uint32).item(index)
-
-    def _set_u32(self, mfn: int, index: int, value: int) -> None:
-        self.memory.frame(mfn).view(np.uint32)[index] = value
-
     def word(self, port: int) -> int:
-        return self._u32(self.array[port // 1024], port % 1024)
+        return self.guest.fifo_word(port)
 
     def set_word(self, port: int, value: int) -> None:
-        self._set_u32(self.array[port // 1024], port % 1024, value)
+        self.guest.set_fifo_word(port, value)
 
     def ready(self, vcpu: int) -> int:
-        return self._u32(self.control[vcpu], 0)
+        return self.memory.entries(self.control[vcpu]).view(np.uint32).item(0)
 
     def head(self, vcpu: int, priority: int) -> int:
-        return self._u32(self.control[vcpu], 2 + priority)
-
-    def unmask(self, port: int) -> None:
-        self.set_word(port, self.word(port) & ~MASKED)
+        return self.memory.entries(self.control[vcpu]).view(np.uint32).item(2 + priority)
 
     def consume(self, vcpu: int) -> list[int]:
-        """__evtchn_fifo_handle_events: xchg the ready word, then consume_one_event from the
-        highest-priority ready queue until none is ready; the ports handled (pending and
-        unmasked), each acked (PENDING cleared) as its handler would."""
-        handled = []
-        ready = self.ready(vcpu)
-        self._set_u32(self.control[vcpu], 0, 0)
-        while ready:
-            q = (ready & -ready).bit_length() - 1
-            head = self.local_head.get((vcpu, q), 0) or self.head(vcpu, q)
-            port = head
-            w = self.word(port)
-            self.set_word(port, w & ~(LINKED | EVTCHN_FIFO_LINK_MASK))  # clear_linked
-            head = w & EVTCHN_FIFO_LINK_MASK
-            if not head:
-                ready &= ~(1 << q)
-            w = self.word(port)
-            if w & PENDING and not w & MASKED:
-                self.set_word(port, w & ~PENDING)
-                handled.append(port)
-            self.local_head[(vcpu, q)] = head
-            ready |= self.ready(vcpu)
-            self._set_u32(self.control[vcpu], 0, 0)
-        return handled
+        return self.guest.fifo_consume(vcpu)
 
 
 def enable(guest: Guest, vcpu: int = 0) -> None:
