@@ -25,6 +25,7 @@ from hypervisor.core.abi import (
 from hypervisor.core.evtchn import max_evtchns
 from hypervisor.core.evtchn_fifo import MAX_EVENT_ARRAY_PAGES
 from hypervisor.core.sched import BLOCKED
+from hypervisor.core.views import evtchn_ports
 
 from .conftest import fails_with as fails
 from .conftest import unchanged
@@ -408,3 +409,16 @@ def test_queues_link_across_event_array_pages(hv):
     fifo.expand()
     assert fifo.word(first) == PENDING | LINKED | second
     assert fifo.consume(0) == [first, second]
+
+
+def test_lsevtchn_reads_pending_and_masked_from_the_event_words(hv, guest):
+    """views.evtchn_ports (xl lsevtchn, debug key 'e') under FIFO: evtchn_port_is_pending and
+    evtchn_port_is_masked read the event word, not shared info."""
+    fifo = Fifo(guest, masked=True)
+    port = guest.evtchn("bind_ipi", vcpu=0)
+    guest.evtchn("send", port=port)
+    [listed] = [p for p in evtchn_ports(hv, guest.domain) if p["port"] == port]
+    assert (listed["pending"], listed["masked"]) == (True, True) and not guest.pending(port)
+    fifo.set_word(port, 0)
+    [listed] = [p for p in evtchn_ports(hv, guest.domain) if p["port"] == port]
+    assert (listed["pending"], listed["masked"]) == (False, False)
