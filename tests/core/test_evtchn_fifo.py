@@ -25,6 +25,7 @@ from hypervisor.core.abi import (
 from hypervisor.core.evtchn import max_evtchns
 from hypervisor.core.evtchn_fifo import MAX_EVENT_ARRAY_PAGES
 from hypervisor.core.sched import BLOCKED
+from hypervisor.core.trace import restore, snapshot, state_digest
 from hypervisor.core.views import evtchn_ports
 
 from .conftest import fails_with as fails
@@ -422,3 +423,17 @@ def test_lsevtchn_reads_pending_and_masked_from_the_event_words(hv, guest):
     fifo.set_word(port, 0)
     [listed] = [p for p in evtchn_ports(hv, guest.domain) if p["port"] == port]
     assert (listed["pending"], listed["masked"]) == (False, False)
+
+
+def test_a_trace_snapshot_carries_the_fifo_state(hv, guest):
+    """A trace started while a domain speaks FIFO replays from a snapshot that holds its
+    event array, control blocks, queue tails and port priorities."""
+    fifo = Fifo(guest)
+    a, b = (guest.evtchn("bind_ipi", vcpu=0) for _ in range(2))
+    guest.evtchn("set_priority", port=b, priority=2)
+    guest.evtchn("send", port=a)
+    copy = restore(snapshot(hv))
+    assert state_digest(copy) == state_digest(hv)
+    for machine in (hv, copy):
+        machine.hypercall(guest.domid, 0, "event_channel_op", cmd="send", port=b)
+    assert state_digest(copy) == state_digest(hv) and fifo.head(0, 2) == b
