@@ -206,10 +206,14 @@ def get_free_port(hv: "Hypervisor", domain: "Domain") -> int:
 
 
 def claim_port(domain: "Domain", port: int) -> "Evtchn":
-    """The channel of a port from `get_free_port`, adding its bucket if it is the next one."""
+    """The channel of a port from `get_free_port`, adding its bucket if it is the next one,
+    with the default FIFO priority (evtchn_port_init: a set_priority of the free port does not
+    carry over into the binding)."""
     if port >= len(domain.evtchn):
         domain.evtchn.extend(Evtchn() for _ in range(EVTCHNS_PER_BUCKET))
-    return domain.evtchn[port]
+    chn = domain.evtchn[port]
+    chn.priority = EVTCHN_FIFO_PRIORITY_DEFAULT
+    return chn
 
 
 def _domain_by_any_id(hv: "Hypervisor", caller: "Domain", domid: int) -> "Domain":

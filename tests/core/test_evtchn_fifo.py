@@ -437,3 +437,15 @@ def test_a_trace_snapshot_carries_the_fifo_state(hv, guest):
     for machine in (hv, copy):
         machine.hypercall(guest.domid, 0, "event_channel_op", cmd="send", port=b)
     assert state_digest(copy) == state_digest(hv) and fifo.head(0, 2) == b
+
+
+def test_binding_a_port_resets_its_priority(hv, guest):
+    """evtchn_port_init (evtchn_fifo_init) on every bind: a priority set while the port was
+    free does not carry over."""
+    fifo = Fifo(guest)
+    port = guest.evtchn("bind_ipi", vcpu=0)
+    guest.evtchn("close", port=port)
+    guest.evtchn("set_priority", port=port, priority=0)  # any valid port, free ones included
+    assert guest.evtchn("bind_ipi", vcpu=0) == port
+    guest.evtchn("send", port=port)
+    assert fifo.head(0, EVTCHN_FIFO_PRIORITY_DEFAULT) == port and fifo.ready(0) == 1 << EVTCHN_FIFO_PRIORITY_DEFAULT
