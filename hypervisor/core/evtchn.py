@@ -199,8 +199,8 @@ def get_free_port(hv: "Hypervisor", domain: "Domain") -> int:
     if port > limit:
         raise XenError(
             Errno.ENOSPC,
-            f"dom{domain.domid} has no free event-channel port: every port up to {limit} is in use "
-            f"(max_evtchn_port {domain.max_evtchn_port}, 2-level ABI {EVTCHN_2L_NR_CHANNELS} ports)",
+            f"dom{domain.domid} has no free event-channel port: every port up to {limit} is in use or still linked "
+            f"(max_evtchn_port {domain.max_evtchn_port}, {'FIFO' if fifo else '2-level'} ABI {max_evtchns(domain)} ports)",
         )
     return port
 
