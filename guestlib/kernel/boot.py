@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import trio
 
 from ..events import EventChannels, FifoEventChannels
-from ..hypercalls import HypercallClient, ops
+from ..hypercalls import Batch, HypercallClient, Pending, ops
 from ..layout import BootLayout
 from ..xen import EVTCHN_FIFO_MASKED, PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, Errno, MmuCmd, VGCF_in_kernel
 from .alloc import load_pool
@@ -80,13 +80,12 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool, evt
     pt.write_new(cpu, batch, l3, {0: pt.make(l2, KERNPG_TABLE)})
     batch.mmu_update(pt.remap_direct(list(kl.fixmap_pfns), writable=False))
     batch.mmu_update([(pt.maddr(pt.swapper_pfn, FIXMAP_L4_SLOT) | MmuCmd.NORMAL_PT_UPDATE, pt.make(l3, KERNPG_TABLE))])
-    await batch.flush()
-    fifo = evtchn == "fifo" and await _evtchn_fifo_init(cpu, kl, pt)
-    batch = cpu.msg()
-    batch.store(kl.kglobal("evtchn_fifo")[0], int(fifo))
+    fifo_setup = _evtchn_fifo_init(batch, kl, pt) if evtchn == "fifo" else []
     ports = [[batch.evtchn_bind_ipi(c) for _ in IPI_KINDS] for c in range(kl.nr_cpus)]
     await batch.flush()
+    fifo = bool(fifo_setup) and _took_fifo(cpu, fifo_setup)
     batch = cpu.msg()
+    batch.store(kl.kglobal("evtchn_fifo")[0], int(fifo))
     events = event_channels(client, kl, 0, fifo)
     for c, bound in enumerate(ports):
         for kind, pending in zip(IPI_KINDS, bound):
@@ -108,26 +107,25 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool, evt
             checked(cpu, "bring up", pending)
 
 
-async def _evtchn_fifo_init(cpu: Cpu, kl: KernelLayout, pt: PageTables) -> bool:
+def _evtchn_fifo_init(batch: Batch, kl: KernelLayout, pt: PageTables) -> list[Pending]:
     """xen_evtchn_fifo_init and each CPU's xen_evtchn_cpu_prepare (docs/linux.md section 11.1),
-    all from the boot CPU before the others come up: clear each CPU's control block and
-    register it, fill the event array's page with MASKED words and give it to Xen. False
-    if Xen has no FIFO ABI (ENOSYS: stay on 2-level, xen_evtchn_2l_init)."""
-    batch = cpu.msg()
+    all from the boot CPU before the others come up and before it binds a port: clear each
+    CPU's control block and register it, fill the event array's page with MASKED words and
+    give it to Xen (evtchn_fifo_setup). Returns the hypercalls, for `_took_fifo`."""
     for c in range(kl.nr_cpus):
         batch.write(kl.evtchn_control.va(c), bytes(PAGE_SIZE))
-    first, *others = [batch.evtchn_init_control(pt.mfn(kl.evtchn_control.first_pfn + c), vcpu=c) for c in range(kl.nr_cpus)]
-    await batch.flush()
-    error = first.exception()
-    if getattr(error, "errno", None) == Errno.ENOSYS:
-        return False
-    for registered in (first, *others):
-        checked(cpu, "evtchn_fifo_init", registered)
-    batch = cpu.msg()
+    setup = [batch.evtchn_init_control(pt.mfn(kl.evtchn_control.first_pfn + c), vcpu=c) for c in range(kl.nr_cpus)]
     batch.write(kl.evtchn_array.va(0), (1 << EVTCHN_FIFO_MASKED).to_bytes(4, "little") * (PAGE_SIZE // 4))  # init_array_page
-    expanded = batch.evtchn_expand_array(pt.mfn(kl.evtchn_array.first_pfn))
-    await batch.flush()
-    checked(cpu, "evtchn_fifo_setup", expanded)
+    return [*setup, batch.evtchn_expand_array(pt.mfn(kl.evtchn_array.first_pfn))]
+
+
+def _took_fifo(cpu: Cpu, setup: list[Pending]) -> bool:
+    """Whether the FIFO ABI is in use: False if Xen has none (init_control ENOSYS: stay on
+    2-level, xen_evtchn_2l_init); any other failure is a kernel BUG."""
+    if getattr(setup[0].exception(), "errno", None) == Errno.ENOSYS:
+        return False
+    for call in setup:
+        checked(cpu, "evtchn_fifo_init", call)
     return True
 
 
