@@ -227,9 +227,11 @@ class FifoEventChannels(EventChannels):
         ports in consumption order): the first message clears evtchn_upcall_pending, takes
         `ready` with xchg, reads the heads, and unlinks and acks each hinted port in order
         (clear_linked: the old word's LINK is the next port). Then each ready queue is walked
-        from its head through those old words, highest priority first; a port the hint missed
-        costs a message of its own. A walk that ends at LINK 0 leaves the queue empty, so a
-        later event writes a new head and sets `ready` again, which marks a new upcall."""
+        from its head through those old words, highest priority first, each old word used once:
+        a port the hint missed, or one Xen linked again after its unlink (the walk meets it a
+        second time), is unlinked afresh in a message of its own. A walk that ends at LINK 0
+        leaves the queue empty, so a later event writes a new head and sets `ready` again,
+        which marks a new upcall."""
         hinted = list(dict.fromkeys(hint))
         async with self._client.batch() as first:
             first.store(self._vcpu_info + VCPU_INFO_UPCALL_PENDING, 0, size=1)
@@ -238,22 +240,24 @@ class FifoEventChannels(EventChannels):
             unlinked = {port: first.atomic("fetch_and", self.word_va(port), _UNLINK, size=4) for port in hinted}
             acked = {port: self.clear_pending(first, port) for port in hinted if port in self._handlers}
             prefetched = {port: self._prefetch[port](first) for port in hinted if port in self._prefetch}
-        old = {port: self._mapped(pending.result()) for port, pending in unlinked.items()}
         ports = [port for port, pending in acked.items() if _live(self._mapped(pending.result()))]
         head = struct.unpack(_HEADS, self._mapped(heads.result()))
         ready_bits = self._mapped(ready.result())
         for q in range(EVTCHN_FIFO_MAX_QUEUES):
             port = head[q] & EVTCHN_FIFO_LINK_MASK if ready_bits >> q & 1 else 0
             while port:
-                if port not in old:  # the hint missed it: unlink it, then ack it if it is live
+                if port in unlinked:
+                    word = self._mapped(unlinked.pop(port).result())
+                else:  # unlink it now, then ack it if it is live
                     async with self._client.batch() as late:
-                        word = late.atomic("fetch_and", self.word_va(port), _UNLINK, size=4)
-                    old[port] = self._mapped(word.result())
-                    if _live(old[port]) and port in self._handlers:
+                        fresh = late.atomic("fetch_and", self.word_va(port), _UNLINK, size=4)
+                    word = self._mapped(fresh.result())
+                    if _live(word) and port in self._handlers:
                         async with self._client.batch() as late:
                             self.clear_pending(late, port)
-                        ports.append(port)
-                port = old[port] & EVTCHN_FIFO_LINK_MASK
+                        if port not in ports:
+                            ports.append(port)
+                port = word & EVTCHN_FIFO_LINK_MASK
         await self._run_handlers(ports, prefetched)
 
     async def recover(self) -> None:

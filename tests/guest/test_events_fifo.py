@@ -108,3 +108,34 @@ async def test_a_queue_whose_head_a_dead_process_took_is_recovered(server):
             await dom.xen0.evtchn_send(2)
             assert await dom.word(2) == PENDING | LINKED and await dom.ready() == 1 << 7
             assert await dom.xen0.load(dom.shared_info + VCPU * VCPU_INFO_SIZE + VCPU_INFO_UPCALL_PENDING, 1) == 1
+
+
+async def test_a_port_relinked_during_the_first_message_is_consumed_again_not_looped_on(server):
+    """Queue 1 -> 2, hint [1, 2]. Between the first message's unlink of 1 and of 2, vCPU 0
+    sends 1 again: Xen links 1 after 2 (2's LINK = 1). The walk reaches 1 a second time: it
+    must unlink it afresh (its first old word still says LINK 2, which would loop 1 -> 2 -> 1
+    for ever) and find it no longer pending (the ack took the new event with the old)."""
+    with trio.fail_after(TIMEOUT):
+        async with fifo_domain(server) as dom:
+            ran = []
+            for port in PORTS:
+                dom.events.bind(port, logger(ran))
+            for port in (1, 2):
+                await dom.xen0.evtchn_send(port)
+            session, real = dom.xen1.session, dom.xen1.session.exchange
+            unlink_of = {dom.array + 4 * port: port for port in PORTS}
+
+            async def exchange(calls, stop_on_error=False):
+                """The first message, cut after its unlink of port 1 for vCPU 0's send."""
+                session.exchange = real
+                cut = next(i for i, c in enumerate(calls) if c.WhichOneof("call") == "atomic" and unlink_of.get(c.atomic.va) == 1) + 1
+                head = await real(calls[:cut], stop_on_error)
+                await dom.xen0.evtchn_send(1)
+                rest = await real(calls[cut:], stop_on_error)
+                head.results.extend(rest.results)
+                return head
+
+            session.exchange = exchange
+            await dom.events.do_upcall([1, 2])
+            assert ran == [1, 2]
+            assert [await dom.word(port) for port in PORTS] == [0, 0, 0, 0]
