@@ -1,5 +1,5 @@
 """Event-channel upcalls, guest side: Linux's xen_evtchn_do_upcall over the 2-level ABI
-(`EventChannels`) or the FIFO ABI (`FifoEventChannels`, docs/linux.md section 11).
+(`EventChannels`) or the FIFO ABI (`FifoEventChannels`, docs/linux.md section 12).
 
 The Upcall push is only the interrupt; the truth is in the shared-info frame (docs/xen.md sections
 16.5-16.6), which the guest reads and clears with its own simulated loads, stores and atomics
@@ -56,10 +56,12 @@ class EventChannels:
 
     abi = "2l"
 
-    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int):
+    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int, vcpu_info_va: int | None = None):
+        """`vcpu_info_va`: where the vCPU's vcpu_info is mapped if it was moved out of shared
+        info (VCPUOP_register_vcpu_info); shared info's slot for the vCPU otherwise."""
         self._client = client
         self._shared_info = shared_info_va
-        self._vcpu_info = shared_info_va + SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu_id
+        self._vcpu_info = shared_info_va + SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu_id if vcpu_info_va is None else vcpu_info_va
         self._handlers: dict[int, Handler] = {}
         self._prefetch: dict[int, Prefetch] = {}
 
@@ -198,14 +200,14 @@ def _live(word: int) -> bool:
 
 
 class FifoEventChannels(EventChannels):
-    """One vCPU's event dispatch over the FIFO ABI (docs/linux.md section 11): its control
+    """One vCPU's event dispatch over the FIFO ABI (docs/linux.md section 12): its control
     block at `control_va` and the event array's first page at `array_va`, both in the
     kernel's direct map. Event words are u32, read and changed with 4-byte atomics."""
 
     abi = "fifo"
 
-    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int, control_va: int, array_va: int):
-        super().__init__(client, shared_info_va, vcpu_id)
+    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int, control_va: int, array_va: int, vcpu_info_va: int | None = None):
+        super().__init__(client, shared_info_va, vcpu_id, vcpu_info_va)
         self._control, self._array = control_va, array_va
 
     def word_va(self, port: int) -> int:

@@ -281,11 +281,11 @@ class Hypercalls:
 
     def evtchn_reset(self, dom: int | None = None):
         """Close every port of dom (the caller's own when unset); by DOMID_SELF, also back to
-        the 2-level ABI (docs/xen.md section 20.6)."""
+        the 2-level ABI (docs/xen.md section 24.6)."""
         return self._evtchn(_nothing, reset={"dom": dom})
 
     def evtchn_init_control(self, control_gfn: int, vcpu: int, offset: int = 0):
-        """Register vcpu's FIFO control block (docs/xen.md section 20.2); the value is link_bits."""
+        """Register vcpu's FIFO control block (docs/xen.md section 24.2); the value is link_bits."""
         return self._evtchn(_field("event_channel_op", "link_bits"), init_control={"control_gfn": control_gfn, "offset": offset, "vcpu": vcpu})
 
     def evtchn_expand_array(self, array_gfn: int):
@@ -322,6 +322,27 @@ class Hypercalls:
 
     def vcpu_stop_singleshot_timer(self, vcpuid: int):
         return self._vcpu_op(vcpuid, stop_singleshot_timer={})
+
+    def vcpu_set_periodic_timer(self, vcpuid: int, period_ns: int):
+        """Restart a vCPU's periodic VIRQ_TIMER (every vCPU starts with 10 ms); 1 ms at least."""
+        return self._vcpu_op(vcpuid, set_periodic_timer={"period_ns": period_ns})
+
+    def vcpu_stop_periodic_timer(self, vcpuid: int):
+        """Stop a vCPU's periodic VIRQ_TIMER, as Linux does at boot (docs/linux.md section 11)."""
+        return self._vcpu_op(vcpuid, stop_periodic_timer={})
+
+    def vcpu_get_runstate_info(self, vcpuid: int):
+        """The vCPU's VcpuRunstateInfo: its state and the ns spent in each."""
+        return self._vcpu_op(vcpuid, _field("vcpu_op", "runstate"), get_runstate_info={})
+
+    def vcpu_register_runstate_memory_area(self, vcpuid: int, addr: int):
+        """Have Xen copy the vCPU's runstate to guest virtual `addr` at each change (0: stop)."""
+        return self._vcpu_op(vcpuid, register_runstate_memory_area={"addr": addr})
+
+    def vcpu_register_vcpu_info(self, vcpuid: int, mfn: int, offset: int):
+        """Move the vCPU's vcpu_info out of shared info to byte `offset` of frame `mfn`
+        (xen_vcpu_setup; docs/linux.md section 11)."""
+        return self._vcpu_op(vcpuid, register_vcpu_info={"mfn": mfn, "offset": offset})
 
     # -- HYPERVISOR_sched_op, set_timer_op, xen_version (docs/xen.md section 15) -----------------------
 

@@ -21,7 +21,7 @@ def xensim(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 @pytest.mark.timeout(180)
 def test_demo_runs_reports_clean_and_its_trace_replays(tmp_path):
-    report_file, trace = tmp_path / "demo.json", tmp_path / "trace.jsonl.gz"
+    report_file, trace = tmp_path / "demo.json", tmp_path / "demo.trace.gz"
     done = xensim("demo", "--seconds", "5", "--json", str(report_file), "--trace", str(trace), timeout=150)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(report_file.read_text())
@@ -32,9 +32,13 @@ def test_demo_runs_reports_clean_and_its_trace_replays(tmp_path):
     assert (report["seed"], report["variant"], report["trace"]) == (1, "modern", str(trace))
     assert report["reproduce"] == "xensim demo --seconds 5 --vcpus 4 --pages 16384 --variant modern --seed 1 --evtchn fifo" and report["reproduce"] in done.stdout
     assert report["evtchn"] == "fifo" and {r["evtchn"] for r in report["vcpu_reports"]} == {"fifo"}
-    with open_trace(str(trace)) as lines:
-        replayed, _ = replay(lines)
+    with open_trace(str(trace)) as stream:
+        header, size = json.loads(stream.readline()), len(stream.read())
+    with open_trace(str(trace)) as stream:
+        replayed, _ = replay(stream)
     assert replayed.ok and replayed.digest_matched and replayed.calls > 1000
+    # Format 3: pages written are stored as bytes and reads as a checksum, not 2,200 bytes of JSON and hex a call.
+    assert header["xensim_trace"] == 3 and size / replayed.calls < 1100, size / replayed.calls
 
 
 @pytest.mark.timeout(240)
@@ -84,7 +88,7 @@ def test_ctrl_c_stops_a_run_with_its_partial_report_exit_130_and_no_process_left
     """SIGINT (what Ctrl-C sends the terminal's foreground process) mid-run: the vCPU processes
     and the hypervisor are stopped, the domains still audited and destroyed, the partial
     report written, and the trace replays clean."""
-    report_file, trace = tmp_path / "report.json", tmp_path / "trace.jsonl.gz"
+    report_file, trace = tmp_path / "report.json", tmp_path / "trace.gz"
     command = xensim_command(program, "--vcpus", "2", "--seconds", "120", "--json", str(report_file), "--trace", str(trace))
     if program == "stress":
         command += ["--domains", "1"]

@@ -73,7 +73,7 @@ def test_list_and_list_long(machine, capsys):
 def test_info(machine, capsys):
     info = xl_json(machine, capsys, "info")
     assert info["total_frames"] == 1 << 16 and 0 < info["free_frames"] < info["total_frames"] and info["nr_domains"] == 1
-    assert info["xen_version"].startswith("4.") and info["uptime_s"] > 0
+    assert info["xen_version"].startswith("4.") and info["uptime_s"] > 0 and info["quarantined_frames"] == 0
     assert "free_frames" in xl(machine, capsys, "info")[1]
 
 
@@ -273,3 +273,61 @@ def test_a_big_domains_m2p_is_past_grpcs_default_message_limit(capsys):
         out, err = capsys.readouterr()
     assert status == 0, err
     assert out.count('"pfn"') == 600_000 + 1  # and the shared-info frame
+
+
+# -- every command, both forms, and each error as one line ----------------------------------
+
+# Every read-only command; DOMID and MFN stand for the fixture's domain and its second L4.
+READ_COMMANDS = [
+    ["list"], ["list", "-l"], ["info"], ["vcpu-list"], ["vcpu-list", "DOMID"], ["lsevtchn", "DOMID"], ["debug-keys", "q", "DOMID"], ["debug-keys", "e"],
+    ["mfndump", "dump-p2m", "DOMID"], ["mfndump", "dump-m2p"], ["mfndump", "dump-m2p", "DOMID"], ["mfndump", "dump-ptes", "MFN"], ["mfndump", "lookup-pte", "MFN"],
+    ["mfndump", "who-maps", "MFN"], ["who-maps", "MFN"], ["top", "--iterations", "1", "--interval", "0.1"],
+]  # fmt: skip
+# Every command that names a domain, as it is given one that does not exist.
+DOMAIN_COMMANDS = [
+    ["vcpu-list", "99"], ["pause", "99"], ["unpause", "99"], ["destroy", "99"], ["lsevtchn", "99"], ["debug-keys", "q", "99"], ["debug-keys", "e", "99"],
+    ["mfndump", "dump-p2m", "99"], ["mfndump", "dump-m2p", "99"], ["pagetable", "99", "--svg", "/dev/null"],
+]  # fmt: skip
+MFN_COMMANDS = [["mfndump", "dump-ptes"], ["mfndump", "lookup-pte"], ["mfndump", "who-maps"], ["who-maps"], ["pagetable", "1", "--svg", "/dev/null", "--mfn"]]
+
+
+def _filled(machine, argv: list[str]) -> list[str]:
+    return [str(machine["guest"].domid) if a == "DOMID" else hex(machine["l4b"]) if a == "MFN" else a for a in argv]
+
+
+@pytest.mark.parametrize("argv", READ_COMMANDS, ids=" ".join)
+def test_every_command_prints_text_and_json(machine, capsys, argv):
+    argv = _filled(machine, argv)
+    status, out, err = xl(machine, capsys, *argv)
+    assert status == 0 and out.strip() and not err, err
+    status, out, err = xl(machine, capsys, *argv, "--json")
+    assert status == 0 and not err and json.loads(out.splitlines()[0] if argv[0] == "top" else out) is not None
+
+
+@pytest.mark.parametrize("argv", DOMAIN_COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_an_unknown_domain_is_one_line_and_exit_1(machine, capsys, argv, form):
+    status, out, err = xl(machine, capsys, *argv, *(["--json"] if form == "json" else []))
+    assert status == EXIT_REFUSED and out == "" and len(err.splitlines()) == 1 and re.search(r"ESRCH \(3\): .*\b99\b", err), err
+
+
+@pytest.mark.parametrize("argv", MFN_COMMANDS, ids=" ".join)
+def test_a_bad_mfn_is_one_line_for_every_command_that_takes_one(machine, capsys, argv):
+    argv = [str(machine["guest"].domid) if a == "1" else a for a in argv]
+    status, out, err = xl(machine, capsys, *argv, "0xffffffff")
+    assert status == EXIT_REFUSED and out == "" and len(err.splitlines()) == 1 and "mfn 0xffffffff is outside machine memory" in err, err
+    with pytest.raises(SystemExit) as usage:
+        main(["xl", *argv, "0xzz"])
+    assert usage.value.code == EXIT_USAGE and "bad mfn '0xzz'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [*READ_COMMANDS, *DOMAIN_COMMANDS, ["create", "--memory", "8"], ["pagetable", "1", "--svg", "/dev/null"]], ids=" ".join)
+def test_every_command_without_a_server_is_one_line_and_exit_3(capsys, argv):
+    argv = ["1" if a == "DOMID" else "0x1000" if a == "MFN" else a for a in argv]
+    status = main(["xl", *argv, "--server", "127.0.0.1:1", "--timeout", "5"])
+    out, err = capsys.readouterr()
+    assert status == EXIT_UNREACHABLE and out == "" and err.splitlines() == [f"xensim xl {_name(argv)}: cannot reach the hypervisor at 127.0.0.1:1 (UNAVAILABLE); is `xensim serve` running there?"]
+
+
+def _name(argv: list[str]) -> str:
+    return " ".join(argv[:2]) if argv[0] == "mfndump" else argv[0]

@@ -25,7 +25,7 @@ from guestlib.kernel.shootdown import VARIANTS
 from xensim import scenario
 from xensim.errors import EXIT_INTERRUPTED, at_least, writable_file
 from xensim.launch import default_trace, hypervisor_server, machine_frames
-from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, run_stress, variant_help
+from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, named_problems, run_stress, variant_help
 
 # stat -> heading, in Linux's terms, two lines each so that the table fits 80 columns.
 COLUMNS = {
@@ -116,6 +116,8 @@ def _print_report(console: Console, report: dict) -> None:
     for bug in report["kernel_bugs"]:
         console.print(f"    {bug}", style="red")
     console.print(f"  audit findings      {report['audit_findings']:>8}")
+    for line in named_problems(report):
+        console.print(f"    {line}", style="red", markup=False, highlight=False)
     console.print(f"  leaked frames       {report['leaked_frames']:>8}")
     if report.get("killed_vcpus"):
         console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
@@ -215,12 +217,15 @@ def main(args: argparse.Namespace) -> int:
             report = reports[args.evtchn] if args.evtchn in reports else {"by_evtchn": reports}
             interrupted = any(r["interrupted"] for r in reports.values())
             status = EXIT_INTERRUPTED if interrupted else int(any(failed(r) for r in reports.values()))
-    bugs = [bug for r in reports.values() for bug in r["kernel_bugs"]]
-    if trace and bugs:  # the trace is complete: the server stopped
-        from xensim.explain import explain
+    if trace:  # the trace is complete: the server stopped
+        from xensim.explain import explain_run
 
-        for explained in explain(trace, matching=bugs):
-            console.print(explained["text"], markup=False, highlight=False, soft_wrap=True)
+        for r in reports.values():
+            if failed(r):
+                explained = explain_run(trace, r)
+                r["explained"] = [e["data"] for e in explained]
+                for e in explained:
+                    console.print(e["text"], markup=False, highlight=False, soft_wrap=True)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)

@@ -209,6 +209,7 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         "process_lifecycles": sum(r.get("lifecycles", 0) for r in reports),
         "audit_findings": sum(len(f) for f in per_domain.values()) + len(machine),
         "data_corruptions": sum(len(r.get("data_corruptions", [])) for r in reports),
+        "corruptions": [f"dom{v.domid} {c}" for v, r in zip(run.vcpus, reports) for c in r.get("data_corruptions", [])],
         "unexpected_errors": sum(errors.values()),
         "leaked_frames": len(leaked),
         "kernel_bugs": [r["bug"] for r in reports if r.get("bug")],
@@ -228,6 +229,17 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         "interrupted": run.interrupted,
         "evtchn": run.config.evtchn,
     }
+
+
+def named_problems(report: dict, limit: int = 5) -> list[str]:
+    """The audit findings and corrupted pages of a report, each on a line, at most `limit` of
+    each kind (a leak can make thousands) with a count of the rest."""
+    lines = []
+    for kind, items in (("audit finding", [f for found in report["findings"].values() for f in found]), ("data corruption", report["corruptions"])):
+        lines += [f"{kind}: {item}" for item in items[:limit]]
+        if len(items) > limit:
+            lines.append(f"... and {len(items) - limit} more {kind}s (--json has them all)")
+    return lines
 
 
 def failed(report: dict) -> bool:
@@ -252,11 +264,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {key.replace('_', ' '):<18} {report[key]}")
     for bug in report["kernel_bugs"]:
         print(f"  kernel BUG: {bug}")
-    if args.trace and not args.server and (report["kernel_bugs"] or report["unexpected_errors"]):  # the trace is complete: the server stopped
-        from xensim.explain import explain
+    for line in named_problems(report):
+        print(f"  {line}")
+    if args.trace and not args.server and failed(report):  # the trace is complete: the server stopped
+        from xensim.explain import explain_run
 
-        for explained in explain(args.trace, matching=report["kernel_bugs"] or None):
-            print(explained["text"])
+        explained = explain_run(args.trace, report)
+        report["explained"] = [e["data"] for e in explained]
+        for e in explained:
+            print(e["text"])
     wrong = [key.replace("_", " ") for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "kernel_bugs", "unfinished_vcpus") if report[key]]
     print("verdict: " + ("INTERRUPTED (the report so far)" if report["interrupted"] else f"FAILED: {', '.join(wrong)}" if wrong else "OK"))
     shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted")

@@ -20,6 +20,7 @@ from hypervisor.core.abi import PAGE_SHIFT, PTE_MFN_MASK, MmuextCmd
 from hypervisor.core.trace import TraceError
 from hypervisor.server.tracing import read_trace
 from xensim.errors import at_least, reading, writable_file
+from xensim.xl import mfn_arg
 
 DEFAULT_COUNT = 50_000  # more than this makes a page browsers draw slowly
 FOCUS_BEFORE, FOCUS_COUNT = 200, 400  # the window --focus draws around its call, unless --first/--count say
@@ -34,11 +35,12 @@ XEN_LANE = "Xen (toolstack)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trace", help="a trace (JSON lines, .gz too): `xensim serve --trace FILE` or Toolstack StartTrace")
+    parser.add_argument("trace", help="a trace (.gz too): `xensim serve --trace FILE` or Toolstack StartTrace")
     parser.add_argument("--html", required=True, metavar="OUT", type=writable_file, help="the page to write")
     parser.add_argument("--first", type=at_least(1), metavar="SEQ", help="the first call to draw (calls count from 1; default 1, or a little before --focus)")
     parser.add_argument("--count", type=at_least(1), metavar="N", help=f"how many calls to draw (default {DEFAULT_COUNT}, or {FOCUS_COUNT} with --focus)")
     parser.add_argument("--focus", type=at_least(1), metavar="SEQ", help="a failed call: draw only its domain's vCPUs, scrolled to it, with every band and call that names a frame of its error marked")
+    parser.add_argument("--mfn", type=mfn_arg, action="append", default=[], metavar="MFN", help="with --focus, mark this frame too (repeatable); then the call need not have failed")
     parser.add_argument("--memory", action="store_true", help="with --focus, keep the loads and stores (folded away otherwise)")
     parser.set_defaults(run=main)
 
@@ -51,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     note = ""
     if args.focus:
         try:
-            timeline = focus(timeline, args.focus, args.memory)
+            timeline = focus(timeline, args.focus, args.memory, set(args.mfn))
         except ValueError as e:
             print(f"xensim timeline: {e}", file=sys.stderr)
             return 2
@@ -75,6 +77,7 @@ class Call:
     target: tuple | None = None  # the vCPU an IPI notifies
     multicall: bool = False
     mfns: set = field(default_factory=set)  # frames its arguments or errors name
+    domid: int | None = None  # for a toolstack op: the domain it acts on
 
     @property
     def kind(self) -> str:
@@ -172,6 +175,7 @@ class _Scanner:
             return
         call.kinds.add("toolstack")
         call.lines.append(f"{op} {json.dumps(args)}")
+        call.domid = args.get("domid", (result or {}).get("domid") if isinstance(result, dict) else None)
         if op == "create_domain" and result:
             domid = result["domid"]
             self.t.lanes.update((domid, v) for v in range(args["nr_vcpus"]))
@@ -244,19 +248,26 @@ def named_mfns(message: str) -> set[int]:
     return {int(m, 16) for m in re.findall(r"\bmfn (0x[0-9a-f]+)", message)}
 
 
-def focus(timeline: Timeline, seq: int, memory: bool = False) -> Timeline:
-    """The part of `timeline` that explains failed call `seq`: its domain's vCPUs only,
-    loads and stores folded away unless `memory`, and the frames its errors name marked
-    wherever a band or a call names them. ValueError if `seq` is not a failed call of the
-    window."""
-    call = next((c for c in timeline.failures if c.seq == seq), None)
+def focus(timeline: Timeline, seq: int, memory: bool = False, mfns: set[int] = frozenset()) -> Timeline:
+    """The part of `timeline` that explains call `seq`: its domain's vCPUs only, loads and
+    stores folded away unless `memory` (the call itself stays), and the frames its errors
+    name and `mfns` marked wherever a band or a call names them. The call must have failed
+    unless `mfns` says what to mark (an audit finding or a corrupted page points at the call
+    that last changed a frame, xensim.explain). ValueError if it is not a call of the window
+    that qualifies."""
+    call = next((c for c in (timeline.calls if mfns else timeline.failures) if c.seq == seq), None)
     if call is None:
-        raise ValueError(f"call #{seq} is not a failed call in calls {timeline.first}..{timeline.last}; the failed ones are {[c.seq for c in timeline.failures][:20]}")
-    domid = call.lane[0] if call.lane else None
+        if mfns:
+            raise ValueError(f"call #{seq} is not in calls {timeline.first}..{timeline.last}")
+        raise ValueError(
+            f"call #{seq} is not a failed call in calls {timeline.first}..{timeline.last}; the failed ones are {[c.seq for c in timeline.failures][:20]}"
+            " (to focus on a call that did not fail, name the frames to mark with --mfn)"
+        )
+    domid = call.lane[0] if call.lane else call.domid
     lanes = {lane for lane in timeline.lanes if lane[0] == domid}
-    mine = [c for c in timeline.calls if c.lane in lanes or c.target in lanes]
-    kept = [c for c in mine if memory or c.kind != "mem"]
-    hot = set().union(*(named_mfns(e) for e in call.errors))
+    mine = [c for c in timeline.calls if c.lane in lanes or c.target in lanes or c is call]
+    kept = [c for c in mine if memory or c.kind != "mem" or c is call]
+    hot = set(mfns).union(*(named_mfns(e) for e in call.errors))
     return Timeline(
         first=timeline.first,
         last=timeline.last,
@@ -271,19 +282,14 @@ def focus(timeline: Timeline, seq: int, memory: bool = False) -> Timeline:
     )
 
 
-def scan(lines, first: int = 1, count: int = DEFAULT_COUNT) -> Timeline:
-    """Read a trace's lines into a Timeline of calls first .. first + count - 1."""
+def scan(records, first: int = 1, count: int = DEFAULT_COUNT) -> Timeline:
+    """Read a trace's (number, record) pairs (`read_trace`) into a Timeline of calls first ..
+    first + count - 1."""
     timeline = Timeline(first=first)
     scanner = _Scanner(timeline, count)
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise TraceError(f"line {number} is not JSON: not a xensim trace") from None
+    for number, record in records:
         if not isinstance(record, dict) or "op" not in record and "xensim_trace" not in record and "digest" not in record:
-            raise TraceError(f"line {number} is not a xensim trace record: {line[:80]!r}")
+            raise TraceError(f"record {number} is not a xensim trace record: {str(record)[:80]!r}")
         if "op" in record:
             timeline.total += 1
             scanner.record(timeline.total, record)
@@ -299,7 +305,9 @@ def _lane_name(lane: tuple | None) -> str:
 def render(timeline: Timeline, title: str) -> str:
     """The page: summary, legend, lanes and failed calls as HTML, the calls as JSON for the
     script that draws them."""
-    lanes = [*([] if timeline.focus else [None]), *sorted(timeline.lanes)]  # the toolstack's lane says nothing about one domain
+    # The toolstack's lane says nothing about one domain, unless the focused call is on it.
+    toolstack = not timeline.focus or any(c.lane is None for c in timeline.calls)
+    lanes = [*([None] if toolstack else []), *sorted(timeline.lanes)]
     index = {lane: i for i, lane in enumerate(lanes)}
     data = {
         "first": timeline.first,

@@ -159,8 +159,9 @@ def domain_counts(xl, domid: int | None = None) -> dict[tuple[int, str, str], in
 def cmd_list(xl: Xl, args) -> tuple:
     domains = [domain_record(d, args.long) for d in xl("ListDomains", toolstack_pb2.ListDomainsRequest()).domains]
     calls = Counter()
-    for (domid, _, _), n in domain_counts(xl).items():
-        calls[domid] += n
+    for (domid, op, _), n in domain_counts(xl).items():
+        if "/" not in op:  # "multicall/OP": a failed entry of a multicall, counted under "multicall" too
+            calls[domid] += n
     for d in domains:
         d["hypercalls"] = calls[d["domid"]]
     header = ["Name", "ID", "Pages", "MiB", "vCPUs", "State", "Hypercalls"]
@@ -186,6 +187,7 @@ def cmd_info(xl: Xl, args) -> tuple:
         "uptime_s": round(h.uptime_ns / 1e9, 3),
         "trace_file": "recording" if h.trace_file else "off",
         "trace_streams": h.trace_streams,
+        "quarantined_frames": h.quarantined_frames,
     }
     width = max(map(len, info))
     return info, "\n".join(f"{k.ljust(width)} : {v}" for k, v in info.items())
@@ -483,9 +485,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.set_defaults(run=run, xl_run=runner, xl=name)
         return p
 
-    listing = command("list", cmd_list, "the domains: pages, vCPUs up/total, state")
+    listing = command("list", cmd_list, "the domains: pages, vCPUs up/total, state (running, blocked, paused, shutdown; never dying: destroy is one call)")
     listing.add_argument("-l", "--long", action="store_true", help="also lowmem, shared-info frame, event-channel limit, shutdown reason")
-    command("info", cmd_info, "the machine: frames total and free, domains, version, TLB mode, uptime, trace")
+    command("info", cmd_info, "the machine: frames total, free and quarantined, domains, version, TLB mode, uptime, trace")
     vcpus = command("vcpu-list", cmd_vcpu_list, "vCPUs: up, blocked, kernel/user cr3, upcall pending/mask, TLB, stale-TLB hits")
     vcpus.add_argument("domid", type=int, nargs="?", metavar="DOMID", help="one domain (default: all)")
     for name, method, request, verb in (
@@ -507,15 +509,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mfndump = sub.add_parser("mfndump", help="xen-mfndump: dump-p2m, dump-m2p, dump-ptes, lookup-pte (who-maps)")
     mfn_sub = mfndump.add_subparsers(dest="mfndump", required=True, metavar="COMMAND")
 
-    def mfn_command(name: str, runner: Callable, help: str, aliases: tuple = ()) -> argparse.ArgumentParser:
-        p = mfn_sub.add_parser(name, parents=[common], help=help, aliases=list(aliases))
+    def mfn_command(name: str, runner: Callable, help: str) -> argparse.ArgumentParser:
+        p = mfn_sub.add_parser(name, parents=[common], help=help)
         p.set_defaults(run=run, xl_run=runner, xl=f"mfndump {name}")
         return p
 
     mfn_command("dump-p2m", cmd_dump_p2m, "a domain's pfn -> mfn map").add_argument("domid", type=int, metavar="DOMID", help="the domain")
     mfn_command("dump-m2p", cmd_dump_m2p, "mfn -> pfn of every owned frame (or one domain's)").add_argument("domid", type=int, nargs="?", metavar="DOMID", help="one domain (default: all)")
     mfn_command("dump-ptes", cmd_dump_ptes, "a pagetable frame's entries decoded, with each target's type and counts").add_argument("mfn", type=mfn_arg, metavar="MFN", help=MFN_HELP)
-    mfn_command("lookup-pte", cmd_who_maps, "every entry and base pointer that refers to a frame", aliases=("who-maps",)).add_argument("mfn", type=mfn_arg, metavar="MFN", help=MFN_HELP)
+    for name in ("lookup-pte", "who-maps"):  # two parsers, not an alias, so that an error names the one typed
+        mfn_command(name, cmd_who_maps, "every entry and base pointer that refers to a frame").add_argument("mfn", type=mfn_arg, metavar="MFN", help=MFN_HELP)
     command("who-maps", cmd_who_maps, "every pagetable entry, vCPU base pointer and pin that holds a frame (the answer to an EBUSY)").add_argument("mfn", type=mfn_arg, metavar="MFN", help=MFN_HELP)
 
     from xensim import pagetable_view  # it imports this module

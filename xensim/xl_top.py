@@ -1,6 +1,6 @@
 """`xensim xl top`: each domain's hypercall rates by op and outcome, refreshed like xentop.
 
-Each sample reads the Toolstack's DomainStats (each domain's counts since the server started,
+Each sample reads the Toolstack's DomainStats (each domain's counts since it was created,
 by op and errno) and shows what changed since the previous one, per second, beside the
 totals. With --iterations the command stops after that many samples, which is how tests and
 scripts use it; with --json each sample is one JSON line.
@@ -27,7 +27,7 @@ def sample(before: dict, after: dict, seconds: float) -> list[dict]:
 
 
 def render(rows: list[dict], server: str) -> Table:
-    view = Table(title=f"xensim top: {server}", caption="rates over the last interval; totals since the server started")
+    view = Table(title=f"xensim top: {server}", caption="rates over the last interval; totals since each domain was created")
     for name, justify in (("domain", "right"), ("op", "left"), ("outcome", "left"), ("per s", "right"), ("total", "right")):
         view.add_column(name, justify=justify)
     for r in rows:

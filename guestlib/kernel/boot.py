@@ -4,8 +4,10 @@ Reference: docs/linux.md sections 7.1 and 9. vCPU 0 boots from start-info: it re
 builds the page allocator's bitmap, marks the boot pagetable's pages PG_pinned (Linux's hook
 once the allocator exists: they were pinned by the domain builder), builds the fixmap (a kernel
 L3/L2/L1 under the swapper pgd's top slot) holding the shared-info frame and one kmap slot per
-CPU, binds every CPU's IPI ports, and brings the other vCPUs up with VCPUOP_initialise (on the
-swapper pgd) and VCPUOP_up. Secondary vCPU processes wait until they are started and the
+CPU, takes the FIFO event-channel ABI (docs/linux.md section 12) in the message that binds every
+CPU's IPI ports, stops every vCPU's periodic timer and moves its vcpu_info into
+its per-CPU page (docs/linux.md section 11), and brings the other vCPUs up with
+VCPUOP_initialise (on the swapper pgd) and VCPUOP_up. Secondary vCPU processes wait until they are started and the
 kernel's magic is written, then attach like vCPU 0.
 """
 
@@ -87,6 +89,7 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool, evt
     batch = cpu.msg()
     batch.store(kl.kglobal("evtchn_fifo")[0], int(fifo))
     events = event_channels(client, kl, 0, fifo)
+    checked_later, again = [], []
     for c, bound in enumerate(ports):
         for kind, pending in zip(IPI_KINDS, bound):
             port = checked(cpu, "boot", pending)
@@ -97,18 +100,24 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool, evt
                 events.unmask(batch, port)
         for field in ("xen_cr3", "xen_current_cr3"):
             batch.store(kl.percpu(c, field)[0], pt.swapper_pfn)
-    bringup = [batch.vcpu_initialise(c, pt.mfn(pt.swapper_pfn), flags=VGCF_in_kernel) for c in range(1, kl.nr_cpus)]
+    for c in range(kl.nr_cpus):  # one-shot timers only, and each vcpu_info per-CPU (docs/linux.md section 11)
+        checked_later.append(batch.vcpu_stop_periodic_timer(c))
+        pfn, offset = kl.pfn_offset(kl.percpu(c, "vcpu_info")[0])
+        again.append(batch.vcpu_register_vcpu_info(c, pt.mfn(pfn), offset))
+    again += [batch.vcpu_initialise(c, pt.mfn(pt.swapper_pfn), flags=VGCF_in_kernel) for c in range(1, kl.nr_cpus)]
     batch.store(kl.kglobal("magic")[0], KERNEL_MAGIC)
-    bringup += [batch.vcpu_up(c) for c in range(1, kl.nr_cpus)]
+    checked_later += [batch.vcpu_up(c) for c in range(1, kl.nr_cpus)]
     await batch.flush()
-    for pending in bringup:  # EEXIST: a vCPU 0 killed mid-boot already initialised it
+    for pending in checked_later:
+        checked(cpu, "bring up", pending)
+    for pending in again:  # EBUSY, EEXIST: a vCPU 0 killed mid-boot already did it
         error = pending.exception()
-        if not (error is None or getattr(error, "errno", None) == Errno.EEXIST):
+        if not (error is None or getattr(error, "errno", None) in (Errno.EBUSY, Errno.EEXIST)):
             checked(cpu, "bring up", pending)
 
 
 def _evtchn_fifo_init(batch: Batch, kl: KernelLayout, pt: PageTables) -> list[Pending]:
-    """xen_evtchn_fifo_init and each CPU's xen_evtchn_cpu_prepare (docs/linux.md section 11.1),
+    """xen_evtchn_fifo_init and each CPU's xen_evtchn_cpu_prepare (docs/linux.md section 12.1),
     all from the boot CPU before the others come up and before it binds a port: clear each
     CPU's control block and register it, fill the event array's page with MASKED words and
     give it to Xen (evtchn_fifo_setup). Returns the hypercalls, for `_took_fifo`."""
@@ -130,11 +139,12 @@ def _took_fifo(cpu: Cpu, setup: list[Pending]) -> bool:
 
 
 def event_channels(client: HypercallClient, kl: KernelLayout, vcpu_id: int, fifo: bool) -> EventChannels:
-    """This CPU's event dispatch in the ABI the boot CPU chose."""
-    shared_info = kl.fixmap_va(FIX_SHARED_INFO)
+    """This CPU's event dispatch in the ABI the boot CPU chose, on the vcpu_info boot moved
+    into its per-CPU page."""
+    shared_info, vcpu_info = kl.fixmap_va(FIX_SHARED_INFO), kl.percpu(vcpu_id, "vcpu_info")[0]
     if fifo:
-        return FifoEventChannels(client, shared_info, vcpu_id, kl.evtchn_control.va(vcpu_id), kl.evtchn_array.va(0))
-    return EventChannels(client, shared_info, vcpu_id)
+        return FifoEventChannels(client, shared_info, vcpu_id, kl.evtchn_control.va(vcpu_id), kl.evtchn_array.va(0), vcpu_info)
+    return EventChannels(client, shared_info, vcpu_id, vcpu_info)
 
 
 def _write_bitmap(batch, kl: KernelLayout) -> None:

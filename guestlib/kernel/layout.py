@@ -8,7 +8,7 @@ address.
 
 from dataclasses import dataclass
 
-from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE
+from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE
 
 MAX_MMS = 256
 MAX_TASKS = 512
@@ -57,6 +57,7 @@ PERCPU = Struct(
     ("pool_count", 8), ("hipool_count", 8),
     ("stats", 8 * 16),
     ("pool", 8 * POOL_SLOTS), ("hipool", 8 * POOL_SLOTS),
+    ("vcpu_info", VCPU_INFO_SIZE),  # this vCPU's vcpu_info, registered at boot (xen_vcpu_setup)
     size=PAGE_SIZE,
 )  # fmt: skip
 MM = Struct(
@@ -134,6 +135,10 @@ class KernelLayout:
 
     def percpu(self, cpu: int, field: str) -> tuple[int, int]:
         return self.regions["percpu"].va(cpu, PERCPU, field), PERCPU[field][1]
+
+    def pfn_offset(self, va: int) -> tuple[int, int]:
+        """The (pfn, byte offset) of a direct-map address."""
+        return (va - PAGE_OFFSET) >> PAGE_SHIFT, va & (PAGE_SIZE - 1)
 
     def mm(self, mm: int, field: str) -> tuple[int, int]:
         return self.regions["mms"].va(mm, MM, field), MM[field][1]

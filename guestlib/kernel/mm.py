@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..hypercalls import PageFault, Pending, ops
-from ..xen import ENTRIES_PER_TABLE, PAGE_SIZE, MmuextCmd
+from ..xen import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE, PTE_MFN_MASK, MmuextCmd
 from .alloc import alloc_pages, free_pages
 from .cpu import Cpu, add, checked
 from .layout import MAX_MMS, MAX_TABLES, MAX_TASKS, MM, PAGE_COUNT_ONE
@@ -229,22 +229,40 @@ async def touch(cpu: Cpu, pt: PageTables, mm: Mm, task: int, generation: int, in
             raise cpu.bug("page fault", f"page {index} faults again after its fault was handled: {pending.result()}")
 
 
-def verify(cpu: Cpu, batch, task: int, generation: int, indexes: list[int]) -> Callable[[], list[int]]:
-    """Read the pages back as the task, in `batch`; the returned function gives the indexes
-    whose contents are wrong once it is answered."""
+def verify(cpu: Cpu, batch, task: int, generation: int, indexes: list[int]) -> Callable[[], dict[int, bytes | PageFault]]:
+    """Read the pages back as the task, in `batch`; the returned function gives the pages
+    whose contents are wrong, by index, with what was read, once it is answered."""
     results = [batch.read(user_va(i), PAGE_SIZE, user=True) for i in indexes]
-    return lambda: [i for i, r in zip(indexes, results) if checked(cpu, "verify", r) != pattern(task, i, generation)]
+
+    def wrong() -> dict[int, bytes | PageFault]:
+        read = {i: checked(cpu, "verify", r) for i, r in zip(indexes, results)}
+        return {i: data for i, data in read.items() if data != pattern(task, i, generation)}
+
+    return wrong
 
 
-def munmap(cpu: Cpu, pt: PageTables, mm: Mm, index: int, batch) -> None:
+def describe_corruption(cpu_id: int, task: int, generation: int, index: int, va: int, entry: int, data: bytes | PageFault) -> str:
+    """A page that read back wrong at `va`, as the data-integrity oracle reports it: where
+    (va, and the mfn its L1 `entry` maps), and what was read instead (the task, page and generation
+    whose pattern it holds), which is what `xensim trace explain` needs to find the read in
+    the trace and follow the frame back to the call that last changed it."""
+    found = "task {} page {} generation {:#x}".format(*struct.unpack_from("<QQQ", data)) if isinstance(data, bytes) else repr(data)  # or a PageFault
+    return (
+        f"task {task} generation {generation:#x} page {index} (va {va:#x}, mfn {(entry & PTE_MFN_MASK) >> PAGE_SHIFT:#x}) on vCPU {cpu_id}: "
+        f"contents differ from what it wrote (it read {found})"
+    )
+
+
+def munmap(cpu: Cpu, pt: PageTables, mm: Mm, index: int, batch) -> Callable[[], tuple[int, ...]]:
     """zap one page in `batch`: read its entry, clear it, flush it on every CPU in the mm's
     cpumask with INVLPG_MULTI (flush_tlb_others: no IPI, Xen flushes them); the page is put
-    in this CPU's next message (put_pages)."""
+    in this CPU's next message (put_pages). Returns the L1 as read before the zap."""
     l1 = read_l1(cpu, pt, mm, batch, "munmap")
     pt.set_entries(cpu, batch, mm.l1, {index: 0}, pinned=True)
     batch.mmuext_op([(MmuextCmd.INVLPG_MULTI, user_va(index), mm_va(cpu, mm.id, "cpumask"))])
     batch.callback(lambda: put_pages(cpu, pt, [l1()[index]], "munmap"))
     cpu.count("munmaps")
+    return l1
 
 
 def release_tables(cpu: Cpu, mm: Mm) -> None:

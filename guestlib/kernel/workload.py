@@ -21,7 +21,7 @@ from ..hypercalls import ops
 from .boot import OFFLINE, ONLINE, STOPPED, answer_pending_calls
 from .cpu import Cpu, KernelBug, Panicked, checked
 from .layout import RING_SLOTS
-from .mm import Mm, claim, fork, free_task, mm_alloc, munmap, new_id, pin, read_l1, read_mm, touch, verify
+from .mm import Mm, claim, describe_corruption, fork, free_task, mm_alloc, munmap, new_id, pin, read_l1, read_mm, touch, user_va, verify
 from .sched import enter_lazy, leave_lazy, switch_mm
 from .shootdown import exit_mmap
 
@@ -147,10 +147,10 @@ class Workload:
         await self._run_user(task.mm)
         batch = cpu.msg()  # the task's last user reads, its munmap, and exit's first message
         wrong = verify(cpu, batch, task.id, task.generation, WRITTEN)
-        munmap(cpu, k.pt, task.mm, SHARED_PAGES, batch)
+        l1 = munmap(cpu, k.pt, task.mm, SHARED_PAGES, batch)  # read after the pages, in the same message
         await exit_mmap(cpu, task.mm, batch)
-        for index in wrong():
-            self.corruptions.append(f"task {task.id} page {index} on vCPU {cpu.id}: contents differ from what it wrote")
+        for index, data in wrong().items():
+            self.corruptions.append(describe_corruption(cpu.id, task.id, task.generation, index, user_va(index), l1()[index], data))
         free_task(cpu, task.id)
         self.lifecycles += 1
         cpu.count("lifecycles")

@@ -195,7 +195,7 @@ EVTCHNSTAT_ipi = 5
 BITS_PER_EVTCHN_WORD = 64
 EVTCHN_2L_NR_CHANNELS = BITS_PER_EVTCHN_WORD * BITS_PER_EVTCHN_WORD
 
-# The FIFO ABI (public/event_channel.h; docs/xen.md section 20): a u32 event word per port in
+# The FIFO ABI (public/event_channel.h; docs/xen.md section 24): a u32 event word per port in
 # guest event-array pages, and per vCPU a control block of a ready bitmap and 16 queue heads.
 EVTCHN_FIFO_PRIORITY_MAX = 0  # the highest
 EVTCHN_FIFO_PRIORITY_DEFAULT = 7
@@ -243,8 +243,13 @@ VCPUOP_initialise = 0
 VCPUOP_up = 1
 VCPUOP_down = 2
 VCPUOP_is_up = 3
+VCPUOP_get_runstate_info = 4
+VCPUOP_register_runstate_memory_area = 5
+VCPUOP_set_periodic_timer = 6
+VCPUOP_stop_periodic_timer = 7
 VCPUOP_set_singleshot_timer = 8
 VCPUOP_stop_singleshot_timer = 9
+VCPUOP_register_vcpu_info = 10
 VCPU_SSHOTTMR_future = 1 << 0  # Xen ignores it since 4.18 (a late deadline fires, never -ETIME)
 VGCF_in_kernel = 1 << 2
 VGCF_online = 1 << 5
@@ -267,3 +272,22 @@ SHUTDOWN_soft_reset = 5
 PFEC_page_present = 1
 PFEC_write_access = 2
 PFEC_user_mode = 4
+
+# Xen system time in ns (xen/include/xen/time.h): MILLISECS, and STIME_DELTA_MAX, the longest
+# period a timer takes (the largest s_time_t with two bits to spare).
+MILLISECS = 1_000_000
+STIME_DELTA_MAX = ((1 << 64) - 1) >> 2
+
+# The periodic timer (docs/vcpu-time.md section 5): every PV vCPU starts with a 10 ms period
+# (xen/arch/x86/pv/domain.c, pv_vcpu_initialise); VCPUOP_set_periodic_timer takes 1 ms to
+# STIME_DELTA_MAX (xen/common/domain.c, common_vcpu_op).
+PERIODIC_DEFAULT_NS = 10 * MILLISECS
+PERIODIC_MIN_NS = 1 * MILLISECS
+
+# struct vcpu_runstate_info (public/vcpu.h; docs/vcpu-time.md section 6): int state (padded to
+# 8 bytes), u64 state_entry_time, u64 time[4] indexed by state; 48 bytes in all.
+RUNSTATE_running = 0
+RUNSTATE_runnable = 1
+RUNSTATE_blocked = 2
+RUNSTATE_offline = 3
+RUNSTATE_INFO_SIZE = 48

@@ -55,7 +55,7 @@ from .abi import (
     EVTCHNSTAT_virq,
 )
 from .errors import XenError
-from .sched import vcpu_kick, vcpu_unblock
+from .sched import rebind_periodic_timer, vcpu_kick, vcpu_unblock
 
 if TYPE_CHECKING:
     from .domain import Domain, Vcpu
@@ -79,9 +79,13 @@ _UPCALL_MASK_SHIFT = 8 * VCPU_INFO_UPCALL_MASK
 assert VCPU_INFO_UPCALL_PENDING < 8 and VCPU_INFO_UPCALL_MASK < 8
 
 
-def _vcpu_info(vcpu_id: int) -> int:
-    """Index of the first word of vcpu_info[vcpu_id] in the shared-info frame."""
-    return (SHARED_INFO_VCPU_INFO + vcpu_id * VCPU_INFO_SIZE) // 8
+def vcpu_info_words(hv: "Hypervisor", vcpu: "Vcpu") -> tuple[int, int]:
+    """Where the vCPU's vcpu_info is: (mfn, index of its first u64 word). vcpu_info[vcpu_id]
+    of the shared-info frame until VCPUOP_register_vcpu_info moves it (docs/vcpu-time.md section 7)."""
+    if vcpu.vcpu_info_area is not None:
+        mfn, offset = vcpu.vcpu_info_area
+        return mfn, offset // 8
+    return hv.domains[vcpu.domid].shared_info_mfn, (SHARED_INFO_VCPU_INFO + vcpu.vcpu_id * VCPU_INFO_SIZE) // 8
 
 
 class ECS(IntEnum):
@@ -176,7 +180,7 @@ def valid_port(domain: "Domain", port: int, op: str) -> Evtchn:
 
 
 def max_evtchns(domain: "Domain") -> int:
-    """max_evtchns: the ports of the ABI the domain speaks (docs/xen.md section 20.5)."""
+    """max_evtchns: the ports of the ABI the domain speaks (docs/xen.md section 24.5)."""
     return EVTCHN_2L_NR_CHANNELS if domain.evtchn_fifo is None else EVTCHN_FIFO_NR_CHANNELS
 
 
@@ -251,39 +255,45 @@ def _test_and_clear_bit(words: np.ndarray, index: int, bit: int) -> bool:
     return True
 
 
-def _mark_events_pending(hv: "Hypervisor", domain: "Domain", vcpu_id: int, words: np.ndarray) -> None:
+def _notify(hv: "Hypervisor", domain: "Domain", vcpu_id: int, word: int) -> None:
+    """The tail of 2-level set_pending and unmask: a selector bit that goes 0->1 marks the
+    vCPU's events pending, and an upcall-pending that goes 0->1 kicks the vCPU
+    (vcpu_mark_events_pending)."""
+    vcpu = domain.vcpus[vcpu_id]
+    mfn, info = vcpu_info_words(hv, vcpu)
+    if not _test_and_set_bit(hv.memory.frame(mfn), info + _SEL, word):
+        vcpu_mark_events_pending(hv, vcpu)
+
+
+def vcpu_mark_events_pending(hv: "Hypervisor", vcpu: "Vcpu") -> None:
     """vcpu_mark_events_pending: an upcall-pending that goes 0->1 kicks the vCPU."""
-    if not _test_and_set_bit(words, _vcpu_info(vcpu_id), _UPCALL_PENDING_SHIFT):
-        vcpu_kick(hv, domain.vcpus[vcpu_id])
+    mfn, info = vcpu_info_words(hv, vcpu)
+    if not _test_and_set_bit(hv.memory.frame(mfn), info, _UPCALL_PENDING_SHIFT):
+        vcpu_kick(hv, vcpu)
 
 
-def _notify(hv: "Hypervisor", domain: "Domain", vcpu_id: int, word: int, words: np.ndarray) -> None:
-    """The tail of set_pending and unmask: a selector bit that goes 0->1 marks the vCPU's
-    events pending."""
-    if not _test_and_set_bit(words, _vcpu_info(vcpu_id) + _SEL, word):
-        _mark_events_pending(hv, domain, vcpu_id, words)
-
-
-def set_pending(hv: "Hypervisor", domain: "Domain", vcpu_id: int, port: int) -> None:
+def set_pending(hv: "Hypervisor", domain: "Domain", vcpu_id: int, port: int) -> bool:
     """evtchn_port_set_pending: through the ABI the domain speaks. Under FIFO
-    (docs/xen.md section 20.3) a queue's ready bit that goes 0->1 marks the vCPU's events
+    (docs/xen.md section 24.3) a queue's ready bit that goes 0->1 marks the vCPU's events
     pending. Under 2-level (docs/xen.md section 16.5), in Xen's order: pending, then (if
     unmasked) the selector and upcall-pending of `vcpu_id`, then the pollers, all only on a
-    0->1 edge."""
-    words = hv.memory.frame(domain.shared_info_mfn)
+    0->1 edge. Returns whether the pending bit went 0->1 (the event was news): in either ABI
+    an event already pending is not."""
     if domain.evtchn_fifo is not None:
         was_pending, ready = evtchn_fifo.set_pending(hv, domain, domain.vcpus[vcpu_id], domain.evtchn[port], port)
         if ready:
-            _mark_events_pending(hv, domain, vcpu_id, words)
+            vcpu_mark_events_pending(hv, domain.vcpus[vcpu_id])
         if not was_pending:
             check_pollers(hv, domain, port)
-        return
+        return not was_pending
+    words = hv.memory.frame(domain.shared_info_mfn)
     word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
     if _test_and_set_bit(words, _PENDING + word, bit):
-        return
+        return False
     if not words.item(_MASK + word) >> bit & 1:
-        _notify(hv, domain, vcpu_id, word, words)
+        _notify(hv, domain, vcpu_id, word)
     check_pollers(hv, domain, port)
+    return True
 
 
 def check_pollers(hv: "Hypervisor", domain: "Domain", port: int) -> None:
@@ -328,22 +338,23 @@ def port_is_masked(hv: "Hypervisor", domain: "Domain", port: int) -> bool:
 
 def local_events_need_delivery(hv: "Hypervisor", vcpu: "Vcpu") -> bool:
     """An upcall is deliverable: upcall-pending set and upcall-mask clear (docs/xen.md section 16.6)."""
-    word = hv.memory.entries(hv.domains[vcpu.domid].shared_info_mfn).item(_vcpu_info(vcpu.vcpu_id))
+    mfn, info = vcpu_info_words(hv, vcpu)
+    word = hv.memory.entries(mfn).item(info)
     return bool(word >> _UPCALL_PENDING_SHIFT & 0xFF) and not word >> _UPCALL_MASK_SHIFT & 0xFF
 
 
 def set_upcall_mask(hv: "Hypervisor", vcpu: "Vcpu", masked: bool) -> None:
     """Write the vCPU's evtchn_upcall_mask byte (local_event_delivery_enable/_disable)."""
-    words = hv.memory.frame(hv.domains[vcpu.domid].shared_info_mfn)
-    index = _vcpu_info(vcpu.vcpu_id)
+    mfn, index = vcpu_info_words(hv, vcpu)
+    words = hv.memory.frame(mfn)
     words[index] = (words.item(index) & ~(0xFF << _UPCALL_MASK_SHIFT)) | (int(masked) << _UPCALL_MASK_SHIFT)
 
 
-def send_guest_vcpu_virq(hv: "Hypervisor", vcpu: "Vcpu", virq: int) -> None:
-    """send_guest_vcpu_virq: raise a per-vCPU VIRQ on the port the vCPU bound it to, if any."""
+def send_guest_vcpu_virq(hv: "Hypervisor", vcpu: "Vcpu", virq: int) -> bool:
+    """send_guest_vcpu_virq: raise a per-vCPU VIRQ on the port the vCPU bound it to, if any.
+    Returns whether that was news (see set_pending); a VIRQ bound to no port never is."""
     port = vcpu.virq_to_evtchn[virq]
-    if port:
-        set_pending(hv, hv.domains[vcpu.domid], vcpu.vcpu_id, port)
+    return bool(port) and set_pending(hv, hv.domains[vcpu.domid], vcpu.vcpu_id, port)
 
 
 def deliver_upcall(hv: "Hypervisor", domid: int, vcpu: int) -> list[int] | None:
@@ -353,7 +364,7 @@ def deliver_upcall(hv: "Hypervisor", domid: int, vcpu: int) -> list[int] | None:
     (TBF_INTERRUPT) and return the ports pending, unmasked and notifying this vCPU, in port
     order: a hint for the guest, whose handler must still scan and clear the bitmaps. Under
     FIFO the hint is the pending, unmasked ports of the vCPU's ready queues, in the order
-    the guest will consume them (docs/xen.md section 20.3). Otherwise return None and change
+    the guest will consume them (docs/xen.md section 24.3). Otherwise return None and change
     nothing.
     """
     target = hv.vcpu(domid, vcpu)
@@ -423,6 +434,8 @@ def bind_virq(hv: "Hypervisor", current: "Vcpu", virq: int, vcpu: int) -> int:
     chn = claim_port(domain, port)
     chn.state, chn.notify_vcpu_id, chn.virq = ECS.VIRQ, vcpu, virq
     target.virq_to_evtchn[virq] = port
+    if virq == VIRQ_TIMER:
+        rebind_periodic_timer(hv, target)
     return port
 
 
@@ -544,7 +557,7 @@ def unmask(hv: "Hypervisor", current: "Vcpu", port: int) -> int:
         words = hv.memory.frame(domain.shared_info_mfn)
         word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
         if _test_and_clear_bit(words, _MASK + word, bit) and words.item(_PENDING + word) >> bit & 1:
-            _notify(hv, domain, chn.notify_vcpu_id, word, words)
+            _notify(hv, domain, chn.notify_vcpu_id, word)
     return 0
 
 
@@ -552,7 +565,7 @@ def reset(hv: "Hypervisor", current: "Vcpu", dom: int = DOMID_SELF) -> int:
     """Close every port of `dom`: the caller's own, or a domain the toolstack paused. A
     domain that resets itself by DOMID_SELF also leaves the FIFO ABI: its control blocks and
     event-array pages are unmapped and it speaks 2-level again (evtchn_reset;
-    docs/xen.md section 20.6). Its own numeric id does not do that, as in Xen."""
+    docs/xen.md section 24.6). Its own numeric id does not do that, as in Xen."""
     caller = hv.domains[current.domid]
     domain = _domain_by_any_id(hv, caller, dom)
     _check_target(caller, domain, "reset")
@@ -601,12 +614,13 @@ def event_channel_op(hv: "Hypervisor", current: "Vcpu", cmd: str, **fields):
 # -- audit ---------------------------------------------------------------------------------
 
 
-def audit(hv: "Hypervisor") -> list[str]:
-    """Port-table invariants: interdomain bindings are symmetric, virq_to_evtchn and the VIRQ
-    ports agree both ways (so no VIRQ is bound twice on a vCPU), every notify vCPU exists, no
-    port is bound beyond the cap, and pollers are blocked and listed in the poll mask."""
+def audit(hv: "Hypervisor", domains: list | None = None) -> list[str]:
+    """Port-table invariants of `domains` (else every domain's): interdomain bindings are
+    symmetric, virq_to_evtchn and the VIRQ ports agree both ways (so no VIRQ is bound twice on
+    a vCPU), every notify vCPU exists, no port is bound beyond the cap, and pollers are blocked
+    and listed in the poll mask."""
     findings: list[str] = []
-    for domain in hv.domains.values():
+    for domain in hv.domains.values() if domains is None else domains:
         table, limit, d = domain.evtchn, _port_limit(domain), domain.domid
         if not table or len(table) % EVTCHNS_PER_BUCKET or table[0].state != ECS.RESERVED:
             findings.append(f"dom{d}: port table of {len(table)} ports is not whole buckets with port 0 reserved")

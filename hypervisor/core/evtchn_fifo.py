@@ -1,4 +1,4 @@
-"""Event channels, FIFO ABI (docs/xen.md section 20): xen/common/event_fifo.c.
+"""Event channels, FIFO ABI (docs/xen.md section 24): xen/common/event_fifo.c.
 
 Theory of operation. A domain speaks the 2-level ABI (evtchn.py) until its first
 EVTCHNOP_init_control; from then on each port's state for the guest is a u32 *event word* in

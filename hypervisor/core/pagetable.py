@@ -145,6 +145,7 @@ class PageTables:
         self.memory = frames.memory
         self._xen_l4 = xen_l4_slots(xen_l3, frames.nr_frames)
         frames.promote = self.promote
+        frames.promote_l1s = self.promote_l1s
         frames.demote = self.demote
         self.entries_validated = 0  # counter for benchmarks and stats
 
@@ -236,45 +237,65 @@ class PageTables:
         level = LEVEL_OF_TYPE[kind]
         domid = self.frames.owner.item(mfn)
         if level.level == 1:
-            self.frames.budget.charge(ENTRIES_PER_TABLE)
-            self._promote_l1(mfn, domid)
+            self.promote_l1s(np.array([mfn]), domid)
         else:
             self._promote_upper(level, mfn, domid)
-        self.entries_validated += ENTRIES_PER_TABLE
+            self.entries_validated += ENTRIES_PER_TABLE
 
-    def _promote_l1(self, mfn: int, domid: int) -> None:
+    def promote_l1s(self, mfns: np.ndarray, domid: int) -> None:
+        """Validate the entries of L1 frames `mfns` of `domid` in one numpy pass (one frame
+        unless the domain builder validates its tables together, frames.get_l1_types_bulk).
+        A failing entry of a lone frame raises what Xen's promote_l1_table does; of frames
+        validated together, it is a bug of the builder that made them."""
+        self.frames.budget.charge(ENTRIES_PER_TABLE * len(mfns))
+        words = self.memory.entries(int(mfns[0]))[None] if len(mfns) == 1 else np.stack([self.memory.entries(mfn) for mfn in mfns.tolist()])
+        present = np.flatnonzero(words.reshape(-1) & _U64(P))
+        if len(present):
+            self._get_l1_references(mfns, domid, words, present)
+        self.entries_validated += ENTRIES_PER_TABLE * len(mfns)
+
+    def _get_l1_references(self, mfns: np.ndarray, domid: int, words: np.ndarray, present: np.ndarray) -> None:
+        """Take the references of the `present` entries (indices into `words` flattened, the
+        contents of `mfns` a row each) and store them adjusted, or raise with none taken."""
         frames = self.frames
-        words = self.memory.entries(mfn)
-        slots = np.flatnonzero(words & _U64(P))
-        if not len(slots):
-            return
-        entries = words[slots]
+        entries = words.reshape(-1)[present]
         targets = ((entries & _MFN_MASK) >> _U64(PAGE_SHIFT)).astype(np.int64)
         bad_flags = (entries & _U64(LEVELS[1].disallow)) != 0
         outside = targets >= frames.nr_frames
-        safe = np.where(outside, 0, targets)
+        safe = np.where(outside, 0, targets) if outside.any() else targets
         foreign = (frames.owner[safe] != domid) | (frames.count[safe] == 0)
         rw = (entries & _U64(RW)) != 0
         busy = rw & (frames.type_count[safe] != 0) & (frames.type[safe] != PageType.WRITABLE)
         failed = bad_flags | outside | foreign | busy
         if failed.any():
             i = int(np.argmax(failed))
+            row, slot = divmod(int(present[i]), ENTRIES_PER_TABLE)
+            mfn = int(mfns[row])
+            if len(mfns) > 1:
+                raise SimulatorBug(f"L1 entry {slot} of mfn {mfn:#x}, validated with {len(mfns) - 1} other tables, is invalid")
             try:
                 self.get_page_from_l1e(int(entries[i]), domid)
             except XenError as e:
                 # promote_l1_table took the references of the entries before this one and now
                 # drops them: a frame one of them mapped writable keeps the WRITABLE type.
-                frames.get_pages_bulk(targets[:i], targets[:i][rw[:i]])
+                frames.get_pages_bulk(targets[:i], targets[:i][rw[:i]], domid)
                 frames.put_pages_bulk(targets[:i], targets[:i][rw[:i]])
-                raise XenError(e.errno, f"L1 entry {int(slots[i])} of mfn {mfn:#x} {e.message}") from None
-            raise SimulatorBug(f"vectorised L1 check refused entry {int(slots[i])} of mfn {mfn:#x}, scalar accepted")
-        frames.get_pages_bulk(targets, targets[rw])
+                raise XenError(e.errno, f"L1 entry {slot} of mfn {mfn:#x} {e.message}") from None
+            raise SimulatorBug(f"vectorised L1 check refused entry {slot} of mfn {mfn:#x}, scalar accepted")
+        frames.get_pages_bulk(targets, targets[rw], domid)
         kernel = (entries & _U64(US)) == 0
         adjusted = entries | np.where(kernel, _U64(US | GUEST_KERNEL), _U64(0))
         adjusted |= np.where((adjusted & _U64(GUEST_KERNEL)) == 0, _U64(G | US), _U64(0))
-        if (adjusted != entries).any():
-            self.frames.note_write(mfn)
-            self.memory.frame(mfn)[slots] = adjusted
+        changed = adjusted != entries
+        if changed.any():
+            stored = words.copy()
+            stored.reshape(-1)[present] = adjusted
+            rows = np.zeros(len(mfns), dtype=bool)
+            rows[present[changed] // ENTRIES_PER_TABLE] = True
+            for row in np.flatnonzero(rows).tolist():
+                mfn = int(mfns[row])
+                frames.note_write(mfn)
+                self.memory.frame(mfn)[:] = stored[row]
 
     def _promote_upper(self, level: Level, mfn: int, domid: int) -> None:
         """Xen's promote_lN_table from entry nr_validated on (0 unless the table is partial).

@@ -20,7 +20,6 @@ import numpy as np
 from .abi import (
     PAGE_SHIFT,
     PTE_MFN_MASK,
-    SHARED_INFO_VCPU_INFO,
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     VCPU_INFO_UPCALL_PENDING,
@@ -28,9 +27,9 @@ from .abi import (
     PageType,
     Pte,
 )
-from .domain import INVALID_M2P, Domain, Vcpu
+from .domain import INVALID_M2P, Domain, Vcpu, owned_frames
 from .errors import XenError
-from .evtchn import ECS, port_is_masked, port_is_pending
+from .evtchn import ECS, port_is_masked, port_is_pending, vcpu_info_words
 from .evtchn import status as evtchn_status
 from .frames import NO_OWNER, PAGETABLE_TYPES, PINNED, VALIDATED
 from .hypervisor import XEN_VERSION, Hypervisor
@@ -46,7 +45,8 @@ _PAGETABLE = np.array([int(t) for t in PAGETABLE_TYPES], dtype=np.int8)
 
 
 def host_info(hv: Hypervisor) -> dict:
-    """xl info's machine part: memory, domains, the Xen version the model follows."""
+    """xl info's machine part: memory, domains, the Xen version the model follows, and the
+    frames destroyed domains left quarantined."""
     return {
         "nr_frames": hv.nr_frames,
         "free_frames": hv.frames.free_frames(),
@@ -54,13 +54,15 @@ def host_info(hv: Hypervisor) -> dict:
         "xen_version": f"{XEN_VERSION['major']}.{XEN_VERSION['minor']}{XEN_VERSION['extraversion']}",
         "simulator": XEN_VERSION["simulator"],
         "strict_tlb": hv.strict_tlb,
+        "quarantined_frames": len(hv.frames.quarantined),
     }
 
 
 def domain_state(domain: Domain) -> str:
     """xl list's state column in words: shutdown, paused, blocked (every vCPU that is up
     sleeps in SCHEDOP_block or poll) or running. Destruction is one call here, so no domain
-    is ever seen dying."""
+    is ever seen dying; where Xen would keep one dying for good (a zombie whose pages kept
+    references), the frames are quarantined instead, which `host_info` counts."""
     if domain.shutdown_code is not None:
         return "shutdown"
     if domain.paused:
@@ -81,14 +83,18 @@ def domain_info(hv: Hypervisor, domain: Domain) -> dict:
 
 
 def vcpu_info(hv: Hypervisor, domain: Domain, vcpu: Vcpu) -> dict:
-    """A vCPU's state with the two bytes of its vcpu_info in the shared-info frame
-    (public/xen.h struct vcpu_info: evtchn_upcall_pending, evtchn_upcall_mask)."""
-    info = SHARED_INFO_VCPU_INFO + vcpu.vcpu_id * VCPU_INFO_SIZE
-    shared = hv.memory.read(domain.shared_info_mfn, info, VCPU_INFO_SIZE)
+    """A vCPU's state with the two bytes of its vcpu_info, in the shared-info frame or where
+    VCPUOP_register_vcpu_info moved it (public/xen.h struct vcpu_info: evtchn_upcall_pending,
+    evtchn_upcall_mask), its periodic timer's period and its vcpu_info's place."""
+    mfn, index = vcpu_info_words(hv, vcpu)
+    info = hv.memory.read(mfn, 8 * index, VCPU_INFO_SIZE)
     return {
         **vcpu.info(),
-        "upcall_pending": bool(shared[VCPU_INFO_UPCALL_PENDING]),
-        "upcall_mask": bool(shared[VCPU_INFO_UPCALL_MASK]),
+        "upcall_pending": bool(info[VCPU_INFO_UPCALL_PENDING]),
+        "upcall_mask": bool(info[VCPU_INFO_UPCALL_MASK]),
+        "periodic_period_ns": vcpu.periodic_period,
+        "vcpu_info_mfn": mfn if vcpu.vcpu_info_area is not None else 0,
+        "vcpu_info_offset": 8 * index if vcpu.vcpu_info_area is not None else 0,
     }
 
 
@@ -115,22 +121,32 @@ def evtchn_ports(hv: Hypervisor, domain: Domain) -> list[dict]:
 def domain_summary(hv: Hypervisor, domain: Domain) -> dict:
     """Debug key 'q' condensed (xen/arch/x86/mm.c and common/keyhandler.c dump a domain's
     page list): the domain's frames counted by type, its pagetables that are validated and
-    pinned, and its writable mappings (writable type references on its data frames)."""
+    pinned, and its writable mappings (writable type references on its data frames). Reads
+    the domain's own frames only (domain.owned_frames)."""
     frames = hv.frames
-    owned = np.flatnonzero(frames.owner == domain.domid)
+    owned = owned_frames(frames, domain)
     types = frames.type[owned]
     flags = frames.flags[owned]
     tables = np.isin(types, _PAGETABLE)
     writable = owned[types == PageType.WRITABLE]
+    by_type = np.bincount(types, minlength=len(PageType))
     return {
         "frames": len(owned),
-        "by_type": {PageType(t).name: int(n) for t, n in zip(*np.unique(types, return_counts=True))},
+        "by_type": {PageType(t).name: int(n) for t, n in enumerate(by_type.tolist()) if n},
         "pagetables": int(np.count_nonzero(tables)),
         "validated_pagetables": int(np.count_nonzero(tables & ((flags & VALIDATED) != 0))),
         "pinned_pagetables": int(np.count_nonzero(tables & ((flags & PINNED) != 0))),
         "writable_mappings": int(frames.type_count[writable].sum()),
         "writable_frames": int(np.count_nonzero(frames.type_count[writable])),
     }
+
+
+def domain_stats(hv: Hypervisor, domid: int | None = None) -> list[tuple[int, str, str, int]]:
+    """(domid, op, outcome, count) of every domain's calls, or of one domain's, sorted: what
+    xentop shows per domain. Counted by the core as it runs them (Hypervisor.count), so a
+    replayed trace gives the same answer; a domain that does not exist has none."""
+    domains = hv.domains.values() if domid is None else [hv.domains[domid]] if domid in hv.domains else []
+    return sorted((d.domid, op, outcome, n) for d in domains for (op, outcome), n in d.stats.items())
 
 
 # -- memory maps ----------------------------------------------------------------------------

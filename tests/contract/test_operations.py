@@ -58,29 +58,33 @@ class Clock:
         return 0
 
 
-def variants(descriptor: Descriptor) -> list[Message]:
+def variants(descriptor: Descriptor, outer: tuple[Descriptor, ...] = ()) -> list[Message]:
     """Messages of this type with every field set: each oneof case, each named enum value and
     each variant of a nested message appears in at least one of them. A field `X_relative`
-    (the relative form kept for grpcurl beside an absolute `X`) excludes `X`, like a oneof."""
+    (the relative form kept for grpcurl beside an absolute `X`) excludes `X`, like a oneof. A
+    oneof case of a type already being built (a multicall entry's multicall) is built empty."""
     axes: list[list[tuple[str, object]]] = []
+    outer = (*outer, descriptor)
     for oneof in descriptor.oneofs:
         if not oneof.name.startswith("_"):  # a real oneof, not a proto3 `optional`
-            axes.append([(field.name, value) for field in oneof.fields for value in _values(field)])
+            axes.append([(field.name, value) for field in oneof.fields for value in _values(field, outer)])
     names = descriptor.fields_by_name
     for field in descriptor.fields:
         if field.name.removesuffix("_relative") in names and field.name.endswith("_relative"):
             continue  # on the axis of its absolute twin
         if field.containing_oneof is None or field.containing_oneof.name.startswith("_"):
             twins = [field, names[f"{field.name}_relative"]] if f"{field.name}_relative" in names else [field]
-            axes.append([(twin.name, value) for twin in twins for value in _values(twin)])
+            axes.append([(twin.name, value) for twin in twins for value in _values(twin, outer)])
     cls = GetMessageClass(descriptor)
     count = max((len(axis) for axis in axes), default=1)
     return [cls(**dict(axis[k % len(axis)] for axis in axes)) for k in range(count)]
 
 
-def _values(field: FieldDescriptor) -> list:
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        values = variants(field.message_type)
+def _values(field: FieldDescriptor, outer: tuple[Descriptor, ...] = ()) -> list:
+    if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type in outer:
+        values = [GetMessageClass(field.message_type)()]
+    elif field.type == FieldDescriptor.TYPE_MESSAGE:
+        values = variants(field.message_type, outer)
     elif field.type == FieldDescriptor.TYPE_ENUM:
         values = [v.number for v in field.enum_type.values if v.number]
     elif field.name == "cmd":

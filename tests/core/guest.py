@@ -42,9 +42,11 @@ def slot(va: int, level: int) -> int:
 class Guest:
     """One domain of `hv`, with a bump allocator over its free pfns."""
 
-    def __init__(self, hv: Hypervisor, nr_pages: int = 2048, nr_vcpus: int = 2, online: int | None = None, **kw):
+    def __init__(self, hv: Hypervisor, nr_pages: int = 2048, nr_vcpus: int = 2, online: int | None = None, ticking: bool = False, **kw):
         """`online`: how many vCPUs (from 0) run, the others left down; all of them by default,
-        since only a running vCPU makes calls (sched.check_running)."""
+        since only a running vCPU makes calls (sched.check_running). Unless `ticking`, every
+        vCPU's periodic timer is stopped at once, as a Linux guest stops it at boot, so that
+        only the timers a test arms are armed."""
         self.hv = hv
         created = hv.toolstack("create_domain", nr_pages=nr_pages, nr_vcpus=nr_vcpus, **kw)
         self.domid = created["domid"]
@@ -53,6 +55,9 @@ class Guest:
         self.next_pfn = self.start_info["first_free_pfn"]
         self.local_head: dict[tuple[int, int], int] = {}  # FIFO: (vCPU, queue) -> Linux's q->head
         self.l4 = self.start_info["pt_base_mfn"]
+        if not ticking:
+            for vcpu in range(nr_vcpus):
+                self.vcpu_op("stop_periodic_timer", vcpu)
         for vcpu in range(1, nr_vcpus if online is None else online):
             self.bring_up(vcpu)
 
@@ -260,7 +265,7 @@ class Guest:
         self._set_shared(VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_PENDING, 0, 1)
         self._set_shared(VCPU_INFO_SIZE * vcpu + VCPU_INFO_PENDING_SEL, 0)
 
-    # -- FIFO event words and control blocks (docs/xen.md section 20), read and written as the
+    # -- FIFO event words and control blocks (docs/xen.md section 24), read and written as the
     # guest does through its own mappings of the pages it gave Xen (found here from Xen's record)
 
     def _u32(self, mfn: int) -> np.ndarray:

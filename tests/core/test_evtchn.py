@@ -554,7 +554,7 @@ FRAMES = st.sampled_from([0, 1, 2, "other", "none"])
 class EventStorm(RuleBasedStateMachine):
     """Two domains (caps below one bucket, so no op ever grows a table) issue random event
     channel, block, poll and timer calls and write mask and pending bits as guests do; they
-    switch to the FIFO ABI and back (docs/xen.md section 20) on frames of their own or the
+    switch to the FIFO ABI and back (docs/xen.md section 24) on frames of their own or the
     other's, and consume their queues as Linux does. Invariants: audit is clean, a failed
     call changes nothing, and no wake-up is lost (a blocked vCPU has no deliverable upcall; a
     vCPU polling one port does not have it pending)."""

@@ -1,4 +1,4 @@
-"""Event channels, FIFO ABI (docs/xen.md section 20): EVTCHNOP_init_control (with the control-
+"""Event channels, FIFO ABI (docs/xen.md section 24): EVTCHNOP_init_control (with the control-
 block checks of XTF's XSA-188 test), expand_array, set_priority, the event words and queues in
 guest memory, the switch from 2-level and EVTCHNOP_reset back, and the frames Xen maps."""
 
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from hypervisor.core import audit
+from hypervisor.core import audit, audit_domain
 from hypervisor.core.abi import (
     DOMID_SELF,
     EVTCHN_FIFO_BUSY,
@@ -18,6 +18,9 @@ from hypervisor.core.abi import (
     EVTCHN_FIFO_PENDING,
     EVTCHN_FIFO_PRIORITY_DEFAULT,
     PAGE_SIZE,
+    VCPU_INFO_UPCALL_MASK,
+    VCPU_INFO_UPCALL_PENDING,
+    VIRQ_TIMER,
     Errno,
     MmuextCmd,
     PageType,
@@ -391,6 +394,52 @@ def test_audit_counts_the_mapped_frames(hv, guest):
     hv.frames.count[fifo.array[0]] -= 1  # a lost reference is found
     assert any(f"mfn {fifo.array[0]:#x}" in finding for finding in audit(hv))
     hv.frames.count[fifo.array[0]] += 1
+
+
+def test_the_audit_of_one_domain_counts_its_mapped_frames(hv, guest):
+    """audit_domain recounts the domain's own frames: the control blocks and event-array pages
+    its event channels map hold their references there too."""
+    fifo = Fifo(guest)
+    assert audit_domain(hv, guest.domid) == []
+    hv.frames.count[fifo.control[1]] -= 1
+    assert any(f"mfn {fifo.control[1]:#x}" in finding for finding in audit_domain(hv, guest.domid))
+    hv.frames.count[fifo.control[1]] += 1
+
+
+def test_a_ready_queue_marks_the_vcpu_info_where_register_vcpu_info_moved_it(hv, guest):
+    """vcpu_mark_events_pending writes the vCPU's vcpu_info wherever it is: once registered in
+    a frame of the guest's, shared info's slot is not looked at, under FIFO as under 2-level."""
+    fifo = Fifo(guest)
+    pfn, mfn = guest.alloc()
+    guest.vcpu_op("register_vcpu_info", 0, mfn=mfn, offset=64)
+    info = guest.direct_va(pfn) + 64
+    guest.store(info + VCPU_INFO_UPCALL_PENDING, 0, size=1)  # the registration marked events pending
+    guest.store(info + VCPU_INFO_UPCALL_MASK, 0, size=1)
+    guest.ack_upcall(0)
+    hv.take_kicks()
+    port = guest.evtchn("bind_ipi", vcpu=0)
+    guest.evtchn("send", port=port)
+    assert fifo.ready(0) == 1 << EVTCHN_FIFO_PRIORITY_DEFAULT
+    assert guest.load(info + VCPU_INFO_UPCALL_PENDING, size=1) == 1 and guest.upcall_pending(0) == 0
+    assert hv.take_kicks() == [(guest.domid, 0)]
+    assert hv.toolstack("deliver_upcall", domid=guest.domid, vcpu=0) == [port]
+
+
+def test_a_tick_on_a_fifo_port_still_pending_is_no_news_and_parks_the_timer(hv):
+    """The periodic timer parks once a tick finds VIRQ_TIMER's event word still PENDING, as it
+    does on a 2-level pending bit, and ticks again once the guest consumed it and called."""
+    ticking = Guest(hv, ticking=True)
+    fifo = Fifo(ticking)
+    port = ticking.evtchn("bind_virq", virq=VIRQ_TIMER, vcpu=0)
+    ticking.vcpu_op("stop_periodic_timer", 1)
+    hv.advance_time(10 * 1_000_000)
+    assert fifo.word(port) == PENDING | LINKED and hv.next_deadline() == 20 * 1_000_000  # news: ticking on
+    assert hv.advance_time(20 * 1_000_000) == 1 and hv.next_deadline() is None  # no news: parked
+    assert fifo.consume(0) == [port]
+    ticking.call("xen_version")  # any call of the domain
+    assert hv.next_deadline() == 30 * 1_000_000
+    hv.advance_time(30 * 1_000_000)
+    assert fifo.word(port) == PENDING | LINKED
 
 
 def test_queues_link_across_event_array_pages(hv):

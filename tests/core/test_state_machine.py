@@ -4,8 +4,9 @@ Rules are hypercalls (bad levels, foreign frames, writable mappings of tables, d
 unpins of unpinned frames, Xen's reserved slots, stray commands, foreign-domain tricks), and
 garbage left in frames before they become tables: arbitrary words and words that look like
 entries naming another domain's frames, Xen's frames or frames past the end of RAM, in any
-slot, Xen's L4 slots 256..271 included. Invariants: audit finds nothing (its reachability
-check included: no translation of any base, pin or TLB reaches a frame its domain may not),
+slot, Xen's L4 slots 256..271 included. Invariants: audit finds nothing, of the machine or of
+any one domain (its reachability check included: no translation of any base, pin or TLB
+reaches a frame its domain may not; its frame counts per owner included),
 every access to Xen's range faults, no exception but XenError (or VcpuNotRunning, for a vCPU
 that is down or of a domain that shut down) escapes, and a call that fails before committing
 any entry leaves the model exactly as it was. Domains are destroyed and re-created along the
@@ -34,7 +35,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from hypervisor.core import Continuation, Hypervisor, VcpuNotRunning, XenError, audit
+from hypervisor.core import Continuation, Hypervisor, VcpuNotRunning, XenError, audit, audit_domain
 from hypervisor.core.abi import (
     DOMID_IO,
     DOMID_SELF,
@@ -302,8 +303,12 @@ class HostileGuests(RuleBasedStateMachine):
 
     @invariant()
     def audit_is_clean(self):
+        """The whole machine's audit (which checks the per-owner frame counts too) and each
+        domain's own, which must agree with it (audit.audit_domain)."""
         if hasattr(self, "hv"):
             assert audit(self.hv) == []
+            for guest in self.guests:
+                assert audit_domain(self.hv, guest.domid) == []
 
     def teardown(self):
         if hasattr(self, "hv"):

@@ -1,4 +1,4 @@
-"""The guest's FIFO upcall handler (docs/linux.md section 11) against the real server.
+"""The guest's FIFO upcall handler (docs/linux.md section 12) against the real server.
 
 A two-vCPU domain maps its shared-info frame (the vcpu_info bytes stay there), gives Xen a
 control block per vCPU and one event-array page of MASKED words, and binds IPI ports 1..4 to

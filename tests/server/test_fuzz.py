@@ -282,7 +282,7 @@ FIFO_OPS = ("init_control", "expand_array", "set_priority", "reset", "bind_ipi",
 
 
 def test_fuzzed_fifo_sequences_never_break_the_server(target):
-    """The FIFO ABI's ops (docs/xen.md section 20) in sequences on one Session, drawn from
+    """The FIFO ABI's ops (docs/xen.md section 24) in sequences on one Session, drawn from
     their descriptors among the ops that bind, send and reset: a switch to FIFO on the
     domain's own frames, its event array and queues in use, and back."""
     requests = target.requests()

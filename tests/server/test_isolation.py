@@ -51,7 +51,7 @@ XEN_LAST_VA = HYPERVISOR_VIRT_END - 8
 class Victim:
     """Domain A and what an attacker would go for: a secret page, a pinned L1 that maps it, a
     page mapped nowhere but A's direct map, ports in every state, and the FIFO ABI's control block
-    and event-array page (docs/xen.md section 20)."""
+    and event-array page (docs/xen.md section 24)."""
 
     guest: WireGuest
     secret_pfn: int
@@ -113,6 +113,8 @@ def build_victim(server) -> Victim:
     fifo = {"control": a.alloc()[1], "array": a.alloc()[1]}
     a.call("EventChannelOp", h.EventChannelOpRequest(init_control=h.EvtchnInitControl(control_gfn=fifo["control"], vcpu=0)))
     a.call("EventChannelOp", h.EventChannelOpRequest(expand_array=h.EvtchnExpandArray(array_gfn=fifo["array"])))  # the IPI is linked now
+    for vcpu in range(3):  # as Linux at boot: no periodic VIRQ_TIMER to change A between two looks
+        a.call("VcpuOp", h.VcpuOpRequest(vcpuid=vcpu, stop_periodic_timer=h.VcpuStopPeriodicTimer()))
     victim = Victim(a, secret_pfn, secret, l1_pfn, l1, plain, ports, a.frame_runs(), fifo)
     victim.state()  # its reads fill A's TLB once; from now on they only hit
     return victim
@@ -417,7 +419,7 @@ ATTACKS = [
     Attack("reset of A's ports", "EventChannelOp", lambda a, b: evtchn(reset=h.EvtchnReset(dom=a.domid)), "EPERM"),
     Attack("bind_pirq of a physical IRQ", "EventChannelOp", lambda a, b: evtchn(bind_pirq=h.EvtchnBindPirq(pirq=1)), "EPERM"),
     Attack("an EVTCHNOP number Xen does not know", "EventChannelOp", lambda a, b: evtchn(cmd=99), "ENOSYS"),
-    # FIFO ABI: A's control block and event array are A's frames (docs/xen.md section 20.2)
+    # FIFO ABI: A's control block and event array are A's frames (docs/xen.md section 24.2)
     Attack("init_control on A's control-block frame", "EventChannelOp", lambda a, b: evtchn(init_control=h.EvtchnInitControl(control_gfn=a.fifo["control"], vcpu=0)), "EINVAL"),
     Attack("init_control on A's event-array frame", "EventChannelOp", lambda a, b: evtchn(init_control=h.EvtchnInitControl(control_gfn=a.fifo["array"], vcpu=1)), "EINVAL"),
     Attack("init_control for a vCPU only A has", "EventChannelOp", lambda a, b: evtchn(init_control=h.EvtchnInitControl(control_gfn=a.fifo["control"], vcpu=2)), "ENOENT"),
@@ -436,6 +438,17 @@ ATTACKS = [
     Attack("VCPUOP_set_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ENOENT"),
     Attack("VCPUOP_set_singleshot_timer fires on B only", "VcpuOp", lambda a, b: vcpu_op(0, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ok"),
     Attack("VCPUOP_stop_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, stop_singleshot_timer=h.VcpuStopSingleshotTimer()), "ENOENT"),
+    Attack("VCPUOP_set_periodic_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, set_periodic_timer=h.VcpuSetPeriodicTimer(period_ns=10**6)), "ENOENT"),
+    Attack("VCPUOP_set_periodic_timer ticks on B only", "VcpuOp", lambda a, b: vcpu_op(1, set_periodic_timer=h.VcpuSetPeriodicTimer(period_ns=10**6)), "ok"),
+    Attack("VCPUOP_stop_periodic_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, stop_periodic_timer=h.VcpuStopPeriodicTimer()), "ENOENT"),
+    Attack("VCPUOP_get_runstate_info of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, get_runstate_info=h.VcpuGetRunstateInfo()), "ENOENT"),
+    Attack("VCPUOP_register_runstate_memory_area of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=beyond(b))), "ENOENT"),
+    Attack("VCPUOP_register_runstate_memory_area in Xen's range", "VcpuOp", lambda a, b: vcpu_op(0, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=XEN_VA)), "EFAULT"),
+    Attack("VCPUOP_register_runstate_memory_area where B maps nothing: its copies fault", "VcpuOp", lambda a, b: vcpu_op(0, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=beyond(b))), "ok"),
+    Attack("VCPUOP_register_vcpu_info of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=b.mfn(own_pfn(b)))), "ENOENT"),
+    Attack("VCPUOP_register_vcpu_info on A's secret page", "VcpuOp", lambda a, b: vcpu_op(0, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.secret)), "EINVAL"),
+    Attack("VCPUOP_register_vcpu_info on A's shared info", "VcpuOp", lambda a, b: vcpu_op(1, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.shared_info, offset=64)), "EINVAL"),
+    Attack("VCPUOP_register_vcpu_info on A's pinned L1", "VcpuOp", lambda a, b: vcpu_op(0, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.l1)), "EINVAL"),
     # SCHEDOP, timers, version, echo
     Attack("poll A's port numbers", "SchedOp", lambda a, b: sched(poll=h.SchedPoll(ports=[a.ports["ipi"], a.ports["virq"]], timeout_ns=1)), "EINVAL"),
     Attack("shutdown shuts B down, not A", "SchedOp", lambda a, b: sched(shutdown=h.SchedShutdown(reason=C.SHUTDOWN_REASON_CRASH)), "ok"),
@@ -482,6 +495,17 @@ ATTACKS = [
             ]
         ),
         ("EBUSY", "EINVAL", "EBUSY", "EINVAL", "ENOENT", "EINVAL", "ok", "ok"),
+    ),
+    Attack(
+        "a multicall inside a multicall: refused in that entry only (do_multicall)",
+        "Multicall",
+        lambda a, b: h.MulticallRequest(
+            entries=[
+                h.MulticallEntry(multicall=h.MulticallRequest(entries=[entry(ext(C.MMUEXT_CMD_UNPIN_TABLE, a.l4))])),
+                entry(ext(C.MMUEXT_CMD_UNPIN_TABLE, a.l4)),
+            ]
+        ),
+        ("EINVAL", "EINVAL"),
     ),
     # credentials (hypercalls.proto: the caller is the token's domain, the id one of its vCPUs)
     Attack("B's token naming a vCPU only A has", "XenVersion", lambda a, b: h.XenVersionRequest(), "INVALID_ARGUMENT", b_naming_a_only_vcpu),

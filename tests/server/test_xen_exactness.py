@@ -155,7 +155,7 @@ def test_a_pin_whose_validation_fails_leaves_the_frame_without_a_type(server):
 def test_fifo_over_the_wire_xsa_188_then_init_control_expand_and_reset(server):
     """XTF's XSA-188 test over gRPC: init_control on a bad gfn is EINVAL and leaves the domain
     on 2-level (expand_array EOPNOTSUPP); then the switch, and EVTCHNOP_reset back (docs/xen.md
-    section 20). Each op reaches the core by unary RPC, Session and multicall alike."""
+    section 24). Each op reaches the core by unary RPC, Session and multicall alike."""
     guest = WireGuest(server)
     evtchn = lambda **op: guest.call("EventChannelOp", h.EventChannelOpRequest(**op))  # noqa: E731
     _, control = guest.alloc()

@@ -4,7 +4,7 @@ Domain A sends over 256 interdomain channels to domain B, whose ports notify its
 turn; after each round B acknowledges as an upcall handler does (clears upcall-pending, the
 selectors and the pending words) and the adapter drains the kicks, so every round takes the
 full path of docs/xen.md section 16.5 (pending, selector, upcall, kick) and then its coalescing tail.
-The same with B on the FIFO ABI (docs/xen.md section 20.3): each send links its port on a
+The same with B on the FIFO ABI (docs/xen.md section 24.3): each send links its port on a
 queue of its vCPU (head or the tail's LINK, ready, upcall, kick); B's acknowledgement empties
 its event words and control blocks, as consuming the queues leaves them.
 """

@@ -277,8 +277,36 @@ class VcpuStopSingleshotTimer(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class VcpuSetPeriodicTimer(_message.Message):
+    __slots__ = ("period_ns",)
+    PERIOD_NS_FIELD_NUMBER: _ClassVar[int]
+    period_ns: int
+    def __init__(self, period_ns: _Optional[int] = ...) -> None: ...
+
+class VcpuStopPeriodicTimer(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VcpuGetRunstateInfo(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VcpuRegisterRunstateMemoryArea(_message.Message):
+    __slots__ = ("addr",)
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    addr: int
+    def __init__(self, addr: _Optional[int] = ...) -> None: ...
+
+class VcpuRegisterVcpuInfo(_message.Message):
+    __slots__ = ("mfn", "offset")
+    MFN_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    mfn: int
+    offset: int
+    def __init__(self, mfn: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
 class VcpuOpRequest(_message.Message):
-    __slots__ = ("vcpuid", "initialise", "up", "down", "is_up", "set_singleshot_timer", "stop_singleshot_timer", "cmd")
+    __slots__ = ("vcpuid", "initialise", "up", "down", "is_up", "set_singleshot_timer", "stop_singleshot_timer", "cmd", "set_periodic_timer", "stop_periodic_timer", "get_runstate_info", "register_runstate_memory_area", "register_vcpu_info")
     VCPUID_FIELD_NUMBER: _ClassVar[int]
     INITIALISE_FIELD_NUMBER: _ClassVar[int]
     UP_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +315,11 @@ class VcpuOpRequest(_message.Message):
     SET_SINGLESHOT_TIMER_FIELD_NUMBER: _ClassVar[int]
     STOP_SINGLESHOT_TIMER_FIELD_NUMBER: _ClassVar[int]
     CMD_FIELD_NUMBER: _ClassVar[int]
+    SET_PERIODIC_TIMER_FIELD_NUMBER: _ClassVar[int]
+    STOP_PERIODIC_TIMER_FIELD_NUMBER: _ClassVar[int]
+    GET_RUNSTATE_INFO_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_RUNSTATE_MEMORY_AREA_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_VCPU_INFO_FIELD_NUMBER: _ClassVar[int]
     vcpuid: int
     initialise: VcpuInitialise
     up: VcpuUp
@@ -295,13 +328,30 @@ class VcpuOpRequest(_message.Message):
     set_singleshot_timer: VcpuSetSingleshotTimer
     stop_singleshot_timer: VcpuStopSingleshotTimer
     cmd: int
-    def __init__(self, vcpuid: _Optional[int] = ..., initialise: _Optional[_Union[VcpuInitialise, _Mapping]] = ..., up: _Optional[_Union[VcpuUp, _Mapping]] = ..., down: _Optional[_Union[VcpuDown, _Mapping]] = ..., is_up: _Optional[_Union[VcpuIsUp, _Mapping]] = ..., set_singleshot_timer: _Optional[_Union[VcpuSetSingleshotTimer, _Mapping]] = ..., stop_singleshot_timer: _Optional[_Union[VcpuStopSingleshotTimer, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
+    set_periodic_timer: VcpuSetPeriodicTimer
+    stop_periodic_timer: VcpuStopPeriodicTimer
+    get_runstate_info: VcpuGetRunstateInfo
+    register_runstate_memory_area: VcpuRegisterRunstateMemoryArea
+    register_vcpu_info: VcpuRegisterVcpuInfo
+    def __init__(self, vcpuid: _Optional[int] = ..., initialise: _Optional[_Union[VcpuInitialise, _Mapping]] = ..., up: _Optional[_Union[VcpuUp, _Mapping]] = ..., down: _Optional[_Union[VcpuDown, _Mapping]] = ..., is_up: _Optional[_Union[VcpuIsUp, _Mapping]] = ..., set_singleshot_timer: _Optional[_Union[VcpuSetSingleshotTimer, _Mapping]] = ..., stop_singleshot_timer: _Optional[_Union[VcpuStopSingleshotTimer, _Mapping]] = ..., cmd: _Optional[int] = ..., set_periodic_timer: _Optional[_Union[VcpuSetPeriodicTimer, _Mapping]] = ..., stop_periodic_timer: _Optional[_Union[VcpuStopPeriodicTimer, _Mapping]] = ..., get_runstate_info: _Optional[_Union[VcpuGetRunstateInfo, _Mapping]] = ..., register_runstate_memory_area: _Optional[_Union[VcpuRegisterRunstateMemoryArea, _Mapping]] = ..., register_vcpu_info: _Optional[_Union[VcpuRegisterVcpuInfo, _Mapping]] = ...) -> None: ...
+
+class VcpuRunstateInfo(_message.Message):
+    __slots__ = ("state", "state_entry_time", "time")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_ENTRY_TIME_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    state: _common_pb2.RunstateState
+    state_entry_time: int
+    time: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, state: _Optional[_Union[_common_pb2.RunstateState, str]] = ..., state_entry_time: _Optional[int] = ..., time: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VcpuOpResponse(_message.Message):
-    __slots__ = ("is_up",)
+    __slots__ = ("is_up", "runstate")
     IS_UP_FIELD_NUMBER: _ClassVar[int]
+    RUNSTATE_FIELD_NUMBER: _ClassVar[int]
     is_up: bool
-    def __init__(self, is_up: _Optional[bool] = ...) -> None: ...
+    runstate: VcpuRunstateInfo
+    def __init__(self, is_up: _Optional[bool] = ..., runstate: _Optional[_Union[VcpuRunstateInfo, _Mapping]] = ...) -> None: ...
 
 class SchedYield(_message.Message):
     __slots__ = ()
@@ -392,7 +442,7 @@ class EchoResponse(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
 
 class MulticallEntry(_message.Message):
-    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version")
+    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "multicall")
     MMU_UPDATE_FIELD_NUMBER: _ClassVar[int]
     MMUEXT_OP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_VA_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -401,6 +451,7 @@ class MulticallEntry(_message.Message):
     SCHED_OP_FIELD_NUMBER: _ClassVar[int]
     SET_TIMER_OP_FIELD_NUMBER: _ClassVar[int]
     XEN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MULTICALL_FIELD_NUMBER: _ClassVar[int]
     mmu_update: MmuUpdateRequest
     mmuext_op: MmuextOpRequest
     update_va_mapping: UpdateVaMappingRequest
@@ -409,7 +460,8 @@ class MulticallEntry(_message.Message):
     sched_op: SchedOpRequest
     set_timer_op: SetTimerOpRequest
     xen_version: XenVersionRequest
-    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ...) -> None: ...
+    multicall: MulticallRequest
+    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ...) -> None: ...
 
 class MulticallRequest(_message.Message):
     __slots__ = ("entries",)

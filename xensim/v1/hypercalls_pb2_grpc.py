@@ -213,7 +213,7 @@ class HypercallsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EventChannelOp(self, request, context):
-        """HYPERVISOR_event_channel_op (hypercall 32; docs/xen.md sections 16 and 20): allocate, bind,
+        """HYPERVISOR_event_channel_op (hypercall 32; docs/xen.md sections 16 and 24): allocate, bind,
         send to, close, query, unmask and reset event-channel ports; set up the FIFO ABI. EINVAL,
         ENOSPC, EEXIST, ENOENT, EBUSY, ESRCH, EPERM, EOPNOTSUPP, ENOSYS (an op number without a
         case).
@@ -224,8 +224,9 @@ class HypercallsServicer:
 
     def VcpuOp(self, request, context):
         """HYPERVISOR_vcpu_op (hypercall 24; docs/xen.md section 14): initialise, bring up, take down and
-        query a vCPU of the caller's domain, and set or stop the caller's single-shot timer.
-        ENOENT, EINVAL, EEXIST, ENOSYS.
+        query a vCPU of the caller's domain, set or stop the caller's single-shot timer and any
+        vCPU's periodic timer, read its runstate, and place its runstate area and vcpu_info.
+        ENOENT, EINVAL, EEXIST, EBUSY, ENXIO, EACCES, EFAULT, ENOSYS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -358,9 +358,11 @@ class ToolstackServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DomainStats(self, request, context):
-        """Stats per domain: each domain's hypercalls (a multicall once, under "multicall"; memory
-        accesses too) by op and outcome, since the server started (xentop's per-domain view).
-        Never fails; an unknown domid has no counts.
+        """Stats per domain: each domain's hypercalls (memory accesses too) by op and outcome, since
+        the domain was created (xentop's per-domain view). A multicall counts once under
+        "multicall", and each failed entry as "multicall/OP" with its errno, as in Stats. The core
+        keeps the counts, so a replayed trace answers the same. Never fails; a domain that does
+        not exist (never did, or was destroyed) has no counts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
