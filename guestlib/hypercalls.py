@@ -279,6 +279,22 @@ class Hypercalls:
     def evtchn_unmask(self, port: int):
         return self._evtchn(_nothing, unmask={"port": port})
 
+    def evtchn_reset(self, dom: int | None = None):
+        """Close every port of dom (the caller's own when unset); by DOMID_SELF, also back to
+        the 2-level ABI (docs/xen.md section 24.6)."""
+        return self._evtchn(_nothing, reset={"dom": dom})
+
+    def evtchn_init_control(self, control_gfn: int, vcpu: int, offset: int = 0):
+        """Register vcpu's FIFO control block (docs/xen.md section 24.2); the value is link_bits."""
+        return self._evtchn(_field("event_channel_op", "link_bits"), init_control={"control_gfn": control_gfn, "offset": offset, "vcpu": vcpu})
+
+    def evtchn_expand_array(self, array_gfn: int):
+        """Add a page of FIFO event words (1024 ports) to the caller's event array."""
+        return self._evtchn(_nothing, expand_array={"array_gfn": array_gfn})
+
+    def evtchn_set_priority(self, port: int, priority: int):
+        return self._evtchn(_nothing, set_priority={"port": port, "priority": priority})
+
     # -- HYPERVISOR_vcpu_op (docs/xen.md section 14) ---------------------------------------------------
 
     def _vcpu_op(self, vcpuid: int, decode: Callable = _nothing, **op):

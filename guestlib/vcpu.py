@@ -18,15 +18,15 @@ from xensim.errors import Parser, address, at_least, fraction, run_program
 
 from .hypercalls import claim, connect
 from .kernel import scenarios
-from .kernel.boot import answer_pending_calls, attach, booted, start_of_day
+from .kernel.boot import EVTCHN_ABIS, answer_pending_calls, attach, booted, start_of_day
 from .kernel.layout import BALLOON_SLOTS
 from .kernel.shootdown import VARIANTS
 from .kernel.workload import WorkloadConfig, run
 
 
-async def run_vcpu(server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None, progress: float = 0) -> dict:
+async def run_vcpu(server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None, progress: float = 0, evtchn: str = "fifo") -> dict:
     async with connect(server, token, vcpu) as client:
-        return await _run(client, vcpu, variant, highpte, config, scenario, progress)
+        return await _run(client, vcpu, variant, highpte, config, scenario, progress, evtchn)
 
 
 async def claim_and_run(server: str, tokens: list[str], *args) -> dict:
@@ -39,21 +39,24 @@ async def claim_and_run(server: str, tokens: list[str], *args) -> dict:
         return {"claimed": {"token": index, "vcpu": vcpu}} | await _run(client, vcpu, *args)
 
 
-async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None, progress: float) -> dict:
+async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None, progress: float, evtchn: str) -> dict:
     await client.wait_started()
     if vcpu == 0 and not await booted(client):
-        await start_of_day(client, variant, highpte)
+        await start_of_day(client, variant, highpte, evtchn)
     kernel = await attach(client, vcpu)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(kernel.smp.upcall_loop)
         await kernel.smp.events.local_irq_enable()
         if kernel.restarted:
+            async with kernel.cpu.irq:
+                await kernel.smp.events.recover()
             await answer_pending_calls(kernel)
         if progress:
             nursery.start_soon(_report_progress, kernel, progress)
         report = await (scenarios.run(kernel, scenario) if scenario else run(kernel, config))
         nursery.cancel_scope.cancel()
     report["restarted"] = kernel.restarted
+    report["evtchn"] = kernel.smp.events.abi
     return report
 
 
@@ -74,6 +77,7 @@ def build_parser() -> Parser:
     which.add_argument("--claim", action="store_true", help="run as the first vCPU (of the domains in --token order) that has no process yet")
     parser.add_argument("--variant", choices=VARIANTS, default="modern", help="drop_mm_ref form (vCPU 0 decides at boot)")
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (vCPU 0 decides at boot)")
+    parser.add_argument("--evtchn", choices=EVTCHN_ABIS, default="fifo", help="event channels: FIFO if Xen offers it, or 2-level (Linux's xen.fifo_events=0; vCPU 0 decides at boot)")
     parser.add_argument("--seconds", type=at_least(0.0, float), default=5.0, help="how long the workload runs")
     parser.add_argument("--lifecycles", type=at_least(0), default=0, help="stop after this many (0: run for --seconds)")
     parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles, balloon=args.balloon)
-    workload = (args.variant, args.highpte, config, args.scenario, args.progress)
+    workload = (args.variant, args.highpte, config, args.scenario, args.progress, args.evtchn)
     if args.claim:
         report = trio.run(claim_and_run, args.server, args.token, *workload)
     else:

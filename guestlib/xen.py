@@ -148,12 +148,28 @@ EVTCHNOP_alloc_unbound = 6
 EVTCHNOP_bind_ipi = 7
 EVTCHNOP_bind_vcpu = 8
 EVTCHNOP_unmask = 9
+EVTCHNOP_reset = 10
+EVTCHNOP_init_control = 11
+EVTCHNOP_expand_array = 12
+EVTCHNOP_set_priority = 13
 EVTCHNSTAT_closed = 0
 EVTCHNSTAT_unbound = 1
 EVTCHNSTAT_interdomain = 2
 EVTCHNSTAT_pirq = 3
 EVTCHNSTAT_virq = 4
 EVTCHNSTAT_ipi = 5
+
+# Event channels, FIFO ABI (public/event_channel.h): event-word bits and the control block.
+EVTCHN_FIFO_PRIORITY_DEFAULT = 7
+EVTCHN_FIFO_MAX_QUEUES = 16
+EVTCHN_FIFO_PENDING = 31
+EVTCHN_FIFO_MASKED = 30
+EVTCHN_FIFO_LINKED = 29
+EVTCHN_FIFO_BUSY = 28
+EVTCHN_FIFO_LINK_BITS = 17
+EVTCHN_FIFO_LINK_MASK = (1 << EVTCHN_FIFO_LINK_BITS) - 1
+EVTCHN_FIFO_CONTROL_READY = 0  # u32 ready
+EVTCHN_FIFO_CONTROL_HEAD = 8  # u32 head[EVTCHN_FIFO_MAX_QUEUES]
 
 # Virtual IRQs (public/xen.h). Per-vCPU: TIMER, DEBUG, XENOPROF, XENPMU.
 VIRQ_TIMER = 0

@@ -30,7 +30,8 @@ def test_demo_runs_reports_clean_and_its_trace_replays(tmp_path):
     assert [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0]
     assert "audit findings" in done.stdout and str(trace) in done.stdout
     assert (report["seed"], report["variant"], report["trace"]) == (1, "modern", str(trace))
-    assert report["reproduce"] == "xensim demo --seconds 5 --vcpus 4 --pages 16384 --variant modern --seed 1" and report["reproduce"] in done.stdout
+    assert report["reproduce"] == "xensim demo --seconds 5 --vcpus 4 --pages 16384 --variant modern --seed 1 --evtchn fifo" and report["reproduce"] in done.stdout
+    assert report["evtchn"] == "fifo" and {r["evtchn"] for r in report["vcpu_reports"]} == {"fifo"}
     with open_trace(str(trace)) as stream:
         header, size = json.loads(stream.readline()), len(stream.read())
     with open_trace(str(trace)) as stream:
@@ -70,18 +71,34 @@ def test_demo_with_the_balloon_runs_clean_and_its_trace_replays(tmp_path):
     assert replayed.ok and replayed.digest_matched
 
 
-@pytest.mark.timeout(300)
-def test_race_table_shape(tmp_path):
+@pytest.mark.timeout(500)
+def test_race_table_shape_with_each_event_channel_abi(tmp_path):
     """none always hits; current-cr3 and modern never do; mask only through the stale-cr3
-    window (how often it hits in a short run is luck, so only that is checked)."""
+    window (how often it hits in a short run is luck, so only that is checked); the same with
+    FIFO and with 2-level event channels, side by side."""
     report_file = tmp_path / "race.json"
-    done = xensim("demo", "--race", "--runs", "1", "--seconds", "4", "--no-trace", "--json", str(report_file), timeout=280)
+    done = xensim("demo", "--race", "--runs", "1", "--seconds", "4", "--evtchn", "both", "--no-trace", "--json", str(report_file), timeout=480)
     assert done.returncode == 0, done.stdout + done.stderr
     race = json.loads(report_file.read_text())["race"]
-    assert race["none"]["hit"] == 1 and race["none"]["first_hit_s"] is not None
-    assert race["mask"]["stale_cr3_hits"] == race["mask"]["hit"]
-    assert race["current-cr3"]["hit"] == 0 and race["modern"]["hit"] == 0
+    for abi in ("fifo", "2l"):
+        row = {variant: race[f"{variant}/{abi}"] for variant in ("none", "mask", "current-cr3", "modern")}
+        assert row["none"]["hit"] == 1 and row["none"]["first_hit_s"] is not None and row["none"]["evtchn"] == abi
+        assert row["mask"]["stale_cr3_hits"] == row["mask"]["hit"]
+        assert row["current-cr3"]["hit"] == 0 and row["modern"]["hit"] == 0
     assert "the lazy-TLB unpin race" in done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_demo_with_both_event_channel_abis_side_by_side(tmp_path):
+    report_file = tmp_path / "demo.json"
+    done = xensim("demo", "--seconds", "4", "--vcpus", "2", "--evtchn", "both", "--no-trace", "--json", str(report_file), timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reports = json.loads(report_file.read_text())["by_evtchn"]
+    assert set(reports) == {"fifo", "2l"}
+    for abi, report in reports.items():
+        assert report["evtchn"] == abi and {r["evtchn"] for r in report["vcpu_reports"]} == {abi}
+        assert report["process_lifecycles"] > 0 and [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0]
+    assert "by event-channel ABI" in done.stdout
 
 
 @pytest.mark.timeout(240)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from guestlib import Toolstack
+from guestlib.kernel.boot import EVTCHN_ABIS
 from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
 from hypervisor.server.config import ADMIN_TOKEN_ENV
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kill-vcpus", type=at_least(0.0, float), default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second; killed vCPUs are restarted")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--balloon", type=at_least(0, high=BALLOON_SLOTS), default=0, metavar="PAGES", help="pages each vCPU gives back to Xen and takes again between process lifecycles (0: none)")
+    parser.add_argument("--evtchn", choices=EVTCHN_ABIS, default="fifo", help="the guests' event channels: FIFO (as Linux picks when Xen offers it) or 2-level")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="record every hypercall (only when the hypervisor is started here)")
     parser.epilog = variant_help()
@@ -73,6 +75,7 @@ class StressConfig:
     highmem_pages: int = 0
     migrate: float = 0.5
     balloon: int = 0  # pages each vCPU balloons (guestlib/kernel/balloon.py)
+    evtchn: str = "fifo"  # the guest kernel's event-channel ABI (guestlib.vcpu --evtchn)
 
 
 @dataclass
@@ -147,7 +150,7 @@ async def _keep_running(address: str, token: str, variant: str, state: VcpuState
     """Run this vCPU's process, and a new one each time it is killed, until one reports."""
     while state.report is None:
         seconds = max(deadline - time.monotonic(), 0.0)
-        args = ["--variant", variant, "--seconds", f"{seconds:.3f}", "--seed", str(config.seed * 100 + state.domid), "--migrate", str(config.migrate), "--progress", "0.5"]
+        args = ["--variant", variant, "--seconds", f"{seconds:.3f}", "--seed", str(config.seed * 100 + state.domid), "--migrate", str(config.migrate), "--progress", "0.5", "--evtchn", config.evtchn]
         if config.highmem_pages:
             args.append("--highpte")
         if config.balloon:
@@ -234,6 +237,7 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         "findings": {str(d): f for d, f in per_domain.items() if f} | ({"machine": machine} if machine else {}),
         "domains": {str(d): v for d, v in run.domains.items()},
         "interrupted": run.interrupted,
+        "evtchn": run.config.evtchn,
     }
 
 
@@ -259,7 +263,7 @@ def failed(report: dict) -> bool:
 def main(args: argparse.Namespace) -> int:
     """Progress while it runs, then a summary, a verdict line and the summary as JSON. Exit
     status 0 clean, 1 anything wrong, 130 interrupted by Ctrl-C (still audited)."""
-    config = StressConfig(args.domains, args.vcpus, args.seconds, args.seed, args.variant or ["modern"], args.kill_vcpus, args.pages, migrate=args.migrate, balloon=args.balloon)
+    config = StressConfig(args.domains, args.vcpus, args.seconds, args.seed, args.variant or ["modern"], args.kill_vcpus, args.pages, migrate=args.migrate, balloon=args.balloon, evtchn=args.evtchn)
     if args.server:
         report = trio.run(_run_with_progress, args.server, args.admin_token, config)
     else:

@@ -44,7 +44,7 @@ class Struct:
 
 KGLOBAL = Struct(
     ("magic", 8), ("nr_cpus", 8), ("variant", 8), ("highpte", 8), ("swapper_pfn", 8),
-    ("pool_lock", 8), ("bugs", 8), ("control", 8 * 16),
+    ("pool_lock", 8), ("bugs", 8), ("control", 8 * 16), ("evtchn_fifo", 8),
     size=PAGE_SIZE,
 )  # fmt: skip
 PERCPU = Struct(
@@ -115,6 +115,8 @@ class KernelLayout:
             ("tasks", TASK.size, MAX_TASKS),
             ("pageinfo", PAGEINFO_SIZE, self.nr_pages),
             ("bitmap", 1, -(-self.nr_pages // 8)),
+            ("evtchn_control", PAGE_SIZE, self.nr_cpus),  # a FIFO control block per CPU, at offset 0
+            ("evtchn_array", PAGE_SIZE, 1),  # the FIFO event array: ports below 1024
         ):
             regions[name] = Region(pfn, size, count)
             pfn += regions[name].pages

@@ -182,6 +182,9 @@ EVTCHNOP_bind_ipi = 7
 EVTCHNOP_bind_vcpu = 8
 EVTCHNOP_unmask = 9
 EVTCHNOP_reset = 10
+EVTCHNOP_init_control = 11
+EVTCHNOP_expand_array = 12
+EVTCHNOP_set_priority = 13
 
 # EVTCHNOP_status states (docs/xen.md section 16.1).
 EVTCHNSTAT_closed = 0
@@ -194,6 +197,23 @@ EVTCHNSTAT_ipi = 5
 # Ports of the 2-level ABI for a 64-bit guest: 64 words of 64 bits (docs/xen.md section 16.2).
 BITS_PER_EVTCHN_WORD = 64
 EVTCHN_2L_NR_CHANNELS = BITS_PER_EVTCHN_WORD * BITS_PER_EVTCHN_WORD
+
+# The FIFO ABI (public/event_channel.h; docs/xen.md section 24): a u32 event word per port in
+# guest event-array pages, and per vCPU a control block of a ready bitmap and 16 queue heads.
+EVTCHN_FIFO_PRIORITY_MAX = 0  # the highest
+EVTCHN_FIFO_PRIORITY_DEFAULT = 7
+EVTCHN_FIFO_PRIORITY_MIN = 15  # the lowest
+EVTCHN_FIFO_MAX_QUEUES = EVTCHN_FIFO_PRIORITY_MIN + 1
+EVTCHN_FIFO_PENDING = 31  # event-word bits
+EVTCHN_FIFO_MASKED = 30
+EVTCHN_FIFO_LINKED = 29
+EVTCHN_FIFO_BUSY = 28
+EVTCHN_FIFO_LINK_BITS = 17
+EVTCHN_FIFO_LINK_MASK = (1 << EVTCHN_FIFO_LINK_BITS) - 1
+EVTCHN_FIFO_NR_CHANNELS = 1 << EVTCHN_FIFO_LINK_BITS
+EVTCHN_FIFO_CONTROL_READY = 0  # struct evtchn_fifo_control_block: u32 ready, u32 _rsvd,
+EVTCHN_FIFO_CONTROL_HEAD = 8  # u32 head[EVTCHN_FIFO_MAX_QUEUES]
+EVTCHN_FIFO_CONTROL_SIZE = EVTCHN_FIFO_CONTROL_HEAD + 4 * EVTCHN_FIFO_MAX_QUEUES
 
 # struct shared_info for x86_64 (public/xen.h, arch-x86/xen.h; docs/xen.md section 16.5): byte offsets.
 SHARED_INFO_VCPU_INFO = 0  # vcpu_info[MAX_VCPUS], VCPU_INFO_SIZE bytes each

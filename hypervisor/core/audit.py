@@ -5,7 +5,8 @@ nothing, add one general reference for each allocation, pin, vCPU base pointer, 
 vcpu_info and present entry of a validated table, and one type reference for each pin, base
 pointer, registered vcpu_info, upper-level entry and writable L1 entry (a partial table holds what frames.py says: its entries below
 nr_validated, a general reference for its PARTIAL_SET entry, and both kinds on itself; a
-vCPU's old_guest_tables hold a general reference each); then every frame's counts must equal
+vCPU's old_guest_tables hold a general reference each; each FIFO event-array page and control
+block Xen maps holds both kinds, docs/xen.md section 24.2); then every frame's counts must equal
 what the frame table says, along with the invariants of docs/xen.md section 12.2 and P2M/M2P agreement,
 then the event-channel port tables (`evtchn.audit`). A healthy model has no findings. A frame
 quarantined by a domain's teardown (frames.quarantine) holds nothing and is reported with what
@@ -156,10 +157,13 @@ def _subject(hv, mfn: int) -> int | None:
 def _hold_vcpus(hv, scope: _Scope, domains: list, out: list[Finding]) -> None:
     """The references vCPUs hold: a general one for each old_guest_table (preempt.py), both
     kinds for each base pointer, which must be a validated L4, and for a registered vcpu_info,
-    which must be writable."""
+    which must be writable. With them, both kinds for each FIFO control block and event-array
+    page the domain's event channels map (map_guest_page, docs/xen.md section 24.2)."""
     frames = hv.frames
     held, bases, infos = [], [], []
     for domain in domains:
+        if domain.evtchn_fifo is not None:
+            infos += domain.evtchn_fifo.frames()
         for vcpu in domain.vcpus:
             held += vcpu.old_guest_tables
             if vcpu.vcpu_info_area is not None:  # a registered vcpu_info: both kinds, writable

@@ -39,6 +39,7 @@ from .abi import (
 )
 from .errors import XenError
 from .evtchn import LIBXL_MAX_EVTCHN_PORT, evtchn_init
+from .evtchn_fifo import EvtchnFifo
 from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, FrameTable
 from .preempt import Continuation
 from .tlb import Tlb
@@ -141,6 +142,7 @@ class Domain:
     max_evtchn_port: int = LIBXL_MAX_EVTCHN_PORT
     evtchn: list = field(default_factory=list)  # the port table (evtchn.Evtchn), whole buckets
     poll_mask: set[int] = field(default_factory=set)  # ids of the vCPUs in SCHEDOP_poll
+    evtchn_fifo: EvtchnFifo | None = None  # the FIFO ABI's state once EVTCHNOP_init_control ran; None: 2-level
     shutdown_code: int | None = None  # SHUTDOWN_*, once the domain has shut down
     max_pages: int = 0  # d->max_pages: the reservation memory_op may grow to (docs/xen.md section 23)
     # Its hypercalls by (op, outcome), as Hypervisor.stats counts the machine's: kept with the

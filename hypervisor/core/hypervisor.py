@@ -300,7 +300,7 @@ class Hypervisor:
         domain = self.domain(domid)
         problems: list[str] = []
         with teardown_step(problems, "evtchn_destroy"):
-            evtchn.close_all(self, domain)
+            evtchn.evtchn_destroy(self, domain)
         with teardown_step(problems, "timers"):
             self.sched.forget(domain)
         owned = owned_frames(self.frames, domain)

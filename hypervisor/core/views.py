@@ -18,12 +18,9 @@ from collections import deque
 import numpy as np
 
 from .abi import (
-    BITS_PER_EVTCHN_WORD,
     INVALID_M2P,
     PAGE_SHIFT,
     PTE_MFN_MASK,
-    SHARED_INFO_EVTCHN_MASK,
-    SHARED_INFO_EVTCHN_PENDING,
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     VCPU_INFO_UPCALL_PENDING,
@@ -33,7 +30,7 @@ from .abi import (
 )
 from .domain import Domain, Vcpu, owned_frames
 from .errors import XenError
-from .evtchn import ECS, vcpu_info_words
+from .evtchn import ECS, port_is_masked, port_is_pending, vcpu_info_words
 from .evtchn import status as evtchn_status
 from .frames import NO_OWNER, PAGETABLE_TYPES, PINNED, VALIDATED
 from .hypervisor import XEN_VERSION, Hypervisor
@@ -105,19 +102,18 @@ def vcpu_info(hv: Hypervisor, domain: Domain, vcpu: Vcpu) -> dict:
 def evtchn_ports(hv: Hypervisor, domain: Domain) -> list[dict]:
     """Every port that is not free or reserved, as Xen's debug key 'e' prints it
     (xen/common/event_channel.c, domain_dump_evtchn_info): EVTCHNOP_status's answer and the
-    port's bits in shared_info.evtchn_pending / evtchn_mask."""
-    words = hv.memory.entries(domain.shared_info_mfn)
+    port's pending and mask bits, in shared_info.evtchn_pending / evtchn_mask or, under FIFO,
+    its event word (evtchn_port_is_pending, evtchn_port_is_masked)."""
     ports = []
     for port, chn in enumerate(domain.evtchn):
         if chn.state in (ECS.FREE, ECS.RESERVED):
             continue
-        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
         ports.append(
             {
                 "port": port,
                 "status": evtchn_status(hv, domain.vcpus[0], port),
-                "pending": bool(words.item(SHARED_INFO_EVTCHN_PENDING // 8 + word) >> bit & 1),
-                "masked": bool(words.item(SHARED_INFO_EVTCHN_MASK // 8 + word) >> bit & 1),
+                "pending": port_is_pending(hv, domain, port),
+                "masked": port_is_masked(hv, domain, port),
             }
         )
     return ports

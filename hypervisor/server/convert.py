@@ -311,6 +311,8 @@ def _multicall_result(out: hypercalls_pb2.MulticallResponse, results: list[dict]
 def _event_channel_op_result(out: hypercalls_pb2.EventChannelOpResponse, result, args: dict) -> None:
     if args["cmd"] == "status":
         out.status.CopyFrom(evtchn_status(result))
+    elif args["cmd"] == "init_control":
+        out.link_bits = result["link_bits"]
     else:
         out.port = result
 

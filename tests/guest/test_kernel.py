@@ -19,11 +19,13 @@ from .kernel import VCPU_TIMEOUT, audit_after_destroy, run_guest
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.mark.parametrize("highpte", [False, True], ids=["lowmem-pte", "highpte"])
-def test_four_vcpus_fork_touch_migrate_exit_then_audit_clean(server, highpte):
-    args = ["--lifecycles", "12", "--seconds", "60", "--seed", "3", "--migrate", "0.5"] + (["--highpte"] if highpte else [])
+@pytest.mark.parametrize(("highpte", "evtchn"), [(False, "fifo"), (True, "fifo"), (False, "2l")], ids=["lowmem-pte", "highpte", "2-level"])
+def test_four_vcpus_fork_touch_migrate_exit_then_audit_clean(server, highpte, evtchn):
+    """With FIFO event channels (the default, docs/linux.md section 12) and with 2-level."""
+    args = ["--lifecycles", "12", "--seconds", "60", "--seed", "3", "--migrate", "0.5", "--evtchn", evtchn] + (["--highpte"] if highpte else [])
     domid, run = run_guest(server, 4, *args, highmem_pages=2048 if highpte else 0)
     assert run.bugs == [] and run.returncodes == [0, 0, 0, 0], run.stderr
+    assert {r["evtchn"] for r in run.reports} == {evtchn}
     assert all(r["data_corruptions"] == [] for r in run.reports)
     stats = [r["stats"] for r in run.reports]
     assert run.lifecycles >= 4 * 12  # each vCPU's own, plus tasks handed over to it

@@ -50,7 +50,8 @@ XEN_LAST_VA = HYPERVISOR_VIRT_END - 8
 @dataclass
 class Victim:
     """Domain A and what an attacker would go for: a secret page, a pinned L1 that maps it, a
-    page mapped nowhere but A's direct map, and ports in every state."""
+    page mapped nowhere but A's direct map, ports in every state, and the FIFO ABI's control block
+    and event-array page (docs/xen.md section 24)."""
 
     guest: WireGuest
     secret_pfn: int
@@ -60,6 +61,7 @@ class Victim:
     plain: int
     ports: dict[str, int]
     frame_runs: list[tuple[int, int]]
+    fifo: dict[str, int]  # A's FIFO frames: "control" (vCPU 0's control block) and "array"
 
     @property
     def domid(self) -> int:
@@ -108,9 +110,12 @@ def build_victim(server) -> Victim:
     c_port = _evtchn(c, alloc_unbound=h.EvtchnAllocUnbound(remote_dom=a.domid))
     ports["interdomain"] = _evtchn(a, bind_interdomain=h.EvtchnBindInterdomain(remote_dom=c.domid, remote_port=c_port))
     a.call("EventChannelOp", h.EventChannelOpRequest(send=h.EvtchnSend(port=ports["ipi"])))  # pending: an unmask would deliver it
+    fifo = {"control": a.alloc()[1], "array": a.alloc()[1]}
+    a.call("EventChannelOp", h.EventChannelOpRequest(init_control=h.EvtchnInitControl(control_gfn=fifo["control"], vcpu=0)))
+    a.call("EventChannelOp", h.EventChannelOpRequest(expand_array=h.EvtchnExpandArray(array_gfn=fifo["array"])))  # the IPI is linked now
     for vcpu in range(3):  # as Linux at boot: no periodic VIRQ_TIMER to change A between two looks
         a.call("VcpuOp", h.VcpuOpRequest(vcpuid=vcpu, stop_periodic_timer=h.VcpuStopPeriodicTimer()))
-    victim = Victim(a, secret_pfn, secret, l1_pfn, l1, plain, ports, a.frame_runs())
+    victim = Victim(a, secret_pfn, secret, l1_pfn, l1, plain, ports, a.frame_runs(), fifo)
     victim.state()  # its reads fill A's TLB once; from now on they only hit
     return victim
 
@@ -246,6 +251,18 @@ def flushes_naming_absent_vcpus(a: Victim, b: WireGuest) -> h.SessionRequest:
         ext(C.MMUEXT_CMD_TLB_FLUSH_MULTI, 0, mask_va),
         ext(C.MMUEXT_CMD_INVLPG_MULTI, a.guest.direct_va(a.secret_pfn), mask_va),
         uvm(b.direct_va(own_pfn(b)), pte(b.mfn(own_pfn(b)), P | RW | A | D), flags=UVMF_TLB_FLUSH | mask_va),
+    )
+
+
+def fifo_on_a_frames(a: Victim, b: WireGuest) -> h.SessionRequest:
+    """B switches to FIFO on a page of its own, then offers A's FIFO frames as event-array
+    pages: map_guest_page takes only the caller's frames."""
+    return session(
+        evtchn(init_control=h.EvtchnInitControl(control_gfn=b.alloc()[1], vcpu=0)),
+        evtchn(expand_array=h.EvtchnExpandArray(array_gfn=a.fifo["array"])),
+        evtchn(expand_array=h.EvtchnExpandArray(array_gfn=a.fifo["control"])),
+        evtchn(set_priority=h.EvtchnSetPriority(port=a.ports["ipi"], priority=0)),
+        evtchn(reset=h.EvtchnReset(dom=DOMID_SELF)),
     )
 
 
@@ -414,6 +431,13 @@ ATTACKS = [
     Attack("reset of A's ports", "EventChannelOp", lambda a, b: evtchn(reset=h.EvtchnReset(dom=a.domid)), "EPERM"),
     Attack("bind_pirq of a physical IRQ", "EventChannelOp", lambda a, b: evtchn(bind_pirq=h.EvtchnBindPirq(pirq=1)), "EPERM"),
     Attack("an EVTCHNOP number Xen does not know", "EventChannelOp", lambda a, b: evtchn(cmd=99), "ENOSYS"),
+    # FIFO ABI: A's control block and event array are A's frames (docs/xen.md section 24.2)
+    Attack("init_control on A's control-block frame", "EventChannelOp", lambda a, b: evtchn(init_control=h.EvtchnInitControl(control_gfn=a.fifo["control"], vcpu=0)), "EINVAL"),
+    Attack("init_control on A's event-array frame", "EventChannelOp", lambda a, b: evtchn(init_control=h.EvtchnInitControl(control_gfn=a.fifo["array"], vcpu=1)), "EINVAL"),
+    Attack("init_control for a vCPU only A has", "EventChannelOp", lambda a, b: evtchn(init_control=h.EvtchnInitControl(control_gfn=a.fifo["control"], vcpu=2)), "ENOENT"),
+    Attack("expand_array with A's event-array frame, B on 2-level", "EventChannelOp", lambda a, b: evtchn(expand_array=h.EvtchnExpandArray(array_gfn=a.fifo["array"])), "EOPNOTSUPP"),
+    Attack("set_priority of A's port number, B on 2-level", "EventChannelOp", lambda a, b: evtchn(set_priority=h.EvtchnSetPriority(port=a.ports["ipi"], priority=0)), "ENOSYS"),
+    Attack("FIFO on B's page, then A's frames as B's event array", "Session", fifo_on_a_frames, ("ok", "EINVAL", "EINVAL", "ok", "ok")),
     # VCPUOP: B names vCPUs by id in its own domain only (docs/xen.md section 14)
     Attack("VCPUOP_initialise of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, initialise=init_context(b.start_info.pt_base_mfn)), "ENOENT"),
     Attack("VCPUOP_up of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, up=h.VcpuUp()), "ENOENT"),

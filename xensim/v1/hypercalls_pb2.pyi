@@ -151,6 +151,30 @@ class EvtchnReset(_message.Message):
     dom: int
     def __init__(self, dom: _Optional[int] = ...) -> None: ...
 
+class EvtchnInitControl(_message.Message):
+    __slots__ = ("control_gfn", "offset", "vcpu")
+    CONTROL_GFN_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    control_gfn: int
+    offset: int
+    vcpu: int
+    def __init__(self, control_gfn: _Optional[int] = ..., offset: _Optional[int] = ..., vcpu: _Optional[int] = ...) -> None: ...
+
+class EvtchnExpandArray(_message.Message):
+    __slots__ = ("array_gfn",)
+    ARRAY_GFN_FIELD_NUMBER: _ClassVar[int]
+    array_gfn: int
+    def __init__(self, array_gfn: _Optional[int] = ...) -> None: ...
+
+class EvtchnSetPriority(_message.Message):
+    __slots__ = ("port", "priority")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    priority: int
+    def __init__(self, port: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+
 class EvtchnStatusResult(_message.Message):
     __slots__ = ("state", "vcpu", "remote_dom", "remote_port", "virq")
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -166,7 +190,7 @@ class EvtchnStatusResult(_message.Message):
     def __init__(self, state: _Optional[_Union[_common_pb2.EvtchnStat, str]] = ..., vcpu: _Optional[int] = ..., remote_dom: _Optional[int] = ..., remote_port: _Optional[int] = ..., virq: _Optional[int] = ...) -> None: ...
 
 class EventChannelOpRequest(_message.Message):
-    __slots__ = ("alloc_unbound", "bind_interdomain", "bind_virq", "bind_ipi", "bind_vcpu", "send", "close", "status", "unmask", "bind_pirq", "reset", "cmd")
+    __slots__ = ("alloc_unbound", "bind_interdomain", "bind_virq", "bind_ipi", "bind_vcpu", "send", "close", "status", "unmask", "bind_pirq", "reset", "cmd", "init_control", "expand_array", "set_priority")
     ALLOC_UNBOUND_FIELD_NUMBER: _ClassVar[int]
     BIND_INTERDOMAIN_FIELD_NUMBER: _ClassVar[int]
     BIND_VIRQ_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +203,9 @@ class EventChannelOpRequest(_message.Message):
     BIND_PIRQ_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     CMD_FIELD_NUMBER: _ClassVar[int]
+    INIT_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    EXPAND_ARRAY_FIELD_NUMBER: _ClassVar[int]
+    SET_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     alloc_unbound: EvtchnAllocUnbound
     bind_interdomain: EvtchnBindInterdomain
     bind_virq: EvtchnBindVirq
@@ -191,15 +218,20 @@ class EventChannelOpRequest(_message.Message):
     bind_pirq: EvtchnBindPirq
     reset: EvtchnReset
     cmd: int
-    def __init__(self, alloc_unbound: _Optional[_Union[EvtchnAllocUnbound, _Mapping]] = ..., bind_interdomain: _Optional[_Union[EvtchnBindInterdomain, _Mapping]] = ..., bind_virq: _Optional[_Union[EvtchnBindVirq, _Mapping]] = ..., bind_ipi: _Optional[_Union[EvtchnBindIpi, _Mapping]] = ..., bind_vcpu: _Optional[_Union[EvtchnBindVcpu, _Mapping]] = ..., send: _Optional[_Union[EvtchnSend, _Mapping]] = ..., close: _Optional[_Union[EvtchnClose, _Mapping]] = ..., status: _Optional[_Union[EvtchnStatus, _Mapping]] = ..., unmask: _Optional[_Union[EvtchnUnmask, _Mapping]] = ..., bind_pirq: _Optional[_Union[EvtchnBindPirq, _Mapping]] = ..., reset: _Optional[_Union[EvtchnReset, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
+    init_control: EvtchnInitControl
+    expand_array: EvtchnExpandArray
+    set_priority: EvtchnSetPriority
+    def __init__(self, alloc_unbound: _Optional[_Union[EvtchnAllocUnbound, _Mapping]] = ..., bind_interdomain: _Optional[_Union[EvtchnBindInterdomain, _Mapping]] = ..., bind_virq: _Optional[_Union[EvtchnBindVirq, _Mapping]] = ..., bind_ipi: _Optional[_Union[EvtchnBindIpi, _Mapping]] = ..., bind_vcpu: _Optional[_Union[EvtchnBindVcpu, _Mapping]] = ..., send: _Optional[_Union[EvtchnSend, _Mapping]] = ..., close: _Optional[_Union[EvtchnClose, _Mapping]] = ..., status: _Optional[_Union[EvtchnStatus, _Mapping]] = ..., unmask: _Optional[_Union[EvtchnUnmask, _Mapping]] = ..., bind_pirq: _Optional[_Union[EvtchnBindPirq, _Mapping]] = ..., reset: _Optional[_Union[EvtchnReset, _Mapping]] = ..., cmd: _Optional[int] = ..., init_control: _Optional[_Union[EvtchnInitControl, _Mapping]] = ..., expand_array: _Optional[_Union[EvtchnExpandArray, _Mapping]] = ..., set_priority: _Optional[_Union[EvtchnSetPriority, _Mapping]] = ...) -> None: ...
 
 class EventChannelOpResponse(_message.Message):
-    __slots__ = ("port", "status")
+    __slots__ = ("port", "status", "link_bits")
     PORT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    LINK_BITS_FIELD_NUMBER: _ClassVar[int]
     port: int
     status: EvtchnStatusResult
-    def __init__(self, port: _Optional[int] = ..., status: _Optional[_Union[EvtchnStatusResult, _Mapping]] = ...) -> None: ...
+    link_bits: int
+    def __init__(self, port: _Optional[int] = ..., status: _Optional[_Union[EvtchnStatusResult, _Mapping]] = ..., link_bits: _Optional[int] = ...) -> None: ...
 
 class VcpuGuestContext(_message.Message):
     __slots__ = ("flags", "kernel_cr3_mfn", "user_cr3_mfn", "rip", "rsp")

@@ -218,9 +218,10 @@ class HypercallsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EventChannelOp(self, request, context):
-        """HYPERVISOR_event_channel_op (hypercall 32; docs/xen.md section 16): allocate, bind, send to,
-        close, query, unmask and reset event-channel ports. EINVAL, ENOSPC, EEXIST, ENOENT, EBUSY,
-        ESRCH, EPERM, ENOSYS (an op number without a case).
+        """HYPERVISOR_event_channel_op (hypercall 32; docs/xen.md sections 16 and 24): allocate, bind,
+        send to, close, query, unmask and reset event-channel ports; set up the FIFO ABI. EINVAL,
+        ENOSPC, EEXIST, ENOENT, EBUSY, ESRCH, EPERM, EOPNOTSUPP, ENOSYS (an op number without a
+        case).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
