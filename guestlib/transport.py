@@ -181,9 +181,9 @@ class _SegregatedStream:
                     kind = op.type()
                     if kind == kinds.receive_message:
                         data = op.message()
-                        if data is not None:
-                            self._deliver(hypercalls_pb2.SessionResponse.FromString(data))
+                        if data is not None:  # the next receive is started before trio wakes to send
                             self._operate((_CYGRPC.ReceiveMessageOperation(0),))
+                            self._deliver(hypercalls_pb2.SessionResponse.FromString(data))
                     elif kind == kinds.receive_status_on_client:
                         end = _ended(_STATUS_CODES[op.code()], op.details())
                     elif kind in (kinds.send_message, kinds.send_close_from_client):
@@ -193,8 +193,9 @@ class _SegregatedStream:
                         if request is not None:
                             self._operate((self._send_operation(request),))
         except Exception as e:  # grpcio's internals failed us: end the Session, never hang it
-            self._call.cancel(_CYGRPC.StatusCode.internal, "guest transport failed")
-            end = SessionClosed(f"Session stream failed: the transport broke: {e!r}", grpc.StatusCode.INTERNAL)
+            self._finish(SessionClosed(f"Session stream failed: the guest's transport broke: {e!r}", grpc.StatusCode.INTERNAL))
+            self.cancel()
+            raise
         self._finish(end)
 
 
