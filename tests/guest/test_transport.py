@@ -83,3 +83,22 @@ async def test_an_unreachable_hypervisor_ends_either_stream_unavailable(monkeypa
             with pytest.raises(SessionClosed, match="UNAVAILABLE") as caught:
                 await xen.tlb_flush_local()
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+@STREAMS
+async def test_closing_with_an_answer_owed_cancels_either_stream_at_once(server, monkeypatch, segregated):
+    use(monkeypatch, segregated)
+    with trio.fail_after(TIMEOUT):
+        async with Toolstack(server.address, server.admin_token) as xl:
+            created = await xl.create_domain(nr_pages=256)
+            async with connect(server.address, created.token, 0) as xen:
+                await xen.wait_started()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(xen.sched_block)  # answered only when an event is pending: never, here
+                    while not (await xl.vcpu_info(created.domid, 0))[0].blocked:  # a barrier, not a race
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
+                closing = trio.current_time()
+            assert trio.current_time() - closing < transport.CLOSE_TIMEOUT  # cancelled, not waited out
+            assert await xl.audit() == []
+            await xl.destroy_domain(created.domid)
