@@ -23,9 +23,11 @@ from .kernel.shootdown import VARIANTS
 from .kernel.workload import WorkloadConfig, run
 
 
-async def run_vcpu(server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None, progress: float = 0) -> dict:
+async def run_vcpu(
+    server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None, progress: float = 0, controlled: bool = False
+) -> dict:
     async with connect(server, token, vcpu) as client:
-        return await _run(client, vcpu, variant, highpte, config, scenario, progress)
+        return await _run(client, vcpu, variant, highpte, config, scenario, progress, controlled)
 
 
 async def claim_and_run(server: str, tokens: list[str], *args) -> dict:
@@ -38,7 +40,8 @@ async def claim_and_run(server: str, tokens: list[str], *args) -> dict:
         return {"claimed": {"token": index, "vcpu": vcpu}} | await _run(client, vcpu, *args)
 
 
-async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None, progress: float) -> dict:
+async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None, progress: float, controlled: bool = False) -> dict:
+    client.controlled = controlled
     await client.wait_started()
     if vcpu == 0 and not await booted(client):
         await start_of_day(client, variant, highpte)
@@ -78,6 +81,7 @@ def build_parser() -> Parser:
     parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--scenario", choices=scenarios.SCENARIOS, help="a scripted interleaving on two vCPUs instead of the workload")
+    parser.add_argument("--controlled", action="store_true", help="the hypervisor runs a controlled --schedule: deadlines in Xen system time, no wall-clock waits (docs/schedule.md)")
     parser.add_argument("--progress", type=at_least(0.0, float), default=0, metavar="SECONDS", help="print a progress line this often (0: never)")
     return parser
 
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles)
-    workload = (args.variant, args.highpte, config, args.scenario, args.progress)
+    workload = (args.variant, args.highpte, config, args.scenario, args.progress, args.controlled)
     if args.claim:
         report = trio.run(claim_and_run, args.server, args.token, *workload)
     else:

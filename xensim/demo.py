@@ -19,8 +19,8 @@ from rich.table import Table
 
 from guestlib import Toolstack
 from guestlib.kernel.shootdown import VARIANTS
-from xensim import scenario
-from xensim.errors import EXIT_INTERRUPTED, at_least, writable_file
+from xensim import scenario, schedule
+from xensim.errors import EXIT_INTERRUPTED, UsageError, at_least, writable_file
 from xensim.launch import default_trace, hypervisor_server, machine_frames
 from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, named_problems, run_stress, variant_help
 
@@ -40,10 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
     parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant and --trace apply to it")
     parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
-    parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
+    parser.add_argument("--seed", type=int, help="the workload's random seed (default: the --schedule's seed, else 1)")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="where the hypervisor writes its trace (default: a new file in ~/.cache/xensim/traces, oldest removed past 256 MiB)")
     parser.add_argument("--no-trace", action="store_true", help="record no trace")
+    schedule.add_arguments(parser)
     parser.epilog = f"{variant_help()}\n\n{scenario.scenario_help()}"
     parser.set_defaults(run=main)
 
@@ -118,15 +119,19 @@ def _print_report(console: Console, report: dict) -> None:
     if report.get("killed_vcpus"):
         console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
     console.print(f"  seed, variant       {report['seed']}, {report['variant']}")
+    console.print(f"  schedule            {report['schedule']}" + (f" ({report['steps']} steps, {report['schedule_file']})" if "steps" in report else ""), soft_wrap=True)
+    for lost in report.get("lost_determinism", []):
+        console.print(f"    determinism lost at step {lost['step']}: {lost['why']}", style="yellow", markup=False)
     console.print(f"  trace               {report['trace'] or 'not recorded'}", soft_wrap=True)
     console.print(f"  run it again        {report['reproduce']}", soft_wrap=True)
     verdict = "[yellow]INTERRUPTED[/yellow]" if report["interrupted"] else "[red]FAILED[/red]" if failed(report) else "[green]OK[/green]"
     console.print(f"  verdict             {verdict}")
 
 
-def _reproduce(args: argparse.Namespace, trace: str | None) -> str:
-    """The command line that runs this demo again with the same settings (and a new trace)."""
-    words = ["xensim", "demo", "--seconds", f"{args.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, "--seed", str(args.seed)]
+def _reproduce(args: argparse.Namespace, trace: str | None, plan: schedule.Schedule) -> str:
+    """The command line that runs this demo again with the same settings (and a new trace);
+    a controlled run's reproduces the same interleaving."""
+    words = ["xensim", "demo", "--seconds", f"{plan.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, *plan.words()]
     words += ["--highpte"] * args.highpte + ([] if trace else ["--no-trace"])
     return shlex.join(words)
 
@@ -165,18 +170,26 @@ def main(args: argparse.Namespace) -> int:
         return scenario.main(args)
     console = Console()
     trace = None if args.no_trace else (args.trace or default_trace())
-    serve_args = ("--trace", trace) if trace else ()
+    plan = schedule.resolve(args, trace)
+    if plan.controlled and args.race:
+        raise UsageError("--race runs free; a controlled search over seeds is `xensim hunt` (docs/schedule.md section 7)")
+    serve_args = (("--trace", trace) if trace else ()) + plan.server_args()
     with hypervisor_server(*serve_args, frames=machine_frames(1, args.pages)) as server:
         console.print(f"hypervisor on {server.address}; {'tracing to ' + trace if trace else 'no trace'}")
         if args.race:
-            report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, args.seed, console)}
+            report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, plan.seed, console)}
             status = 0
         else:
-            config = StressConfig(domains=1, vcpus=args.vcpus, seconds=args.seconds, seed=args.seed, variants=[args.variant], pages=args.pages, highmem_pages=args.pages // 4 if args.highpte else 0)
+            config = StressConfig(
+                domains=1, vcpus=args.vcpus, seconds=plan.seconds, seed=plan.seed, variants=[args.variant], pages=args.pages,
+                highmem_pages=args.pages // 4 if args.highpte else 0, controlled=plan.controlled,
+            )  # fmt: skip
             report = trio.run(_run_once, server.address, config, console)
-            report |= {"seed": args.seed, "variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace)}
-            _print_report(console, report)
+            report |= {"variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace, plan)}
             status = EXIT_INTERRUPTED if report["interrupted"] else int(failed(report))
+    if not args.race:  # the server has stopped: its trace and schedule file are complete
+        report |= plan.report(trace)
+        _print_report(console, report)
     if trace and not args.race and failed(report):  # the trace is complete: the server stopped
         from xensim.explain import explain_run
 

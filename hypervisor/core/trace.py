@@ -256,6 +256,8 @@ def replay(lines: Iterable[str], observe: Callable[[Hypervisor, dict | None], No
         if isinstance(record, dict) and record.keys() == {"digest"}:
             report.digest_matched = record["digest"] == state_digest(hv)
             continue
+        if isinstance(record, dict) and record.keys() == {"sched"}:  # a controlled run's step (docs/schedule.md section 5)
+            continue
         if not _is_call(record):
             raise TraceError(f"line {number} is not a trace record")
         report.calls += 1
