@@ -12,6 +12,8 @@ from hypervisor.core.abi import MAX_VCPUS
 from hypervisor.core.hypervisor import DEFAULT_FRAMES, MAX_DOMAINS
 from hypervisor.core.policy import DEFAULT_PCT_STEPS, ScheduleSpec, parse_schedule
 
+SILENCE_S = 20.0  # see --schedule-silence (docs/schedule.md section 5)
+
 ADMIN_TOKEN_ENV = "XENSIM_ADMIN_TOKEN"
 # A number as str() writes it, for text from outside (a port, the x-xen-vcpu metadata): ASCII
 # digits, few enough for int(), which reads any Unicode digit ('\u0663' as 3) and raises
@@ -55,6 +57,7 @@ class Config:
     schedule_file: str | None = None  # where a controlled run's chosen steps are written at exit
     pct_steps: int = DEFAULT_PCT_STEPS  # PCT's k: the run's expected length in steps
     recorded: dict | None = None  # replay:FILE's schedule file
+    silence_s: float = SILENCE_S  # a controlled run sets aside a vCPU silent this long
 
     @property
     def address(self) -> str:
@@ -80,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--schedule-file", metavar="FILE", help="with a controlled --schedule, write the steps chosen to FILE at exit (for --schedule replay:FILE)")
     parser.add_argument("--schedule-steps", type=int, default=DEFAULT_PCT_STEPS, metavar="N", help="the run's expected length in steps, where pct places its change points (default %(default)s)")
+    parser.add_argument(
+        "--schedule-silence", type=float, default=SILENCE_S, metavar="S", help="a controlled run sets aside a vCPU that sends nothing for S seconds while it is waited for (default %(default)s)"
+    )
     parser.add_argument("--grace", type=float, default=3.0, metavar="S", help="on SIGINT/SIGTERM, how long running calls get to finish (default %(default)s)")
     limits = parser.add_argument_group("connection limits (README, Limits)")
     default = Connections()
@@ -151,7 +157,7 @@ def config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     schedule, recorded = _schedule(args, parser)
     return Config(
         host, int(port), args.frames, admin_token, tls, args.trace, args.grace, connections, args.log_level.upper(), args.metrics_port, args.log_interval,
-        schedule, args.schedule_file, args.schedule_steps, recorded,
+        schedule, args.schedule_file, args.schedule_steps, recorded, args.schedule_silence,
     )  # fmt: skip
 
 
@@ -167,6 +173,8 @@ def _schedule(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         parser.error("--schedule-file records a controlled run: give --schedule random:SEED, pct:SEED or replay:FILE")
     if args.schedule_steps < 2:
         parser.error("--schedule-steps must be at least 2")
+    if args.schedule_silence <= 0:
+        parser.error("--schedule-silence must be positive")
     return schedule, recorded
 
 

@@ -29,12 +29,11 @@ from hypervisor.core.policy import STEP_QUANTUM_NS, Key, ScheduleSpec, policy_fo
 
 log = logging.getLogger("xensim.server")
 
-SILENCE_S = 10.0  # a vCPU process that sends nothing for this long while waited for is set aside
 SCHEDULE_FORMAT = 1
 
 
 class Gate:
-    def __init__(self, runtime, spec: ScheduleSpec, policy, seed: int | None, silence_s: float = SILENCE_S):
+    def __init__(self, runtime, spec: ScheduleSpec, policy, seed: int | None, silence_s: float):
         self.runtime = runtime
         self.hv = runtime.hv
         self.spec = spec
@@ -189,7 +188,7 @@ def gate(runtime, config) -> Gate:
     recorded = config.recorded or {}
     steps = [tuple(step) for step in recorded.get("steps", ())]
     seed = recorded.get("seed") if config.schedule.mode == "replay" else config.schedule.seed
-    return Gate(runtime, config.schedule, policy_for(config.schedule, config.pct_steps, steps), seed)
+    return Gate(runtime, config.schedule, policy_for(config.schedule, config.pct_steps, steps), seed, config.silence_s)
 
 
 def write_schedule(gate: Gate, path: str) -> None:
@@ -217,8 +216,6 @@ def load_record(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not a schedule file: {e}") from None
     steps = record.get("steps") if isinstance(record, dict) else None
-    if not isinstance(steps, list) or record.get("xensim_schedule") != SCHEDULE_FORMAT or not all(
-        isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s) for s in steps
-    ):
+    if not isinstance(steps, list) or record.get("xensim_schedule") != SCHEDULE_FORMAT or not all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s) for s in steps):
         raise ValueError(f"{path} is not a xensim schedule file (format {SCHEDULE_FORMAT}, written by serve --schedule-file)")
     return record
