@@ -83,7 +83,7 @@ class PctPolicy:
     """PCT over vCPUs. Priorities are numbers, lower runs first: a vCPU seen for the first time
     gets a random one in [0, 1); one that drops gets the next integer from 1 up, below every
     vCPU that has not dropped and below those that dropped before it. Only decisions with a
-    choice count as steps toward a change point (Burckhardt et al. section 4.1: no change point
+    choice count as steps toward a change point (docs/schedule.md section 3: no change point
     is needed while one vCPU runs alone)."""
 
     def __init__(self, seed: int, depth: int = DEFAULT_DEPTH, steps: int = DEFAULT_PCT_STEPS, spin_bound: int = SPIN_BOUND):
