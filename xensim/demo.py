@@ -20,7 +20,7 @@ from rich.table import Table
 from guestlib import Toolstack
 from guestlib.kernel.shootdown import VARIANTS
 from xensim import scenario, schedule
-from xensim.errors import EXIT_INTERRUPTED, UsageError, at_least, writable_file
+from xensim.errors import EXIT_INTERRUPTED, UsageError, at_least, fraction, writable_file
 from xensim.launch import default_trace, hypervisor_server, machine_frames
 from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, named_problems, run_stress, variant_help
 
@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
     parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant and --trace apply to it")
     parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
+    parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--seed", type=int, help="the workload's random seed (default: the --schedule's seed, else 1)")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="where the hypervisor writes its trace (default: a new file in ~/.cache/xensim/traces, oldest removed past 256 MiB)")
@@ -132,7 +133,7 @@ def _reproduce(args: argparse.Namespace, trace: str | None, plan: schedule.Sched
     """The command line that runs this demo again with the same settings (and a new trace);
     a controlled run's reproduces the same interleaving."""
     words = ["xensim", "demo", "--seconds", f"{plan.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, *plan.words()]
-    words += ["--highpte"] * args.highpte + ([] if trace else ["--no-trace"])
+    words += ["--highpte"] * args.highpte + ([] if args.migrate == 0.5 else ["--migrate", f"{args.migrate:g}"]) + ([] if trace else ["--no-trace"])
     return shlex.join(words)
 
 
@@ -182,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             config = StressConfig(
                 domains=1, vcpus=args.vcpus, seconds=plan.seconds, seed=plan.seed, variants=[args.variant], pages=args.pages,
-                highmem_pages=args.pages // 4 if args.highpte else 0, controlled=plan.controlled,
+                highmem_pages=args.pages // 4 if args.highpte else 0, migrate=args.migrate, controlled=plan.controlled,
             )  # fmt: skip
             report = trio.run(_run_once, server.address, config, console)
             report |= {"variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace, plan)}
