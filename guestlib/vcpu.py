@@ -10,6 +10,7 @@ when the kernel hit a BUG or found corrupted data.
 
 import argparse
 import json
+import random
 import sys
 
 import trio
@@ -47,7 +48,7 @@ async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadC
         await start_of_day(client, variant, highpte)
     kernel = await attach(client, vcpu)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(kernel.smp.upcall_loop)
+        await nursery.start(kernel.smp.upcall_loop)
         await kernel.smp.events.local_irq_enable()
         if kernel.restarted:
             await answer_pending_calls(kernel)
@@ -95,7 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     return run_program(parser.prog, lambda: _main(args))
 
 
+class _WakeOrder(random.Random):
+    """trio's scheduler source with `random()` at 1.0: trio runs the tasks woken together
+    in a random order (it reverses a batch half of the time, trio/_core/_run.py, so that no
+    program comes to rely on the order). In a controlled run the order must be the one they
+    were woken in, every time: an Upcall push reaches the interrupt task before the answer it
+    came ahead of wakes the task that waited for it, so the handler takes the interrupt lock
+    first, as Linux takes a pending interrupt at local_irq_enable; a random order made which
+    of them sent the vCPU's next message vary from run to run (docs/schedule.md section 6)."""
+
+    def random(self) -> float:
+        return 1.0
+
+
+def _keep_wake_order() -> None:
+    trio._core._run._r = _WakeOrder()
+
+
 def _main(args: argparse.Namespace) -> int:
+    if args.controlled:
+        _keep_wake_order()
     config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles)
     workload = (args.variant, args.highpte, config, args.scenario, args.progress, args.controlled)
     if args.claim:

@@ -3,6 +3,7 @@ processes, so the same seed gives the same run, and its schedule file runs it ag
 
 import hashlib
 import json
+import shlex
 
 import pytest
 
@@ -88,3 +89,27 @@ def test_a_bad_schedule_is_one_line_and_status_2(tmp_path):
     ):
         done = run(xensim_command("stress", *args), timeout=60)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.timeout(600)
+def test_hunt_finds_the_stale_cr3_race_of_mask_and_its_command_fails_the_same_way(tmp_path):
+    result_file = tmp_path / "hunt.json"
+    done = run(xensim_command("hunt", "--variant", "mask", "--seed", "1", "--runs", "5", "--json", str(result_file)), timeout=500)
+    assert done.returncode == 1, done.stdout + done.stderr
+    result = json.loads(result_file.read_text())
+    assert result["found"] and result["runs"] <= 5 and "stale-cr3 window" in result["failure"]["message"] and result["failure"]["vcpus"]
+    assert result["reproduce"].startswith("xensim demo ") and f"--schedule pct:{result['seed']}:3" in result["reproduce"] and result["reproduce"] in done.stdout
+    again, report_file = shlex.split(result["reproduce"])[1:], tmp_path / "again.json"
+    redone = run(xensim_command(*again, "--no-trace", "--schedule-file", str(tmp_path / "again.schedule.json"), "--json", str(report_file)), timeout=240)
+    assert redone.returncode == 1, redone.stdout + redone.stderr
+    report = json.loads(report_file.read_text())
+    assert report["kernel_bugs"] == [result["failure"]["message"]] and report["lost_determinism"] == []
+
+
+@pytest.mark.timeout(600)
+def test_hunt_finds_nothing_in_modern(tmp_path):
+    result_file = tmp_path / "hunt.json"
+    done = run(xensim_command("hunt", "--variant", "modern", "--runs", "2", "--json", str(result_file)), timeout=500)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(result_file.read_text())
+    assert not result["found"] and result["runs"] == 2 and result["reproduce"] is None and "nothing found in 2 runs" in done.stdout
