@@ -97,16 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _WakeOrder(random.Random):
-    """trio's scheduler source with `random()` at 1.0: trio runs the tasks woken together
-    in a random order (it reverses a batch half of the time, trio/_core/_run.py, so that no
-    program comes to rely on the order). In a controlled run the order must be the one they
-    were woken in, every time: an Upcall push reaches the interrupt task before the answer it
+    """trio's scheduler source with `random()` at 0.0: trio runs the tasks woken together
+    in a random order (it pops each batch from its end, reversed first half of the time,
+    trio/_core/_run.py, so that no program comes to rely on the order). In a controlled run
+    the order must be the one they were woken in, every time (always reversed, then popped): an Upcall push reaches the interrupt task before the answer it
     came ahead of wakes the task that waited for it, so the handler takes the interrupt lock
     first, as Linux takes a pending interrupt at local_irq_enable; a random order made which
     of them sent the vCPU's next message vary from run to run (docs/schedule.md section 6)."""
 
     def random(self) -> float:
-        return 1.0
+        return 0.0
 
 
 def _keep_wake_order() -> None:
