@@ -8,7 +8,7 @@ lets the one the policy (hypervisor/core/policy.py) chooses run; the next decisi
 that step is over (`done`). It expects a message from every vCPU that Xen would run: up, not
 asleep in SCHEDOP_block/poll, of a domain neither paused nor shut down, and whose process has
 not ended its Session (a vCPU whose process has not attached yet is waited for). A call that
-sleeps ends its step (`release`); once woken, the rest of its message is a step of its own.
+sleeps ends its step (`done`); once woken, the rest of its message is a step of its own.
 
 Time is virtual: Xen's system time advances STEP_QUANTUM_NS per step, timers fire at step
 boundaries when it passes their deadline, and when every vCPU sleeps it jumps to the next
@@ -72,13 +72,15 @@ class Gate:
             raise
         return True
 
-    def done(self, slot) -> None:
-        """The step of this vCPU's message is over (its answer is sent)."""
-        if self._running == (slot.domid, slot.vcpu_id):
-            self._running = None
-            self.poke()
-
-    release = done  # a call of the step sleeps: the step ends there
+    def done(self, slot) -> bool:
+        """The step of this vCPU's message is over: its answer is sent, or one of its calls
+        sleeps (the rest of the message is a step of its own once woken). False if the vCPU was
+        in no step (a unary call, which the gate does not hold)."""
+        if self._running != (slot.domid, slot.vcpu_id):
+            return False
+        self._running = None
+        self.poke()
+        return True
 
     def attached(self, slot) -> None:
         self._gone.discard((slot.domid, slot.vcpu_id))

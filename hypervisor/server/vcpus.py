@@ -270,13 +270,12 @@ class Runtime:
             if self.observe is not None:
                 self.observe(op, in_core[0])
         if result is BLOCKED:
-            if self.gate is not None:
-                self.gate.release(slot)
+            stepped = self.gate is not None and self.gate.done(slot)  # a controlled run's step ends here
             while slot.vcpu.blocked:
                 slot.wake.clear()
                 await slot.wake.wait()
             await self._unpaused(slot.domid)
-            if self.gate is not None:
+            if stepped:
                 await self.gate.turn(slot)
             result = 0
         return result
