@@ -320,5 +320,5 @@ async def _print_progress(run: StressRun) -> None:
         running = sum(1 for v in run.vcpus if v.report is None)
         kills = sum(v.kills for v in run.vcpus)
         exits = run.totals().get("lifecycles", 0)
-        of = f" ({run.config.seconds:g} s of Xen system time to run)" if run.config.controlled else f"/{run.config.seconds:g}"
-        print(f"{time.monotonic() - run.started:6.1f}{of} s: {exits} process exits, {running}/{len(run.vcpus)} vCPUs running, {kills} killed", flush=True)
+        of = f" s (of a run of {run.config.seconds:g} s of Xen system time)" if run.config.controlled else f"/{run.config.seconds:g} s"
+        print(f"{time.monotonic() - run.started:6.1f}{of}: {exits} process exits, {running}/{len(run.vcpus)} vCPUs running, {kills} killed", flush=True)
