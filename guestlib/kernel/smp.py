@@ -72,8 +72,8 @@ class Smp:
         interrupts off on this vCPU. Started with `nursery.start`, it is waiting for a push
         before the vCPU can unmask upcalls, so that a push is always handed to a waiting task,
         never buffered for one that has yet to run (which took one scheduling round more, and
-        let the workload's next message overtake the handler's at random; docs/schedule.md
-        section 6)."""
+        let the workload's next message overtake the handler's at random):
+        docs/schedule.md section 6."""
         task_status.started()
         async for upcall in self.cpu.client.session.upcalls:
             async with self.cpu.irq:
