@@ -18,11 +18,11 @@ figures are medians over rounds, and the ratios to `floor-*` are what to compare
   both ways (trio -> loop: call_soon_threadsafe; loop -> trio: run_sync_soon).
 - `guest`: asyncio is the host loop running grpc.aio; trio runs the guest as a guest run
   (trio.lowlevel.start_guest_run) in the same thread.
-- `segregated`: trio; one helper thread polls the stream's own completion queue (grpcio's
-  private cygrpc "segregated call", the single-threaded machinery under its unary-stream
-  calls), trio starts each send itself: no consumer, spin or reader thread of grpc's.
-- `current`: guestlib's client as it is now (whatever guestlib.transport does), as
-  `xensim bench` measures it.
+- `public`: guestlib's client on its public fallback (`open_session(segregated=False)`): the
+  sync-stub bridge with a reader thread.
+- `current`: guestlib's client as it is now (guestlib.transport.SEGREGATED: grpcio's private
+  "segregated call", one helper thread on the stream's own completion queue, trio starting each
+  send itself), as `xensim bench` measures it.
 
 Every trio client goes through guestlib's `HypercallClient`, so protobuf is paid as a guest pays.
 """
@@ -43,7 +43,7 @@ import trio
 from xensim.bench import client_cpu
 from xensim.v1 import hypercalls_pb2, hypercalls_pb2_grpc
 
-CLIENTS = ("floor-sync", "floor-aio", "bridge", "aio-thread", "guest", "segregated", "current")
+CLIENTS = ("floor-sync", "floor-aio", "bridge", "aio-thread", "guest", "public", "current")
 WARMUP = 100
 _METHOD = "/xensim.v1.Hypercalls/Session"
 _CALL = client_cpu.TLB_FLUSH_LOCAL
@@ -268,90 +268,19 @@ def bridge(address: str, token: str, n: int) -> dict:
     return trio.run(main)
 
 
-class SegregatedSession(_Sessionish):
-    """One helper thread owns the stream's own completion queue (grpcio's segregated call, the
-    single-threaded machinery under its unary-stream calls); trio starts each send directly
-    (one in flight at a time, as grpc core requires: the rest wait in a list the helper
-    drains on each send's completion)."""
-
-    def __init__(self, address, token):
-        from grpc._cython import cygrpc
-
-        super().__init__()
-        self._cygrpc = cygrpc
-        self._channel = grpc.insecure_channel(address)
-        metadata = _metadata(token)
-        operations = (
-            (cygrpc.SendInitialMetadataOperation(metadata, 0),),
-            (cygrpc.ReceiveStatusOnClientOperation(0),),
-            (cygrpc.ReceiveInitialMetadataOperation(0),),
-        )
-        self._call = self._channel._channel.segregated_call(
-            cygrpc.PropagationConstants.GRPC_PROPAGATE_DEFAULTS, _METHOD.encode(), None, None, metadata, None, tuple((ops, None) for ops in operations), None, None
-        )
-        self._lock = threading.Lock()
-        self._sending = False
-        self._backlog = []
-        self._call.operate((cygrpc.ReceiveMessageOperation(0),), None)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _put(self, request):
-        data = request.SerializeToString() if request is not None else None
-        with self._lock:
-            if self._sending:
-                self._backlog.append(data)
-                return
-            self._sending = True
-        self._start_send(data)
-
-    def _start_send(self, data):
-        c = self._cygrpc
-        op = c.SendCloseFromClientOperation(0) if data is None else c.SendMessageOperation(data, 0)
-        self._call.operate((op,), None)
-
-    def _run(self):
-        c = self._cygrpc
-        while True:
-            event = self._call.next_event()
-            for op in event.batch_operations:
-                kind = op.type()
-                if kind == c.OperationType.receive_message:
-                    data = op.message()
-                    if data is not None:
-                        self._token.run_sync_soon(self._deliver, hypercalls_pb2.SessionResponse.FromString(data))
-                        self._call.operate((c.ReceiveMessageOperation(0),), None)
-                elif kind in (c.OperationType.send_message, c.OperationType.send_close_from_client):
-                    with self._lock:
-                        if self._backlog:
-                            data = self._backlog.pop(0)
-                        else:
-                            self._sending = False
-                            continue
-                    self._start_send(data)
-                elif kind == c.OperationType.receive_status_on_client:
-                    return
-
-    def close(self):
-        self._put(None)
-        self._thread.join(5)
-        self._channel.close()
-
-
-def segregated(address: str, token: str, n: int) -> dict:
+def public(address: str, token: str, n: int) -> dict:
+    """guestlib's client on its public fallback bridge (open_session(segregated=False))."""
     from guestlib.hypercalls import HypercallClient
+    from guestlib.transport import open_session
 
     async def main():
-        session = SegregatedSession(address, token)
-        try:
+        async with open_session(address, token, 0, segregated=False) as session:
             return await _hypercalls(HypercallClient(session), n)
-        finally:
-            session.close()
 
     return trio.run(main)
 
 
-RUNNERS = {"segregated": segregated, "floor-sync": floor_sync, "floor-aio": floor_aio, "bridge": bridge, "aio-thread": aio_thread, "guest": guest, "current": current}
+RUNNERS = {"public": public, "floor-sync": floor_sync, "floor-aio": floor_aio, "bridge": bridge, "aio-thread": aio_thread, "guest": guest, "current": current}
 
 
 def _child(name: str, address: str, token: str, n: int) -> None:

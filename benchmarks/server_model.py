@@ -66,7 +66,7 @@ def serve_sync(nr_vcpus: int) -> None:
                     args = op.args(getattr(call, case), f"calls[{i}].{case}.", Clock())
                     with lock:
                         result = hv.hypercall(domid, vcpu, op.name, **args)
-                    getattr(response.results.add(), case).CopyFrom(op.result(result, args))
+                    convert.fill(op, getattr(response.results.add(), case), result, args)
                 yield response
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * nr_vcpus), options=[("grpc.so_reuseport", 0)])

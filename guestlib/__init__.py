@@ -2,12 +2,13 @@
 
 One process per vCPU: `connect()` opens its Session and gives a `HypercallClient` (typed
 hypercalls and memory accesses, `batch()`/`submit()` to put many calls in one message);
-`xen_mc_batch` batches like Linux's multicalls, `EventChannels` dispatches upcalls, and
+`xen_mc_batch` batches like Linux's multicalls, `EventChannels` dispatches upcalls (2-level;
+`FifoEventChannels` for the FIFO ABI), and
 `Toolstack` is the admin's client. guestlib imports only the wire contract (xensim.v1), grpc
 and trio, never the hypervisor: a guest may run on another host.
 """
 
-from .events import EventChannels
+from .events import EventChannels, FifoEventChannels
 from .hypercalls import CallRejected, CallSkipped, HypercallClient, PageFault, Pending, XenError, connect, ops
 from .multicall import xen_mc_batch
 from .toolstack import Toolstack
@@ -17,6 +18,7 @@ __all__ = [
     "CallRejected",
     "CallSkipped",
     "EventChannels",
+    "FifoEventChannels",
     "HypercallClient",
     "PageFault",
     "Pending",

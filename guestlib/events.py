@@ -1,4 +1,5 @@
-"""Event-channel upcalls, guest side: Linux's xen_evtchn_do_upcall over the 2-level ABI.
+"""Event-channel upcalls, guest side: Linux's xen_evtchn_do_upcall over the 2-level ABI
+(`EventChannels`) or the FIFO ABI (`FifoEventChannels`, docs/linux.md section 12).
 
 The Upcall push is only the interrupt; the truth is in the shared-info frame (docs/xen.md sections
 16.5-16.6), which the guest reads and clears with its own simulated loads, stores and atomics
@@ -14,6 +15,14 @@ from typing import Any
 from .hypercalls import Batch, HypercallClient, PageFault, Pending
 from .xen import (
     BITS_PER_EVTCHN_WORD,
+    EVTCHN_FIFO_CONTROL_HEAD,
+    EVTCHN_FIFO_CONTROL_READY,
+    EVTCHN_FIFO_LINK_MASK,
+    EVTCHN_FIFO_LINKED,
+    EVTCHN_FIFO_MASKED,
+    EVTCHN_FIFO_MAX_QUEUES,
+    EVTCHN_FIFO_PENDING,
+    PAGE_SIZE,
     SHARED_INFO_EVTCHN_MASK,
     SHARED_INFO_EVTCHN_PENDING,
     SHARED_INFO_VCPU_INFO,
@@ -45,10 +54,14 @@ class EventChannels:
     bind_evtchn_to_cpu): the scan takes only this vCPU's ports out of the shared bitmaps.
     """
 
-    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int):
+    abi = "2l"
+
+    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int, vcpu_info_va: int | None = None):
+        """`vcpu_info_va`: where the vCPU's vcpu_info is mapped if it was moved out of shared
+        info (VCPUOP_register_vcpu_info); shared info's slot for the vCPU otherwise."""
         self._client = client
         self._shared_info = shared_info_va
-        self._vcpu_info = shared_info_va + SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu_id
+        self._vcpu_info = shared_info_va + SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu_id if vcpu_info_va is None else vcpu_info_va
         self._handlers: dict[int, Handler] = {}
         self._prefetch: dict[int, Prefetch] = {}
 
@@ -61,6 +74,26 @@ class EventChannels:
 
     def unbind(self, port: int) -> None:
         del self._handlers[port]
+
+    def mask(self, batch: Batch, port: int) -> None:
+        """mask_evtchn: sync_set_bit on the port's mask bit."""
+        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
+        batch.atomic("fetch_or", self._shared_info + SHARED_INFO_EVTCHN_MASK + 8 * word, 1 << bit)
+
+    def unmask(self, batch: Batch, port: int) -> None:
+        """unmask_evtchn for a port bound in this boot, which has had no event yet: the mask
+        bit cleared (a pending port would also need EVTCHNOP_unmask)."""
+        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
+        batch.atomic("fetch_and", self._shared_info + SHARED_INFO_EVTCHN_MASK + 8 * word, ~(1 << bit) & WORD_MASK)
+
+    def clear_pending(self, batch: Batch, port: int) -> Pending:
+        """clear_evtchn: sync_clear_bit on the port's pending bit; the Pending's value is the old word."""
+        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
+        return batch.atomic("fetch_and", self._shared_info + SHARED_INFO_EVTCHN_PENDING + 8 * word, ~(1 << bit) & WORD_MASK)
+
+    async def recover(self) -> None:
+        """What a process that takes over this vCPU must undo of its predecessor's upcall;
+        nothing under 2-level, where Xen's hint names every pending port."""
 
     async def local_irq_enable(self) -> None:
         """Clear this vCPU's evtchn_upcall_mask; the hypervisor then delivers what is pending.
@@ -105,9 +138,13 @@ class EventChannels:
             async with self._client.batch() as second:
                 cleared = self._clear(second, missed)
             ports |= self._taken(cleared, missed)
+        await self._run_handlers(sorted(ports), prefetched)
 
+    async def _run_handlers(self, ports: list[int], prefetched: dict) -> None:
+        """Run the handlers of the ports taken, in order, then end the upcall: one message
+        with what they queued and the unmask."""
         tail = self._client.batch()
-        for port in sorted(ports):
+        for port in ports:
             if port in self._prefetch:
                 if port not in prefetched:  # a port the hint missed reads on its own
                     async with self._client.batch() as late:
@@ -149,3 +186,100 @@ def _words(ports: Iterable[int]) -> dict[int, int]:
 
 def _bits(word: int) -> list[int]:
     return [bit for bit in range(BITS_PER_EVTCHN_WORD) if word >> bit & 1]
+
+
+U32 = 0xFFFFFFFF
+_UNLINK = ~((1 << EVTCHN_FIFO_LINKED) | EVTCHN_FIFO_LINK_MASK) & U32
+_ACK = ~(1 << EVTCHN_FIFO_PENDING) & U32
+_HEADS = f"<{EVTCHN_FIFO_MAX_QUEUES}I"
+
+
+def _live(word: int) -> bool:
+    """PENDING and not MASKED: consume_one_event handles the port."""
+    return bool(word >> EVTCHN_FIFO_PENDING & 1) and not word >> EVTCHN_FIFO_MASKED & 1
+
+
+class FifoEventChannels(EventChannels):
+    """One vCPU's event dispatch over the FIFO ABI (docs/linux.md section 12): its control
+    block at `control_va` and the event array's first page at `array_va`, both in the
+    kernel's direct map. Event words are u32, read and changed with 4-byte atomics."""
+
+    abi = "fifo"
+
+    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int, control_va: int, array_va: int, vcpu_info_va: int | None = None):
+        super().__init__(client, shared_info_va, vcpu_id, vcpu_info_va)
+        self._control, self._array = control_va, array_va
+
+    def word_va(self, port: int) -> int:
+        if not 0 < port < PAGE_SIZE // 4:
+            raise ValueError(f"port {port} is beyond the kernel's one event-array page")
+        return self._array + 4 * port
+
+    def mask(self, batch: Batch, port: int) -> None:
+        batch.atomic("fetch_or", self.word_va(port), 1 << EVTCHN_FIFO_MASKED, size=4)
+
+    def unmask(self, batch: Batch, port: int) -> None:
+        batch.atomic("fetch_and", self.word_va(port), ~(1 << EVTCHN_FIFO_MASKED) & U32, size=4)
+
+    def clear_pending(self, batch: Batch, port: int) -> Pending:
+        return batch.atomic("fetch_and", self.word_va(port), _ACK, size=4)
+
+    async def do_upcall(self, hint: Iterable[int] = ()) -> None:
+        """__evtchn_fifo_handle_events, pipelined on Xen's hint (the ready queues' pending
+        ports in consumption order): the first message clears evtchn_upcall_pending, takes
+        `ready` with xchg, reads the heads, and unlinks and acks each hinted port in order
+        (clear_linked: the old word's LINK is the next port). Then each ready queue is walked
+        from its head through those old words, highest priority first, each old word used once:
+        a port the hint missed, or one Xen linked again after its unlink (the walk meets it a
+        second time), is unlinked afresh in a message of its own. A walk that ends at LINK 0
+        leaves the queue empty, so a later event writes a new head and sets `ready` again,
+        which marks a new upcall."""
+        hinted = list(dict.fromkeys(hint))
+        async with self._client.batch() as first:
+            first.store(self._vcpu_info + VCPU_INFO_UPCALL_PENDING, 0, size=1)
+            ready = first.atomic("xchg", self._control + EVTCHN_FIFO_CONTROL_READY, 0, size=4)
+            heads = first.read(self._control + EVTCHN_FIFO_CONTROL_HEAD, 4 * EVTCHN_FIFO_MAX_QUEUES)
+            unlinked = {port: first.atomic("fetch_and", self.word_va(port), _UNLINK, size=4) for port in hinted}
+            acked = {port: self.clear_pending(first, port) for port in hinted if port in self._handlers}
+            prefetched = {port: self._prefetch[port](first) for port in hinted if port in self._prefetch}
+        ports = [port for port, pending in acked.items() if _live(self._mapped(pending.result()))]
+        head = struct.unpack(_HEADS, self._mapped(heads.result()))
+        ready_bits = self._mapped(ready.result())
+        for q in range(EVTCHN_FIFO_MAX_QUEUES):
+            port = head[q] & EVTCHN_FIFO_LINK_MASK if ready_bits >> q & 1 else 0
+            while port:
+                if port in unlinked:
+                    word = self._mapped(unlinked.pop(port).result())
+                else:  # unlink it now, then ack it if it is live
+                    async with self._client.batch() as late:
+                        fresh = late.atomic("fetch_and", self.word_va(port), _UNLINK, size=4)
+                    word = self._mapped(fresh.result())
+                    if _live(word) and port in self._handlers:
+                        async with self._client.batch() as late:
+                            self.clear_pending(late, port)
+                        if port not in ports:
+                            ports.append(port)
+                port = word & EVTCHN_FIFO_LINK_MASK
+        await self._run_handlers(ports, prefetched)
+
+    async def recover(self) -> None:
+        """A process that died mid-upcall may have taken `ready` and unlinked the head of a
+        queue whose rest only it knew: those words stay LINKED, so Xen appends to them and
+        never sets `ready` again. Unlink every port of this vCPU (the guest may clear LINKED at
+        any time) until a round finds none linked: a port Xen links meanwhile is linked after
+        one of ours, which the next round then finds. The live ones are handled."""
+        mine = sorted(self._handlers)
+        live: set[int] = set()
+        while True:
+            async with self._client.batch() as batch:
+                batch.atomic("xchg", self._control + EVTCHN_FIFO_CONTROL_READY, 0, size=4)
+                words = {port: batch.atomic("fetch_and", self.word_va(port), _UNLINK, size=4) for port in mine}
+            old = {port: self._mapped(word.result()) for port, word in words.items()}
+            live |= {port for port, word in old.items() if _live(word)}
+            if not any(word >> EVTCHN_FIFO_LINKED & 1 for word in old.values()):
+                break
+        if live:
+            async with self._client.batch() as batch:
+                for port in live:
+                    self.clear_pending(batch, port)
+            await self._run_handlers(sorted(live), {})

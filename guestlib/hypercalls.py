@@ -280,6 +280,22 @@ class Hypercalls:
     def evtchn_unmask(self, port: int):
         return self._evtchn(_nothing, unmask={"port": port})
 
+    def evtchn_reset(self, dom: int | None = None):
+        """Close every port of dom (the caller's own when unset); by DOMID_SELF, also back to
+        the 2-level ABI (docs/xen.md section 24.6)."""
+        return self._evtchn(_nothing, reset={"dom": dom})
+
+    def evtchn_init_control(self, control_gfn: int, vcpu: int, offset: int = 0):
+        """Register vcpu's FIFO control block (docs/xen.md section 24.2); the value is link_bits."""
+        return self._evtchn(_field("event_channel_op", "link_bits"), init_control={"control_gfn": control_gfn, "offset": offset, "vcpu": vcpu})
+
+    def evtchn_expand_array(self, array_gfn: int):
+        """Add a page of FIFO event words (1024 ports) to the caller's event array."""
+        return self._evtchn(_nothing, expand_array={"array_gfn": array_gfn})
+
+    def evtchn_set_priority(self, port: int, priority: int):
+        return self._evtchn(_nothing, set_priority={"port": port, "priority": priority})
+
     # -- HYPERVISOR_vcpu_op (docs/xen.md section 14) ---------------------------------------------------
 
     def _vcpu_op(self, vcpuid: int, decode: Callable = _nothing, **op):
@@ -307,6 +323,27 @@ class Hypercalls:
 
     def vcpu_stop_singleshot_timer(self, vcpuid: int):
         return self._vcpu_op(vcpuid, stop_singleshot_timer={})
+
+    def vcpu_set_periodic_timer(self, vcpuid: int, period_ns: int):
+        """Restart a vCPU's periodic VIRQ_TIMER (every vCPU starts with 10 ms); 1 ms at least."""
+        return self._vcpu_op(vcpuid, set_periodic_timer={"period_ns": period_ns})
+
+    def vcpu_stop_periodic_timer(self, vcpuid: int):
+        """Stop a vCPU's periodic VIRQ_TIMER, as Linux does at boot (docs/linux.md section 11)."""
+        return self._vcpu_op(vcpuid, stop_periodic_timer={})
+
+    def vcpu_get_runstate_info(self, vcpuid: int):
+        """The vCPU's VcpuRunstateInfo: its state and the ns spent in each."""
+        return self._vcpu_op(vcpuid, _field("vcpu_op", "runstate"), get_runstate_info={})
+
+    def vcpu_register_runstate_memory_area(self, vcpuid: int, addr: int):
+        """Have Xen copy the vCPU's runstate to guest virtual `addr` at each change (0: stop)."""
+        return self._vcpu_op(vcpuid, register_runstate_memory_area={"addr": addr})
+
+    def vcpu_register_vcpu_info(self, vcpuid: int, mfn: int, offset: int):
+        """Move the vCPU's vcpu_info out of shared info to byte `offset` of frame `mfn`
+        (xen_vcpu_setup; docs/linux.md section 11)."""
+        return self._vcpu_op(vcpuid, register_vcpu_info={"mfn": mfn, "offset": offset})
 
     # -- HYPERVISOR_sched_op, set_timer_op, xen_version (docs/xen.md section 15) -----------------------
 
@@ -339,6 +376,30 @@ class Hypercalls:
         """The XenVersionResponse: version, capabilities, virt_start, pagesize."""
         return self._issue(Op("xen_version", hypercalls_pb2.XenVersionRequest(), _field("xen_version")))
 
+    # -- HYPERVISOR_memory_op (docs/xen.md section 23) ----------------------------------------------
+
+    def _memory_op(self, decode: Callable, **op):
+        return self._issue(Op("memory_op", hypercalls_pb2.MemoryOpRequest(**op), decode))
+
+    def populate_physmap(self, pfns: Sequence[int], extent_order: int = 0):
+        """An extent for each pfn, its M2P set to it: the new mfns, one per extent done (fewer
+        than asked when Xen could not do them all)."""
+        return self._memory_op(_extents, populate_physmap=_reservation(pfns, extent_order))
+
+    def increase_reservation(self, nr_extents: int, extent_order: int = 0):
+        """nr_extents extents for this domain: their first mfns."""
+        return self._memory_op(_extents, increase_reservation=_reservation([0] * nr_extents, extent_order))
+
+    def decrease_reservation(self, mfns: Sequence[int], extent_order: int = 0):
+        """Give these extents back to Xen: how many were given back (all, unless Xen stopped)."""
+        return self._memory_op(_field("memory_op", "result"), decrease_reservation=_reservation(mfns, extent_order))
+
+    def current_reservation(self):
+        return self._memory_op(_field("memory_op", "result"), current_reservation={})
+
+    def maximum_reservation(self):
+        return self._memory_op(_field("memory_op", "result"), maximum_reservation={})
+
     # -- simulated memory accesses through this vCPU's MMU (memory.proto) -----------------------
 
     def load(self, va: int, size: int = 8, user: bool = False):
@@ -368,6 +429,15 @@ class Hypercalls:
     def echo(self, payload: bytes = b""):
         """The payload back, having touched nothing: the transport's floor."""
         return self._issue(Op("echo", hypercalls_pb2.EchoRequest(payload=payload), _field("echo", "payload")))
+
+
+def _reservation(extents: Sequence[int], order: int) -> hypercalls_pb2.XenMemoryReservation:
+    return hypercalls_pb2.XenMemoryReservation(extent_start=extents, nr_extents=len(extents), extent_order=order)
+
+
+def _extents(result) -> list[int]:
+    """The mfns a reservation op wrote, one per extent it did."""
+    return list(result.memory_op.extent_start[: result.memory_op.result])
 
 
 _PORT = _field("event_channel_op", "port")

@@ -51,6 +51,9 @@ class Toolstack:
         """Destroy a domain; the number of frames it freed."""
         return (await self._call("DestroyDomain", toolstack_pb2.DestroyDomainRequest(domid=domid))).freed_frames
 
+    async def host_info(self) -> toolstack_pb2.HostInfoResponse:
+        return await self._call("HostInfo", toolstack_pb2.HostInfoRequest())
+
     async def list_domains(self) -> list[toolstack_pb2.Domain]:
         return list((await self._call("ListDomains", toolstack_pb2.ListDomainsRequest())).domains)
 

@@ -1,19 +1,29 @@
-"""One vCPU's Session stream to the hypervisor, driven from trio through a small thread bridge.
+"""One vCPU's Session stream to the hypervisor, driven from trio through one helper thread.
 
-grpcio cannot run under trio (grpc/grpc#25050), so the stream is a sync-stub bidi call: trio
-puts each request on a SimpleQueue (never blocks), grpc's own consumer thread pulls it through
-the request iterator, and one reader thread of ours iterates the responses and hands each to
-trio with `TrioToken.run_sync_soon`, which wakes the task waiting on that request id or queues
-a push. This was the cheapest sound bridge measured here (docs/transport.md section 2.1, case 6c
-and docs/transport.md section 4); every other piece of the guest stays in trio.
+grpcio cannot run under trio (grpc/grpc#25050), so a thread of ours carries the stream's
+completions to trio with `TrioToken.run_sync_soon`, which wakes the task waiting on that request
+id or queues a push; every other piece of the guest stays in trio (docs/transport.md section 4).
+
+Two ways to drive the stream, the faster chosen at import (docs/transport.md section 6):
+- `_SegregatedStream`: grpcio's single-threaded "segregated call" (the machinery under its own
+  blocking calls): trio starts each send on the call itself, and our one thread waits on the
+  call's own completion queue. Two thread wake-ups per round trip. It is reached through
+  grpcio's private `grpc._cython.cygrpc` layer, so it is used only when that layer has exactly
+  the shape written against (`SEGREGATED`); grpcio is pinned to the tested range and
+  tests/guest/test_transport.py fails if the pinned grpcio does not take this path.
+- `_BridgedStream`: the public sync-stub bidi stream: grpc's consumer thread drains a queue of
+  requests, grpc's channel thread completes them, our reader thread iterates the responses.
+  Four wake-ups per round trip; the fallback when the private layer has changed.
 """
 
+import inspect
 import itertools
 import math
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import grpc
 import trio
@@ -25,7 +35,46 @@ from xensim.v1 import hypercalls_pb2, hypercalls_pb2_grpc
 CLOSE_TIMEOUT = 5.0
 # A response of 1024 block reads is just over grpc's default 4 MiB limit.
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", -1),)
+SESSION_METHOD = b"/xensim.v1.Hypercalls/Session"
 _HALF_CLOSE = object()
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+# The private grpcio API `_SegregatedStream` is written against, signature by signature.
+_SEGREGATED_SHAPE = {
+    "Channel.segregated_call": "(self, flags, method, host, deadline, metadata, credentials, operationses_and_tags, context=None, registered_call_handle=None)",
+    "SegregatedCall.operate": "(self, operations, tag)",
+    "SegregatedCall.next_event": "(self)",
+    "SegregatedCall.cancel": "(self, code, details)",
+}
+_SEGREGATED_NAMES = (
+    "SendInitialMetadataOperation", "SendMessageOperation", "SendCloseFromClientOperation",
+    "ReceiveInitialMetadataOperation", "ReceiveMessageOperation", "ReceiveStatusOnClientOperation",
+    "PropagationConstants", "OperationType", "StatusCode",
+)  # fmt: skip
+
+
+def _segregated_api():
+    """grpcio's cygrpc module if its segregated call has exactly the shape used here, else None."""
+    try:
+        from grpc._cython import cygrpc
+
+        for name, signature in _SEGREGATED_SHAPE.items():
+            owner, method = name.split(".")
+            if str(inspect.signature(getattr(getattr(cygrpc, owner), method))) != signature:
+                return None
+        kinds = cygrpc.OperationType
+        if not all(hasattr(cygrpc, name) for name in _SEGREGATED_NAMES) or not all(
+            hasattr(kinds, kind) for kind in ("receive_message", "receive_status_on_client", "send_message", "send_close_from_client")
+        ):
+            return None
+        cygrpc.PropagationConstants.GRPC_PROPAGATE_DEFAULTS  # noqa: B018 (the check is that it exists)
+        return cygrpc
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
+_CYGRPC = _segregated_api()
+SEGREGATED = _CYGRPC is not None
 
 
 class SessionClosed(Exception):
@@ -40,6 +89,116 @@ class SessionClosed(Exception):
         self.code = code
 
 
+def _ended(code: grpc.StatusCode, details: str | None) -> SessionClosed:
+    if code is grpc.StatusCode.OK:
+        return SessionClosed("the hypervisor ended the Session stream")
+    return SessionClosed(f"Session stream failed: {code.name}: {details}", code)
+
+
+class _BridgedStream:
+    """The public sync-stub bidi stream with a reader thread (module docstring)."""
+
+    def __init__(self, channel: grpc.Channel, metadata, name: str, deliver: Callable, finish: Callable):
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = hypercalls_pb2_grpc.HypercallsStub(channel).Session(iter(self._requests.get, _HALF_CLOSE), metadata=metadata)
+        self._deliver, self._finish = deliver, finish
+        threading.Thread(target=self._read, name=name, daemon=True).start()
+
+    def send(self, request: hypercalls_pb2.SessionRequest) -> None:
+        self._requests.put(request)
+
+    def half_close(self) -> None:
+        self._requests.put(_HALF_CLOSE)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._deliver(response)
+            end = _ended(grpc.StatusCode.OK, None)
+        except grpc.RpcError as e:
+            end = _ended(e.code(), e.details())
+        self._finish(end)
+
+
+class _SegregatedStream:
+    """grpcio's segregated call, one thread on its completion queue (module docstring).
+
+    grpc core allows one send in flight per call: a send started while one is in flight waits in
+    `_backlog` and the thread starts it when the previous one completes. The call's completion
+    queue is destroyed by grpcio once no batch is due, so `_due` counts the batches started
+    (under `_lock`, with each start) and the thread stops polling when it reaches 0.
+    """
+
+    def __init__(self, channel: grpc.Channel, metadata, name: str, deliver: Callable, finish: Callable):
+        c = _CYGRPC
+        self._deliver, self._finish = deliver, finish
+        batches = (c.SendInitialMetadataOperation(metadata, 0),), (c.ReceiveInitialMetadataOperation(0),), (c.ReceiveStatusOnClientOperation(0),)
+        self._call = channel._channel.segregated_call(
+            c.PropagationConstants.GRPC_PROPAGATE_DEFAULTS, SESSION_METHOD, None, None, metadata, None, tuple((ops, None) for ops in batches)
+        )
+        self._lock = threading.Lock()
+        self._due = len(batches)
+        self._sending = False
+        self._backlog: list = []
+        self._operate((c.ReceiveMessageOperation(0),))
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _operate(self, operations: tuple) -> None:
+        with self._lock:
+            self._due += self._call.operate(operations, None)  # False once the call is over
+
+    def _send_operation(self, request):
+        if request is _HALF_CLOSE:
+            return _CYGRPC.SendCloseFromClientOperation(0)
+        return _CYGRPC.SendMessageOperation(request.SerializeToString(), 0)
+
+    def send(self, request) -> None:
+        with self._lock:
+            if self._sending:
+                self._backlog.append(request)
+                return
+            self._sending = True
+        self._operate((self._send_operation(request),))
+
+    def half_close(self) -> None:
+        self.send(_HALF_CLOSE)
+
+    def cancel(self) -> None:
+        self._call.cancel(_CYGRPC.StatusCode.cancelled, "cancelled by the guest")
+
+    def _run(self) -> None:
+        kinds = _CYGRPC.OperationType
+        end = SessionClosed("the hypervisor ended the Session stream")
+        try:
+            while self._due:
+                event = self._call.next_event()
+                with self._lock:
+                    self._due -= 1
+                for op in event.batch_operations:
+                    kind = op.type()
+                    if kind == kinds.receive_message:
+                        data = op.message()
+                        if data is not None:  # the next receive is started before trio wakes to send
+                            self._operate((_CYGRPC.ReceiveMessageOperation(0),))
+                            self._deliver(hypercalls_pb2.SessionResponse.FromString(data))
+                    elif kind == kinds.receive_status_on_client:
+                        end = _ended(_STATUS_CODES[op.code()], op.details())
+                    elif kind in (kinds.send_message, kinds.send_close_from_client):
+                        with self._lock:
+                            self._sending = bool(self._backlog)
+                            request = self._backlog.pop(0) if self._sending else None
+                        if request is not None:
+                            self._operate((self._send_operation(request),))
+        except Exception as e:  # grpcio's internals failed us: end the Session, never hang it
+            self._finish(SessionClosed(f"Session stream failed: the guest's transport broke: {e!r}", grpc.StatusCode.INTERNAL))
+            self.cancel()
+            raise
+        self._finish(end)
+
+
 class _Waiter:
     __slots__ = ("event", "response")
 
@@ -51,17 +210,17 @@ class _Waiter:
 class Session:
     """A vCPU's open Session: `exchange` sends one message of calls and waits for its answer;
     server pushes arrive on `upcalls` (Upcall) and `started` (VcpuStarted); `system_time_ns`
-    is Xen's system time as of the latest message from the hypervisor.
+    is Xen's system time as of the latest message from the hypervisor. `segregated=False`
+    takes the public bridge even where grpcio's segregated call is usable.
 
     Several trio tasks may exchange at once (each request has its own id); the hypervisor runs
     messages in arrival order. Use `open_session` to get one.
     """
 
-    def __init__(self, stub: hypercalls_pb2_grpc.HypercallsStub, metadata, name: str):
-        self._token = trio.lowlevel.current_trio_token()
+    def __init__(self, channel: grpc.Channel, metadata, name: str, segregated: bool = True):
+        token = trio.lowlevel.current_trio_token()
         self._ids = itertools.count(1)
         self._waiters: dict[int, _Waiter] = {}
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._closed: SessionClosed | None = None
         self.system_time_ns = 0
         self._reader_done = trio.Event()
@@ -69,9 +228,9 @@ class Session:
         # until the guest unmasks, and a vCPU is started at most once per VCPUOP_up.
         self._upcalls_in, self.upcalls = trio.open_memory_channel[hypercalls_pb2.Upcall](math.inf)
         self._started_in, self.started = trio.open_memory_channel[hypercalls_pb2.VcpuStarted](math.inf)
-        self._call = stub.Session(iter(self._requests.get, _HALF_CLOSE), metadata=metadata)
-        self._reader = threading.Thread(target=self._read, name=name, daemon=True)
-        self._reader.start()
+        segregated = segregated and SEGREGATED and isinstance(getattr(channel, "_channel", None), _CYGRPC.Channel)
+        stream = _SegregatedStream if segregated else _BridgedStream
+        self._stream = stream(channel, metadata, name, partial(token.run_sync_soon, self._deliver), partial(token.run_sync_soon, self._finish))
 
     async def exchange(self, calls, stop_on_error: bool = False) -> hypercalls_pb2.SessionResponse:
         """Send `calls` (at most 1024 `Call`s) as one SessionRequest and return its response.
@@ -83,23 +242,13 @@ class Session:
             raise SessionClosed(str(self._closed), self._closed.code)
         request_id = next(self._ids)
         waiter = self._waiters[request_id] = _Waiter()
-        self._requests.put(hypercalls_pb2.SessionRequest(request_id=request_id, calls=calls, stop_on_error=stop_on_error))
+        self._stream.send(hypercalls_pb2.SessionRequest(request_id=request_id, calls=calls, stop_on_error=stop_on_error))
         await waiter.event.wait()
         if waiter.response is None:
             raise SessionClosed(str(self._closed), self._closed.code)
         return waiter.response
 
-    # -- the reader thread and its hand-offs to trio ------------------------------------------
-
-    def _read(self) -> None:
-        """Reader thread: hand every response to trio, then how the stream ended."""
-        try:
-            for response in self._call:
-                self._token.run_sync_soon(self._deliver, response)
-            end = SessionClosed("the hypervisor ended the Session stream")
-        except grpc.RpcError as e:
-            end = SessionClosed(f"Session stream failed: {e.code().name}: {e.details()}", e.code())
-        self._token.run_sync_soon(self._finish, end)
+    # -- what the stream's thread hands to trio -----------------------------------------------
 
     def _deliver(self, response: hypercalls_pb2.SessionResponse) -> None:
         if self._closed is not None:  # after a protocol violation: the rest is noise
@@ -114,7 +263,7 @@ class Session:
             waiter = self._waiters.pop(response.request_id, None)
             if waiter is None:
                 self._finish(SessionClosed(f"protocol violation: an answer to request {response.request_id}, which was never sent"))
-                self._call.cancel()
+                self._stream.cancel()
                 return
             waiter.response = response
             waiter.event.set()
@@ -134,26 +283,27 @@ class Session:
         """Half-close and let the hypervisor end the stream; cancel it at once if answers are
         still owed to cancelled tasks (a blocked SCHEDOP_block may never answer), or if the
         graceful end takes longer than CLOSE_TIMEOUT."""
-        self._requests.put(_HALF_CLOSE)
+        self._stream.half_close()
         with trio.CancelScope(shield=True):
             if not self._waiters:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._reader_done.wait()
             if not self._reader_done.is_set():
-                self._call.cancel()
+                self._stream.cancel()
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._reader_done.wait()
 
 
 @asynccontextmanager
-async def open_session(target: str, token: str, vcpu: int) -> AsyncIterator[Session]:
+async def open_session(target: str, token: str, vcpu: int, segregated: bool = True) -> AsyncIterator[Session]:
     """Open vCPU `vcpu`'s Session with the hypervisor at `target` (`host:port`), authenticated
     by the domain's `token`; closes the stream and its channel on exit. Must run inside trio,
-    in a process that has not forked since it created any gRPC object."""
+    in a process that has not forked since it created any gRPC object. The stream is grpcio's
+    segregated call where `SEGREGATED` allows it, unless `segregated` is False: then the public bridge."""
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     try:
         metadata = (("authorization", f"Bearer {token}"), ("x-xen-vcpu", str(vcpu)))
-        session = Session(hypercalls_pb2_grpc.HypercallsStub(channel), metadata, name=f"xensim-vcpu{vcpu}-reader")
+        session = Session(channel, metadata, name=f"xensim-vcpu{vcpu}-stream", segregated=segregated)
         try:
             yield session
         finally:

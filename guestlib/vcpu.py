@@ -19,16 +19,17 @@ from xensim.errors import Parser, address, at_least, fraction, run_program
 
 from .hypercalls import claim, connect
 from .kernel import scenarios
-from .kernel.boot import answer_pending_calls, attach, booted, start_of_day
+from .kernel.boot import EVTCHN_ABIS, answer_pending_calls, attach, booted, start_of_day
+from .kernel.layout import BALLOON_SLOTS
 from .kernel.shootdown import VARIANTS
 from .kernel.workload import WorkloadConfig, run
 
 
 async def run_vcpu(
-    server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None, progress: float = 0, controlled: bool = False
+    server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None, progress: float = 0, evtchn: str = "fifo", controlled: bool = False
 ) -> dict:
     async with connect(server, token, vcpu) as client:
-        return await _run(client, vcpu, variant, highpte, config, scenario, progress, controlled)
+        return await _run(client, vcpu, variant, highpte, config, scenario, progress, evtchn, controlled)
 
 
 async def claim_and_run(server: str, tokens: list[str], *args) -> dict:
@@ -41,22 +42,25 @@ async def claim_and_run(server: str, tokens: list[str], *args) -> dict:
         return {"claimed": {"token": index, "vcpu": vcpu}} | await _run(client, vcpu, *args)
 
 
-async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None, progress: float, controlled: bool = False) -> dict:
+async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None, progress: float, evtchn: str, controlled: bool = False) -> dict:
     client.controlled = controlled
     await client.wait_started()
     if vcpu == 0 and not await booted(client):
-        await start_of_day(client, variant, highpte)
+        await start_of_day(client, variant, highpte, evtchn)
     kernel = await attach(client, vcpu)
     async with trio.open_nursery() as nursery:
         await nursery.start(kernel.smp.upcall_loop)
         await kernel.smp.events.local_irq_enable()
         if kernel.restarted:
+            async with kernel.cpu.irq:
+                await kernel.smp.events.recover()
             await answer_pending_calls(kernel)
         if progress:
             nursery.start_soon(_report_progress, kernel, progress)
         report = await (scenarios.run(kernel, scenario) if scenario else run(kernel, config))
         nursery.cancel_scope.cancel()
     report["restarted"] = kernel.restarted
+    report["evtchn"] = kernel.smp.events.abi
     return report
 
 
@@ -77,10 +81,12 @@ def build_parser() -> Parser:
     which.add_argument("--claim", action="store_true", help="run as the first vCPU (of the domains in --token order) that has no process yet")
     parser.add_argument("--variant", choices=VARIANTS, default="modern", help="drop_mm_ref form (vCPU 0 decides at boot)")
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (vCPU 0 decides at boot)")
+    parser.add_argument("--evtchn", choices=EVTCHN_ABIS, default="fifo", help="event channels: FIFO if Xen offers it, or 2-level (Linux's xen.fifo_events=0; vCPU 0 decides at boot)")
     parser.add_argument("--seconds", type=at_least(0.0, float), default=5.0, help="how long the workload runs")
     parser.add_argument("--lifecycles", type=at_least(0), default=0, help="stop after this many (0: run for --seconds)")
     parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
+    parser.add_argument("--balloon", type=at_least(0, high=BALLOON_SLOTS), default=0, metavar="PAGES", help="pages each vCPU gives back to Xen and takes again between lifecycles (0: none)")
     parser.add_argument("--scenario", choices=scenarios.SCENARIOS, help="a scripted interleaving on two vCPUs instead of the workload")
     parser.add_argument("--controlled", action="store_true", help="the hypervisor runs a controlled --schedule: deadlines in Xen system time, no wall-clock waits (docs/schedule.md)")
     parser.add_argument("--progress", type=at_least(0.0, float), default=0, metavar="SECONDS", help="print a progress line this often (0: never)")
@@ -116,8 +122,8 @@ def _keep_wake_order() -> None:
 def _main(args: argparse.Namespace) -> int:
     if args.controlled:
         _keep_wake_order()
-    config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles)
-    workload = (args.variant, args.highpte, config, args.scenario, args.progress, args.controlled)
+    config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles, balloon=args.balloon)
+    workload = (args.variant, args.highpte, config, args.scenario, args.progress, args.evtchn, args.controlled)
     if args.claim:
         report = trio.run(claim_and_run, args.server, args.token, *workload)
     else:

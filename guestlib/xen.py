@@ -45,6 +45,8 @@ PADDR_BITS = 52
 PTE_MFN_MASK = ((1 << PADDR_BITS) - 1) & ~(PAGE_SIZE - 1)
 PAGE_OFFSET = 0xFFFF880000000000  # 64-bit Linux's direct map, L4 slot 272
 HYPERVISOR_VIRT_START = 0xFFFF800000000000
+RO_MPT_VIRT_START = HYPERVISOR_VIRT_START  # machine_to_phys_mapping, read-only: one u64 pfn per mfn
+INVALID_M2P = (1 << 64) - 1  # INVALID_M2P_ENTRY
 
 
 class Pte(IntEnum):
@@ -146,12 +148,28 @@ EVTCHNOP_alloc_unbound = 6
 EVTCHNOP_bind_ipi = 7
 EVTCHNOP_bind_vcpu = 8
 EVTCHNOP_unmask = 9
+EVTCHNOP_reset = 10
+EVTCHNOP_init_control = 11
+EVTCHNOP_expand_array = 12
+EVTCHNOP_set_priority = 13
 EVTCHNSTAT_closed = 0
 EVTCHNSTAT_unbound = 1
 EVTCHNSTAT_interdomain = 2
 EVTCHNSTAT_pirq = 3
 EVTCHNSTAT_virq = 4
 EVTCHNSTAT_ipi = 5
+
+# Event channels, FIFO ABI (public/event_channel.h): event-word bits and the control block.
+EVTCHN_FIFO_PRIORITY_DEFAULT = 7
+EVTCHN_FIFO_MAX_QUEUES = 16
+EVTCHN_FIFO_PENDING = 31
+EVTCHN_FIFO_MASKED = 30
+EVTCHN_FIFO_LINKED = 29
+EVTCHN_FIFO_BUSY = 28
+EVTCHN_FIFO_LINK_BITS = 17
+EVTCHN_FIFO_LINK_MASK = (1 << EVTCHN_FIFO_LINK_BITS) - 1
+EVTCHN_FIFO_CONTROL_READY = 0  # u32 ready
+EVTCHN_FIFO_CONTROL_HEAD = 8  # u32 head[EVTCHN_FIFO_MAX_QUEUES]
 
 # Virtual IRQs (public/xen.h). Per-vCPU: TIMER, DEBUG, XENOPROF, XENPMU.
 VIRQ_TIMER = 0
@@ -167,8 +185,13 @@ VCPUOP_initialise = 0
 VCPUOP_up = 1
 VCPUOP_down = 2
 VCPUOP_is_up = 3
+VCPUOP_get_runstate_info = 4
+VCPUOP_register_runstate_memory_area = 5
+VCPUOP_set_periodic_timer = 6
+VCPUOP_stop_periodic_timer = 7
 VCPUOP_set_singleshot_timer = 8
 VCPUOP_stop_singleshot_timer = 9
+VCPUOP_register_vcpu_info = 10
 VCPU_SSHOTTMR_future = 1 << 0  # Xen ignores it since 4.18 (a late deadline fires, never -ETIME)
 VGCF_in_kernel = 1 << 2
 VGCF_online = 1 << 5

@@ -31,8 +31,8 @@ from .test_timeline import race_trace
 
 def test_the_ebusy_is_explained_by_the_vcpu_still_on_the_table(tmp_path):
     trace, run = race_trace()
-    path = tmp_path / "run.jsonl"
-    path.write_text(trace)
+    path = tmp_path / "run.trace"
+    path.write_bytes(trace)
     first, second = explain(str(path))  # the EBUSY and the multicall's EINVAL
     d = run["domid"]
     busy = first["data"]
@@ -50,8 +50,8 @@ def test_the_ebusy_is_explained_by_the_vcpu_still_on_the_table(tmp_path):
 
 def test_a_report_picks_its_failure_by_the_message_it_quotes(tmp_path, capsys):
     trace, run = race_trace()
-    path = tmp_path / "run.jsonl"
-    path.write_text(trace)
+    path = tmp_path / "run.trace"
+    path.write_bytes(trace)
     einval = explain(str(path))[1]["data"]["errors"][0]
     message = einval.split(": ", 2)[2]
     (only,) = explain(str(path), matching=[f"kernel BUG on vCPU 0 in somewhere: -EINVAL from multicall: {message}", "an unrelated report"])
@@ -61,7 +61,7 @@ def test_a_report_picks_its_failure_by_the_message_it_quotes(tmp_path, capsys):
 
 @pytest.mark.timeout(200)
 def test_stress_explains_its_kernel_bugs(tmp_path):
-    trace = tmp_path / "stress.jsonl"
+    trace = tmp_path / "stress.trace"
     done = run(xensim_command("stress", "--domains", "1", "--vcpus", "4", "--seconds", "4", "--variant", "none", "--trace", str(trace)), timeout=180)
     assert done.returncode == 1 and "kernel BUG: " in done.stdout, done.stdout + done.stderr
     assert "  vCPUs involved: dom1 vCPU" in done.stdout and "base pointer (cr3) of dom1 vCPU" in done.stdout
@@ -74,14 +74,14 @@ def test_a_multicall_that_went_on_part_way_is_explained_by_its_own_entries(tmp_p
     hv = Hypervisor(nr_frames=1 << 14, preempt_work=2 * ENTRIES_PER_TABLE)
     guest, other = Guest(hv, nr_pages=4096), Guest(hv)
     guest.leave_boot_tree()
-    out = io.StringIO()
+    out = io.BytesIO()
     hv.tracer = writer = TraceWriter(hv, out)
     pins = [{"op": "mmuext_op", "args": {"ops": [[MmuextCmd.PIN_L4_TABLE, l4, 0]]}} for l4 in (guest.l4, other.l4)]
     results, stops = guest.go_on(guest.call("multicall", calls=pins))
     writer.close()
     assert stops and results[0] == {"result": 1} and results[1]["errno"] == "EINVAL"
-    path = tmp_path / "run.jsonl"
-    path.write_text(out.getvalue())
+    path = tmp_path / "run.trace"
+    path.write_bytes(out.getvalue())
     (only,) = explain(str(path))
     assert only["data"]["errors"] == [f"mmuext_op: EINVAL: {results[1]['message']}"]
     assert only["data"]["caller"] == f"dom{guest.domid} vCPU0"
@@ -153,7 +153,7 @@ def test_an_audit_finding_points_at_the_call_that_last_changed_its_frame(tmp_pat
     forgets = lambda frames, mfn, *a: None if frames.type[mfn] == PageType.L1 and not frames.is_pinned(mfn) else put(frames, mfn, *a)  # noqa: E731
     monkeypatch.setattr(FrameTable, "put_page_and_type", forgets)  # while the run is recorded and while it is replayed
     hv = Hypervisor(nr_frames=1 << 14)
-    out = io.StringIO()
+    out = io.BytesIO()
     hv.tracer = writer = TraceWriter(hv, out)
     guest = Guest(hv)
     pfn, l1 = guest.new_table()
@@ -168,8 +168,8 @@ def test_an_audit_finding_points_at_the_call_that_last_changed_its_frame(tmp_pat
     machine_findings = audit(hv)
     assert views.host_info(hv)["quarantined_frames"] == len([f for f in machine_findings if "quarantined" in f]) > 0  # xl info's count
     writer.close()
-    path = tmp_path / "run.jsonl"
-    path.write_text(out.getvalue())
+    path = tmp_path / "run.trace"
+    path.write_bytes(out.getvalue())
 
     report = {"kernel_bugs": [], "unexpected_errors": 0, "findings": {str(guest.domid): domain_findings, "machine": machine_findings}, "corruptions": []}
     explained = explain_run(str(path), report)

@@ -21,7 +21,7 @@ def xensim(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 @pytest.mark.timeout(180)
 def test_demo_runs_reports_clean_and_its_trace_replays(tmp_path):
-    report_file, trace = tmp_path / "demo.json", tmp_path / "trace.jsonl.gz"
+    report_file, trace = tmp_path / "demo.json", tmp_path / "demo.trace.gz"
     done = xensim("demo", "--seconds", "5", "--json", str(report_file), "--trace", str(trace), timeout=150)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(report_file.read_text())
@@ -30,35 +30,75 @@ def test_demo_runs_reports_clean_and_its_trace_replays(tmp_path):
     assert [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0]
     assert "audit findings" in done.stdout and str(trace) in done.stdout
     assert (report["seed"], report["variant"], report["trace"]) == (1, "modern", str(trace))
-    assert report["reproduce"] == "xensim demo --seconds 5 --vcpus 4 --pages 16384 --variant modern --seed 1" and report["reproduce"] in done.stdout
-    with open_trace(str(trace)) as lines:
-        replayed, _ = replay(lines)
+    assert report["reproduce"] == "xensim demo --seconds 5 --vcpus 4 --pages 16384 --variant modern --seed 1 --evtchn fifo" and report["reproduce"] in done.stdout
+    assert report["evtchn"] == "fifo" and {r["evtchn"] for r in report["vcpu_reports"]} == {"fifo"}
+    with open_trace(str(trace)) as stream:
+        header, size = json.loads(stream.readline()), len(stream.read())
+    with open_trace(str(trace)) as stream:
+        replayed, _ = replay(stream)
     assert replayed.ok and replayed.digest_matched and replayed.calls > 1000
+    # Format 3: pages written are stored as bytes and reads as a checksum, not 2,200 bytes of JSON and hex a call.
+    assert header["xensim_trace"] == 3 and size / replayed.calls < 1100, size / replayed.calls
 
 
 @pytest.mark.timeout(240)
 def test_stress_with_killed_vcpus_finishes_clean(tmp_path):
+    """With ballooning too: pages given back and taken again while vCPUs are killed; every
+    frame is accounted for at the end (free + owned = machine)."""
     report_file = tmp_path / "stress.json"
-    done = xensim("stress", "--domains", "2", "--vcpus", "4", "--seconds", "10", "--kill-vcpus", "0.15", "--json", str(report_file), timeout=220)
+    done = xensim("stress", "--domains", "2", "--vcpus", "4", "--seconds", "10", "--kill-vcpus", "0.15", "--balloon", "4", "--json", str(report_file), timeout=220)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(report_file.read_text())
     assert [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0] and report["kernel_bugs"] == []
+    assert report["unaccounted_frames"] == 0 and report["totals"]["ballooned_out"] > 0
     assert report["killed_vcpus"] > 0 and 0 < report["restarted_vcpus"] <= report["killed_vcpus"]  # a kill may land after a report
     assert report["unfinished_vcpus"] == 0 and report["process_lifecycles"] > 0
 
 
-@pytest.mark.timeout(300)
-def test_race_table_shape(tmp_path):
+@pytest.mark.timeout(180)
+def test_demo_with_the_balloon_runs_clean_and_its_trace_replays(tmp_path):
+    """xensim demo --balloon: memory_op under load, every reused page checked, every frame
+    accounted for, and the trace (with its preempted memory_ops) replays to the same state."""
+    report_file, trace = tmp_path / "demo.json", tmp_path / "balloon.trace.gz"
+    done = xensim("demo", "--balloon", "--seconds", "5", "--json", str(report_file), "--trace", str(trace), timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(report_file.read_text())
+    assert [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0] and report["unaccounted_frames"] == 0
+    assert report["totals"]["ballooned_out"] > 0 and report["totals"]["ballooned_in"] > 0
+    assert "ballooned out" in done.stdout and "--balloon 16" in report["reproduce"]
+    with open_trace(str(trace)) as lines:
+        replayed, _ = replay(lines)
+    assert replayed.ok and replayed.digest_matched
+
+
+@pytest.mark.timeout(500)
+def test_race_table_shape_with_each_event_channel_abi(tmp_path):
     """none always hits; current-cr3 and modern never do; mask only through the stale-cr3
-    window (how often it hits in a short run is luck, so only that is checked)."""
+    window (how often it hits in a short run is luck, so only that is checked); the same with
+    FIFO and with 2-level event channels, side by side."""
     report_file = tmp_path / "race.json"
-    done = xensim("demo", "--race", "--runs", "1", "--seconds", "4", "--no-trace", "--json", str(report_file), timeout=280)
+    done = xensim("demo", "--race", "--runs", "1", "--seconds", "4", "--evtchn", "both", "--no-trace", "--json", str(report_file), timeout=480)
     assert done.returncode == 0, done.stdout + done.stderr
     race = json.loads(report_file.read_text())["race"]
-    assert race["none"]["hit"] == 1 and race["none"]["first_hit_s"] is not None
-    assert race["mask"]["stale_cr3_hits"] == race["mask"]["hit"]
-    assert race["current-cr3"]["hit"] == 0 and race["modern"]["hit"] == 0
+    for abi in ("fifo", "2l"):
+        row = {variant: race[f"{variant}/{abi}"] for variant in ("none", "mask", "current-cr3", "modern")}
+        assert row["none"]["hit"] == 1 and row["none"]["first_hit_s"] is not None and row["none"]["evtchn"] == abi
+        assert row["mask"]["stale_cr3_hits"] == row["mask"]["hit"]
+        assert row["current-cr3"]["hit"] == 0 and row["modern"]["hit"] == 0
     assert "the lazy-TLB unpin race" in done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_demo_with_both_event_channel_abis_side_by_side(tmp_path):
+    report_file = tmp_path / "demo.json"
+    done = xensim("demo", "--seconds", "4", "--vcpus", "2", "--evtchn", "both", "--no-trace", "--json", str(report_file), timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reports = json.loads(report_file.read_text())["by_evtchn"]
+    assert set(reports) == {"fifo", "2l"}
+    for abi, report in reports.items():
+        assert report["evtchn"] == abi and {r["evtchn"] for r in report["vcpu_reports"]} == {abi}
+        assert report["process_lifecycles"] > 0 and [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0]
+    assert "by event-channel ABI" in done.stdout
 
 
 @pytest.mark.timeout(240)
@@ -67,7 +107,7 @@ def test_ctrl_c_stops_a_run_with_its_partial_report_exit_130_and_no_process_left
     """SIGINT (what Ctrl-C sends the terminal's foreground process) mid-run: the vCPU processes
     and the hypervisor are stopped, the domains still audited and destroyed, the partial
     report written, and the trace replays clean."""
-    report_file, trace = tmp_path / "report.json", tmp_path / "trace.jsonl.gz"
+    report_file, trace = tmp_path / "report.json", tmp_path / "trace.gz"
     command = xensim_command(program, "--vcpus", "2", "--seconds", "120", "--json", str(report_file), "--trace", str(trace))
     if program == "stress":
         command += ["--domains", "1"]

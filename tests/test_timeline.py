@@ -11,7 +11,7 @@ import pytest
 
 from hypervisor.core import Hypervisor, XenError
 from hypervisor.core.abi import ENTRIES_PER_TABLE, MmuextCmd
-from hypervisor.core.trace import TraceWriter
+from hypervisor.core.trace import Records, TraceWriter, frame
 from xensim.cli import main
 from xensim.timeline import focus, scan
 
@@ -21,13 +21,18 @@ CHROMIUM = shutil.which("chromium")
 CHROMIUM_TIMEOUT = 90
 
 
-def race_trace() -> tuple[str, dict]:
+def records(trace: bytes) -> Records:
+    """A trace's (number, record) pairs, as `xensim timeline` reads a file."""
+    return Records(io.BytesIO(trace))
+
+
+def race_trace() -> tuple[bytes, dict]:
     """The lazy-TLB unpin race at the core, traced: vCPU 1 still runs on a table that vCPU 0
     unpins, so vCPU 0's attempt to make its pages writable fails with -EBUSY; vCPU 0 IPIs
     vCPU 1 (which switches away) and a multicall carries an entry that fails. Returns the
     trace and the mfns and ports a test needs."""
     hv = Hypervisor(nr_frames=1 << 13)
-    out = io.StringIO()
+    out = io.BytesIO()
     hv.tracer = TraceWriter(hv, out)
     guest, other = Guest(hv), Guest(hv)
     tree = guest.new_pgd({0x400000: guest.alloc()[1]})
@@ -46,9 +51,9 @@ def race_trace() -> tuple[str, dict]:
 
 def test_scan_follows_each_vcpus_cr3_and_finds_the_ipi_and_every_failed_call():
     trace, run = race_trace()
-    timeline = scan(trace.splitlines())
+    timeline = scan(records(trace))
     d = run["domid"]
-    assert {(d, 0), (d, 1)} <= timeline.lanes and timeline.total == len(timeline.calls) == len(trace.splitlines()) - 2
+    assert {(d, 0), (d, 1)} <= timeline.lanes and timeline.total == len(timeline.calls) == len(list(records(trace))) - 2
     errors = [(c.lane, e.split(": ")[0:2]) for c in timeline.failures for e in c.errors]
     assert errors == [((d, 0), ["mmu_update", "EBUSY"]), ((d, 0), ["mmuext_op", "EINVAL"])]
     assert next(c for c in timeline.failures if "EINVAL" in c.errors[0]).multicall
@@ -63,9 +68,9 @@ def test_scan_follows_each_vcpus_cr3_and_finds_the_ipi_and_every_failed_call():
 
 def test_a_window_keeps_the_state_from_before_it():
     trace, run = race_trace()
-    full = scan(trace.splitlines())
+    full = scan(records(trace))
     unpin = next(c for c in full.calls if c.kind == "unpin")
-    window = scan(trace.splitlines(), first=unpin.seq, count=3)
+    window = scan(records(trace), first=unpin.seq, count=3)
     assert [c.seq for c in window.calls] == [unpin.seq, unpin.seq + 1, unpin.seq + 2]
     assert (window.first, window.last, window.total) == (unpin.seq, unpin.seq + 2, full.total)
     assert ((run["domid"], 1), unpin.seq, unpin.seq + 3, run["l4"]) in window.bands  # begun before, clipped to it
@@ -73,9 +78,9 @@ def test_a_window_keeps_the_state_from_before_it():
 
 def write_page(tmp_path) -> tuple:
     trace, run = race_trace()
-    (tmp_path / "run.jsonl").write_text(trace)
+    (tmp_path / "run.trace").write_bytes(trace)
     page = tmp_path / "timeline.html"
-    assert main(["timeline", str(tmp_path / "run.jsonl"), "--html", str(page)]) == 0
+    assert main(["timeline", str(tmp_path / "run.trace"), "--html", str(page)]) == 0
     return page, run
 
 
@@ -115,7 +120,7 @@ def test_chromium_draws_the_lanes_and_the_failed_calls(tmp_path):
 
 def test_focus_keeps_the_failing_domain_and_marks_the_frames_its_error_names(tmp_path):
     trace, run = race_trace()
-    timeline = scan(trace.splitlines())
+    timeline = scan(records(trace))
     busy = next(c for c in timeline.failures if "EBUSY" in c.errors[0])
     focused = focus(timeline, busy.seq)
     d = run["domid"]
@@ -127,22 +132,22 @@ def test_focus_keeps_the_failing_domain_and_marks_the_frames_its_error_names(tmp
     with pytest.raises(ValueError, match="is not a failed call"):
         focus(timeline, 1)
 
-    (tmp_path / "run.jsonl").write_text(trace)
+    (tmp_path / "run.trace").write_bytes(trace)
     page = tmp_path / "focus.html"
-    assert main(["timeline", str(tmp_path / "run.jsonl"), "--html", str(page), "--focus", str(busy.seq)]) == 0
+    assert main(["timeline", str(tmp_path / "run.trace"), "--html", str(page), "--focus", str(busy.seq)]) == 0
     text = page.read_text()
     assert f"focused on #{busy.seq}: its domain only, " in text and f'"focus":{busy.seq}' in text
-    assert main(["timeline", str(tmp_path / "run.jsonl"), "--html", str(page), "--focus", "1"]) == 2
+    assert main(["timeline", str(tmp_path / "run.trace"), "--html", str(page), "--focus", "1"]) == 2
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
 @pytest.mark.timeout(CHROMIUM_TIMEOUT + 30)
 def test_chromium_scrolls_to_the_focused_failure_and_marks_the_frame(tmp_path):
     trace, run = race_trace()
-    (tmp_path / "run.jsonl").write_text(trace)
-    busy = next(c for c in scan(trace.splitlines()).failures if "EBUSY" in c.errors[0])
+    (tmp_path / "run.trace").write_bytes(trace)
+    busy = next(c for c in scan(records(trace)).failures if "EBUSY" in c.errors[0])
     page = tmp_path / "focus.html"
-    assert main(["timeline", str(tmp_path / "run.jsonl"), "--html", str(page), "--focus", str(busy.seq)]) == 0
+    assert main(["timeline", str(tmp_path / "run.trace"), "--html", str(page), "--focus", str(busy.seq)]) == 0
     dom = chromium("--dump-dom", url=page.as_uri(), profile=tmp_path / "profile").stdout
     svg = dom[dom.index("<svg") : dom.index("</svg>")]
     assert f'class="ev k-error focus" id="c{busy.seq}"' in svg  # show() ran: scrolled to it and marked
@@ -157,12 +162,24 @@ def test_scan_draws_a_preempted_call_where_it_ends_and_its_stops_as_such():
     hv = Hypervisor(nr_frames=1 << 14, preempt_work=2 * ENTRIES_PER_TABLE)
     guest = Guest(hv, nr_pages=4096)
     guest.leave_boot_tree()
-    out = io.StringIO()
+    out = io.BytesIO()
     hv.tracer = TraceWriter(hv, out)
     stops = guest.go_on(guest.mmuext((MmuextCmd.PIN_L4_TABLE, guest.l4), (MmuextCmd.NEW_BASEPTR, guest.l4)))[1]
     hv.tracer.close()
-    timeline = scan(out.getvalue().splitlines())
+    timeline = scan(records(out.getvalue()))
     lines = [c.lines for c in timeline.calls if c.lane == (guest.domid, 0)]
     assert sum("stops part-way" in line[0] for line in lines) == len(stops) >= 2
     assert lines[-1] == [f"mmuext_op PIN_L4_TABLE 0x{guest.l4:x}", f"mmuext_op NEW_BASEPTR 0x{guest.l4:x}"]
     assert [b for b in timeline.bands if b[3] == guest.l4][0][0] == (guest.domid, 0)
+
+
+def test_a_controlled_runs_step_records_are_not_calls():
+    """A controlled run's trace holds {"sched": ...} records beside the calls (docs/schedule.md
+    section 5): the timeline (and `trace export`, which scans with it) skips them, counting
+    and drawing the same calls as without them."""
+    trace, _ = race_trace()
+    plain = scan(records(trace))
+    header, rest = trace.split(b"\n", 1)
+    stepped = header + b"\n" + frame({"sched": [1, 1, 0]}) + frame({"sched": {"lost_determinism": {"step": 1, "vcpus": [[1, 0]], "why": "x"}}}) + rest
+    timeline = scan(records(stepped))
+    assert timeline.total == plain.total and [c.seq for c in timeline.calls] == [c.seq for c in plain.calls]

@@ -13,9 +13,9 @@ REQUIRED = {"name", "ph", "pid", "tid", "ts"}
 
 def export(tmp_path) -> tuple[dict, dict]:
     trace, run = race_trace()
-    (tmp_path / "run.jsonl").write_text(trace)
+    (tmp_path / "run.trace").write_bytes(trace)
     out = tmp_path / "run.json"
-    assert main(["trace", "export", str(tmp_path / "run.jsonl"), "--format", "chrome", "--out", str(out)]) == 0
+    assert main(["trace", "export", str(tmp_path / "run.trace"), "--format", "chrome", "--out", str(out)]) == 0
     return json.loads(out.read_text()), run
 
 

@@ -51,14 +51,14 @@ def _replay(args) -> int:
     clean; 1: some did not; 2: the file is not a trace."""
     from hypervisor.core import audit
     from hypervisor.core.trace import replay
-    from hypervisor.server.tracing import read_trace
+    from hypervisor.server.tracing import open_trace
 
-    with reading(args.trace):
-        report, hv = replay(read_trace(args.trace))
+    with reading(args.trace), open_trace(args.trace) as stream:
+        report, hv = replay(stream)
     for mismatch in report.mismatches:
         print(mismatch)
     if report.cut_line is not None:
-        print(f"line {report.cut_line} is cut short (its writer stopped mid-record): skipped")
+        print(f"record {report.cut_line} is cut short (its writer stopped mid-record): skipped")
     findings = audit(hv)
     start = " from a snapshot of the running machine" if report.snapshot else ""
     state = {True: "final state matches, ", False: "FINAL STATE DIFFERS, ", None: ""}[report.digest_matched]
@@ -68,7 +68,7 @@ def _replay(args) -> int:
 
 
 def _add_replay_arguments(parser: Parser) -> None:
-    parser.add_argument("trace", help="a trace file (JSON lines; .gz compressed)")
+    parser.add_argument("trace", help="a trace file (`xensim serve --trace FILE` or Toolstack StartTrace; .gz compressed)")
     parser.set_defaults(run=_replay)
 
 

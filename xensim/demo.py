@@ -3,7 +3,9 @@
 The demo is the stress harness (`xensim.stress`) on one domain, shown while it runs: per-vCPU
 rates from the vCPU processes' progress lines and hypercall rates from the hypervisor's
 statistics. `--race` runs it once per drop_mm_ref variant (`--runs` each) and prints which
-runs hit the lazy-TLB unpin race, and through which window.
+runs hit the lazy-TLB unpin race, and through which window. `--evtchn` picks the guest's
+event-channel ABI; `both` runs the demo (or each race-table row) with FIFO and with 2-level
+and shows the two side by side.
 """
 
 import argparse
@@ -18,6 +20,8 @@ from rich.live import Live
 from rich.table import Table
 
 from guestlib import Toolstack
+from guestlib.kernel.boot import EVTCHN_ABIS
+from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
 from xensim import scenario, schedule
 from xensim.errors import EXIT_INTERRUPTED, UsageError, at_least, fraction, writable_file
@@ -39,8 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a quarter of the guest's memory)")
     parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
     parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant and --trace apply to it")
+    parser.add_argument("--balloon", type=at_least(1, high=BALLOON_SLOTS), nargs="?", const=16, default=0, metavar="PAGES", help="each vCPU gives PAGES (16) back to Xen and takes them again")
     parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
+    parser.add_argument("--evtchn", choices=(*EVTCHN_ABIS, "both"), default="fifo", help="the guest's event channels: FIFO, 2-level, or both side by side")
     parser.add_argument("--seed", type=int, help="the workload's random seed (default: the --schedule's seed, else 1)")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="where the hypervisor writes its trace (default: a new file in ~/.cache/xensim/traces, oldest removed past 256 MiB)")
@@ -103,7 +109,7 @@ def _print_report(console: Console, report: dict) -> None:
     cut = ", interrupted" if report["interrupted"] else ""
     console.print(f"\n[bold]Report[/bold] ({seconds:.1f} s, {report['rpcs']:,} hypercall messages from the guest){cut}")
     console.print(f"  process lifecycles  {report['process_lifecycles']:>8}  ({report['process_lifecycles'] / seconds:,.1f}/s)")
-    for key in ("forks", "faults", "cow", "munmaps", "migrations", "lazy", "ipis_sent", "ipis_handled", "pins", "unpins"):
+    for key in ("forks", "faults", "cow", "munmaps", "migrations", "lazy", "ipis_sent", "ipis_handled", "pins", "unpins", "ballooned_out", "ballooned_in"):
         console.print(f"  {key.replace('_', ' '):<19} {totals.get(key, 0):>8}  ({totals.get(key, 0) / seconds:,.1f}/s)")
     console.print(f"  RPCs per lifecycle  {report['rpcs'] / max(report['process_lifecycles'], 1):>8.1f}")
     errors = report["hypercall_errors"]
@@ -117,6 +123,7 @@ def _print_report(console: Console, report: dict) -> None:
     for line in named_problems(report):
         console.print(f"    {line}", style="red", markup=False, highlight=False)
     console.print(f"  leaked frames       {report['leaked_frames']:>8}")
+    console.print(f"  unaccounted frames  {report['unaccounted_frames']:>8}")
     if report.get("killed_vcpus"):
         console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
     console.print(f"  seed, variant       {report['seed']}, {report['variant']}")
@@ -129,22 +136,44 @@ def _print_report(console: Console, report: dict) -> None:
     console.print(f"  verdict             {verdict}")
 
 
+def _side_by_side(reports: dict[str, dict]) -> Table:
+    """The same run under each event-channel ABI: rates per second and the verdicts."""
+    shown = Table(title="by event-channel ABI", box=box.SIMPLE)
+    shown.add_column("")
+    for abi in reports:
+        shown.add_column(abi, justify="right")
+    rows = {
+        "process exits/s": lambda r: f"{r['process_lifecycles'] / r['seconds']:,.1f}",
+        "IPIs handled/s": lambda r: f"{r['totals'].get('ipis_handled', 0) / r['seconds']:,.1f}",
+        "RPCs per exit": lambda r: f"{r['rpcs'] / max(r['process_lifecycles'], 1):.1f}",
+        "kernel BUGs": lambda r: str(len(r["kernel_bugs"])),
+        "audit findings": lambda r: str(r["audit_findings"]),
+        "verdict": lambda r: "FAILED" if failed(r) else "OK",
+    }
+    for name, cell in rows.items():
+        shown.add_row(name, *(cell(r) for r in reports.values()))
+    return shown
+
+
 def _reproduce(args: argparse.Namespace, trace: str | None, plan: schedule.Schedule) -> str:
     """The command line that runs this demo again with the same settings (and a new trace);
     a controlled run's reproduces the same interleaving."""
     words = ["xensim", "demo", "--seconds", f"{plan.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, *plan.words()]
-    words += ["--highpte"] * args.highpte + ([] if args.migrate == 0.5 else ["--migrate", f"{args.migrate:g}"]) + ([] if trace else ["--no-trace"])
+    words += ["--evtchn", args.evtchn] + ([] if args.migrate == 0.5 else ["--migrate", f"{args.migrate:g}"])
+    words += ["--highpte"] * args.highpte + (["--balloon", str(args.balloon)] if args.balloon else []) + ([] if trace else ["--no-trace"])
     return shlex.join(words)
 
 
-def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, console: Console) -> dict:
-    """Each variant `runs` times: did exit_mmap's writable remap fail, through which window,
-    and how soon."""
+def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, console: Console, abis: tuple[str, ...] = ("fifo",)) -> dict:
+    """Each variant `runs` times under each event-channel ABI: did exit_mmap's writable remap
+    fail, through which window, and how soon. The table's rows are keyed "variant" for one
+    ABI, "variant/abi" for several."""
     table = {}
-    for variant in VARIANTS:
+    for variant, abi in ((v, a) for v in VARIANTS for a in abis):
+        row = variant if len(abis) == 1 else f"{variant}/{abi}"
         hits, stale, first = 0, 0, None
         for i in range(runs):
-            config = StressConfig(domains=1, vcpus=vcpus, seconds=seconds, seed=seed + i, variants=[variant], pages=8192, migrate=1.0)
+            config = StressConfig(domains=1, vcpus=vcpus, seconds=seconds, seed=seed + i, variants=[variant], pages=8192, migrate=1.0, evtchn=abi)
             report = trio.run(_run_once, address, config, None)
             if report["interrupted"]:  # Ctrl-C: the table of a part of the runs would mislead
                 raise KeyboardInterrupt
@@ -153,13 +182,14 @@ def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, c
                 hits += 1
                 stale += any("stale-cr3 window" in b for b in bugs)
                 first = min(first or 1e9, report["first_bug_after_s"] or seconds)
-            console.print(f"  {variant:<12} run {i + 1}/{runs}: {'HIT ' + bugs[0].split(': ')[0] if bugs else 'ok'}", overflow="ellipsis", no_wrap=True)
-        table[variant] = {"runs": runs, "hit": hits, "stale_cr3_hits": stale, "first_hit_s": first}
-    shown = Table(title="the lazy-TLB unpin race, by drop_mm_ref variant")
-    for column in ("variant", "runs", "hit", "stale-cr3 hits", "first hit (s)"):
+            console.print(f"  {row:<17} run {i + 1}/{runs}: {'HIT ' + bugs[0].split(': ')[0] if bugs else 'ok'}", overflow="ellipsis", no_wrap=True)
+        table[row] = {"variant": variant, "evtchn": abi, "runs": runs, "hit": hits, "stale_cr3_hits": stale, "first_hit_s": first}
+    shown = Table(title="the lazy-TLB unpin race, by variant and event-channel ABI")
+    for column in ("variant", "evtchn", "runs", "hit", "stale-cr3 hits", "first hit (s)"):
         shown.add_column(column)
-    for variant, row in table.items():
-        shown.add_row(variant, str(row["runs"]), str(row["hit"]), str(row["stale_cr3_hits"]), f"{row['first_hit_s']:.2f}" if row["first_hit_s"] else "-")
+    for row in table.values():
+        first = f"{row['first_hit_s']:.2f}" if row["first_hit_s"] else "-"
+        shown.add_row(row["variant"], row["evtchn"], str(row["runs"]), str(row["hit"]), str(row["stale_cr3_hits"]), first)
     console.print(shown)
     return table
 
@@ -177,27 +207,40 @@ def main(args: argparse.Namespace) -> int:
     serve_args = (("--trace", trace) if trace else ()) + plan.server_args()
     with hypervisor_server(*serve_args, frames=machine_frames(1, args.pages)) as server:
         console.print(f"hypervisor on {server.address}; {'tracing to ' + trace if trace else 'no trace'}")
+        abis = EVTCHN_ABIS if args.evtchn == "both" else (args.evtchn,)
+        reports: dict[str, dict] = {}  # the demo's, by event-channel ABI
         if args.race:
-            report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, plan.seed, console)}
+            report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, plan.seed, console, abis)}
             status = 0
         else:
-            config = StressConfig(
-                domains=1, vcpus=args.vcpus, seconds=plan.seconds, seed=plan.seed, variants=[args.variant], pages=args.pages,
-                highmem_pages=args.pages // 4 if args.highpte else 0, migrate=args.migrate, controlled=plan.controlled,
-            )  # fmt: skip
-            report = trio.run(_run_once, server.address, config, console)
-            report |= {"variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace, plan)}
-            status = EXIT_INTERRUPTED if report["interrupted"] else int(failed(report))
-    if not args.race:  # the server has stopped: its trace and schedule file are complete
-        report |= plan.report(trace)
-        _print_report(console, report)
-    if trace and not args.race and failed(report):  # the trace is complete: the server stopped
+            for abi in abis:
+                config = StressConfig(
+                    domains=1, vcpus=args.vcpus, seconds=plan.seconds, seed=plan.seed, variants=[args.variant], pages=args.pages,
+                    highmem_pages=args.pages // 4 if args.highpte else 0, migrate=args.migrate, balloon=args.balloon, evtchn=abi, controlled=plan.controlled,
+                )  # fmt: skip
+                console.print(f"[bold]event channels: {abi}[/bold]")
+                reports[abi] = trio.run(_run_once, server.address, config, console)
+                reports[abi] |= {"variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace, plan)}
+                if reports[abi]["interrupted"]:
+                    break
+            interrupted = any(r["interrupted"] for r in reports.values())
+            status = EXIT_INTERRUPTED if interrupted else int(any(failed(r) for r in reports.values()))
+    for r in reports.values():  # the server has stopped: its trace and schedule file are complete
+        r |= plan.report(trace)
+        _print_report(console, r)
+    if len(reports) > 1:
+        console.print(_side_by_side(reports))
+    if not args.race:
+        report = reports[args.evtchn] if args.evtchn in reports else {"by_evtchn": reports}
+    if trace:
         from xensim.explain import explain_run
 
-        explained = explain_run(trace, report)
-        report["explained"] = [e["data"] for e in explained]
-        for e in explained:
-            console.print(e["text"], markup=False, highlight=False, soft_wrap=True)
+        for r in reports.values():
+            if failed(r):
+                explained = explain_run(trace, r)
+                r["explained"] = [e["data"] for e in explained]
+                for e in explained:
+                    console.print(e["text"], markup=False, highlight=False, soft_wrap=True)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)

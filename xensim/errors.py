@@ -59,8 +59,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def at_least(low: float, kind: type = int) -> Callable[[str], float]:
-    """A `type=` for a number of `kind` no smaller than `low`."""
+def at_least(low: float, kind: type = int, high: float | None = None) -> Callable[[str], float]:
+    """A `type=` for a number of `kind` no smaller than `low` (and, given, no larger than `high`)."""
 
     def parse(text: str):
         try:
@@ -69,6 +69,8 @@ def at_least(low: float, kind: type = int) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not value >= low:  # also refuses nan
             raise argparse.ArgumentTypeError(f"{text} is too small: at least {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} is too large: at most {high}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its own messages

@@ -26,13 +26,12 @@ import json
 import re
 import struct
 from collections.abc import Iterable, Iterator
-from itertools import islice
 
 from hypervisor.core import Hypervisor, views
 from hypervisor.core.abi import PAGE_SHIFT
-from hypervisor.core.trace import TraceError, dumps, replay
+from hypervisor.core.trace import dumps, replay
 from hypervisor.core.walk import translate
-from hypervisor.server.tracing import open_trace
+from hypervisor.server.tracing import open_trace, read_trace
 from xensim.errors import UsageError, reading
 from xensim.timeline import named_mfns
 from xensim.xl import frame_record, who_maps
@@ -42,7 +41,7 @@ DEFAULT_LIMIT = 5
 
 def add_arguments(sub) -> None:
     explain = sub.add_parser("explain", help="for failed calls of a trace: the frames they name as they were then (who held them), the vCPUs involved, a focused timeline command")
-    explain.add_argument("trace", help="a trace (JSON lines, .gz too)")
+    explain.add_argument("trace", help="a trace (.gz too)")
     explain.add_argument("--seq", type=int, action="append", metavar="SEQ", help="explain this failed call (repeatable; default: the first --limit failures)")
     explain.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N", help="explain at most N failures (default %(default)s)")
     explain.add_argument("--finding", action="append", metavar="TEXT", help="instead: an audit finding (as stress and demo print it): its frames as they were, the calls that last changed them")
@@ -70,32 +69,23 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def calls(lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
-    """(sequence number, record) of every call of a trace, numbered from 1 as the timeline
-    and replay count them."""
-    seq, cut = 0, None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if cut is not None:
-            raise TraceError(f"line {cut} is not JSON: not a xensim trace")
-        try:
-            record = json.loads(line)
-        except ValueError:
-            cut = number  # the last line of a trace whose writer stopped, or damage if more follow
-            continue
+def calls(records: Iterable[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+    """(sequence number, record) of every call among a trace's records (read_trace), numbered
+    from 1 as the timeline and replay count them."""
+    seq = 0
+    for _, record in records:
         if isinstance(record, dict) and "op" in record:
             seq += 1
             yield seq, record
 
 
-def failed_calls(lines: Iterable[str]) -> Iterator[tuple[int, dict, list[str]]]:
+def failed_calls(records: Iterable[tuple[int, dict]]) -> Iterator[tuple[int, dict, list[str]]]:
     """(sequence number, record, errors as "op: ERRNO: message") of every call that failed or
     whose multicall entries did, in trace order; sequence numbers count calls from 1, as the
     timeline does. A call that stopped part-way is judged where it ends, a record with "resume"
     in place of "args" (docs/preemption.md), by the arguments it began with."""
     stopped: dict[tuple, dict] = {}  # caller -> the arguments of its call that stopped part-way
-    for seq, record in calls(lines):
+    for seq, record in calls(records):
         caller = tuple(record["caller"] or ())
         args = stopped.pop(caller, {}) if "resume" in record else record.get("args", {})
         result = record.get("result")
@@ -115,23 +105,22 @@ def explain(path: str, seqs: list[int] | None = None, matching: list[str] | None
     """Explain the failed calls numbered `seqs`, or those whose error message occurs in one of
     the `matching` reports (a kernel BUG quotes it), or else the first ones; at most `limit`.
     Each is {"data": JSON-able, "text": for people}."""
-    with open_trace(path) as lines:
-        chosen = []
-        for seq, record, errors in failed_calls(lines):
-            messages = [e.split(": ", 2)[2] for e in errors]
-            if seqs is not None and seq not in seqs:
-                continue
-            if matching is not None and not any(m in report for m in messages for report in matching):
-                continue
-            chosen.append((seq, record, errors))
-            if len(chosen) >= limit:
-                break
+    chosen = []
+    for seq, record, errors in failed_calls(read_trace(path)):
+        messages = [e.split(": ", 2)[2] for e in errors]
+        if seqs is not None and seq not in seqs:
+            continue
+        if matching is not None and not any(m in report for m in messages for report in matching):
+            continue
+        chosen.append((seq, record, errors))
+        if len(chosen) >= limit:
+            break
     return [_explain_one(path, seq, record, errors) for seq, record, errors in chosen]
 
 
 def _explain_one(path: str, seq: int, record: dict, errors: list[str]) -> dict:
-    with open_trace(path) as lines:
-        _, hv = replay(islice(lines, seq + 1))  # the header and calls 1..seq: the failed call changed nothing
+    with open_trace(path) as stream:
+        _, hv = replay(stream, calls=seq)  # calls 1..seq: the failed call changed nothing
     caller = f"dom{record['caller'][0]} vCPU{record['caller'][1]}" if record["caller"] else "the toolstack"
     frames, texts, vcpus = [], [], [caller]
     for mfn in sorted(set().union(*(named_mfns(e) for e in errors))):
@@ -185,8 +174,8 @@ def _follow(path: str, mfns: set[int], until: int | None = None) -> tuple[Hyperv
                     last[mfn] = (seq, record)
                 state[mfn] = now
 
-    with open_trace(path) as lines:
-        _, hv = replay(lines if until is None else islice(lines, until + 1), observe)  # the header and the calls
+    with open_trace(path) as stream:
+        _, hv = replay(stream, calls=until, observe=observe)
     return hv, last
 
 
@@ -266,17 +255,13 @@ def explain_corruption(path: str, report: str) -> dict | None:
     if match is None:
         return None
     domid, vcpu, va = int(match["domid"]), int(match["vcpu"]), int(match["va"], 16)
-    found = struct.pack("<QQQ", int(match["task"]), int(match["page"]), int(match["generation"], 16)).hex()
-    with open_trace(path) as lines:
-        reads = [
-            (seq, bool(r["args"].get("user")))
-            for seq, r in calls(lines)
-            if r["op"] == "read" and r["caller"] == [domid, vcpu] and r["args"].get("va") == va and _read_data(r).startswith(found)
-        ]
-    if not reads:
-        return None
+    found = struct.pack("<QQQ", int(match["task"]), int(match["page"]), int(match["generation"], 16))
+    reads = [(seq, bool(r["args"].get("user"))) for seq, r in calls(read_trace(path)) if r["op"] == "read" and r["caller"] == [domid, vcpu] and r["args"].get("va") == va]
     mapped = int(match["mfn"], 16)
-    seq, user = reads[-1] if len(reads) == 1 else _the_tasks_read(path, reads, domid, vcpu, va, mapped)
+    chosen = _the_tasks_read(path, reads, domid, vcpu, va, mapped, found)
+    if chosen is None:
+        return None
+    seq, user = chosen
     hv, last = _follow(path, {mapped}, seq - 1)
     used = _read_frame(hv, domid, vcpu, va, user)
     mfns = [mapped] + ([used] if used not in (None, mapped) else [])
@@ -289,12 +274,14 @@ def explain_corruption(path: str, report: str) -> dict | None:
     return _report(path, what, f"just before call #{seq}", frames, texts, [reader] + [v for v in vcpus if v != reader], {"read": seq, "read_from": None if used is None else hex(used)})
 
 
-def _the_tasks_read(path: str, reads: list[tuple[int, bool]], domid: int, vcpu_id: int, va: int, mapped: int) -> tuple[int, bool]:
-    """Of several reads that returned the same data (a task's own, and another task's that
-    read it through a stale translation), the one made while the vCPU's tables mapped the
-    address to the reported frame: the last such, or the last read if none was."""
+def _the_tasks_read(path: str, reads: list[tuple[int, bool]], domid: int, vcpu_id: int, va: int, mapped: int, found: bytes) -> tuple[int, bool] | None:
+    """Of the vCPU's reads of `va`, those that returned `found` (the trace keeps a read's
+    data as a checksum only, so each is recomputed by replay just before the read: the bytes
+    at `va` in the frame the read would use); of several (a task's own, and another task's
+    that read it through a stale translation) the last made while the vCPU's tables mapped
+    the address to the reported frame, or else the last. None if no read returned `found`."""
     before = {seq - 1: (seq, user) for seq, user in reads}
-    chosen = []
+    returned, mapped_then = [], []
     n = 0
 
     def observe(hv: Hypervisor, record: dict | None) -> None:
@@ -302,20 +289,19 @@ def _the_tasks_read(path: str, reads: list[tuple[int, bool]], domid: int, vcpu_i
         n += record is not None
         if n in before:
             seq, user = before[n]
+            used = _read_frame(hv, domid, vcpu_id, va, user)
+            offset = va & ((1 << PAGE_SHIFT) - 1)
+            if used is None or hv.memory.read(used, offset, len(found)) != found:
+                return
+            returned.append((seq, user))
             vcpu = hv.vcpu(domid, vcpu_id)
             if translate(hv.memory, vcpu.guest_table_user if user else vcpu.guest_table, va) == mapped:
-                chosen.append((seq, user))
+                mapped_then.append((seq, user))
 
-    with open_trace(path) as lines:
-        replay(islice(lines, reads[-1][0]), observe)  # the header and the calls before the last read
-    return chosen[-1] if chosen else reads[-1]
-
-
-def _read_data(record: dict) -> str:
-    """The bytes a traced read returned, in hex ("" for a fault or a failed read)."""
-    result = record.get("result")
-    data = result.get("data") if isinstance(result, dict) else None
-    return data.get("hex", "") if isinstance(data, dict) else ""
+    if reads:
+        with open_trace(path) as stream:
+            replay(stream, calls=reads[-1][0] - 1, observe=observe)  # the calls before the last read
+    return (mapped_then or returned or [None])[-1]
 
 
 def _read_frame(hv: Hypervisor, domid: int, vcpu_id: int, va: int, user: bool) -> int | None:
@@ -338,8 +324,7 @@ def explain_run(path: str, report: dict, limit: int = DEFAULT_LIMIT) -> list[dic
     findings = report.get("findings", {})
     by_domain = [f for key, found in findings.items() if key != "machine" for f in found][:limit]
     if by_domain:  # the audit of each domain ran before the first destroy
-        with open_trace(path) as lines:
-            destroy = next((seq for seq, r in calls(lines) if r["op"] == "destroy_domain"), None)
+        destroy = next((seq for seq, r in calls(read_trace(path)) if r["op"] == "destroy_domain"), None)
         explained += explain_findings(path, by_domain, None if destroy is None else destroy - 1)
     if findings.get("machine"):
         explained += explain_findings(path, findings["machine"][:limit])

@@ -58,11 +58,11 @@ def default_trace() -> str:
     directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xensim" / "traces"
     directory.mkdir(parents=True, exist_ok=True)
     kept = 0
-    for trace in sorted(directory.glob("*.jsonl.gz"), key=lambda p: p.stat().st_mtime, reverse=True):
+    for trace in sorted(directory.glob("demo-*.gz"), key=lambda p: p.stat().st_mtime, reverse=True):  # .jsonl.gz: format 2's
         kept += trace.stat().st_size
         if kept > TRACE_CACHE_BYTES:
             trace.unlink(missing_ok=True)
-    return str(directory / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl.gz")
+    return str(directory / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.trace.gz")
 
 
 def python(*args: str) -> list[str]:

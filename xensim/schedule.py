@@ -4,6 +4,7 @@ passes it to the server, and puts what the run was into the report (docs/schedul
 import argparse
 import json
 import os
+from collections import deque
 from dataclasses import dataclass
 
 from hypervisor.core.policy import STEP_QUANTUM_NS, ScheduleSpec, parse_schedule
@@ -73,7 +74,7 @@ def resolve(args: argparse.Namespace, trace: str | None) -> Schedule:
     seed = args.seed if args.seed is not None else spec.seed if spec.seed is not None else recorded.get("seed", 1)
     file = None
     if spec.controlled:
-        file = args.schedule_file or (f"{trace.removesuffix('.gz').removesuffix('.jsonl')}.schedule.json" if trace else os.path.abspath("xensim.schedule.json"))
+        file = args.schedule_file or (f"{trace.removesuffix('.gz').removesuffix('.jsonl').removesuffix('.trace')}.schedule.json" if trace else os.path.abspath("xensim.schedule.json"))
     return Schedule(spec, seed, seconds, file)
 
 
@@ -86,16 +87,15 @@ def _read_json(path: str | None) -> dict:
 
 
 def _final_digest(trace: str | None) -> str | None:
+    """The digest in the trace's end record; None without one (the server did not stop cleanly)."""
     if not trace or not os.path.exists(trace):
         return None
+    from hypervisor.core.trace import TraceError
     from hypervisor.server.tracing import read_trace
 
-    last = None
-    for line in read_trace(trace):
-        if line.strip():
-            last = line
     try:
-        record = json.loads(last) if last else {}
-    except ValueError:  # cut short: the server did not stop cleanly
+        ends = deque(read_trace(trace), maxlen=1)
+    except TraceError:
         return None
-    return record.get("digest") if isinstance(record, dict) else None
+    last = ends[0][1] if ends else None
+    return last.get("digest") if isinstance(last, dict) else None

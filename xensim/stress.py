@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import trio
 
 from guestlib import Toolstack
+from guestlib.kernel.boot import EVTCHN_ABIS
+from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
 from hypervisor.core.policy import STEP_QUANTUM_NS
 from hypervisor.server.config import ADMIN_TOKEN_ENV
@@ -56,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", action="append", choices=VARIANTS, metavar="VARIANT", help="drop_mm_ref per domain, cycled (default modern; the variants are below)")
     parser.add_argument("--kill-vcpus", type=at_least(0.0, float), default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second; killed vCPUs are restarted")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
+    parser.add_argument("--balloon", type=at_least(0, high=BALLOON_SLOTS), default=0, metavar="PAGES", help="pages each vCPU gives back to Xen and takes again between process lifecycles (0: none)")
+    parser.add_argument("--evtchn", choices=EVTCHN_ABIS, default="fifo", help="the guests' event channels: FIFO (as Linux picks when Xen offers it) or 2-level")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="record every hypercall (only when the hypervisor is started here)")
     schedule.add_arguments(parser)
@@ -75,6 +79,8 @@ class StressConfig:
     highmem_pages: int = 0
     migrate: float = 0.5
     controlled: bool = False  # the hypervisor schedules the vCPUs; `seconds` is Xen system time (docs/schedule.md)
+    balloon: int = 0  # pages each vCPU balloons (guestlib/kernel/balloon.py)
+    evtchn: str = "fifo"  # the guest kernel's event-channel ABI (guestlib.vcpu --evtchn)
 
 
 @dataclass
@@ -149,11 +155,13 @@ async def _keep_running(address: str, token: str, variant: str, state: VcpuState
     """Run this vCPU's process, and a new one each time it is killed, until one reports."""
     while state.report is None:
         seconds = config.seconds if config.controlled else max(deadline - time.monotonic(), 0.0)
-        args = ["--variant", variant, "--seconds", f"{seconds:.3f}", "--seed", str(config.seed * 100 + state.domid), "--migrate", str(config.migrate), "--progress", "0.5"]
+        args = ["--variant", variant, "--seconds", f"{seconds:.3f}", "--seed", str(config.seed * 100 + state.domid), "--migrate", str(config.migrate), "--progress", "0.5", "--evtchn", config.evtchn]
         if config.controlled:
             args.append("--controlled")
         if config.highmem_pages:
             args.append("--highpte")
+        if config.balloon:
+            args += ["--balloon", str(config.balloon)]
         state.starts += 1
         async with opened(vcpu_command(address, token, state.vcpu, *args)) as process:
             state.process = process
@@ -200,8 +208,12 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
     for domid in run.domains:
         stale += sum(v.stale_tlb_hits for v in await xl.vcpu_info(domid))
     stats = await xl.stats()
-    for domid in run.domains:
-        await xl.destroy_domain(domid)
+    # Every frame accounted for: a domain's destruction frees what it owned (tot_pages and its
+    # shared-info page), and those frames, no more, no fewer, are free afterwards.
+    owned = {domid: (await xl.domain_info(domid)).tot_pages + 1 for domid in run.domains}
+    free_before = (await xl.host_info()).free_frames
+    freed = {domid: await xl.destroy_domain(domid) for domid in run.domains}
+    unaccounted = sum(abs(freed[d] - owned[d]) for d in run.domains) + abs((await xl.host_info()).free_frames - free_before - sum(freed.values()))
     machine = await xl.audit()
     leaked = [f for f in machine if "does not exist" in f]
     # A vCPU without a report (Ctrl-C, or it never finished) counts what its last progress line said.
@@ -216,6 +228,7 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         "corruptions": [f"dom{v.domid} {c}" for v, r in zip(run.vcpus, reports) for c in r.get("data_corruptions", [])],
         "unexpected_errors": sum(errors.values()),
         "leaked_frames": len(leaked),
+        "unaccounted_frames": unaccounted,
         "kernel_bugs": [r["bug"] for r in reports if r.get("bug")],
         "first_bug_after_s": min((r["bug_after_s"] for r in reports if r.get("bug_after_s") is not None), default=None),
         "stale_tlb_hits": stale,
@@ -231,6 +244,7 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         "findings": {str(d): f for d, f in per_domain.items() if f} | ({"machine": machine} if machine else {}),
         "domains": {str(d): v for d, v in run.domains.items()},
         "interrupted": run.interrupted,
+        "evtchn": run.config.evtchn,
     }
 
 
@@ -257,7 +271,7 @@ def named_problems(report: dict, limit: int = 5) -> list[str]:
 def failed(report: dict) -> bool:
     """The stress run's verdict: anything wrong at all."""
     return bool(
-        report["audit_findings"] or report["data_corruptions"] or report["leaked_frames"] or report["unexpected_errors"]
+        report["audit_findings"] or report["data_corruptions"] or report["leaked_frames"] or report.get("unaccounted_frames") or report["unexpected_errors"]
         or report["kernel_bugs"] or report["unfinished_vcpus"]
     )  # fmt: skip
 
@@ -270,7 +284,10 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--schedule is the hypervisor's: start it with `xensim serve --schedule ...`, or leave out --server")
     if plan.controlled and args.kill_vcpus:
         raise UsageError("--kill-vcpus is not yet driven by the schedule (its kills would be the wall clock's); leave it out of a controlled run")
-    config = StressConfig(args.domains, args.vcpus, plan.seconds, plan.seed, args.variant or ["modern"], args.kill_vcpus, args.pages, migrate=args.migrate, controlled=plan.controlled)
+    config = StressConfig(
+        args.domains, args.vcpus, plan.seconds, plan.seed, args.variant or ["modern"], args.kill_vcpus, args.pages,
+        migrate=args.migrate, balloon=args.balloon, evtchn=args.evtchn, controlled=plan.controlled,
+    )  # fmt: skip
     if args.server:
         report = trio.run(_run_with_progress, args.server, args.admin_token, config)
     else:
@@ -278,7 +295,7 @@ def main(args: argparse.Namespace) -> int:
             report = trio.run(_run_with_progress, server.address, None, config)
     report |= plan.report(None if args.server else args.trace)
     print(f"{report['process_lifecycles']} process lifecycles in {report['seconds']:.1f} s on {config.domains} domains of {config.vcpus} vCPUs")
-    for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus"):
+    for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus"):
         print(f"  {key.replace('_', ' '):<18} {report[key]}")
     for bug in report["kernel_bugs"]:
         print(f"  kernel BUG: {bug}")
@@ -293,10 +310,10 @@ def main(args: argparse.Namespace) -> int:
         report["explained"] = [e["data"] for e in explained]
         for e in explained:
             print(e["text"])
-    wrong = [key.replace("_", " ") for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "kernel_bugs", "unfinished_vcpus") if report[key]]
+    wrong = [key.replace("_", " ") for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "kernel_bugs", "unfinished_vcpus") if report[key]]
     print("verdict: " + ("INTERRUPTED (the report so far)" if report["interrupted"] else f"FAILED: {', '.join(wrong)}" if wrong else "OK"))
-    shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted")
-    shown += ("schedule", "seed", "final_state_digest")
+    shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames")
+    shown += ("unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted", "schedule", "seed", "final_state_digest")
     print(json.dumps({k: report[k] for k in shown}))
     if args.json:
         with open(args.json, "w") as out:

@@ -35,7 +35,7 @@ XEN_LANE = "Xen (toolstack)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trace", help="a trace (JSON lines, .gz too): `xensim serve --trace FILE` or Toolstack StartTrace")
+    parser.add_argument("trace", help="a trace (.gz too): `xensim serve --trace FILE` or Toolstack StartTrace")
     parser.add_argument("--html", required=True, metavar="OUT", type=writable_file, help="the page to write")
     parser.add_argument("--first", type=at_least(1), metavar="SEQ", help="the first call to draw (calls count from 1; default 1, or a little before --focus)")
     parser.add_argument("--count", type=at_least(1), metavar="N", help=f"how many calls to draw (default {DEFAULT_COUNT}, or {FOCUS_COUNT} with --focus)")
@@ -282,19 +282,18 @@ def focus(timeline: Timeline, seq: int, memory: bool = False, mfns: set[int] = f
     )
 
 
-def scan(lines, first: int = 1, count: int = DEFAULT_COUNT) -> Timeline:
-    """Read a trace's lines into a Timeline of calls first .. first + count - 1."""
+# A call, the header, the end record, a controlled run's step (not drawn, docs/schedule.md section 5).
+_RECORD_KEYS = {"op", "xensim_trace", "digest", "sched"}
+
+
+def scan(records, first: int = 1, count: int = DEFAULT_COUNT) -> Timeline:
+    """Read a trace's (number, record) pairs (`read_trace`) into a Timeline of calls first ..
+    first + count - 1."""
     timeline = Timeline(first=first)
     scanner = _Scanner(timeline, count)
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise TraceError(f"line {number} is not JSON: not a xensim trace") from None
-        if not isinstance(record, dict) or "op" not in record and "xensim_trace" not in record and "digest" not in record:
-            raise TraceError(f"line {number} is not a xensim trace record: {line[:80]!r}")
+    for number, record in records:
+        if not isinstance(record, dict) or not record.keys() & _RECORD_KEYS:
+            raise TraceError(f"record {number} is not a xensim trace record: {str(record)[:80]!r}")
         if "op" in record:
             timeline.total += 1
             scanner.record(timeline.total, record)

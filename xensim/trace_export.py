@@ -16,7 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from hypervisor.server.tracing import open_trace
+from hypervisor.server.tracing import read_trace
+from xensim.errors import reading
 from xensim.explain import add_arguments as add_explain_arguments
 from xensim.timeline import XEN_LANE, Call, scan
 
@@ -27,7 +28,7 @@ CALL_US = 0.8  # a call's slice, shorter than the 1 µs step so neighbours do no
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="trace_command", required=True, metavar="COMMAND")
     export = sub.add_parser("export", help="write a trace in another tool's format (chrome: Trace Event JSON for Perfetto and chrome://tracing)")
-    export.add_argument("trace", help="a trace (JSON lines, .gz too): `xensim serve --trace FILE` or Toolstack StartTrace")
+    export.add_argument("trace", help="a trace (.gz too): `xensim serve --trace FILE` or Toolstack StartTrace")
     export.add_argument("--format", choices=("chrome",), default="chrome", help="the output format (default %(default)s)")
     export.add_argument("--out", "-o", required=True, metavar="OUT", help="the file to write")
     export.set_defaults(run=main)
@@ -35,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    with open_trace(args.trace) as lines:
-        events = chrome_events(scan(lines))
+    with reading(args.trace):
+        events = chrome_events(scan(read_trace(args.trace)))
     Path(args.out).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ns", "otherData": {"source": Path(args.trace).name, "time": "call sequence number, 1 µs per call"}}))
     print(f"{args.out}: {sum(e['ph'] == 'X' and e['cat'] != 'cr3' for e in events)} calls, {sum(e['ph'] == 'i' for e in events)} failures, {sum(e['ph'] == 's' for e in events)} IPIs")
     return 0

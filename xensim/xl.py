@@ -23,8 +23,7 @@ from pathlib import Path
 import grpc
 
 from guestlib.toolstack import _rpc_error as rpc_error  # the Toolstack client's decoding of a failed call
-from hypervisor.core.abi import PAGE_SHIFT, Pte
-from hypervisor.core.domain import INVALID_M2P
+from hypervisor.core.abi import INVALID_M2P, PAGE_SHIFT, Pte
 from hypervisor.server.config import ADMIN_TOKEN_ENV
 from xensim.v1 import common_pb2, toolstack_pb2, toolstack_pb2_grpc
 

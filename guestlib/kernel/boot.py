@@ -4,18 +4,20 @@ Reference: docs/linux.md sections 7.1 and 9. vCPU 0 boots from start-info: it re
 builds the page allocator's bitmap, marks the boot pagetable's pages PG_pinned (Linux's hook
 once the allocator exists: they were pinned by the domain builder), builds the fixmap (a kernel
 L3/L2/L1 under the swapper pgd's top slot) holding the shared-info frame and one kmap slot per
-CPU, binds every CPU's IPI ports, and brings the other vCPUs up with VCPUOP_initialise (on the
-swapper pgd) and VCPUOP_up. Secondary vCPU processes wait until they are started and the
+CPU, takes the FIFO event-channel ABI (docs/linux.md section 12) in the message that binds every
+CPU's IPI ports, stops every vCPU's periodic timer and moves its vcpu_info into
+its per-CPU page (docs/linux.md section 11), and brings the other vCPUs up with
+VCPUOP_initialise (on the swapper pgd) and VCPUOP_up. Secondary vCPU processes wait until they are started and the
 kernel's magic is written, then attach like vCPU 0.
 """
 
 import struct
 from types import SimpleNamespace
 
-from ..events import EventChannels
-from ..hypercalls import HypercallClient, ops
+from ..events import EventChannels, FifoEventChannels
+from ..hypercalls import Batch, HypercallClient, Pending, ops
 from ..layout import BootLayout
-from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, SHARED_INFO_EVTCHN_MASK, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, Errno, MmuCmd, VGCF_in_kernel
+from ..xen import EVTCHN_FIFO_MASKED, PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, Errno, MmuCmd, VGCF_in_kernel
 from .alloc import load_pool
 from .cpu import Cpu, Hook, _no_hook, checked
 from .layout import FIX_SHARED_INFO, FIXMAP_L4_SLOT, KERNEL_MAGIC, OFFLINE, PG_PINNED, PG_TABLE, KernelLayout
@@ -49,10 +51,16 @@ async def read_start_info(client: HypercallClient) -> SimpleNamespace:
     return SimpleNamespace(**dict(zip(START_INFO_FIELDS, values)))
 
 
-async def start_of_day(client: HypercallClient, variant: str, highpte: bool) -> None:
-    """vCPU 0's boot, up to bringing the other vCPUs up."""
+EVTCHN_ABIS = ("fifo", "2l")
+
+
+async def start_of_day(client: HypercallClient, variant: str, highpte: bool, evtchn: str = "fifo") -> None:
+    """vCPU 0's boot, up to bringing the other vCPUs up. `evtchn` "fifo" takes the FIFO ABI
+    if Xen offers it, "2l" stays on 2-level (Linux's xen.fifo_events=0)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown drop_mm_ref variant {variant!r}; one of {', '.join(VARIANTS)}")
+    if evtchn not in EVTCHN_ABIS:
+        raise ValueError(f"unknown event-channel ABI {evtchn!r}; one of {', '.join(EVTCHN_ABIS)}")
     info = await read_start_info(client)
     boot = await BootLayout.read(client, info)
     kl = KernelLayout(info)
@@ -72,25 +80,69 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool) -> 
     pt.write_new(cpu, batch, l3, {0: pt.make(l2, KERNPG_TABLE)})
     batch.mmu_update(pt.remap_direct(list(kl.fixmap_pfns), writable=False))
     batch.mmu_update([(pt.maddr(pt.swapper_pfn, FIXMAP_L4_SLOT) | MmuCmd.NORMAL_PT_UPDATE, pt.make(l3, KERNPG_TABLE))])
+    fifo_setup = _evtchn_fifo_init(batch, kl, pt) if evtchn == "fifo" else []
     ports = [[batch.evtchn_bind_ipi(c) for _ in IPI_KINDS] for c in range(kl.nr_cpus)]
     await batch.flush()
+    fifo = bool(fifo_setup) and _took_fifo(cpu, fifo_setup)
     batch = cpu.msg()
-    shared_info = kl.fixmap_va(FIX_SHARED_INFO)
+    batch.store(kl.kglobal("evtchn_fifo")[0], int(fifo))
+    events = event_channels(client, kl, 0, fifo)
+    checked_later, again = [], []
     for c, bound in enumerate(ports):
         for kind, pending in zip(IPI_KINDS, bound):
-            batch.store(kl.percpu(c, f"{kind}_port")[0], checked(cpu, "boot", pending))
-        kick = checked(cpu, "boot", bound[IPI_KINDS.index("kick")])  # masked: only polled for
-        batch.atomic("fetch_or", shared_info + SHARED_INFO_EVTCHN_MASK + 8 * (kick // 64), 1 << kick % 64)
+            port = checked(cpu, "boot", pending)
+            batch.store(kl.percpu(c, f"{kind}_port")[0], port)
+            if kind == "kick":  # masked: only polled for
+                events.mask(batch, port)
+            else:  # the IRQ's startup (a FIFO event-array page starts all masked)
+                events.unmask(batch, port)
         for field in ("xen_cr3", "xen_current_cr3"):
             batch.store(kl.percpu(c, field)[0], pt.swapper_pfn)
-    bringup = [batch.vcpu_initialise(c, pt.mfn(pt.swapper_pfn), flags=VGCF_in_kernel) for c in range(1, kl.nr_cpus)]
+    for c in range(kl.nr_cpus):  # one-shot timers only, and each vcpu_info per-CPU (docs/linux.md section 11)
+        checked_later.append(batch.vcpu_stop_periodic_timer(c))
+        pfn, offset = kl.pfn_offset(kl.percpu(c, "vcpu_info")[0])
+        again.append(batch.vcpu_register_vcpu_info(c, pt.mfn(pfn), offset))
+    again += [batch.vcpu_initialise(c, pt.mfn(pt.swapper_pfn), flags=VGCF_in_kernel) for c in range(1, kl.nr_cpus)]
     batch.store(kl.kglobal("magic")[0], KERNEL_MAGIC)
-    bringup += [batch.vcpu_up(c) for c in range(1, kl.nr_cpus)]
+    checked_later += [batch.vcpu_up(c) for c in range(1, kl.nr_cpus)]
     await batch.flush()
-    for pending in bringup:  # EEXIST: a vCPU 0 killed mid-boot already initialised it
+    for pending in checked_later:
+        checked(cpu, "bring up", pending)
+    for pending in again:  # EBUSY, EEXIST: a vCPU 0 killed mid-boot already did it
         error = pending.exception()
-        if not (error is None or getattr(error, "errno", None) == Errno.EEXIST):
+        if not (error is None or getattr(error, "errno", None) in (Errno.EBUSY, Errno.EEXIST)):
             checked(cpu, "bring up", pending)
+
+
+def _evtchn_fifo_init(batch: Batch, kl: KernelLayout, pt: PageTables) -> list[Pending]:
+    """xen_evtchn_fifo_init and each CPU's xen_evtchn_cpu_prepare (docs/linux.md section 12.1),
+    all from the boot CPU before the others come up and before it binds a port: clear each
+    CPU's control block and register it, fill the event array's page with MASKED words and
+    give it to Xen (evtchn_fifo_setup). Returns the hypercalls, for `_took_fifo`."""
+    for c in range(kl.nr_cpus):
+        batch.write(kl.evtchn_control.va(c), bytes(PAGE_SIZE))
+    setup = [batch.evtchn_init_control(pt.mfn(kl.evtchn_control.first_pfn + c), vcpu=c) for c in range(kl.nr_cpus)]
+    batch.write(kl.evtchn_array.va(0), (1 << EVTCHN_FIFO_MASKED).to_bytes(4, "little") * (PAGE_SIZE // 4))  # init_array_page
+    return [*setup, batch.evtchn_expand_array(pt.mfn(kl.evtchn_array.first_pfn))]
+
+
+def _took_fifo(cpu: Cpu, setup: list[Pending]) -> bool:
+    """Whether the FIFO ABI is in use: False if Xen has none (init_control ENOSYS: stay on
+    2-level, xen_evtchn_2l_init); any other failure is a kernel BUG."""
+    if getattr(setup[0].exception(), "errno", None) == Errno.ENOSYS:
+        return False
+    for call in setup:
+        checked(cpu, "evtchn_fifo_init", call)
+    return True
+
+
+def event_channels(client: HypercallClient, kl: KernelLayout, vcpu_id: int, fifo: bool) -> EventChannels:
+    """This CPU's event dispatch in the ABI the boot CPU chose, on the vcpu_info boot moved
+    into its per-CPU page."""
+    shared_info, vcpu_info = kl.fixmap_va(FIX_SHARED_INFO), kl.percpu(vcpu_id, "vcpu_info")[0]
+    if fifo:
+        return FifoEventChannels(client, shared_info, vcpu_id, kl.evtchn_control.va(vcpu_id), kl.evtchn_array.va(0), vcpu_info)
+    return EventChannels(client, shared_info, vcpu_id, vcpu_info)
 
 
 def _write_bitmap(batch, kl: KernelLayout) -> None:
@@ -122,8 +174,8 @@ async def attach(client: HypercallClient, vcpu_id: int, hook: Hook = _no_hook) -
     cpu = Cpu(client, kl, vcpu_id, hook)
     pt = PageTables(boot, kl)
     await pt.read_kernel_half(cpu)
-    (variant, highpte) = await cpu.send(ops.load(kl.kglobal("variant")[0]), ops.load(kl.kglobal("highpte")[0]))
-    events = EventChannels(client, kl.fixmap_va(FIX_SHARED_INFO), vcpu_id)
+    (variant, highpte, fifo) = await cpu.send(*(ops.load(kl.kglobal(field)[0]) for field in ("variant", "highpte", "evtchn_fifo")))
+    events = event_channels(client, kl, vcpu_id, bool(checked(cpu, "attach", fifo)))
     smp = Smp(cpu, events, await Smp.read_ports(cpu))
     kernel = Kernel(cpu, pt, smp, VARIANTS[checked(cpu, "attach", variant)], bool(checked(cpu, "attach", highpte)))
     await _restore(kernel)

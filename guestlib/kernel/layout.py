@@ -8,11 +8,12 @@ address.
 
 from dataclasses import dataclass
 
-from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE
+from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE
 
 MAX_MMS = 256
 MAX_TASKS = 512
 POOL_SLOTS = 120  # pfns a CPU keeps in each of its page pools
+BALLOON_SLOTS = 128  # pages a CPU's balloon may hold (balloon.py)
 RING_SLOTS = 28  # tasks in flight from one CPU's run queue to another's
 MAX_TABLES = 24  # L3, L2 and L1 pages an mm may own (its pgds are separate)
 KERNEL_MAGIC = 0x58454E53494D4B31  # "XENSIMK1": the kernel has booted
@@ -43,7 +44,7 @@ class Struct:
 
 KGLOBAL = Struct(
     ("magic", 8), ("nr_cpus", 8), ("variant", 8), ("highpte", 8), ("swapper_pfn", 8),
-    ("pool_lock", 8), ("bugs", 8), ("control", 8 * 16),
+    ("pool_lock", 8), ("bugs", 8), ("control", 8 * 16), ("evtchn_fifo", 8),
     size=PAGE_SIZE,
 )  # fmt: skip
 PERCPU = Struct(
@@ -57,6 +58,8 @@ PERCPU = Struct(
     ("pool_count", 8), ("hipool_count", 8),
     ("stats", 8 * 16),
     ("pool", 8 * POOL_SLOTS), ("hipool", 8 * POOL_SLOTS),
+    ("vcpu_info", VCPU_INFO_SIZE),  # this vCPU's vcpu_info, registered at boot (xen_vcpu_setup)
+    ("balloon_count", 8), ("balloon_state", 8), ("balloon", 8 * BALLOON_SLOTS),  # balloon.py: its pages, generation << 1 | given back
     size=PAGE_SIZE,
 )  # fmt: skip
 MM = Struct(
@@ -75,7 +78,7 @@ PAGEINFO_SIZE = 4  # u32 per pfn: flags in the low byte, map count above (PAGE_C
 PG_PINNED, PG_TABLE, PG_RESERVED = 1, 2, 4
 PAGE_COUNT_ONE = 1 << 8
 
-STATS = ("lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs")
+STATS = ("lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs", "ballooned_out", "ballooned_in")
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ class KernelLayout:
             ("tasks", TASK.size, MAX_TASKS),
             ("pageinfo", PAGEINFO_SIZE, self.nr_pages),
             ("bitmap", 1, -(-self.nr_pages // 8)),
+            ("evtchn_control", PAGE_SIZE, self.nr_cpus),  # a FIFO control block per CPU, at offset 0
+            ("evtchn_array", PAGE_SIZE, 1),  # the FIFO event array: ports below 1024
         ):
             regions[name] = Region(pfn, size, count)
             pfn += regions[name].pages
@@ -132,6 +137,10 @@ class KernelLayout:
 
     def percpu(self, cpu: int, field: str) -> tuple[int, int]:
         return self.regions["percpu"].va(cpu, PERCPU, field), PERCPU[field][1]
+
+    def pfn_offset(self, va: int) -> tuple[int, int]:
+        """The (pfn, byte offset) of a direct-map address."""
+        return (va - PAGE_OFFSET) >> PAGE_SHIFT, va & (PAGE_SIZE - 1)
 
     def mm(self, mm: int, field: str) -> tuple[int, int]:
         return self.regions["mms"].va(mm, MM, field), MM[field][1]

@@ -158,15 +158,21 @@ def put_pages(cpu: Cpu, pt: PageTables, entries, operation: str) -> None:
     """Drop the count of each page these L1 entries map, in this CPU's next message, and free
     those whose count hits zero once it is answered (Linux's mmu_gather puts pages after the
     TLB flush that follows the unmapping)."""
+
+    def put(pfn: int) -> None:
+        def freed(count) -> None:
+            if checked(cpu, operation, count) >> 8 == 1:
+                free_pages(cpu, [pfn])
+
+        cpu.defer(ops.atomic("fetch_add", cpu.kl.pageinfo(pfn)[0], -PAGE_COUNT_ONE & _U32, size=4), then=freed)
+
     for entry in entries:
         if entry & P:
-            pfn = pt.pfn_of(entry)
-
-            def put(count, pfn=pfn) -> None:
-                if checked(cpu, operation, count) >> 8 == 1:
-                    free_pages(cpu, [pfn])
-
-            cpu.defer(ops.atomic("fetch_add", cpu.kl.pageinfo(pfn)[0], -PAGE_COUNT_ONE & _U32, size=4), then=put)
+            pfn = pt.known_pfn(entry)
+            if pfn is not None:
+                put(pfn)
+            else:  # the M2P's answer first, in this CPU's next message, then the count
+                cpu.defer(pt.m2p_op(entry), then=lambda m2p, entry=entry: put(pt.pfn_of(cpu, entry, m2p)))
 
 
 async def fork(cpu: Cpu, pt: PageTables, parent: Mm, child_id: int, shared: list[int], parent_l1: tuple[int, ...] = ()) -> Mm:
@@ -177,13 +183,18 @@ async def fork(cpu: Cpu, pt: PageTables, parent: Mm, child_id: int, shared: list
     cpumask (TLB_FLUSH_MULTI reading it from guest memory); each page's count goes up. The
     child is pinned at the end, in the same message."""
     cow = {i: parent_l1[i] & ~RW for i in shared if parent_l1[i] & P}
+    unknown = [entry for entry in cow.values() if pt.known_pfn(entry) is None]
+    if unknown:  # the pages' pfns, for their counts: the M2P's answers (docs/xen.md section 22)
+        for entry, answer in zip(unknown, await cpu.send(*(pt.m2p_op(entry) for entry in unknown)), strict=True):
+            pt.pfn_of(cpu, entry, answer)
+    pfns = [pt.known_pfn(entry) for entry in cow.values()]
     batch = cpu.msg()
     child = await mm_alloc(cpu, pt, batch, child_id, cow)
     if cow:
         pt.set_entries(cpu, batch, parent.l1, cow, pinned=True)
         batch.mmuext_op([(MmuextCmd.TLB_FLUSH_MULTI, 0, mm_va(cpu, parent.id, "cpumask"))])
-        for entry in cow.values():
-            batch.atomic("fetch_add", cpu.kl.pageinfo(pt.pfn_of(entry))[0], PAGE_COUNT_ONE, size=4)
+        for pfn in pfns:
+            batch.atomic("fetch_add", cpu.kl.pageinfo(pfn)[0], PAGE_COUNT_ONE, size=4)
     pin(cpu, pt, batch, child)
     await batch.flush()
     cpu.count("forks")
@@ -213,7 +224,7 @@ async def touch(cpu: Cpu, pt: PageTables, mm: Mm, task: int, generation: int, in
     pages = dict(zip(cow + fresh, await alloc_pages(cpu, len(faults))))
     batch = cpu.msg()
     for index in cow:
-        batch.mmuext_op([(MmuextCmd.COPY_PAGE, pt.mfn(pages[index]), pt.mfn(pt.pfn_of(entries[index])))])
+        batch.mmuext_op([(MmuextCmd.COPY_PAGE, pt.mfn(pages[index]), (entries[index] & PTE_MFN_MASK) >> PAGE_SHIFT)])
     for pfn in pages.values():
         batch.store(cpu.kl.pageinfo(pfn)[0], PAGE_COUNT_ONE, size=4)
     pt.set_entries(cpu, batch, mm.l1, {i: pt.make(pfn, PAGE_USER) for i, pfn in pages.items()}, pinned=True)

@@ -1,7 +1,8 @@
 """Direct pagetables: pfn-to-mfn entries, table writes, the pin and unpin walks, highpte kmap.
 
 Every entry the kernel writes names a machine frame (pte_pfn_to_mfn through the P2M) and every
-entry it reads is turned back through the inverse (pte_mfn_to_pfn); docs/linux.md section 9.
+entry it reads is turned back through the inverse (pte_mfn_to_pfn), a read of Xen's read-only
+M2P as Linux's mfn_to_pfn does (docs/linux.md section 9, docs/xen.md section 22).
 How a table is written depends on its state, as in Linux (docs/linux.md section 4): an unpinned table is
 plain memory (a store through the direct map, or through this CPU's kmap slot for a highmem
 pte page); a pinned one only through mmu_update, batched in the lazy-MMU multicall.
@@ -14,10 +15,10 @@ which is mapped read-only while its table is pinned (xen_kmap_atomic_pte).
 
 import struct
 
-from ..hypercalls import Batch, ops
+from ..hypercalls import Batch, Op, PageFault, Pending, ops
 from ..layout import BootLayout
-from ..xen import ENTRIES_PER_TABLE, PAGE_OFFSET, PAGE_SHIFT, PTE_MFN_MASK, UVMF_INVLPG, MmuCmd, MmuextCmd, Pte
-from .cpu import Cpu, add
+from ..xen import ENTRIES_PER_TABLE, PAGE_OFFSET, PAGE_SHIFT, PTE_MFN_MASK, RO_MPT_VIRT_START, UVMF_INVLPG, MmuCmd, MmuextCmd, Pte
+from .cpu import Cpu, add, checked
 from .layout import FIX_KMAP_BEGIN, FIXMAP_L4_SLOT, PG_PINNED, PG_TABLE, KernelLayout
 
 P, RW, US, A, D = (int(f) for f in (Pte.PRESENT, Pte.RW, Pte.USER, Pte.ACCESSED, Pte.DIRTY))
@@ -38,7 +39,10 @@ class PageTables:
 
     def __init__(self, boot: BootLayout, layout: KernelLayout):
         self.boot, self.kl = boot, layout
-        self.m2p = {mfn: pfn for pfn, mfn in enumerate(boot.p2m)}
+        # The M2P's answers so far (`pfn_of`): a frame of this domain keeps its pfn until the
+        # balloon gives it back (which forgets it here), and the balloon's pages are in no
+        # table, so an answer stays true while the kernel maps the frame.
+        self.m2p_seen: dict[int, int] = {}
         self.kernel_half: dict[int, int] = {}
         self.swapper_pfn = (boot.start_info.pt_base - PAGE_OFFSET) >> PAGE_SHIFT
 
@@ -49,9 +53,32 @@ class PageTables:
         """pte_pfn_to_mfn: an entry mapping pfn with flags, as the hardware wants it."""
         return (self.mfn(pfn) << PAGE_SHIFT) | flags
 
-    def pfn_of(self, entry: int) -> int:
-        """pte_mfn_to_pfn: the pfn an entry maps (-1 for a frame that is not ours)."""
-        return self.m2p.get((entry & PTE_MFN_MASK) >> PAGE_SHIFT, -1)
+    def set_p2m(self, pfn: int, mfn: int) -> None:
+        """This CPU's copy of a P2M entry (the list in guest memory is the truth, which the
+        balloon writes too); the frame it named is no longer known to be pfn's."""
+        self.m2p_seen.pop(self.boot.p2m[pfn], None)
+        self.boot.p2m[pfn] = mfn
+
+    def known_pfn(self, entry: int) -> int | None:
+        """The pfn of the frame an entry maps, if the M2P has told this CPU already."""
+        return self.m2p_seen.get((entry & PTE_MFN_MASK) >> PAGE_SHIFT)
+
+    @staticmethod
+    def m2p_op(entry: int) -> Op:
+        """mfn_to_pfn's read of machine_to_phys_mapping, Xen's read-only M2P
+        (docs/xen.md section 22), for the frame an entry maps; `pfn_of` checks its answer."""
+        return ops.load(RO_MPT_VIRT_START + 8 * ((entry & PTE_MFN_MASK) >> PAGE_SHIFT))
+
+    def pfn_of(self, cpu: Cpu, entry: int, pending: Pending) -> int:
+        """pte_mfn_to_pfn from the M2P's answer (`m2p_op`), with Linux's round-trip check
+        (mfn_to_pfn: p2m[pfn] == mfn, else the frame is foreign). Every frame this kernel's
+        tables map is its own, so a foreign one is a kernel BUG."""
+        mfn = (entry & PTE_MFN_MASK) >> PAGE_SHIFT
+        pfn = checked(cpu, "mfn_to_pfn", pending)
+        if isinstance(pfn, PageFault) or not 0 <= pfn < len(self.boot.p2m) or self.boot.p2m[pfn] != mfn:
+            raise cpu.bug("mfn_to_pfn", f"mfn {mfn:#x} is not this domain's: the M2P answers {pfn}")
+        self.m2p_seen[mfn] = pfn
+        return pfn
 
     def maddr(self, pfn: int, index: int) -> int:
         """Machine address of entry `index` of table pfn (mmu_update's ptr)."""

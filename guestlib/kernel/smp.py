@@ -20,9 +20,8 @@ import trio
 
 from ..events import EventChannels
 from ..hypercalls import Batch, Pending, ops
-from ..xen import SHARED_INFO_EVTCHN_PENDING
 from .cpu import Cpu, checked
-from .layout import CSD, FIX_SHARED_INFO, OFFLINE
+from .layout import CSD, OFFLINE
 
 CallFunc = Callable[[Cpu, int], Awaitable[None]]
 FUNCTIONS: dict[int, CallFunc] = {}
@@ -121,12 +120,11 @@ class Smp:
         cpu.count("ipis_sent", len(targets))
         await cpu.hook("call_function:sent", cpu)
         kick = self.ports["kick"][cpu.id]
-        kick_word = kl.fixmap_va(FIX_SHARED_INFO) + SHARED_INFO_EVTCHN_PENDING + 8 * (kick // 64)
         cpu.phase = f"call_function_many waiting for {targets}"
         while True:
             if wait:
                 batch.sched_poll([kick], cpu.client.system_time_ns + CALL_WAIT_NS)
-                batch.atomic("fetch_and", kick_word, ~(1 << kick % 64) & (2**64 - 1))
+                self.events.clear_pending(batch, kick)
             dones = [batch.load(kl.csd(cpu.id, t, "done")[0]) for t in targets]
             online = [batch.load(kl.percpu(t, "online")[0]) for t in targets]
             panicked = cpu.check_panic(batch)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from ..hypercalls import ops
+from .balloon import Balloon
 from .boot import OFFLINE, ONLINE, STOPPED, answer_pending_calls
 from .cpu import Cpu, KernelBug, Panicked, checked
 from .layout import RING_SLOTS
@@ -36,6 +37,7 @@ class WorkloadConfig:
     migrate: float = 0.5  # chance that a child is finished on another CPU
     max_lifecycles: int = 0  # 0 = as many as fit in `seconds`
     idle_ms: float = 20.0  # how long an idle CPU stays lazy on a borrowed mm, at most
+    balloon: int = 0  # pages each CPU gives back to Xen and takes again between lifecycles (balloon.py)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Workload:
         self.k, self.cpu, self.config = kernel, kernel.cpu, config
         self.rng = random.Random(config.seed * 1009 + self.cpu.id)
         self.corruptions: list[str] = []
+        self.balloon = Balloon(self.cpu, kernel.pt, config.balloon) if config.balloon else None
         self.lifecycles = 0
         self.ring_tail = [0] * self.cpu.kl.nr_cpus  # what this CPU produced into each ring
         self.ring_head = [0] * self.cpu.kl.nr_cpus  # what it consumed from each ring
@@ -73,6 +76,8 @@ class Workload:
         async with cpu.irq:
             await self._load_rings()
             parent = await self._make_parent()
+            if self.balloon:
+                await self.balloon.start()
         cpu.phase = "running"
         while not self._done(deadline):
             async with cpu.irq:
@@ -80,7 +85,12 @@ class Workload:
                 if cpu.borrowed is not None:
                     await self._kernel_thread()
                 await self._lifecycle(parent)
+                if self.balloon:
+                    await self.balloon.cycle()
             await trio.sleep(0)  # interrupts on between lifecycles
+        if self.balloon and self.balloon.given_back:
+            async with cpu.irq:
+                await self.balloon.take_back()
         await self._finish(parent)
 
     def _done(self, deadline: float) -> bool:
@@ -243,7 +253,7 @@ async def run(kernel, config: WorkloadConfig) -> dict:
         "lifecycles": workload.lifecycles,
         "messages": cpu.messages,
         "stats": cpu.stats,
-        "data_corruptions": workload.corruptions,
+        "data_corruptions": workload.corruptions + (workload.balloon.corruptions if workload.balloon else []),
         "bug": bug,
         "bug_after_s": bug_at,
         "stale_cr3": bool(bug and "stale-cr3 window" in bug),

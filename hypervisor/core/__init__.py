@@ -17,11 +17,11 @@ hypercall stops after a bounded, counted amount of work and answers a `Continuat
 `Hypervisor.resume` goes on with once the caller has let other calls run (preempt.py).
 """
 
-from .audit import audit
+from .audit import audit, audit_domain
 from .cpu import PageFault
 from .errors import SimulatorBug, VcpuNotRunning, XenError
 from .hypervisor import Hypervisor
 from .preempt import Continuation
 from .sched import BLOCKED
 
-__all__ = ["BLOCKED", "Continuation", "Hypervisor", "PageFault", "SimulatorBug", "VcpuNotRunning", "XenError", "audit"]
+__all__ = ["BLOCKED", "Continuation", "Hypervisor", "PageFault", "SimulatorBug", "VcpuNotRunning", "XenError", "audit", "audit_domain"]

@@ -44,6 +44,7 @@ ENTRIES_PER_TABLE = 512
 PADDR_BITS = 52
 PTE_MFN_MASK = ((1 << PADDR_BITS) - 1) & ~(PAGE_SIZE - 1)  # pte bits 12..51
 INVALID_MFN = (1 << (PADDR_BITS - PAGE_SHIFT)) - 1  # the all-ones frame number
+INVALID_M2P = (1 << 64) - 1  # INVALID_M2P_ENTRY: the M2P entry of a frame no guest owns
 
 
 class Pte(IntEnum):
@@ -84,10 +85,12 @@ HYPERVISOR_L4_FIRST = 256
 HYPERVISOR_L4_LAST = 271
 HYPERVISOR_VIRT_START = 0xFFFF800000000000
 HYPERVISOR_VIRT_END = 0xFFFF880000000000
+L4_SLOT_RO_MPT = 256  # RO_MPT_VIRT_START: the read-only M2P, readable by the guest (docs/xen.md section 22)
 L4_SLOT_LINEAR = 258  # LINEAR_PT_VIRT_START: Xen's own self-map of every L4
 L4_SLOT_PERDOMAIN = 260  # PERDOMAIN_VIRT_START: per-domain mappings (GDT/LDT shadows, mapcache)
 L4_SLOT_XEN = 261  # XEN_VIRT_START's slot: M2P, vmap, Xen's text and data, frame table
 L4_SLOT_DIRECTMAP = 262  # DIRECTMAP_VIRT_START: the direct map of RAM, slots 262..271 for PV
+RO_MPT_VIRT_START = HYPERVISOR_VIRT_START  # machine_to_phys_mapping: one u64 pfn per mfn
 
 
 class MmuCmd(IntEnum):
@@ -179,6 +182,9 @@ EVTCHNOP_bind_ipi = 7
 EVTCHNOP_bind_vcpu = 8
 EVTCHNOP_unmask = 9
 EVTCHNOP_reset = 10
+EVTCHNOP_init_control = 11
+EVTCHNOP_expand_array = 12
+EVTCHNOP_set_priority = 13
 
 # EVTCHNOP_status states (docs/xen.md section 16.1).
 EVTCHNSTAT_closed = 0
@@ -191,6 +197,23 @@ EVTCHNSTAT_ipi = 5
 # Ports of the 2-level ABI for a 64-bit guest: 64 words of 64 bits (docs/xen.md section 16.2).
 BITS_PER_EVTCHN_WORD = 64
 EVTCHN_2L_NR_CHANNELS = BITS_PER_EVTCHN_WORD * BITS_PER_EVTCHN_WORD
+
+# The FIFO ABI (public/event_channel.h; docs/xen.md section 24): a u32 event word per port in
+# guest event-array pages, and per vCPU a control block of a ready bitmap and 16 queue heads.
+EVTCHN_FIFO_PRIORITY_MAX = 0  # the highest
+EVTCHN_FIFO_PRIORITY_DEFAULT = 7
+EVTCHN_FIFO_PRIORITY_MIN = 15  # the lowest
+EVTCHN_FIFO_MAX_QUEUES = EVTCHN_FIFO_PRIORITY_MIN + 1
+EVTCHN_FIFO_PENDING = 31  # event-word bits
+EVTCHN_FIFO_MASKED = 30
+EVTCHN_FIFO_LINKED = 29
+EVTCHN_FIFO_BUSY = 28
+EVTCHN_FIFO_LINK_BITS = 17
+EVTCHN_FIFO_LINK_MASK = (1 << EVTCHN_FIFO_LINK_BITS) - 1
+EVTCHN_FIFO_NR_CHANNELS = 1 << EVTCHN_FIFO_LINK_BITS
+EVTCHN_FIFO_CONTROL_READY = 0  # struct evtchn_fifo_control_block: u32 ready, u32 _rsvd,
+EVTCHN_FIFO_CONTROL_HEAD = 8  # u32 head[EVTCHN_FIFO_MAX_QUEUES]
+EVTCHN_FIFO_CONTROL_SIZE = EVTCHN_FIFO_CONTROL_HEAD + 4 * EVTCHN_FIFO_MAX_QUEUES
 
 # struct shared_info for x86_64 (public/xen.h, arch-x86/xen.h; docs/xen.md section 16.5): byte offsets.
 SHARED_INFO_VCPU_INFO = 0  # vcpu_info[MAX_VCPUS], VCPU_INFO_SIZE bytes each
@@ -218,13 +241,28 @@ VIRQ_XENPMU = 13
 VIRQ_ARCH_0 = 16
 NR_VIRQS = 24
 
+# memory_op commands and flags (public/memory.h; docs/xen.md section 23).
+XENMEM_increase_reservation = 0
+XENMEM_decrease_reservation = 1
+XENMEM_maximum_ram_page = 2
+XENMEM_current_reservation = 3
+XENMEM_maximum_reservation = 4
+XENMEM_populate_physmap = 6
+XENMEM_exchange = 11
+XENMEMF_populate_on_demand = 1 << 16
+
 # vcpu_op commands (public/vcpu.h; docs/xen.md section 14) and vcpu_guest_context flags (arch-x86/xen.h).
 VCPUOP_initialise = 0
 VCPUOP_up = 1
 VCPUOP_down = 2
 VCPUOP_is_up = 3
+VCPUOP_get_runstate_info = 4
+VCPUOP_register_runstate_memory_area = 5
+VCPUOP_set_periodic_timer = 6
+VCPUOP_stop_periodic_timer = 7
 VCPUOP_set_singleshot_timer = 8
 VCPUOP_stop_singleshot_timer = 9
+VCPUOP_register_vcpu_info = 10
 VCPU_SSHOTTMR_future = 1 << 0  # Xen ignores it since 4.18 (a late deadline fires, never -ETIME)
 VGCF_in_kernel = 1 << 2
 VGCF_online = 1 << 5
@@ -247,3 +285,22 @@ SHUTDOWN_soft_reset = 5
 PFEC_page_present = 1
 PFEC_write_access = 2
 PFEC_user_mode = 4
+
+# Xen system time in ns (xen/include/xen/time.h): MILLISECS, and STIME_DELTA_MAX, the longest
+# period a timer takes (the largest s_time_t with two bits to spare).
+MILLISECS = 1_000_000
+STIME_DELTA_MAX = ((1 << 64) - 1) >> 2
+
+# The periodic timer (docs/vcpu-time.md section 5): every PV vCPU starts with a 10 ms period
+# (xen/arch/x86/pv/domain.c, pv_vcpu_initialise); VCPUOP_set_periodic_timer takes 1 ms to
+# STIME_DELTA_MAX (xen/common/domain.c, common_vcpu_op).
+PERIODIC_DEFAULT_NS = 10 * MILLISECS
+PERIODIC_MIN_NS = 1 * MILLISECS
+
+# struct vcpu_runstate_info (public/vcpu.h; docs/vcpu-time.md section 6): int state (padded to
+# 8 bytes), u64 state_entry_time, u64 time[4] indexed by state; 48 bytes in all.
+RUNSTATE_running = 0
+RUNSTATE_runnable = 1
+RUNSTATE_blocked = 2
+RUNSTATE_offline = 3
+RUNSTATE_INFO_SIZE = 48

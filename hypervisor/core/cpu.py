@@ -19,7 +19,9 @@ two bases. The error code's U bit tells the guest's mode, as Xen's pv_inject_eve
 
 Xen's range (L4 slots 256..271) is never walked: an access there faults on the L4 entry Xen
 wrote into every base (pagetable.xen_l4_slots), which is empty or lacks USER, whatever lies
-below it, and whatever the base's slot holds. Xen passes such a fault to the guest (xen/arch/x86/traps.c fixup_page_fault does not
+below it, and whatever the base's slot holds. The one exception is the read-only M2P, which
+Xen maps readable in slot 256 of a kernel base (docs/xen.md section 22): a read there returns
+the M2P's entry, a write faults. Xen passes such a fault to the guest (xen/arch/x86/traps.c fixup_page_fault does not
 emulate in Xen's range). The error code's P bit is that of Xen's L4 entry: the model has none
 of Xen's lower tables, where a real walk could meet a hole and clear it.
 
@@ -49,7 +51,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import ptwr
-from .abi import HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, PAGE_SIZE, Errno, PFEC_page_present, PFEC_user_mode, PFEC_write_access
+from .abi import HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, L4_SLOT_RO_MPT, PAGE_SHIFT, PAGE_SIZE, RO_MPT_VIRT_START, Errno, PFEC_page_present, PFEC_user_mode, PFEC_write_access
 from .domain import Vcpu
 from .errors import SimulatorBug, XenError
 from .pagetable import RW, US, A, D, G, P, entry_mfn
@@ -105,10 +107,7 @@ def _walk(hv: "Hypervisor", root: int, va: int, user: bool, write: bool) -> tupl
     if not canonical(va):
         raise XenError(Errno.EINVAL, f"va {va:#x} is not canonical (the CPU raises #GP, which the model does not deliver)")
     if HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
-        slot = (va >> 39) & 511
-        if hv.pagetables.xen_l4_entries(root).item(slot - HYPERVISOR_L4_FIRST) & P:
-            return PageFault(va, code | PFEC_page_present, f"va {va:#x} is in Xen's range: L4 entry {slot} of mfn {root:#x} lacks USER")
-        return PageFault(va, code, f"va {va:#x} is in Xen's range: L4 entry {slot} of mfn {root:#x} is not present")
+        return _xen_range_fault(hv, root, va, code)
     path = walk_entries(hv.memory, root, va)
     flags = P | RW | US
     for level, (table, slot, entry) in zip(_LEVELS, path):
@@ -124,6 +123,42 @@ def _walk(hv: "Hypervisor", root: int, va: int, user: bool, write: bool) -> tupl
         what = "is read-only" if bit == RW else "lacks USER"
         return PageFault(va, code | PFEC_page_present, f"L{level} entry {slot} of mfn {table:#x} {what}")
     return path, flags
+
+
+def _xen_range_fault(hv: "Hypervisor", root: int, va: int, code: int) -> PageFault:
+    """The fault of an access in Xen's range, decided by Xen's entry in the base's L4 slot.
+    The read-only M2P's slot (256, once filled) passes reads of the entries the machine has:
+    those are answered by `_m2p_read` on the way back, and its fault here is never seen."""
+    slot = (va >> 39) & 511
+    where = f"va {va:#x} is in Xen's range: L4 entry {slot} of mfn {root:#x}"
+    if slot == L4_SLOT_RO_MPT and _maps_ro_mpt(hv, root):
+        if code & PFEC_write_access:
+            return PageFault(va, code | PFEC_page_present, f"{where} maps Xen's M2P read-only")
+        return PageFault(va, code, f"{where} maps Xen's M2P, which has no entry there (the machine has {hv.nr_frames:#x} frames)")
+    if hv.pagetables.xen_l4_entries(root).item(slot - HYPERVISOR_L4_FIRST) & P:
+        return PageFault(va, code | PFEC_page_present, f"{where} lacks USER")
+    return PageFault(va, code, f"{where} is not present")
+
+
+def _maps_ro_mpt(hv: "Hypervisor", root: int) -> bool:
+    """Whether Xen has mapped its read-only M2P in slot 256 of base `root` (fill_ro_mpt);
+    whatever else the slot holds is not Xen's and answers nothing."""
+    return hv.memory.entries(root).item(L4_SLOT_RO_MPT) == hv.pagetables.ro_mpt_entry
+
+
+def _m2p_read(hv: "Hypervisor", vcpu: Vcpu, va: int, length: int, user: bool) -> bytes | None:
+    """What a read of `length` bytes at `va` gets from Xen's read-only M2P
+    (machine_to_phys_mapping, docs/xen.md section 22): the M2P entry of mfn (va -
+    RO_MPT_VIRT_START) / 8, as MMU_MACHPHYS_UPDATE and memory_op last set it, when the base
+    maps the M2P in slot 256; None where it does not (the access faults)."""
+    first = va - RO_MPT_VIRT_START
+    if not (0 <= first and first + length <= 8 * hv.nr_frames):
+        return None
+    root = vcpu.guest_table_user if user else vcpu.guest_table
+    if not root or not _maps_ro_mpt(hv, root):
+        return None
+    words = hv.m2p[first >> 3 : (first + length + 7) >> 3].astype("<u8").tobytes()
+    return words[first & 7 : (first & 7) + length]
 
 
 def _fill(hv: "Hypervisor", vcpu: Vcpu, va: int, user: bool, write: bool) -> TlbEntry | PageFault:
@@ -190,7 +225,8 @@ def load(hv: "Hypervisor", vcpu: Vcpu, va: int, size: int, user: bool = False) -
     mask = _mask(va, size)
     hit = _translate(hv, vcpu, va, user, False)
     if hit.__class__ is PageFault:
-        return hit
+        data = _m2p_read(hv, vcpu, va, size, user)
+        return hit if data is None else int.from_bytes(data, "little")
     return (hv.memory.entries(hit.mfn).item((va & _OFFSET) >> 3) >> ((va & 7) << 3)) & mask
 
 
@@ -272,7 +308,8 @@ def read(hv: "Hypervisor", vcpu: Vcpu, va: int, length: int, user: bool = False)
     _block(va, length)
     hit = _translate(hv, vcpu, va, user, False)
     if hit.__class__ is PageFault:
-        return hit
+        data = _m2p_read(hv, vcpu, va, length, user)
+        return hit if data is None else data
     return hv.memory.read(hit.mfn, va & _OFFSET, length)
 
 

@@ -17,11 +17,13 @@ import numpy as np
 from .abi import (
     ENTRIES_PER_TABLE,
     EVTCHN_2L_NR_CHANNELS,
+    INVALID_MFN,
     MAX_VCPUS,
     NR_VIRQS,
     PAGE_OFFSET,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PERIODIC_DEFAULT_NS,
     SHARED_INFO_VCPU_INFO,
     START_INFO_FIELD_OFFSET,
     START_INFO_FIELDS,
@@ -31,19 +33,33 @@ from .abi import (
     Errno,
     PageType,
     Pte,
+    RUNSTATE_offline,
     VGCF_in_kernel,
     VGCF_online,
 )
 from .errors import XenError
 from .evtchn import LIBXL_MAX_EVTCHN_PORT, evtchn_init
-from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, XEN_HEAP, FrameTable
+from .evtchn_fifo import EvtchnFifo
+from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, FrameTable
 from .preempt import Continuation
 from .tlb import Tlb
 
-INVALID_M2P = 0xFFFFFFFFFFFFFFFF
 MIN_PAGES = 16
+# libxl's max_pages: the guest's memory plus LIBXL_MAXMEM_CONSTANT (1024 KiB) of slack
+# (tools/libs/light/libxl_dom.c, libxl__build_pre; docs/xen.md section 23).
+MAXMEM_SLACK_PAGES = 1024 * 1024 // PAGE_SIZE
 _TABLE_FLAGS = int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY)
 _DATA_FLAGS = int(Pte.PRESENT | Pte.ACCESSED | Pte.DIRTY)
+
+
+@dataclass
+class Runstate:
+    """struct vcpu_runstate_info (docs/vcpu-time.md section 6): the RUNSTATE_* the vCPU is in,
+    since when (Xen system time), and the ns spent in each state before that."""
+
+    state: int = RUNSTATE_offline  # vcpu_create: every vCPU starts offline
+    state_entry_time: int = 0
+    time: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
 
 @dataclass(eq=False)
@@ -76,6 +92,17 @@ class Vcpu:
     # goes on with it (Xen keeps it in the vCPU's registers): part of the core's state, so
     # that a snapshot taken meanwhile replays the rest of the call.
     continuation: Continuation | None = None
+    # The periodic timer (docs/vcpu-time.md section 5): its period (0 = stopped) and when it
+    # last fired, Xen's periodic_period and periodic_last_event.
+    periodic_period: int = PERIODIC_DEFAULT_NS
+    periodic_last_event: int = 0
+    runstate: Runstate = field(default_factory=Runstate)
+    # VCPUOP_register_runstate_memory_area's guest virtual address (0 = none), which Xen
+    # rewrites whenever the runstate changes (docs/vcpu-time.md section 6).
+    runstate_guest: int = 0
+    # VCPUOP_register_vcpu_info's area as (mfn, byte offset), holding a general and a writable
+    # type reference on the mfn; None = vcpu_info[vcpu_id] of shared info (docs/vcpu-time.md section 7).
+    vcpu_info_area: tuple[int, int] | None = None
 
     def info(self) -> dict:
         return {
@@ -100,7 +127,10 @@ class Domain:
     name: str
     nr_pages: int
     nr_lowmem_pages: int
-    p2m: np.ndarray  # pfn -> mfn, as the builder assigned them
+    # pfn -> mfn, as the builder assigned them; INVALID_MFN where the guest gave the frame back,
+    # a frame populate_physmap gave for a pfn without one (memop.py). Xen keeps no P2M for a PV
+    # guest: this is the audit's reference, the guest's own P2M is in its memory.
+    p2m: np.ndarray
     vcpus: list[Vcpu]
     shared_info_mfn: int = 0
     start_info: dict = field(default_factory=dict)
@@ -112,7 +142,9 @@ class Domain:
     max_evtchn_port: int = LIBXL_MAX_EVTCHN_PORT
     evtchn: list = field(default_factory=list)  # the port table (evtchn.Evtchn), whole buckets
     poll_mask: set[int] = field(default_factory=set)  # ids of the vCPUs in SCHEDOP_poll
+    evtchn_fifo: EvtchnFifo | None = None  # the FIFO ABI's state once EVTCHNOP_init_control ran; None: 2-level
     shutdown_code: int | None = None  # SHUTDOWN_*, once the domain has shut down
+    max_pages: int = 0  # d->max_pages: the reservation memory_op may grow to (docs/xen.md section 23)
     # Its hypercalls by (op, outcome), as Hypervisor.stats counts the machine's: kept with the
     # domain (and gone with it), so a replayed trace counts them too (views.domain_stats).
     stats: Counter = field(default_factory=Counter)
@@ -174,11 +206,11 @@ def build(
         raise XenError(Errno.ENOMEM, f"{nr_pages + 1} frames wanted, {frames.free_frames()} free")
     mfns = frames.alloc(domid, nr_pages)[::-1].copy()  # pfn != mfn, so translation matters
     m2p[mfns] = np.arange(nr_pages, dtype=np.uint64)
-    shared_info = int(frames.alloc(domid, 1)[0])
     # A Xen-heap page shared with the guest: permanently writable (share_xen_page_with_guest).
-    frames.flags[shared_info] |= np.uint8(XEN_HEAP)
+    shared_info = int(frames.alloc(domid, 1, xen_heap=True)[0])
     frames.get_page_type(shared_info, PageType.WRITABLE)
     domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port)
+    domain.max_pages = nr_pages + MAXMEM_SLACK_PAGES  # libxl's setmaxmem
     evtchn_init(domain)
     for vcpu in range(nr_vcpus):  # libxenguest's shared_info_x86_64: no events until the guest enables them
         frames.memory.write(shared_info, SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_MASK, b"\x01")
@@ -197,7 +229,13 @@ def build(
     memory.frame(int(mfns[pt]))[l4_slot] = (int(mfns[l3_pfn]) << PAGE_SHIFT) | _TABLE_FLAGS
 
     l4 = int(mfns[pt])
+    # The L1s first, all at once (a 4 GiB guest has 2048): the L2s' entries then find them
+    # validated and take their references as usual, and the builder drops its own.
+    l1s = mfns[l1_pfn : l1_pfn + layout["nr_l1"]]
+    frames.get_l1_types_bulk(l1s, domid)
     frames.get_page_and_type(l4, domid, PageType.L4)  # the toolstack's PIN_L4_TABLE
+    for l1 in l1s.tolist():
+        frames.put_page_type(l1)
     frames.set_pinned(l4, True)
     frames.get_page_and_type(l4, domid, PageType.L4)  # vCPU 0's kernel base
     boot = domain.vcpus[0]
@@ -245,11 +283,26 @@ def teardown_step(problems: list[str], what: str) -> Iterator[None]:
         problems.append(f"{what}: {type(e).__name__}: {e}")
 
 
-def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
+def owned_frames(frames: FrameTable, domain: Domain, nr_owned: int | None = None) -> np.ndarray:
+    """The frames `domain` owns, in mfn order (Xen's d->page_list and d->xenpage_list,
+    docs/xen.md section 21): its P2M's and its shared info, which are all of them unless
+    memory_op changed its frames (docs/xen.md section 23: a frame given back but still held, an
+    extent taken outside the P2M). Checked against how many it owns, `nr_owned` (by default
+    the frame table's counts, which audit checks), so that a frame the P2M does not name
+    (after memory_op, or a bug, which audit reports) is still found, by a scan of the whole
+    frame table."""
+    if nr_owned is None:
+        nr_owned = frames.tot_pages.item(domain.domid) + frames.xenheap_pages.item(domain.domid)
+    mine = np.sort(np.append(domain.p2m[domain.p2m != INVALID_MFN], domain.shared_info_mfn))
+    mine = mine[(frames.owner[mine] == domain.domid) & np.append(True, mine[1:] != mine[:-1])]  # once each, should the P2M repeat one
+    return mine if len(mine) == nr_owned else np.flatnonzero(frames.owner == domain.domid)
+
+
+def relinquish(frames: FrameTable, pagetables, domain: Domain, owned: np.ndarray) -> list[str]:
     """Release everything a dying domain holds (xen/arch/x86/domain.c:domain_relinquish_resources).
 
-    Order as in docs/xen.md section 12.4: vCPU base pointers and the tables the vCPUs were tearing down
-    (put_old_guest_table), Xen-heap pages, then pins, then the work of partial tables (which
+    Order as in docs/xen.md section 12.4: vCPU base pointers, registered vcpu_info areas and the tables the
+    vCPUs were tearing down (put_old_guest_table), Xen-heap pages, then pins, then the work of partial tables (which
     Xen's relinquish_memory finishes for PGT_partial pages), then forced devalidation of
     validated tables top-down (which breaks linear-pagetable cycles), then every allocation
     reference. Xen forces L4s, L3s and L2s only, since in a sound model the L1s lose their last
@@ -258,7 +311,8 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
     instead of every frame the L1 maps. Runs in one go: the toolstack's destruction is not
     preemptible in xensim.
 
-    Returns what went wrong (see `teardown_step`): nothing, in a sound model. Frames still
+    `owned` are the domain's frames (`owned_frames`). Returns what went wrong (see
+    `teardown_step`): nothing, in a sound model. Frames still
     referenced afterwards stay allocated to the domain for the caller to quarantine.
     """
     problems: list[str] = []
@@ -268,12 +322,15 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain) -> list[str]:
                 with teardown_step(problems, f"vCPU {vcpu.vcpu_id} base pointer mfn {base:#x}"):
                     frames.put_page_and_type(base)
         vcpu.guest_table = vcpu.guest_table_user = 0
+        if vcpu.vcpu_info_area is not None:  # unmap_guest_area (docs/vcpu-time.md section 7)
+            with teardown_step(problems, f"vCPU {vcpu.vcpu_id} vcpu_info mfn {vcpu.vcpu_info_area[0]:#x}"):
+                frames.put_page_and_type(vcpu.vcpu_info_area[0])
+            vcpu.vcpu_info_area = None
         with teardown_step(problems, f"vCPU {vcpu.vcpu_id} old_guest_tables {vcpu.old_guest_tables}"):
             frames.put_old_guest_tables(vcpu)
         vcpu.tlb.flush()
     with teardown_step(problems, f"shared-info mfn {domain.shared_info_mfn:#x}"):
         frames.put_page_type(domain.shared_info_mfn)
-    owned = np.flatnonzero(frames.owner == domain.domid)
     for mfn in owned[(frames.flags[owned] & PINNED) != 0].tolist():
         frames.set_pinned(mfn, False)
         with teardown_step(problems, f"pin of mfn {mfn:#x}"):

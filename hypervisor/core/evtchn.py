@@ -26,10 +26,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import evtchn_fifo
 from .abi import (
     BITS_PER_EVTCHN_WORD,
     DOMID_SELF,
     EVTCHN_2L_NR_CHANNELS,
+    EVTCHN_FIFO_NR_CHANNELS,
+    EVTCHN_FIFO_PRIORITY_DEFAULT,
     NR_VIRQS,
     SHARED_INFO_EVTCHN_MASK,
     SHARED_INFO_EVTCHN_PENDING,
@@ -52,7 +55,7 @@ from .abi import (
     EVTCHNSTAT_virq,
 )
 from .errors import XenError
-from .sched import vcpu_kick, vcpu_unblock
+from .sched import rebind_periodic_timer, vcpu_kick, vcpu_unblock
 
 if TYPE_CHECKING:
     from .domain import Domain, Vcpu
@@ -76,9 +79,13 @@ _UPCALL_MASK_SHIFT = 8 * VCPU_INFO_UPCALL_MASK
 assert VCPU_INFO_UPCALL_PENDING < 8 and VCPU_INFO_UPCALL_MASK < 8
 
 
-def _vcpu_info(vcpu_id: int) -> int:
-    """Index of the first word of vcpu_info[vcpu_id] in the shared-info frame."""
-    return (SHARED_INFO_VCPU_INFO + vcpu_id * VCPU_INFO_SIZE) // 8
+def vcpu_info_words(hv: "Hypervisor", vcpu: "Vcpu") -> tuple[int, int]:
+    """Where the vCPU's vcpu_info is: (mfn, index of its first u64 word). vcpu_info[vcpu_id]
+    of the shared-info frame until VCPUOP_register_vcpu_info moves it (docs/vcpu-time.md section 7)."""
+    if vcpu.vcpu_info_area is not None:
+        mfn, offset = vcpu.vcpu_info_area
+        return mfn, offset // 8
+    return hv.domains[vcpu.domid].shared_info_mfn, (SHARED_INFO_VCPU_INFO + vcpu.vcpu_id * VCPU_INFO_SIZE) // 8
 
 
 class ECS(IntEnum):
@@ -136,6 +143,13 @@ class Evtchn:
     remote_domid: int = 0  # UNBOUND: the domain that may bind; INTERDOMAIN: the peer
     remote_port: int = 0  # INTERDOMAIN: the peer's port
     virq: int = 0  # VIRQ: which one
+    # FIFO ABI (evtchn_fifo.py): the queue of future events, the queue (vCPU, priority) the
+    # port was last linked on (Xen's fifo_lastq, kept across close as Xen keeps it), and an
+    # event that came before its event-array page (Xen's evtchn->pending).
+    priority: int = EVTCHN_FIFO_PRIORITY_DEFAULT
+    last_vcpu_id: int = 0
+    last_priority: int = 0
+    fifo_pending: bool = False
 
     @property
     def usable(self) -> bool:
@@ -156,7 +170,7 @@ def port_is_valid(domain: "Domain", port: int) -> bool:
     return 0 <= port < len(domain.evtchn)
 
 
-def _valid_port(domain: "Domain", port: int, op: str) -> Evtchn:
+def valid_port(domain: "Domain", port: int, op: str) -> Evtchn:
     if not port_is_valid(domain, port):
         raise XenError(
             Errno.EINVAL,
@@ -165,35 +179,45 @@ def _valid_port(domain: "Domain", port: int, op: str) -> Evtchn:
     return domain.evtchn[port]
 
 
+def max_evtchns(domain: "Domain") -> int:
+    """max_evtchns: the ports of the ABI the domain speaks (docs/xen.md section 24.5)."""
+    return EVTCHN_2L_NR_CHANNELS if domain.evtchn_fifo is None else EVTCHN_FIFO_NR_CHANNELS
+
+
 def _port_limit(domain: "Domain") -> int:
-    """The highest port the domain may allocate: its cap, within the 2-level ABI."""
-    return min(domain.max_evtchn_port, EVTCHN_2L_NR_CHANNELS - 1)
+    """The highest port the domain may allocate: its cap, within its ABI."""
+    return min(domain.max_evtchn_port, max_evtchns(domain) - 1)
 
 
-def get_free_port(domain: "Domain") -> int:
+def get_free_port(hv: "Hypervisor", domain: "Domain") -> int:
     """get_free_port (docs/xen.md section 16.2): the lowest free port up to the cap, which may lie in the
     next bucket. Unlike Xen, the table grows only when an op binds the port (`claim_port`): a
     failed op then leaves it as it was, and a foreign caller refused by XSM cannot grow or
-    probe another domain's table."""
-    table, limit = domain.evtchn, _port_limit(domain)
+    probe another domain's table. Under FIFO a free port still LINKED on a queue is passed
+    over (evtchn_allocate_port: evtchn_is_busy), so the guest's queue is never corrupted."""
+    table, limit, fifo = domain.evtchn, _port_limit(domain), domain.evtchn_fifo is not None
     for port in range(min(limit + 1, len(table))):
-        if table[port].state == ECS.FREE:
+        if table[port].state == ECS.FREE and not (fifo and evtchn_fifo.is_busy(hv, domain, port)):
             return port
     port = len(table)
     if port > limit:
         raise XenError(
             Errno.ENOSPC,
-            f"dom{domain.domid} has no free event-channel port: every port up to {limit} is in use "
-            f"(max_evtchn_port {domain.max_evtchn_port}, 2-level ABI {EVTCHN_2L_NR_CHANNELS} ports)",
+            f"dom{domain.domid} has no free event-channel port: every port up to {limit} is in use or still linked "
+            f"(max_evtchn_port {domain.max_evtchn_port}, {'FIFO' if fifo else '2-level'} ABI {max_evtchns(domain)} ports)",
         )
     return port
 
 
 def claim_port(domain: "Domain", port: int) -> "Evtchn":
-    """The channel of a port from `get_free_port`, adding its bucket if it is the next one."""
+    """The channel of a port from `get_free_port`, adding its bucket if it is the next one,
+    with the default FIFO priority (evtchn_port_init: a set_priority of the free port does not
+    carry over into the binding)."""
     if port >= len(domain.evtchn):
         domain.evtchn.extend(Evtchn() for _ in range(EVTCHNS_PER_BUCKET))
-    return domain.evtchn[port]
+    chn = domain.evtchn[port]
+    chn.priority = EVTCHN_FIFO_PRIORITY_DEFAULT
+    return chn
 
 
 def _domain_by_any_id(hv: "Hypervisor", caller: "Domain", domid: int) -> "Domain":
@@ -231,25 +255,45 @@ def _test_and_clear_bit(words: np.ndarray, index: int, bit: int) -> bool:
     return True
 
 
-def _notify(hv: "Hypervisor", domain: "Domain", vcpu_id: int, word: int, words: np.ndarray) -> None:
-    """The tail of set_pending and unmask: a selector bit that goes 0->1 marks the vCPU's
-    events pending, and an upcall-pending that goes 0->1 kicks the vCPU
+def _notify(hv: "Hypervisor", domain: "Domain", vcpu_id: int, word: int) -> None:
+    """The tail of 2-level set_pending and unmask: a selector bit that goes 0->1 marks the
+    vCPU's events pending, and an upcall-pending that goes 0->1 kicks the vCPU
     (vcpu_mark_events_pending)."""
-    info = _vcpu_info(vcpu_id)
-    if not _test_and_set_bit(words, info + _SEL, word) and not _test_and_set_bit(words, info, _UPCALL_PENDING_SHIFT):
-        vcpu_kick(hv, domain.vcpus[vcpu_id])
+    vcpu = domain.vcpus[vcpu_id]
+    mfn, info = vcpu_info_words(hv, vcpu)
+    if not _test_and_set_bit(hv.memory.frame(mfn), info + _SEL, word):
+        vcpu_mark_events_pending(hv, vcpu)
 
 
-def set_pending(hv: "Hypervisor", domain: "Domain", vcpu_id: int, port: int) -> None:
-    """evtchn_2l_set_pending (docs/xen.md section 16.5), in Xen's order: pending, then (if unmasked) the
-    selector and upcall-pending of `vcpu_id`, then the pollers, all only on a 0->1 edge."""
+def vcpu_mark_events_pending(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    """vcpu_mark_events_pending: an upcall-pending that goes 0->1 kicks the vCPU."""
+    mfn, info = vcpu_info_words(hv, vcpu)
+    if not _test_and_set_bit(hv.memory.frame(mfn), info, _UPCALL_PENDING_SHIFT):
+        vcpu_kick(hv, vcpu)
+
+
+def set_pending(hv: "Hypervisor", domain: "Domain", vcpu_id: int, port: int) -> bool:
+    """evtchn_port_set_pending: through the ABI the domain speaks. Under FIFO
+    (docs/xen.md section 24.3) a queue's ready bit that goes 0->1 marks the vCPU's events
+    pending. Under 2-level (docs/xen.md section 16.5), in Xen's order: pending, then (if
+    unmasked) the selector and upcall-pending of `vcpu_id`, then the pollers, all only on a
+    0->1 edge. Returns whether the pending bit went 0->1 (the event was news): in either ABI
+    an event already pending is not."""
+    if domain.evtchn_fifo is not None:
+        was_pending, ready = evtchn_fifo.set_pending(hv, domain, domain.vcpus[vcpu_id], domain.evtchn[port], port)
+        if ready:
+            vcpu_mark_events_pending(hv, domain.vcpus[vcpu_id])
+        if not was_pending:
+            check_pollers(hv, domain, port)
+        return not was_pending
     words = hv.memory.frame(domain.shared_info_mfn)
     word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
     if _test_and_set_bit(words, _PENDING + word, bit):
-        return
+        return False
     if not words.item(_MASK + word) >> bit & 1:
-        _notify(hv, domain, vcpu_id, word, words)
+        _notify(hv, domain, vcpu_id, word)
     check_pollers(hv, domain, port)
+    return True
 
 
 def check_pollers(hv: "Hypervisor", domain: "Domain", port: int) -> None:
@@ -268,28 +312,49 @@ def evtchn_port_poll(hv: "Hypervisor", domain: "Domain", port: int) -> bool:
     if not port_is_valid(domain, port) or not domain.evtchn[port].usable:
         what = domain.evtchn[port].state.name.lower() if port_is_valid(domain, port) else "beyond the allocated ports"
         raise XenError(Errno.EINVAL, f"poll: dom{domain.domid} port {port} is {what}, not a bound port")
+    return port_is_pending(hv, domain, port)
+
+
+def two_level_pending(hv: "Hypervisor", domain: "Domain", port: int) -> bool:
+    """The port's bit in shared_info.evtchn_pending."""
     word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
     return bool(hv.memory.entries(domain.shared_info_mfn).item(_PENDING + word) >> bit & 1)
 
 
+def port_is_pending(hv: "Hypervisor", domain: "Domain", port: int) -> bool:
+    """evtchn_port_is_pending, in the domain's ABI."""
+    if domain.evtchn_fifo is not None:
+        return evtchn_fifo.is_pending(hv, domain, port)
+    return two_level_pending(hv, domain, port)
+
+
+def port_is_masked(hv: "Hypervisor", domain: "Domain", port: int) -> bool:
+    """evtchn_port_is_masked, in the domain's ABI."""
+    if domain.evtchn_fifo is not None:
+        return evtchn_fifo.is_masked(hv, domain, port)
+    word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
+    return bool(hv.memory.entries(domain.shared_info_mfn).item(_MASK + word) >> bit & 1)
+
+
 def local_events_need_delivery(hv: "Hypervisor", vcpu: "Vcpu") -> bool:
     """An upcall is deliverable: upcall-pending set and upcall-mask clear (docs/xen.md section 16.6)."""
-    word = hv.memory.entries(hv.domains[vcpu.domid].shared_info_mfn).item(_vcpu_info(vcpu.vcpu_id))
+    mfn, info = vcpu_info_words(hv, vcpu)
+    word = hv.memory.entries(mfn).item(info)
     return bool(word >> _UPCALL_PENDING_SHIFT & 0xFF) and not word >> _UPCALL_MASK_SHIFT & 0xFF
 
 
 def set_upcall_mask(hv: "Hypervisor", vcpu: "Vcpu", masked: bool) -> None:
     """Write the vCPU's evtchn_upcall_mask byte (local_event_delivery_enable/_disable)."""
-    words = hv.memory.frame(hv.domains[vcpu.domid].shared_info_mfn)
-    index = _vcpu_info(vcpu.vcpu_id)
+    mfn, index = vcpu_info_words(hv, vcpu)
+    words = hv.memory.frame(mfn)
     words[index] = (words.item(index) & ~(0xFF << _UPCALL_MASK_SHIFT)) | (int(masked) << _UPCALL_MASK_SHIFT)
 
 
-def send_guest_vcpu_virq(hv: "Hypervisor", vcpu: "Vcpu", virq: int) -> None:
-    """send_guest_vcpu_virq: raise a per-vCPU VIRQ on the port the vCPU bound it to, if any."""
+def send_guest_vcpu_virq(hv: "Hypervisor", vcpu: "Vcpu", virq: int) -> bool:
+    """send_guest_vcpu_virq: raise a per-vCPU VIRQ on the port the vCPU bound it to, if any.
+    Returns whether that was news (see set_pending); a VIRQ bound to no port never is."""
     port = vcpu.virq_to_evtchn[virq]
-    if port:
-        set_pending(hv, hv.domains[vcpu.domid], vcpu.vcpu_id, port)
+    return bool(port) and set_pending(hv, hv.domains[vcpu.domid], vcpu.vcpu_id, port)
 
 
 def deliver_upcall(hv: "Hypervisor", domid: int, vcpu: int) -> list[int] | None:
@@ -297,14 +362,18 @@ def deliver_upcall(hv: "Hypervisor", domid: int, vcpu: int) -> list[int] | None:
 
     If the vCPU's upcall is deliverable, set its upcall mask as the bounce frame does
     (TBF_INTERRUPT) and return the ports pending, unmasked and notifying this vCPU, in port
-    order: a hint for the guest, whose handler must still scan and clear the bitmaps.
-    Otherwise return None and change nothing.
+    order: a hint for the guest, whose handler must still scan and clear the bitmaps. Under
+    FIFO the hint is the pending, unmasked ports of the vCPU's ready queues, in the order
+    the guest will consume them (docs/xen.md section 24.3). Otherwise return None and change
+    nothing.
     """
     target = hv.vcpu(domid, vcpu)
     if not local_events_need_delivery(hv, target):
         return None
     set_upcall_mask(hv, target, True)
     domain = hv.domains[domid]
+    if domain.evtchn_fifo is not None:
+        return evtchn_fifo.linked_ports(hv, domain, vcpu)
     words = hv.memory.entries(domain.shared_info_mfn)
     live = words[_PENDING : _PENDING + _NR_WORDS] & ~words[_MASK : _MASK + _NR_WORDS]
     ports = np.flatnonzero(np.unpackbits(live.view(np.uint8), bitorder="little")).tolist()
@@ -320,7 +389,7 @@ def alloc_unbound(hv: "Hypervisor", current: "Vcpu", dom: int = DOMID_SELF, remo
     caller = hv.domains[current.domid]
     domain = _domain_by_any_id(hv, caller, dom)
     _check_target(caller, domain, "allocate")
-    port = get_free_port(domain)
+    port = get_free_port(hv, domain)
     chn = claim_port(domain, port)
     chn.state = ECS.UNBOUND
     chn.remote_domid = caller.domid if remote_dom == DOMID_SELF else remote_dom
@@ -332,8 +401,8 @@ def bind_interdomain(hv: "Hypervisor", current: "Vcpu", remote_port: int, remote
     port is set pending at once, for events sent while the remote end was unbound."""
     local = hv.domains[current.domid]
     remote = _domain_by_any_id(hv, local, remote_dom)
-    lport = get_free_port(local)
-    rchn = _valid_port(remote, remote_port, "bind_interdomain")
+    lport = get_free_port(hv, local)
+    rchn = valid_port(remote, remote_port, "bind_interdomain")
     if rchn.state != ECS.UNBOUND or rchn.remote_domid != local.domid:
         offered = f"offered to dom{rchn.remote_domid}" if rchn.state == ECS.UNBOUND else rchn.state.name.lower()
         raise XenError(
@@ -361,10 +430,12 @@ def bind_virq(hv: "Hypervisor", current: "Vcpu", virq: int, vcpu: int) -> int:
         raise XenError(Errno.EBUSY, f"bind_virq: global VIRQ {virq} is the hardware domain's, not dom{domain.domid}'s")
     if target.virq_to_evtchn[virq]:
         raise XenError(Errno.EEXIST, f"bind_virq: VIRQ {virq} is already bound on vCPU {vcpu} of dom{domain.domid} (port {target.virq_to_evtchn[virq]})")
-    port = get_free_port(domain)
+    port = get_free_port(hv, domain)
     chn = claim_port(domain, port)
     chn.state, chn.notify_vcpu_id, chn.virq = ECS.VIRQ, vcpu, virq
     target.virq_to_evtchn[virq] = port
+    if virq == VIRQ_TIMER:
+        rebind_periodic_timer(hv, target)
     return port
 
 
@@ -373,7 +444,7 @@ def bind_ipi(hv: "Hypervisor", current: "Vcpu", vcpu: int) -> int:
     IPI kind), docs/linux.md section 7.2)."""
     domain = hv.domains[current.domid]
     hv.vcpu(domain.domid, vcpu)  # ENOENT if there is no such vCPU
-    port = get_free_port(domain)
+    port = get_free_port(hv, domain)
     chn = claim_port(domain, port)
     chn.state, chn.notify_vcpu_id = ECS.IPI, vcpu
     return port
@@ -392,7 +463,7 @@ def bind_vcpu(hv: "Hypervisor", current: "Vcpu", port: int, vcpu: int) -> int:
     IPIs and per-vCPU VIRQs cannot move."""
     domain = hv.domains[current.domid]
     target = hv.vcpu(domain.domid, vcpu)
-    chn = _valid_port(domain, port, "bind_vcpu")
+    chn = valid_port(domain, port, "bind_vcpu")
     movable = chn.state in (ECS.UNBOUND, ECS.INTERDOMAIN) or (chn.state == ECS.VIRQ and virq_type(chn.virq) is not VirqType.VCPU)
     if not movable:
         what = f"per-vCPU VIRQ {chn.virq}" if chn.state == ECS.VIRQ else chn.state.name.lower()
@@ -405,7 +476,7 @@ def send(hv: "Hypervisor", current: "Vcpu", port: int) -> int:
     """Notify the other end: an interdomain port sets its peer pending for the peer's notify
     vCPU, an IPI port sets itself pending for its vCPU, an unbound port drops the event."""
     domain = hv.domains[current.domid]
-    chn = _valid_port(domain, port, "send")
+    chn = valid_port(domain, port, "send")
     if chn.state == ECS.INTERDOMAIN:
         remote = hv.domains[chn.remote_domid]
         set_pending(hv, remote, remote.evtchn[chn.remote_port].notify_vcpu_id, chn.remote_port)
@@ -424,8 +495,9 @@ def close(hv: "Hypervisor", current: "Vcpu", port: int) -> int:
 def evtchn_close(hv: "Hypervisor", domain: "Domain", port: int) -> None:
     """evtchn_close: unbind and free the port. A VIRQ leaves its vCPU's virq_to_evtchn; an
     interdomain peer becomes unbound towards this domain, so it can be bound again. Freeing
-    clears the pending bit but not the mask bit, and resets notify_vcpu to 0."""
-    chn = _valid_port(domain, port, "close")
+    clears the pending bit but not the mask bit (nor, under FIFO, LINKED: the guest unlinks),
+    and resets notify_vcpu to 0 and the priority to the default, keeping fifo_lastq."""
+    chn = valid_port(domain, port, "close")
     if not chn.usable:
         raise XenError(Errno.EINVAL, f"close: dom{domain.domid} port {port} is {chn.state.name.lower()}")
     if chn.state == ECS.VIRQ:
@@ -433,9 +505,12 @@ def evtchn_close(hv: "Hypervisor", domain: "Domain", port: int) -> None:
     elif chn.state == ECS.INTERDOMAIN:
         peer = hv.domains[chn.remote_domid].evtchn[chn.remote_port]
         peer.state, peer.remote_domid, peer.remote_port = ECS.UNBOUND, domain.domid, 0
-    word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
-    _test_and_clear_bit(hv.memory.frame(domain.shared_info_mfn), _PENDING + word, bit)
-    domain.evtchn[port] = Evtchn()
+    if domain.evtchn_fifo is not None:
+        evtchn_fifo.clear_pending(hv, domain, port)
+    else:
+        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
+        _test_and_clear_bit(hv.memory.frame(domain.shared_info_mfn), _PENDING + word, bit)
+    domain.evtchn[port] = Evtchn(last_vcpu_id=chn.last_vcpu_id, last_priority=chn.last_priority)
 
 
 def _virq_holder(domain: "Domain", chn: Evtchn) -> "Vcpu":
@@ -457,7 +532,7 @@ def status(hv: "Hypervisor", current: "Vcpu", port: int, dom: int = DOMID_SELF) 
     others 0): remote_dom for unbound, remote_dom and remote_port for interdomain, virq."""
     caller = hv.domains[current.domid]
     domain = _domain_by_any_id(hv, caller, dom)
-    chn = _valid_port(domain, port, "status")
+    chn = valid_port(domain, port, "status")
     _check_target(caller, domain, "query")
     result = {"state": _STATUS[chn.state], "vcpu": chn.notify_vcpu_id, "remote_dom": 0, "remote_port": 0, "virq": 0}
     if chn.state in (ECS.UNBOUND, ECS.INTERDOMAIN):
@@ -471,26 +546,41 @@ def status(hv: "Hypervisor", current: "Vcpu", port: int, dom: int = DOMID_SELF) 
 
 def unmask(hv: "Hypervisor", current: "Vcpu", port: int) -> int:
     """evtchn_2l_unmask: Xen clears the mask bit, and a port that was masked and is pending
-    is delivered to its notify vCPU as set_pending would have. A free port is left alone."""
+    is delivered to its notify vCPU as set_pending would have. A free port is left alone.
+    Under FIFO, evtchn_fifo_unmask: clear MASKED and relink the port if it is PENDING."""
     domain = hv.domains[current.domid]
-    chn = _valid_port(domain, port, "unmask")
-    if chn.usable:
+    chn = valid_port(domain, port, "unmask")
+    if chn.usable and domain.evtchn_fifo is not None:
+        if evtchn_fifo.unmask(hv, domain, port):
+            set_pending(hv, domain, chn.notify_vcpu_id, port)
+    elif chn.usable:
         words = hv.memory.frame(domain.shared_info_mfn)
         word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
         if _test_and_clear_bit(words, _MASK + word, bit) and words.item(_PENDING + word) >> bit & 1:
-            _notify(hv, domain, chn.notify_vcpu_id, word, words)
+            _notify(hv, domain, chn.notify_vcpu_id, word)
     return 0
 
 
 def reset(hv: "Hypervisor", current: "Vcpu", dom: int = DOMID_SELF) -> int:
-    """Close every port of `dom`: the caller's own, or a domain the toolstack paused."""
+    """Close every port of `dom`: the caller's own, or a domain the toolstack paused. A
+    domain that resets itself by DOMID_SELF also leaves the FIFO ABI: its control blocks and
+    event-array pages are unmapped and it speaks 2-level again (evtchn_reset;
+    docs/xen.md section 24.6). Its own numeric id does not do that, as in Xen."""
     caller = hv.domains[current.domid]
     domain = _domain_by_any_id(hv, caller, dom)
     _check_target(caller, domain, "reset")
     if domain is not caller and not domain.paused:
         raise XenError(Errno.EINVAL, f"reset: dom{domain.domid} is neither the caller nor paused by the toolstack")
     close_all(hv, domain)
+    if dom == DOMID_SELF:
+        evtchn_fifo.destroy(hv, domain)
     return 0
+
+
+def evtchn_destroy(hv: "Hypervisor", domain: "Domain") -> None:
+    """evtchn_destroy, when the domain dies: close every port, then unmap the FIFO frames."""
+    close_all(hv, domain)
+    evtchn_fifo.destroy(hv, domain)
 
 
 EVTCHNOP = {
@@ -505,28 +595,32 @@ EVTCHNOP = {
     "bind_vcpu": bind_vcpu,
     "unmask": unmask,
     "reset": reset,
+    "init_control": evtchn_fifo.init_control,
+    "expand_array": evtchn_fifo.expand_array,
+    "set_priority": evtchn_fifo.set_priority,
 }
 
 
 def event_channel_op(hv: "Hypervisor", current: "Vcpu", cmd: str, **fields):
     """HYPERVISOR_event_channel_op: `cmd` names the EVTCHNOP_* ("send", "bind_ipi", ...) and
     `fields` are that op's struct fields. alloc_unbound and the binds return the new port,
-    status a dict, the rest 0. The FIFO ABI's ops are ENOSYS: xensim speaks 2-level only."""
+    status and init_control a dict, the rest 0."""
     handler = EVTCHNOP.get(cmd)
     if handler is None:
-        raise XenError(Errno.ENOSYS, f"unknown event_channel_op {cmd!r} (2-level ABI: {', '.join(EVTCHNOP)})")
+        raise XenError(Errno.ENOSYS, f"unknown event_channel_op {cmd!r} (known: {', '.join(EVTCHNOP)})")
     return handler(hv, current, **fields)
 
 
 # -- audit ---------------------------------------------------------------------------------
 
 
-def audit(hv: "Hypervisor") -> list[str]:
-    """Port-table invariants: interdomain bindings are symmetric, virq_to_evtchn and the VIRQ
-    ports agree both ways (so no VIRQ is bound twice on a vCPU), every notify vCPU exists, no
-    port is bound beyond the cap, and pollers are blocked and listed in the poll mask."""
+def audit(hv: "Hypervisor", domains: list | None = None) -> list[str]:
+    """Port-table invariants of `domains` (else every domain's): interdomain bindings are
+    symmetric, virq_to_evtchn and the VIRQ ports agree both ways (so no VIRQ is bound twice on
+    a vCPU), every notify vCPU exists, no port is bound beyond the cap, and pollers are blocked
+    and listed in the poll mask."""
     findings: list[str] = []
-    for domain in hv.domains.values():
+    for domain in hv.domains.values() if domains is None else domains:
         table, limit, d = domain.evtchn, _port_limit(domain), domain.domid
         if not table or len(table) % EVTCHNS_PER_BUCKET or table[0].state != ECS.RESERVED:
             findings.append(f"dom{d}: port table of {len(table)} ports is not whole buckets with port 0 reserved")
@@ -553,4 +647,6 @@ def audit(hv: "Hypervisor") -> list[str]:
             polling = vcpu.vcpu_id in domain.poll_mask
             if polling != bool(vcpu.poll_evtchn) or (polling and not vcpu.blocked):
                 findings.append(f"dom{d} vCPU {vcpu.vcpu_id}: poll_evtchn {vcpu.poll_evtchn}, in poll mask {polling}, blocked {vcpu.blocked}")
+        if domain.evtchn_fifo is not None:
+            findings += evtchn_fifo.audit(hv, domain)
     return findings

@@ -29,6 +29,10 @@ All counts change only in the primitives of this module (`get_page`, `put_page`,
 `get_page_type`, `put_page_type`, and their bulk forms used by vectorised L1 validation);
 `audit` recomputes them from first principles.
 
+The frame table also keeps, per owner, how many frames it owns (Xen's d->tot_pages and
+d->xenheap_pages, docs/xen.md section 21), changed wherever a frame changes owner, so that the
+toolstack's views of a domain cost nothing however large the machine (audit recomputes them).
+
 A frame whose references a dying domain's teardown could not account for (a bug of the
 simulator) is *quarantined*: scrubbed, its counts cleared, owned by Xen and kept out of the free
 pool for good, as Xen keeps a page it offlines while in use off its free lists
@@ -40,12 +44,13 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .abi import DOMID_XEN, ENTRIES_PER_TABLE, Errno, PageType
+from .abi import DOMID_XEN, ENTRIES_PER_TABLE, INVALID_M2P, Errno, PageType
 from .errors import Restart, SimulatorBug, XenError
 from .memory import MachineMemory
 from .preempt import Budget
 
 NO_OWNER = -1
+NR_OWNERS = 1 << 16  # every domid, DOMID_XEN among them, indexes the per-owner counts
 
 # Frame flags (Xen's PGC_allocated, PGT_validated, PGT_pinned, PGC_xen_heap).
 ALLOCATED = 1
@@ -77,6 +82,9 @@ class FrameTable:
         self.linear = np.zeros(nr_frames, dtype=np.int32)
         # Xen's nr_validated_ptes: how far a partial table's (de)validation got.
         self.nr_validated = np.zeros(nr_frames, dtype=np.int16)
+        # Xen's M2P (machine_to_phys_mapping): mfn -> pfn, INVALID_M2P for a frame no guest
+        # owns; freeing a frame resets its entry (free_heap_pages, xen/common/page_alloc.c).
+        self.m2p = np.full(nr_frames, INVALID_M2P, dtype=np.uint64)
         # Preemption: the vCPU whose hypercall may stop part-way (Xen's `current` on a
         # preemptible path; None while work must finish in one go), and the work budget.
         self.current = None
@@ -86,7 +94,12 @@ class FrameTable:
         # safety TLB flush when a frame changes type or is freed.
         self.promote: Callable[[int, PageType], None] = _unset
         self.demote: Callable[[int, PageType], None] = _unset
+        self.promote_l1s: Callable[[np.ndarray, int], None] = _unset
         self.forget_mappings: Callable[[int], None] = lambda mfn: None
+        self.forget_mappings_of: Callable[[np.ndarray, int], None] = lambda mfns, owner: None  # the same for many frames of one owner
+        # Frames owned, by owner (domid or DOMID_XEN): Xen-heap pages apart, as Xen counts them.
+        self.tot_pages = np.zeros(NR_OWNERS, dtype=np.int64)
+        self.xenheap_pages = np.zeros(NR_OWNERS, dtype=np.int64)
         self._alloc_cursor = 0
         # mfn -> why it was quarantined (see quarantine), for audit.
         self.quarantined: dict[int, str] = {}
@@ -98,22 +111,64 @@ class FrameTable:
 
     # -- allocation ---------------------------------------------------------------------
 
-    def alloc(self, domid: int, n: int) -> np.ndarray:
-        """Assign `n` free frames to `domid` (lowest free first), each with the allocation ref."""
-        free = np.flatnonzero(self.owner[self._alloc_cursor :] == NO_OWNER)[:n] + self._alloc_cursor
+    def alloc(self, domid: int, n: int, xen_heap: bool = False) -> np.ndarray:
+        """Assign `n` free frames to `domid` (lowest free first), each with the allocation ref;
+        with `xen_heap`, Xen-heap pages shared with it (share_xen_page_with_guest)."""
+        free = self._first_free(self._alloc_cursor, n)
         if len(free) < n:
-            free = np.flatnonzero(self.owner == NO_OWNER)[:n]
+            free = self._first_free(0, n)
         if len(free) < n:
             raise XenError(Errno.ENOMEM, f"machine has {len(free)} free frames, {n} wanted")
-        self.owner[free] = domid
-        self.count[free] = 1
-        self.flags[free] = ALLOCATED
-        self.type[free] = _NONE
-        self._alloc_cursor = int(free[-1]) + 1 if n else self._alloc_cursor
+        self._assign(free, domid, xen_heap)
         return free
 
+    def alloc_extent(self, domid: int, order: int, below: int) -> np.ndarray | None:
+        """An extent of 2**order free frames, contiguous and aligned to its size as Xen's buddy
+        allocator gives them (alloc_domheap_pages), all below mfn `below` (MEMF_bits), assigned
+        to `domid`; None if the machine has none."""
+        size = 1 << order
+        if size == 1 and below >= self.nr_frames:
+            return self.alloc(domid, 1) if self.free_frames() else None
+        top = min(below, self.nr_frames) // size * size
+        blocks = np.flatnonzero((self.owner[:top] == NO_OWNER).reshape(-1, size).all(axis=1))
+        if not len(blocks):
+            return None
+        extent = np.arange(blocks[0] * size, (blocks[0] + 1) * size)
+        self._assign(extent, domid)
+        return extent
+
+    def _assign(self, free: np.ndarray, domid: int, xen_heap: bool = False) -> None:
+        """Make free frames `domid`'s, each with the allocation ref, and count them (Xen's
+        assign_pages and domain_adjust_tot_pages): alloc's and alloc_extent's one path."""
+        self.owner[free] = domid
+        self.count[free] = 1
+        self.flags[free] = ALLOCATED | (XEN_HEAP if xen_heap else 0)
+        self.type[free] = _NONE
+        (self.xenheap_pages if xen_heap else self.tot_pages)[domid] += len(free)
+        self._alloc_cursor = int(free[-1]) + 1 if len(free) else self._alloc_cursor
+
+    def _first_free(self, start: int, n: int) -> np.ndarray:
+        """The `n` lowest free frames from `start` on (fewer if there are not as many), found
+        in windows that double from `n`, so that a small allocation on a large machine reads
+        little more of the frame table than it takes."""
+        found, have, window = [], 0, max(n, ENTRIES_PER_TABLE)
+        while have < n and start < self.nr_frames:
+            free = np.flatnonzero(self.owner[start : start + window] == NO_OWNER) + start
+            found.append(free)
+            have += len(free)
+            start += window
+            window *= 2
+        return np.concatenate(found)[:n] if found else np.zeros(0, dtype=np.int64)
+
+    def _disown(self, mfns: np.ndarray) -> None:
+        """Take frames off their owners' counts, before they change owner."""
+        heap = (self.flags[mfns] & XEN_HEAP) != 0
+        np.subtract.at(self.tot_pages, self.owner[mfns[~heap]], 1)
+        np.subtract.at(self.xenheap_pages, self.owner[mfns[heap]], 1)
+
     def free_frames(self) -> int:
-        return int(np.count_nonzero(self.owner == NO_OWNER))
+        """Frames nobody owns: all but those the per-owner counts count (audit checks them)."""
+        return self.nr_frames - int(self.tot_pages.sum()) - int(self.xenheap_pages.sum())
 
     # -- general references ---------------------------------------------------------------
 
@@ -137,10 +192,12 @@ class FrameTable:
         if self.type_count.item(mfn):
             raise SimulatorBug(f"mfn {mfn:#x} freed with {self.type_count.item(mfn)} type references")
         self.forget_mappings(mfn)  # Xen's flush on free; needs the owner to find its vCPUs
+        (self.xenheap_pages if self.flags.item(mfn) & XEN_HEAP else self.tot_pages)[self.owner.item(mfn)] -= 1
         self.owner[mfn] = NO_OWNER
         self.type[mfn] = _NONE
         self.flags[mfn] = 0
         self.linear[mfn] = 0
+        self.m2p[mfn] = INVALID_M2P
         self.memory.scrub(mfn)
 
     def release(self, mfns: np.ndarray) -> None:
@@ -152,12 +209,13 @@ class FrameTable:
         self.flags[mfns] &= ~np.uint8(ALLOCATED)
         self.count[mfns] -= 1
         gone = mfns[(self.count[mfns] == 0) & (self.type_count[mfns] == 0)]
+        self._disown(gone)
         self.owner[gone] = NO_OWNER
         self.type[gone] = _NONE
         self.flags[gone] = 0
         self.linear[gone] = 0
-        for mfn in gone.tolist():
-            self.memory.scrub(mfn)
+        self.m2p[gone] = INVALID_M2P
+        self.memory.scrub_many(gone)
 
     def quarantine(self, mfns: np.ndarray, why: str) -> None:
         """Take frames out of use for good (see the module's docstring): scrubbed, owned by
@@ -166,6 +224,8 @@ class FrameTable:
         for mfn in mfns.tolist():
             self.quarantined[mfn] = f"{why} left it {self.describe_counts(mfn)}"
             self.memory.scrub(mfn)
+        self._disown(mfns)
+        self.tot_pages[DOMID_XEN] += len(mfns)
         self.owner[mfns] = DOMID_XEN
         self.type[mfns] = _NONE
         self.type_count[mfns] = 0
@@ -436,16 +496,34 @@ class FrameTable:
 
     # -- bulk forms for vectorised L1 (de)validation ----------------------------------------
 
-    def get_pages_bulk(self, mfns: np.ndarray, writable: np.ndarray) -> None:
+    def get_pages_bulk(self, mfns: np.ndarray, writable: np.ndarray, owner: int) -> None:
         """Commit the references of a validated L1: a general ref per entry and a writable
-        type ref per RW entry. The caller has already checked every entry."""
+        type ref per RW entry. The caller has already checked every entry (all are frames of
+        `owner`)."""
         np.add.at(self.count, mfns, 1)
         if len(writable):
             retype = writable[(self.type_count[writable] == 0) & (self.type[writable] != _WRITABLE)]
-            for mfn in np.unique(retype).tolist():
-                self._retype(mfn, _WRITABLE)
+            if len(retype):  # _retype of each at once (a frame mapped twice is named twice)
+                self.type[retype] = _WRITABLE
+                self.forget_mappings_of(retype, owner)
             self.flags[writable] |= np.uint8(VALIDATED)
             np.add.at(self.type_count, writable, 1)
+
+    def get_l1_types_bulk(self, mfns: np.ndarray, domid: int) -> None:
+        """Take an L1 type reference on each of `mfns`, frames of `domid` with none, validating
+        them together in one numpy pass: `get_page_type` of each at once, for the domain
+        builder's boot tables (domain.build), which would otherwise cost a few numpy calls
+        per table of a large guest. Their validation cannot fail: the builder made them."""
+        if (self.type_count[mfns] != 0).any() or (self.owner[mfns] != domid).any():
+            raise SimulatorBug(f"bulk L1 validation of frames that are typed or not dom{domid}'s: {mfns.tolist()[:8]}")
+        retype = mfns[self.type[mfns] != PageType.L1]
+        self.type[retype] = PageType.L1
+        self.forget_mappings_of(retype, domid)
+        self.flags[mfns] &= ~np.uint8(VALIDATED | PARTIAL_SET)
+        self.nr_validated[mfns] = 0
+        self.type_count[mfns] = 1
+        self.promote_l1s(mfns, domid)
+        self.flags[mfns] |= np.uint8(VALIDATED)
 
     def put_pages_bulk(self, mfns: np.ndarray, writable: np.ndarray) -> None:
         """Drop what `get_pages_bulk` took; frames whose last reference goes are freed."""

@@ -13,23 +13,24 @@ from typing import Any
 
 import numpy as np
 
-from . import cpu, evtchn, mmu, schedop, vcpuop
+from . import cpu, evtchn, memop, mmu, schedop, vcpuop
 from .abi import (
     DOMID_FIRST_RESERVED,
     DOMID_XEN,
     HYPERVISOR_VIRT_START,
+    INVALID_M2P,
     PAGE_SIZE,
     PREEMPT_WORK,
     STEP_WORK,
     Errno,
 )
-from .domain import INVALID_M2P, Domain, Vcpu, build, relinquish, teardown_step
+from .domain import Domain, Vcpu, build, owned_frames, relinquish, teardown_step
 from .errors import Restart, XenError
-from .frames import ALLOCATED, XEN_HEAP, FrameTable
+from .frames import ALLOCATED, FrameTable
 from .memory import MachineMemory
 from .pagetable import PageTables
 from .preempt import Budget, Continuation
-from .sched import BLOCKED, Scheduler, advance_time, check_running, vcpu_unblock
+from .sched import BLOCKED, Scheduler, advance_time, check_running, unpark_periodic_timers, vcpu_runstate_change, vcpu_unblock
 
 DEFAULT_FRAMES = 1 << 20  # 4 GiB of machine memory
 RESERVED_FRAMES = 16  # the low frames belong to Xen, so mfn 0 never names a guest frame
@@ -51,7 +52,7 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results
         op, args = calls[i]["op"], calls[i].get("args", {})
         try:
             if op == "multicall":
-                raise XenError(Errno.EINVAL, "multicall may not be nested")
+                raise XenError(Errno.EINVAL, f"multicall entry {i} is itself a multicall: do_multicall refuses reentry (xen/common/multicall.c)")
             if op not in HYPERCALLS:
                 raise XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")
             result = run(hv, vcpu, inner if i == start and inner is not None else Continuation(op, args))
@@ -69,9 +70,10 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results
     return results
 
 
-# The hypercalls that may stop part-way (do_mmu_update, do_mmuext_op, do_multicall and
-# VCPUOP_initialise's arch_set_info_guest are Xen's preemptible ones that the model has).
-PREEMPTIBLE = frozenset({"mmu_update", "mmuext_op", "multicall", "vcpu_op"})
+# The hypercalls that may stop part-way (do_mmu_update, do_mmuext_op, do_multicall,
+# VCPUOP_initialise's arch_set_info_guest and do_memory_op's reservation ops and exchange are
+# Xen's preemptible ones that the model has).
+PREEMPTIBLE = frozenset({"mmu_update", "mmuext_op", "multicall", "vcpu_op", "memory_op"})
 
 
 def run(hv: "Hypervisor", vcpu: Vcpu, call: Continuation) -> Any:
@@ -137,6 +139,7 @@ HYPERCALLS: dict[str, Callable[..., Any]] = {
     "sched_op": schedop.sched_op,
     "set_timer_op": schedop.set_timer_op,
     "xen_version": xen_version,
+    "memory_op": memop.memory_op,
     # The vCPU's memory path (cpu.py): load, store, atomic, read, write.
     # Their arguments and results carry bytes, which the trace writes hex-encoded.
     **cpu.HYPERCALLS,
@@ -154,17 +157,17 @@ class Hypervisor:
         self.frames = FrameTable(nr_frames, self.memory)
         self.budget: Budget = self.frames.budget  # work per entry into the core (preempt.py)
         self.budget.per_call = preempt_work
-        xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES)
-        self.frames.flags[xen] |= np.uint8(XEN_HEAP)
-        self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]))
+        xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES, xen_heap=True)
+        self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]), ro_mpt_l3=int(xen[2]))
         self.frames.forget_mappings = self._forget_mappings
-        self.m2p = np.full(nr_frames, INVALID_M2P, dtype=np.uint64)
+        self.frames.forget_mappings_of = self._forget_mappings_of
+        self.m2p = self.frames.m2p
         self.domains: dict[int, Domain] = {}
         self._next_domid = 1
         self._instances = 0  # domains ever created: the next one is instance _instances + 1
         self.tracer: Callable[[dict], None] | None = None
         self.stats: Counter = Counter()
-        self.sched = Scheduler()  # kicks for the adapter, timers on the caller's clock
+        self.sched = Scheduler(tick=schedop.send_timer_event)  # kicks for the adapter, timers on the caller's clock
 
     # -- the dispatch ------------------------------------------------------------------------
 
@@ -184,10 +187,9 @@ class Hypervisor:
         return self._dispatch([domid, vcpu_id], continuation.op, continuation.args, continuation)
 
     def _dispatch(self, caller: list | None, op: str, args: dict, resumed: Continuation | None = None) -> Any:
-        if resumed is None:
-            record = {"caller": caller, "op": op, "args": args}
-        else:
-            record = {"caller": caller, "op": op, "resume": resumed.summary()}
+        record = None  # the trace's, made only while something traces
+        if self.tracer:
+            record = {"caller": caller, "op": op, "args": args} if resumed is None else {"caller": caller, "op": op, "resume": resumed.summary()}
         self.budget.start()
         self.budget.charge(STEP_WORK)
         try:
@@ -199,6 +201,8 @@ class Hypervisor:
             else:
                 vcpu = self.vcpu(*caller)
                 check_running(self, vcpu)  # VcpuNotRunning: not a XenError, so neither counted nor traced
+                if vcpu.domid in self.sched.parked:
+                    unpark_periodic_timers(self, vcpu.domid)
                 vcpu.continuation = None  # a vCPU that calls is no longer in a call it gave up
                 handler = HYPERCALLS.get(op)
                 if handler is None:
@@ -212,7 +216,7 @@ class Hypervisor:
                     result = handler(self, vcpu, **args)
         except XenError as e:
             self.count(caller and caller[0], (op, e.errno.name))
-            if self.tracer:
+            if record is not None:
                 record["error"] = error_result(e)
                 self.tracer(record)
             raise
@@ -220,7 +224,7 @@ class Hypervisor:
         # simulator says so in its result (destroy_domain): counted apart, as the loud outcome it is.
         if not isinstance(result, Continuation):
             self.count(caller and caller[0], (op, "bug" if isinstance(result, dict) and "bug" in result else "ok"))
-        if self.tracer:
+        if record is not None:
             record["result"] = result
             self.tracer(record)
         return result
@@ -254,6 +258,14 @@ class Hypervisor:
                 if vcpu.tlb.maps(mfn):
                     vcpu.tlb.forget_mfn(mfn)
 
+    def _forget_mappings_of(self, mfns: np.ndarray, owner: int) -> None:
+        """`_forget_mappings` of many frames of `owner` at once: each of its vCPUs checks the
+        few frames its TLB maps against them."""
+        domain = self.domains.get(owner)
+        for vcpu in domain.vcpus if domain is not None else ():
+            for mfn in vcpu.tlb.mapped(mfns):
+                vcpu.tlb.forget_mfn(mfn)
+
     # -- toolstack ---------------------------------------------------------------------------
 
     def create_domain(
@@ -266,7 +278,11 @@ class Hypervisor:
             domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
         instance = self._instances + 1
         domain = build(self.frames, self.m2p, domid, instance, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages, max_evtchn_port)
+        self.pagetables.fill_ro_mpt(domain.vcpus[0].guest_table)  # the toolstack's arch_set_info_guest for vCPU 0
         self.domains[domid] = domain
+        for vcpu in domain.vcpus:  # vcpu_create: offline since now; vCPU 0 is scheduled at once
+            vcpu.runstate.state_entry_time = self.sched.now_ns
+        vcpu_runstate_change(self, domain.vcpus[0])
         self._instances = instance
         self._next_domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
         return {"domid": domid, "instance": instance, "start_info": dict(domain.start_info)}
@@ -284,11 +300,11 @@ class Hypervisor:
         domain = self.domain(domid)
         problems: list[str] = []
         with teardown_step(problems, "evtchn_destroy"):
-            evtchn.close_all(self, domain)
+            evtchn.evtchn_destroy(self, domain)
         with teardown_step(problems, "timers"):
             self.sched.forget(domain)
-        owned = np.flatnonzero(self.frames.owner == domid)
-        problems += relinquish(self.frames, self.pagetables, domain)
+        owned = owned_frames(self.frames, domain)
+        problems += relinquish(self.frames, self.pagetables, domain, owned)
         del self.domains[domid]
         self.m2p[owned] = INVALID_M2P
         stranded = owned[self.frames.owner[owned] == domid]
@@ -303,12 +319,18 @@ class Hypervisor:
         return result
 
     def pause_domain(self, domid: int) -> int:
-        """xl pause: sets the flag EVTCHNOP_reset checks; the adapter holds the domain's calls."""
-        self.domain(domid).paused = True
-        return 0
+        """xl pause: sets the flag EVTCHNOP_reset checks; the adapter holds the domain's calls.
+        Its vCPUs are switched out (offline, unless blocked)."""
+        return self._set_paused(domid, True)
 
     def unpause_domain(self, domid: int) -> int:
-        self.domain(domid).paused = False
+        return self._set_paused(domid, False)
+
+    def _set_paused(self, domid: int, paused: bool) -> int:
+        domain = self.domain(domid)
+        domain.paused = paused
+        for vcpu in domain.vcpus:
+            vcpu_runstate_change(self, vcpu)
         return 0
 
     def frame_info(self, mfn: int) -> dict:
@@ -320,9 +342,9 @@ class Hypervisor:
 
     def tot_pages(self, domid: int) -> int:
         """Xen's d->tot_pages: frames the domain owns, not counting Xen-heap pages shared
-        with it (shared info), which Xen keeps on a list of their own."""
-        frames = self.frames
-        return int(np.count_nonzero((frames.owner == domid) & ((frames.flags & XEN_HEAP) == 0)))
+        with it (shared info), which Xen keeps on a list of their own (frames.py keeps both
+        counts; audit checks them)."""
+        return self.frames.tot_pages.item(domid)
 
     def allocated_frames(self) -> int:
         return int(np.count_nonzero(self.frames.flags & ALLOCATED))

@@ -56,6 +56,17 @@ class MachineMemory:
         """Zero a frame (it reads as zeros again and stops costing memory)."""
         self._frames.pop(mfn, None)
 
+    def scrub_many(self, mfns: np.ndarray) -> None:
+        """`scrub` every frame of `mfns`, at the cost of those that were ever written (the
+        others read as zeros already), whichever of the two sets is smaller."""
+        if len(mfns) <= len(self._frames):
+            for mfn in mfns.tolist():
+                self._frames.pop(mfn, None)
+            return
+        stored = np.fromiter(self._frames, dtype=np.int64, count=len(self._frames))
+        for mfn in stored[np.isin(stored, mfns)].tolist():
+            del self._frames[mfn]
+
     def copy(self, dst: int, src: int) -> None:
         source = self._frames.get(src)
         if source is None:

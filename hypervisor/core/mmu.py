@@ -240,6 +240,15 @@ def _mmuext_one(hv: "Hypervisor", vcpu: Vcpu, caller: Domain, pg_owner: int, cmd
 
 def with_writable(hv: "Hypervisor", mfn: int, owner: int, what: str, action) -> None:
     """Run `action` holding a transient writable type reference (CLEAR_PAGE, COPY_PAGE)."""
+    get_writable(hv, mfn, owner, what)
+    action()
+    hv.frames.put_page_and_type(mfn)
+
+
+def get_writable(hv: "Hypervisor", mfn: int, owner: int, what: str, type_errno: Errno = Errno.EINVAL) -> None:
+    """get_page, then get_page_type(PGT_writable_page), as Xen takes a frame it will write:
+    EINVAL if `owner` does not own it, `type_errno` (and no reference kept) if it cannot be
+    writable, a page table say."""
     frames = hv.frames
     if not frames.get_page(mfn, owner):
         raise XenError(Errno.EINVAL, f"{what} mfn {mfn:#x} {frames.describe_owner(mfn)}, not dom{owner}")
@@ -247,14 +256,13 @@ def with_writable(hv: "Hypervisor", mfn: int, owner: int, what: str, action) -> 
         frames.get_page_type(mfn, PageType.WRITABLE)
     except XenError as e:
         frames.put_page(mfn)
-        raise XenError(Errno.EINVAL, f"{what} {e.message}") from None
-    action()
-    frames.put_page_and_type(mfn)
+        raise XenError(type_errno, f"{what} {e.message}") from None
 
 
 def new_guest_cr3(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
     """Load a new kernel base (docs/xen.md section 8): take the new table's L4 reference (validating an
-    unpinned tree), then drop the old one's (devalidating it if that was the last)."""
+    unpinned tree), map the read-only M2P in it, then drop the old one's (devalidating it if
+    that was the last)."""
     frames = hv.frames
     old = vcpu.guest_table
     if mfn != old:
@@ -262,6 +270,7 @@ def new_guest_cr3(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
             frames.get_page_and_type(mfn, vcpu.domid, PageType.L4)
         except XenError as e:
             raise XenError(e.errno, f"new base {e.message}") from None
+        hv.pagetables.fill_ro_mpt(mfn)  # the read-only M2P (docs/xen.md section 22)
         vcpu.guest_table = mfn
     vcpu.tlb.flush()
     if old and mfn != old:

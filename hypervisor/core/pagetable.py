@@ -27,6 +27,7 @@ from .abi import (
     L4_SLOT_DIRECTMAP,
     L4_SLOT_LINEAR,
     L4_SLOT_PERDOMAIN,
+    L4_SLOT_RO_MPT,
     L4_SLOT_XEN,
     PAGE_SHIFT,
     PTE_MFN_MASK,
@@ -48,6 +49,9 @@ FASTPATH_WHITELIST = int(Pte.NX | Pte.AVAIL_HIGH | Pte.AVAIL | Pte.GLOBAL | Pte.
 # The flags of Xen's own mappings (__PAGE_HYPERVISOR_RW, xen/arch/x86/include/asm/page.h):
 # no USER, so no access of a PV guest, which always runs in ring 3, passes such an entry.
 PAGE_HYPERVISOR_RW = P | RW | A | D | int(Pte.NX)
+# The read-only M2P's entry in idle_pg_table (paging_init, xen/arch/x86/x86_64/mm.c):
+# __PAGE_HYPERVISOR_RO | _PAGE_USER, the one entry of Xen's a guest may pass, for reading.
+PAGE_RO_MPT = P | US | A | int(Pte.NX)
 L4_ENTRY_FRAMES = 1 << (39 - PAGE_SHIFT)  # the frames one L4 slot spans (512 GiB)
 XEN_SLOTS = slice(HYPERVISOR_L4_FIRST, HYPERVISOR_L4_LAST + 1)
 
@@ -57,8 +61,9 @@ def xen_l4_slots(xen_l3: int, nr_frames: int) -> np.ndarray:
     (xen/arch/x86/mm.c) writes them when promote_l4_table has validated the guest's slots, with
     the linear slot's frame left 0 (each L4 maps itself there).
 
-    Slot by slot: 256, the read-only M2P, is empty (Xen fills it only for m2p_strict guests,
-    or later in new_guest_cr3, and the model maps no M2P for guests); 257, PCI MMCONFIG, is
+    Slot by slot: 256, the read-only M2P, is empty (Xen fills it at promotion only for
+    m2p_strict guests, which xensim does not model; `PageTables.fill_ro_mpt` fills it when the
+    table becomes a kernel base, docs/xen.md section 22); 257, PCI MMCONFIG, is
     empty (the model has no PCI); 258 maps the L4 itself; 259, the shadow linear map, is empty
     for a PV guest; 260 (per-domain area), 261 (Xen's text, M2P, frame table) and the
     direct-map slots from 262 that cover the machine's RAM hold Xen's own L3s, for which the
@@ -140,11 +145,14 @@ def has_changed(old: int, new: int) -> bool:
 class PageTables:
     """Validation and checked updates of pagetable frames, over one frame table."""
 
-    def __init__(self, frames: FrameTable, xen_l3: int):
+    def __init__(self, frames: FrameTable, xen_l3: int, ro_mpt_l3: int):
         self.frames = frames
         self.memory = frames.memory
         self._xen_l4 = xen_l4_slots(xen_l3, frames.nr_frames)
+        self.ro_mpt_l3 = ro_mpt_l3  # Xen's frame that stands for the read-only M2P's L3
+        self.ro_mpt_entry = (ro_mpt_l3 << PAGE_SHIFT) | PAGE_RO_MPT
         frames.promote = self.promote
+        frames.promote_l1s = self.promote_l1s
         frames.demote = self.demote
         self.entries_validated = 0  # counter for benchmarks and stats
 
@@ -236,45 +244,65 @@ class PageTables:
         level = LEVEL_OF_TYPE[kind]
         domid = self.frames.owner.item(mfn)
         if level.level == 1:
-            self.frames.budget.charge(ENTRIES_PER_TABLE)
-            self._promote_l1(mfn, domid)
+            self.promote_l1s(np.array([mfn]), domid)
         else:
             self._promote_upper(level, mfn, domid)
-        self.entries_validated += ENTRIES_PER_TABLE
+            self.entries_validated += ENTRIES_PER_TABLE
 
-    def _promote_l1(self, mfn: int, domid: int) -> None:
+    def promote_l1s(self, mfns: np.ndarray, domid: int) -> None:
+        """Validate the entries of L1 frames `mfns` of `domid` in one numpy pass (one frame
+        unless the domain builder validates its tables together, frames.get_l1_types_bulk).
+        A failing entry of a lone frame raises what Xen's promote_l1_table does; of frames
+        validated together, it is a bug of the builder that made them."""
+        self.frames.budget.charge(ENTRIES_PER_TABLE * len(mfns))
+        words = self.memory.entries(int(mfns[0]))[None] if len(mfns) == 1 else np.stack([self.memory.entries(mfn) for mfn in mfns.tolist()])
+        present = np.flatnonzero(words.reshape(-1) & _U64(P))
+        if len(present):
+            self._get_l1_references(mfns, domid, words, present)
+        self.entries_validated += ENTRIES_PER_TABLE * len(mfns)
+
+    def _get_l1_references(self, mfns: np.ndarray, domid: int, words: np.ndarray, present: np.ndarray) -> None:
+        """Take the references of the `present` entries (indices into `words` flattened, the
+        contents of `mfns` a row each) and store them adjusted, or raise with none taken."""
         frames = self.frames
-        words = self.memory.entries(mfn)
-        slots = np.flatnonzero(words & _U64(P))
-        if not len(slots):
-            return
-        entries = words[slots]
+        entries = words.reshape(-1)[present]
         targets = ((entries & _MFN_MASK) >> _U64(PAGE_SHIFT)).astype(np.int64)
         bad_flags = (entries & _U64(LEVELS[1].disallow)) != 0
         outside = targets >= frames.nr_frames
-        safe = np.where(outside, 0, targets)
+        safe = np.where(outside, 0, targets) if outside.any() else targets
         foreign = (frames.owner[safe] != domid) | (frames.count[safe] == 0)
         rw = (entries & _U64(RW)) != 0
         busy = rw & (frames.type_count[safe] != 0) & (frames.type[safe] != PageType.WRITABLE)
         failed = bad_flags | outside | foreign | busy
         if failed.any():
             i = int(np.argmax(failed))
+            row, slot = divmod(int(present[i]), ENTRIES_PER_TABLE)
+            mfn = int(mfns[row])
+            if len(mfns) > 1:
+                raise SimulatorBug(f"L1 entry {slot} of mfn {mfn:#x}, validated with {len(mfns) - 1} other tables, is invalid")
             try:
                 self.get_page_from_l1e(int(entries[i]), domid)
             except XenError as e:
                 # promote_l1_table took the references of the entries before this one and now
                 # drops them: a frame one of them mapped writable keeps the WRITABLE type.
-                frames.get_pages_bulk(targets[:i], targets[:i][rw[:i]])
+                frames.get_pages_bulk(targets[:i], targets[:i][rw[:i]], domid)
                 frames.put_pages_bulk(targets[:i], targets[:i][rw[:i]])
-                raise XenError(e.errno, f"L1 entry {int(slots[i])} of mfn {mfn:#x} {e.message}") from None
-            raise SimulatorBug(f"vectorised L1 check refused entry {int(slots[i])} of mfn {mfn:#x}, scalar accepted")
-        frames.get_pages_bulk(targets, targets[rw])
+                raise XenError(e.errno, f"L1 entry {slot} of mfn {mfn:#x} {e.message}") from None
+            raise SimulatorBug(f"vectorised L1 check refused entry {slot} of mfn {mfn:#x}, scalar accepted")
+        frames.get_pages_bulk(targets, targets[rw], domid)
         kernel = (entries & _U64(US)) == 0
         adjusted = entries | np.where(kernel, _U64(US | GUEST_KERNEL), _U64(0))
         adjusted |= np.where((adjusted & _U64(GUEST_KERNEL)) == 0, _U64(G | US), _U64(0))
-        if (adjusted != entries).any():
-            self.frames.note_write(mfn)
-            self.memory.frame(mfn)[slots] = adjusted
+        changed = adjusted != entries
+        if changed.any():
+            stored = words.copy()
+            stored.reshape(-1)[present] = adjusted
+            rows = np.zeros(len(mfns), dtype=bool)
+            rows[present[changed] // ENTRIES_PER_TABLE] = True
+            for row in np.flatnonzero(rows).tolist():
+                mfn = int(mfns[row])
+                frames.note_write(mfn)
+                self.memory.frame(mfn)[:] = stored[row]
 
     def _promote_upper(self, level: Level, mfn: int, domid: int) -> None:
         """Xen's promote_lN_table from entry nr_validated on (0 unless the table is partial).
@@ -330,6 +358,15 @@ class PageTables:
         entries = self._xen_l4.copy()
         entries[L4_SLOT_LINEAR - HYPERVISOR_L4_FIRST] |= _U64(l4 << PAGE_SHIFT)
         return entries
+
+    def fill_ro_mpt(self, l4: int) -> None:
+        """Map the read-only M2P in slot 256 of a validated L4 that becomes a kernel base, if
+        it is empty (fill_ro_mpt, xen/arch/x86/mm.c, called by new_guest_cr3 and
+        arch_set_info_guest for a guest without m2p_strict; docs/xen.md section 22). The entry
+        stays until the table is promoted again, which empties the slot (init_xen_l4_slots)."""
+        words = self.memory.frame(l4)
+        if not words.item(L4_SLOT_RO_MPT):
+            words[L4_SLOT_RO_MPT] = self.ro_mpt_entry
 
     def demote(self, mfn: int, kind: PageType) -> None:
         """Drop the references every entry of a table holds (docs/xen.md section 1.6); cannot fail.

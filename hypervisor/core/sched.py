@@ -16,6 +16,13 @@ adapter) drives, so what Xen's scheduler does is reduced to state and notificati
 - Time is the caller's. Timers hold absolute deadlines in ns on the caller's clock; the
   toolstack op `advance_time` (traced, so a replay sees the same time) moves the clock and runs
   the timers that are due, and `Scheduler.next_deadline` tells the adapter how long it may sleep.
+- Xen's context switch is a change of runstate (`vcpu_runstate_change`): a vCPU is running
+  unless it is blocked, down, paused or of a domain that shut down. Switching a vCPU out stops
+  its periodic timer and switching it in restarts it, as Xen's schedule() does. A tick that
+  raises nothing new parks the timer until something can make the next tick news: the
+  domain's next call if the port was already pending, the binding of VIRQ_TIMER if none was
+  bound. So a guest that never takes its ticks costs the adapter no wake-ups
+  (docs/vcpu-time.md section 5).
 """
 
 import heapq
@@ -23,14 +30,17 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from .abi import Errno
+from .abi import VIRQ_TIMER, Errno, RUNSTATE_blocked, RUNSTATE_offline, RUNSTATE_running
 from .errors import VcpuNotRunning, XenError
+from .walk import copy_to_guest
 
 if TYPE_CHECKING:
     from .domain import Domain, Vcpu
     from .hypervisor import Hypervisor
 
 TimerFn = Callable[["Hypervisor", "Vcpu"], None]
+TickFn = Callable[["Hypervisor", "Vcpu"], bool]
+PERIODIC_TIMER = "periodic_timer"
 
 
 class Blocked(str, Enum):
@@ -51,8 +61,16 @@ class Scheduler:
     live ones and the heap is rebuilt, so re-arming costs O(log n) and memory stays bounded.
     """
 
-    def __init__(self):
+    def __init__(self, tick: TickFn):
         self.now_ns = 0
+        # What the periodic timer does when it fires: raise VIRQ_TIMER (schedop.send_timer_event,
+        # which evtchn implements on top of this module), answering whether that was news.
+        self.tick = tick
+        # Periodic timers whose last tick was no news (docs/vcpu-time.md section 5): by domid,
+        # those waiting for the domain's next call (their port was pending), and those waiting
+        # for VIRQ_TIMER to be bound.
+        self.parked: dict[int, list[Vcpu]] = {}
+        self.unbound: set[Vcpu] = set()
         self.kicks: dict[tuple[int, int], None] = {}
         self._armed: dict[tuple[Vcpu, str], tuple[int, int, TimerFn]] = {}
         self._heap: list[tuple[int, int, Vcpu, str]] = []
@@ -103,6 +121,8 @@ class Scheduler:
 
     def forget(self, domain: "Domain") -> None:
         """A dying domain's vCPUs: kill their timers (vcpu_destroy) and drop their kicks."""
+        self.parked.pop(domain.domid, None)
+        self.unbound.difference_update(domain.vcpus)
         for vcpu in domain.vcpus:
             for kind in [k for v, k in self._armed if v is vcpu]:
                 del self._armed[(vcpu, kind)]
@@ -142,7 +162,136 @@ def vcpu_unblock(hv: "Hypervisor", vcpu: "Vcpu") -> None:
     if vcpu.poll_evtchn:
         vcpu.poll_evtchn = 0
         hv.domains[vcpu.domid].poll_mask.discard(vcpu.vcpu_id)
+    vcpu_runstate_change(hv, vcpu)
     hv.sched.poke(vcpu)
+
+
+def runstate_of(hv: "Hypervisor", vcpu: "Vcpu") -> int:
+    """The RUNSTATE_* Xen's schedule() gives a vCPU (xen/common/sched/core.c): blocked
+    dominates; a vCPU that may not run (down, paused, shut down: vcpu_runnable) is offline;
+    the rest run. RUNSTATE_runnable, waiting for a physical CPU, has no counterpart here."""
+    if vcpu.blocked:
+        return RUNSTATE_blocked
+    domain = hv.domains[vcpu.domid]
+    if vcpu.down or domain.paused or domain.shutdown_code is not None:
+        return RUNSTATE_offline
+    return RUNSTATE_running
+
+
+def vcpu_runstate_change(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    """Xen's context switch, called wherever what `runstate_of` looks at changed.
+
+    vcpu_runstate_change: the time since state_entry_time goes to the old state. A vCPU
+    switched out stops its periodic timer (schedule: stop_timer(&prev->periodic_timer)) and
+    one switched in restarts it (vcpu_periodic_timer_work(next)); either way Xen rewrites the
+    registered runstate area (context_switch: _update_runstate_area)."""
+    new = runstate_of(hv, vcpu)
+    runstate = vcpu.runstate
+    old = runstate.state
+    if new == old:
+        return
+    now = hv.sched.now_ns
+    if now > runstate.state_entry_time:
+        runstate.time[old] += now - runstate.state_entry_time
+        runstate.state_entry_time = now
+    runstate.state = new
+    if old == RUNSTATE_running:
+        stop_periodic_timer(hv, vcpu)
+    elif new == RUNSTATE_running:
+        vcpu_periodic_timer_work(hv, vcpu)
+    if vcpu.runstate_guest:
+        update_runstate_area(hv, vcpu)
+
+
+def vcpu_runstate_get(hv: "Hypervisor", vcpu: "Vcpu") -> tuple[int, int, list[int]]:
+    """vcpu_runstate_get: (state, state_entry_time, time[4]) with the time spent in the
+    current state so far added to it, as VCPUOP_get_runstate_info reports."""
+    runstate = vcpu.runstate
+    time = list(runstate.time)
+    time[runstate.state] += max(hv.sched.now_ns - runstate.state_entry_time, 0)
+    return runstate.state, runstate.state_entry_time, time
+
+
+def update_runstate_area(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    """update_runstate_area (xen/common/domain.c): copy struct vcpu_runstate_info to the
+    registered guest address through the vCPU's kernel pagetable: six little-endian u64s, the
+    int state padded to eight bytes, RUNSTATE_INFO_SIZE in all. A copy that faults is
+    dropped, as Xen drops it (its __copy_to_guest result is not looked at)."""
+    runstate = vcpu.runstate
+    record = b"".join(value.to_bytes(8, "little") for value in (runstate.state, runstate.state_entry_time, *runstate.time))
+    copy_to_guest(hv.memory, vcpu.guest_table, vcpu.runstate_guest, record)
+
+
+# -- the periodic timer (docs/vcpu-time.md section 5) -----------------------------------------
+
+
+def vcpu_periodic_timer_work(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    """vcpu_periodic_timer_work (xen/common/sched/core.c), also the timer's function: if a
+    period has passed since the last tick, tick now; then arm the timer for a period after the
+    last tick. Ticks that were missed are not made up. A timer whose next tick cannot be news
+    (the last one was not, or VIRQ_TIMER is unbound) is parked instead (`Scheduler.parked`),
+    as if each further tick were made and changed nothing."""
+    period = vcpu.periodic_period
+    if not period:
+        return
+    now = hv.sched.now_ns
+    if now >= vcpu.periodic_last_event + period:
+        vcpu.periodic_last_event = now
+        if not hv.sched.tick(hv, vcpu):
+            _park(hv, vcpu)
+            return
+    elif not vcpu.virq_to_evtchn[VIRQ_TIMER]:
+        _park(hv, vcpu)
+        return
+    hv.sched.set_timer(vcpu, PERIODIC_TIMER, vcpu.periodic_last_event + period, vcpu_periodic_timer_work)
+
+
+def _park(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    if not vcpu.virq_to_evtchn[VIRQ_TIMER]:
+        hv.sched.unbound.add(vcpu)
+        return
+    parked = hv.sched.parked.setdefault(vcpu.domid, [])
+    if vcpu not in parked:
+        parked.append(vcpu)
+
+
+def stop_periodic_timer(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    """stop_timer(&v->periodic_timer), parked or armed."""
+    hv.sched.stop_timer(vcpu, PERIODIC_TIMER)
+    hv.sched.unbound.discard(vcpu)
+    parked = hv.sched.parked.get(vcpu.domid)
+    if parked and vcpu in parked:
+        parked.remove(vcpu)
+
+
+def unpark_periodic_timers(hv: "Hypervisor", domid: int) -> None:
+    """The domain calls: from now on a tick on a pending port may be news again (the guest
+    may clear the pending bit)."""
+    for vcpu in hv.sched.parked.pop(domid):
+        _rearm(hv, vcpu)
+
+
+def rebind_periodic_timer(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    """VIRQ_TIMER was bound on the vCPU: a timer parked while it was unbound ticks again."""
+    if vcpu in hv.sched.unbound:
+        hv.sched.unbound.discard(vcpu)
+        _rearm(hv, vcpu)
+
+
+def _rearm(hv: "Hypervisor", vcpu: "Vcpu") -> None:
+    """Arm a parked timer for the first tick after now on its own beat (periodic_last_event
+    plus whole periods), where Xen's ticks in between, all no-ops, would have left it."""
+    period, last = vcpu.periodic_period, vcpu.periodic_last_event
+    vcpu.periodic_last_event = last + (hv.sched.now_ns - last) // period * period
+    hv.sched.set_timer(vcpu, PERIODIC_TIMER, vcpu.periodic_last_event + period, vcpu_periodic_timer_work)
+
+
+def vcpu_set_periodic_timer(hv: "Hypervisor", vcpu: "Vcpu", period_ns: int) -> None:
+    """vcpu_set_periodic_timer: stop the timer, take the new period (0 = none) and, if any,
+    start it at once whatever the vCPU's state, as Xen does."""
+    stop_periodic_timer(hv, vcpu)
+    vcpu.periodic_period = period_ns
+    vcpu_periodic_timer_work(hv, vcpu)
 
 
 def vcpu_kick(hv: "Hypervisor", vcpu: "Vcpu") -> None:
@@ -158,6 +307,7 @@ def domain_shutdown(hv: "Hypervisor", domain: "Domain", reason: int) -> None:
         return
     domain.shutdown_code = reason
     for vcpu in domain.vcpus:
+        vcpu_runstate_change(hv, vcpu)
         hv.sched.poke(vcpu)
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .abi import VIRQ_TIMER, Errno
 from .errors import XenError
 from .evtchn import evtchn_port_poll, local_events_need_delivery, send_guest_vcpu_virq, set_upcall_mask
-from .sched import BLOCKED, Blocked, domain_shutdown, run_timers, s_time, vcpu_unblock
+from .sched import BLOCKED, Blocked, domain_shutdown, run_timers, s_time, vcpu_runstate_change, vcpu_unblock
 
 if TYPE_CHECKING:
     from .domain import Vcpu
@@ -44,6 +44,7 @@ def block(hv: "Hypervisor", current: "Vcpu") -> int | Blocked:
     if local_events_need_delivery(hv, current):
         return 0
     current.blocked = True
+    vcpu_runstate_change(hv, current)
     return BLOCKED
 
 
@@ -62,6 +63,7 @@ def poll(hv: "Hypervisor", current: "Vcpu", ports: list[int] = (), timeout_ns: i
     current.blocked = True
     current.poll_evtchn = ports[0] if len(ports) == 1 else -1
     domain.poll_mask.add(current.vcpu_id)
+    vcpu_runstate_change(hv, current)
     if timeout_ns:
         hv.sched.set_timer(current, POLL_TIMER, s_time(timeout_ns), poll_timer_fn)
         run_timers(hv)
@@ -106,6 +108,7 @@ def arm_singleshot_timer(hv: "Hypervisor", vcpu: "Vcpu", expires_ns: int) -> Non
     run_timers(hv)
 
 
-def send_timer_event(hv: "Hypervisor", vcpu: "Vcpu") -> None:
-    """The single-shot timer fired: VIRQ_TIMER on this vCPU, if it bound one."""
-    send_guest_vcpu_virq(hv, vcpu, VIRQ_TIMER)
+def send_timer_event(hv: "Hypervisor", vcpu: "Vcpu") -> bool:
+    """A timer fired (the single-shot or the periodic one): VIRQ_TIMER on this vCPU, if it
+    bound one. Returns whether the event was news (sched.vcpu_periodic_timer_work)."""
+    return send_guest_vcpu_virq(hv, vcpu, VIRQ_TIMER)

@@ -13,6 +13,8 @@ A bounded capacity with FIFO eviction keeps it finite, deterministically.
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .abi import PAGE_SHIFT
 
 DEFAULT_CAPACITY = 1536
@@ -76,6 +78,13 @@ class Tlb:
 
     def maps(self, mfn: int) -> bool:
         return mfn in self._by_mfn
+
+    def mapped(self, mfns: np.ndarray) -> list[int]:
+        """Which of `mfns` some cached translation maps: the work of the TLB's size, not theirs."""
+        if not self._by_mfn:
+            return []
+        cached = np.fromiter(self._by_mfn, dtype=np.int64, count=len(self._by_mfn))
+        return cached[np.isin(cached, mfns)].tolist()
 
     def __len__(self) -> int:
         return len(self.entries)

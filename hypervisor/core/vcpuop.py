@@ -1,5 +1,6 @@
 """HYPERVISOR_vcpu_op (docs/xen.md section 14): initialise, bring up and take down the
-vCPUs of the caller's domain, and set or stop the caller's single-shot timer.
+vCPUs of the caller's domain, their timers (the caller's single-shot one, any vCPU's periodic
+one), their runstate, and where their vcpu_info lives.
 
 Every vCPU but 0 is created down and uninitialised. VCPUOP_initialise gives it a context whose
 kernel and user pagetables take their references exactly as MMUEXT_NEW_BASEPTR and
@@ -9,11 +10,26 @@ taken down keeps those references; taking down the last vCPU that is up shuts th
 
 from typing import TYPE_CHECKING
 
-from .abi import Errno, PageType, SHUTDOWN_poweroff, VGCF_in_kernel, VGCF_online
+from .abi import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PERIODIC_MIN_NS,
+    RUNSTATE_INFO_SIZE,
+    STIME_DELTA_MAX,
+    VCPU_INFO_PENDING_SEL,
+    VCPU_INFO_SIZE,
+    Errno,
+    PageType,
+    SHUTDOWN_poweroff,
+    VGCF_in_kernel,
+    VGCF_online,
+)
 from .errors import Restart, XenError
-from .sched import domain_shutdown, s_time
+from .evtchn import vcpu_info_words, vcpu_mark_events_pending
+from .mmu import get_writable
+from .sched import domain_shutdown, s_time, update_runstate_area, vcpu_runstate_change, vcpu_runstate_get, vcpu_set_periodic_timer
 from .schedop import SINGLESHOT_TIMER, arm_singleshot_timer, send_timer_event
-from .walk import canonical
+from .walk import canonical, guest_addr_ok
 
 if TYPE_CHECKING:
     from .domain import Domain, Vcpu
@@ -21,11 +37,12 @@ if TYPE_CHECKING:
 
 
 def vcpu_op(hv: "Hypervisor", current: "Vcpu", cmd: str, vcpuid: int, **fields):
-    """HYPERVISOR_vcpu_op(cmd, vcpuid, arg): `cmd` names the VCPUOP_* ("initialise", "up",
-    "down", "is_up", "set_singleshot_timer", "stop_singleshot_timer"), `vcpuid` a vCPU of the
-    caller's domain (any, the caller included, except for the timer ops) and `fields` the op's
-    argument (initialise: `context`; set_singleshot_timer: `timeout_abs_ns`, `flags`). is_up
-    returns 1 or 0, the others 0."""
+    """HYPERVISOR_vcpu_op(cmd, vcpuid, arg): `cmd` names the VCPUOP_* (a key of `VCPUOP`),
+    `vcpuid` a vCPU of the caller's domain (any, the caller included, except for the
+    single-shot timer ops) and `fields` the op's argument (initialise: `context`;
+    set_singleshot_timer: `timeout_abs_ns`, `flags`; set_periodic_timer: `period_ns`;
+    register_runstate_memory_area: `addr`; register_vcpu_info: `mfn`, `offset`). is_up returns
+    1 or 0, get_runstate_info the runstate, the others 0."""
     target = hv.vcpu(current.domid, vcpuid)  # ENOENT, before the command is looked at
     handler = VCPUOP.get(cmd)
     if handler is None:
@@ -72,10 +89,12 @@ def _set_info_guest(
                 raise
 
     frames.atomically(take_bases)
+    hv.pagetables.fill_ro_mpt(ctrlreg3)  # after the kernel base is taken, as arch_set_info_guest does
     vcpu.guest_table, vcpu.guest_table_user = ctrlreg3, ctrlreg1  # a vCPU that never ran held none
     vcpu.initialised = True
     vcpu.vgc_flags, vcpu.rip, vcpu.rsp = flags, rip, rsp
     vcpu.down = not flags & VGCF_online  # VGCF_online clears _VPF_down without waking the vCPU
+    vcpu_runstate_change(hv, vcpu)
     return 0
 
 
@@ -94,6 +113,7 @@ def up(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> int:
         raise XenError(Errno.EINVAL, f"VCPUOP_up: dom{domain.domid} vCPU {vcpu.vcpu_id} is not initialised")
     if vcpu.down:
         vcpu.down = False
+        vcpu_runstate_change(hv, vcpu)
         hv.sched.poke(vcpu)
     return 0
 
@@ -105,6 +125,7 @@ def down(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> int:
         domain_shutdown(hv, domain, SHUTDOWN_poweroff)
     elif not vcpu.down:
         vcpu.down = True
+        vcpu_runstate_change(hv, vcpu)
         hv.sched.poke(vcpu)
     return 0
 
@@ -136,13 +157,86 @@ def stop_singleshot_timer(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> i
     return 0
 
 
+def get_runstate_info(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> dict:
+    """VCPUOP_get_runstate_info (common_vcpu_op, vcpu_runstate_get): the target's runstate
+    with the time in its current state so far; any vCPU of the domain (docs/vcpu-time.md section 6)."""
+    state, entry, time = vcpu_runstate_get(hv, vcpu)
+    return {"state": state, "state_entry_time": entry, "time": time}
+
+
+def register_runstate_memory_area(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", addr: int) -> int:
+    """VCPUOP_register_runstate_memory_area: from now on Xen copies the target's runstate to
+    guest virtual `addr` whenever it changes, and once now; 0 unregisters. -EFAULT unless the
+    48 bytes at `addr` lie in the guest's range (guest_handle_okay: __addr_ok at both ends).
+    Whether they are mapped is not checked: a copy that faults is dropped. The copy is the
+    runstate as of its last change, as Xen copies it for the calling vCPU (docs/vcpu-time.md section 6)."""
+    if addr and not (guest_addr_ok(addr) and guest_addr_ok(addr + RUNSTATE_INFO_SIZE - 1)):
+        raise XenError(Errno.EFAULT, f"VCPUOP_register_runstate_memory_area: {RUNSTATE_INFO_SIZE} bytes at {addr:#x} are not all guest addresses (guest_handle_okay)")
+    vcpu.runstate_guest = addr
+    if addr:
+        update_runstate_area(hv, vcpu)
+    return 0
+
+
+def set_periodic_timer(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", period_ns: int) -> int:
+    """VCPUOP_set_periodic_timer: -EINVAL below 1 ms or above STIME_DELTA_MAX; otherwise the
+    target's periodic timer restarts with this period, whichever vCPU of the domain it is
+    (docs/vcpu-time.md section 5)."""
+    if not PERIODIC_MIN_NS <= period_ns <= STIME_DELTA_MAX:
+        raise XenError(Errno.EINVAL, f"VCPUOP_set_periodic_timer: period {period_ns} ns is outside {PERIODIC_MIN_NS} ns (1 ms) .. {STIME_DELTA_MAX:#x} (STIME_DELTA_MAX)")
+    vcpu_set_periodic_timer(hv, vcpu, period_ns)
+    return 0
+
+
+def stop_periodic_timer(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu") -> int:
+    """VCPUOP_stop_periodic_timer: the target's period becomes 0, so it never ticks again
+    until set_periodic_timer; what Linux does at boot (xen_vcpuop_set_mode)."""
+    vcpu_set_periodic_timer(hv, vcpu, 0)
+    return 0
+
+
+def register_vcpu_info(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", mfn: int, offset: int = 0) -> int:
+    """VCPUOP_register_vcpu_info (common_vcpu_op, map_guest_area; docs/vcpu-time.md section 7):
+    move the target's vcpu_info out of shared info to byte `offset` of the domain's frame
+    `mfn`, in Xen's order of checks:
+
+    - the address mfn << 12 | offset must name that frame (-EINVAL: an offset of a page or more);
+    - a vcpu_info already registered is -EBUSY (no re-registration);
+    - the 64 bytes must lie in the frame and start on 8 bytes (-ENXIO);
+    - the frame must be the domain's (get_page: -EINVAL) and take a writable type (-EACCES:
+      a pagetable, say).
+
+    The area keeps both references until the domain dies. Xen copies the old vcpu_info there,
+    sets every selector bit and marks events pending, so nothing pending is lost (the guest
+    gets a spurious upcall)."""
+    where = f"VCPUOP_register_vcpu_info of dom{domain.domid} vCPU {vcpu.vcpu_id}"
+    if ((mfn << PAGE_SHIFT) + offset) >> PAGE_SHIFT != mfn:
+        raise XenError(Errno.EINVAL, f"{where}: offset {offset:#x} is not within mfn {mfn:#x}'s page")
+    if vcpu.vcpu_info_area is not None:
+        raise XenError(Errno.EBUSY, f"{where}: its vcpu_info is already at mfn {vcpu.vcpu_info_area[0]:#x} offset {vcpu.vcpu_info_area[1]:#x}")
+    if offset + VCPU_INFO_SIZE > PAGE_SIZE or offset % 8:
+        raise XenError(Errno.ENXIO, f"{where}: {VCPU_INFO_SIZE} bytes at offset {offset:#x} of mfn {mfn:#x} cross the page's end or are not 8-byte aligned")
+    get_writable(hv, mfn, domain.domid, f"{where}: vcpu_info", type_errno=Errno.EACCES)
+    old_mfn, old_index = vcpu_info_words(hv, vcpu)
+    hv.memory.write(mfn, offset, hv.memory.read(old_mfn, old_index * 8, VCPU_INFO_SIZE))  # vcpu_info_populate
+    vcpu.vcpu_info_area = (mfn, offset)
+    hv.memory.write(mfn, offset + VCPU_INFO_PENDING_SEL, b"\xff" * 8)
+    vcpu_mark_events_pending(hv, vcpu)
+    return 0
+
+
 VCPUOP = {
     "initialise": initialise,
     "up": up,
     "down": down,
     "is_up": is_up,
+    "get_runstate_info": get_runstate_info,
+    "register_runstate_memory_area": register_runstate_memory_area,
+    "set_periodic_timer": set_periodic_timer,
+    "stop_periodic_timer": stop_periodic_timer,
     "set_singleshot_timer": set_singleshot_timer,
     "stop_singleshot_timer": stop_singleshot_timer,
+    "register_vcpu_info": register_vcpu_info,
 }
 # The ops that act on the calling vCPU's own timer: common_vcpu_op answers -EINVAL when the
 # target is another vCPU (v != current).

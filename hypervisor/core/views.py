@@ -18,12 +18,9 @@ from collections import deque
 import numpy as np
 
 from .abi import (
-    BITS_PER_EVTCHN_WORD,
+    INVALID_M2P,
     PAGE_SHIFT,
     PTE_MFN_MASK,
-    SHARED_INFO_EVTCHN_MASK,
-    SHARED_INFO_EVTCHN_PENDING,
-    SHARED_INFO_VCPU_INFO,
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     VCPU_INFO_UPCALL_PENDING,
@@ -31,9 +28,9 @@ from .abi import (
     PageType,
     Pte,
 )
-from .domain import INVALID_M2P, Domain, Vcpu
+from .domain import Domain, Vcpu, owned_frames
 from .errors import XenError
-from .evtchn import ECS
+from .evtchn import ECS, port_is_masked, port_is_pending, vcpu_info_words
 from .evtchn import status as evtchn_status
 from .frames import NO_OWNER, PAGETABLE_TYPES, PINNED, VALIDATED
 from .hypervisor import XEN_VERSION, Hypervisor
@@ -87,33 +84,36 @@ def domain_info(hv: Hypervisor, domain: Domain) -> dict:
 
 
 def vcpu_info(hv: Hypervisor, domain: Domain, vcpu: Vcpu) -> dict:
-    """A vCPU's state with the two bytes of its vcpu_info in the shared-info frame
-    (public/xen.h struct vcpu_info: evtchn_upcall_pending, evtchn_upcall_mask)."""
-    info = SHARED_INFO_VCPU_INFO + vcpu.vcpu_id * VCPU_INFO_SIZE
-    shared = hv.memory.read(domain.shared_info_mfn, info, VCPU_INFO_SIZE)
+    """A vCPU's state with the two bytes of its vcpu_info, in the shared-info frame or where
+    VCPUOP_register_vcpu_info moved it (public/xen.h struct vcpu_info: evtchn_upcall_pending,
+    evtchn_upcall_mask), its periodic timer's period and its vcpu_info's place."""
+    mfn, index = vcpu_info_words(hv, vcpu)
+    info = hv.memory.read(mfn, 8 * index, VCPU_INFO_SIZE)
     return {
         **vcpu.info(),
-        "upcall_pending": bool(shared[VCPU_INFO_UPCALL_PENDING]),
-        "upcall_mask": bool(shared[VCPU_INFO_UPCALL_MASK]),
+        "upcall_pending": bool(info[VCPU_INFO_UPCALL_PENDING]),
+        "upcall_mask": bool(info[VCPU_INFO_UPCALL_MASK]),
+        "periodic_period_ns": vcpu.periodic_period,
+        "vcpu_info_mfn": mfn if vcpu.vcpu_info_area is not None else 0,
+        "vcpu_info_offset": 8 * index if vcpu.vcpu_info_area is not None else 0,
     }
 
 
 def evtchn_ports(hv: Hypervisor, domain: Domain) -> list[dict]:
     """Every port that is not free or reserved, as Xen's debug key 'e' prints it
     (xen/common/event_channel.c, domain_dump_evtchn_info): EVTCHNOP_status's answer and the
-    port's bits in shared_info.evtchn_pending / evtchn_mask."""
-    words = hv.memory.entries(domain.shared_info_mfn)
+    port's pending and mask bits, in shared_info.evtchn_pending / evtchn_mask or, under FIFO,
+    its event word (evtchn_port_is_pending, evtchn_port_is_masked)."""
     ports = []
     for port, chn in enumerate(domain.evtchn):
         if chn.state in (ECS.FREE, ECS.RESERVED):
             continue
-        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
         ports.append(
             {
                 "port": port,
                 "status": evtchn_status(hv, domain.vcpus[0], port),
-                "pending": bool(words.item(SHARED_INFO_EVTCHN_PENDING // 8 + word) >> bit & 1),
-                "masked": bool(words.item(SHARED_INFO_EVTCHN_MASK // 8 + word) >> bit & 1),
+                "pending": port_is_pending(hv, domain, port),
+                "masked": port_is_masked(hv, domain, port),
             }
         )
     return ports
@@ -122,16 +122,18 @@ def evtchn_ports(hv: Hypervisor, domain: Domain) -> list[dict]:
 def domain_summary(hv: Hypervisor, domain: Domain) -> dict:
     """Debug key 'q' condensed (xen/arch/x86/mm.c and common/keyhandler.c dump a domain's
     page list): the domain's frames counted by type, its pagetables that are validated and
-    pinned, and its writable mappings (writable type references on its data frames)."""
+    pinned, and its writable mappings (writable type references on its data frames). Reads
+    the domain's own frames only (domain.owned_frames)."""
     frames = hv.frames
-    owned = np.flatnonzero(frames.owner == domain.domid)
+    owned = owned_frames(frames, domain)
     types = frames.type[owned]
     flags = frames.flags[owned]
     tables = np.isin(types, _PAGETABLE)
     writable = owned[types == PageType.WRITABLE]
+    by_type = np.bincount(types, minlength=len(PageType))
     return {
         "frames": len(owned),
-        "by_type": {PageType(t).name: int(n) for t, n in zip(*np.unique(types, return_counts=True))},
+        "by_type": {PageType(t).name: int(n) for t, n in enumerate(by_type.tolist()) if n},
         "pagetables": int(np.count_nonzero(tables)),
         "validated_pagetables": int(np.count_nonzero(tables & ((flags & VALIDATED) != 0))),
         "pinned_pagetables": int(np.count_nonzero(tables & ((flags & PINNED) != 0))),

@@ -14,7 +14,7 @@ from .abi import HYPERVISOR_VIRT_END, PAGE_SHIFT, PAGE_SIZE, PTE_MFN_MASK, Pte
 from .errors import SimulatorBug
 from .memory import MachineMemory
 
-_P = int(Pte.PRESENT)
+_P, _RW = int(Pte.PRESENT), int(Pte.RW)
 LEVEL_SHIFTS = (39, 30, 21, 12)
 
 
@@ -49,14 +49,14 @@ def walk_entries(memory: MachineMemory, l4: int, va: int) -> list[tuple[int, int
     return path
 
 
-def translate(memory: MachineMemory, l4: int, va: int) -> int | None:
-    """The mfn backing `va` under the table `l4`, or None where the walk finds no page or
-    `va` is not a guest address."""
+def translate(memory: MachineMemory, l4: int, va: int, write: bool = False) -> int | None:
+    """The mfn backing `va` under the table `l4`, or None where the walk finds no page (no
+    writable page, with `write`: Xen runs with CR0.WP set) or `va` is not a guest address."""
     if not l4 or not guest_addr_ok(va):
         return None
     path = walk_entries(memory, l4, va)
     last = path[-1][2]
-    if len(path) < 4 or not last & _P:
+    if len(path) < 4 or not last & _P or (write and not all(entry & _RW for _, _, entry in path)):
         return None
     mfn = (last & PTE_MFN_MASK) >> PAGE_SHIFT
     return mfn if mfn < memory.nr_frames else None
@@ -75,3 +75,20 @@ def copy_from_guest(memory: MachineMemory, l4: int, va: int, length: int) -> byt
         out += memory.read(mfn, offset, chunk)
         va, length = va + chunk, length - chunk
     return bytes(out)
+
+
+def copy_to_guest(memory: MachineMemory, l4: int, va: int, data: bytes) -> bool:
+    """Write `data` at guest virtual `va` as Xen's copy_to_guest does, through writable
+    mappings only; False, having written nothing, if any page of it faults."""
+    pages = []
+    offset = 0
+    while offset < len(data):
+        mfn = translate(memory, l4, va + offset, write=True)
+        if mfn is None:
+            return False
+        chunk = min(len(data) - offset, PAGE_SIZE - ((va + offset) & (PAGE_SIZE - 1)))
+        pages.append((mfn, (va + offset) & (PAGE_SIZE - 1), data[offset : offset + chunk]))
+        offset += chunk
+    for mfn, at, chunk in pages:
+        memory.write(mfn, at, chunk)
+    return True

@@ -37,20 +37,21 @@ class Clock(Protocol):
 @dataclass(frozen=True, slots=True)
 class Op:
     """How one Call case runs: the core's op name (None: answered without the core), its
-    arguments from the request, and the response from the core's result and those arguments."""
+    arguments from the request, and how its response message is filled from the core's result
+    and those arguments (`fill`)."""
 
     name: str | None
     args: Callable[[Message, str, Clock], dict]
-    result: Callable[[Any, dict], Message]
+    result: Callable[[Message, Any, dict], None]
 
 
 # -- checks of malformed input ----------------------------------------------------------------
 
 
-def _count(items, path: str, limit: int) -> None:
+def _count(items, path: str, field: str, limit: int) -> None:
     """A batch's size: Xen's loops take none too (done 0); the simulator bounds the rest."""
     if len(items) > limit:
-        raise BadRequest(path, f"{len(items)} entries; 0 to {limit} allowed")
+        raise BadRequest(f"{path}{field}", f"{len(items)} entries; 0 to {limit} allowed")
 
 
 def _enum(value: int, enum: EnumDescriptor, path: str) -> int:
@@ -109,12 +110,12 @@ def _domid(msg: Message, name: str) -> int:
 
 
 def _mmu_update_args(msg, path, clock) -> dict:
-    _count(msg.reqs, f"{path}reqs", MAX_BATCH)
+    _count(msg.reqs, path, "reqs", MAX_BATCH)
     return {"reqs": [[r.ptr, r.val] for r in msg.reqs], "foreigndom": _domid(msg, "foreigndom")}
 
 
 def _mmuext_op_args(msg, path, clock) -> dict:
-    _count(msg.ops, f"{path}ops", MAX_BATCH)
+    _count(msg.ops, path, "ops", MAX_BATCH)
     cmd = common_pb2.MmuextCmd.DESCRIPTOR
     ops = [[_xen_number(op.cmd, cmd, f"{path}ops[{i}].cmd"), op.arg1, op.arg2] for i, op in enumerate(msg.ops)]
     return {"ops": ops, "foreigndom": _domid(msg, "foreigndom")}
@@ -128,7 +129,7 @@ def _update_va_mapping_args(msg, path, clock) -> dict:
 
 
 def _multicall_args(msg, path, clock) -> dict:
-    _count(msg.entries, f"{path}entries", MAX_BATCH)
+    _count(msg.entries, path, "entries", MAX_BATCH)
     calls = []
     for i, entry in enumerate(msg.entries):
         where = f"{path}entries[{i}]."
@@ -166,15 +167,42 @@ def _event_channel_op_args(msg, path, clock) -> dict:
 
 
 def _vcpu_op_args(msg, path, clock) -> dict:
+    """The core's clock is brought to now first: a deadline already past fires at once, a
+    periodic timer starts on the present's beat and a runstate changes at the present
+    (docs/vcpu-time.md section 6)."""
     cmd = _cmd(msg, path, _VCPUOP_NUMBERS)
     args = {"cmd": cmd, "vcpuid": msg.vcpuid}
+    if isinstance(cmd, int):
+        return args
+    clock.catch_up()
     if cmd == "initialise":
         c = msg.initialise.context
         args["context"] = {"flags": c.flags, "ctrlreg3": c.kernel_cr3_mfn, "ctrlreg1": c.user_cr3_mfn, "rip": c.rip, "rsp": c.rsp}
-    elif cmd == "set_singleshot_timer":
-        clock.catch_up()  # so that a deadline already past fires at once
-        args.update(_set_fields(msg.set_singleshot_timer))
+    else:
+        args.update(_set_fields(getattr(msg, cmd)))
     return args
+
+
+_XENMEM_NUMBERS = _op_numbers(hypercalls_pb2.MemoryOpRequest, "XENMEM_")
+
+
+def _reservation(msg, path: str) -> dict:
+    _count(msg.extent_start, path, "extent_start", MAX_BATCH)
+    return {"extent_start": list(msg.extent_start), "nr_extents": msg.nr_extents, "extent_order": msg.extent_order, "mem_flags": msg.mem_flags, "domid": _domid(msg, "domid")}
+
+
+def _memory_op_args(msg, path, clock) -> dict:
+    cmd = _cmd(msg, path, _XENMEM_NUMBERS)
+    if isinstance(cmd, int) or cmd == "maximum_ram_page":
+        return {"cmd": cmd}
+    arg, where = getattr(msg, cmd), f"{path}{cmd}."
+    if cmd == "exchange":
+        return {"cmd": cmd, "input": _reservation(arg.input, f"{where}input."), "output": _reservation(arg.output, f"{where}output."), "nr_exchanged": arg.nr_exchanged}
+    if cmd in ("current_reservation", "maximum_reservation"):
+        return {"cmd": cmd, "domid": _domid(arg, "domid")}
+    return {"cmd": cmd, **_reservation(arg, where)}
+
+
 
 
 def _deadline(msg, path: str, clock: Clock) -> int:
@@ -200,8 +228,12 @@ def _sched_op_args(msg, path, clock) -> dict:
     if isinstance(case, int):
         return {"cmd": case}
     args = {"cmd": _SCHEDOP_CMD[case]}
-    if case == "poll":
+    if case == "block":
+        clock.catch_up()  # the vCPU sleeps from now on (its runstate)
+    elif case == "poll":
         args.update(ports=list(msg.poll.ports), timeout_ns=_deadline(msg.poll, f"{path}poll.", clock))
+        if not args["timeout_ns"]:  # _deadline caught up otherwise
+            clock.catch_up()
     elif case == "shutdown":
         args["reason"] = _xen_number(msg.shutdown.reason, common_pb2.ShutdownReason.DESCRIPTOR, f"{path}shutdown.reason")
     return args
@@ -243,65 +275,106 @@ def _write_args(msg, path, clock) -> dict:
 
 
 # -- result builders ------------------------------------------------------------------------
+# Each fills the case's response message in place (a CallResult's, or a unary RPC's own), so a
+# Session answer is built where it is sent from, with no message made and then copied.
 
 
-def _fault(fault: dict) -> memory_pb2.PageFault:
-    return memory_pb2.PageFault(address=fault["va"], error_code=fault["error_code"], detail=fault["detail"])
+def _fault(out: memory_pb2.PageFault, fault: dict) -> None:
+    out.address, out.error_code, out.detail = fault["va"], fault["error_code"], fault["detail"]
 
 
-def _access(response: type[Message]) -> Callable[[dict, dict], Message]:
+def _access(out: Message, result: dict, args: dict) -> None:
     """A memory access's response: the core's {key: value}, {} or {"fault": ...}."""
+    fault = result.get("fault")
+    if fault is not None:
+        _fault(out.fault, fault)
+    else:
+        for key, value in result.items():
+            setattr(out, key, value)
 
-    def build(result: dict, args: dict) -> Message:
-        if "fault" in result:
-            return response(fault=_fault(result["fault"]))
-        return response(**result)
 
-    return build
+def _done(out: Message, done: int, args: dict) -> None:
+    out.done = done
 
 
-def _multicall_result(results: list[dict], args: dict) -> hypercalls_pb2.MulticallResponse:
-    out = hypercalls_pb2.MulticallResponse()
+def _multicall_result(out: hypercalls_pb2.MulticallResponse, results: list[dict], args: dict) -> None:
     for call, outcome in zip(args["calls"], results, strict=True):
         entry = out.results.add()
         if "errno" in outcome:
             done = outcome.get("done")
             entry.status.CopyFrom(xen_status(Errno[outcome["errno"]], outcome["message"], call["op"], done, done))
         else:
-            getattr(entry, CASE_OF_OP[call["op"]]).CopyFrom(CALLS[CASE_OF_OP[call["op"]]].result(outcome["result"], call["args"]))
-    return out
+            case = CASE_OF_OP[call["op"]]
+            fill(CALLS[case], getattr(entry, case), outcome["result"], call["args"])
 
 
-def _event_channel_op_result(result, args: dict) -> hypercalls_pb2.EventChannelOpResponse:
+def _event_channel_op_result(out: hypercalls_pb2.EventChannelOpResponse, result, args: dict) -> None:
     if args["cmd"] == "status":
-        return hypercalls_pb2.EventChannelOpResponse(status=evtchn_status(result))
-    return hypercalls_pb2.EventChannelOpResponse(port=result)
+        out.status.CopyFrom(evtchn_status(result))
+    elif args["cmd"] == "init_control":
+        out.link_bits = result["link_bits"]
+    else:
+        out.port = result
 
 
 def evtchn_status(status: dict) -> hypercalls_pb2.EvtchnStatusResult:
     return hypercalls_pb2.EvtchnStatusResult(**{**status, "state": status["state"] + 1})
 
 
-def _empty(response: type[Message]) -> Callable[[Any, dict], Message]:
-    return lambda result, args: response()
+def _vcpu_op_result(out: hypercalls_pb2.VcpuOpResponse, result, args: dict) -> None:
+    if args["cmd"] == "get_runstate_info":
+        runstate = out.runstate
+        runstate.state = result["state"] + 1
+        runstate.state_entry_time = result["state_entry_time"]
+        runstate.time[:] = result["time"]
+    else:
+        out.is_up = bool(result)
+
+
+def _memory_op_result(out: hypercalls_pb2.MemoryOpResponse, result: dict, args: dict) -> None:
+    """The core's {"result", and per op "extent_start", "nr_exchanged", "stopped"}."""
+    out.result = result["result"]
+    out.extent_start.extend(result.get("extent_start", ()))
+    out.nr_exchanged = result.get("nr_exchanged", 0)
+    out.stopped = result.get("stopped", "")
+
+
+def _xen_version_result(out: hypercalls_pb2.XenVersionResponse, version: dict, args: dict) -> None:
+    out.CopyFrom(hypercalls_pb2.XenVersionResponse(**version))
+
+
+def _echo_result(out: hypercalls_pb2.EchoResponse, result, args: dict) -> None:
+    out.payload = args["payload"]
+
+
+def _empty(out: Message, result, args: dict) -> None:
+    pass
+
+
+def fill(op: Op, out: Message, result: Any, args: dict) -> None:
+    """`out`, the response message of `op`'s case, filled from the core's result in place, and
+    present even when it has no field set (an empty response is an answer too)."""
+    out.SetInParent()
+    op.result(out, result, args)
 
 
 CALLS: dict[str, Op] = {
-    "mmu_update": Op("mmu_update", _mmu_update_args, lambda done, args: hypercalls_pb2.MmuUpdateResponse(done=done)),
-    "mmuext_op": Op("mmuext_op", _mmuext_op_args, lambda done, args: hypercalls_pb2.MmuextOpResponse(done=done)),
-    "update_va_mapping": Op("update_va_mapping", _update_va_mapping_args, _empty(hypercalls_pb2.UpdateVaMappingResponse)),
+    "mmu_update": Op("mmu_update", _mmu_update_args, _done),
+    "mmuext_op": Op("mmuext_op", _mmuext_op_args, _done),
+    "update_va_mapping": Op("update_va_mapping", _update_va_mapping_args, _empty),
     "multicall": Op("multicall", _multicall_args, _multicall_result),
     "event_channel_op": Op("event_channel_op", _event_channel_op_args, _event_channel_op_result),
-    "vcpu_op": Op("vcpu_op", _vcpu_op_args, lambda up, args: hypercalls_pb2.VcpuOpResponse(is_up=bool(up))),
-    "sched_op": Op("sched_op", _sched_op_args, _empty(hypercalls_pb2.SchedOpResponse)),
-    "set_timer_op": Op("set_timer_op", lambda msg, path, clock: {"timeout_ns": _deadline(msg, path, clock)}, _empty(hypercalls_pb2.SetTimerOpResponse)),
-    "xen_version": Op("xen_version", lambda msg, path, clock: {}, lambda version, args: hypercalls_pb2.XenVersionResponse(**version)),
-    "load": Op("load", _load_args, _access(memory_pb2.LoadResponse)),
-    "store": Op("store", _store_args, _access(memory_pb2.StoreResponse)),
-    "atomic": Op("atomic", _atomic_args, _access(memory_pb2.AtomicResponse)),
-    "read": Op("read", _read_args, _access(memory_pb2.ReadResponse)),
-    "write": Op("write", _write_args, _access(memory_pb2.WriteResponse)),
-    "echo": Op(None, lambda msg, path, clock: {"payload": msg.payload}, lambda result, args: hypercalls_pb2.EchoResponse(payload=args["payload"])),
+    "vcpu_op": Op("vcpu_op", _vcpu_op_args, _vcpu_op_result),
+    "sched_op": Op("sched_op", _sched_op_args, _empty),
+    "set_timer_op": Op("set_timer_op", lambda msg, path, clock: {"timeout_ns": _deadline(msg, path, clock)}, _empty),
+    "xen_version": Op("xen_version", lambda msg, path, clock: {}, _xen_version_result),
+    "load": Op("load", _load_args, _access),
+    "store": Op("store", _store_args, _access),
+    "atomic": Op("atomic", _atomic_args, _access),
+    "read": Op("read", _read_args, _access),
+    "write": Op("write", _write_args, _access),
+    "memory_op": Op("memory_op", _memory_op_args, _memory_op_result),
+    "echo": Op(None, lambda msg, path, clock: {"payload": msg.payload}, _echo_result),
 }
 CASE_OF_OP = {op.name: case for case, op in CALLS.items() if op.name}
 

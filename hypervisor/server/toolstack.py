@@ -8,13 +8,12 @@ method checks the admin token first (`auth.Tokens.admin`).
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 from functools import partial
 
 import grpc
 
-from hypervisor.core import SimulatorBug, XenError, audit, views
+from hypervisor.core import SimulatorBug, XenError, audit, audit_domain, views
 from hypervisor.core.abi import Errno
 from hypervisor.core.domain import Domain
 from xensim.v1 import common_pb2, toolstack_pb2, toolstack_pb2_grpc
@@ -155,6 +154,9 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
                     stale_tlb_hits=info["stale_tlb_hits"],
                     tlb_entries=info["tlb_entries"],
                     session_open=self.runtime.session_open(request.domid, vcpu.vcpu_id),
+                    periodic_period_ns=info["periodic_period_ns"],
+                    vcpu_info_mfn=info["vcpu_info_mfn"],
+                    vcpu_info_offset=info["vcpu_info_offset"],
                 )
             )
         return toolstack_pb2.VcpuInfoResponse(vcpus=records)
@@ -175,11 +177,7 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
 
     @_admin("audit")
     def Audit(self, request):
-        findings = audit(self.hv)
-        if request.HasField("domid"):
-            self.hv.domain(request.domid)  # ESRCH
-            mentions = re.compile(rf"\bdom{request.domid}\b")
-            findings = [f for f in findings if mentions.search(f)]
+        findings = audit_domain(self.hv, request.domid) if request.HasField("domid") else audit(self.hv)  # ESRCH
         return toolstack_pb2.AuditResponse(findings=[toolstack_pb2.AuditFinding(message=f) for f in findings])
 
     @_admin("stats")

@@ -5,32 +5,31 @@ untraced calls pay nothing. Tracing never fails a call nor holds the event loop:
 
 - A trace file is opened without waiting, and only a regular file (or a new one) is taken: a
   FIFO would block the open until someone read it, and a device has effects of its own.
-- Records reach the file in whole lines at most FLUSH_RECORDS records or FLUSH_INTERVAL_S
-  seconds after their call (a gzip trace gets a sync flush, after which every record so far
-  decompresses), so the file of a killed server replays as a prefix of its run.
+- Records are kept in memory and reach the file in whole records, one write per flush: at
+  most FLUSH_RECORDS records, FLUSH_BYTES bytes or FLUSH_INTERVAL_S seconds after their call
+  (a gzip trace gets a sync flush, after which every record so far decompresses), so the file
+  of a killed server replays as a prefix of its run.
 - A write error (a full disk) stops the file trace, is logged in one line, and is kept for
-  StopTrace, Stats and the server's exit; the call whose record failed keeps its result.
+  StopTrace, Stats and the server's exit; the calls whose records failed keep their results.
 - A StreamTrace reader has a backlog bounded in bytes, READER_BACKLOG_BYTES; one that falls
   further behind is dropped with RESOURCE_EXHAUSTED.
 """
 
 import asyncio
 import gzip
-import io
 import logging
 import os
 import stat
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import suppress
-from typing import IO
+from typing import IO, Any
 
 import grpc
 
 from hypervisor.core import Hypervisor, XenError
 from hypervisor.core.abi import Errno
-from hypervisor.core.trace import TraceError, TraceWriter, dumps
+from hypervisor.core.trace import Records, TraceWriter, dumps
 
 from .errors import Refused
 
@@ -38,6 +37,7 @@ log = logging.getLogger("xensim.server")
 
 READER_BACKLOG_BYTES = 16 << 20  # a second of a busy run's lines, a few hundred pages of hex
 FLUSH_RECORDS = 1024  # a burst of calls reaches the disk this many records at a time
+FLUSH_BYTES = 256 << 10  # or this many bytes (records of pages written are 4 KiB each)
 FLUSH_INTERVAL_S = 1.0  # and a quiet trace within a second of its last call
 
 _SPECIAL_FILES = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device", stat.S_IFDIR: "directory", stat.S_IFSOCK: "socket"}
@@ -95,8 +95,8 @@ class _OwnedGzipFile(gzip.GzipFile):
                 file.close()
 
 
-def create_trace(path: str) -> IO[str]:
-    """A new trace file as text (gzip-compressed for a name ending in .gz), opened without
+def create_trace(path: str) -> IO[bytes]:
+    """A new trace file (gzip-compressed for a name ending in .gz), opened without
     ever waiting: only a regular file or a new one is taken, checked before opening (so no
     device is opened at all) and after (O_NONBLOCK: a FIFO put there meanwhile fails at once)."""
 
@@ -117,9 +117,9 @@ def create_trace(path: str) -> IO[str]:
         raw = open(path, "wb", opener=opener)
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise XenError(Errno.EINVAL, f"cannot create trace file {path!r}: {getattr(e, 'strerror', None) or e}") from None
-    if path.endswith(".gz"):  # a busy run traces tens of MB a second as JSON lines, a tenth of that compressed
-        return io.TextIOWrapper(_OwnedGzipFile(fileobj=raw, mode="wb", compresslevel=1), encoding="ascii")
-    return io.TextIOWrapper(raw, encoding="ascii")
+    if path.endswith(".gz"):  # pages of memory written, mostly runs of a pattern, compress to a tenth or less
+        return _OwnedGzipFile(fileobj=raw, mode="wb", compresslevel=1)
+    return raw
 
 
 def _refuse_special(path: str, mode: int) -> None:
@@ -128,31 +128,25 @@ def _refuse_special(path: str, mode: int) -> None:
         raise XenError(Errno.EINVAL, f"trace file {path!r} is a {kind}, not a regular file: name a regular file or a new one")
 
 
-def open_trace(path: str) -> IO[str]:
-    """A trace file to read, as text; a name ending in .gz is gzip-compressed."""
+def open_trace(path: str) -> IO[bytes]:
+    """A trace file to read; a name ending in .gz is gzip-compressed."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="ascii")
-    return open(path, encoding="ascii")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
 
 
-def read_trace(path: str) -> Iterator[str]:
-    """The lines of a trace file. A compressed stream cut short (a killed server's) ends after
-    its last whole line, as a plain file does; what is not a trace's text is a TraceError."""
-    with open_trace(path) as lines:
-        try:
-            yield from lines
-        except EOFError:
-            return
-        except UnicodeDecodeError as e:
-            raise TraceError(f"not a xensim trace: byte {e.object[e.start]:#04x} is not text") from None
-        except zlib.error as e:
-            raise TraceError(f"the compressed stream is damaged: {e}") from None
+def read_trace(path: str) -> Iterator[tuple[int, Any]]:
+    """The records of a trace file, numbered from 1 (the header), in any format replay reads
+    (hypervisor.core.trace.Records): a file cut short ends after its last whole record, and
+    what is not a trace is a TraceError."""
+    with open_trace(path) as stream:
+        yield from Records(stream)
 
 
 class Tracing:
     def __init__(self, hv: Hypervisor):
         self.hv = hv
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._writer: TraceWriter | None = None
         self._path = ""
         self._flushed = 0  # the writer's calls at the last flush
@@ -172,7 +166,7 @@ class Tracing:
         file = create_trace(path)
         try:
             writer = TraceWriter(self.hv, file)
-            file.flush()
+            writer.flush()
         except OSError as e:
             with suppress(OSError):
                 file.close()
@@ -211,7 +205,7 @@ class Tracing:
         if self._writer is not None:
             try:
                 self._writer(record)
-                if self._writer.calls - self._flushed >= FLUSH_RECORDS:
+                if self._writer.calls - self._flushed >= FLUSH_RECORDS or self._writer.kept_bytes >= FLUSH_BYTES:
                     self._flush()
                 elif self._timer is None:
                     self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL_S, self._flush_late)
@@ -224,7 +218,7 @@ class Tracing:
 
     def _flush(self) -> None:
         """Everything recorded so far to the file, in whole records (each flush comes between two)."""
-        self._file.flush()
+        self._writer.flush()
         self._flushed = self._writer.calls
         if self._timer is not None:
             self._timer.cancel()

@@ -59,6 +59,19 @@ from .schedule import Gate
 log = logging.getLogger("xensim.server")
 
 
+class Later:
+    """A hypercall that has to wait (its domain paused, its turn given way, preempted, or
+    asleep): awaiting it gives the call's result."""
+
+    __slots__ = ("_coroutine",)
+
+    def __init__(self, coroutine):
+        self._coroutine = coroutine
+
+    def __await__(self):
+        return self._coroutine.__await__()
+
+
 class Stream:
     """A vCPU's open Session: the one writer (answers and the pusher task share a lock).
 
@@ -76,6 +89,7 @@ class Stream:
         self.attention = asyncio.Event()
         self.attention.set()  # a vCPU that is up is announced as soon as its Session opens
         self.started_sent = False
+        self.name = f"dom{slot.domid} vCPU {slot.vcpu_id}'s Session"
         self._pusher = asyncio.create_task(self._push_loop())
 
     async def write(self, response: hypercalls_pb2.SessionResponse) -> None:
@@ -83,13 +97,8 @@ class Stream:
         block it woke, as hypercalls.proto SchedBlock says)."""
         async with self.write_lock:
             for push in self._due():
-                await self._send(push)
-            await self._send(response)
-
-    async def _send(self, message: hypercalls_pb2.SessionResponse) -> None:
-        message.system_time_ns = self.runtime.now_ns()
-        with self.runtime.writing():
-            await write(self.context, message, f"dom{self.slot.domid} vCPU {self.slot.vcpu_id}'s Session")
+                await self.runtime.send(self, push)
+            await self.runtime.send(self, response)
 
     async def close(self) -> None:
         """Stop pushing, between two writes."""
@@ -112,7 +121,7 @@ class Stream:
                     return
                 try:
                     for push in pushes:
-                        await self._send(push)
+                        await self.runtime.send(self, push)
                 except PeerGone:  # its handler sees that itself
                     return
 
@@ -127,7 +136,7 @@ class Stream:
         if vcpu.down:
             self.started_sent = False
             return []
-        if slot.domid in self.runtime.paused or hv.domains[slot.domid].shutdown_code is not None:
+        if slot.domid in self.runtime.paused or domain.shutdown_code is not None:
             return []  # paused, by the toolstack or by domain_shutdown: the vCPU runs nothing
         pushes = []
         if not self.started_sent:
@@ -167,7 +176,7 @@ class Runtime:
         self._timer_deadline: int | None = None
         self._tasks: dict[int | None, set[asyncio.Task]] = {}
         self._endings: dict[asyncio.Task, Exception] = {}
-        self._writing: set[asyncio.Task] = set()  # handlers inside a Session write (see writing)
+        self._writing: set[asyncio.Task] = set()  # handlers inside a Session write (see send)
         self.observe: Callable[[str, float], None] | None = None  # observe.Metrics, with --metrics-port
         self._yielded_at = hv.budget.work  # the core's work count when calls last gave way
         self.gate: Gate | None = None  # a controlled run's scheduler (schedule.py); None: free
@@ -251,38 +260,80 @@ class Runtime:
     def sessions_open(self) -> int:
         return sum(slot.stream is not None for slot in self.slots.values())
 
-    async def call(self, slot: VcpuSlot, op: str, args: dict):
+    def call(self, slot: VcpuSlot, op: str, args: dict):
         """Run one hypercall of `slot`'s vCPU: wait while its domain is paused, run it on the
         core, going on with it after every preemption point until it is over, then sleep if it
         blocked. Kicks are drained whatever the outcome. Its time in the core is observed once,
-        when it is over (the core counts it, Hypervisor.count)."""
+        when it is over (the core counts it, Hypervisor.count).
+
+        Its result when it is over at once, without waiting, as most calls are: that costs no
+        coroutine and no turn of the loop. Otherwise `Later`, which the caller awaits for it."""
+        if slot.domid in self.paused or self.hv.budget.work - self._yielded_at >= self.hv.budget.per_call:
+            return Later(self._when_ready(slot, op, args))
+        in_core = None if self.observe is None else [0.0]
+        try:
+            result = self._run(in_core, self.hv.hypercall, slot.domid, slot.vcpu_id, op, **args)
+        except BaseException:
+            self._over(op, in_core)
+            raise
+        if isinstance(result, Continuation):
+            return Later(self._go_on(slot, op, in_core, result))
+        return self._done(slot, op, in_core, result)
+
+    async def _when_ready(self, slot: VcpuSlot, op: str, args: dict):
+        """`call`, once the domain is unpaused and calls have given way."""
         await self._unpaused(slot.domid)
         if self.hv.budget.work - self._yielded_at >= self.hv.budget.per_call:
             await self._give_way()
-        in_core = [0.0]
+        result = self.call(slot, op, args)
+        return await result if isinstance(result, Later) else result
+
+    async def _go_on(self, slot: VcpuSlot, op: str, in_core: list[float] | None, result: Continuation):
+        """Go on with a call that stopped at a preemption point, after every other call."""
         try:
-            result = self._run(in_core, self.hv.hypercall, slot.domid, slot.vcpu_id, op, **args)
             while isinstance(result, Continuation):
                 await self._give_way()
                 await self._may_go_on(slot)
                 result = self._run(in_core, self.hv.resume, slot.domid, slot.vcpu_id, result)
-        finally:
-            if self.observe is not None:
-                self.observe(op, in_core[0])
-        if result is BLOCKED:
-            stepped = self.gate is not None and self.gate.done(slot)  # a controlled run's step ends here
-            while slot.vcpu.blocked:
-                slot.wake.clear()
-                await slot.wake.wait()
-            await self._unpaused(slot.domid)
-            if stepped:
-                await self.gate.turn(slot)
-            result = 0
-        return result
+        except BaseException:
+            self._over(op, in_core)
+            raise
+        result = self._done(slot, op, in_core, result)
+        return await result if isinstance(result, Later) else result
 
-    def _run(self, in_core: list[float], core_call, *args, **kwargs):
+    def _done(self, slot: VcpuSlot, op: str, in_core: list[float] | None, result):
+        """A call that ran to its end: its result, or Later if it blocked (it answers 0 once woken)."""
+        self._over(op, in_core)
+        if result is not BLOCKED:
+            return result
+        stepped = self.gate is not None and self.gate.done(slot)  # a controlled run's step ends here
+        return Later(self._sleep(slot, stepped))
+
+    def _over(self, op: str, in_core: list[float] | None) -> None:
+        """The call is over: its time in the core observed (with metrics on)."""
+        if in_core is not None:
+            self.observe(op, in_core[0])
+
+    async def _sleep(self, slot: VcpuSlot, stepped: bool) -> int:
+        """A call that blocked: it answers 0 once its vCPU is woken and its domain unpaused (and,
+        if it blocked inside a controlled run's step, once the gate gives the rest of its message
+        a step of its own, docs/schedule.md section 1)."""
+        while slot.vcpu.blocked:
+            slot.wake.clear()
+            await slot.wake.wait()
+        await self._unpaused(slot.domid)
+        if stepped:
+            await self.gate.turn(slot)
+        return 0
+
+    def _run(self, in_core: list[float] | None, core_call, *args, **kwargs):
         """A call into the core; the kicks it made are drained whatever its outcome, and the
-        time it took is added to in_core[0]."""
+        time it took is added to in_core[0] (when it is timed: with metrics on)."""
+        if in_core is None:
+            try:
+                return core_call(*args, **kwargs)
+            finally:
+                self.drain()
         started = perf_counter()
         try:
             return core_call(*args, **kwargs)
@@ -317,9 +368,9 @@ class Runtime:
             await gate.wait()
 
     def drain(self) -> None:
-        """Look at the vCPUs the core kicked, and re-arm the timer (a controlled run's gate
-        fires the timers itself, on virtual time, and looks again at whom it waits for)."""
-        for key in self.hv.take_kicks():
+        """Look at the vCPUs the core kicked, if it kicked any, and re-arm the timer (a controlled
+        run's gate fires the timers itself, on virtual time, and looks again at whom it waits for)."""
+        for key in self.hv.take_kicks() if self.hv.sched.kicks else ():
             slot = self.slots.get(key)
             if slot is not None:
                 slot.wake.set()
@@ -370,23 +421,24 @@ class Runtime:
 
     def end_task(self, task: asyncio.Task, exc: Exception) -> None:
         """End a registered handler: it raises `exc` (see `guard`), once any Session message it
-        is sending has gone out (see `writing`)."""
+        is sending has gone out (see `send`)."""
         if task not in self._endings:
             self._endings[task] = exc
             if task not in self._writing:
                 task.cancel()
 
-    @contextmanager
-    def writing(self):
-        """A Session message is going out: an ending that comes meanwhile (shutdown,
-        DestroyDomain, DetachSession) waits for it, because grpc refuses a stream's closing
-        status while a send is in flight (TOO_MANY_OPERATIONS), which turned a clean
-        UNAVAILABLE or ABORTED into a logged error. Costs a set insertion per message, where
-        shielding each write cost a task."""
+    async def send(self, stream: Stream, message: hypercalls_pb2.SessionResponse) -> None:
+        """Send a Session message, stamped with Xen's system time (errors.write).
+
+        An ending that comes meanwhile (shutdown, DestroyDomain, DetachSession) waits for the
+        message to go out, because grpc refuses a stream's closing status while a send is in
+        flight (TOO_MANY_OPERATIONS), which turned a clean UNAVAILABLE or ABORTED into a logged
+        error. Costs a set insertion per message, where shielding each write cost a task."""
+        message.system_time_ns = self.now_ns()
         task = asyncio.current_task()
         self._writing.add(task)
         try:
-            yield
+            await write(stream.context, message, stream.name)
         finally:
             self._writing.discard(task)
             if task in self._endings:

@@ -24,7 +24,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from hypervisor.core import evtchn, schedop, vcpuop
+from hypervisor.core import evtchn, memop, schedop, vcpuop
 from hypervisor.core.hypervisor import HYPERCALLS, TOOLSTACK, Hypervisor
 from hypervisor.server import convert
 from xensim.v1 import hypercalls_pb2, toolstack_pb2
@@ -37,6 +37,7 @@ SUB_OPS: dict[str, tuple[dict[str, Callable], int]] = {
     "event_channel_op": (evtchn.EVTCHNOP, 2),
     "vcpu_op": (vcpuop.VCPUOP, 3),
     "sched_op": (schedop.SCHEDOP, 2),
+    "memory_op": (memop.XENMEM, 3),
 }
 SCALARS = {
     FieldDescriptor.TYPE_BOOL: True,
@@ -48,7 +49,8 @@ NO_OP_NUMBER = 99  # for the `cmd` cases, which carry the number of an op that h
 # on: the next entry, a multicall's results so far and the continuation of the entry it stopped
 # in; hypervisor/core/preempt.py): no guest names them, as Xen's continuations rewrite the
 # hypercall's arguments themselves (hypercall_create_continuation), so no wire field does.
-CONTINUATION_ONLY = {"mmu_update": {"start"}, "mmuext_op": {"start"}, "multicall": {"start", "results", "inner"}}
+CONTINUATION_ONLY = {"mmu_update": {"start"}, "mmuext_op": {"start"}, "multicall": {"start", "results", "inner"}, "memory_op": {"start", "out"}}
+CONTINUATION_ONLY |= {f"memory_op.{op}": {"start", "out"} for op in ("increase_reservation", "decrease_reservation", "populate_physmap", "exchange")}
 
 
 class Clock:
@@ -58,29 +60,33 @@ class Clock:
         return 0
 
 
-def variants(descriptor: Descriptor) -> list[Message]:
+def variants(descriptor: Descriptor, outer: tuple[Descriptor, ...] = ()) -> list[Message]:
     """Messages of this type with every field set: each oneof case, each named enum value and
     each variant of a nested message appears in at least one of them. A field `X_relative`
-    (the relative form kept for grpcurl beside an absolute `X`) excludes `X`, like a oneof."""
+    (the relative form kept for grpcurl beside an absolute `X`) excludes `X`, like a oneof. A
+    oneof case of a type already being built (a multicall entry's multicall) is built empty."""
     axes: list[list[tuple[str, object]]] = []
+    outer = (*outer, descriptor)
     for oneof in descriptor.oneofs:
         if not oneof.name.startswith("_"):  # a real oneof, not a proto3 `optional`
-            axes.append([(field.name, value) for field in oneof.fields for value in _values(field)])
+            axes.append([(field.name, value) for field in oneof.fields for value in _values(field, outer)])
     names = descriptor.fields_by_name
     for field in descriptor.fields:
         if field.name.removesuffix("_relative") in names and field.name.endswith("_relative"):
             continue  # on the axis of its absolute twin
         if field.containing_oneof is None or field.containing_oneof.name.startswith("_"):
             twins = [field, names[f"{field.name}_relative"]] if f"{field.name}_relative" in names else [field]
-            axes.append([(twin.name, value) for twin in twins for value in _values(twin)])
+            axes.append([(twin.name, value) for twin in twins for value in _values(twin, outer)])
     cls = GetMessageClass(descriptor)
     count = max((len(axis) for axis in axes), default=1)
     return [cls(**dict(axis[k % len(axis)] for axis in axes)) for k in range(count)]
 
 
-def _values(field: FieldDescriptor) -> list:
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        values = variants(field.message_type)
+def _values(field: FieldDescriptor, outer: tuple[Descriptor, ...] = ()) -> list:
+    if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type in outer:
+        values = [GetMessageClass(field.message_type)()]
+    elif field.type == FieldDescriptor.TYPE_MESSAGE:
+        values = variants(field.message_type, outer)
     elif field.type == FieldDescriptor.TYPE_ENUM:
         values = [v.number for v in field.enum_type.values if v.number]
     elif field.name == "cmd":

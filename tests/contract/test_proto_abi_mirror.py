@@ -1,6 +1,6 @@
 """The proto's Xen numbers and records agree with hypervisor/core/abi.py, both ways.
 
-XenErrno carries Xen's numbers; MmuextCmd, PageType, EvtchnStat and ShutdownReason carry Xen's
+XenErrno carries Xen's numbers; MmuextCmd, PageType, EvtchnStat, ShutdownReason and RunstateState carry Xen's
 number + 1 because their Xen numbering starts at 0, which proto3 reserves for UNSPECIFIED
 (common.proto explains the rule); StartInfo lists the builder's start-info record in its order.
 """
@@ -32,6 +32,7 @@ def test_xen_errno_values_are_abi_errno_names_and_numbers():
     ("PageType", "PAGE_TYPE_", {t.name: t.value for t in abi.PageType}),
     ("EvtchnStat", "EVTCHN_STAT_", _abi_constants("EVTCHNSTAT_")),
     ("ShutdownReason", "SHUTDOWN_REASON_", _abi_constants("SHUTDOWN_")),
+    ("RunstateState", "RUNSTATE_STATE_", {k: v for k, v in _abi_constants("RUNSTATE_").items() if not k.startswith("INFO_")}),
 ])
 def test_zero_based_xen_enum_is_xen_number_plus_one(enum_name, prefix, xen):
     assert xen, f"abi.py defines none of the Xen numbers that {enum_name} mirrors"

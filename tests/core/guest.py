@@ -4,10 +4,17 @@ Tests say what they build in guest terms (pfns, virtual addresses, entries) and 
 into hypercalls, so each test reads as the protocol it exercises.
 """
 
+import numpy as np
 
 from hypervisor.core import Continuation, Hypervisor
 from hypervisor.core.abi import (
     DOMID_SELF,
+    EVTCHN_FIFO_CONTROL_HEAD,
+    EVTCHN_FIFO_CONTROL_READY,
+    EVTCHN_FIFO_LINK_MASK,
+    EVTCHN_FIFO_LINKED,
+    EVTCHN_FIFO_MASKED,
+    EVTCHN_FIFO_PENDING,
     PAGE_OFFSET,
     PAGE_SHIFT,
     SHARED_INFO_EVTCHN_MASK,
@@ -35,16 +42,22 @@ def slot(va: int, level: int) -> int:
 class Guest:
     """One domain of `hv`, with a bump allocator over its free pfns."""
 
-    def __init__(self, hv: Hypervisor, nr_pages: int = 2048, nr_vcpus: int = 2, online: int | None = None, **kw):
+    def __init__(self, hv: Hypervisor, nr_pages: int = 2048, nr_vcpus: int = 2, online: int | None = None, ticking: bool = False, **kw):
         """`online`: how many vCPUs (from 0) run, the others left down; all of them by default,
-        since only a running vCPU makes calls (sched.check_running)."""
+        since only a running vCPU makes calls (sched.check_running). Unless `ticking`, every
+        vCPU's periodic timer is stopped at once, as a Linux guest stops it at boot, so that
+        only the timers a test arms are armed."""
         self.hv = hv
         created = hv.toolstack("create_domain", nr_pages=nr_pages, nr_vcpus=nr_vcpus, **kw)
         self.domid = created["domid"]
         self.start_info = created["start_info"]
         self.domain = hv.domains[self.domid]
         self.next_pfn = self.start_info["first_free_pfn"]
+        self.local_head: dict[tuple[int, int], int] = {}  # FIFO: (vCPU, queue) -> Linux's q->head
         self.l4 = self.start_info["pt_base_mfn"]
+        if not ticking:
+            for vcpu in range(nr_vcpus):
+                self.vcpu_op("stop_periodic_timer", vcpu)
         for vcpu in range(1, nr_vcpus if online is None else online):
             self.bring_up(vcpu)
 
@@ -251,3 +264,47 @@ class Guest:
         """What an upcall handler does first: clear upcall-pending and take the selector."""
         self._set_shared(VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_PENDING, 0, 1)
         self._set_shared(VCPU_INFO_SIZE * vcpu + VCPU_INFO_PENDING_SEL, 0)
+
+    # -- FIFO event words and control blocks (docs/xen.md section 24), read and written as the
+    # guest does through its own mappings of the pages it gave Xen (found here from Xen's record)
+
+    def _u32(self, mfn: int) -> np.ndarray:
+        return self.hv.memory.frame(mfn).view(np.uint32)
+
+    def fifo_word(self, port: int) -> int:
+        page, index = divmod(port, 1024)
+        return self._u32(self.domain.evtchn_fifo.event_array[page]).item(index)
+
+    def set_fifo_word(self, port: int, value: int) -> None:
+        page, index = divmod(port, 1024)
+        self._u32(self.domain.evtchn_fifo.event_array[page])[index] = value
+
+    def fifo_consume(self, vcpu: int, limit: int = 4096) -> list[int]:
+        """Linux's __evtchn_fifo_handle_events on `vcpu`: xchg `ready`, then consume_one_event
+        from the highest-priority ready queue (its local head, or the control block's head
+        when that is 0; clear_linked; follow the old LINK) until none is ready. Returns the
+        ports handled (pending and unmasked), each acked (PENDING cleared) as its handler
+        would be. A queue longer than `limit` is a cycle, which Xen must never link."""
+        efv = self.domain.evtchn_fifo.vcpus[vcpu]
+        control, base = self._u32(efv.control_mfn), efv.offset // 4
+        ready_at, head_at = base + EVTCHN_FIFO_CONTROL_READY // 4, base + EVTCHN_FIFO_CONTROL_HEAD // 4
+        handled = []
+        ready = control.item(ready_at)
+        control[ready_at] = 0
+        for _ in range(limit):
+            if not ready:
+                return handled
+            q = (ready & -ready).bit_length() - 1
+            port = self.local_head.get((vcpu, q), 0) or control.item(head_at + q)
+            word = self.fifo_word(port)
+            self.set_fifo_word(port, word & ~((1 << EVTCHN_FIFO_LINKED) | EVTCHN_FIFO_LINK_MASK))
+            self.local_head[(vcpu, q)] = word & EVTCHN_FIFO_LINK_MASK
+            if not word & EVTCHN_FIFO_LINK_MASK:
+                ready &= ~(1 << q)
+            word = self.fifo_word(port)
+            if word >> EVTCHN_FIFO_PENDING & 1 and not word >> EVTCHN_FIFO_MASKED & 1:
+                self.set_fifo_word(port, word & ~(1 << EVTCHN_FIFO_PENDING))
+                handled.append(port)
+            ready |= control.item(ready_at)
+            control[ready_at] = 0
+        raise AssertionError(f"dom{self.domid} vCPU {vcpu}: a FIFO queue longer than {limit} events: a cycle")

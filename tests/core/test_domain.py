@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from hypervisor.core import Hypervisor, XenError, audit
-from hypervisor.core.abi import DOMID_XEN, PAGE_OFFSET, PAGE_SHIFT, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, Errno, PageType
-from hypervisor.core.domain import INVALID_M2P
+from hypervisor.core.abi import DOMID_XEN, INVALID_M2P, PAGE_OFFSET, PAGE_SHIFT, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, Errno, PageType
 
 from .guest import Guest
 

@@ -329,7 +329,7 @@ def test_destroying_a_domain_kills_its_timers_and_kicks(hv, guest, other):
 
 def test_a_trace_of_blocking_and_time_replays_exactly():
     hv = Hypervisor(nr_frames=1 << 12)
-    out = io.StringIO()
+    out = io.BytesIO()
     writer = TraceWriter(hv, out)
     hv.tracer = writer
     guest = Guest(hv, nr_pages=256)
@@ -339,6 +339,6 @@ def test_a_trace_of_blocking_and_time_replays_exactly():
     hv.advance_time(500)
     assert hv.toolstack("deliver_upcall", domid=guest.domid, vcpu=1) == [port]
     writer.close()
-    report, twin = replay(out.getvalue().splitlines())
+    report, twin = replay(io.BytesIO(out.getvalue()))
     assert report.ok and report.digest_matched and report.calls == writer.calls
     assert twin.domains[guest.domid].vcpus[1].blocked is False

@@ -4,8 +4,9 @@ Rules are hypercalls (bad levels, foreign frames, writable mappings of tables, d
 unpins of unpinned frames, Xen's reserved slots, stray commands, foreign-domain tricks), and
 garbage left in frames before they become tables: arbitrary words and words that look like
 entries naming another domain's frames, Xen's frames or frames past the end of RAM, in any
-slot, Xen's L4 slots 256..271 included. Invariants: audit finds nothing (its reachability
-check included: no translation of any base, pin or TLB reaches a frame its domain may not),
+slot, Xen's L4 slots 256..271 included. Invariants: audit finds nothing, of the machine or of
+any one domain (its reachability check included: no translation of any base, pin or TLB
+reaches a frame its domain may not; its frame counts per owner included),
 every access to Xen's range faults, no exception but XenError (or VcpuNotRunning, for a vCPU
 that is down or of a domain that shut down) escapes, and a call that fails before committing
 any entry leaves the model exactly as it was. Domains are destroyed and re-created along the
@@ -34,7 +35,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from hypervisor.core import Continuation, Hypervisor, VcpuNotRunning, XenError, audit
+from hypervisor.core import Continuation, Hypervisor, VcpuNotRunning, XenError, audit, audit_domain
 from hypervisor.core.abi import (
     DOMID_IO,
     DOMID_SELF,
@@ -43,7 +44,9 @@ from hypervisor.core.abi import (
     HYPERVISOR_L4_LAST,
     HYPERVISOR_VIRT_END,
     HYPERVISOR_VIRT_START,
+    INVALID_MFN,
     PAGE_SHIFT,
+    RO_MPT_VIRT_START,
     MmuCmd,
     MmuextCmd,
     Pte,
@@ -63,6 +66,7 @@ WHO = st.integers(0, NR_DOMAINS - 1)  # also a peer: a domain naming itself by n
 VCPU = st.integers(0, NR_VCPUS - 1)
 ONLINE = 2  # vCPUs running from the start; the last is left down for VCPUOP_initialise and up
 NR_PAGES = 160
+POOL = range(NR_PAGES - 8, NR_PAGES)  # pfns only the balloon rules use, so other rules never meet a given-back pfn
 NR_FRAMES = 1 << 12
 # Addresses in Xen's range: its first and last word, the linear map over the boot L3 (present
 # all the way down), and the per-domain and direct-map slots.
@@ -146,7 +150,7 @@ class HostileGuests(RuleBasedStateMachine):
         domain's frames, Xen's, or frames past RAM). Nothing checks plain pages; what matters
         is that no validated table ever lets a walk into it."""
         guest = self.guests[who]
-        if guest.next_pfn + 4 >= NR_PAGES:
+        if guest.next_pfn + 4 >= POOL.start:
             guest.next_pfn = guest.start_info["first_free_pfn"] + 8
         table = int(Pte.PRESENT | Pte.RW | Pte.USER | Pte.ACCESSED | Pte.DIRTY)
         try:
@@ -155,6 +159,8 @@ class HostileGuests(RuleBasedStateMachine):
             _, l3 = guest.new_table({i: l2 << PAGE_SHIFT | table for i in range(4)})
         except VcpuNotRunning:  # its vCPU 0 was taken down: it writes nothing
             return multiple()
+        except XenError:  # a page it took was one the guest gave back to Xen (balloon_out)
+            return multiple()
         return l3
 
     @rule(target=tables, who=WHO, mapped=st.booleans(), junk=st.dictionaries(st.one_of(XEN_SLOTS, SLOTS), garbage(frames), max_size=6))
@@ -162,7 +168,7 @@ class HostileGuests(RuleBasedStateMachine):
         """A process tree whose L4 also holds `junk`, left there before it is pinned or loaded:
         in Xen's slots it must be accepted and clobbered, elsewhere it mostly fails validation."""
         guest = self.guests[who]
-        if guest.next_pfn + 6 >= NR_PAGES:
+        if guest.next_pfn + 6 >= POOL.start:
             guest.next_pfn = guest.start_info["first_free_pfn"] + 8
         data = {0x400000: guest.alloc()[1]} if mapped else None
         try:
@@ -282,7 +288,62 @@ class HostileGuests(RuleBasedStateMachine):
             args["data"] = b"\xff" * 8
         outcome = self.attempt(who, op, vcpu, **args)
         if va in XEN_VAS and not isinstance(outcome, VcpuNotRunning):
-            assert isinstance(outcome, dict) and "fault" in outcome, f"{op} at {va:#x} in Xen's range: {outcome}"
+            if va == RO_MPT_VIRT_START and op in ("load", "read") and "fault" not in outcome:
+                # the read-only M2P, mapped in a kernel base (docs/xen.md section 22): mfn 0's entry
+                value = outcome.get("value", int.from_bytes(outcome.get("data", b""), "little"))
+                assert value == int(self.hv.m2p[0]), f"{op} of the read-only M2P: {outcome}"
+            else:
+                assert isinstance(outcome, dict) and "fault" in outcome, f"{op} at {va:#x} in Xen's range: {outcome}"
+
+    # -- memory_op (docs/xen.md section 23) ------------------------------------------------------
+
+    @rule(who=WHO, vcpu=VCPU, pfns=st.lists(st.sampled_from(POOL), max_size=4, unique=True), extra=st.lists(st.one_of(tables, frames), max_size=2), order=st.sampled_from([0, 0, 1, 10]), peer=WHO, foreign=st.booleans())
+    def balloon_out(self, who, vcpu, pfns, extra, order, peer, foreign):
+        """Linux's balloon, hostile in part: unmap pool pages, give them back with frames that
+        are not the guest's to give (often in use, another domain's, Xen's, past RAM)."""
+        guest = self.guests[who]
+        mfns = [guest.mfn(pfn) for pfn in pfns if guest.domain.p2m[pfn] != INVALID_MFN]
+        for pfn in pfns:
+            if guest.domain.p2m[pfn] != INVALID_MFN:
+                l1, index = guest.direct_l1(pfn)
+                self.attempt(who, "mmu_update", vcpu, reqs=[[(l1 << PAGE_SHIFT) + 8 * index, 0]])
+        domid = self.guests[peer].domid if foreign else DOMID_SELF
+        self.attempt(who, "memory_op", vcpu, cmd="decrease_reservation", extent_start=mfns + extra, nr_extents=len(mfns + extra), extent_order=order, domid=domid)
+
+    @rule(who=WHO, vcpu=VCPU, cmd=st.sampled_from(["populate_physmap", "increase_reservation"]), order=st.sampled_from([0, 0, 2, 10]), junk=st.lists(st.integers(0, 2**64 - 1), max_size=2))
+    def balloon_in(self, who, vcpu, cmd, order, junk):
+        """Take frames again for the pool's empty pfns (and for junk pfns, as a hostile guest
+        may), and map them back in the direct map."""
+        guest = self.guests[who]
+        empty = [pfn for pfn in POOL if guest.domain.p2m[pfn] == INVALID_MFN]
+        listed = empty + junk
+        answer = self.attempt(who, "memory_op", vcpu, cmd=cmd, extent_start=listed, nr_extents=len(listed), extent_order=order)
+        if isinstance(answer, dict) and cmd == "populate_physmap":
+            for pfn, mfn in zip(empty, answer["extent_start"][: answer["result"]], strict=False):
+                l1, index = guest.direct_l1(pfn)
+                self.attempt(who, "mmu_update", vcpu, reqs=[[(l1 << PAGE_SHIFT) + 8 * index, mfn << PAGE_SHIFT | int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY)]])
+
+    @rule(who=WHO, vcpu=VCPU, pfns=st.lists(st.sampled_from(POOL), min_size=1, max_size=4, unique=True), extra=st.lists(st.one_of(tables, frames), max_size=1), out_order=st.sampled_from([0, 1, 2]), forged=st.sampled_from([0, 0, 1, 2**40]))
+    def exchange(self, who, vcpu, pfns, extra, out_order, forged):
+        """xen_create_contiguous_region on pool pages, with a stray input frame or a forged
+        nr_exchanged now and then."""
+        guest = self.guests[who]
+        ins = [guest.mfn(pfn) for pfn in pfns if guest.domain.p2m[pfn] != INVALID_MFN] + extra
+        outs = pfns[: max(1, len(ins) >> out_order)]
+        self.attempt(
+            who,
+            "memory_op",
+            vcpu,
+            cmd="exchange",
+            input={"extent_start": ins, "nr_extents": len(ins)},
+            output={"extent_start": outs, "nr_extents": len(outs), "extent_order": out_order},
+            nr_exchanged=forged,
+        )
+
+    @rule(who=WHO, vcpu=VCPU, cmd=st.sampled_from(["current_reservation", "maximum_reservation", "maximum_ram_page", 5]), peer=WHO)
+    def reservation_stats(self, who, vcpu, cmd, peer):
+        fields = {} if cmd in ("maximum_ram_page", 5) else {"domid": self.guests[peer].domid}
+        self.attempt(who, "memory_op", vcpu, cmd=cmd, **fields)
 
     @rule(who=WHO, vcpu=VCPU, steps=st.integers(1, 3))
     def resume(self, who, vcpu, steps):
@@ -302,8 +363,12 @@ class HostileGuests(RuleBasedStateMachine):
 
     @invariant()
     def audit_is_clean(self):
+        """The whole machine's audit (which checks the per-owner frame counts too) and each
+        domain's own, which must agree with it (audit.audit_domain)."""
         if hasattr(self, "hv"):
             assert audit(self.hv) == []
+            for guest in self.guests:
+                assert audit_domain(self.hv, guest.domid) == []
 
     def teardown(self):
         if hasattr(self, "hv"):

@@ -141,7 +141,7 @@ def test_a_vcpuid_that_does_not_exist_is_enoent(hv, guest, cmd):
 
 def test_unknown_vcpu_op_is_enosys(hv, guest):
     with fails(hv, Errno.ENOSYS):
-        guest.vcpu_op("set_periodic_timer", 0)
+        guest.vcpu_op("send_nmi", 0)
 
 
 def test_down_keeps_the_references_and_any_vcpu_may_be_targeted(hv, guest):

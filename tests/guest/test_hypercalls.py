@@ -297,6 +297,7 @@ async def test_the_client_knows_xens_time_and_names_absolute_deadlines_in_it(ser
     with trio.fail_after(TIMEOUT):
         async with boot(server) as guest:
             xen = guest.xen
+            await xen.vcpu_stop_periodic_timer(0)  # as Linux at boot: no 10 ms ticks
             timer = await xen.evtchn_bind_virq(VIRQ_TIMER, 0)  # never pending: only timeouts end a poll
             before = xen.system_time_ns
             await xen.sched_poll([timer], before + wait)

@@ -12,17 +12,20 @@ import pytest
 from hypervisor.core.hypervisor import RESERVED_FRAMES
 from tests.support.server import start_server
 from xensim.launch import run, started, vcpu_command
+from xensim.v1 import common_pb2, toolstack_pb2
 
 from .kernel import VCPU_TIMEOUT, audit_after_destroy, run_guest
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.mark.parametrize("highpte", [False, True], ids=["lowmem-pte", "highpte"])
-def test_four_vcpus_fork_touch_migrate_exit_then_audit_clean(server, highpte):
-    args = ["--lifecycles", "12", "--seconds", "60", "--seed", "3", "--migrate", "0.5"] + (["--highpte"] if highpte else [])
+@pytest.mark.parametrize(("highpte", "evtchn"), [(False, "fifo"), (True, "fifo"), (False, "2l")], ids=["lowmem-pte", "highpte", "2-level"])
+def test_four_vcpus_fork_touch_migrate_exit_then_audit_clean(server, highpte, evtchn):
+    """With FIFO event channels (the default, docs/linux.md section 12) and with 2-level."""
+    args = ["--lifecycles", "12", "--seconds", "60", "--seed", "3", "--migrate", "0.5", "--evtchn", evtchn] + (["--highpte"] if highpte else [])
     domid, run = run_guest(server, 4, *args, highmem_pages=2048 if highpte else 0)
     assert run.bugs == [] and run.returncodes == [0, 0, 0, 0], run.stderr
+    assert {r["evtchn"] for r in run.reports} == {evtchn}
     assert all(r["data_corruptions"] == [] for r in run.reports)
     stats = [r["stats"] for r in run.reports]
     assert run.lifecycles >= 4 * 12  # each vCPU's own, plus tasks handed over to it
@@ -77,6 +80,20 @@ def test_a_vcpu_killed_between_switch_mm_messages_finishes_the_switch_on_restart
     assert victim["restarted"] and victim["bug"] is None and second.returncode == 0, second.stderr
     assert report["bug"] is None and report["lifecycles"] == 1 and exiter.process.returncode == 0, err
     assert audit_after_destroy(server, domain.domid) == []
+
+
+def test_the_kernel_stops_every_periodic_timer_and_moves_each_vcpu_info_into_its_percpu_page(server):
+    """As Linux does at boot (docs/linux.md section 11): one-shot timers only, and vcpu_info in
+    per-CPU memory, where the kernel's event dispatch then reads it (events flow: the run ends)."""
+    domid, run = run_guest(server, 2, "--lifecycles", "2", "--seconds", "30", "--seed", "5")
+    assert run.bugs == [] and run.returncodes == [0, 0], run.stderr
+    vcpus = server.toolstack().VcpuInfo(toolstack_pb2.VcpuInfoRequest(domid=domid), metadata=server.toolstack_metadata(), timeout=10).vcpus
+    assert [v.periodic_period_ns for v in vcpus] == [0, 0]
+    places = [(v.vcpu_info_mfn, v.vcpu_info_offset) for v in vcpus]
+    assert all(mfn for mfn, _ in places) and len({mfn for mfn, _ in places}) == 2 and len({offset for _, offset in places}) == 1
+    frames = server.toolstack().FrameInfo(toolstack_pb2.FrameInfoRequest(mfn=places[0][0]), metadata=server.toolstack_metadata(), timeout=10).frames
+    assert frames[0].type == common_pb2.PAGE_TYPE_WRITABLE and frames[0].owner == domid
+    assert audit_after_destroy(server, domid) == []
 
 
 def test_highpte_kmap_slot_is_readonly_while_pinned(server):
@@ -144,3 +161,19 @@ def test_a_lifecycle_takes_the_messages_its_dependencies_force():
         both = _messages_per_lifecycle(server, 2, "--migrate", "0.5")
     assert local <= 9 + 1.5, local
     assert both <= (9 + 14) / 2 + 1.5, both
+
+
+def test_the_balloon_gives_pages_back_and_takes_them_again_under_load(server):
+    """Each vCPU gives 8 pages back to Xen (decrease_reservation) and takes them again
+    (populate_physmap) between lifecycles: every frame Xen returns is scrubbed and keeps the
+    pattern written into it, the kernel's mfn_to_pfn reads the read-only M2P, and the machine
+    audits clean with every frame accounted for."""
+    free_before = server.toolstack().HostInfo(toolstack_pb2.HostInfoRequest(), metadata=server.toolstack_metadata()).free_frames
+    domid, run = run_guest(server, 4, "--lifecycles", "10", "--seconds", "60", "--seed", "5", "--balloon", "8")
+    assert run.bugs == [] and run.returncodes == [0, 0, 0, 0], run.stderr
+    assert all(r["data_corruptions"] == [] for r in run.reports)
+    stats = [r["stats"] for r in run.reports]
+    assert all(s["ballooned_out"] >= 8 and s["ballooned_in"] == s["ballooned_out"] for s in stats), [(s["forks"], s["ballooned_out"], s["ballooned_in"]) for s in stats]
+    assert sum(s["ballooned_out"] for s in stats) >= 4 * 8 * 3
+    assert audit_after_destroy(server, domid) == []
+    assert server.toolstack().HostInfo(toolstack_pb2.HostInfoRequest(), metadata=server.toolstack_metadata()).free_frames == free_before

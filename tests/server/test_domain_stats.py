@@ -9,7 +9,7 @@ import pytest
 from hypervisor.core import views
 from hypervisor.core.abi import Errno
 from hypervisor.core.trace import replay
-from hypervisor.server.tracing import read_trace
+from hypervisor.server.tracing import open_trace
 from tests.support.server import start_server
 from xensim.cli import main as xensim_main
 from xensim.v1 import common_pb2
@@ -52,6 +52,7 @@ def test_a_replayed_trace_answers_domain_stats_as_the_live_server_did(tmp_path, 
     assert (d, "multicall/mmuext_op", "EINVAL", 1) in live  # a failed entry counts as its op's error, as in Stats
     assert all(domid == d for domid, *_ in live) and len(one) == len(live)  # the destroyed domain's counts went with it
     assert listed["hypercalls"] == sum(n for _, op, _, n in live if "/" not in op)  # a multicall's entries are not calls of their own
-    _, hv = replay(read_trace(str(path)))
+    with open_trace(str(path)) as stream:
+        _, hv = replay(stream)
     assert views.domain_stats(hv) == live
     assert views.domain_stats(hv, gone.domid) == []

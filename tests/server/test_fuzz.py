@@ -278,6 +278,35 @@ def test_fuzzed_requests_never_break_the_server(target, method):
     target.assert_healthy()
 
 
+FIFO_OPS = ("init_control", "expand_array", "set_priority", "reset", "bind_ipi", "send", "unmask", "close")
+
+
+def test_fuzzed_fifo_sequences_never_break_the_server(target):
+    """The FIFO ABI's ops (docs/xen.md section 24) in sequences on one Session, drawn from
+    their descriptors among the ops that bind, send and reset: a switch to FIFO on the
+    domain's own frames, its event array and queues in use, and back."""
+    requests = target.requests()
+    ops = st.one_of(*(requests.message(h.EventChannelOpRequest.DESCRIPTOR.fields_by_name[op].message_type, 1).map(lambda m, op=op: (op, m)) for op in FIFO_OPS))
+    calls = st.lists(ops.map(lambda pair: h.Call(event_channel_op=h.EventChannelOpRequest(**{pair[0]: pair[1]}))), min_size=1, max_size=8)
+    session = hypercalls_method("Session")
+
+    @settings(max_examples=4 * EXAMPLES_PER_RPC, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(messages=st.lists(calls.map(lambda c: h.SessionRequest(request_id=1, calls=c)), min_size=1, max_size=3), vcpu=st.integers(0, 1))
+    def example(messages, vcpu):
+        try:
+            bad = target.call(session, [h.SessionRequest(request_id=i + 1, calls=m.calls) for i, m in enumerate(messages)], vcpu)
+        finally:
+            target.restore()
+        assert not bad, f"Session answered {bad}"
+
+    example()
+    target.assert_healthy()
+
+
+def hypercalls_method(name: str):
+    return h.DESCRIPTOR.services_by_name["Hypercalls"].methods_by_name[name]
+
+
 def test_nul_in_a_trace_path_is_einval(target):
     """A regression the fuzzer found: open() raises ValueError, not OSError, for a NUL byte."""
     with pytest.raises(grpc.RpcError) as caught:

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from hypervisor.core.abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, L4_SLOT_LINEAR, Errno
+from hypervisor.core.abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, L4_SLOT_LINEAR, RO_MPT_VIRT_START, Errno
 from hypervisor.server.errors import XEN_CODES
 from tests.support.server import start_server
 from xensim.v1 import common_pb2
@@ -50,7 +50,8 @@ XEN_LAST_VA = HYPERVISOR_VIRT_END - 8
 @dataclass
 class Victim:
     """Domain A and what an attacker would go for: a secret page, a pinned L1 that maps it, a
-    page mapped nowhere but A's direct map, and ports in every state."""
+    page mapped nowhere but A's direct map, ports in every state, and the FIFO ABI's control block
+    and event-array page (docs/xen.md section 24)."""
 
     guest: WireGuest
     secret_pfn: int
@@ -60,6 +61,7 @@ class Victim:
     plain: int
     ports: dict[str, int]
     frame_runs: list[tuple[int, int]]
+    fifo: dict[str, int]  # A's FIFO frames: "control" (vCPU 0's control block) and "array"
 
     @property
     def domid(self) -> int:
@@ -108,7 +110,12 @@ def build_victim(server) -> Victim:
     c_port = _evtchn(c, alloc_unbound=h.EvtchnAllocUnbound(remote_dom=a.domid))
     ports["interdomain"] = _evtchn(a, bind_interdomain=h.EvtchnBindInterdomain(remote_dom=c.domid, remote_port=c_port))
     a.call("EventChannelOp", h.EventChannelOpRequest(send=h.EvtchnSend(port=ports["ipi"])))  # pending: an unmask would deliver it
-    victim = Victim(a, secret_pfn, secret, l1_pfn, l1, plain, ports, a.frame_runs())
+    fifo = {"control": a.alloc()[1], "array": a.alloc()[1]}
+    a.call("EventChannelOp", h.EventChannelOpRequest(init_control=h.EvtchnInitControl(control_gfn=fifo["control"], vcpu=0)))
+    a.call("EventChannelOp", h.EventChannelOpRequest(expand_array=h.EvtchnExpandArray(array_gfn=fifo["array"])))  # the IPI is linked now
+    for vcpu in range(3):  # as Linux at boot: no periodic VIRQ_TIMER to change A between two looks
+        a.call("VcpuOp", h.VcpuOpRequest(vcpuid=vcpu, stop_periodic_timer=h.VcpuStopPeriodicTimer()))
+    victim = Victim(a, secret_pfn, secret, l1_pfn, l1, plain, ports, a.frame_runs(), fifo)
     victim.state()  # its reads fill A's TLB once; from now on they only hit
     return victim
 
@@ -206,7 +213,8 @@ def chain_in_xen_slot(base: str):
     maps A's secret and A's live L4 writable, puts the L3 in slot 256 of another plain page,
     makes that page read-only, has it validated as an L4 (PIN_L4 then NEW_USER_BASEPTR, or an
     unpinned NEW_BASEPTR / NEW_USER_BASEPTR) and reaches through Xen's range. Xen clobbers the
-    slot (init_xen_l4_slots): every access faults."""
+    slot (init_xen_l4_slots): every access faults, but for reads of the read-only M2P that a
+    kernel base maps there (chain_outcome)."""
 
     def request(a: Victim, b: WireGuest) -> h.SessionRequest:
         (_, l1), (_, l2), (_, l3), (l4_pfn, l4) = (b.alloc() for _ in range(4))
@@ -229,7 +237,10 @@ def chain_in_xen_slot(base: str):
 
 
 def chain_outcome(base: str) -> tuple[str, ...]:
-    return ("ok",) * (4 if base == "PIN_L4" else 3) + ("fault",) * 6
+    """Under a kernel base slot 256 maps Xen's read-only M2P (docs/xen.md section 22): the load
+    and the read get M2P entries, not the chain; the rest fault."""
+    accesses = ("ok", "fault", "fault", "fault", "ok", "fault") if base == "NEW_BASEPTR" else ("fault",) * 6
+    return ("ok",) * (4 if base == "PIN_L4" else 3) + accesses
 
 
 def flushes_naming_absent_vcpus(a: Victim, b: WireGuest) -> h.SessionRequest:
@@ -240,6 +251,18 @@ def flushes_naming_absent_vcpus(a: Victim, b: WireGuest) -> h.SessionRequest:
         ext(C.MMUEXT_CMD_TLB_FLUSH_MULTI, 0, mask_va),
         ext(C.MMUEXT_CMD_INVLPG_MULTI, a.guest.direct_va(a.secret_pfn), mask_va),
         uvm(b.direct_va(own_pfn(b)), pte(b.mfn(own_pfn(b)), P | RW | A | D), flags=UVMF_TLB_FLUSH | mask_va),
+    )
+
+
+def fifo_on_a_frames(a: Victim, b: WireGuest) -> h.SessionRequest:
+    """B switches to FIFO on a page of its own, then offers A's FIFO frames as event-array
+    pages: map_guest_page takes only the caller's frames."""
+    return session(
+        evtchn(init_control=h.EvtchnInitControl(control_gfn=b.alloc()[1], vcpu=0)),
+        evtchn(expand_array=h.EvtchnExpandArray(array_gfn=a.fifo["array"])),
+        evtchn(expand_array=h.EvtchnExpandArray(array_gfn=a.fifo["control"])),
+        evtchn(set_priority=h.EvtchnSetPriority(port=a.ports["ipi"], priority=0)),
+        evtchn(reset=h.EvtchnReset(dom=DOMID_SELF)),
     )
 
 
@@ -274,6 +297,14 @@ def b_then_a_token(a: Victim, b: WireGuest):
 
 def no_token(a: Victim, b: WireGuest):
     return (("x-xen-vcpu", "0"),)
+
+
+def memop(**op) -> h.MemoryOpRequest:
+    return h.MemoryOpRequest(**op)
+
+
+def reservation(extents: list[int], **fields) -> h.XenMemoryReservation:
+    return h.XenMemoryReservation(extent_start=extents, nr_extents=len(extents), **fields)
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -400,6 +431,13 @@ ATTACKS = [
     Attack("reset of A's ports", "EventChannelOp", lambda a, b: evtchn(reset=h.EvtchnReset(dom=a.domid)), "EPERM"),
     Attack("bind_pirq of a physical IRQ", "EventChannelOp", lambda a, b: evtchn(bind_pirq=h.EvtchnBindPirq(pirq=1)), "EPERM"),
     Attack("an EVTCHNOP number Xen does not know", "EventChannelOp", lambda a, b: evtchn(cmd=99), "ENOSYS"),
+    # FIFO ABI: A's control block and event array are A's frames (docs/xen.md section 24.2)
+    Attack("init_control on A's control-block frame", "EventChannelOp", lambda a, b: evtchn(init_control=h.EvtchnInitControl(control_gfn=a.fifo["control"], vcpu=0)), "EINVAL"),
+    Attack("init_control on A's event-array frame", "EventChannelOp", lambda a, b: evtchn(init_control=h.EvtchnInitControl(control_gfn=a.fifo["array"], vcpu=1)), "EINVAL"),
+    Attack("init_control for a vCPU only A has", "EventChannelOp", lambda a, b: evtchn(init_control=h.EvtchnInitControl(control_gfn=a.fifo["control"], vcpu=2)), "ENOENT"),
+    Attack("expand_array with A's event-array frame, B on 2-level", "EventChannelOp", lambda a, b: evtchn(expand_array=h.EvtchnExpandArray(array_gfn=a.fifo["array"])), "EOPNOTSUPP"),
+    Attack("set_priority of A's port number, B on 2-level", "EventChannelOp", lambda a, b: evtchn(set_priority=h.EvtchnSetPriority(port=a.ports["ipi"], priority=0)), "ENOSYS"),
+    Attack("FIFO on B's page, then A's frames as B's event array", "Session", fifo_on_a_frames, ("ok", "EINVAL", "EINVAL", "ok", "ok")),
     # VCPUOP: B names vCPUs by id in its own domain only (docs/xen.md section 14)
     Attack("VCPUOP_initialise of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, initialise=init_context(b.start_info.pt_base_mfn)), "ENOENT"),
     Attack("VCPUOP_up of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, up=h.VcpuUp()), "ENOENT"),
@@ -412,6 +450,17 @@ ATTACKS = [
     Attack("VCPUOP_set_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ENOENT"),
     Attack("VCPUOP_set_singleshot_timer fires on B only", "VcpuOp", lambda a, b: vcpu_op(0, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ok"),
     Attack("VCPUOP_stop_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, stop_singleshot_timer=h.VcpuStopSingleshotTimer()), "ENOENT"),
+    Attack("VCPUOP_set_periodic_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, set_periodic_timer=h.VcpuSetPeriodicTimer(period_ns=10**6)), "ENOENT"),
+    Attack("VCPUOP_set_periodic_timer ticks on B only", "VcpuOp", lambda a, b: vcpu_op(1, set_periodic_timer=h.VcpuSetPeriodicTimer(period_ns=10**6)), "ok"),
+    Attack("VCPUOP_stop_periodic_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, stop_periodic_timer=h.VcpuStopPeriodicTimer()), "ENOENT"),
+    Attack("VCPUOP_get_runstate_info of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, get_runstate_info=h.VcpuGetRunstateInfo()), "ENOENT"),
+    Attack("VCPUOP_register_runstate_memory_area of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=beyond(b))), "ENOENT"),
+    Attack("VCPUOP_register_runstate_memory_area in Xen's range", "VcpuOp", lambda a, b: vcpu_op(0, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=XEN_VA)), "EFAULT"),
+    Attack("VCPUOP_register_runstate_memory_area where B maps nothing: its copies fault", "VcpuOp", lambda a, b: vcpu_op(0, register_runstate_memory_area=h.VcpuRegisterRunstateMemoryArea(addr=beyond(b))), "ok"),
+    Attack("VCPUOP_register_vcpu_info of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=b.mfn(own_pfn(b)))), "ENOENT"),
+    Attack("VCPUOP_register_vcpu_info on A's secret page", "VcpuOp", lambda a, b: vcpu_op(0, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.secret)), "EINVAL"),
+    Attack("VCPUOP_register_vcpu_info on A's shared info", "VcpuOp", lambda a, b: vcpu_op(1, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.shared_info, offset=64)), "EINVAL"),
+    Attack("VCPUOP_register_vcpu_info on A's pinned L1", "VcpuOp", lambda a, b: vcpu_op(0, register_vcpu_info=h.VcpuRegisterVcpuInfo(mfn=a.l1)), "EINVAL"),
     # SCHEDOP, timers, version, echo
     Attack("poll A's port numbers", "SchedOp", lambda a, b: sched(poll=h.SchedPoll(ports=[a.ports["ipi"], a.ports["virq"]], timeout_ns=1)), "EINVAL"),
     Attack("shutdown shuts B down, not A", "SchedOp", lambda a, b: sched(shutdown=h.SchedShutdown(reason=C.SHUTDOWN_REASON_CRASH)), "ok"),
@@ -428,7 +477,7 @@ ATTACKS = [
     Attack("atomic past B's memory", "Atomic", lambda a, b: m.AtomicRequest(op=m.ATOMIC_OP_FETCH_ADD, va=beyond(b), size=8, operand=1), "fault"),
     Attack("write past B's memory", "Write", lambda a, b: m.WriteRequest(va=beyond(b), data=b"x"), "fault"),
     # Xen's range: Xen's entries there (L4 slots 256..271) lack USER or are empty (init_xen_l4_slots)
-    Attack("load in Xen's range", "Load", lambda a, b: m.LoadRequest(va=XEN_VA, size=8), "fault"),
+    Attack("load in Xen's range past the read-only M2P", "Load", lambda a, b: m.LoadRequest(va=XEN_VA + (1 << 38), size=8), "fault"),
     Attack("user-mode load in Xen's range", "Load", lambda a, b: m.LoadRequest(va=XEN_LAST_VA, size=8, user_mode=True), "fault"),
     Attack("load through Xen's linear map", "Load", lambda a, b: m.LoadRequest(va=XEN_LINEAR_VA, size=8), "fault"),
     Attack("store through Xen's linear map", "Store", lambda a, b: m.StoreRequest(va=XEN_LINEAR_VA, size=8, value=0), "fault"),
@@ -438,6 +487,24 @@ ATTACKS = [
     Attack("update_va_mapping in Xen's range", "UpdateVaMapping", lambda a, b: uvm(XEN_LINEAR_VA, pte(a.secret)), "EINVAL"),
     Attack("TLB_FLUSH_MULTI with a bitmap in Xen's range", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_TLB_FLUSH_MULTI, 0, XEN_LINEAR_VA), "EINVAL"),
     *(Attack(f"a chain left in Xen's slot 256 before {base}", "Session", chain_in_xen_slot(base), chain_outcome(base)) for base in ("PIN_L4", "NEW_BASEPTR", "NEW_USER_BASEPTR")),
+    # memory_op: give back, take for, exchange and read A's reservation (docs/xen.md section 23)
+    Attack("decrease_reservation of A's secret frame", "MemoryOp", lambda a, b: memop(decrease_reservation=reservation([a.secret])), "ok", returns=lambda a, b: h.MemoryOpResponse(
+        extent_start=[a.secret], stopped=f"ENXIO: extent 0 frame 0: mfn {a.secret:#x} is owned by dom{a.domid}, not dom{b.domid} (get_page)")),
+    Attack("decrease_reservation naming A", "MemoryOp", lambda a, b: memop(decrease_reservation=reservation([a.plain], domid=a.domid)), "ok", returns=lambda a, b: h.MemoryOpResponse(
+        extent_start=[a.plain], stopped=f"dom{b.domid} may not adjust the reservation of dom{a.domid} (xsm_memory_adjust_reservation)")),
+    Attack("increase_reservation for A", "MemoryOp", lambda a, b: memop(increase_reservation=reservation([0], domid=a.domid)), "ok", returns=lambda a, b: h.MemoryOpResponse(
+        extent_start=[0], stopped=f"dom{b.domid} may not adjust the reservation of dom{a.domid} (xsm_memory_adjust_reservation)")),
+    Attack("populate_physmap for A", "MemoryOp", lambda a, b: memop(populate_physmap=reservation([a.secret_pfn], domid=a.domid)), "ok", returns=lambda a, b: h.MemoryOpResponse(
+        extent_start=[a.secret_pfn], stopped=f"dom{b.domid} may not adjust the reservation of dom{a.domid} (xsm_memory_adjust_reservation)")),
+    Attack("exchange of A's frame", "MemoryOp", lambda a, b: memop(exchange=h.XenMemoryExchange(input=reservation([a.plain]), output=reservation([0]))), "EINVAL"),
+    Attack("exchange naming A", "MemoryOp", lambda a, b: memop(exchange=h.XenMemoryExchange(input=reservation([a.plain], domid=a.domid), output=reservation([0], domid=a.domid))), "EPERM"),
+    Attack("current_reservation of A", "MemoryOp", lambda a, b: memop(current_reservation=h.XenMemoryDomain(domid=a.domid)), "EPERM"),
+    Attack("maximum_reservation of A", "MemoryOp", lambda a, b: memop(maximum_reservation=h.XenMemoryDomain(domid=a.domid)), "EPERM"),
+    Attack("maximum_ram_page", "MemoryOp", lambda a, b: memop(maximum_ram_page=h.XenMaximumRamPage()), "ok"),
+    Attack("memory_op add_to_physmap (7)", "MemoryOp", lambda a, b: memop(cmd=7), "ENOSYS"),
+    Attack("B reads A's frame's entry in the read-only M2P (Xen's M2P is global)", "Load", lambda a, b: m.LoadRequest(va=RO_MPT_VIRT_START + 8 * a.secret, size=8), "ok",
+           returns=lambda a, b: m.LoadResponse(value=a.secret_pfn)),
+    Attack("B writes A's frame's entry in the read-only M2P", "Store", lambda a, b: m.StoreRequest(va=RO_MPT_VIRT_START + 8 * a.secret, size=8, value=1), "fault"),
     # several at once: a Session message, a multicall
     Attack("loads and stores through B's own tables that point at A's frames", "Session", rogue_table, ("ok", "ok", "ok", "EBUSY", "EBUSY", "fault", "fault", "fault", "fault", "fault")),
     Attack("TLB_FLUSH_MULTI, INVLPG_MULTI and UVMF bitmaps naming absent vCPUs", "Session", flushes_naming_absent_vcpus, ("ok", "ok", "ok", "ok")),
@@ -458,6 +525,17 @@ ATTACKS = [
             ]
         ),
         ("EBUSY", "EINVAL", "EBUSY", "EINVAL", "ENOENT", "EINVAL", "ok", "ok"),
+    ),
+    Attack(
+        "a multicall inside a multicall: refused in that entry only (do_multicall)",
+        "Multicall",
+        lambda a, b: h.MulticallRequest(
+            entries=[
+                h.MulticallEntry(multicall=h.MulticallRequest(entries=[entry(ext(C.MMUEXT_CMD_UNPIN_TABLE, a.l4))])),
+                entry(ext(C.MMUEXT_CMD_UNPIN_TABLE, a.l4)),
+            ]
+        ),
+        ("EINVAL", "EINVAL"),
     ),
     # credentials (hypercalls.proto: the caller is the token's domain, the id one of its vCPUs)
     Attack("B's token naming a vCPU only A has", "XenVersion", lambda a, b: h.XenVersionRequest(), "INVALID_ARGUMENT", b_naming_a_only_vcpu),
@@ -578,7 +656,7 @@ def interfaces() -> set[str]:
     """What the rows must cover: every RPC, Call case, event-channel / vCPU / sched op and
     mmuext command of the contract."""
     names = {m.name for m in HYPERCALLS.methods} | {m.name for m in TOOLSTACK.methods}
-    for message in (h.Call, h.EventChannelOpRequest, h.VcpuOpRequest, h.SchedOpRequest):
+    for message in (h.Call, h.EventChannelOpRequest, h.VcpuOpRequest, h.SchedOpRequest, h.MemoryOpRequest):
         names |= {f"{message.DESCRIPTOR.name}.{f.name}" for oneof in message.DESCRIPTOR.oneofs for f in oneof.fields}
     return names | {v.name for v in C.MmuextCmd.DESCRIPTOR.values if v.number}
 

@@ -1,6 +1,7 @@
 """Xen's system time on the Session, and the timers that take absolute deadlines in it:
 SCHEDOP_poll's timeout, set_timer_op, and VCPUOP_set/stop_singleshot_timer (one timer with
-set_timer_op's, raising VIRQ_TIMER; EINVAL when aimed at another vCPU)."""
+set_timer_op's, raising VIRQ_TIMER; EINVAL when aimed at another vCPU); and the periodic timer
+every vCPU starts with (VCPUOP_set/stop_periodic_timer)."""
 
 import time
 
@@ -8,6 +9,7 @@ import grpc
 import pytest
 
 from xensim.v1 import hypercalls_pb2 as h
+from xensim.v1 import toolstack_pb2 as t
 
 from .helpers import SessionClient, error_info, field_violation, status_of
 from .test_session import evtchn, sched
@@ -34,10 +36,19 @@ def singleshot(vcpuid: int, deadline: int) -> h.Call:
     return h.Call(vcpu_op=h.VcpuOpRequest(vcpuid=vcpuid, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=deadline)))
 
 
-def bind_timer(session: SessionClient) -> tuple[int, int]:
-    """VIRQ_TIMER bound on vCPU 0: (its port, Xen's system time of the answer)."""
-    answer = exchange(session, evtchn(bind_virq=h.EvtchnBindVirq(virq=VIRQ_TIMER, vcpu=0)))
-    return answer.results[0].event_channel_op.port, answer.system_time_ns
+def periodic(vcpuid: int, period_ns: int = 0) -> h.Call:
+    """VCPUOP_set_periodic_timer, or with no period VCPUOP_stop_periodic_timer."""
+    if period_ns:
+        return h.Call(vcpu_op=h.VcpuOpRequest(vcpuid=vcpuid, set_periodic_timer=h.VcpuSetPeriodicTimer(period_ns=period_ns)))
+    return h.Call(vcpu_op=h.VcpuOpRequest(vcpuid=vcpuid, stop_periodic_timer=h.VcpuStopPeriodicTimer()))
+
+
+def bind_timer(session: SessionClient, ticking: bool = False) -> tuple[int, int]:
+    """VIRQ_TIMER bound on vCPU 0: (its port, Xen's system time of the answer). Unless
+    `ticking`, the periodic timer is stopped first, as Linux does, so only the timers a test
+    arms raise it."""
+    answer = exchange(session, *([] if ticking else [periodic(0)]), evtchn(bind_virq=h.EvtchnBindVirq(virq=VIRQ_TIMER, vcpu=0)))
+    return answer.results[-1].event_channel_op.port, answer.system_time_ns
 
 
 def test_every_session_message_carries_xens_system_time(guest):
@@ -107,3 +118,60 @@ def test_singleshot_ops_aimed_at_another_vcpu_are_einval(guest, vcpu0, op):
     info = error_info(status_of(caught.value))
     assert (caught.value.code(), info.reason, info.metadata["hypercall"]) == (grpc.StatusCode.FAILED_PRECONDITION, "EINVAL", "vcpu_op")
     assert "a vCPU sets only its own timer" in caught.value.details()
+
+
+@pytest.fixture
+def vcpu1(guest):
+    """vCPU 1's Session, brought up and started: it polls vCPU 0's timer port while vCPU 0
+    runs (a blocked vCPU does not tick: Xen stops its periodic timer when it is switched out)."""
+    guest.bring_up(1)
+    session = SessionClient(guest.hc, guest.md(1))
+    assert session.push().HasField("started")
+    yield session
+    session.close()
+
+
+def next_tick(guest, poller: SessionClient, port: int, now: int) -> tuple[h.SessionResponse, int]:
+    """Poll vCPU 0's timer port from `poller` until a tick (or 2 s); then vCPU 0 closes it and
+    binds VIRQ_TIMER again, which clears the pending bit: (the poll's answer, the new port)."""
+    polled = exchange(poller, sched(poll=h.SchedPoll(ports=[port], timeout_ns=now + 2_000 * MS)))
+    guest.call("EventChannelOp", h.EventChannelOpRequest(close=h.EvtchnClose(port=port)))
+    rebound = guest.call("EventChannelOp", h.EventChannelOpRequest(bind_virq=h.EvtchnBindVirq(virq=VIRQ_TIMER, vcpu=0)))
+    return polled, rebound.port
+
+
+def test_every_vcpu_gets_virq_timer_every_10ms_until_it_stops_the_periodic_timer(guest, vcpu0, vcpu1):
+    port, now = bind_timer(vcpu0, ticking=True)
+    first, port = next_tick(guest, vcpu1, port, now)
+    second, port = next_tick(guest, vcpu1, port, first.system_time_ns)
+    assert first.system_time_ns < now + 1_000 * MS and second.system_time_ns - first.system_time_ns < 1_000 * MS
+    exchange(vcpu0, periodic(0))
+    stopped, _ = next_tick(guest, vcpu1, port, second.system_time_ns - 1_700 * MS)
+    assert stopped.system_time_ns >= second.system_time_ns + 300 * MS  # the poll timed out: no tick
+
+
+def test_set_periodic_timer_sets_the_beat_and_below_1ms_is_einval(guest, vcpu0, vcpu1):
+    port, now = bind_timer(vcpu0)
+    exchange(vcpu0, periodic(0, 300 * MS))
+    first, port = next_tick(guest, vcpu1, port, now)  # a period after the last tick (at creation)
+    second, _ = next_tick(guest, vcpu1, port, first.system_time_ns)
+    assert 250 * MS <= second.system_time_ns - first.system_time_ns < 1_000 * MS
+    with pytest.raises(grpc.RpcError) as caught:
+        guest.call("VcpuOp", periodic(1, MS - 1).vcpu_op)
+    assert error_info(status_of(caught.value)).reason == "EINVAL"
+
+
+def advance_time_runs(guest) -> int:
+    counts = guest.toolstack("Stats", t.StatsRequest()).counts
+    return sum(c.count for c in counts if c.op == "advance_time")
+
+
+def test_a_guest_that_never_takes_its_ticks_costs_the_server_no_wakeups(guest, vcpu0, vcpu1):
+    """Its port stays pending, so each further tick is no news: the timer parks until the
+    domain calls again, instead of waking the server 100 times a second."""
+    port, now = bind_timer(vcpu0, ticking=True)
+    exchange(vcpu1, sched(poll=h.SchedPoll(ports=[port], timeout_ns=now + 2_000 * MS)))  # the first tick: pending for good
+    time.sleep(0.05)
+    before = advance_time_runs(guest)
+    time.sleep(0.5)
+    assert advance_time_runs(guest) - before < 10  # 50 if each tick woke the server

@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from hypervisor.core.trace import loads
+from hypervisor.server.tracing import read_trace
 from tests.support.server import start_server
 from xensim.cli import main as xensim_main
 from xensim.v1 import common_pb2
@@ -71,7 +72,7 @@ def test_start_and_stop_trace_write_every_call_to_a_file(server, tmp_path):
     with pytest.raises(grpc.RpcError):
         other.mmuext((common_pb2.MMUEXT_CMD_UNPIN_TABLE, 1))
     lines = guest.toolstack("StopTrace", t.StopTraceRequest()).lines
-    records = [loads(line) for line in path.read_text().splitlines()]
+    records = [record for _, record in read_trace(str(path))]
     assert records[1]["op"] == "create_domain" and "digest" in records[-1]
     assert lines == len(records) - 2  # between the header and the digest
     assert guest.toolstack("StopTrace", t.StopTraceRequest()).lines == 0  # none running

@@ -14,7 +14,7 @@ import pytest
 
 from hypervisor.core import Hypervisor
 from hypervisor.core.trace import replay
-from hypervisor.server.tracing import Tracing, read_trace
+from hypervisor.server.tracing import Tracing, open_trace
 from tests.core.guest import Guest
 from tests.support.server import start_server
 from xensim.cli import main as xensim_main
@@ -30,7 +30,8 @@ pytestmark = pytest.mark.timeout(90)
 
 def replayed_calls(path) -> int:
     """How many calls the trace file holds so far, read as a replay reads it."""
-    report, _ = replay(read_trace(str(path)))
+    with open_trace(str(path)) as stream:
+        report, _ = replay(stream)
     return report.calls
 
 
@@ -68,7 +69,7 @@ def test_a_full_disk_stops_the_trace_and_every_call_keeps_its_result(tiny_disk, 
     with start_server("--trace", str(path)) as server:  # exits 0 and logs no INTERNAL error
         guest = WireGuest(server)
         pfn, _ = guest.alloc()
-        for i in range(300):  # each record holds 1 KiB as 2 KiB of hex: the disk fills after ~30
+        for i in range(300):  # each record holds 1 KiB: the disk fills at the first flush, after ~60
             assert not guest.call("Write", m.WriteRequest(va=guest.direct_va(pfn), data=bytes([i % 251]) * 1024)).HasField("fault")
         assert guest.call("Read", m.ReadRequest(va=guest.direct_va(pfn), length=1024)).data == bytes([299 % 251]) * 1024
 

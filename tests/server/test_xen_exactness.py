@@ -150,3 +150,29 @@ def test_a_pin_whose_validation_fails_leaves_the_frame_without_a_type(server):
     assert frame.count == 2  # its allocation and the read-only direct map, as before
     guest.mmu_update(((l1 << 12) + 8 * 3, (data << 12) | P | RW | A))  # plain memory again
     assert guest.frame(l1).type == common_pb2.PAGE_TYPE_WRITABLE
+
+
+def test_fifo_over_the_wire_xsa_188_then_init_control_expand_and_reset(server):
+    """XTF's XSA-188 test over gRPC: init_control on a bad gfn is EINVAL and leaves the domain
+    on 2-level (expand_array EOPNOTSUPP); then the switch, and EVTCHNOP_reset back (docs/xen.md
+    section 24). Each op reaches the core by unary RPC, Session and multicall alike."""
+    guest = WireGuest(server)
+    evtchn = lambda **op: guest.call("EventChannelOp", h.EventChannelOpRequest(**op))  # noqa: E731
+    _, control = guest.alloc()
+    _, array = guest.alloc()
+    code, info = xen_error(lambda: evtchn(init_control=h.EvtchnInitControl(control_gfn=2**64 - 2, vcpu=0)))
+    assert info["errno"] == "22"
+    code, info = xen_error(lambda: evtchn(expand_array=h.EvtchnExpandArray(array_gfn=array)))
+    assert info["errno"] == "95"  # EOPNOTSUPP
+    assert evtchn(init_control=h.EvtchnInitControl(control_gfn=control, vcpu=0)) == h.EventChannelOpResponse(link_bits=17)
+    session = SessionClient(guest.hc, guest.md(0))
+    op = h.EventChannelOpRequest
+    session.send(1, h.Call(event_channel_op=op(expand_array=h.EvtchnExpandArray(array_gfn=array))), h.Call(event_channel_op=op(bind_ipi=h.EvtchnBindIpi(vcpu=0))))
+    port = session.answer().results[1].event_channel_op.port
+    entries = [h.MulticallEntry(event_channel_op=op(set_priority=h.EvtchnSetPriority(port=port, priority=p))) for p in (16, 0)]
+    results = guest.call("Multicall", h.MulticallRequest(entries=entries)).results
+    assert dict(error_info(results[0].status).metadata)["errno"] == "22" and results[1].HasField("event_channel_op")
+    assert evtchn(reset=h.EvtchnReset()) == h.EventChannelOpResponse()
+    code, info = xen_error(lambda: evtchn(set_priority=h.EvtchnSetPriority(port=port, priority=0)))
+    assert info["errno"] == "38"  # ENOSYS: 2-level again
+    assert not guest.toolstack("Audit", toolstack_pb2.AuditRequest()).findings

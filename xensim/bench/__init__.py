@@ -19,6 +19,8 @@ GROUPS = {
     "server": ["xensim.bench.stress"],
     "load": ["xensim.bench.load", "xensim.bench.revalidation"],
     "sched": ["xensim.bench.sched"],
+    "trace": ["xensim.bench.trace"],
+    "scale": ["xensim.bench.scale"],
 }
 
 
@@ -40,4 +42,6 @@ def run(only: str | None = None, progress=print) -> dict:
             if only is None or key.startswith(f"{only}."):
                 report[key] = result
                 progress(f"  {key} = {result['value']:.6g} {result['unit']}")
+                for row in result.get("rows", ()):  # a growth table
+                    progress(f"      {row}")
     return report

@@ -8,6 +8,7 @@ noise of these shared machines hits all three alike (README.md, Benchmarks).
 """
 
 import json
+import os
 import statistics
 import time
 
@@ -17,8 +18,9 @@ from guestlib import Toolstack, connect, ops
 from guestlib.layout import BootLayout
 from guestlib.xen import ENTRIES_PER_TABLE, PAGE_SHIFT, Pte
 from xensim import launch
-from xensim.bench.client_cpu import command
-from xensim.launch import create_domain, hypervisor_server
+from xensim.bench.client_cpu import WARMUP, command
+from xensim.launch import create_domain, hypervisor_server, python_command, started
+from xensim.v1 import hypercalls_pb2
 
 ROUNDS = 7
 CALLS_PER_ROUND = 200  # of each of echo and hypercall
@@ -136,6 +138,62 @@ def _client_cpu(server) -> dict:
     }
 
 
+SERVER_ROUNDS = 7
+SERVER_MESSAGES = 4000
+# What the hypervisor answers one MMUEXT_TLB_FLUSH_LOCAL, a few seconds after it started: the
+# bare server answers these bytes, so both servers send messages of one size.
+_ANSWER = hypercalls_pb2.SessionResponse(
+    request_id=SERVER_MESSAGES, system_time_ns=10**10, results=[hypercalls_pb2.CallResult(mmuext_op=hypercalls_pb2.MmuextOpResponse(done=1))]
+).SerializeToString()
+
+
+def _process_cpu_s(pid: int) -> float:
+    """CPU (user + system, every thread, exited ones included) that process `pid` has used."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu(server) -> dict:
+    """`rpc.server_cpu_us_per_msg_over_grpc_floor`: the hypervisor's CPU per Session message
+    against a bare grpc.aio stream server's (xensim.bench.bare_server) answering as many bytes,
+    both driven by the same bare grpcio client (client_cpu's `floor`), taking turns round after
+    round. Each figure is the server process's whole CPU over one client's run (its connection,
+    warm-up and SERVER_MESSAGES messages) divided by its messages. The key is the ratio of the
+    medians: on these loaded machines one run of either server can cost twice another, and a
+    round's two runs do not move together."""
+    token = create_domain(server, nr_pages=4096, nr_vcpus=1, name="bench-server-cpu").token
+    rounds = {"floor": [], "server": []}
+    with started(python_command("xensim.bench.bare_server", _ANSWER.hex())) as bare:
+        address = json.loads(bare.process.stdout.readline() or "{}").get("listen")
+        if address is None:
+            raise RuntimeError(f"the bare grpc server did not start: {bare.log()[-2000:]}")
+        targets = {"floor": (bare.pid, address), "server": (server.pid, server.address)}
+        for _ in range(SERVER_ROUNDS):
+            for kind, results in rounds.items():
+                pid, where = targets[kind]
+                before = _process_cpu_s(pid)
+                done = launch.run(command("floor", where, token, 0, SERVER_MESSAGES), timeout=300)
+                if done.returncode:
+                    raise RuntimeError(f"a client_cpu process failed (exit status {done.returncode}): {done.stderr[-2000:]}")
+                messages = json.loads(done.stdout)["messages"] + 1 + WARMUP  # the first message, then the warm-up's
+                results.append((_process_cpu_s(pid) - before) / messages * 1e6)
+    server_us, floor_us = statistics.median(rounds["server"]), statistics.median(rounds["floor"])
+    return {
+        "rpc.server_cpu_us_per_msg_over_grpc_floor": {
+            "value": server_us / floor_us,
+            "unit": "ratio",
+            "per_round": [s / f for s, f in zip(rounds["server"], rounds["floor"])],
+            "server_cpu_us_per_msg": server_us,
+            "grpc_floor_cpu_us_per_msg": floor_us,
+            "messages_per_round": SERVER_MESSAGES,
+            "message": "one MMUEXT_TLB_FLUSH_LOCAL, answered before the next, from a bare grpcio client",
+            "floor": "bare grpc.aio stream server (one loop, no serializers) answering bytes of the same size",
+            "target": "<= 1.5",
+        }
+    }
+
+
 def run() -> dict:
     with hypervisor_server() as server:
-        return trio.run(_measure, server.address) | _client_cpu(server)
+        return trio.run(_measure, server.address) | _client_cpu(server) | _server_cpu(server)

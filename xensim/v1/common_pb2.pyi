@@ -83,6 +83,14 @@ class ShutdownReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SHUTDOWN_REASON_CRASH: _ClassVar[ShutdownReason]
     SHUTDOWN_REASON_WATCHDOG: _ClassVar[ShutdownReason]
     SHUTDOWN_REASON_SOFT_RESET: _ClassVar[ShutdownReason]
+
+class RunstateState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUNSTATE_STATE_UNSPECIFIED: _ClassVar[RunstateState]
+    RUNSTATE_STATE_RUNNING: _ClassVar[RunstateState]
+    RUNSTATE_STATE_RUNNABLE: _ClassVar[RunstateState]
+    RUNSTATE_STATE_BLOCKED: _ClassVar[RunstateState]
+    RUNSTATE_STATE_OFFLINE: _ClassVar[RunstateState]
 XEN_ERRNO_UNSPECIFIED: XenErrno
 XEN_ERRNO_EPERM: XenErrno
 XEN_ERRNO_ENOENT: XenErrno
@@ -145,6 +153,11 @@ SHUTDOWN_REASON_SUSPEND: ShutdownReason
 SHUTDOWN_REASON_CRASH: ShutdownReason
 SHUTDOWN_REASON_WATCHDOG: ShutdownReason
 SHUTDOWN_REASON_SOFT_RESET: ShutdownReason
+RUNSTATE_STATE_UNSPECIFIED: RunstateState
+RUNSTATE_STATE_RUNNING: RunstateState
+RUNSTATE_STATE_RUNNABLE: RunstateState
+RUNSTATE_STATE_BLOCKED: RunstateState
+RUNSTATE_STATE_OFFLINE: RunstateState
 
 class StartInfo(_message.Message):
     __slots__ = ("magic", "nr_pages", "shared_info", "flags", "pt_base", "nr_pt_frames", "mfn_list", "first_free_pfn", "nr_vcpus", "nr_lowmem_pages", "pt_base_mfn", "page_offset")

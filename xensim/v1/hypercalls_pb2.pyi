@@ -151,6 +151,30 @@ class EvtchnReset(_message.Message):
     dom: int
     def __init__(self, dom: _Optional[int] = ...) -> None: ...
 
+class EvtchnInitControl(_message.Message):
+    __slots__ = ("control_gfn", "offset", "vcpu")
+    CONTROL_GFN_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    control_gfn: int
+    offset: int
+    vcpu: int
+    def __init__(self, control_gfn: _Optional[int] = ..., offset: _Optional[int] = ..., vcpu: _Optional[int] = ...) -> None: ...
+
+class EvtchnExpandArray(_message.Message):
+    __slots__ = ("array_gfn",)
+    ARRAY_GFN_FIELD_NUMBER: _ClassVar[int]
+    array_gfn: int
+    def __init__(self, array_gfn: _Optional[int] = ...) -> None: ...
+
+class EvtchnSetPriority(_message.Message):
+    __slots__ = ("port", "priority")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    priority: int
+    def __init__(self, port: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+
 class EvtchnStatusResult(_message.Message):
     __slots__ = ("state", "vcpu", "remote_dom", "remote_port", "virq")
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -166,7 +190,7 @@ class EvtchnStatusResult(_message.Message):
     def __init__(self, state: _Optional[_Union[_common_pb2.EvtchnStat, str]] = ..., vcpu: _Optional[int] = ..., remote_dom: _Optional[int] = ..., remote_port: _Optional[int] = ..., virq: _Optional[int] = ...) -> None: ...
 
 class EventChannelOpRequest(_message.Message):
-    __slots__ = ("alloc_unbound", "bind_interdomain", "bind_virq", "bind_ipi", "bind_vcpu", "send", "close", "status", "unmask", "bind_pirq", "reset", "cmd")
+    __slots__ = ("alloc_unbound", "bind_interdomain", "bind_virq", "bind_ipi", "bind_vcpu", "send", "close", "status", "unmask", "bind_pirq", "reset", "cmd", "init_control", "expand_array", "set_priority")
     ALLOC_UNBOUND_FIELD_NUMBER: _ClassVar[int]
     BIND_INTERDOMAIN_FIELD_NUMBER: _ClassVar[int]
     BIND_VIRQ_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +203,9 @@ class EventChannelOpRequest(_message.Message):
     BIND_PIRQ_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     CMD_FIELD_NUMBER: _ClassVar[int]
+    INIT_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    EXPAND_ARRAY_FIELD_NUMBER: _ClassVar[int]
+    SET_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     alloc_unbound: EvtchnAllocUnbound
     bind_interdomain: EvtchnBindInterdomain
     bind_virq: EvtchnBindVirq
@@ -191,15 +218,20 @@ class EventChannelOpRequest(_message.Message):
     bind_pirq: EvtchnBindPirq
     reset: EvtchnReset
     cmd: int
-    def __init__(self, alloc_unbound: _Optional[_Union[EvtchnAllocUnbound, _Mapping]] = ..., bind_interdomain: _Optional[_Union[EvtchnBindInterdomain, _Mapping]] = ..., bind_virq: _Optional[_Union[EvtchnBindVirq, _Mapping]] = ..., bind_ipi: _Optional[_Union[EvtchnBindIpi, _Mapping]] = ..., bind_vcpu: _Optional[_Union[EvtchnBindVcpu, _Mapping]] = ..., send: _Optional[_Union[EvtchnSend, _Mapping]] = ..., close: _Optional[_Union[EvtchnClose, _Mapping]] = ..., status: _Optional[_Union[EvtchnStatus, _Mapping]] = ..., unmask: _Optional[_Union[EvtchnUnmask, _Mapping]] = ..., bind_pirq: _Optional[_Union[EvtchnBindPirq, _Mapping]] = ..., reset: _Optional[_Union[EvtchnReset, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
+    init_control: EvtchnInitControl
+    expand_array: EvtchnExpandArray
+    set_priority: EvtchnSetPriority
+    def __init__(self, alloc_unbound: _Optional[_Union[EvtchnAllocUnbound, _Mapping]] = ..., bind_interdomain: _Optional[_Union[EvtchnBindInterdomain, _Mapping]] = ..., bind_virq: _Optional[_Union[EvtchnBindVirq, _Mapping]] = ..., bind_ipi: _Optional[_Union[EvtchnBindIpi, _Mapping]] = ..., bind_vcpu: _Optional[_Union[EvtchnBindVcpu, _Mapping]] = ..., send: _Optional[_Union[EvtchnSend, _Mapping]] = ..., close: _Optional[_Union[EvtchnClose, _Mapping]] = ..., status: _Optional[_Union[EvtchnStatus, _Mapping]] = ..., unmask: _Optional[_Union[EvtchnUnmask, _Mapping]] = ..., bind_pirq: _Optional[_Union[EvtchnBindPirq, _Mapping]] = ..., reset: _Optional[_Union[EvtchnReset, _Mapping]] = ..., cmd: _Optional[int] = ..., init_control: _Optional[_Union[EvtchnInitControl, _Mapping]] = ..., expand_array: _Optional[_Union[EvtchnExpandArray, _Mapping]] = ..., set_priority: _Optional[_Union[EvtchnSetPriority, _Mapping]] = ...) -> None: ...
 
 class EventChannelOpResponse(_message.Message):
-    __slots__ = ("port", "status")
+    __slots__ = ("port", "status", "link_bits")
     PORT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    LINK_BITS_FIELD_NUMBER: _ClassVar[int]
     port: int
     status: EvtchnStatusResult
-    def __init__(self, port: _Optional[int] = ..., status: _Optional[_Union[EvtchnStatusResult, _Mapping]] = ...) -> None: ...
+    link_bits: int
+    def __init__(self, port: _Optional[int] = ..., status: _Optional[_Union[EvtchnStatusResult, _Mapping]] = ..., link_bits: _Optional[int] = ...) -> None: ...
 
 class VcpuGuestContext(_message.Message):
     __slots__ = ("flags", "kernel_cr3_mfn", "user_cr3_mfn", "rip", "rsp")
@@ -245,8 +277,36 @@ class VcpuStopSingleshotTimer(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class VcpuSetPeriodicTimer(_message.Message):
+    __slots__ = ("period_ns",)
+    PERIOD_NS_FIELD_NUMBER: _ClassVar[int]
+    period_ns: int
+    def __init__(self, period_ns: _Optional[int] = ...) -> None: ...
+
+class VcpuStopPeriodicTimer(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VcpuGetRunstateInfo(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VcpuRegisterRunstateMemoryArea(_message.Message):
+    __slots__ = ("addr",)
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    addr: int
+    def __init__(self, addr: _Optional[int] = ...) -> None: ...
+
+class VcpuRegisterVcpuInfo(_message.Message):
+    __slots__ = ("mfn", "offset")
+    MFN_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    mfn: int
+    offset: int
+    def __init__(self, mfn: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
 class VcpuOpRequest(_message.Message):
-    __slots__ = ("vcpuid", "initialise", "up", "down", "is_up", "set_singleshot_timer", "stop_singleshot_timer", "cmd")
+    __slots__ = ("vcpuid", "initialise", "up", "down", "is_up", "set_singleshot_timer", "stop_singleshot_timer", "cmd", "set_periodic_timer", "stop_periodic_timer", "get_runstate_info", "register_runstate_memory_area", "register_vcpu_info")
     VCPUID_FIELD_NUMBER: _ClassVar[int]
     INITIALISE_FIELD_NUMBER: _ClassVar[int]
     UP_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +315,11 @@ class VcpuOpRequest(_message.Message):
     SET_SINGLESHOT_TIMER_FIELD_NUMBER: _ClassVar[int]
     STOP_SINGLESHOT_TIMER_FIELD_NUMBER: _ClassVar[int]
     CMD_FIELD_NUMBER: _ClassVar[int]
+    SET_PERIODIC_TIMER_FIELD_NUMBER: _ClassVar[int]
+    STOP_PERIODIC_TIMER_FIELD_NUMBER: _ClassVar[int]
+    GET_RUNSTATE_INFO_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_RUNSTATE_MEMORY_AREA_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_VCPU_INFO_FIELD_NUMBER: _ClassVar[int]
     vcpuid: int
     initialise: VcpuInitialise
     up: VcpuUp
@@ -263,13 +328,30 @@ class VcpuOpRequest(_message.Message):
     set_singleshot_timer: VcpuSetSingleshotTimer
     stop_singleshot_timer: VcpuStopSingleshotTimer
     cmd: int
-    def __init__(self, vcpuid: _Optional[int] = ..., initialise: _Optional[_Union[VcpuInitialise, _Mapping]] = ..., up: _Optional[_Union[VcpuUp, _Mapping]] = ..., down: _Optional[_Union[VcpuDown, _Mapping]] = ..., is_up: _Optional[_Union[VcpuIsUp, _Mapping]] = ..., set_singleshot_timer: _Optional[_Union[VcpuSetSingleshotTimer, _Mapping]] = ..., stop_singleshot_timer: _Optional[_Union[VcpuStopSingleshotTimer, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
+    set_periodic_timer: VcpuSetPeriodicTimer
+    stop_periodic_timer: VcpuStopPeriodicTimer
+    get_runstate_info: VcpuGetRunstateInfo
+    register_runstate_memory_area: VcpuRegisterRunstateMemoryArea
+    register_vcpu_info: VcpuRegisterVcpuInfo
+    def __init__(self, vcpuid: _Optional[int] = ..., initialise: _Optional[_Union[VcpuInitialise, _Mapping]] = ..., up: _Optional[_Union[VcpuUp, _Mapping]] = ..., down: _Optional[_Union[VcpuDown, _Mapping]] = ..., is_up: _Optional[_Union[VcpuIsUp, _Mapping]] = ..., set_singleshot_timer: _Optional[_Union[VcpuSetSingleshotTimer, _Mapping]] = ..., stop_singleshot_timer: _Optional[_Union[VcpuStopSingleshotTimer, _Mapping]] = ..., cmd: _Optional[int] = ..., set_periodic_timer: _Optional[_Union[VcpuSetPeriodicTimer, _Mapping]] = ..., stop_periodic_timer: _Optional[_Union[VcpuStopPeriodicTimer, _Mapping]] = ..., get_runstate_info: _Optional[_Union[VcpuGetRunstateInfo, _Mapping]] = ..., register_runstate_memory_area: _Optional[_Union[VcpuRegisterRunstateMemoryArea, _Mapping]] = ..., register_vcpu_info: _Optional[_Union[VcpuRegisterVcpuInfo, _Mapping]] = ...) -> None: ...
+
+class VcpuRunstateInfo(_message.Message):
+    __slots__ = ("state", "state_entry_time", "time")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_ENTRY_TIME_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    state: _common_pb2.RunstateState
+    state_entry_time: int
+    time: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, state: _Optional[_Union[_common_pb2.RunstateState, str]] = ..., state_entry_time: _Optional[int] = ..., time: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VcpuOpResponse(_message.Message):
-    __slots__ = ("is_up",)
+    __slots__ = ("is_up", "runstate")
     IS_UP_FIELD_NUMBER: _ClassVar[int]
+    RUNSTATE_FIELD_NUMBER: _ClassVar[int]
     is_up: bool
-    def __init__(self, is_up: _Optional[bool] = ...) -> None: ...
+    runstate: VcpuRunstateInfo
+    def __init__(self, is_up: _Optional[bool] = ..., runstate: _Optional[_Union[VcpuRunstateInfo, _Mapping]] = ...) -> None: ...
 
 class SchedYield(_message.Message):
     __slots__ = ()
@@ -360,7 +442,7 @@ class EchoResponse(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
 
 class MulticallEntry(_message.Message):
-    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version")
+    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "multicall", "memory_op")
     MMU_UPDATE_FIELD_NUMBER: _ClassVar[int]
     MMUEXT_OP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_VA_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +451,8 @@ class MulticallEntry(_message.Message):
     SCHED_OP_FIELD_NUMBER: _ClassVar[int]
     SET_TIMER_OP_FIELD_NUMBER: _ClassVar[int]
     XEN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MULTICALL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OP_FIELD_NUMBER: _ClassVar[int]
     mmu_update: MmuUpdateRequest
     mmuext_op: MmuextOpRequest
     update_va_mapping: UpdateVaMappingRequest
@@ -377,7 +461,9 @@ class MulticallEntry(_message.Message):
     sched_op: SchedOpRequest
     set_timer_op: SetTimerOpRequest
     xen_version: XenVersionRequest
-    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ...) -> None: ...
+    multicall: MulticallRequest
+    memory_op: MemoryOpRequest
+    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpRequest, _Mapping]] = ...) -> None: ...
 
 class MulticallRequest(_message.Message):
     __slots__ = ("entries",)
@@ -392,7 +478,7 @@ class MulticallResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[CallResult, _Mapping]]] = ...) -> None: ...
 
 class Call(_message.Message):
-    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo")
+    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo", "memory_op")
     MMU_UPDATE_FIELD_NUMBER: _ClassVar[int]
     MMUEXT_OP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_VA_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -408,6 +494,7 @@ class Call(_message.Message):
     READ_FIELD_NUMBER: _ClassVar[int]
     WRITE_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OP_FIELD_NUMBER: _ClassVar[int]
     mmu_update: MmuUpdateRequest
     mmuext_op: MmuextOpRequest
     update_va_mapping: UpdateVaMappingRequest
@@ -423,10 +510,11 @@ class Call(_message.Message):
     read: _memory_pb2.ReadRequest
     write: _memory_pb2.WriteRequest
     echo: EchoRequest
-    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadRequest, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreRequest, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicRequest, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadRequest, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteRequest, _Mapping]] = ..., echo: _Optional[_Union[EchoRequest, _Mapping]] = ...) -> None: ...
+    memory_op: MemoryOpRequest
+    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadRequest, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreRequest, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicRequest, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadRequest, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteRequest, _Mapping]] = ..., echo: _Optional[_Union[EchoRequest, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpRequest, _Mapping]] = ...) -> None: ...
 
 class CallResult(_message.Message):
-    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo", "status")
+    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo", "memory_op", "status")
     MMU_UPDATE_FIELD_NUMBER: _ClassVar[int]
     MMUEXT_OP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_VA_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -442,6 +530,7 @@ class CallResult(_message.Message):
     READ_FIELD_NUMBER: _ClassVar[int]
     WRITE_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OP_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     mmu_update: MmuUpdateResponse
     mmuext_op: MmuextOpResponse
@@ -458,8 +547,9 @@ class CallResult(_message.Message):
     read: _memory_pb2.ReadResponse
     write: _memory_pb2.WriteResponse
     echo: EchoResponse
+    memory_op: MemoryOpResponse
     status: _status_pb2.Status
-    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateResponse, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpResponse, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingResponse, _Mapping]] = ..., multicall: _Optional[_Union[MulticallResponse, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpResponse, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpResponse, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpResponse, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpResponse, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionResponse, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadResponse, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreResponse, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicResponse, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadResponse, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteResponse, _Mapping]] = ..., echo: _Optional[_Union[EchoResponse, _Mapping]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateResponse, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpResponse, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingResponse, _Mapping]] = ..., multicall: _Optional[_Union[MulticallResponse, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpResponse, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpResponse, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpResponse, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpResponse, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionResponse, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadResponse, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreResponse, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicResponse, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadResponse, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteResponse, _Mapping]] = ..., echo: _Optional[_Union[EchoResponse, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpResponse, _Mapping]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("request_id", "calls", "stop_on_error")
@@ -504,3 +594,69 @@ class VcpuStarted(_message.Message):
     context: VcpuGuestContext
     start_info: _common_pb2.StartInfo
     def __init__(self, vcpu_id: _Optional[int] = ..., context: _Optional[_Union[VcpuGuestContext, _Mapping]] = ..., start_info: _Optional[_Union[_common_pb2.StartInfo, _Mapping]] = ...) -> None: ...
+
+class XenMemoryReservation(_message.Message):
+    __slots__ = ("extent_start", "nr_extents", "extent_order", "mem_flags", "domid")
+    EXTENT_START_FIELD_NUMBER: _ClassVar[int]
+    NR_EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    EXTENT_ORDER_FIELD_NUMBER: _ClassVar[int]
+    MEM_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    extent_start: _containers.RepeatedScalarFieldContainer[int]
+    nr_extents: int
+    extent_order: int
+    mem_flags: int
+    domid: int
+    def __init__(self, extent_start: _Optional[_Iterable[int]] = ..., nr_extents: _Optional[int] = ..., extent_order: _Optional[int] = ..., mem_flags: _Optional[int] = ..., domid: _Optional[int] = ...) -> None: ...
+
+class XenMemoryExchange(_message.Message):
+    __slots__ = ("input", "output", "nr_exchanged")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    NR_EXCHANGED_FIELD_NUMBER: _ClassVar[int]
+    input: XenMemoryReservation
+    output: XenMemoryReservation
+    nr_exchanged: int
+    def __init__(self, input: _Optional[_Union[XenMemoryReservation, _Mapping]] = ..., output: _Optional[_Union[XenMemoryReservation, _Mapping]] = ..., nr_exchanged: _Optional[int] = ...) -> None: ...
+
+class XenMemoryDomain(_message.Message):
+    __slots__ = ("domid",)
+    DOMID_FIELD_NUMBER: _ClassVar[int]
+    domid: int
+    def __init__(self, domid: _Optional[int] = ...) -> None: ...
+
+class XenMaximumRamPage(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MemoryOpRequest(_message.Message):
+    __slots__ = ("increase_reservation", "decrease_reservation", "populate_physmap", "exchange", "current_reservation", "maximum_reservation", "maximum_ram_page", "cmd")
+    INCREASE_RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    DECREASE_RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    POPULATE_PHYSMAP_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_RAM_PAGE_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
+    increase_reservation: XenMemoryReservation
+    decrease_reservation: XenMemoryReservation
+    populate_physmap: XenMemoryReservation
+    exchange: XenMemoryExchange
+    current_reservation: XenMemoryDomain
+    maximum_reservation: XenMemoryDomain
+    maximum_ram_page: XenMaximumRamPage
+    cmd: int
+    def __init__(self, increase_reservation: _Optional[_Union[XenMemoryReservation, _Mapping]] = ..., decrease_reservation: _Optional[_Union[XenMemoryReservation, _Mapping]] = ..., populate_physmap: _Optional[_Union[XenMemoryReservation, _Mapping]] = ..., exchange: _Optional[_Union[XenMemoryExchange, _Mapping]] = ..., current_reservation: _Optional[_Union[XenMemoryDomain, _Mapping]] = ..., maximum_reservation: _Optional[_Union[XenMemoryDomain, _Mapping]] = ..., maximum_ram_page: _Optional[_Union[XenMaximumRamPage, _Mapping]] = ..., cmd: _Optional[int] = ...) -> None: ...
+
+class MemoryOpResponse(_message.Message):
+    __slots__ = ("result", "extent_start", "nr_exchanged", "stopped")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    EXTENT_START_FIELD_NUMBER: _ClassVar[int]
+    NR_EXCHANGED_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    result: int
+    extent_start: _containers.RepeatedScalarFieldContainer[int]
+    nr_exchanged: int
+    stopped: str
+    def __init__(self, result: _Optional[int] = ..., extent_start: _Optional[_Iterable[int]] = ..., nr_exchanged: _Optional[int] = ..., stopped: _Optional[str] = ...) -> None: ...

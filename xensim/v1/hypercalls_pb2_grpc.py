@@ -136,6 +136,11 @@ class HypercallsStub:
                 request_serializer=xensim_dot_v1_dot_hypercalls__pb2.EchoRequest.SerializeToString,
                 response_deserializer=xensim_dot_v1_dot_hypercalls__pb2.EchoResponse.FromString,
                 _registered_method=True)
+        self.MemoryOp = channel.unary_unary(
+                '/xensim.v1.Hypercalls/MemoryOp',
+                request_serializer=xensim_dot_v1_dot_hypercalls__pb2.MemoryOpRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_hypercalls__pb2.MemoryOpResponse.FromString,
+                _registered_method=True)
 
 
 class HypercallsServicer:
@@ -213,9 +218,10 @@ class HypercallsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EventChannelOp(self, request, context):
-        """HYPERVISOR_event_channel_op (hypercall 32; docs/xen.md section 16): allocate, bind, send to,
-        close, query, unmask and reset event-channel ports. EINVAL, ENOSPC, EEXIST, ENOENT, EBUSY,
-        ESRCH, EPERM, ENOSYS (an op number without a case).
+        """HYPERVISOR_event_channel_op (hypercall 32; docs/xen.md sections 16 and 24): allocate, bind,
+        send to, close, query, unmask and reset event-channel ports; set up the FIFO ABI. EINVAL,
+        ENOSPC, EEXIST, ENOENT, EBUSY, ESRCH, EPERM, EOPNOTSUPP, ENOSYS (an op number without a
+        case).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -223,8 +229,9 @@ class HypercallsServicer:
 
     def VcpuOp(self, request, context):
         """HYPERVISOR_vcpu_op (hypercall 24; docs/xen.md section 14): initialise, bring up, take down and
-        query a vCPU of the caller's domain, and set or stop the caller's single-shot timer.
-        ENOENT, EINVAL, EEXIST, ENOSYS.
+        query a vCPU of the caller's domain, set or stop the caller's single-shot timer and any
+        vCPU's periodic timer, read its runstate, and place its runstate area and vcpu_info.
+        ENOENT, EINVAL, EEXIST, EBUSY, ENXIO, EACCES, EFAULT, ENOSYS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -294,6 +301,17 @@ class HypercallsServicer:
     def Echo(self, request, context):
         """Returns its payload untouched and touches no state: the transport floor that benchmarks
         compare hypercall round trips against (the same message also exists as a Session call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MemoryOp(self, request, context):
+        """HYPERVISOR_memory_op (hypercall 12; docs/xen.md section 23): give frames back to Xen and take
+        new ones (increase/decrease_reservation, populate_physmap, exchange), and read the
+        reservation. The reservation ops answer a count, never an errno (Xen stops at the first
+        extent it cannot do); exchange: EPERM, EINVAL, EFAULT, ESRCH, ENOMEM with nr_exchanged as
+        ErrorInfo's done; the reads: ESRCH, EPERM; ENOSYS for an op number without a case.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -381,6 +399,11 @@ def add_HypercallsServicer_to_server(servicer, server):
                     servicer.Echo,
                     request_deserializer=xensim_dot_v1_dot_hypercalls__pb2.EchoRequest.FromString,
                     response_serializer=xensim_dot_v1_dot_hypercalls__pb2.EchoResponse.SerializeToString,
+            ),
+            'MemoryOp': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemoryOp,
+                    request_deserializer=xensim_dot_v1_dot_hypercalls__pb2.MemoryOpRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_hypercalls__pb2.MemoryOpResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -836,6 +859,33 @@ class Hypercalls:
             '/xensim.v1.Hypercalls/Echo',
             xensim_dot_v1_dot_hypercalls__pb2.EchoRequest.SerializeToString,
             xensim_dot_v1_dot_hypercalls__pb2.EchoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemoryOp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Hypercalls/MemoryOp',
+            xensim_dot_v1_dot_hypercalls__pb2.MemoryOpRequest.SerializeToString,
+            xensim_dot_v1_dot_hypercalls__pb2.MemoryOpResponse.FromString,
             options,
             channel_credentials,
             insecure,

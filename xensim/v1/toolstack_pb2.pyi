@@ -145,7 +145,7 @@ class VcpuInfoResponse(_message.Message):
     def __init__(self, vcpus: _Optional[_Iterable[_Union[Vcpu, _Mapping]]] = ...) -> None: ...
 
 class Vcpu(_message.Message):
-    __slots__ = ("vcpu_id", "initialised", "online", "blocked", "kernel_cr3_mfn", "user_cr3_mfn", "upcall_pending", "upcall_mask", "stale_tlb_hits", "tlb_entries", "session_open")
+    __slots__ = ("vcpu_id", "initialised", "online", "blocked", "kernel_cr3_mfn", "user_cr3_mfn", "upcall_pending", "upcall_mask", "stale_tlb_hits", "tlb_entries", "session_open", "periodic_period_ns", "vcpu_info_mfn", "vcpu_info_offset")
     VCPU_ID_FIELD_NUMBER: _ClassVar[int]
     INITIALISED_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,9 @@ class Vcpu(_message.Message):
     STALE_TLB_HITS_FIELD_NUMBER: _ClassVar[int]
     TLB_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SESSION_OPEN_FIELD_NUMBER: _ClassVar[int]
+    PERIODIC_PERIOD_NS_FIELD_NUMBER: _ClassVar[int]
+    VCPU_INFO_MFN_FIELD_NUMBER: _ClassVar[int]
+    VCPU_INFO_OFFSET_FIELD_NUMBER: _ClassVar[int]
     vcpu_id: int
     initialised: bool
     online: bool
@@ -168,7 +171,10 @@ class Vcpu(_message.Message):
     stale_tlb_hits: int
     tlb_entries: int
     session_open: bool
-    def __init__(self, vcpu_id: _Optional[int] = ..., initialised: _Optional[bool] = ..., online: _Optional[bool] = ..., blocked: _Optional[bool] = ..., kernel_cr3_mfn: _Optional[int] = ..., user_cr3_mfn: _Optional[int] = ..., upcall_pending: _Optional[bool] = ..., upcall_mask: _Optional[bool] = ..., stale_tlb_hits: _Optional[int] = ..., tlb_entries: _Optional[int] = ..., session_open: _Optional[bool] = ...) -> None: ...
+    periodic_period_ns: int
+    vcpu_info_mfn: int
+    vcpu_info_offset: int
+    def __init__(self, vcpu_id: _Optional[int] = ..., initialised: _Optional[bool] = ..., online: _Optional[bool] = ..., blocked: _Optional[bool] = ..., kernel_cr3_mfn: _Optional[int] = ..., user_cr3_mfn: _Optional[int] = ..., upcall_pending: _Optional[bool] = ..., upcall_mask: _Optional[bool] = ..., stale_tlb_hits: _Optional[int] = ..., tlb_entries: _Optional[int] = ..., session_open: _Optional[bool] = ..., periodic_period_ns: _Optional[int] = ..., vcpu_info_mfn: _Optional[int] = ..., vcpu_info_offset: _Optional[int] = ...) -> None: ...
 
 class FrameInfoRequest(_message.Message):
     __slots__ = ("mfn", "count")
