@@ -14,6 +14,7 @@ value, because what a fault means is the guest kernel's business.
 """
 
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -461,6 +462,21 @@ class HypercallClient(Hypercalls):
 
     def __init__(self, session: Session):
         self.session = session
+        # A controlled run (docs/schedule.md section 6): the hypervisor decides when this vCPU's
+        # next message runs, and time is Xen's virtual system time, so the guest decides
+        # nothing from the wall clock.
+        self.controlled = False
+
+    def clock(self) -> float:
+        """Seconds for the guest's own deadlines: Xen system time in a controlled run, else
+        the wall clock (time.monotonic)."""
+        return self.system_time_ns / 1e9 if self.controlled else time.monotonic()
+
+    async def relax(self, seconds: float) -> None:
+        """Let `seconds` of wall time pass between two messages (a spin's back-off, an idle
+        wait); in a controlled run only a checkpoint, since nothing can arrive meanwhile
+        (upcalls come with answers) and the scheduler decides how long the vCPU waits."""
+        await trio.sleep(0 if self.controlled else seconds)
 
     @property
     def system_time_ns(self) -> int:

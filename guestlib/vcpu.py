@@ -10,6 +10,7 @@ when the kernel hit a BUG or found corrupted data.
 
 import argparse
 import json
+import random
 import sys
 
 import trio
@@ -24,9 +25,11 @@ from .kernel.shootdown import VARIANTS
 from .kernel.workload import WorkloadConfig, run
 
 
-async def run_vcpu(server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None, progress: float = 0, evtchn: str = "fifo") -> dict:
+async def run_vcpu(
+    server: str, token: str, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None = None, progress: float = 0, evtchn: str = "fifo", controlled: bool = False
+) -> dict:
     async with connect(server, token, vcpu) as client:
-        return await _run(client, vcpu, variant, highpte, config, scenario, progress, evtchn)
+        return await _run(client, vcpu, variant, highpte, config, scenario, progress, evtchn, controlled)
 
 
 async def claim_and_run(server: str, tokens: list[str], *args) -> dict:
@@ -39,13 +42,14 @@ async def claim_and_run(server: str, tokens: list[str], *args) -> dict:
         return {"claimed": {"token": index, "vcpu": vcpu}} | await _run(client, vcpu, *args)
 
 
-async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None, progress: float, evtchn: str) -> dict:
+async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None, progress: float, evtchn: str, controlled: bool = False) -> dict:
+    client.controlled = controlled
     await client.wait_started()
     if vcpu == 0 and not await booted(client):
         await start_of_day(client, variant, highpte, evtchn)
     kernel = await attach(client, vcpu)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(kernel.smp.upcall_loop)
+        await nursery.start(kernel.smp.upcall_loop)
         await kernel.smp.events.local_irq_enable()
         if kernel.restarted:
             async with kernel.cpu.irq:
@@ -84,6 +88,7 @@ def build_parser() -> Parser:
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--balloon", type=at_least(0, high=BALLOON_SLOTS), default=0, metavar="PAGES", help="pages each vCPU gives back to Xen and takes again between lifecycles (0: none)")
     parser.add_argument("--scenario", choices=scenarios.SCENARIOS, help="a scripted interleaving on two vCPUs instead of the workload")
+    parser.add_argument("--controlled", action="store_true", help="the hypervisor runs a controlled --schedule: deadlines in Xen system time, no wall-clock waits (docs/schedule.md)")
     parser.add_argument("--progress", type=at_least(0.0, float), default=0, metavar="SECONDS", help="print a progress line this often (0: never)")
     return parser
 
@@ -97,9 +102,28 @@ def main(argv: list[str] | None = None) -> int:
     return run_program(parser.prog, lambda: _main(args))
 
 
+class _WakeOrder(random.Random):
+    """trio's scheduler source with `random()` at 0.0: trio runs the tasks woken together
+    in a random order (it pops each batch from its end, reversed first half of the time,
+    trio/_core/_run.py, so that no program comes to rely on the order). In a controlled run
+    the order must be the one they were woken in, every time (always reversed, then popped): an Upcall push reaches the interrupt task before the answer it
+    came ahead of wakes the task that waited for it, so the handler takes the interrupt lock
+    first, as Linux takes a pending interrupt at local_irq_enable; a random order made which
+    of them sent the vCPU's next message vary from run to run (docs/schedule.md section 6)."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def _keep_wake_order() -> None:
+    trio._core._run._r = _WakeOrder()
+
+
 def _main(args: argparse.Namespace) -> int:
+    if args.controlled:
+        _keep_wake_order()
     config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles, balloon=args.balloon)
-    workload = (args.variant, args.highpte, config, args.scenario, args.progress, args.evtchn)
+    workload = (args.variant, args.highpte, config, args.scenario, args.progress, args.evtchn, args.controlled)
     if args.claim:
         report = trio.run(claim_and_run, args.server, args.token, *workload)
     else:

@@ -11,7 +11,7 @@ import pytest
 
 from hypervisor.core import Hypervisor, XenError
 from hypervisor.core.abi import ENTRIES_PER_TABLE, MmuextCmd
-from hypervisor.core.trace import Records, TraceWriter
+from hypervisor.core.trace import Records, TraceWriter, frame
 from xensim.cli import main
 from xensim.timeline import focus, scan
 
@@ -171,3 +171,15 @@ def test_scan_draws_a_preempted_call_where_it_ends_and_its_stops_as_such():
     assert sum("stops part-way" in line[0] for line in lines) == len(stops) >= 2
     assert lines[-1] == [f"mmuext_op PIN_L4_TABLE 0x{guest.l4:x}", f"mmuext_op NEW_BASEPTR 0x{guest.l4:x}"]
     assert [b for b in timeline.bands if b[3] == guest.l4][0][0] == (guest.domid, 0)
+
+
+def test_a_controlled_runs_step_records_are_not_calls():
+    """A controlled run's trace holds {"sched": ...} records beside the calls (docs/schedule.md
+    section 5): the timeline (and `trace export`, which scans with it) skips them, counting
+    and drawing the same calls as without them."""
+    trace, _ = race_trace()
+    plain = scan(records(trace))
+    header, rest = trace.split(b"\n", 1)
+    stepped = header + b"\n" + frame({"sched": [1, 1, 0]}) + frame({"sched": {"lost_determinism": {"step": 1, "vcpus": [[1, 0]], "why": "x"}}}) + rest
+    timeline = scan(records(stepped))
+    assert timeline.total == plain.total and [c.seq for c in timeline.calls] == [c.seq for c in plain.calls]

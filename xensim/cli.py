@@ -13,6 +13,7 @@ from xensim.errors import EXIT_USAGE, Parser, address, at_least, reading, run_pr
 COMMANDS = {
     "demo": ("an embedded hypervisor and a 4-vCPU guest, live, then a report", "xensim.demo:add_arguments"),
     "stress": ("many domains and vCPU processes against a hypervisor, with faults", "xensim.stress:add_arguments"),
+    "hunt": ("seeded controlled runs of the lazy-TLB unpin race until one fails, and the command that reproduces it", "xensim.hunt:add_arguments"),
     "replay": ("re-execute a hypercall trace, or the prefix a file holds, and compare (exit status 2: not a trace)", "xensim.cli:_add_replay_arguments"),
     "timeline": ("draw a trace as a per-vCPU timeline in a self-contained HTML page", "xensim.timeline:add_arguments"),
     "serve": ("run the hypervisor: a gRPC server playing Xen for guest vCPU processes", "xensim.cli:_add_serve_arguments"),

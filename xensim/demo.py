@@ -23,8 +23,8 @@ from guestlib import Toolstack
 from guestlib.kernel.boot import EVTCHN_ABIS
 from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
-from xensim import scenario
-from xensim.errors import EXIT_INTERRUPTED, at_least, writable_file
+from xensim import scenario, schedule
+from xensim.errors import EXIT_INTERRUPTED, UsageError, at_least, fraction, writable_file
 from xensim.launch import default_trace, hypervisor_server, machine_frames
 from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, named_problems, run_stress, variant_help
 
@@ -45,11 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant and --trace apply to it")
     parser.add_argument("--balloon", type=at_least(1, high=BALLOON_SLOTS), nargs="?", const=16, default=0, metavar="PAGES", help="each vCPU gives PAGES (16) back to Xen and takes them again")
     parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
+    parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--evtchn", choices=(*EVTCHN_ABIS, "both"), default="fifo", help="the guest's event channels: FIFO, 2-level, or both side by side")
-    parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
+    parser.add_argument("--seed", type=int, help="the workload's random seed (default: the --schedule's seed, else 1)")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="where the hypervisor writes its trace (default: a new file in ~/.cache/xensim/traces, oldest removed past 256 MiB)")
     parser.add_argument("--no-trace", action="store_true", help="record no trace")
+    schedule.add_arguments(parser)
     parser.epilog = f"{variant_help()}\n\n{scenario.scenario_help()}"
     parser.set_defaults(run=main)
 
@@ -125,6 +127,9 @@ def _print_report(console: Console, report: dict) -> None:
     if report.get("killed_vcpus"):
         console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
     console.print(f"  seed, variant       {report['seed']}, {report['variant']}")
+    console.print(f"  schedule            {report['schedule']}" + (f" ({report['steps']} steps, {report['schedule_file']})" if "steps" in report else ""), soft_wrap=True)
+    for lost in report.get("lost_determinism", []):
+        console.print(f"    determinism lost at step {lost['step']}: {lost['why']}", style="yellow", markup=False)
     console.print(f"  trace               {report['trace'] or 'not recorded'}", soft_wrap=True)
     console.print(f"  run it again        {report['reproduce']}", soft_wrap=True)
     verdict = "[yellow]INTERRUPTED[/yellow]" if report["interrupted"] else "[red]FAILED[/red]" if failed(report) else "[green]OK[/green]"
@@ -150,10 +155,11 @@ def _side_by_side(reports: dict[str, dict]) -> Table:
     return shown
 
 
-def _reproduce(args: argparse.Namespace, trace: str | None) -> str:
-    """The command line that runs this demo again with the same settings (and a new trace)."""
-    words = ["xensim", "demo", "--seconds", f"{args.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, "--seed", str(args.seed)]
-    words += ["--evtchn", args.evtchn]
+def _reproduce(args: argparse.Namespace, trace: str | None, plan: schedule.Schedule) -> str:
+    """The command line that runs this demo again with the same settings (and a new trace);
+    a controlled run's reproduces the same interleaving."""
+    words = ["xensim", "demo", "--seconds", f"{plan.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, *plan.words()]
+    words += ["--evtchn", args.evtchn] + ([] if args.migrate == 0.5 else ["--migrate", f"{args.migrate:g}"])
     words += ["--highpte"] * args.highpte + (["--balloon", str(args.balloon)] if args.balloon else []) + ([] if trace else ["--no-trace"])
     return shlex.join(words)
 
@@ -195,32 +201,38 @@ def main(args: argparse.Namespace) -> int:
         return scenario.main(args)
     console = Console()
     trace = None if args.no_trace else (args.trace or default_trace())
-    serve_args = ("--trace", trace) if trace else ()
+    plan = schedule.resolve(args, trace)
+    if plan.controlled and args.race:
+        raise UsageError("--race runs free; a controlled search over seeds is `xensim hunt` (docs/schedule.md section 7)")
+    serve_args = (("--trace", trace) if trace else ()) + plan.server_args()
     with hypervisor_server(*serve_args, frames=machine_frames(1, args.pages)) as server:
         console.print(f"hypervisor on {server.address}; {'tracing to ' + trace if trace else 'no trace'}")
         abis = EVTCHN_ABIS if args.evtchn == "both" else (args.evtchn,)
         reports: dict[str, dict] = {}  # the demo's, by event-channel ABI
         if args.race:
-            report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, args.seed, console, abis)}
+            report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, plan.seed, console, abis)}
             status = 0
         else:
             for abi in abis:
                 config = StressConfig(
-                    domains=1, vcpus=args.vcpus, seconds=args.seconds, seed=args.seed, variants=[args.variant], pages=args.pages,
-                    highmem_pages=args.pages // 4 if args.highpte else 0, balloon=args.balloon, evtchn=abi,
+                    domains=1, vcpus=args.vcpus, seconds=plan.seconds, seed=plan.seed, variants=[args.variant], pages=args.pages,
+                    highmem_pages=args.pages // 4 if args.highpte else 0, migrate=args.migrate, balloon=args.balloon, evtchn=abi, controlled=plan.controlled,
                 )  # fmt: skip
                 console.print(f"[bold]event channels: {abi}[/bold]")
                 reports[abi] = trio.run(_run_once, server.address, config, console)
-                reports[abi] |= {"seed": args.seed, "variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace)}
-                _print_report(console, reports[abi])
+                reports[abi] |= {"variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace, plan)}
                 if reports[abi]["interrupted"]:
                     break
-            if len(reports) > 1:
-                console.print(_side_by_side(reports))
-            report = reports[args.evtchn] if args.evtchn in reports else {"by_evtchn": reports}
             interrupted = any(r["interrupted"] for r in reports.values())
             status = EXIT_INTERRUPTED if interrupted else int(any(failed(r) for r in reports.values()))
-    if trace:  # the trace is complete: the server stopped
+    for r in reports.values():  # the server has stopped: its trace and schedule file are complete
+        r |= plan.report(trace)
+        _print_report(console, r)
+    if len(reports) > 1:
+        console.print(_side_by_side(reports))
+    if not args.race:
+        report = reports[args.evtchn] if args.evtchn in reports else {"by_evtchn": reports}
+    if trace:
         from xensim.explain import explain_run
 
         for r in reports.values():

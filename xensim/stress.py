@@ -22,11 +22,14 @@ from guestlib import Toolstack
 from guestlib.kernel.boot import EVTCHN_ABIS
 from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
+from hypervisor.core.policy import STEP_QUANTUM_NS
 from hypervisor.server.config import ADMIN_TOKEN_ENV
-from xensim.errors import EXIT_INTERRUPTED, address, at_least, fraction, writable_file
+from xensim import schedule
+from xensim.errors import EXIT_INTERRUPTED, UsageError, address, at_least, fraction, writable_file
 from xensim.launch import AsyncChild, hypervisor_server, machine_frames, opened, vcpu_command
 
 GRACE_SECONDS = 60.0  # how long past --seconds the vCPUs get to wind down
+MIN_STEPS_PER_S = 50  # a controlled run on the slowest machine it is meant for
 PROGRESS_SECONDS = 5.0
 # Guest memory below this is refused up front: with 4 vCPUs, 256 pages run the kernel out of
 # lowmem (a kernel BUG in alloc_pages), 512 were enough when measured; twice that for margin.
@@ -51,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vcpus", type=at_least(1), default=4, help="vCPUs per domain, each a process")
     parser.add_argument("--pages", type=at_least(MIN_PAGES), default=8192, help="memory per domain in 4 KiB pages")
     parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs")
-    parser.add_argument("--seed", type=int, default=1, help="the workload's and the killer's random seed")
+    parser.add_argument("--seed", type=int, help="the workload's and the killer's random seed (default: the --schedule's seed, else 1)")
     parser.add_argument("--variant", action="append", choices=VARIANTS, metavar="VARIANT", help="drop_mm_ref per domain, cycled (default modern; the variants are below)")
     parser.add_argument("--kill-vcpus", type=at_least(0.0, float), default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second; killed vCPUs are restarted")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
@@ -59,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evtchn", choices=EVTCHN_ABIS, default="fifo", help="the guests' event channels: FIFO (as Linux picks when Xen offers it) or 2-level")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="record every hypercall (only when the hypervisor is started here)")
+    schedule.add_arguments(parser)
     parser.epilog = variant_help()
     parser.set_defaults(run=main)
 
@@ -74,6 +78,7 @@ class StressConfig:
     pages: int = 16384
     highmem_pages: int = 0
     migrate: float = 0.5
+    controlled: bool = False  # the hypervisor schedules the vCPUs; `seconds` is Xen system time (docs/schedule.md)
     balloon: int = 0  # pages each vCPU balloons (guestlib/kernel/balloon.py)
     evtchn: str = "fifo"  # the guest kernel's event-channel ABI (guestlib.vcpu --evtchn)
 
@@ -122,7 +127,7 @@ async def run_stress(address: str, admin_token: str | None, config: StressConfig
             run.domains[created.domid] = variant
             run.vcpus += [VcpuState(created.domid, v) for v in range(config.vcpus)]
         deadline = run.started + config.seconds
-        workload = trio.CancelScope(deadline=trio.current_time() + config.seconds + GRACE_SECONDS)
+        workload = trio.CancelScope(deadline=trio.current_time() + wall_bound(config))
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as ctrl_c:  # until the workload ends
             async with trio.open_nursery() as watcher:
                 watcher.start_soon(_interrupt_on, ctrl_c, run, workload)
@@ -149,8 +154,10 @@ async def _interrupt_on(ctrl_c, run: StressRun, workload: trio.CancelScope) -> N
 async def _keep_running(address: str, token: str, variant: str, state: VcpuState, config: StressConfig, deadline: float) -> None:
     """Run this vCPU's process, and a new one each time it is killed, until one reports."""
     while state.report is None:
-        seconds = max(deadline - time.monotonic(), 0.0)
+        seconds = config.seconds if config.controlled else max(deadline - time.monotonic(), 0.0)
         args = ["--variant", variant, "--seconds", f"{seconds:.3f}", "--seed", str(config.seed * 100 + state.domid), "--migrate", str(config.migrate), "--progress", "0.5", "--evtchn", config.evtchn]
+        if config.controlled:
+            args.append("--controlled")
         if config.highmem_pages:
             args.append("--highpte")
         if config.balloon:
@@ -241,6 +248,15 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
     }
 
 
+def wall_bound(config: StressConfig) -> float:
+    """How long the workload may take in wall seconds before its vCPUs are stopped: its
+    seconds and a grace, or for a controlled run (whose seconds are Xen's, STEP_QUANTUM_NS a
+    step) as long as MIN_STEPS_PER_S would take."""
+    if not config.controlled:
+        return config.seconds + GRACE_SECONDS
+    return config.seconds * 1e9 / STEP_QUANTUM_NS / MIN_STEPS_PER_S + GRACE_SECONDS
+
+
 def named_problems(report: dict, limit: int = 5) -> list[str]:
     """The audit findings and corrupted pages of a report, each on a line, at most `limit` of
     each kind (a leak can make thousands) with a count of the rest."""
@@ -263,12 +279,21 @@ def failed(report: dict) -> bool:
 def main(args: argparse.Namespace) -> int:
     """Progress while it runs, then a summary, a verdict line and the summary as JSON. Exit
     status 0 clean, 1 anything wrong, 130 interrupted by Ctrl-C (still audited)."""
-    config = StressConfig(args.domains, args.vcpus, args.seconds, args.seed, args.variant or ["modern"], args.kill_vcpus, args.pages, migrate=args.migrate, balloon=args.balloon, evtchn=args.evtchn)
+    plan = schedule.resolve(args, args.trace)
+    if plan.controlled and args.server:
+        raise UsageError("--schedule is the hypervisor's: start it with `xensim serve --schedule ...`, or leave out --server")
+    if plan.controlled and args.kill_vcpus:
+        raise UsageError("--kill-vcpus is not yet driven by the schedule (its kills would be the wall clock's); leave it out of a controlled run")
+    config = StressConfig(
+        args.domains, args.vcpus, plan.seconds, plan.seed, args.variant or ["modern"], args.kill_vcpus, args.pages,
+        migrate=args.migrate, balloon=args.balloon, evtchn=args.evtchn, controlled=plan.controlled,
+    )  # fmt: skip
     if args.server:
         report = trio.run(_run_with_progress, args.server, args.admin_token, config)
     else:
-        with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), frames=machine_frames(args.domains, args.pages)) as server:
+        with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), *plan.server_args(), frames=machine_frames(args.domains, args.pages)) as server:
             report = trio.run(_run_with_progress, server.address, None, config)
+    report |= plan.report(None if args.server else args.trace)
     print(f"{report['process_lifecycles']} process lifecycles in {report['seconds']:.1f} s on {config.domains} domains of {config.vcpus} vCPUs")
     for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus"):
         print(f"  {key.replace('_', ' '):<18} {report[key]}")
@@ -276,6 +301,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"  kernel BUG: {bug}")
     for line in named_problems(report):
         print(f"  {line}")
+    for lost in report.get("lost_determinism", []):
+        print(f"  determinism lost at step {lost['step']}: {lost['why']}")
     if args.trace and not args.server and failed(report):  # the trace is complete: the server stopped
         from xensim.explain import explain_run
 
@@ -286,7 +313,7 @@ def main(args: argparse.Namespace) -> int:
     wrong = [key.replace("_", " ") for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "kernel_bugs", "unfinished_vcpus") if report[key]]
     print("verdict: " + ("INTERRUPTED (the report so far)" if report["interrupted"] else f"FAILED: {', '.join(wrong)}" if wrong else "OK"))
     shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames")
-    shown += ("unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted")
+    shown += ("unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted", "schedule", "seed", "final_state_digest")
     print(json.dumps({k: report[k] for k in shown}))
     if args.json:
         with open(args.json, "w") as out:
@@ -310,4 +337,5 @@ async def _print_progress(run: StressRun) -> None:
         running = sum(1 for v in run.vcpus if v.report is None)
         kills = sum(v.kills for v in run.vcpus)
         exits = run.totals().get("lifecycles", 0)
-        print(f"{time.monotonic() - run.started:6.1f}/{run.config.seconds:g} s: {exits} process exits, {running}/{len(run.vcpus)} vCPUs running, {kills} killed", flush=True)
+        of = f" s (of a run of {run.config.seconds:g} s of Xen system time)" if run.config.controlled else f"/{run.config.seconds:g} s"
+        print(f"{time.monotonic() - run.started:6.1f}{of}: {exits} process exits, {running}/{len(run.vcpus)} vCPUs running, {kills} killed", flush=True)

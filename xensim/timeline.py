@@ -282,13 +282,17 @@ def focus(timeline: Timeline, seq: int, memory: bool = False, mfns: set[int] = f
     )
 
 
+# A call, the header, the end record, a controlled run's step (not drawn, docs/schedule.md section 5).
+_RECORD_KEYS = {"op", "xensim_trace", "digest", "sched"}
+
+
 def scan(records, first: int = 1, count: int = DEFAULT_COUNT) -> Timeline:
     """Read a trace's (number, record) pairs (`read_trace`) into a Timeline of calls first ..
     first + count - 1."""
     timeline = Timeline(first=first)
     scanner = _Scanner(timeline, count)
     for number, record in records:
-        if not isinstance(record, dict) or "op" not in record and "xensim_trace" not in record and "digest" not in record:
+        if not isinstance(record, dict) or not record.keys() & _RECORD_KEYS:
             raise TraceError(f"record {number} is not a xensim trace record: {str(record)[:80]!r}")
         if "op" in record:
             timeline.total += 1

@@ -14,8 +14,6 @@ kernel's magic is written, then attach like vCPU 0.
 import struct
 from types import SimpleNamespace
 
-import trio
-
 from ..events import EventChannels, FifoEventChannels
 from ..hypercalls import Batch, HypercallClient, Pending, ops
 from ..layout import BootLayout
@@ -171,7 +169,7 @@ async def attach(client: HypercallClient, vcpu_id: int, hook: Hook = _no_hook) -
     kl = KernelLayout(info)
     while await client.load(kl.kglobal("magic")[0]) != KERNEL_MAGIC:
         await client.sched_yield()
-        await trio.sleep(0.01)
+        await client.relax(0.01)
     boot = await BootLayout.read(client, info)
     cpu = Cpu(client, kl, vcpu_id, hook)
     pt = PageTables(boot, kl)

@@ -16,6 +16,8 @@ calling each other cannot deadlock.
 import struct
 from collections.abc import Awaitable, Callable
 
+import trio
+
 from ..events import EventChannels
 from ..hypercalls import Batch, Pending, ops
 from .cpu import Cpu, checked
@@ -64,9 +66,14 @@ class Smp:
         values = [checked(cpu, "read_ports", p) for p in loads]
         return {k: values[i * n : (i + 1) * n] for i, k in enumerate(IPI_KINDS)}
 
-    async def upcall_loop(self) -> None:
+    async def upcall_loop(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The vCPU's interrupt entry: each Upcall push runs xen_evtchn_do_upcall with
-        interrupts off on this vCPU."""
+        interrupts off on this vCPU. Started with `nursery.start`, it is waiting for a push
+        before the vCPU can unmask upcalls, so that a push is always handed to a waiting task,
+        never buffered for one that has yet to run (which took one scheduling round more, and
+        let the workload's next message overtake the handler's at random):
+        docs/schedule.md section 6."""
+        task_status.started()
         async for upcall in self.cpu.client.session.upcalls:
             async with self.cpu.irq:
                 await self.events.do_upcall(upcall.pending_ports)

@@ -12,7 +12,6 @@ halfway through switching away from it: the two windows drop_mm_ref must close.
 
 import random
 import struct
-import time
 from dataclasses import dataclass
 
 import trio
@@ -73,7 +72,7 @@ class Workload:
 
     async def run(self) -> None:
         cpu = self.cpu
-        deadline = time.monotonic() + self.config.seconds
+        deadline = cpu.client.clock() + self.config.seconds
         async with cpu.irq:
             await self._load_rings()
             parent = await self._make_parent()
@@ -96,7 +95,7 @@ class Workload:
 
     def _done(self, deadline: float) -> bool:
         limit = self.config.max_lifecycles
-        return (limit and self.lifecycles >= limit) or time.monotonic() >= deadline
+        return (limit and self.lifecycles >= limit) or self.cpu.client.clock() >= deadline
 
     async def _make_parent(self) -> Mm:
         cpu, k = self.cpu, self.k
@@ -146,7 +145,7 @@ class Workload:
         PV idle blocks until an event; a bounded sleep stands in for the timer)."""
         self.cpu.irq.release()
         try:
-            await trio.sleep(self.rng.uniform(0, self.config.idle_ms) / 1000)
+            await self.cpu.client.relax(self.rng.uniform(0, self.config.idle_ms) / 1000)
         finally:
             await self.cpu.irq.acquire()
 
@@ -224,7 +223,7 @@ class Workload:
                 drained = await self._drain_incoming()
             if checked(cpu, "finish", stopped) >= kl.nr_cpus and not drained:
                 break
-            await trio.sleep(0.005)
+            await cpu.client.relax(0.005)
         async with cpu.irq:
             await self._drain_incoming()
             await self._run_user(parent)
@@ -240,12 +239,12 @@ async def run(kernel, config: WorkloadConfig) -> dict:
     workload = Workload(kernel, config)
     cpu: Cpu = kernel.cpu
     bug = stopped = bug_at = None
-    started = time.monotonic()
+    started = cpu.client.clock()
     try:
         await workload.run()
     except KernelBug as e:
         bug = str(e)
-        bug_at = time.monotonic() - started
+        bug_at = cpu.client.clock() - started
         await cpu.client.atomic("fetch_add", cpu.kl.kglobal("bugs")[0], 1)  # panic: stop the others
     except Panicked as e:
         stopped = str(e)

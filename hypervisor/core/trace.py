@@ -491,6 +491,8 @@ def replay(stream: IO[bytes], calls: int | None = None, observe: Callable[[Hyper
         if isinstance(record, dict) and record.keys() == {"digest"}:
             report.digest_matched = record["digest"] == state_digest(hv)
             continue
+        if isinstance(record, dict) and record.keys() == {"sched"}:  # a controlled run's step (docs/schedule.md section 5)
+            continue
         if not _is_call(record):
             raise TraceError(f"record {number} is not a trace record")
         if calls is not None and report.calls == calls:

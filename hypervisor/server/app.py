@@ -39,6 +39,7 @@ from .errors import BadRequest, Refused, abort
 from .hypercalls import HypercallsServicer
 from .observe import Metrics, log_refusals
 from .reflection import Reflection
+from .schedule import gate, write_schedule
 from .toolstack import ToolstackServicer
 from .tracing import Tracing
 from .vcpus import Runtime
@@ -66,6 +67,8 @@ class ListenError(Exception):
 async def serve(config: Config) -> int:
     hv = Hypervisor(nr_frames=config.frames)
     runtime = Runtime(hv)
+    if config.schedule.controlled:
+        runtime.gate = gate(runtime, config)
     tokens = Tokens(config.admin_token)
     tracing = Tracing(hv)
     if config.trace:
@@ -106,6 +109,8 @@ async def serve(config: Config) -> int:
     summaries.cancel()
     if metrics is not None:
         metrics.close()
+    if runtime.gate is not None and config.schedule_file:
+        write_schedule(runtime.gate, config.schedule_file)
     _, write_error = tracing.stop_file()
     if write_error:  # the disk's doing, not the simulator's: logged, and no reason to fail
         log.warning("the file trace is incomplete: %s", write_error)

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from hypervisor.core.abi import MAX_VCPUS
 from hypervisor.core.hypervisor import DEFAULT_FRAMES, MAX_DOMAINS
+from hypervisor.core.policy import DEFAULT_PCT_STEPS, ScheduleSpec, parse_schedule
+
+SILENCE_S = 20.0  # see --schedule-silence (docs/schedule.md section 5)
 
 ADMIN_TOKEN_ENV = "XENSIM_ADMIN_TOKEN"
 # A number as str() writes it, for text from outside (a port, the x-xen-vcpu metadata): ASCII
@@ -50,6 +53,11 @@ class Config:
     log_level: str = "INFO"
     metrics_port: int | None = None  # serve Prometheus metrics on this port of the listen host
     log_interval_s: float = 10.0  # how often refused hypercalls are summed up in the log
+    schedule: ScheduleSpec = ScheduleSpec()  # docs/schedule.md
+    schedule_file: str | None = None  # where a controlled run's chosen steps are written at exit
+    pct_steps: int = DEFAULT_PCT_STEPS  # PCT's k: the run's expected length in steps
+    recorded: dict | None = None  # replay:FILE's schedule file
+    silence_s: float = SILENCE_S  # a controlled run sets aside a vCPU silent this long
 
     @property
     def address(self) -> str:
@@ -67,6 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="what goes to stderr: debug, info (domains, Sessions, refused calls; the default), warning, error")
     parser.add_argument("--log-interval", type=float, default=10.0, metavar="S", help="sum up refused hypercalls in one log line every S seconds (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics over HTTP on this port of the listen host (0: a free one, logged)")
+    parser.add_argument(
+        "--schedule",
+        default="free",
+        metavar="free|random:SEED|pct:SEED[:DEPTH]|replay:FILE",
+        help="who runs next: free (whatever arrives first; the default), or a controlled run whose seed names one interleaving, on virtual time (docs/schedule.md)",
+    )
+    parser.add_argument("--schedule-file", metavar="FILE", help="with a controlled --schedule, write the steps chosen to FILE at exit (for --schedule replay:FILE)")
+    parser.add_argument("--schedule-steps", type=int, default=DEFAULT_PCT_STEPS, metavar="N", help="the run's expected length in steps, where pct places its change points (default %(default)s)")
+    parser.add_argument(
+        "--schedule-silence", type=float, default=SILENCE_S, metavar="S", help="a controlled run sets aside a vCPU that sends nothing for S seconds while it is waited for (default %(default)s)"
+    )
     parser.add_argument("--grace", type=float, default=3.0, metavar="S", help="on SIGINT/SIGTERM, how long running calls get to finish (default %(default)s)")
     limits = parser.add_argument_group("connection limits (README, Limits)")
     default = Connections()
@@ -135,7 +154,28 @@ def config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     if args.log_interval <= 0:
         parser.error("--log-interval must be positive")
     connections = _connections(args, parser)
-    return Config(host, int(port), args.frames, admin_token, tls, args.trace, args.grace, connections, args.log_level.upper(), args.metrics_port, args.log_interval)
+    schedule, recorded = _schedule(args, parser)
+    return Config(
+        host, int(port), args.frames, admin_token, tls, args.trace, args.grace, connections, args.log_level.upper(), args.metrics_port, args.log_interval,
+        schedule, args.schedule_file, args.schedule_steps, recorded, args.schedule_silence,
+    )  # fmt: skip
+
+
+def _schedule(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[ScheduleSpec, dict | None]:
+    from .schedule import load_record
+
+    try:
+        schedule = parse_schedule(args.schedule)
+        recorded = load_record(schedule.file) if schedule.mode == "replay" else None
+    except ValueError as e:
+        parser.error(str(e))
+    if args.schedule_file and not schedule.controlled:
+        parser.error("--schedule-file records a controlled run: give --schedule random:SEED, pct:SEED or replay:FILE")
+    if args.schedule_steps < 2:
+        parser.error("--schedule-steps must be at least 2")
+    if args.schedule_silence <= 0:
+        parser.error("--schedule-silence must be positive")
+    return schedule, recorded
 
 
 def _connections(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Connections:

@@ -107,6 +107,8 @@ class HypercallsServicer(hypercalls_pb2_grpc.HypercallsServicer):
             if request.request_id == 0:
                 raise BadRequest("request_id", "0 is reserved for server pushes; number requests from 1")
             response = hypercalls_pb2.SessionResponse(request_id=request.request_id)
+            gate = self.runtime.gate  # a controlled run: the message is a step (schedule.py)
+            stepped = gate is not None and await gate.turn(slot)
             if not 1 <= len(request.calls) <= convert.MAX_SESSION_CALLS:
                 bad = BadRequest("calls", f"{len(request.calls)} calls; 1 to {convert.MAX_SESSION_CALLS} per message")
                 response.status.CopyFrom(status_of(bad, "session"))
@@ -126,6 +128,8 @@ class HypercallsServicer(hypercalls_pb2_grpc.HypercallsServicer):
                         if outcome is not False and request.stop_on_error:
                             break
             await stream.write(response)
+            if stepped:  # a message that raises ends its Session, whose detach ends the step
+                gate.done(slot)
 
 
 def _unary_method(case: str):

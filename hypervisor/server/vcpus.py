@@ -54,6 +54,7 @@ from xensim.v1 import hypercalls_pb2
 
 from . import convert
 from .errors import PeerGone, Refused, status_of, write
+from .schedule import Gate
 
 log = logging.getLogger("xensim.server")
 
@@ -114,7 +115,7 @@ class Stream:
             self.attention.clear()
             async with self.write_lock:
                 try:
-                    pushes = self._due()
+                    pushes = self._due(upcalls=self.runtime.gate is None)
                 except Exception as exc:  # noqa: BLE001 - a bug: the handler ends the stream with it
                     self.runtime.end_task(self.task, exc)
                     return
@@ -124,8 +125,9 @@ class Stream:
                 except PeerGone:  # its handler sees that itself
                     return
 
-    def _due(self) -> list[hypercalls_pb2.SessionResponse]:
-        """The pushes due now, taken (delivering an upcall masks the next one)."""
+    def _due(self, upcalls: bool = True) -> list[hypercalls_pb2.SessionResponse]:
+        """The pushes due now, taken (delivering an upcall masks the next one). In a controlled
+        run an upcall goes out only ahead of an answer, inside a step (docs/schedule.md section 2)."""
         slot, hv = self.slot, self.runtime.hv
         vcpu = slot.vcpu
         domain = hv.domains.get(slot.domid)
@@ -140,7 +142,7 @@ class Stream:
         if not self.started_sent:
             self.started_sent = True
             pushes.append(hypercalls_pb2.SessionResponse(started=convert.vcpu_started(vcpu, domain)))
-        if local_events_need_delivery(hv, vcpu):
+        if upcalls and local_events_need_delivery(hv, vcpu):
             ports = hv.toolstack("deliver_upcall", domid=slot.domid, vcpu=slot.vcpu_id)
             if ports is not None:
                 pushes.append(hypercalls_pb2.SessionResponse(upcall=hypercalls_pb2.Upcall(vcpu_id=slot.vcpu_id, pending_ports=ports)))
@@ -177,12 +179,16 @@ class Runtime:
         self._writing: set[asyncio.Task] = set()  # handlers inside a Session write (see send)
         self.observe: Callable[[str, float], None] | None = None  # observe.Metrics, with --metrics-port
         self._yielded_at = hv.budget.work  # the core's work count when calls last gave way
+        self.gate: Gate | None = None  # a controlled run's scheduler (schedule.py); None: free
 
     # -- time ---------------------------------------------------------------------------------
 
     def now_ns(self) -> int:
         """Xen's system time: ns since the server started, never behind the core's clock. The
-        one place that says what time it is (SessionResponse.system_time_ns, the timer)."""
+        one place that says what time it is (SessionResponse.system_time_ns, the timer). A
+        controlled run's time is virtual, the gate's (docs/schedule.md section 4)."""
+        if self.gate is not None:
+            return self.gate.now_ns
         return max(int((self._loop.time() - self._epoch) * 1e9), self.hv.sched.now_ns)
 
     def catch_up(self) -> int:
@@ -223,6 +229,8 @@ class Runtime:
         if slot.stream is not None:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"dom{slot.domid} vCPU {slot.vcpu_id} already has a Session open")
         slot.stream = Stream(self, slot, context)
+        if self.gate is not None:
+            self.gate.attached(slot)
         log.info("dom%d vCPU %d: Session opened by %s", slot.domid, slot.vcpu_id, context.peer())
         return slot.stream
 
@@ -230,6 +238,8 @@ class Runtime:
         """The stream is gone; the vCPU's state stays for the next process that attaches."""
         if stream.slot.stream is stream:
             stream.slot.stream = None
+            if self.gate is not None:
+                self.gate.detached(stream.slot)
             log.info("dom%d vCPU %d: Session closed", stream.slot.domid, stream.slot.vcpu_id)
 
     def end_session(self, domid: int, vcpu_id: int, exc: Exception) -> bool:
@@ -294,19 +304,26 @@ class Runtime:
     def _done(self, slot: VcpuSlot, op: str, in_core: list[float] | None, result):
         """A call that ran to its end: its result, or Later if it blocked (it answers 0 once woken)."""
         self._over(op, in_core)
-        return Later(self._sleep(slot)) if result is BLOCKED else result
+        if result is not BLOCKED:
+            return result
+        stepped = self.gate is not None and self.gate.done(slot)  # a controlled run's step ends here
+        return Later(self._sleep(slot, stepped))
 
     def _over(self, op: str, in_core: list[float] | None) -> None:
         """The call is over: its time in the core observed (with metrics on)."""
         if in_core is not None:
             self.observe(op, in_core[0])
 
-    async def _sleep(self, slot: VcpuSlot) -> int:
-        """A call that blocked: it answers 0 once its vCPU is woken and its domain unpaused."""
+    async def _sleep(self, slot: VcpuSlot, stepped: bool) -> int:
+        """A call that blocked: it answers 0 once its vCPU is woken and its domain unpaused (and,
+        if it blocked inside a controlled run's step, once the gate gives the rest of its message
+        a step of its own, docs/schedule.md section 1)."""
         while slot.vcpu.blocked:
             slot.wake.clear()
             await slot.wake.wait()
         await self._unpaused(slot.domid)
+        if stepped:
+            await self.gate.turn(slot)
         return 0
 
     def _run(self, in_core: list[float] | None, core_call, *args, **kwargs):
@@ -351,14 +368,18 @@ class Runtime:
             await gate.wait()
 
     def drain(self) -> None:
-        """Look at the vCPUs the core kicked, if it kicked any, and re-arm the timer."""
+        """Look at the vCPUs the core kicked, if it kicked any, and re-arm the timer (a controlled
+        run's gate fires the timers itself, on virtual time, and looks again at whom it waits for)."""
         for key in self.hv.take_kicks() if self.hv.sched.kicks else ():
             slot = self.slots.get(key)
             if slot is not None:
                 slot.wake.set()
                 if slot.stream is not None:
                     slot.stream.attention.set()
-        self._arm_timer()
+        if self.gate is None:
+            self._arm_timer()
+        else:
+            self.gate.poke()
 
     def poke(self, domid: int) -> None:
         """Have every stream of the domain look at its vCPU (after an unpause)."""

@@ -18,6 +18,7 @@ GROUPS = {
     "stress": ["xensim.bench.stress"],
     "server": ["xensim.bench.stress"],
     "load": ["xensim.bench.load", "xensim.bench.revalidation"],
+    "sched": ["xensim.bench.sched"],
     "trace": ["xensim.bench.trace"],
     "scale": ["xensim.bench.scale"],
 }
