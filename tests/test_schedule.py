@@ -107,10 +107,12 @@ def test_a_bad_schedule_is_one_line_and_status_2(tmp_path):
 @pytest.mark.timeout(600)
 def test_hunt_finds_the_stale_cr3_race_of_mask_and_its_command_fails_the_same_way(tmp_path):
     result_file = tmp_path / "hunt.json"
-    done = run(xensim_command("hunt", "--variant", "mask", "--seed", "1", "--runs", "5", "--json", str(result_file)), timeout=500)
+    kept = tmp_path / "found.schedule.json"
+    done = run(xensim_command("hunt", "--variant", "mask", "--seed", "1", "--runs", "5", "--json", str(result_file), "--schedule-file", str(kept)), timeout=500)
     assert done.returncode == 1, done.stdout + done.stderr
     result = json.loads(result_file.read_text())
     assert result["found"] and result["runs"] <= 5 and "stale-cr3 window" in result["failure"]["message"] and result["failure"]["vcpus"]
+    assert result["schedule_file"] == str(kept) and json.loads(kept.read_text())["steps"]
     assert result["reproduce"].startswith("xensim demo ") and f"--schedule pct:{result['seed']}:3" in result["reproduce"] and result["reproduce"] in done.stdout
     again, report_file = shlex.split(result["reproduce"])[1:], tmp_path / "again.json"
     redone = run(xensim_command(*again, "--no-trace", "--schedule-file", str(tmp_path / "again.schedule.json"), "--json", str(report_file)), timeout=240)
@@ -122,7 +124,8 @@ def test_hunt_finds_the_stale_cr3_race_of_mask_and_its_command_fails_the_same_wa
 @pytest.mark.timeout(600)
 def test_hunt_finds_nothing_in_modern(tmp_path):
     result_file = tmp_path / "hunt.json"
-    done = run(xensim_command("hunt", "--variant", "modern", "--runs", "2", "--json", str(result_file)), timeout=500)
+    done = run(xensim_command("hunt", "--variant", "modern", "--runs", "2", "--json", str(result_file), "--schedule-file", str(tmp_path / "none.json")), timeout=500)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(result_file.read_text())
     assert not result["found"] and result["runs"] == 2 and result["reproduce"] is None and "nothing found in 2 runs" in done.stdout
+    assert not (tmp_path / "none.json").exists()

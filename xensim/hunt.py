@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=at_least(100), default=STEPS, help="steps per run")
     parser.add_argument("--vcpus", type=at_least(2), default=VCPUS, help="the guest's vCPUs, each a process")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the result as JSON")
+    parser.add_argument("--schedule-file", metavar="FILE", type=writable_file, help="where the failing run's schedule goes (default: hunt-VARIANT-SCHEDULE.schedule.json here)")
     parser.epilog = variant_help()
     parser.set_defaults(run=main)
 
@@ -101,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
                 print("interrupted")
                 return EXIT_INTERRUPTED
             if failed(report):
-                kept = os.path.abspath(f"hunt-{args.variant}-{_schedule(args, seed).replace(':', '-')}.schedule.json")
+                kept = os.path.abspath(args.schedule_file or f"hunt-{args.variant}-{_schedule(args, seed).replace(':', '-')}.schedule.json")
                 shutil.copyfile(schedule_file, kept)
                 result |= {"found": True, "seed": seed, "failure": failure(report), "reproduce": reproduce(args, seed), "schedule_file": kept}
                 break
