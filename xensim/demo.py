@@ -199,7 +199,7 @@ def race_table(runs: int, seed: int, console: Console, abis: tuple[str, ...] = (
         shown.add_column(column)
     for r in table.values():
         median_s = f"{r['median_seconds_to_failure']:.2f}" if r["failed"] else "-"
-        shown.add_row(r["variant"], r["evtchn"], f"{r['failed']}/{r['seeds']}", str(r["stale_cr3_failures"]), f"{r['median_steps_to_failure'] or '-'}", median_s)
+        shown.add_row(r["variant"], r["evtchn"], f"{r['failed']}/{r['seeds']}", str(r["stale_cr3_failures"]), f"{r['median_steps_to_failure']:g}" if r["failed"] else "-", median_s)
     console.print(shown)
     for row, r in table.items():
         if r["reproduce"]:
