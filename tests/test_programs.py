@@ -71,21 +71,27 @@ def test_demo_with_the_balloon_runs_clean_and_its_trace_replays(tmp_path):
     assert replayed.ok and replayed.digest_matched
 
 
-@pytest.mark.timeout(500)
+@pytest.mark.timeout(300)
 def test_race_table_shape_with_each_event_channel_abi(tmp_path):
-    """none always hits; current-cr3 and modern never do; mask only through the stale-cr3
-    window (how often it hits in a short run is luck, so only that is checked); the same with
-    FIFO and with 2-level event channels, side by side."""
+    """The race table hunts: of 2 pct seeds per variant, none and mask fail (mask only through
+    the stale-cr3 window), current-cr3 and modern never, with FIFO and with 2-level event
+    channels side by side; each failing row names the steps to its failure and the command
+    that reproduces one failing seed."""
     report_file = tmp_path / "race.json"
-    done = xensim("demo", "--race", "--runs", "1", "--seconds", "4", "--evtchn", "both", "--no-trace", "--json", str(report_file), timeout=480)
+    done = xensim("demo", "--race", "--runs", "2", "--evtchn", "both", "--no-trace", "--json", str(report_file), timeout=280)
     assert done.returncode == 0, done.stdout + done.stderr
     race = json.loads(report_file.read_text())["race"]
     for abi in ("fifo", "2l"):
         row = {variant: race[f"{variant}/{abi}"] for variant in ("none", "mask", "current-cr3", "modern")}
-        assert row["none"]["hit"] == 1 and row["none"]["first_hit_s"] is not None and row["none"]["evtchn"] == abi
-        assert row["mask"]["stale_cr3_hits"] == row["mask"]["hit"]
-        assert row["current-cr3"]["hit"] == 0 and row["modern"]["hit"] == 0
-    assert "the lazy-TLB unpin race" in done.stdout
+        assert all(r["seeds"] == 2 and r["evtchn"] == abi and r["strategy"] == "pct" for r in row.values())
+        for variant in ("none", "mask"):
+            assert row[variant]["failed"] > 0 and 0 < row[variant]["median_steps_to_failure"] < 3000 and row[variant]["median_seconds_to_failure"] > 0
+            seed = row[variant]["failing_seed"]
+            assert row[variant]["reproduce"].endswith(f"--variant {variant} --migrate 1{' --evtchn 2l' if abi == '2l' else ''} --schedule pct:{seed}:3 --steps 3000")
+            assert row[variant]["reproduce"] in done.stdout
+        assert row["mask"]["stale_cr3_failures"] == row["mask"]["failed"]
+        assert row["current-cr3"]["failed"] == 0 and row["modern"]["failed"] == 0 and row["modern"]["reproduce"] is None
+    assert "the lazy-TLB unpin race hunted" in done.stdout
 
 
 @pytest.mark.timeout(300)

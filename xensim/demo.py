@@ -2,15 +2,18 @@
 
 The demo is the stress harness (`xensim.stress`) on one domain, shown while it runs: per-vCPU
 rates from the vCPU processes' progress lines and hypercall rates from the hypervisor's
-statistics. `--race` runs it once per drop_mm_ref variant (`--runs` each) and prints which
-runs hit the lazy-TLB unpin race, and through which window. `--evtchn` picks the guest's
-event-channel ABI; `both` runs the demo (or each race-table row) with FIFO and with 2-level
-and shows the two side by side.
+statistics. `--race` hunts the lazy-TLB unpin race in every drop_mm_ref variant as `xensim
+hunt` does (`--runs` seeds each, from --seed) and prints how many seeds fail, how soon, and the
+command that reproduces one. `--evtchn` picks the guest's event-channel ABI; `both` runs the
+demo (or each race-table row) with FIFO and with 2-level and shows the two side by side.
 """
 
 import argparse
 import json
+import os
 import shlex
+import statistics
+import tempfile
 import time
 
 import trio
@@ -25,6 +28,7 @@ from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
 from xensim import scenario, schedule
 from xensim.errors import EXIT_INTERRUPTED, UsageError, at_least, fraction, writable_file
+from xensim.hunt import Hunt, Run, failure
 from xensim.launch import default_trace, hypervisor_server, machine_frames
 from xensim.stress import MIN_PAGES, StressConfig, StressRun, failed, named_problems, run_stress, variant_help
 
@@ -36,7 +40,7 @@ COLUMNS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs (per run with --race)")
+    parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs")
     parser.add_argument("--vcpus", type=at_least(1), default=4, help="the guest's vCPUs, each a process")
     parser.add_argument("--pages", type=at_least(MIN_PAGES), default=16384, help="guest memory in 4 KiB pages")
     parser.add_argument("--variant", choices=VARIANTS, default="modern", metavar="VARIANT", help="the guest's drop_mm_ref (the variants are below)")
@@ -44,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
     parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant and --trace apply to it")
     parser.add_argument("--balloon", type=at_least(1, high=BALLOON_SLOTS), nargs="?", const=16, default=0, metavar="PAGES", help="each vCPU gives PAGES (16) back to Xen and takes them again")
-    parser.add_argument("--runs", type=at_least(1), default=3, help="runs per variant with --race")
+    parser.add_argument("--runs", type=at_least(1), default=3, help="seeds per variant with --race")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--evtchn", choices=(*EVTCHN_ABIS, "both"), default="fifo", help="the guest's event channels: FIFO, 2-level, or both side by side")
     parser.add_argument("--seed", type=int, help="the workload's random seed (default: the --schedule's seed, else 1)")
@@ -164,33 +168,42 @@ def _reproduce(args: argparse.Namespace, trace: str | None, plan: schedule.Sched
     return shlex.join(words)
 
 
-def race_table(address: str, vcpus: int, runs: int, seconds: float, seed: int, console: Console, abis: tuple[str, ...] = ("fifo",)) -> dict:
-    """Each variant `runs` times under each event-channel ABI: did exit_mmap's writable remap
-    fail, through which window, and how soon. The table's rows are keyed "variant" for one
-    ABI, "variant/abi" for several."""
+def race_table(runs: int, seed: int, console: Console, abis: tuple[str, ...] = ("fifo",)) -> dict:
+    """Each variant hunted as `xensim hunt` does (docs/schedule.md section 8) under each
+    event-channel ABI: of `runs` seeds from `seed`, how many fail, through which window, the
+    median steps and wall seconds to the failure, and the command that reproduces the first
+    failing seed. The table's rows are keyed "variant" for one ABI, "variant/abi" for several."""
     table = {}
-    for variant, abi in ((v, a) for v in VARIANTS for a in abis):
-        row = variant if len(abis) == 1 else f"{variant}/{abi}"
-        hits, stale, first = 0, 0, None
-        for i in range(runs):
-            config = StressConfig(domains=1, vcpus=vcpus, seconds=seconds, seed=seed + i, variants=[variant], pages=8192, migrate=1.0, evtchn=abi)
-            report = trio.run(_run_once, address, config, None)
-            if report["interrupted"]:  # Ctrl-C: the table of a part of the runs would mislead
-                raise KeyboardInterrupt
-            bugs = [b for b in report["kernel_bugs"] if "in exit_mmap" in b]
-            if bugs:
-                hits += 1
-                stale += any("stale-cr3 window" in b for b in bugs)
-                first = min(first or 1e9, report["first_bug_after_s"] or seconds)
-            console.print(f"  {row:<17} run {i + 1}/{runs}: {'HIT ' + bugs[0].split(': ')[0] if bugs else 'ok'}", overflow="ellipsis", no_wrap=True)
-        table[row] = {"variant": variant, "evtchn": abi, "runs": runs, "hit": hits, "stale_cr3_hits": stale, "first_hit_s": first}
-    shown = Table(title="the lazy-TLB unpin race, by variant and event-channel ABI")
-    for column in ("variant", "evtchn", "runs", "hit", "stale-cr3 hits", "first hit (s)"):
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant, abi in ((v, a) for v in VARIANTS for a in abis):
+            row = variant if len(abis) == 1 else f"{variant}/{abi}"
+            hunt = Hunt(variant, evtchn=abi)
+            failing: dict[int, Run] = {}
+            for s in range(seed, seed + runs):
+                run = hunt.run(s, os.path.join(tmp, f"{variant}-{abi}-{s}.json"))
+                if run.report["interrupted"]:  # Ctrl-C: the table of a part of the runs would mislead
+                    raise KeyboardInterrupt
+                if run.failed:
+                    failing[s] = run
+                console.print(f"  {row:<17} seed {s}: {'FAILED ' + failure(run.report)['message'] if run.failed else 'ok'} ({run.steps} steps)", overflow="ellipsis", no_wrap=True)
+            first = min(failing, default=None)
+            table[row] = {
+                "variant": variant, "evtchn": abi, "strategy": hunt.strategy, "seeds": runs, "first_seed": seed, "failed": len(failing),
+                "stale_cr3_failures": sum(any("stale-cr3 window" in b for b in r.report["kernel_bugs"]) for r in failing.values()),
+                "median_steps_to_failure": statistics.median(r.steps for r in failing.values()) if failing else None,
+                "median_seconds_to_failure": statistics.median(r.seconds for r in failing.values()) if failing else None,
+                "failing_seed": first, "reproduce": hunt.reproduce(first) if failing else None,
+            }  # fmt: skip
+    shown = Table(title=f"the lazy-TLB unpin race hunted, by variant and event-channel ABI ({hunt.strategy}, {hunt.steps} steps a seed)")
+    for column in ("variant", "evtchn", "seeds failed", "stale-cr3", "median steps", "median s"):
         shown.add_column(column)
-    for row in table.values():
-        first = f"{row['first_hit_s']:.2f}" if row["first_hit_s"] else "-"
-        shown.add_row(row["variant"], row["evtchn"], str(row["runs"]), str(row["hit"]), str(row["stale_cr3_hits"]), first)
+    for r in table.values():
+        median_s = f"{r['median_seconds_to_failure']:.2f}" if r["failed"] else "-"
+        shown.add_row(r["variant"], r["evtchn"], f"{r['failed']}/{r['seeds']}", str(r["stale_cr3_failures"]), f"{r['median_steps_to_failure']:g}" if r["failed"] else "-", median_s)
     console.print(shown)
+    for row, r in table.items():
+        if r["reproduce"]:
+            console.print(f"  {row} seed {r['failing_seed']} again: {r['reproduce']}", soft_wrap=True)
     return table
 
 
@@ -202,36 +215,34 @@ def main(args: argparse.Namespace) -> int:
     console = Console()
     trace = None if args.no_trace else (args.trace or default_trace())
     plan = schedule.resolve(args, trace)
-    if plan.controlled and args.race:
-        raise UsageError("--race runs free; a controlled search over seeds is `xensim hunt` (docs/schedule.md section 7)")
+    abis = EVTCHN_ABIS if args.evtchn == "both" else (args.evtchn,)
+    if args.race:
+        if plan.controlled:
+            raise UsageError("--race hunts with pct seeds from --seed, a fresh hypervisor each; leave --schedule out (one seed's run: xensim hunt or the command the table prints)")
+        _write_json(args, console, {"race": race_table(args.runs, plan.seed, console, abis)})
+        return 0
     serve_args = (("--trace", trace) if trace else ()) + plan.server_args()
     with hypervisor_server(*serve_args, frames=machine_frames(1, args.pages)) as server:
         console.print(f"hypervisor on {server.address}; {'tracing to ' + trace if trace else 'no trace'}")
-        abis = EVTCHN_ABIS if args.evtchn == "both" else (args.evtchn,)
         reports: dict[str, dict] = {}  # the demo's, by event-channel ABI
-        if args.race:
-            report = {"race": race_table(server.address, args.vcpus, args.runs, args.seconds, plan.seed, console, abis)}
-            status = 0
-        else:
-            for abi in abis:
-                config = StressConfig(
-                    domains=1, vcpus=args.vcpus, seconds=plan.seconds, seed=plan.seed, variants=[args.variant], pages=args.pages,
-                    highmem_pages=args.pages // 4 if args.highpte else 0, migrate=args.migrate, balloon=args.balloon, evtchn=abi, controlled=plan.controlled,
-                )  # fmt: skip
-                console.print(f"[bold]event channels: {abi}[/bold]")
-                reports[abi] = trio.run(_run_once, server.address, config, console)
-                reports[abi] |= {"variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace, plan)}
-                if reports[abi]["interrupted"]:
-                    break
-            interrupted = any(r["interrupted"] for r in reports.values())
-            status = EXIT_INTERRUPTED if interrupted else int(any(failed(r) for r in reports.values()))
+        for abi in abis:
+            config = StressConfig(
+                domains=1, vcpus=args.vcpus, seconds=plan.seconds, seed=plan.seed, variants=[args.variant], pages=args.pages,
+                highmem_pages=args.pages // 4 if args.highpte else 0, migrate=args.migrate, balloon=args.balloon, evtchn=abi, controlled=plan.controlled,
+            )  # fmt: skip
+            console.print(f"[bold]event channels: {abi}[/bold]")
+            reports[abi] = trio.run(_run_once, server.address, config, console)
+            reports[abi] |= {"variant": args.variant, "trace": trace, "reproduce": _reproduce(args, trace, plan)}
+            if reports[abi]["interrupted"]:
+                break
+        interrupted = any(r["interrupted"] for r in reports.values())
+        status = EXIT_INTERRUPTED if interrupted else int(any(failed(r) for r in reports.values()))
     for r in reports.values():  # the server has stopped: its trace and schedule file are complete
         r |= plan.report(trace)
         _print_report(console, r)
     if len(reports) > 1:
         console.print(_side_by_side(reports))
-    if not args.race:
-        report = reports[args.evtchn] if args.evtchn in reports else {"by_evtchn": reports}
+    report = reports[args.evtchn] if args.evtchn in reports else {"by_evtchn": reports}
     if trace:
         from xensim.explain import explain_run
 
@@ -241,8 +252,12 @@ def main(args: argparse.Namespace) -> int:
                 r["explained"] = [e["data"] for e in explained]
                 for e in explained:
                     console.print(e["text"], markup=False, highlight=False, soft_wrap=True)
+    _write_json(args, console, report)
+    return status
+
+
+def _write_json(args: argparse.Namespace, console: Console, report: dict) -> None:
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
         console.print(f"wrote {args.json}")
-    return status

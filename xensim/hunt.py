@@ -16,6 +16,8 @@ import shlex
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import trio
 
@@ -45,21 +47,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=main)
 
 
-def _schedule(args: argparse.Namespace, seed: int) -> str:
-    return f"pct:{seed}:{args.depth}" if args.strategy == "pct" else f"random:{seed}"
+@dataclass(frozen=True)
+class Hunt:
+    """What every seeded run of a hunt is (the guest, the policy, the length), so that the hunt,
+    the demo's race table and the `hunt` benchmark run and reproduce the same runs."""
+
+    variant: str
+    strategy: str = "pct"
+    depth: int = DEFAULT_DEPTH
+    steps: int = STEPS
+    vcpus: int = VCPUS
+    evtchn: str = "fifo"
+
+    def schedule(self, seed: int) -> str:
+        return f"pct:{seed}:{self.depth}" if self.strategy == "pct" else f"random:{seed}"
+
+    def reproduce(self, seed: int) -> str:
+        """The demo command that runs this hunt's run of `seed` again."""
+        words = ["xensim", "demo", "--vcpus", str(self.vcpus), "--pages", str(MIN_PAGES), "--variant", self.variant, "--migrate", f"{MIGRATE:g}"]
+        words += [] if self.evtchn == "fifo" else ["--evtchn", self.evtchn]
+        return shlex.join(words + ["--schedule", self.schedule(seed), "--steps", str(self.steps)])
+
+    def run(self, seed: int, schedule_file: str) -> "Run":
+        """One controlled run of `seed` on a fresh hypervisor, its schedule written to
+        `schedule_file`. A kernel BUG stops every vCPU, so a failing run's steps and seconds
+        are those to its failure."""
+        config = StressConfig(1, self.vcpus, self.steps * STEP_QUANTUM_NS / 1e9, seed, [self.variant], pages=MIN_PAGES, migrate=MIGRATE, evtchn=self.evtchn, controlled=True)
+        server_args = ("--schedule", self.schedule(seed), "--schedule-file", schedule_file, "--schedule-steps", str(self.steps))
+        started = time.monotonic()
+        with hypervisor_server(*server_args, frames=machine_frames(1, MIN_PAGES)) as server:
+            report = trio.run(run_stress, server.address, None, config)
+        return Run(report, len(_record(schedule_file).get("steps", ())), time.monotonic() - started)
+
+    def search(self, first_seed: int, runs: int, budget_seconds: float, directory: str) -> Iterator[tuple[int, str, "Run"]]:
+        """The hunt: (seed, its schedule file in `directory`, its run) for seeds from
+        `first_seed`, until a run fails or is interrupted, `runs` are done, or no run may start
+        within `budget_seconds`."""
+        started = time.monotonic()
+        for seed in range(first_seed, first_seed + runs):
+            if time.monotonic() - started > budget_seconds:
+                return
+            schedule_file = os.path.join(directory, f"{seed}.json")
+            run = self.run(seed, schedule_file)
+            yield seed, schedule_file, run
+            if run.failed or run.report["interrupted"]:
+                return
 
 
-def reproduce(args: argparse.Namespace, seed: int) -> str:
-    """The demo command that runs this hunt's run of `seed` again."""
-    words = ["xensim", "demo", "--vcpus", str(args.vcpus), "--pages", str(MIN_PAGES), "--variant", args.variant, "--migrate", f"{MIGRATE:g}"]
-    return shlex.join(words + ["--schedule", _schedule(args, seed), "--steps", str(args.steps)])
+@dataclass(frozen=True)
+class Run:
+    """One seeded run: the stress report, the steps the hypervisor scheduled, its wall seconds
+    (hypervisor start to stop)."""
 
+    report: dict
+    steps: int
+    seconds: float
 
-def _run(args: argparse.Namespace, seed: int, schedule_file: str) -> dict:
-    config = StressConfig(1, args.vcpus, args.steps * STEP_QUANTUM_NS / 1e9, seed, [args.variant], pages=MIN_PAGES, migrate=MIGRATE, controlled=True)
-    server_args = ("--schedule", _schedule(args, seed), "--schedule-file", schedule_file, "--schedule-steps", str(args.steps))
-    with hypervisor_server(*server_args, frames=machine_frames(1, MIN_PAGES)) as server:
-        return trio.run(run_stress, server.address, None, config)
+    @property
+    def failed(self) -> bool:
+        return failed(self.report)
 
 
 def failure(report: dict) -> dict:
@@ -81,31 +127,25 @@ def _record(path: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    hunt = Hunt(args.variant, args.strategy, args.depth, args.steps, args.vcpus)
     started = time.monotonic()
     result: dict = {"found": False, "variant": args.variant, "strategy": args.strategy, "seed": None, "runs": 0, "seconds": 0.0, "failure": None, "reproduce": None}
     steps_total = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seed, args.seed + args.runs):
-            if time.monotonic() - started > args.budget_seconds:
-                break
-            schedule_file = os.path.join(tmp, f"{seed}.json")
-            run_started = time.monotonic()
-            report = _run(args, seed, schedule_file)
+        for seed, schedule_file, run in hunt.search(args.seed, args.runs, args.budget_seconds, tmp):
             result["runs"] += 1
-            steps = len(_record(schedule_file).get("steps", ()))
-            steps_total += steps
+            steps_total += run.steps
             elapsed = time.monotonic() - started
-            verdict = "FAILED" if failed(report) else "ok"
-            print(f"run {result['runs']}/{args.runs} seed {seed}: {verdict} ({steps} steps, {steps / max(time.monotonic() - run_started, 1e-9):,.0f} steps/s; {elapsed:.0f} s so far)", flush=True)
-            if report["interrupted"]:
+            verdict = "FAILED" if run.failed else "ok"
+            print(f"run {result['runs']}/{args.runs} seed {seed}: {verdict} ({run.steps} steps, {run.steps / max(run.seconds, 1e-9):,.0f} steps/s; {elapsed:.0f} s so far)", flush=True)
+            if run.report["interrupted"]:
                 result["seconds"] = elapsed
                 print("interrupted")
                 return EXIT_INTERRUPTED
-            if failed(report):
-                kept = os.path.abspath(args.schedule_file or f"hunt-{args.variant}-{_schedule(args, seed).replace(':', '-')}.schedule.json")
+            if run.failed:
+                kept = os.path.abspath(args.schedule_file or f"hunt-{args.variant}-{hunt.schedule(seed).replace(':', '-')}.schedule.json")
                 shutil.copyfile(schedule_file, kept)
-                result |= {"found": True, "seed": seed, "failure": failure(report), "reproduce": reproduce(args, seed), "schedule_file": kept}
-                break
+                result |= {"found": True, "seed": seed, "failure": failure(run.report), "reproduce": hunt.reproduce(seed), "schedule_file": kept}
     result["seconds"] = time.monotonic() - started
     result["steps"] = steps_total
     if result["found"]:

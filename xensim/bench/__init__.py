@@ -19,6 +19,7 @@ GROUPS = {
     "server": ["xensim.bench.stress"],
     "load": ["xensim.bench.load", "xensim.bench.revalidation"],
     "sched": ["xensim.bench.sched"],
+    "hunt": ["xensim.bench.hunt"],
     "trace": ["xensim.bench.trace"],
     "scale": ["xensim.bench.scale"],
 }
