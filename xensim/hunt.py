@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vcpus", type=at_least(2), default=VCPUS, help="the guest's vCPUs, each a process")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the result as JSON")
     parser.add_argument("--schedule-file", metavar="FILE", type=writable_file, help="where the failing run's schedule goes (default: hunt-VARIANT-SCHEDULE.schedule.json here)")
+    parser.add_argument("--shrink-seconds", type=at_least(0.0, float), default=30.0, metavar="S", help="search S seconds for a shorter schedule that fails the same way (0: do not)")
     parser.epilog = variant_help()
     parser.set_defaults(run=main)
 
@@ -105,6 +106,9 @@ def main(args: argparse.Namespace) -> int:
                 kept = os.path.abspath(args.schedule_file or f"hunt-{args.variant}-{_schedule(args, seed).replace(':', '-')}.schedule.json")
                 shutil.copyfile(schedule_file, kept)
                 result |= {"found": True, "seed": seed, "failure": failure(report), "reproduce": reproduce(args, seed), "schedule_file": kept}
+                from xensim.shrink import explain_and_shrink
+
+                result |= explain_and_shrink(args, seed, _schedule(args, seed), report, _record(schedule_file), tmp, kept)
                 break
     result["seconds"] = time.monotonic() - started
     result["steps"] = steps_total
@@ -113,6 +117,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {result['failure']['message']}")
         print(f"  schedule file: {result['schedule_file']}")
         print(f"  reproduce: {result['reproduce']}")
+        if result["shrink"]:
+            from xensim.shrink import print_shrunk
+
+            print_shrunk(result["shrink"])
     else:
         print(f"nothing found in {result['runs']} runs ({result['seconds']:.1f} s)")
     if args.json:
