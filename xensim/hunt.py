@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vcpus", type=at_least(2), default=VCPUS, help="the guest's vCPUs, each a process")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the result as JSON")
     parser.add_argument("--schedule-file", metavar="FILE", type=writable_file, help="where the failing run's schedule goes (default: hunt-VARIANT-SCHEDULE.schedule.json here)")
-    parser.add_argument("--shrink-seconds", type=at_least(0.0, float), default=30.0, metavar="S", help="search S seconds for a shorter schedule that fails the same way (0: do not; docs/schedule.md section 9)")
+    parser.add_argument("--shrink-seconds", type=at_least(0.0, float), default=30.0, metavar="S", help="search S seconds for a shorter failing schedule (0: do not; docs/schedule.md section 9)")
     parser.epilog = variant_help()
     parser.set_defaults(run=main)
 
