@@ -36,7 +36,7 @@ from xensim.hunt import MIGRATE, failure, reproduce
 from xensim.launch import hypervisor_server, machine_frames
 from xensim.stress import MIN_PAGES, StressConfig, failed, run_stress
 
-WALL_FACTOR, WALL_FLOOR_S = 5, 5.0  # a candidate's replay may take this many times the first one's wall time, and at least this long
+WALL_FACTOR, WALL_FLOOR_S = 2, 2.0  # a candidate's replay may take this many times the first one's wall time, and at least this long
 Steps = list[list[int]]  # [[domid, vcpu_id], ...], as the schedule file has them
 
 
@@ -141,7 +141,7 @@ def shrink(args: argparse.Namespace, seed: int, record: dict, found: dict, tmp: 
         candidate = os.path.join(tmp, f"candidate-{tried}.json")
         with open(candidate, "w") as f:
             json.dump(record | {"steps": steps, "lost_determinism": []}, f)
-        report, replayed = controlled_run(args, seed, f"replay:{candidate}", os.path.join(tmp, f"replayed-{tried}.json"), run_steps, wall_seconds=wall_seconds)
+        report, replayed = controlled_run(args, seed, f"replay:{candidate}", os.path.join(tmp, f"replayed-{tried}.json"), run_steps, wall_seconds=min(wall_seconds, args.shrink_seconds - (time.monotonic() - started)))
         return same_way(report) == found["same_way"] and all(lost["step"] >= len(steps) for lost in replayed["lost_determinism"])
 
     best = original[: found["failing_step"]] if found["failing_step"] else original
