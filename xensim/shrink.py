@@ -141,7 +141,8 @@ def shrink(args: argparse.Namespace, seed: int, record: dict, found: dict, tmp: 
         candidate = os.path.join(tmp, f"candidate-{tried}.json")
         with open(candidate, "w") as f:
             json.dump(record | {"steps": steps, "lost_determinism": []}, f)
-        report, replayed = controlled_run(args, seed, f"replay:{candidate}", os.path.join(tmp, f"replayed-{tried}.json"), run_steps, wall_seconds=min(wall_seconds, args.shrink_seconds - (time.monotonic() - started)))
+        left = args.shrink_seconds - (time.monotonic() - started)
+        report, replayed = controlled_run(args, seed, f"replay:{candidate}", os.path.join(tmp, f"replayed-{tried}.json"), run_steps, wall_seconds=min(wall_seconds, left))
         return same_way(report) == found["same_way"] and all(lost["step"] >= len(steps) for lost in replayed["lost_determinism"])
 
     best = original[: found["failing_step"]] if found["failing_step"] else original
