@@ -3,6 +3,7 @@ processes, so the same seed gives the same run, and its schedule file runs it ag
 
 import hashlib
 import json
+import re
 import shlex
 
 import pytest
@@ -11,6 +12,7 @@ from hypervisor.core.trace import replay
 from hypervisor.server.tracing import open_trace, read_trace
 from tests.support.server import start_server
 from xensim.launch import run, run_vcpus, xensim_command
+from xensim.shrink import shape
 
 SMALL = ("stress", "--domains", "1", "--vcpus", "2", "--pages", "1024", "--steps", "1500")
 
@@ -108,7 +110,7 @@ def test_a_bad_schedule_is_one_line_and_status_2(tmp_path):
 def test_hunt_finds_the_stale_cr3_race_of_mask_and_its_command_fails_the_same_way(tmp_path):
     result_file = tmp_path / "hunt.json"
     kept = tmp_path / "found.schedule.json"
-    done = run(xensim_command("hunt", "--variant", "mask", "--seed", "1", "--runs", "5", "--json", str(result_file), "--schedule-file", str(kept)), timeout=500)
+    done = run(xensim_command("hunt", "--variant", "mask", "--seed", "1", "--runs", "5", "--shrink-seconds", "0", "--json", str(result_file), "--schedule-file", str(kept)), timeout=500)
     assert done.returncode == 1, done.stdout + done.stderr
     result = json.loads(result_file.read_text())
     assert result["found"] and result["runs"] <= 5 and "stale-cr3 window" in result["failure"]["message"] and result["failure"]["vcpus"]
@@ -129,3 +131,25 @@ def test_hunt_finds_nothing_in_modern(tmp_path):
     result = json.loads(result_file.read_text())
     assert not result["found"] and result["runs"] == 2 and result["reproduce"] is None and "nothing found in 2 runs" in done.stdout
     assert not (tmp_path / "none.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_hunt_explains_its_failure_and_shrinks_its_schedule_to_one_that_fails_the_same_way(tmp_path):
+    result_file, kept = tmp_path / "hunt.json", tmp_path / "found.schedule.json"
+    done = run(xensim_command("hunt", "--variant", "mask", "--seed", "1", "--runs", "5", "--shrink-seconds", "20", "--json", str(result_file), "--schedule-file", str(kept)), timeout=500)
+    assert done.returncode == 1, done.stdout + done.stderr
+    result = json.loads(result_file.read_text())
+    frame = re.search(r"but mfn (0x[0-9a-f]+) has type", result["failure"]["message"]).group(1)  # the frame the BUG's mmu_update could not retype
+    assert result["same_failure"] and result["trace"] == str(tmp_path / "found.trace") and result["explained"]
+    explained = result["explained"][0]
+    assert frame in {f["frame"]["mfn"] for f in explained["frames"]} and f"mfn {frame} (dom1" in done.stdout and explained["timeline"] in done.stdout
+    assert len(explained["vcpus"]) == 2 and 0 < result["failing_step"] <= result["shrink"]["steps"]
+    shrunk, original = result["shrink"]["shrunk"], result["shrink"]
+    assert shrunk["steps"] <= original["steps"] and shrunk["preemptions"] <= original["preemptions"] and (shrunk["steps"], shrunk["preemptions"]) != (original["steps"], original["preemptions"])
+    assert shrunk["reproduce"] in done.stdout and f"replay:{shrunk['schedule_file']}" in shrunk["reproduce"]
+    again, report_file = shlex.split(shrunk["reproduce"])[1:], tmp_path / "again.json"
+    redone = run(xensim_command(*again, "--no-trace", "--schedule-file", str(tmp_path / "again.schedule.json"), "--json", str(report_file)), timeout=240)
+    assert redone.returncode == 1, redone.stdout + redone.stderr
+    report = json.loads(report_file.read_text())
+    assert report["kernel_bugs"] and shape(report["kernel_bugs"][0]) == shape(result["failure"]["message"])
+    assert all(lost["step"] >= shrunk["steps"] for lost in report["lost_determinism"])  # it ran the shrunk steps as written

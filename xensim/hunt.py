@@ -10,6 +10,7 @@ Exit status 1 when a failure was found, 0 when none was within the runs and the 
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vcpus", type=at_least(2), default=VCPUS, help="the guest's vCPUs, each a process")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the result as JSON")
     parser.add_argument("--schedule-file", metavar="FILE", type=writable_file, help="where the failing run's schedule goes (default: hunt-VARIANT-SCHEDULE.schedule.json here)")
+    parser.add_argument("--shrink-seconds", type=at_least(0.0, float), default=30.0, metavar="S", help="search S seconds for a shorter failing schedule (0: do not; docs/schedule.md section 9)")
     parser.epilog = variant_help()
     parser.set_defaults(run=main)
 
@@ -68,15 +70,24 @@ class Hunt:
         words += [] if self.evtchn == "fifo" else ["--evtchn", self.evtchn]
         return shlex.join(words + ["--schedule", self.schedule(seed), "--steps", str(self.steps)])
 
-    def run(self, seed: int, schedule_file: str) -> "Run":
-        """One controlled run of `seed` on a fresh hypervisor, its schedule written to
-        `schedule_file`. A kernel BUG stops every vCPU, so a failing run's steps and seconds
-        are those to its failure."""
-        config = StressConfig(1, self.vcpus, self.steps * STEP_QUANTUM_NS / 1e9, seed, [self.variant], pages=MIN_PAGES, migrate=MIGRATE, evtchn=self.evtchn, controlled=True)
-        server_args = ("--schedule", self.schedule(seed), "--schedule-file", schedule_file, "--schedule-steps", str(self.steps))
+    def run(self, seed: int, schedule_file: str, schedule: str | None = None, steps: int | None = None, trace: str | None = None, wall_seconds: float = math.inf) -> "Run":
+        """One controlled run of `seed` on a fresh hypervisor under `schedule` (default: the
+        seed's) for `steps` (default: the hunt's), its schedule written to `schedule_file` and
+        its calls traced to `trace` if given. A kernel BUG stops every vCPU, so a failing run's
+        steps and seconds are those to its failure. The report is None for a run stopped after
+        `wall_seconds` (a replay that could not follow its file may never finish: xensim.shrink)."""
+        steps = steps or self.steps
+        config = StressConfig(1, self.vcpus, steps * STEP_QUANTUM_NS / 1e9, seed, [self.variant], pages=MIN_PAGES, migrate=MIGRATE, evtchn=self.evtchn, controlled=True)
+        server_args = ("--schedule", schedule or self.schedule(seed), "--schedule-file", schedule_file, "--schedule-steps", str(steps)) + (("--trace", trace) if trace else ())
+
+        async def bounded() -> dict | None:
+            with trio.move_on_after(wall_seconds):
+                return await run_stress(server.address, None, config)
+            return None
+
         started = time.monotonic()
         with hypervisor_server(*server_args, frames=machine_frames(1, MIN_PAGES)) as server:
-            report = trio.run(run_stress, server.address, None, config)
+            report = trio.run(bounded)
         return Run(report, len(_record(schedule_file).get("steps", ())), time.monotonic() - started)
 
     def search(self, first_seed: int, runs: int, budget_seconds: float, directory: str) -> Iterator[tuple[int, str, "Run"]]:
@@ -99,13 +110,13 @@ class Run:
     """One seeded run: the stress report, the steps the hypervisor scheduled, its wall seconds
     (hypervisor start to stop)."""
 
-    report: dict
+    report: dict | None
     steps: int
     seconds: float
 
     @property
     def failed(self) -> bool:
-        return failed(self.report)
+        return self.report is not None and failed(self.report)
 
 
 def failure(report: dict) -> dict:
@@ -146,6 +157,9 @@ def main(args: argparse.Namespace) -> int:
                 kept = os.path.abspath(args.schedule_file or f"hunt-{args.variant}-{hunt.schedule(seed).replace(':', '-')}.schedule.json")
                 shutil.copyfile(schedule_file, kept)
                 result |= {"found": True, "seed": seed, "failure": failure(run.report), "reproduce": hunt.reproduce(seed), "schedule_file": kept}
+                from xensim.shrink import explain_and_shrink
+
+                result |= explain_and_shrink(args, hunt, seed, run.report, _record(schedule_file), tmp, kept)
     result["seconds"] = time.monotonic() - started
     result["steps"] = steps_total
     if result["found"]:
@@ -153,6 +167,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {result['failure']['message']}")
         print(f"  schedule file: {result['schedule_file']}")
         print(f"  reproduce: {result['reproduce']}")
+        if result["shrink"]:
+            from xensim.shrink import print_shrunk
+
+            print_shrunk(result["shrink"])
     else:
         print(f"nothing found in {result['runs']} runs ({result['seconds']:.1f} s)")
     if args.json:
