@@ -73,8 +73,15 @@ def test_list_and_list_long(machine, capsys):
 def test_info(machine, capsys):
     info = xl_json(machine, capsys, "info")
     assert info["total_frames"] == 1 << 16 and 0 < info["free_frames"] < info["total_frames"] and info["nr_domains"] == 1
-    assert info["xen_version"].startswith("4.") and info["uptime_s"] > 0 and info["quarantined_frames"] == 0
+    assert info["xen_version"].startswith("4.") and info["uptime_s"] > 0 and info["quarantined_frames"] == 0 and info["schedule"] == "free"
     assert "free_frames" in xl(machine, capsys, "info")[1]
+
+
+def test_info_names_a_controlled_runs_schedule(capsys):
+    with start_server("--schedule", "pct:7", admin_token="xl-test-token") as server:
+        info = xl_json({"server": server}, capsys, "info")
+        assert info["schedule"] == "pct:7:3" and info["uptime_s"] == 0  # virtual time: no step has run
+        assert "pct:7:3" in xl({"server": server}, capsys, "info")[1]
 
 
 def test_vcpu_list_shows_both_bases(machine, capsys):

@@ -187,6 +187,7 @@ def cmd_info(xl: Xl, args) -> tuple:
         "trace_file": "recording" if h.trace_file else "off",
         "trace_streams": h.trace_streams,
         "quarantined_frames": h.quarantined_frames,
+        "schedule": h.schedule,
     }
     width = max(map(len, info))
     return info, "\n".join(f"{k.ljust(width)} : {v}" for k, v in info.items())
@@ -486,7 +487,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     listing = command("list", cmd_list, "the domains: pages, vCPUs up/total, state (running, blocked, paused, shutdown; never dying: destroy is one call)")
     listing.add_argument("-l", "--long", action="store_true", help="also lowmem, shared-info frame, event-channel limit, shutdown reason")
-    command("info", cmd_info, "the machine: frames total, free and quarantined, domains, version, TLB mode, uptime, trace")
+    command("info", cmd_info, "the machine: frames total, free and quarantined, domains, version, TLB mode, uptime, trace, schedule")
     vcpus = command("vcpu-list", cmd_vcpu_list, "vCPUs: up, blocked, kernel/user cr3, upcall pending/mask, TLB, stale-TLB hits")
     vcpus.add_argument("domid", type=int, nargs="?", metavar="DOMID", help="one domain (default: all)")
     for name, method, request, verb in (

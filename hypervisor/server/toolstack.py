@@ -228,7 +228,9 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
     @_admin("host_info")
     def HostInfo(self, request):
         file, streams = self.tracing.state()
-        return toolstack_pb2.HostInfoResponse(**views.host_info(self.hv), uptime_ns=self.runtime.now_ns(), trace_file=file, trace_streams=streams)
+        gate = self.runtime.gate
+        schedule = "free" if gate is None else str(gate.spec)
+        return toolstack_pb2.HostInfoResponse(**views.host_info(self.hv), uptime_ns=self.runtime.now_ns(), trace_file=file, trace_streams=streams, schedule=schedule)
 
     @_admin("dump_pagetable")
     def DumpPagetable(self, request):

@@ -333,7 +333,7 @@ class HostInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HostInfoResponse(_message.Message):
-    __slots__ = ("nr_frames", "free_frames", "nr_domains", "xen_version", "simulator", "strict_tlb", "uptime_ns", "trace_file", "trace_streams", "quarantined_frames")
+    __slots__ = ("nr_frames", "free_frames", "nr_domains", "xen_version", "simulator", "strict_tlb", "uptime_ns", "trace_file", "trace_streams", "quarantined_frames", "schedule")
     NR_FRAMES_FIELD_NUMBER: _ClassVar[int]
     FREE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     NR_DOMAINS_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +344,7 @@ class HostInfoResponse(_message.Message):
     TRACE_FILE_FIELD_NUMBER: _ClassVar[int]
     TRACE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     nr_frames: int
     free_frames: int
     nr_domains: int
@@ -354,7 +355,8 @@ class HostInfoResponse(_message.Message):
     trace_file: bool
     trace_streams: int
     quarantined_frames: int
-    def __init__(self, nr_frames: _Optional[int] = ..., free_frames: _Optional[int] = ..., nr_domains: _Optional[int] = ..., xen_version: _Optional[str] = ..., simulator: _Optional[str] = ..., strict_tlb: _Optional[bool] = ..., uptime_ns: _Optional[int] = ..., trace_file: _Optional[bool] = ..., trace_streams: _Optional[int] = ..., quarantined_frames: _Optional[int] = ...) -> None: ...
+    schedule: str
+    def __init__(self, nr_frames: _Optional[int] = ..., free_frames: _Optional[int] = ..., nr_domains: _Optional[int] = ..., xen_version: _Optional[str] = ..., simulator: _Optional[str] = ..., strict_tlb: _Optional[bool] = ..., uptime_ns: _Optional[int] = ..., trace_file: _Optional[bool] = ..., trace_streams: _Optional[int] = ..., quarantined_frames: _Optional[int] = ..., schedule: _Optional[str] = ...) -> None: ...
 
 class DumpPagetableRequest(_message.Message):
     __slots__ = ("mfn", "tree")
