@@ -14,7 +14,9 @@ import os
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -114,8 +116,10 @@ class StressRun:
         return sums
 
 
-async def run_stress(address: str, admin_token: str | None, config: StressConfig, run: StressRun | None = None) -> dict:
-    """Run the stress workload against the hypervisor at `address`; returns the report."""
+async def run_stress(address: str, admin_token: str | None, config: StressConfig, run: StressRun | None = None, interrupt: trio.Event | None = None) -> dict:
+    """Run the stress workload against the hypervisor at `address`; returns the report.
+    Ctrl-C (SIGINT, SIGTERM) interrupts it, or `interrupt` being set where the caller runs many
+    at once and takes the signals itself (a signal goes to one receiver: hunt --workers)."""
     run = run or StressRun(config)
     rng = random.Random(config.seed)
     async with Toolstack(address, admin_token) as xl:
@@ -128,9 +132,9 @@ async def run_stress(address: str, admin_token: str | None, config: StressConfig
             run.vcpus += [VcpuState(created.domid, v) for v in range(config.vcpus)]
         deadline = run.started + config.seconds
         workload = trio.CancelScope(deadline=trio.current_time() + wall_bound(config))
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as ctrl_c:  # until the workload ends
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if interrupt is None else nullcontext() as ctrl_c:  # until the workload ends
             async with trio.open_nursery() as watcher:
-                watcher.start_soon(_interrupt_on, ctrl_c, run, workload)
+                watcher.start_soon(_interrupt_on, partial(anext, ctrl_c) if interrupt is None else interrupt.wait, run, workload)
                 with workload:
                     async with trio.open_nursery() as nursery:
                         for state in run.vcpus:
@@ -141,14 +145,13 @@ async def run_stress(address: str, admin_token: str | None, config: StressConfig
         return await _finish(xl, run)
 
 
-async def _interrupt_on(ctrl_c, run: StressRun, workload: trio.CancelScope) -> None:
-    """Ctrl-C (or SIGTERM) ends the workload (its vCPU processes are killed), not the run: the
-    domains are still audited and destroyed, and the report says it was interrupted. A second
-    Ctrl-C, once the audit has begun, interrupts that too."""
-    async for _ in ctrl_c:
-        run.interrupted = True
-        workload.cancel()
-        return
+async def _interrupt_on(interrupted, run: StressRun, workload: trio.CancelScope) -> None:
+    """Ctrl-C (or SIGTERM: `interrupted()` returns) ends the workload (its vCPU processes are
+    killed), not the run: the domains are still audited and destroyed, and the report says it
+    was interrupted. A second Ctrl-C, once the audit has begun, interrupts that too."""
+    await interrupted()
+    run.interrupted = True
+    workload.cancel()
 
 
 async def _keep_running(address: str, token: str, variant: str, state: VcpuState, config: StressConfig, deadline: float) -> None:
