@@ -11,7 +11,7 @@ import pytest
 from hypervisor.core.trace import replay
 from hypervisor.server.tracing import open_trace, read_trace
 from tests.support.server import start_server
-from xensim.launch import run, run_vcpus, xensim_command
+from xensim.launch import run, run_vcpus, server_command, xensim_command
 from xensim.shrink import shape
 
 SMALL = ("stress", "--domains", "1", "--vcpus", "2", "--pages", "1024", "--steps", "1500")
@@ -120,10 +120,22 @@ def test_a_bad_schedule_is_one_line_and_status_2(tmp_path):
         (("--schedule", "pct:x"), "expected free, random:SEED, pct:SEED[:DEPTH] or replay:FILE"),
         (("--schedule", f"replay:{tmp_path / 'none.json'}"), "cannot read the schedule file"),
         (("--steps", "10"), "--steps counts the steps of a controlled run"),
-        (("--schedule", f"replay:{killed}", "--kill-vcpus", "3"), "was recorded with --kill-vcpus 7: give that, or leave --kill-vcpus out"),
+        (("--schedule", f"replay:{killed}", "--kill-vcpus", "3"), "was recorded with a kill rate of 7: give that, or leave --kill-vcpus out"),
     ):
         done = run(xensim_command("stress", *args), timeout=60)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_serve_refuses_kills_outside_a_controlled_run_and_another_rate_than_the_replays(tmp_path):
+    killed = tmp_path / "killed.json"
+    killed.write_text(json.dumps({"xensim_schedule": 1, "schedule": "pct:1:3", "seed": 1, "steps": [[1, 0]], "kill_vcpus": 7, "kills": [1]}))
+    for args, says in (
+        (("--schedule-kills", "1"), "--schedule-kills is a rate, 0 or more, of a controlled run"),
+        (("--schedule", "pct:1", "--schedule-kills", "-1"), "--schedule-kills is a rate, 0 or more"),
+        (("--schedule", f"replay:{killed}", "--schedule-kills", "3"), "was recorded with a kill rate of 7: give that, or leave --schedule-kills out"),
+    ):
+        done = run(server_command("--insecure-no-admin-token", *args), timeout=60)
+        assert done.returncode == 2 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 @pytest.mark.timeout(600)

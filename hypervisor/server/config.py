@@ -187,7 +187,7 @@ def _schedule(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         parser.error("--schedule-kills is a rate, 0 or more, of a controlled run: give --schedule random:SEED or pct:SEED too")
     if recorded is not None:
         try:
-            check_kills(recorded, schedule.file, args.schedule_kills)
+            check_kills(recorded, schedule.file, args.schedule_kills, "--schedule-kills")
         except ValueError as e:
             parser.error(str(e))
     return schedule, recorded

@@ -266,9 +266,9 @@ def load_record(path: str) -> dict:
     return record
 
 
-def check_kills(record: dict, path: str, rate: float) -> None:
-    """A replay kills where its file says: a --kill-vcpus RATE other than the one it was
+def check_kills(record: dict, path: str, rate: float, option: str = "--kill-vcpus") -> None:
+    """A replay kills where its file says: a kill rate (`option`) other than the one it was
     recorded with is a mistake (ValueError saying what to give)."""
     recorded = record.get("kill_vcpus", 0.0)
     if rate and rate != recorded:
-        raise ValueError(f"--kill-vcpus {rate:g}, but {path} was recorded with --kill-vcpus {recorded:g}: give that, or leave --kill-vcpus out (a replay kills where its file says)")
+        raise ValueError(f"{option} {rate:g}, but {path} was recorded with a kill rate of {recorded:g}: give that, or leave {option} out (a replay kills where its file says)")
