@@ -6,6 +6,8 @@ seeds counting up from --seed; the first run that fails (a kernel BUG, an audit 
 corruption, an unexpected errno) stops the hunt. Its seed names the interleaving, so the
 printed `xensim demo ... --schedule ...` command runs it again and exits 1 as it fails again.
 Exit status 1 when a failure was found, 0 when none was within the runs and the budget.
+With --workers W, W runs go at once, and the failure reported is still the lowest failing
+seed, the one a hunt of one worker reports (docs/schedule.md section 11).
 """
 
 import argparse
@@ -130,9 +132,9 @@ class Hunt:
                 found.runs.append((seed, schedule_file, run))
                 on_run(seed, schedule_file, run)
                 if run.failed and seed == found.lowest_failing:
-                    for later, scope in running.items():
+                    for later, other in running.items():
                         if later > seed:
-                            scope.cancel()
+                            other.cancel()
 
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as ctrl_c:
             async with trio.open_nursery() as nursery:
