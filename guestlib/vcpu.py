@@ -10,12 +10,14 @@ when the kernel hit a BUG or found corrupted data.
 
 import argparse
 import json
+import os
 import random
+import signal
 import sys
 
 import trio
 
-from xensim.errors import Parser, address, at_least, fraction, run_program
+from xensim.errors import KILLED_BY_SCHEDULE, Parser, address, at_least, fraction, run_program
 
 from .hypercalls import claim, connect
 from .kernel import scenarios
@@ -23,6 +25,7 @@ from .kernel.boot import EVTCHN_ABIS, answer_pending_calls, attach, booted, star
 from .kernel.layout import BALLOON_SLOTS
 from .kernel.shootdown import VARIANTS
 from .kernel.workload import WorkloadConfig, run
+from .transport import SessionClosed
 
 
 async def run_vcpu(
@@ -83,6 +86,7 @@ def build_parser() -> Parser:
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (vCPU 0 decides at boot)")
     parser.add_argument("--evtchn", choices=EVTCHN_ABIS, default="fifo", help="event channels: FIFO if Xen offers it, or 2-level (Linux's xen.fifo_events=0; vCPU 0 decides at boot)")
     parser.add_argument("--seconds", type=at_least(0.0, float), default=5.0, help="how long the workload runs")
+    parser.add_argument("--until", type=at_least(0.0, float), metavar="SECONDS", help="with --controlled: end the workload at this Xen system time, not --seconds after its start (a restarted vCPU's)")
     parser.add_argument("--lifecycles", type=at_least(0), default=0, help="stop after this many (0: run for --seconds)")
     parser.add_argument("--seed", type=int, default=1, help="the workload's random seed")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
@@ -119,15 +123,27 @@ def _keep_wake_order() -> None:
     trio._core._run._r = _WakeOrder()
 
 
+def _killed_by_schedule(e: BaseException) -> bool:
+    """Whether the Session ended because a controlled run's step killed this vCPU's process."""
+    if isinstance(e, BaseExceptionGroup):
+        return any(_killed_by_schedule(inner) for inner in e.exceptions)
+    return isinstance(e, SessionClosed) and KILLED_BY_SCHEDULE in str(e)
+
+
 def _main(args: argparse.Namespace) -> int:
     if args.controlled:
         _keep_wake_order()
-    config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles, balloon=args.balloon)
+    config = WorkloadConfig(seconds=args.seconds, seed=args.seed, migrate=args.migrate, max_lifecycles=args.lifecycles, balloon=args.balloon, until=args.until)
     workload = (args.variant, args.highpte, config, args.scenario, args.progress, args.evtchn, args.controlled)
-    if args.claim:
-        report = trio.run(claim_and_run, args.server, args.token, *workload)
-    else:
-        report = trio.run(run_vcpu, args.server, args.token[0], args.vcpu, *workload)
+    try:
+        if args.claim:
+            report = trio.run(claim_and_run, args.server, args.token, *workload)
+        else:
+            report = trio.run(run_vcpu, args.server, args.token[0], args.vcpu, *workload)
+    except BaseException as e:
+        if _killed_by_schedule(e):  # die as a SIGKILL from outside would: no report, no cleanup (docs/schedule.md section 10)
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise
     print(json.dumps(report), flush=True)
     return 3 if report["bug"] or report.get("data_corruptions") else 0
 

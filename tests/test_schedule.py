@@ -11,7 +11,7 @@ import pytest
 from hypervisor.core.trace import replay
 from hypervisor.server.tracing import open_trace, read_trace
 from tests.support.server import start_server
-from xensim.launch import run, run_vcpus, xensim_command
+from xensim.launch import run, run_vcpus, server_command, xensim_command
 from xensim.shrink import shape
 
 SMALL = ("stress", "--domains", "1", "--vcpus", "2", "--pages", "1024", "--steps", "1500")
@@ -58,6 +58,24 @@ def test_two_domains_ballooning_give_the_same_run_three_times(tmp_path):
     assert first["final_state_digest"] and all((r["final_state_digest"], t, r["lost_determinism"]) == (first["final_state_digest"], trace, []) for r, t, _ in others)
 
 
+@pytest.mark.timeout(600)
+def test_kills_are_the_schedules_so_a_seed_with_kills_gives_the_same_run_and_its_file_replays_it(tmp_path):
+    """--kill-vcpus in a controlled run (docs/schedule.md section 10): a step kills the chosen
+    vCPU's process instead of running its message, and the gate waits for the restarted one, so
+    the same seed kills at the same steps and gives the same trace and digest; the schedule file
+    holds the kills and its replay repeats them."""
+    kills = ("--schedule", "pct:3", "--kill-vcpus", "7")
+    runs = [_stress(tmp_path, f"kill{i}", *kills, "--schedule-file", str(tmp_path / f"kill{i}.schedule.json")) for i in range(2)]
+    (first, trace, steps), (second, second_trace, _) = runs
+    assert first["killed_vcpus"] == first["restarted_vcpus"] == len(first["kill_steps"]) >= 1 and first["lost_determinism"] == []
+    assert first["process_lifecycles"] > 0 and first["steps"] == steps
+    assert (second["kill_steps"], second["final_state_digest"], second_trace) == (first["kill_steps"], first["final_state_digest"], trace)
+    assert json.loads((tmp_path / "kill0.schedule.json").read_text())["kills"] == first["kill_steps"]
+    replayed, replay_trace, _ = _stress(tmp_path, "replay", "--schedule", f"replay:{tmp_path / 'kill0.schedule.json'}", "--schedule-file", str(tmp_path / "again.json"))
+    assert (replayed["kill_steps"], replayed["killed_vcpus"], replayed["final_state_digest"], replay_trace) == (first["kill_steps"], first["killed_vcpus"], first["final_state_digest"], trace)
+    assert replayed["lost_determinism"] == []
+
+
 @pytest.mark.timeout(300)
 def test_a_controlled_trace_replays_with_its_step_records(tmp_path):
     trace, report_file = tmp_path / "t.trace.gz", tmp_path / "r.json"
@@ -96,14 +114,28 @@ def test_a_silent_vcpu_is_set_aside_and_the_run_marked_not_hung(tmp_path):
 
 
 def test_a_bad_schedule_is_one_line_and_status_2(tmp_path):
+    killed = tmp_path / "killed.json"
+    killed.write_text(json.dumps({"xensim_schedule": 1, "schedule": "pct:1:3", "seed": 1, "steps": [[1, 0]], "kill_vcpus": 7, "kills": [1]}))
     for args, says in (
         (("--schedule", "pct:x"), "expected free, random:SEED, pct:SEED[:DEPTH] or replay:FILE"),
         (("--schedule", f"replay:{tmp_path / 'none.json'}"), "cannot read the schedule file"),
         (("--steps", "10"), "--steps counts the steps of a controlled run"),
-        (("--schedule", "pct:1", "--kill-vcpus", "0.1"), "--kill-vcpus is not yet driven by the schedule"),
+        (("--schedule", f"replay:{killed}", "--kill-vcpus", "3"), "was recorded with a kill rate of 7: give that, or leave --kill-vcpus out"),
     ):
         done = run(xensim_command("stress", *args), timeout=60)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_serve_refuses_kills_outside_a_controlled_run_and_another_rate_than_the_replays(tmp_path):
+    killed = tmp_path / "killed.json"
+    killed.write_text(json.dumps({"xensim_schedule": 1, "schedule": "pct:1:3", "seed": 1, "steps": [[1, 0]], "kill_vcpus": 7, "kills": [1]}))
+    for args, says in (
+        (("--schedule-kills", "1"), "--schedule-kills is a rate, 0 or more, of a controlled run"),
+        (("--schedule", "pct:1", "--schedule-kills", "-1"), "--schedule-kills is a rate, 0 or more"),
+        (("--schedule", f"replay:{killed}", "--schedule-kills", "3"), "was recorded with a kill rate of 7: give that, or leave --schedule-kills out"),
+    ):
+        done = run(server_command("--insecure-no-admin-token", *args), timeout=60)
+        assert done.returncode == 2 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 @pytest.mark.timeout(600)

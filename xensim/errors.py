@@ -24,6 +24,9 @@ EXIT_USAGE = 2  # the command line is wrong (or replay's input is not a trace)
 EXIT_BUG = 70  # a bug of the simulator (sysexits.h EX_SOFTWARE): traceback on stderr
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 EXIT_TERMINATED = 143  # SIGTERM, where a program stops its processes first (128 + SIGTERM)
+# What ends the Session of a vCPU whose process a controlled run's step kills (ABORTED; its
+# process then SIGKILLs itself, as `stress --kill-vcpus` kills one in a free run: docs/schedule.md section 10).
+KILLED_BY_SCHEDULE = "killed by the schedule"
 
 
 class UserError(Exception):

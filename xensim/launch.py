@@ -181,14 +181,15 @@ class AsyncChild(Child):
 
 
 @asynccontextmanager
-async def opened(command: list[str], *, stdin: bool = False, env: dict[str, str] | None = None) -> AsyncIterator[AsyncChild]:
-    """`started` for trio: the process is started from this (trio's) thread, and SIGKILLed
-    and waited for, shielded from cancellation, when the block ends."""
+async def opened(command: list[str], *, stdin: bool = False, env: dict[str, str] | None = None, stop: int = signal.SIGKILL, session: bool = False) -> AsyncIterator[AsyncChild]:
+    """`started` for trio: the process is started from this (trio's) thread, and stopped
+    (`stop`, then SIGKILL if it does not stop within STOP_TIMEOUT) and waited for, shielded from
+    cancellation, when the block ends."""
     stderr = tempfile.TemporaryFile()
     out_r, out_w = os.pipe()
     in_r, in_w = os.pipe() if stdin else (subprocess.DEVNULL, None)
     try:
-        process = _popen(command, in_r, out_w, stderr, env, signal.SIGKILL, text=False)
+        process = _popen(command, in_r, out_w, stderr, env, stop, text=False, session=session)
     except BaseException:
         for fd in (out_r, out_w, in_w):
             if fd is not None:
@@ -205,6 +206,11 @@ async def opened(command: list[str], *, stdin: bool = False, env: dict[str, str]
     finally:
         with trio.CancelScope(shield=True):
             if child.returncode is None:
+                process.send_signal(stop)
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await child.wait()
+            if child.returncode is None:
+                child.killed = True
                 process.kill()
             await child.wait()
             for stream in (child.stdin, child.stdout):
@@ -263,6 +269,23 @@ def hypervisor_server(*args: str, frames: int = 1 << 16, admin_token: str | None
             raise RuntimeError(f"the hypervisor did not start within {START_TIMEOUT} s (exit status {server.process.poll()}):\n{server.log()}")
         server.address, server.admin_token, server.ready = ready["listen"], ready["admin_token"], ready
         yield server
+
+
+@asynccontextmanager
+async def serving(*args: str, frames: int = 1 << 16) -> AsyncIterator[str]:
+    """`hypervisor_server` for trio, on a free loopback port with --insecure-no-admin-token
+    until the block ends: its address. Many can run at once in one trio run (hunt --workers)."""
+    async with opened(server_command("--insecure-no-admin-token", *args, frames=frames), stop=signal.SIGTERM, session=True) as server:
+        line = b""
+        with trio.move_on_after(START_TIMEOUT):
+            async for chunk in server.stdout:
+                line += chunk
+                if b"\n" in line:
+                    break
+        ready = json.loads(line.split(b"\n")[0] or "{}") if b"\n" in line else {}
+        if ready.get("event") != "ready":
+            raise RuntimeError(f"the hypervisor did not start within {START_TIMEOUT} s (exit status {server.returncode}):\n{server.log()}")
+        yield ready["listen"]
 
 
 def create_domain(server: Server, nr_pages: int, nr_vcpus: int, highmem_pages: int = 0, name: str = "") -> toolstack_pb2.CreateDomainResponse:

@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from hypervisor.core.policy import STEP_QUANTUM_NS, ScheduleSpec, parse_schedule
-from hypervisor.server.schedule import load_record
+from hypervisor.server.schedule import check_kills, load_record
 from xensim.errors import UsageError
 
 
@@ -32,6 +32,7 @@ class Schedule:
     seed: int
     seconds: float  # wall seconds in a free run; Xen system time in a controlled one
     file: str | None  # the schedule file a controlled run writes
+    kill_vcpus: float = 0.0  # a controlled run's kills per vCPU per second, the schedule's (docs/schedule.md section 10)
 
     @property
     def controlled(self) -> bool:
@@ -41,7 +42,8 @@ class Schedule:
         if not self.controlled:
             return ()
         steps = max(int(self.seconds * 1e9 / STEP_QUANTUM_NS), 2)
-        return ("--schedule", str(self.spec), "--schedule-file", self.file, "--schedule-steps", str(steps))
+        kills = ("--schedule-kills", f"{self.kill_vcpus!r}") if self.kill_vcpus and self.spec.mode != "replay" else ()
+        return ("--schedule", str(self.spec), "--schedule-file", self.file, "--schedule-steps", str(steps), *kills)
 
     def words(self) -> list[str]:
         """The options that reproduce this: a controlled run replays its seed's schedule."""
@@ -53,15 +55,19 @@ class Schedule:
         out = {"schedule": str(self.spec), "seed": self.seed, "final_state_digest": _final_digest(trace)}
         if self.controlled:
             record = _read_json(self.file)
-            out |= {"schedule_file": self.file, "steps": len(record.get("steps", ())), "lost_determinism": record.get("lost_determinism", [])}
+            out |= {"schedule_file": self.file, "steps": len(record.get("steps", ())), "lost_determinism": record.get("lost_determinism", []), "kill_steps": record.get("kills", [])}
         return out
 
 
-def resolve(args: argparse.Namespace, trace: str | None) -> Schedule:
-    """Check --schedule with the options it changes; UsageError says what does not fit."""
+def resolve(args: argparse.Namespace, trace: str | None, kill_vcpus: float = 0.0) -> Schedule:
+    """Check --schedule with the options it changes (and --kill-vcpus, which a replay takes
+    from its file); UsageError says what does not fit."""
     try:
         spec = parse_schedule(args.schedule)
         recorded = load_record(spec.file) if spec.mode == "replay" else {}
+        if recorded:
+            check_kills(recorded, spec.file, kill_vcpus)
+            kill_vcpus = recorded.get("kill_vcpus", 0.0)
     except ValueError as e:
         raise UsageError(str(e)) from None
     seconds = args.seconds
@@ -75,7 +81,7 @@ def resolve(args: argparse.Namespace, trace: str | None) -> Schedule:
     file = None
     if spec.controlled:
         file = args.schedule_file or (f"{trace.removesuffix('.gz').removesuffix('.jsonl').removesuffix('.trace')}.schedule.json" if trace else os.path.abspath("xensim.schedule.json"))
-    return Schedule(spec, seed, seconds, file)
+    return Schedule(spec, seed, seconds, file, kill_vcpus)
 
 
 def _read_json(path: str | None) -> dict:

@@ -14,7 +14,9 @@ import os
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=at_least(0.1, float), default=20.0, help="how long the workload runs")
     parser.add_argument("--seed", type=int, help="the workload's and the killer's random seed (default: the --schedule's seed, else 1)")
     parser.add_argument("--variant", action="append", choices=VARIANTS, metavar="VARIANT", help="drop_mm_ref per domain, cycled (default modern; the variants are below)")
-    parser.add_argument("--kill-vcpus", type=at_least(0.0, float), default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second; killed vCPUs are restarted")
+    parser.add_argument("--kill-vcpus", type=at_least(0.0, float), default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second (of Xen time, by the schedule, if controlled); killed vCPUs restart")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--balloon", type=at_least(0, high=BALLOON_SLOTS), default=0, metavar="PAGES", help="pages each vCPU gives back to Xen and takes again between process lifecycles (0: none)")
     parser.add_argument("--evtchn", choices=EVTCHN_ABIS, default="fifo", help="the guests' event channels: FIFO (as Linux picks when Xen offers it) or 2-level")
@@ -114,8 +116,10 @@ class StressRun:
         return sums
 
 
-async def run_stress(address: str, admin_token: str | None, config: StressConfig, run: StressRun | None = None) -> dict:
-    """Run the stress workload against the hypervisor at `address`; returns the report."""
+async def run_stress(address: str, admin_token: str | None, config: StressConfig, run: StressRun | None = None, interrupt: trio.Event | None = None) -> dict:
+    """Run the stress workload against the hypervisor at `address`; returns the report.
+    Ctrl-C (SIGINT, SIGTERM) interrupts it, or `interrupt` being set where the caller runs many
+    at once and takes the signals itself (a signal goes to one receiver: hunt --workers)."""
     run = run or StressRun(config)
     rng = random.Random(config.seed)
     async with Toolstack(address, admin_token) as xl:
@@ -128,27 +132,26 @@ async def run_stress(address: str, admin_token: str | None, config: StressConfig
             run.vcpus += [VcpuState(created.domid, v) for v in range(config.vcpus)]
         deadline = run.started + config.seconds
         workload = trio.CancelScope(deadline=trio.current_time() + wall_bound(config))
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as ctrl_c:  # until the workload ends
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if interrupt is None else nullcontext() as ctrl_c:  # until the workload ends
             async with trio.open_nursery() as watcher:
-                watcher.start_soon(_interrupt_on, ctrl_c, run, workload)
+                watcher.start_soon(_interrupt_on, partial(anext, ctrl_c) if interrupt is None else interrupt.wait, run, workload)
                 with workload:
                     async with trio.open_nursery() as nursery:
                         for state in run.vcpus:
                             nursery.start_soon(_keep_running, address, tokens[state.domid], run.domains[state.domid], state, config, deadline)
-                        if config.kill_rate:
+                        if config.kill_rate and not config.controlled:  # a controlled run's kills are the schedule's (docs/schedule.md section 10)
                             nursery.start_soon(_killer, run, rng, deadline)
                 watcher.cancel_scope.cancel()
         return await _finish(xl, run)
 
 
-async def _interrupt_on(ctrl_c, run: StressRun, workload: trio.CancelScope) -> None:
-    """Ctrl-C (or SIGTERM) ends the workload (its vCPU processes are killed), not the run: the
-    domains are still audited and destroyed, and the report says it was interrupted. A second
-    Ctrl-C, once the audit has begun, interrupts that too."""
-    async for _ in ctrl_c:
-        run.interrupted = True
-        workload.cancel()
-        return
+async def _interrupt_on(interrupted, run: StressRun, workload: trio.CancelScope) -> None:
+    """Ctrl-C (or SIGTERM: `interrupted()` returns) ends the workload (its vCPU processes are
+    killed), not the run: the domains are still audited and destroyed, and the report says it
+    was interrupted. A second Ctrl-C, once the audit has begun, interrupts that too."""
+    await interrupted()
+    run.interrupted = True
+    workload.cancel()
 
 
 async def _keep_running(address: str, token: str, variant: str, state: VcpuState, config: StressConfig, deadline: float) -> None:
@@ -158,6 +161,8 @@ async def _keep_running(address: str, token: str, variant: str, state: VcpuState
         args = ["--variant", variant, "--seconds", f"{seconds:.3f}", "--seed", str(config.seed * 100 + state.domid), "--migrate", str(config.migrate), "--progress", "0.5", "--evtchn", config.evtchn]
         if config.controlled:
             args.append("--controlled")
+            if state.starts:  # a restarted vCPU ends with the run, at its Xen system time
+                args += ["--until", f"{config.seconds:.6f}"]
         if config.highmem_pages:
             args.append("--highpte")
         if config.balloon:
@@ -171,7 +176,9 @@ async def _keep_running(address: str, token: str, variant: str, state: VcpuState
             finally:
                 state.process = None
         state.stderr_tail = process.log()[-1500:]
-        if state.report is None and process.returncode != -signal.SIGKILL:
+        if process.returncode == -signal.SIGKILL:
+            state.kills += 1
+        elif state.report is None:
             state.report = {"bug": f"dom{state.domid} vCPU {state.vcpu}: process exited with status {process.returncode} and no report: {state.stderr_tail}", "lifecycles": 0}
 
 
@@ -197,7 +204,6 @@ async def _killer(run: StressRun, rng: random.Random, deadline: float) -> None:
         for state in run.vcpus:
             if state.process is not None and state.report is None and rng.random() < run.config.kill_rate * tick:
                 state.process.send_signal(signal.SIGKILL)
-                state.kills += 1
 
 
 async def _finish(xl: Toolstack, run: StressRun) -> dict:
@@ -279,11 +285,9 @@ def failed(report: dict) -> bool:
 def main(args: argparse.Namespace) -> int:
     """Progress while it runs, then a summary, a verdict line and the summary as JSON. Exit
     status 0 clean, 1 anything wrong, 130 interrupted by Ctrl-C (still audited)."""
-    plan = schedule.resolve(args, args.trace)
+    plan = schedule.resolve(args, args.trace, args.kill_vcpus)
     if plan.controlled and args.server:
         raise UsageError("--schedule is the hypervisor's: start it with `xensim serve --schedule ...`, or leave out --server")
-    if plan.controlled and args.kill_vcpus:
-        raise UsageError("--kill-vcpus is not yet driven by the schedule (its kills would be the wall clock's); leave it out of a controlled run")
     config = StressConfig(
         args.domains, args.vcpus, plan.seconds, plan.seed, args.variant or ["modern"], args.kill_vcpus, args.pages,
         migrate=args.migrate, balloon=args.balloon, evtchn=args.evtchn, controlled=plan.controlled,

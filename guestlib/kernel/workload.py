@@ -38,6 +38,7 @@ class WorkloadConfig:
     max_lifecycles: int = 0  # 0 = as many as fit in `seconds`
     idle_ms: float = 20.0  # how long an idle CPU stays lazy on a borrowed mm, at most
     balloon: int = 0  # pages each CPU gives back to Xen and takes again between lifecycles (balloon.py)
+    until: float | None = None  # the deadline in the client's clock instead (a restarted vCPU's in a controlled run, which ends with the run)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Workload:
 
     async def run(self) -> None:
         cpu = self.cpu
-        deadline = cpu.client.clock() + self.config.seconds
+        deadline = cpu.client.clock() + self.config.seconds if self.config.until is None else self.config.until
         async with cpu.irq:
             await self._load_rings()
             parent = await self._make_parent()

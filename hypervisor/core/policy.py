@@ -17,6 +17,11 @@ one interleaving, and the chosen sequence replays it.
   for ever and starve the vCPU it waits for; as Shuttle drops a task that yields, a vCPU that
   ran `spin_bound` decisions in a row drops too (docs/schedule.md section 3).
 - `ReplayPolicy`: the recorded sequence, step by step; None where it cannot be followed.
+
+Kill-and-restart fault injection is a schedule decision too (`Kills`, see
+docs/schedule.md section 10): at a step, the vCPU chosen may have its process killed instead of
+its message run, drawn from a generator of its own seeded from the run's seed, or read from the
+schedule file in a replay (`RecordedKills`).
 """
 
 import random
@@ -110,6 +115,32 @@ class PctPolicy:
         self.streak = self.streak + 1 if chosen == self.last and len(ready) > 1 else 0
         self.last = chosen
         return chosen
+
+
+class Kills:
+    """Which steps kill the chosen vCPU's process instead of running its message: each of the
+    run's first `steps` steps with chance `rate` x (vCPUs) x STEP_QUANTUM_NS, so that each of
+    vCPUs sharing the steps evenly is killed `rate` times per second of Xen system time, as
+    `stress --kill-vcpus RATE` kills per second of wall time in a free run. A generator of its
+    own, seeded from the run's seed, so that the kills do not change the policy's choices."""
+
+    def __init__(self, seed: int, rate: float, steps: int):
+        self.rng = random.Random(f"kill-vcpus:{seed}")
+        self.rate, self.steps = rate, steps
+
+    def kill(self, step: int, vcpus: int) -> bool:
+        """Whether step `step` (counted from 1) of a run of `vcpus` vCPUs kills the one chosen."""
+        return bool(self.rate) and step <= self.steps and self.rng.random() < self.rate * vcpus * STEP_QUANTUM_NS / 1e9
+
+
+class RecordedKills:
+    """A replay's kills: the steps its schedule file says killed the vCPU chosen."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = frozenset(steps)
+
+    def kill(self, step: int, vcpus: int) -> bool:
+        return step in self.steps
 
 
 class ReplayPolicy:

@@ -58,6 +58,7 @@ class Config:
     pct_steps: int = DEFAULT_PCT_STEPS  # PCT's k: the run's expected length in steps
     recorded: dict | None = None  # replay:FILE's schedule file
     silence_s: float = SILENCE_S  # a controlled run sets aside a vCPU silent this long
+    kill_rate: float = 0.0  # a controlled run's step kills the vCPU chosen at this rate (docs/schedule.md section 10)
 
     @property
     def address(self) -> str:
@@ -85,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule-steps", type=int, default=DEFAULT_PCT_STEPS, metavar="N", help="the run's expected length in steps, where pct places its change points (default %(default)s)")
     parser.add_argument(
         "--schedule-silence", type=float, default=SILENCE_S, metavar="S", help="a controlled run sets aside a vCPU that sends nothing for S seconds while it is waited for (default %(default)s)"
+    )
+    parser.add_argument(
+        "--schedule-kills",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="with --schedule random or pct, a step kills the vCPU chosen instead of running it, RATE times per vCPU per second of Xen time (docs/schedule.md section 10)",
     )
     parser.add_argument("--grace", type=float, default=3.0, metavar="S", help="on SIGINT/SIGTERM, how long running calls get to finish (default %(default)s)")
     limits = parser.add_argument_group("connection limits (README, Limits)")
@@ -157,12 +165,12 @@ def config_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     schedule, recorded = _schedule(args, parser)
     return Config(
         host, int(port), args.frames, admin_token, tls, args.trace, args.grace, connections, args.log_level.upper(), args.metrics_port, args.log_interval,
-        schedule, args.schedule_file, args.schedule_steps, recorded, args.schedule_silence,
+        schedule, args.schedule_file, args.schedule_steps, recorded, args.schedule_silence, args.schedule_kills,
     )  # fmt: skip
 
 
 def _schedule(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[ScheduleSpec, dict | None]:
-    from .schedule import load_record
+    from .schedule import check_kills, load_record
 
     try:
         schedule = parse_schedule(args.schedule)
@@ -175,6 +183,13 @@ def _schedule(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         parser.error("--schedule-steps must be at least 2")
     if args.schedule_silence <= 0:
         parser.error("--schedule-silence must be positive")
+    if not args.schedule_kills >= 0 or (args.schedule_kills and not schedule.controlled):
+        parser.error("--schedule-kills is a rate, 0 or more, of a controlled run: give --schedule random:SEED or pct:SEED too")
+    if recorded is not None:
+        try:
+            check_kills(recorded, schedule.file, args.schedule_kills, "--schedule-kills")
+        except ValueError as e:
+            parser.error(str(e))
     return schedule, recorded
 
 

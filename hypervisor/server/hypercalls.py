@@ -108,7 +108,7 @@ class HypercallsServicer(hypercalls_pb2_grpc.HypercallsServicer):
                 raise BadRequest("request_id", "0 is reserved for server pushes; number requests from 1")
             response = hypercalls_pb2.SessionResponse(request_id=request.request_id)
             gate = self.runtime.gate  # a controlled run: the message is a step (schedule.py)
-            stepped = gate is not None and await gate.turn(slot)
+            stepped = gate is not None and await gate.turn(slot, killable=True)
             if not 1 <= len(request.calls) <= convert.MAX_SESSION_CALLS:
                 bad = BadRequest("calls", f"{len(request.calls)} calls; 1 to {convert.MAX_SESSION_CALLS} per message")
                 response.status.CopyFrom(status_of(bad, "session"))

@@ -19,13 +19,24 @@ run is marked as having lost determinism, in `lost` and in the trace.
 The chosen sequence is kept in `steps`; `record()` is the schedule file that `replay:FILE`
 follows. Each step is also a trace record {"sched": [step, domid, vcpu_id]} (replay skips
 them).
+
+With kills on (`--schedule-kills RATE`, docs/schedule.md section 10), a step may kill the chosen
+vCPU's process instead of running its message: its Session ends with ABORTED and
+KILLED_BY_SCHEDULE, the process kills itself with SIGKILL (guestlib/vcpu.py), and the gate
+goes on expecting a message from that vCPU, so it waits for the restarted process as for any
+vCPU whose process has not attached yet. The step is recorded with "kill".
 """
 
 import asyncio
 import json
 import logging
 
-from hypervisor.core.policy import STEP_QUANTUM_NS, Key, ScheduleSpec, policy_for
+import grpc
+
+from hypervisor.core.policy import STEP_QUANTUM_NS, Key, Kills, RecordedKills, ScheduleSpec, policy_for
+from xensim.errors import KILLED_BY_SCHEDULE
+
+from .errors import Refused
 
 log = logging.getLogger("xensim.server")
 
@@ -33,43 +44,55 @@ SCHEDULE_FORMAT = 1
 
 
 class Gate:
-    def __init__(self, runtime, spec: ScheduleSpec, policy, seed: int | None, silence_s: float):
+    def __init__(self, runtime, spec: ScheduleSpec, policy, seed: int | None, silence_s: float, kills=None, kill_rate: float = 0.0):
         self.runtime = runtime
         self.hv = runtime.hv
         self.spec = spec
         self.policy = policy
         self.seed = seed
         self.silence_s = silence_s
+        self.kills = kills or RecordedKills([])
+        self.kill_rate = kill_rate  # --kill-vcpus, as recorded
         self.now_ns = 0
         self.steps: list[Key] = []
+        self.killed: list[int] = []  # the steps that killed the vCPU chosen
         self.lost: list[dict] = []  # each {"step", "vcpus", "why"}: where determinism was lost
         self._waiting: dict[Key, asyncio.Future] = {}
         self._running: Key | None = None
         self._aside: set[Key] = set()
         self._gone: set[Key] = set()  # vCPUs whose process ended its Session
+        self._killable: set[Key] = set()  # vCPUs waiting with a new message (not the rest of one that slept)
+        self._restarting: set[Key] = set()  # vCPUs whose process a step killed: their next process is waited for
         self._loop = asyncio.get_running_loop()
         self._decision: asyncio.Handle | None = None
         self._silence: asyncio.TimerHandle | None = None
 
     # -- the hooks of vcpus.py and hypercalls.py -------------------------------------------------
 
-    async def turn(self, slot) -> bool:
+    async def turn(self, slot, killable: bool = False) -> bool:
         """Wait until this vCPU's message may run; False (at once) for a message of a vCPU Xen
-        does not run, which the core refuses without a trace or an effect, so it is no step."""
+        does not run, which the core refuses without a trace or an effect, so it is no step.
+        A new message (`killable`, not the rest of one that slept) may instead be the step
+        that kills the vCPU's process: Refused, which ends its Session."""
         key = (slot.domid, slot.vcpu_id)
         self._aside.discard(key)
         if not self._runs(key):
             return False
         future = self._waiting[key] = self._loop.create_future()
+        if killable:
+            self._killable.add(key)
         self.poke()
         try:
-            await future
+            killed = await future
         except asyncio.CancelledError:  # the handler was ended (DestroyDomain, shutdown)
             if self._waiting.get(key) is future:
                 del self._waiting[key]
+                self._killable.discard(key)
             elif self._running == key:
                 self.done(slot)
             raise
+        if killed:
+            raise Refused(grpc.StatusCode.ABORTED, f"{_names([key])} {KILLED_BY_SCHEDULE} at step {len(self.steps)} (--kill-vcpus)")
         return True
 
     def done(self, slot) -> bool:
@@ -84,12 +107,15 @@ class Gate:
 
     def attached(self, slot) -> None:
         self._gone.discard((slot.domid, slot.vcpu_id))
+        self._restarting.discard((slot.domid, slot.vcpu_id))
 
     def detached(self, slot) -> None:
-        """Its process ended the Session: no message is expected from it any more, and a step
-        it was in (its handler raised) is over."""
+        """Its process ended the Session: no message is expected from it any more (unless a
+        step killed it: then from the process that restarts it), and a step it was in (its
+        handler raised) is over."""
         key = (slot.domid, slot.vcpu_id)
-        self._gone.add(key)
+        if key not in self._restarting:
+            self._gone.add(key)
         if self._running == key:
             self._running = None
         self.poke()
@@ -143,10 +169,17 @@ class Gate:
             key = ready[0]
         self.now_ns += STEP_QUANTUM_NS
         self.steps.append(key)
+        step = len(self.steps)
+        killed = key in self._killable and self.kills.kill(step, sum(len(d.vcpus) for d in self.hv.domains.values()))
+        self._killable.discard(key)
+        if killed:
+            self.killed.append(step)
+            self._restarting.add(key)
+            log.info("schedule: step %d kills %s's process", step, _names([key]))
         if self.hv.tracer is not None:
-            self.hv.tracer({"sched": [len(self.steps), *key]})
+            self.hv.tracer({"sched": [step, *key, "kill"] if killed else [step, *key]})
         self._running = key
-        self._waiting.pop(key).set_result(None)
+        self._waiting.pop(key).set_result(killed)
 
     def _fire_timers(self) -> None:
         deadline = self.hv.next_deadline()
@@ -182,6 +215,8 @@ class Gate:
             "quantum_ns": STEP_QUANTUM_NS,
             "steps": [list(key) for key in self.steps],
             "lost_determinism": self.lost,
+            "kill_vcpus": self.kill_rate,
+            "kills": self.killed,
         }
 
 
@@ -189,8 +224,12 @@ def gate(runtime, config) -> Gate:
     """The gate of `config.schedule`; a replay takes its steps and seed from the file."""
     recorded = config.recorded or {}
     steps = [tuple(step) for step in recorded.get("steps", ())]
-    seed = recorded.get("seed") if config.schedule.mode == "replay" else config.schedule.seed
-    return Gate(runtime, config.schedule, policy_for(config.schedule, config.pct_steps, steps), seed, config.silence_s)
+    if config.schedule.mode == "replay":
+        seed, kills, rate = recorded.get("seed"), RecordedKills(recorded.get("kills", [])), recorded.get("kill_vcpus", 0.0)
+    else:
+        seed, rate = config.schedule.seed, config.kill_rate
+        kills = Kills(seed, rate, config.pct_steps)
+    return Gate(runtime, config.schedule, policy_for(config.schedule, config.pct_steps, steps), seed, config.silence_s, kills, rate)
 
 
 def write_schedule(gate: Gate, path: str) -> None:
@@ -218,6 +257,18 @@ def load_record(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not a schedule file: {e}") from None
     steps = record.get("steps") if isinstance(record, dict) else None
-    if not isinstance(steps, list) or record.get("xensim_schedule") != SCHEDULE_FORMAT or not all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s) for s in steps):
+    kills = record.get("kills", []) if isinstance(record, dict) else None
+    if (
+        not isinstance(steps, list) or record.get("xensim_schedule") != SCHEDULE_FORMAT or not all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s) for s in steps)
+        or not isinstance(kills, list) or not all(isinstance(k, int) for k in kills) or not isinstance(record.get("kill_vcpus", 0.0), (int, float))
+    ):  # fmt: skip
         raise ValueError(f"{path} is not a xensim schedule file (format {SCHEDULE_FORMAT}, written by serve --schedule-file)")
     return record
+
+
+def check_kills(record: dict, path: str, rate: float, option: str = "--kill-vcpus") -> None:
+    """A replay kills where its file says: a kill rate (`option`) other than the one it was
+    recorded with is a mistake (ValueError saying what to give)."""
+    recorded = record.get("kill_vcpus", 0.0)
+    if rate and rate != recorded:
+        raise ValueError(f"{option} {rate:g}, but {path} was recorded with a kill rate of {recorded:g}: give that, or leave {option} out (a replay kills where its file says)")

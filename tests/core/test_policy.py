@@ -3,7 +3,7 @@ ready sets they are shown, so a seed names one interleaving (docs/schedule.md se
 
 import pytest
 
-from hypervisor.core.policy import PctPolicy, RandomPolicy, ReplayPolicy, ScheduleSpec, parse_schedule
+from hypervisor.core.policy import STEP_QUANTUM_NS, Kills, PctPolicy, RandomPolicy, RecordedKills, ReplayPolicy, ScheduleSpec, parse_schedule
 
 A, B, C = (1, 0), (1, 1), (2, 0)
 
@@ -62,3 +62,19 @@ def test_replay_follows_the_record_and_says_where_it_cannot():
     assert [policy.choose([A, B]), policy.choose([A, B])] == [A, B]
     assert policy.choose([B, C]) is None  # the record's A is not ready: the run diverged
     assert policy.choose([A]) == A and policy.choose([A]) is None  # past the record's end
+
+
+def test_kills_are_the_seeds_at_the_rate_asked_and_only_within_the_run():
+    """--kill-vcpus in a controlled run (docs/schedule.md section 10): a seed names the steps
+    that kill, about rate x vCPUs x quantum of them, none past the run's length."""
+    steps, rate, vcpus = 20_000, 5.0, 2
+
+    def killing(seed: int) -> list[int]:
+        kills = Kills(seed, rate, steps)
+        return [step for step in range(1, 2 * steps) if kills.kill(step, vcpus)]
+
+    expected = steps * rate * vcpus * STEP_QUANTUM_NS / 1e9
+    assert killing(4) == killing(4) != killing(5)
+    assert 0.5 * expected < len(killing(4)) < 1.5 * expected and max(killing(4)) <= steps
+    assert not any(Kills(4, 0.0, steps).kill(step, vcpus) for step in range(1, steps))
+    assert [step for step in range(1, 100) if RecordedKills([3, 40]).kill(step, vcpus)] == [3, 40]

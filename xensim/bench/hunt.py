@@ -52,10 +52,10 @@ def _pct() -> list[dict]:
     for first in PCT_SEEDS:
         started = time.monotonic()
         with tempfile.TemporaryDirectory() as tmp:
-            ran = list(hunt.search(first, PCT_RUNS, PCT_BUDGET_SECONDS, tmp))
-        seed, _, last = ran[-1]
-        steps = sum(r.steps for _, _, r in ran)
-        hunts.append({"first_seed": first, "found": last.failed, "seed": seed if last.failed else None, "runs": len(ran), "steps": steps, "seconds": time.monotonic() - started})
+            ran = hunt.search(first, PCT_RUNS, PCT_BUDGET_SECONDS, tmp)
+        seed = ran.failing[0] if ran.failing else None
+        steps = sum(r.steps for _, _, r in ran.runs)
+        hunts.append({"first_seed": first, "found": seed is not None, "seed": seed, "runs": len(ran.runs), "steps": steps, "seconds": time.monotonic() - started})
     return hunts
 
 
