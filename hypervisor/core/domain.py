@@ -144,6 +144,9 @@ class Domain:
     poll_mask: set[int] = field(default_factory=set)  # ids of the vCPUs in SCHEDOP_poll
     evtchn_fifo: EvtchnFifo | None = None  # the FIFO ABI's state once EVTCHNOP_init_control ran; None: 2-level
     shutdown_code: int | None = None  # SHUTDOWN_*, once the domain has shut down
+    # 64, or 32 for a PAE guest on the compat ABI: XEN_DOMCTL_set_address_size before the
+    # build, fixed for life (docs/pv32.md section 1).
+    address_size: int = 64
     max_pages: int = 0  # d->max_pages: the reservation memory_op may grow to (docs/xen.md section 23)
     # Its hypercalls by (op, outcome), as Hypervisor.stats counts the machine's: kept with the
     # domain (and gone with it), so a replayed trace counts them too (views.domain_stats).
@@ -160,6 +163,7 @@ class Domain:
             "paused": self.paused,
             "max_evtchn_port": self.max_evtchn_port,
             "shutdown_code": self.shutdown_code,
+            "address_size": self.address_size,
         }
 
 
@@ -190,8 +194,13 @@ def build(
     nr_vcpus: int,
     highmem_pages: int,
     max_evtchn_port: int = LIBXL_MAX_EVTCHN_PORT,
+    address_size: int = 64,
 ) -> Domain:
     """Create a domain the way the toolstack's domain builder does (docs/xen.md section 17)."""
+    if address_size not in (32, 64):  # arch_do_domctl, XEN_DOMCTL_set_address_size
+        raise XenError(Errno.EINVAL, f"address_size {address_size} is neither 64 (x86-64 PV) nor 32 (PAE on the compat ABI)")
+    if address_size == 32:
+        raise XenError(Errno.EOPNOTSUPP, "32-bit PV domains are not built yet (i14-core replaces this line)")
     if not 1 <= nr_vcpus <= MAX_VCPUS:
         raise XenError(Errno.EINVAL, f"nr_vcpus {nr_vcpus} is outside 1..{MAX_VCPUS}")
     if not 0 <= max_evtchn_port < EVTCHN_2L_NR_CHANNELS:
@@ -209,7 +218,7 @@ def build(
     # A Xen-heap page shared with the guest: permanently writable (share_xen_page_with_guest).
     shared_info = int(frames.alloc(domid, 1, xen_heap=True)[0])
     frames.get_page_type(shared_info, PageType.WRITABLE)
-    domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port)
+    domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port, address_size=address_size)
     domain.max_pages = nr_pages + MAXMEM_SLACK_PAGES  # libxl's setmaxmem
     evtchn_init(domain)
     for vcpu in range(nr_vcpus):  # libxenguest's shared_info_x86_64: no events until the guest enables them

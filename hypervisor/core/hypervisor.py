@@ -269,7 +269,7 @@ class Hypervisor:
     # -- toolstack ---------------------------------------------------------------------------
 
     def create_domain(
-        self, nr_pages: int, nr_vcpus: int = 1, name: str = "", highmem_pages: int = 0, max_evtchn_port: int = evtchn.LIBXL_MAX_EVTCHN_PORT
+        self, nr_pages: int, nr_vcpus: int = 1, name: str = "", highmem_pages: int = 0, max_evtchn_port: int = evtchn.LIBXL_MAX_EVTCHN_PORT, address_size: int = 64
     ) -> dict:
         if len(self.domains) >= MAX_DOMAINS:
             raise XenError(Errno.ENOSPC, f"the machine already runs {MAX_DOMAINS} domains")
@@ -277,7 +277,7 @@ class Hypervisor:
         while domid in self.domains:
             domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
         instance = self._instances + 1
-        domain = build(self.frames, self.m2p, domid, instance, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages, max_evtchn_port)
+        domain = build(self.frames, self.m2p, domid, instance, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages, max_evtchn_port, address_size)
         self.pagetables.fill_ro_mpt(domain.vcpus[0].guest_table)  # the toolstack's arch_set_info_guest for vCPU 0
         self.domains[domid] = domain
         for vcpu in domain.vcpus:  # vcpu_create: offline since now; vCPU 0 is scheduled at once
