@@ -5,12 +5,12 @@ it where the rule is the 32-bit domain's alone."""
 import pytest
 
 from hypervisor.core import Hypervisor, audit
-from hypervisor.core.abi import L2_SLOT_COMPAT_XEN_FIRST, PAE_L3_MAX_MFN, PAGE_SHIFT, VMASST_TYPE_pae_extended_cr3, Errno, MmuextCmd, Pte
+from hypervisor.core.abi import L2_SLOT_COMPAT_XEN_FIRST, PAE_L3_MAX_MFN, PAGE_SHIFT, Errno, MmuextCmd, Pte, VMASST_TYPE_pae_extended_cr3
 from hypervisor.core.frames import PAE_XEN_L2
 
 from .conftest import fails_with
 from .guest import RW, US, A, D, Guest, P
-from .test_pv32 import PAE_TABLE, pae_pgd
+from .test_pv32 import pae_pgd
 
 G, PSE, NX, AVAIL = int(Pte.GLOBAL), int(Pte.PSE), int(Pte.NX), int(Pte.AVAIL)
 
