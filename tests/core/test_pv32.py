@@ -4,6 +4,7 @@ and pins of a PAE L3, and accesses through a PV32 vCPU, its hole included."""
 import numpy as np
 import pytest
 
+from hypervisor.core import XenError, audit
 from hypervisor.core.abi import (
     HYPERVISOR_COMPAT_VIRT_START,
     L2_SLOT_COMPAT_XEN_FIRST,
@@ -158,3 +159,57 @@ def test_a_64bit_guest_cannot_take_a_pae_l3_nor_a_32bit_one_an_l4(hv, guest, pae
     empty_pfn, empty = guest.alloc()
     guest.make_readonly(empty_pfn)
     assert guest.pin(3, empty) == 1
+
+
+def test_the_stale_tlb_oracle_sees_a_32bit_guests_missing_flush(hv, pae):
+    """A PV32 TLB entry remembers its L3 and L1 entry as a 64-bit one its L4: a remap without a
+    flush is a counted stale hit, and a fault with strict_tlb."""
+    _, a = pae.new_data_page(0xA)
+    _, b = pae.new_data_page(0xB)
+    tree = pae_pgd(pae, {0x400000: a})
+    assert pae.pin(3, tree["l3"]) == 1 and pae.new_baseptr(tree["l3"], vcpu=1) == 1
+    vcpu1 = pae.domain.vcpus[1]
+    assert pae.load(0x400000, vcpu=1, user=True) == 0xA
+    pae.set_entry(tree["l1"], 0, (b << PAGE_SHIFT) | P | RW | US | A | D)  # an L1 update: no flush
+    assert pae.load(0x400000, vcpu=1, user=True) == 0xA and vcpu1.stale_tlb_hits == 1
+    assert list(vcpu1.stale_tlb_records)[-1] == {"va": 0x400000, "mfn": a, "current_mfn": b, "write": False, "user": True}
+    hv.strict_tlb = True
+    fault = pae.load(0x400000, vcpu=1, user=True)
+    assert isinstance(fault, PageFault) and "stale TLB entry" in fault.detail
+    assert pae.load(0x400000, vcpu=1, user=True) == 0xB
+
+
+def test_a_mixed_machine_traces_and_replays_to_the_same_state():
+    from io import BytesIO
+
+    from hypervisor.core import Hypervisor
+    from hypervisor.core.trace import TraceWriter, replay, state_digest
+
+    hv = Hypervisor(nr_frames=1 << 13)
+    out = BytesIO()
+    hv.tracer = writer = TraceWriter(hv, out)
+    pae, wide = Guest(hv, address_size=32), Guest(hv)
+    tree = pae_pgd(pae, {0x400000: pae.alloc()[1]})
+    pae.pin(3, tree["l3"])
+    pae.new_baseptr(tree["l3"], vcpu=1)
+    pae.store(0x400000, 0x32, vcpu=1, user=True)
+    pae.unpin(tree["l3"])
+    with pytest.raises(XenError):
+        pae.set_entry(tree["l3"], 3, 0)  # slot 3: EINVAL, part of the record
+    wide.store(wide.direct_va(wide.alloc()[0]), 0x64)
+    hv.toolstack("destroy_domain", domid=pae.domid)
+    writer.close()
+    report, replayed = replay(BytesIO(out.getvalue()))
+    assert report.ok and report.digest_matched and state_digest(replayed) == state_digest(hv)
+
+
+def test_audit_finds_a_compat_l4_that_lost_its_l3_and_a_pae_kernel_reaching_a_foreign_frame(hv, pae, guest):
+    vcpu = pae.domain.vcpus[0]
+    hv.memory.frame(vcpu.compat_l4)[0] = 0
+    assert any("compat L4" in f for f in audit(hv))
+    hv.memory.frame(vcpu.compat_l4)[0] = (vcpu.guest_table << PAGE_SHIFT) | P | RW | US | A
+    l1, index = pae.direct_l1(pae.start_info["first_free_pfn"])
+    hv.memory.frame(l1)[index] = (guest.mfn(0) << PAGE_SHIFT) | P | A  # behind Xen's back, no USER: the ring-1 kernel reaches it
+    found = [f for f in audit(hv) if "reaches mfn" in f]
+    assert found and "kernel base" in found[0]
+    hv.memory.frame(l1)[index] = (pae.mfn(pae.start_info["first_free_pfn"]) << PAGE_SHIFT) | P | RW | A | D
