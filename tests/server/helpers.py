@@ -20,9 +20,9 @@ PIN = {1: common_pb2.MMUEXT_CMD_PIN_L1_TABLE, 4: common_pb2.MMUEXT_CMD_PIN_L4_TA
 class WireGuest:
     """One domain of a running server, called as vCPU `vcpu` with its own token."""
 
-    def __init__(self, server, nr_pages: int = 2048, nr_vcpus: int = 2):
+    def __init__(self, server, nr_pages: int = 2048, nr_vcpus: int = 2, **kw):
         self.server = server
-        created = server.create_domain(nr_pages=nr_pages, nr_vcpus=nr_vcpus)
+        created = server.create_domain(nr_pages=nr_pages, nr_vcpus=nr_vcpus, **kw)
         self.domid, self.token, self.start_info = created.domid, created.token, created.start_info
         self.hc = server.hypercalls()
         self.ts = server.toolstack()
