@@ -236,3 +236,17 @@ def test_a_trace_started_on_a_running_32bit_guest_replays_from_its_snapshot():
     report, replayed = replay(BytesIO(out.getvalue()))
     assert report.ok and report.snapshot and report.digest_matched and state_digest(replayed) == state_digest(hv)
     assert replayed.domains[pae.domid].vcpus[0].mode.pv32
+
+
+def test_a_pae_kernel_store_into_its_read_only_l1_is_emulated_and_checked(hv, pae, guest):
+    """ptwr (writable pagetables) through the PAE walk: the entry is stored as written (no
+    64-bit adjustment), and one mapping another domain's frame is refused (the #PF stands)."""
+    pfn, mfn = pae.alloc()
+    l1, index = pae.direct_l1(pfn)
+    l1_va = pae.direct_va(int(hv.m2p[l1]))
+    new = (mfn << PAGE_SHIFT) | P | A | D
+    assert pae.store(l1_va + 8 * index, new) is None
+    assert hv.memory.entries(l1).item(index) == new
+    fault = pae.store(l1_va + 8 * index, (guest.mfn(0) << PAGE_SHIFT) | P | A)
+    assert isinstance(fault, PageFault) and fault.error_code == PFEC_page_present | PFEC_write_access
+    assert hv.memory.entries(l1).item(index) == new
