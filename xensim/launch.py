@@ -288,8 +288,8 @@ async def serving(*args: str, frames: int = 1 << 16) -> AsyncIterator[str]:
         yield ready["listen"]
 
 
-def create_domain(server: Server, nr_pages: int, nr_vcpus: int, highmem_pages: int = 0, name: str = "") -> toolstack_pb2.CreateDomainResponse:
-    request = toolstack_pb2.CreateDomainRequest(nr_pages=nr_pages, nr_vcpus=nr_vcpus, highmem_pages=highmem_pages, name=name)
+def create_domain(server: Server, nr_pages: int, nr_vcpus: int, highmem_pages: int = 0, name: str = "", address_size: int = 64) -> toolstack_pb2.CreateDomainResponse:
+    request = toolstack_pb2.CreateDomainRequest(nr_pages=nr_pages, nr_vcpus=nr_vcpus, highmem_pages=highmem_pages, name=name, address_size=address_size)
     return server.toolstack().CreateDomain(request, metadata=server.metadata(), timeout=30)
 
 

@@ -54,7 +54,7 @@ def _admin(op: str) -> Callable:
 
 
 # The Domain message's fields that views.domain_info gives as they are.
-_DOMAIN_FIELDS = ("domid", "name", "nr_pages", "tot_pages", "nr_lowmem_pages", "nr_vcpus", "online_vcpus", "max_evtchn_port", "shared_info_mfn", "paused")
+_DOMAIN_FIELDS = ("domid", "name", "nr_pages", "tot_pages", "nr_lowmem_pages", "nr_vcpus", "online_vcpus", "max_evtchn_port", "shared_info_mfn", "paused", "address_size")
 
 
 def _brief(message) -> str:
@@ -83,9 +83,12 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
         args = {"nr_pages": request.nr_pages, "nr_vcpus": request.nr_vcpus, "name": request.name, "highmem_pages": request.highmem_pages}
         if request.max_evtchn_port:  # 0 = libxl's default, which is the core's
             args["max_evtchn_port"] = request.max_evtchn_port
+        if request.address_size:  # 0 = 64, the core's default
+            args["address_size"] = request.address_size
         created = self.hv.toolstack("create_domain", **args)
         token = self.tokens.issue(created["domid"], created["instance"])
-        return toolstack_pb2.CreateDomainResponse(domid=created["domid"], token=token, start_info=convert.start_info(created["start_info"]))
+        start_info = convert.start_info(created["start_info"], self.hv.domains[created["domid"]].address_size)
+        return toolstack_pb2.CreateDomainResponse(domid=created["domid"], token=token, start_info=start_info)
 
     @_admin("destroy_domain")
     def DestroyDomain(self, request):

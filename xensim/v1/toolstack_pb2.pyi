@@ -25,18 +25,20 @@ DOMAIN_STATE_PAUSED: DomainState
 DOMAIN_STATE_SHUTDOWN: DomainState
 
 class CreateDomainRequest(_message.Message):
-    __slots__ = ("nr_pages", "nr_vcpus", "name", "highmem_pages", "max_evtchn_port")
+    __slots__ = ("nr_pages", "nr_vcpus", "name", "highmem_pages", "max_evtchn_port", "address_size")
     NR_PAGES_FIELD_NUMBER: _ClassVar[int]
     NR_VCPUS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     HIGHMEM_PAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_EVTCHN_PORT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_SIZE_FIELD_NUMBER: _ClassVar[int]
     nr_pages: int
     nr_vcpus: int
     name: str
     highmem_pages: int
     max_evtchn_port: int
-    def __init__(self, nr_pages: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., name: _Optional[str] = ..., highmem_pages: _Optional[int] = ..., max_evtchn_port: _Optional[int] = ...) -> None: ...
+    address_size: int
+    def __init__(self, nr_pages: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., name: _Optional[str] = ..., highmem_pages: _Optional[int] = ..., max_evtchn_port: _Optional[int] = ..., address_size: _Optional[int] = ...) -> None: ...
 
 class CreateDomainResponse(_message.Message):
     __slots__ = ("domid", "token", "start_info")
@@ -83,7 +85,7 @@ class DomainInfoResponse(_message.Message):
     def __init__(self, domain: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
 
 class Domain(_message.Message):
-    __slots__ = ("domid", "name", "nr_pages", "tot_pages", "nr_lowmem_pages", "nr_vcpus", "online_vcpus", "max_evtchn_port", "shared_info_mfn", "paused", "shutdown_reason", "state")
+    __slots__ = ("domid", "name", "nr_pages", "tot_pages", "nr_lowmem_pages", "nr_vcpus", "online_vcpus", "max_evtchn_port", "shared_info_mfn", "paused", "shutdown_reason", "state", "address_size")
     DOMID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NR_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +98,7 @@ class Domain(_message.Message):
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_REASON_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_SIZE_FIELD_NUMBER: _ClassVar[int]
     domid: int
     name: str
     nr_pages: int
@@ -108,7 +111,8 @@ class Domain(_message.Message):
     paused: bool
     shutdown_reason: _common_pb2.ShutdownReason
     state: DomainState
-    def __init__(self, domid: _Optional[int] = ..., name: _Optional[str] = ..., nr_pages: _Optional[int] = ..., tot_pages: _Optional[int] = ..., nr_lowmem_pages: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., online_vcpus: _Optional[int] = ..., max_evtchn_port: _Optional[int] = ..., shared_info_mfn: _Optional[int] = ..., paused: _Optional[bool] = ..., shutdown_reason: _Optional[_Union[_common_pb2.ShutdownReason, str]] = ..., state: _Optional[_Union[DomainState, str]] = ...) -> None: ...
+    address_size: int
+    def __init__(self, domid: _Optional[int] = ..., name: _Optional[str] = ..., nr_pages: _Optional[int] = ..., tot_pages: _Optional[int] = ..., nr_lowmem_pages: _Optional[int] = ..., nr_vcpus: _Optional[int] = ..., online_vcpus: _Optional[int] = ..., max_evtchn_port: _Optional[int] = ..., shared_info_mfn: _Optional[int] = ..., paused: _Optional[bool] = ..., shutdown_reason: _Optional[_Union[_common_pb2.ShutdownReason, str]] = ..., state: _Optional[_Union[DomainState, str]] = ..., address_size: _Optional[int] = ...) -> None: ...
 
 class PauseDomainRequest(_message.Message):
     __slots__ = ("domid",)
