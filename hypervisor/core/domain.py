@@ -16,7 +16,7 @@ import numpy as np
 
 from .abi import (
     ENTRIES_PER_TABLE,
-    EVTCHN_2L_NR_CHANNELS,
+    GUEST_ABI,
     INVALID_MFN,
     MAX_VCPUS,
     NR_VIRQS,
@@ -31,6 +31,7 @@ from .abi import (
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     Errno,
+    GuestAbi,
     PageType,
     Pte,
     RUNSTATE_offline,
@@ -152,6 +153,11 @@ class Domain:
     # domain (and gone with it), so a replayed trace counts them too (views.domain_stats).
     stats: Counter = field(default_factory=Counter)
 
+    @property
+    def abi(self) -> GuestAbi:
+        """The wire layout of its address size (docs/pv32.md section 20)."""
+        return GUEST_ABI[self.address_size]
+
     def info(self) -> dict:
         return {
             "domid": self.domid,
@@ -199,12 +205,13 @@ def build(
     """Create a domain the way the toolstack's domain builder does (docs/xen.md section 17)."""
     if address_size not in (32, 64):  # arch_do_domctl, XEN_DOMCTL_set_address_size
         raise XenError(Errno.EINVAL, f"address_size {address_size} is neither 64 (x86-64 PV) nor 32 (PAE on the compat ABI)")
+    nr_channels = GUEST_ABI[address_size].evtchn_2l_nr_channels  # 1024 for a 32-bit guest (docs/pv32.md section 22)
+    if not 0 <= max_evtchn_port < nr_channels:
+        raise XenError(Errno.EINVAL, f"max_evtchn_port {max_evtchn_port} is outside 0..{nr_channels - 1} (2-level ABI of a {address_size}-bit guest)")
     if address_size == 32:
         raise XenError(Errno.EOPNOTSUPP, "32-bit PV domains are not built yet (i14-core replaces this line)")
     if not 1 <= nr_vcpus <= MAX_VCPUS:
         raise XenError(Errno.EINVAL, f"nr_vcpus {nr_vcpus} is outside 1..{MAX_VCPUS}")
-    if not 0 <= max_evtchn_port < EVTCHN_2L_NR_CHANNELS:
-        raise XenError(Errno.EINVAL, f"max_evtchn_port {max_evtchn_port} is outside 0..{EVTCHN_2L_NR_CHANNELS - 1} (2-level ABI)")
     nr_lowmem = nr_pages - highmem_pages
     if nr_pages < MIN_PAGES or highmem_pages < 0:
         raise XenError(Errno.EINVAL, f"nr_pages {nr_pages} (highmem {highmem_pages}) is below {MIN_PAGES} or negative")

@@ -233,6 +233,8 @@ def _mmuext_one(hv: "Hypervisor", vcpu: Vcpu, caller: Domain, pg_owner: int, cmd
         return
     if cmd not in _LOCAL_OPS:
         raise XenError(Errno.ENOSYS, f"unknown mmuext command {cmd}")
+    if cmd == MmuextCmd.NEW_USER_BASEPTR and caller.address_size == 32:  # compat_mmuext_op (docs/pv32.md section 24)
+        raise XenError(Errno.EINVAL, f"NEW_USER_BASEPTR: dom{caller.domid} is a 32-bit guest, which has one base pointer")
     if pg_owner != caller.domid:
         raise XenError(Errno.EPERM, f"{MmuextCmd(cmd).name} acts on the caller only")
     _LOCAL_OPS[cmd](hv, vcpu, caller, arg1, arg2)
@@ -292,11 +294,19 @@ def new_user_baseptr(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
         frames.put_page_and_type(old)
 
 
+def guest_va_ok(domain: Domain, va: int) -> bool:
+    """Whether `va` is an address of the domain's guest range: Xen's __addr_ok, and for a
+    32-bit guest one that fits its 32-bit registers and fields (docs/pv32.md section 24)."""
+    return guest_addr_ok(va) and domain.abi.fits(va)
+
+
 def read_vcpumask(hv: "Hypervisor", vcpu: Vcpu, caller: Domain, va: int) -> list[Vcpu] | None:
     """The vCPUs named by the bitmap at guest virtual `va` (docs/xen.md section 10); None on a fault.
-    Bits beyond the domain's vCPUs are ignored."""
-    words = -(-len(caller.vcpus) // 64)
-    data = copy_from_guest(hv.memory, vcpu.guest_table, va, 8 * words)
+    vcpumask_to_pcpumask reads it in the guest's words, 32-bit ones for a 32-bit guest
+    (docs/pv32.md section 20), as many as the domain's vCPUs need. Bits beyond them are ignored."""
+    word_bytes = caller.abi.word_bytes
+    size = word_bytes * -(-len(caller.vcpus) // (8 * word_bytes))
+    data = copy_from_guest(hv.memory, vcpu.guest_table, va, size) if guest_va_ok(caller, va + size - 1) else None
     if data is None:
         return None
     mask = int.from_bytes(data, "little")
@@ -313,7 +323,7 @@ def _flush_targets(hv, vcpu, caller, arg2, scope_all: bool) -> list[Vcpu]:
 
 
 def _flush(hv, vcpu, caller, arg1, arg2, *, scope: str, va: bool) -> None:
-    if va and not guest_addr_ok(arg1):
+    if va and not guest_va_ok(caller, arg1):
         return  # a bad address is a silent no-op
     targets = [vcpu] if scope == "local" else _flush_targets(hv, vcpu, caller, arg2, scope == "all")
     for target in targets:
@@ -324,7 +334,7 @@ def _flush(hv, vcpu, caller, arg1, arg2, *, scope: str, va: bool) -> None:
 
 
 def _set_ldt(hv, vcpu, caller, linear_addr, nr_ents) -> None:
-    if nr_ents > MAX_LDT_ENTRIES or (nr_ents and (linear_addr & 0xFFF or not guest_addr_ok(linear_addr))):
+    if nr_ents > MAX_LDT_ENTRIES or (nr_ents and (linear_addr & 0xFFF or not guest_va_ok(caller, linear_addr))):
         raise XenError(Errno.EINVAL, f"bad LDT base {linear_addr:#x} or size {nr_ents}")
 
 
@@ -356,8 +366,8 @@ def update_va_mapping(hv: "Hypervisor", vcpu: Vcpu, va: int, val: int, flags: in
     caller = hv.domains[vcpu.domid]
     pg_owner = caller.domid if domid is None else get_pg_owner(hv, caller, domid)
     _check_foreign_privilege(caller, pg_owner)
-    if not guest_addr_ok(va):
-        raise XenError(Errno.EINVAL, f"va {va:#x} is not a guest address")
+    if not guest_va_ok(caller, va):
+        raise XenError(Errno.EINVAL, f"va {va:#x} is not a guest address of a {caller.address_size}-bit guest")
     path = walk_entries(hv.memory, vcpu.guest_table, va) if vcpu.guest_table else []
     if len(path) < 4:
         raise XenError(Errno.EINVAL, f"no L1 maps va {va:#x} in the current pagetable")
