@@ -34,6 +34,7 @@ from .abi import (
     DOMID_SELF,
     EVTCHN_FIFO_NR_CHANNELS,
     EVTCHN_FIFO_PRIORITY_DEFAULT,
+    GUEST_ABI,
     NR_VIRQS,
     SHARED_INFO_EVTCHN_PENDING,
     SHARED_INFO_VCPU_INFO,
@@ -76,16 +77,25 @@ _UPCALL_MASK_SHIFT = 8 * VCPU_INFO_UPCALL_MASK
 assert VCPU_INFO_UPCALL_PENDING < 8 and VCPU_INFO_UPCALL_MASK < 8
 
 
+# Per address size, in the frame's u64 words (a hot path: computed once): where evtchn_mask
+# starts, and evtchn_pending_sel's word within a vcpu_info, its first bit, and the ports per
+# bit (the guest's word). A 32-bit guest's selector is the upper half of the first word.
+_TWO_LEVEL = {
+    size: (abi.shared_info_evtchn_mask // 8, abi.vcpu_info_pending_sel // 8, 8 * (abi.vcpu_info_pending_sel % 8), abi.bits_per_evtchn_word)
+    for size, abi in GUEST_ABI.items()
+}
+
+
 def _mask(domain: "Domain") -> int:
     """The u64 word of the shared-info frame where the domain's evtchn_mask starts."""
-    return domain.abi.shared_info_evtchn_mask // 8
+    return _TWO_LEVEL[domain.address_size][0]
 
 
 def _selector(domain: "Domain", port: int) -> tuple[int, int]:
     """evtchn_pending_sel's bit for the guest word that holds `port`: (u64 word within the
-    vcpu_info, bit of it). A 32-bit guest's selector is the upper half of the first word."""
-    index, byte = divmod(domain.abi.vcpu_info_pending_sel, 8)
-    return index, 8 * byte + port // domain.abi.bits_per_evtchn_word
+    vcpu_info, bit of it)."""
+    _, index, first, bits = _TWO_LEVEL[domain.address_size]
+    return index, first + port // bits
 
 
 def vcpu_info_words(hv: "Hypervisor", vcpu: "Vcpu") -> tuple[int, int]:
