@@ -222,7 +222,7 @@ def update_runstate_area(hv: "Hypervisor", vcpu: "Vcpu") -> None:
     runstate = vcpu.runstate
     state_bytes = hv.domains[vcpu.domid].abi.runstate_state_bytes
     record = runstate.state.to_bytes(state_bytes, "little") + b"".join(value.to_bytes(8, "little") for value in (runstate.state_entry_time, *runstate.time))
-    copy_to_guest(hv.memory, vcpu.guest_table, vcpu.runstate_guest, record)
+    copy_to_guest(hv.memory, vcpu.guest_table, vcpu.runstate_guest, record, vcpu.mode)
 
 
 # -- the periodic timer (docs/vcpu-time.md section 5) -----------------------------------------

@@ -3,11 +3,8 @@ guest's vCPU bitmaps are 32-bit words, its shared_info and vcpu_info have the co
 2-level event channels are 32 x 32, its runstate area is the packed compat struct, and its
 pointers and extent-list entries are 32 bits.
 
-These rules hang on Domain.address_size only, not on the paging. The domain builder does not
-build a PV32 guest yet (the PAE builder is another branch's), so `compat_guest` builds a 64-bit
-guest and sets its address_size to 32 afterwards: its pagetables stay 4-level, and the tests
-map what they need below 4 GiB through its boot L4 (`map_low`). Each rule is shown beside the
-64-bit answer, which is unchanged.
+Each rule is shown beside the 64-bit answer, which is unchanged. A 32-bit guest's direct map
+is at PAGE_OFFSET_PAE, below 4 GiB (docs/pv32.md section 4).
 """
 
 import struct
@@ -30,36 +27,27 @@ from hypervisor.core.abi import (
 )
 
 from .conftest import fails_with, unchanged
-from .guest import RW, TABLE, A, D, Guest, P, slot
+from .guest import RW, A, D, Guest, P
 from .test_evtchn_fifo import Fifo
 
 MS = 1_000_000
-LOW_VA = 0x4000_0000  # 1 GiB: an address a 32-bit guest can name, in the boot L4's slot 0
 
 
 def compat_guest(hv, **kw) -> Guest:
-    """A guest on the compat ABI: a 64-bit build whose address_size is then set to 32 (see the
-    module's docstring)."""
-    guest = Guest(hv, **kw)
-    guest.domain.address_size = 32
-    return guest
+    """A 32-bit PAE guest on the compat ABI."""
+    return Guest(hv, address_size=32, **kw)
 
 
 def guest_of(hv, address_size: int, **kw) -> Guest:
-    return compat_guest(hv, **kw) if address_size == 32 else Guest(hv, **kw)
+    return Guest(hv, address_size=address_size, **kw)
 
 
-def map_low(guest: Guest, pages: int = 1) -> list[int]:
-    """Map `pages` fresh pages writable from LOW_VA on (the page after them unmapped), through a
-    new L3, L2 and L1 in slot 0 of the boot L4. Returns their mfns."""
-    mfns = [guest.alloc()[1] for _ in range(pages)]
-    l1_pfn, l1 = guest.new_table({slot(LOW_VA, 1) + i: (mfn << PAGE_SHIFT) | P | RW | A | D for i, mfn in enumerate(mfns)})
-    l2_pfn, l2 = guest.new_table({slot(LOW_VA, 2): (l1 << PAGE_SHIFT) | TABLE})
-    l3_pfn, l3 = guest.new_table({slot(LOW_VA, 3): (l2 << PAGE_SHIFT) | TABLE})
-    for pfn in (l1_pfn, l2_pfn, l3_pfn):
-        guest.make_readonly(pfn)
-    assert guest.set_entry(guest.l4, slot(LOW_VA, 4), (l3 << PAGE_SHIFT) | TABLE) == 1
-    return mfns
+def page_before_a_hole(guest: Guest) -> tuple[int, int]:
+    """(va, mfn) of a fresh direct-map page whose next page is unmapped."""
+    pfn, mfn = guest.alloc()
+    hole, _ = guest.alloc()
+    guest.set_entry(*guest.direct_l1(hole), 0)
+    return guest.direct_va(pfn), mfn
 
 
 def u32(hv, mfn: int, offset: int) -> int:
@@ -69,10 +57,10 @@ def u32(hv, mfn: int, offset: int) -> int:
 # -- vCPU bitmaps: 32-bit words (vcpumask_to_pcpumask) ----------------------------------------------
 
 
-def _tail_mask(guest: Guest, *vcpus: int) -> int:
-    """A bitmap naming `vcpus` in the last 4 bytes of the low page, whose next page is unmapped:
+def _tail_mask(guest: Guest, page: int, *vcpus: int) -> int:
+    """A bitmap naming `vcpus` in the last 4 bytes of `page`, whose next page is unmapped:
     a 32-bit guest's whole bitmap, half of a 64-bit guest's first word."""
-    va = LOW_VA + PAGE_SIZE - 4
+    va = page + PAGE_SIZE - 4
     assert guest.store(va, sum(1 << v for v in vcpus), size=4) is None
     return va
 
@@ -82,13 +70,13 @@ def test_multi_flushes_read_the_vcpumask_in_the_guests_words(hv, address_size):
     """A 32-bit guest's vcpumask is one u32 (copy_from_guest_offset of unsigned int): its last 4
     bytes of a page are all of it. A 64-bit guest's u64 there runs into the unmapped page: -EINVAL."""
     guest = guest_of(hv, address_size)
-    map_low(guest)
-    mask = _tail_mask(guest, 1)
-    for cmd, addr in ((MmuextCmd.TLB_FLUSH_MULTI, 0), (MmuextCmd.INVLPG_MULTI, LOW_VA)):
-        assert guest.load(LOW_VA, vcpu=1) is not None and len(guest.domain.vcpus[1].tlb)
+    page, _ = page_before_a_hole(guest)
+    mask = _tail_mask(guest, page, 1)
+    for cmd, addr in ((MmuextCmd.TLB_FLUSH_MULTI, 0), (MmuextCmd.INVLPG_MULTI, page)):
+        assert guest.load(page, vcpu=1) is not None and guest.domain.vcpus[1].tlb.lookup(page >> PAGE_SHIFT) is not None
         if address_size == 32:
             assert guest.mmuext((cmd, addr, mask)) == 1
-            assert len(guest.domain.vcpus[1].tlb) == 0
+            assert guest.domain.vcpus[1].tlb.lookup(page >> PAGE_SHIFT) is None
         else:
             with fails_with(hv, Errno.EINVAL, done=0, match="vCPU bitmap"):
                 guest.mmuext((cmd, addr, mask))
@@ -97,13 +85,13 @@ def test_multi_flushes_read_the_vcpumask_in_the_guests_words(hv, address_size):
 @pytest.mark.parametrize("address_size", [32, 64])
 def test_uvmf_multi_reads_the_vcpumask_in_the_guests_words(hv, address_size):
     guest = guest_of(hv, address_size)
-    (mfn,) = map_low(guest)
-    mask = _tail_mask(guest, 1)
-    assert guest.load(LOW_VA, vcpu=1) is not None and len(guest.domain.vcpus[1].tlb)
-    call = {"va": LOW_VA + PAGE_SIZE - 4, "val": (mfn << PAGE_SHIFT) | P | RW | A | D, "flags": mask | UVMF_TLB_FLUSH}
+    page, mfn = page_before_a_hole(guest)
+    mask = _tail_mask(guest, page, 1)
+    assert guest.load(page, vcpu=1) is not None and guest.domain.vcpus[1].tlb.lookup(page >> PAGE_SHIFT) is not None
+    call = {"va": page, "val": (mfn << PAGE_SHIFT) | P | RW | A | D, "flags": mask | UVMF_TLB_FLUSH}
     if address_size == 32:
         assert guest.call("update_va_mapping", **call) == 0
-        assert len(guest.domain.vcpus[1].tlb) == 0
+        assert guest.domain.vcpus[1].tlb.lookup(page >> PAGE_SHIFT) is None
     else:
         with pytest.raises(XenError) as caught:  # Xen's order: the PTE is written, then the bitmap faults
             guest.call("update_va_mapping", **call)
@@ -111,18 +99,18 @@ def test_uvmf_multi_reads_the_vcpumask_in_the_guests_words(hv, address_size):
 
 
 def test_a_vcpumask_pointer_beyond_4gib_is_a_fault(hv):
-    """A 32-bit guest cannot name a bitmap above 4 GiB: the direct-map address a 64-bit guest
-    uses faults, -EINVAL for the MULTI flushes and -EFAULT for UVMF_MULTI."""
+    """A 32-bit guest cannot name a bitmap from 4 GiB up (its bitmap at the 4 GiB alias of its
+    direct map faults): -EINVAL for the MULTI flushes, -EFAULT for UVMF_MULTI."""
     guest = compat_guest(hv)
-    (mfn,) = map_low(guest)
-    mask = guest.vcpumask(0, 1)
-    assert mask >= 1 << 32
+    pfn, mfn = guest.alloc()
+    mask = guest.vcpumask(0, 1) + (1 << 32)
     with fails_with(hv, Errno.EINVAL, done=0, match="vCPU bitmap"):
         guest.mmuext((MmuextCmd.TLB_FLUSH_MULTI, 0, mask))
     with pytest.raises(XenError) as caught:
-        guest.call("update_va_mapping", va=LOW_VA, val=(mfn << PAGE_SHIFT) | P | RW | A | D, flags=mask | UVMF_TLB_FLUSH)
+        guest.call("update_va_mapping", va=guest.direct_va(pfn), val=(mfn << PAGE_SHIFT) | P | RW | A | D, flags=mask | UVMF_TLB_FLUSH)
     assert caught.value.errno == Errno.EFAULT
-    assert Guest(hv).mmuext((MmuextCmd.TLB_FLUSH_MULTI, 0, Guest(hv).vcpumask(0))) == 1  # 64-bit: readable
+    sixty_four = Guest(hv)
+    assert sixty_four.mmuext((MmuextCmd.TLB_FLUSH_MULTI, 0, sixty_four.vcpumask(0))) == 1  # 64-bit: readable there
 
 
 # -- guest addresses below 4 GiB -------------------------------------------------------------------
@@ -131,7 +119,7 @@ def test_a_vcpumask_pointer_beyond_4gib_is_a_fault(hv):
 def test_update_va_mapping_of_an_address_beyond_4gib_is_einval(hv):
     guest = compat_guest(hv)
     pfn, mfn = guest.alloc()
-    va = guest.direct_va(pfn)
+    va = guest.direct_va(pfn) + (1 << 32)
     with fails_with(hv, Errno.EINVAL, match="not a guest address of a 32-bit guest"):
         guest.call("update_va_mapping", va=va, val=(mfn << PAGE_SHIFT) | P | A | D)
     sixty_four = Guest(hv)
@@ -141,32 +129,26 @@ def test_update_va_mapping_of_an_address_beyond_4gib_is_einval(hv):
 
 def test_invlpg_of_an_address_beyond_4gib_does_nothing(hv):
     """INVLPG of an address outside the guest's range is a silent no-op (the !__addr_ok branch
-    of do_mmuext_op): for a 32-bit guest, anything from 4 GiB up."""
+    of do_mmuext_op): for a 32-bit guest, anything from 4 GiB up, where a 64-bit guest's
+    direct map is."""
     guest = compat_guest(hv)
-    va = guest.vcpumask(0)  # any mapped direct-map page
+    va = guest.vcpumask(0)  # a mapped direct-map page, in the TLB after a load
     assert guest.load(va) is not None
-    for cmd in (MmuextCmd.INVLPG_LOCAL, MmuextCmd.INVLPG_ALL):
+    for cmd in (MmuextCmd.INVLPG_LOCAL, MmuextCmd.INVLPG_MULTI, MmuextCmd.INVLPG_ALL):
         with unchanged(hv):
-            assert guest.mmuext((cmd, va)) == 1
+            assert guest.mmuext((cmd, va + (1 << 32), va)) == 1
         assert guest.domain.vcpus[0].tlb.lookup(va >> PAGE_SHIFT) is not None
     sixty_four = Guest(hv)
     va = sixty_four.vcpumask(0)
-    assert sixty_four.load(va) is not None and sixty_four.mmuext((MmuextCmd.INVLPG_LOCAL, va)) == 1
+    assert va >= 1 << 32 and sixty_four.load(va) is not None and sixty_four.mmuext((MmuextCmd.INVLPG_LOCAL, va)) == 1
     assert sixty_four.domain.vcpus[0].tlb.lookup(va >> PAGE_SHIFT) is None
-
-
-def test_new_user_baseptr_is_einval_for_a_32bit_guest(hv):
-    """compat_mmuext_op refuses MMUEXT_NEW_USER_BASEPTR while translating: the ops before it run."""
-    guest = compat_guest(hv)
-    with fails_with(hv, Errno.EINVAL, done=1, match="32-bit guest"):
-        guest.mmuext((MmuextCmd.TLB_FLUSH_LOCAL, 0), (MmuextCmd.NEW_USER_BASEPTR, 0))
 
 
 def test_a_runstate_area_must_end_below_the_compat_hypervisor_start(hv):
     """compat_vcpu_op: the u64 field must equal its u32 handle, and compat_handle_okay wants the
     area's last byte below HYPERVISOR_COMPAT_VIRT_START; -EFAULT otherwise."""
     guest = compat_guest(hv)
-    for addr in (HYPERVISOR_COMPAT_VIRT_START - 43, 1 << 32, guest.vcpumask(0)):
+    for addr in (HYPERVISOR_COMPAT_VIRT_START - 43, 1 << 32, guest.vcpumask(0) + (1 << 32)):
         with fails_with(hv, Errno.EFAULT, match="32-bit guest addresses"):
             guest.vcpu_op("register_runstate_memory_area", 0, addr=addr)
     assert guest.vcpu_op("register_runstate_memory_area", 0, addr=HYPERVISOR_COMPAT_VIRT_START - 44) == 0
@@ -178,10 +160,10 @@ def test_a_runstate_area_must_end_below_the_compat_hypervisor_start(hv):
 
 def test_the_runstate_area_has_the_compat_layout(hv):
     guest = compat_guest(hv)
-    (mfn,) = map_low(guest)
+    pfn, mfn = guest.alloc()
     hv.memory.write(mfn, 0, b"\xaa" * 64)
     hv.advance_time(2 * MS)
-    assert guest.vcpu_op("register_runstate_memory_area", 1, addr=LOW_VA) == 0
+    assert guest.vcpu_op("register_runstate_memory_area", 1, addr=guest.direct_va(pfn)) == 0
     guest.sched_op("block", caller=1)
     hv.advance_time(5 * MS)
     raw = hv.memory.read(mfn, 0, 48)
@@ -258,11 +240,6 @@ def test_fifo_lifts_the_two_level_bound_and_a_reset_brings_it_back(hv):
     assert _fill(guest, 1023) == 1023
     with fails_with(hv, Errno.ENOSPC):
         guest.evtchn("alloc_unbound")
-
-
-def test_create_domain_bounds_max_evtchn_port_by_the_2_level_abi_of_its_size(hv):
-    with fails_with(hv, Errno.EINVAL, match="0..1023"):
-        hv.toolstack("create_domain", nr_pages=2048, nr_vcpus=1, address_size=32, max_evtchn_port=1024)
 
 
 # -- memory_op extent lists: compat_pfn_t -------------------------------------------------------------
