@@ -222,8 +222,8 @@ START_INFO_MAGIC_PAE = b"xen-3.0-x86_32p"
 
 @dataclass(frozen=True)
 class GuestAbi:
-    """The wire layout of one address size, as hypervisor/core/abi.py has it (docs/pv32.md
-    section 20): what a guest reads to find its event bits and the width of its words."""
+    """The wire layout of one address size, as hypervisor/core/abi.py has it: what a guest
+    reads to find its event bits and the width of its words (docs/pv32.md section 20)."""
 
     address_size: int
     word_bytes: int  # xen_ulong_t: an event-channel word, a vcpumask word, a xen_pfn_t
