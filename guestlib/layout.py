@@ -1,7 +1,8 @@
 """What a PV kernel knows about its memory at boot: start info, the P2M list, the direct map.
 
-The domain builder maps all lowmem at PAGE_OFFSET through the initial pagetable, whose frames
-are L4, L3, the L2s, then the L1s at consecutive pfns from pt_base (common.proto StartInfo).
+The domain builder maps all lowmem at the direct map's base (start info's page_offset) through
+the initial pagetable, whose frames are the top level's, the tables below it, then the L1s at
+consecutive pfns from pt_base (common.proto StartInfo).
 From that and the P2M list (read out of guest memory) the kernel can name the machine address
 of the direct-map entry for any lowmem pfn, which is what Linux's set_pte on the linear map,
 make_lowmem_page_readonly and friends hand to mmu_update.
@@ -10,7 +11,7 @@ make_lowmem_page_readonly and friends hand to mmu_update.
 import struct
 
 from .hypercalls import HypercallClient, ops
-from .xen import ENTRIES_PER_TABLE, PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, Pte
+from .xen import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE, Pte
 
 _PTE = int(Pte.PRESENT | Pte.ACCESSED | Pte.DIRTY)
 
@@ -20,9 +21,10 @@ class BootLayout:
 
     def __init__(self, start_info, p2m: list[int]):
         self.start_info, self.p2m = start_info, p2m
+        self.page_offset = start_info.page_offset
         self.next_pfn = start_info.first_free_pfn
         nr_l1 = -(-start_info.nr_lowmem_pages // ENTRIES_PER_TABLE)
-        pt_base_pfn = (start_info.pt_base - PAGE_OFFSET) >> PAGE_SHIFT
+        pt_base_pfn = (start_info.pt_base - self.page_offset) >> PAGE_SHIFT
         self.first_direct_l1_pfn = pt_base_pfn + start_info.nr_pt_frames - nr_l1
 
     @staticmethod
@@ -52,7 +54,7 @@ class BootLayout:
         return pfn
 
     def direct_va(self, pfn: int) -> int:
-        return PAGE_OFFSET + (pfn << PAGE_SHIFT)
+        return self.page_offset + (pfn << PAGE_SHIFT)
 
     def direct_entry(self, pfn: int) -> int:
         """Machine address of the boot L1 entry that maps pfn in the direct map."""

@@ -46,6 +46,9 @@ PTE_MFN_MASK = ((1 << PADDR_BITS) - 1) & ~(PAGE_SIZE - 1)
 PAGE_OFFSET = 0xFFFF880000000000  # 64-bit Linux's direct map, L4 slot 272
 HYPERVISOR_VIRT_START = 0xFFFF800000000000
 RO_MPT_VIRT_START = HYPERVISOR_VIRT_START  # machine_to_phys_mapping, read-only: one u64 pfn per mfn
+# A 32-bit PAE guest's view: Xen's area is the top of the 4 GiB space from here, the compat M2P
+# (u32 pfns) first (public/arch-x86/xen-x86_32.h, MACH2PHYS_VIRT_START_PAE).
+HYPERVISOR_COMPAT_VIRT_START = 0xF5800000
 INVALID_M2P = (1 << 64) - 1  # INVALID_M2P_ENTRY
 
 
@@ -110,6 +113,7 @@ UVMF_ALL = 4
 # The start-info page at pfn 0 (xensim's layout, common.proto StartInfo): the magic, then these
 # fields as little-endian u64 in this order from START_INFO_FIELD_OFFSET.
 START_INFO_MAGIC = b"xen-3.0-x86_64"
+START_INFO_MAGIC_PAE = b"xen-3.0-x86_32p"  # the builder's guest type for a 32-bit PAE kernel
 START_INFO_FIELDS = (
     "nr_pages",
     "shared_info",

@@ -1,7 +1,7 @@
 """Address spaces: creation, fork with copy-on-write, page faults, munmap, teardown.
 
-Reference: docs/linux.md sections 2, 8 and 10. An mm lives in guest memory (`layout.MM`): its
-two pgds (kernel and user, 64-bit PV), the L3/L2/L1 pages it owns, its cpumask (which doubles
+Reference: docs/linux.md sections 2, 8, 10 and 13. An mm lives in guest memory (`layout.MM`): its
+pgds (kernel and user, 64-bit PV; one for PAE), the table pages below them it owns, its cpumask (which doubles
 as the vCPU bitmap TLB_FLUSH_MULTI reads from guest memory) and two counts: `users` (tasks
 using it) and `count` (one for all users, plus one per CPU borrowing it lazily). "Late pin,
 early unpin": a new mm is built while its pages are plain memory and pinned at the end of
@@ -34,7 +34,7 @@ class Mm:
     id: int
     pgd: int = 0
     user_pgd: int = 0
-    tables: list[int] = field(default_factory=list)  # L3, L2, L1 pfns
+    tables: list[int] = field(default_factory=list)  # the pfns below its pgds, the L1 last
 
     @property
     def l1(self) -> int:
@@ -42,7 +42,8 @@ class Mm:
 
     @property
     def pgds(self) -> list[int]:
-        return [self.pgd, self.user_pgd]
+        """The kernel pgd, and the user pgd of a 64-bit PV mm."""
+        return [self.pgd, self.user_pgd] if self.user_pgd else [self.pgd]
 
 
 def mm_va(cpu: Cpu, mm_id: int, name: str) -> int:
@@ -116,20 +117,31 @@ def free_task(cpu: Cpu, task: int) -> None:
 
 
 async def mm_alloc(cpu: Cpu, pt: PageTables, batch, mm_id: int, user_ptes: dict[int, int]) -> Mm:
-    """pgd_alloc and the user tables, filled while still plain memory (docs/linux.md sections 2.2, 2.3): the
-    kernel half copied from swapper, the user half one L3 -> L2 -> L1 chain (the L1 from
-    highmem with highpte), and the mm struct."""
-    pgd, user_pgd, l3, l2 = await alloc_pages(cpu, 4)
+    """pgd_alloc and the user tables, filled while still plain memory (docs/linux.md sections
+    2.2, 2.3, 13): the kernel entries copied from swapper's (PAE: into the pgd's own kernel
+    pmd), the user path one table per level down to the L1 (from highmem with highpte), PAE's
+    other user pmds preallocated empty, and the mm struct."""
+    mode = pt.mode
+    user_slot = slot(USER_BASE, mode.levels)
+    pmd_slots = [s for s in mode.user_pmd_slots() if s != user_slot] + ([mode.kernel_pgd_slot] if mode.own_kernel_pmd else [])
+    pages = iter(await alloc_pages(cpu, 1 + mode.user_pgd + mode.levels - 2 + len(pmd_slots)))
     (l1,) = await alloc_pages(cpu, 1, highmem=bool(cpu.mirror.get("highpte")))
-    mm = Mm(mm_id, pgd, user_pgd, [l3, l2, l1])
-    user_l4 = {slot(USER_BASE, 4): pt.make(l3, USER_TABLE)}
-    pt.write_new(cpu, batch, pgd, {**user_l4, **pt.kernel_half})
-    pt.write_new(cpu, batch, user_pgd, user_l4)
-    pt.write_new(cpu, batch, l3, {slot(USER_BASE, 3): pt.make(l2, USER_TABLE)})
-    pt.write_new(cpu, batch, l2, {slot(USER_BASE, 2): pt.make(l1, USER_TABLE)})
+    pgd = next(pages)
+    user_pgds = [next(pages) for _ in range(mode.user_pgd)]
+    path = [*(next(pages) for _ in range(mode.levels - 2)), l1]  # below the pgd: L3, L2 (PAE: the user pmd), then the L1
+    pmds = dict(zip(pmd_slots, pages))
+    top = {s: pt.make(table, mode.top_flags) for s, table in {user_slot: path[0], **pmds}.items()}
+    pt.write_new(cpu, batch, pgd, top if mode.own_kernel_pmd else {**top, **pt.kernel_half})
+    for user_pgd in user_pgds:
+        pt.write_new(cpu, batch, user_pgd, top)
+    for s, pmd in pmds.items():
+        pt.write_new(cpu, batch, pmd, pt.kernel_half if s == mode.kernel_pgd_slot else {})
+    for level, table, below in zip(range(mode.levels - 1, 1, -1), path, path[1:]):
+        pt.write_new(cpu, batch, table, {slot(USER_BASE, level): pt.make(below, USER_TABLE)})
     pt.write_new(cpu, batch, l1, user_ptes)
+    mm = Mm(mm_id, pgd, user_pgds[0] if user_pgds else 0, [*path[:-1], *pmds.values(), l1])
     tables = mm.tables + [0] * (MAX_TABLES - len(mm.tables))
-    batch.write(mm_va(cpu, mm_id, "state"), struct.pack(_MM_FORMAT, MM_LIVE, pgd, user_pgd, 0, 1, 1, len(mm.tables), 0, *tables))
+    batch.write(mm_va(cpu, mm_id, "state"), struct.pack(_MM_FORMAT, MM_LIVE, pgd, mm.user_pgd, 0, 1, 1, len(mm.tables), 0, *tables))
     return mm
 
 
