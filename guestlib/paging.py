@@ -33,7 +33,7 @@ class PagingMode:
     kernel_slots: range  # those entries (slots of the kernel table at kernel_level)
     fixmap_base: int  # the fixmap's first page: its L1 hangs below kernel_slots[-1]
     m2p_base: int  # machine_to_phys_mapping as the guest sees it
-    m2p_entry: int  # bytes per M2P entry (unsigned long)
+    word: int  # sizeof(unsigned long): bytes per entry of the P2M list and of the M2P
     entry: int  # where a secondary vCPU starts (VCPUOP_initialise's rip: the kernel's text)
     top_flags: int  # the flags of a pgd entry naming a lower table
 
@@ -63,15 +63,20 @@ class PagingMode:
         entry never changes while the pgd is live); none in x86-64."""
         return range(self.kernel_pgd_slot) if self.own_kernel_pmd else range(0)
 
+    @property
+    def invalid_p2m(self) -> int:
+        """INVALID_P2M_ENTRY: ~0UL."""
+        return (1 << 8 * self.word) - 1
+
     def m2p_va(self, mfn: int) -> int:
-        return self.m2p_base + self.m2p_entry * mfn
+        return self.m2p_base + self.word * mfn
 
 
 # Linux x86-64: __START_KERNEL_map's text (startup_xen); the fixmap in the top L4 slot.
 PV64 = PagingMode(
     name="x86_64", address_size=64, levels=4, start_info_magic=START_INFO_MAGIC, page_offset=PAGE_OFFSET,
     pin_top=MmuextCmd.PIN_L4_TABLE, user_pgd=True, kernel_level=4, kernel_slots=range(272, 512),
-    fixmap_base=0xFFFFFF8000000000, m2p_base=RO_MPT_VIRT_START, m2p_entry=8, entry=0xFFFFFFFF81000000, top_flags=0x67,  # _PAGE_TABLE
+    fixmap_base=0xFFFFFF8000000000, m2p_base=RO_MPT_VIRT_START, word=8, entry=0xFFFFFFFF81000000, top_flags=0x67,  # _PAGE_TABLE
 )  # fmt: skip
 # Linux i386 PAE: PAGE_OFFSET 3 GiB, the kernel at 16 MiB above it; the kernel pmd's guest slots
 # end where Xen's compat area begins (init_xen_pae_l2_slots), and the fixmap sits just below.
@@ -79,10 +84,18 @@ _PAE_XEN_L2_SLOT = (HYPERVISOR_COMPAT_VIRT_START - 0xC0000000) >> L2_SHIFT
 PAE = PagingMode(
     name="pae", address_size=32, levels=3, start_info_magic=START_INFO_MAGIC_PAE, page_offset=0xC0000000,
     pin_top=MmuextCmd.PIN_L3_TABLE, user_pgd=False, kernel_level=2, kernel_slots=range(0, _PAE_XEN_L2_SLOT),
-    fixmap_base=0xC0000000 + ((_PAE_XEN_L2_SLOT - 1) << L2_SHIFT), m2p_base=HYPERVISOR_COMPAT_VIRT_START, m2p_entry=4,
+    fixmap_base=0xC0000000 + ((_PAE_XEN_L2_SLOT - 1) << L2_SHIFT), m2p_base=HYPERVISOR_COMPAT_VIRT_START, word=4,
     entry=0xC1000000, top_flags=0x1,  # set_pgd: _PAGE_PRESENT only (a PDPTE)
 )  # fmt: skip
 MODES = {mode.address_size: mode for mode in (PV64, PAE)}
+
+
+def mode_of_magic(magic: str) -> PagingMode:
+    """The mode whose start-info magic (the builder's guest type) this is."""
+    for mode in MODES.values():
+        if mode.start_info_magic == magic.encode():
+            return mode
+    raise RuntimeError(f"start info magic {magic!r} is neither x86_64 nor PAE")
 
 
 def mode_of_start(started) -> PagingMode:
@@ -90,11 +103,7 @@ def mode_of_start(started) -> PagingMode:
     guest type (its magic), a secondary vCPU starts at the entry point its kernel gave
     VCPUOP_initialise (`entry`), which is below 4 GiB only for a 32-bit kernel."""
     if started.HasField("start_info"):
-        magic = started.start_info.magic.encode()
-        for mode in MODES.values():
-            if mode.start_info_magic == magic:
-                return mode
-        raise RuntimeError(f"start info magic {magic!r} is neither x86_64 nor PAE")
+        return mode_of_magic(started.start_info.magic)
     return PAE if started.context.rip < 1 << 32 else PV64
 
 

@@ -50,7 +50,7 @@ async def read_start_info(client: HypercallClient, mode: PagingMode) -> SimpleNa
     if not data.startswith(mode.start_info_magic):
         raise RuntimeError(f"no {mode.name} start-info record at the direct map's first page")
     values = struct.unpack_from(f"<{len(START_INFO_FIELDS)}Q", data, START_INFO_FIELD_OFFSET)
-    return SimpleNamespace(**dict(zip(START_INFO_FIELDS, values)), page_offset=mode.page_offset)
+    return SimpleNamespace(**dict(zip(START_INFO_FIELDS, values)), magic=mode.start_info_magic.decode())
 
 
 EVTCHN_ABIS = ("fifo", "2l")

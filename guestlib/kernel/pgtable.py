@@ -68,7 +68,7 @@ class PageTables:
         """mfn_to_pfn's read of machine_to_phys_mapping, Xen's read-only M2P
         (docs/xen.md section 22; PAE: the compat M2P of u32 entries), for the frame an entry
         maps; `pfn_of` checks its answer."""
-        return ops.load(self.mode.m2p_va((entry & PTE_MFN_MASK) >> PAGE_SHIFT), size=self.mode.m2p_entry)
+        return ops.load(self.mode.m2p_va((entry & PTE_MFN_MASK) >> PAGE_SHIFT), size=self.mode.word)
 
     def pfn_of(self, cpu: Cpu, entry: int, pending: Pending) -> int:
         """pte_mfn_to_pfn from the M2P's answer (`m2p_op`), with Linux's round-trip check
