@@ -40,10 +40,11 @@ class Toolstack:
         except grpc.RpcError as e:
             raise _rpc_error(e) from None
 
-    async def create_domain(self, nr_pages: int, nr_vcpus: int = 1, name: str = "", highmem_pages: int = 0, max_evtchn_port: int = 0):
-        """Build a domain; the CreateDomainResponse has domid, token and start_info."""
+    async def create_domain(self, nr_pages: int, nr_vcpus: int = 1, name: str = "", highmem_pages: int = 0, max_evtchn_port: int = 0, address_size: int = 64):
+        """Build a domain (address_size 32: a PAE guest on the compat ABI); the
+        CreateDomainResponse has domid, token and start_info."""
         request = toolstack_pb2.CreateDomainRequest(
-            nr_pages=nr_pages, nr_vcpus=nr_vcpus, name=name, highmem_pages=highmem_pages, max_evtchn_port=max_evtchn_port
+            nr_pages=nr_pages, nr_vcpus=nr_vcpus, name=name, highmem_pages=highmem_pages, max_evtchn_port=max_evtchn_port, address_size=address_size
         )
         return await self._call("CreateDomain", request)
 
