@@ -16,7 +16,7 @@ MAX_TASKS = 512
 POOL_SLOTS = 120  # pfns a CPU keeps in each of its page pools
 BALLOON_SLOTS = 128  # pages a CPU's balloon may hold (balloon.py)
 RING_SLOTS = 28  # tasks in flight from one CPU's run queue to another's
-MAX_TABLES = 24  # pages below its pgds an mm may own (L3, L2, L1; PAE: pmds, L1)
+MAX_TABLES = 23  # pages below its pgds an mm has from its start (L3, L2, L1; PAE: pmds, L1)
 KERNEL_MAGIC = 0x58454E53494D4B31  # "XENSIMK1": the kernel has booted
 OFFLINE = 3  # the per-CPU `online` value of a CPU that went offline (see boot)
 
@@ -63,7 +63,7 @@ PERCPU = Struct(
 )  # fmt: skip
 MM = Struct(
     ("state", 8), ("pgd", 8), ("user_pgd", 8), ("cpumask", 8), ("users", 8), ("count", 8),
-    ("nr_tables", 8), ("owner", 8), ("tables", 8 * MAX_TABLES),
+    ("nr_tables", 8), ("owner", 8), ("heap", 8), ("tables", 8 * MAX_TABLES),  # heap: the pfn of the heap's pte page, 0 = none
     size=256,
 )  # fmt: skip
 TASK = Struct(
@@ -77,7 +77,7 @@ PAGEINFO_SIZE = 4  # u32 per pfn: flags in the low byte, map count above (PAGE_C
 PG_PINNED, PG_TABLE, PG_RESERVED = 1, 2, 4
 PAGE_COUNT_ONE = 1 << 8
 
-STATS = ("lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs", "ballooned_out", "ballooned_in")
+STATS = ("lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs", "ballooned_out", "ballooned_in", "pte_allocs")
 
 
 @dataclass(frozen=True)

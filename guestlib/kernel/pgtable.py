@@ -117,7 +117,7 @@ class PageTables:
         if self.kl.is_lowmem(pfn):
             batch.write(self.direct_va(pfn), bytes(page))
         else:
-            add(batch, self.kmap_op(cpu, pfn, writable=True))
+            add(batch, self.kmap_op(cpu, pfn, pinned=False))
             batch.write(self.kmap_va(cpu), bytes(page))
             add(batch, self.kunmap_op(cpu))
 
@@ -130,14 +130,15 @@ class PageTables:
             for index, value in entries.items():
                 batch.store(self.direct_va(pfn) + 8 * index, value)
         else:
-            add(batch, self.kmap_op(cpu, pfn, writable=True))
+            add(batch, self.kmap_op(cpu, pfn, pinned=False))
             for index, value in entries.items():
                 batch.store(self.kmap_va(cpu) + 8 * index, value)
             add(batch, self.kunmap_op(cpu))
 
-    def kmap_op(self, cpu: Cpu, pfn: int, writable: bool):
-        """xen_kmap_atomic_pte: this CPU's kmap slot onto pfn, read-only if its table is pinned."""
-        return ops.update_va_mapping(self.kmap_va(cpu), self.make(pfn, PAGE_KERNEL if writable else PAGE_KERNEL_RO), UVMF_INVLPG)
+    def kmap_op(self, cpu: Cpu, pfn: int, pinned: bool):
+        """xen_kmap_atomic_pte: this CPU's kmap slot onto pte page pfn, read-only if the page
+        is pinned (PG_pinned) and read-write otherwise (docs/linux.md section 14)."""
+        return ops.update_va_mapping(self.kmap_va(cpu), self.make(pfn, PAGE_KERNEL_RO if pinned else PAGE_KERNEL), UVMF_INVLPG)
 
     def kunmap_op(self, cpu: Cpu):
         return ops.update_va_mapping(self.kmap_va(cpu), 0, UVMF_INVLPG)
@@ -162,6 +163,18 @@ class PageTables:
             ops.mmuext_op([(MmuextCmd.UNPIN_TABLE, self.mfn(pgd)) for pgd in pgds]),
             ops.mmu_update(self.remap_direct(pgds + tables, writable=True)),
         ]
+
+    def alloc_pt_ops(self, pfn: int) -> list:
+        """xen_alloc_pt's hypercalls, pte page pfn joining a pinned mm (pmd_populate, before
+        the pmd entry that makes Xen validate it): a lowmem page is made read-only; a highmem
+        one has no permanent mapping to change (docs/linux.md section 14). The caller marks it
+        PG_pinned."""
+        return [ops.mmu_update([self.boot.remap(pfn, writable=False)])] if self.kl.is_lowmem(pfn) else []
+
+    def release_pt_ops(self, pfn: int) -> list:
+        """xen_release_pt's, pte page pfn leaving a pinned mm once its pmd entry is cleared
+        (so Xen has dropped its type): a lowmem page is made writable again."""
+        return [ops.mmu_update([self.boot.remap(pfn, writable=True)])] if self.kl.is_lowmem(pfn) else []
 
     def mark_pinned(self, batch: Batch, pfns: list[int], pinned: bool) -> None:
         """PG_pinned (and PG_table) in struct page, which other vCPUs read."""

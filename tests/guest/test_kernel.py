@@ -31,6 +31,8 @@ def test_four_vcpus_fork_touch_migrate_exit_then_audit_clean(server, highpte, ev
     assert run.lifecycles >= 4 * 12  # each vCPU's own, plus tasks handed over to it
     assert sum(s["migrations"] for s in stats) > 0 and sum(s["cow"] for s in stats) > 0
     assert sum(s["lazy"] for s in stats) > 0 and sum(s["munmaps"] for s in stats) > 0
+    # Every child's heap pte page joined its pinned mm (xen_alloc_pt) and left it by munmap.
+    assert sum(s["pte_allocs"] for s in stats) == sum(s["forks"] for s in stats)
     assert audit_after_destroy(server, domid) == []
 
 
