@@ -92,6 +92,21 @@ L4_SLOT_XEN = 261  # XEN_VIRT_START's slot: M2P, vmap, Xen's text and data, fram
 L4_SLOT_DIRECTMAP = 262  # DIRECTMAP_VIRT_START: the direct map of RAM, slots 262..271 for PV
 RO_MPT_VIRT_START = HYPERVISOR_VIRT_START  # machine_to_phys_mapping: one u64 pfn per mfn
 
+# A 32-bit PAE guest on the compat ABI (docs/pv32.md sections 2 and 3). Its PAE L3 holds four
+# entries (the rest are zeroed); the L2 under slot 3 is Xen's PGT_pae_xen_l2, whose slots from
+# HYPERVISOR_COMPAT_VIRT_START's up are Xen's (xen/arch/x86/include/asm/config.h): the compat
+# M2P, one u32 pfn per mfn from HYPERVISOR_COMPAT_VIRT_START, readable by the guest kernel
+# (ring 1), below MACH2PHYS_COMPAT_VIRT_END. The L3 flag mask is l3_disallow_mask's for a
+# PV32 domain (xen/arch/x86/mm.c): all but P, RW, US, A, D and AVAIL, in pte-bit terms.
+HYPERVISOR_COMPAT_VIRT_START = 0xF5800000  # __HYPERVISOR_COMPAT_VIRT_START, a domU's hv_compat_vstart
+MACH2PHYS_COMPAT_VIRT_END = 0xFFE00000
+PAE_L3_SLOTS = 4
+PAE_XEN_L3_SLOT = 3  # the slot whose L2 carries Xen's mappings
+L2_SLOT_COMPAT_XEN_FIRST = (HYPERVISOR_COMPAT_VIRT_START >> 21) & 511  # COMPAT_L2_PAGETABLE_FIRST_XEN_SLOT: 428
+PAE_L3_DISALLOW = 0x198 | (0xFFF << 52)  # 0xFFFFF198 as l3e flags: PWT, PCD, PSE, G, bits 52..63
+PAE_L3_MAX_MFN = 1 << 20  # a PAE L3 at or above 4 GiB needs VMASST pae_extended_cr3
+VMASST_TYPE_pae_extended_cr3 = 3
+
 
 class MmuCmd(IntEnum):
     """mmu_update request commands: ptr & 7 (docs/xen.md section 4.2)."""
@@ -168,6 +183,8 @@ START_INFO_FIELDS = (
 )
 START_INFO_FIELD_OFFSET = 32
 PAGE_OFFSET = 0xFFFF880000000000  # 64-bit Linux's direct map, L4 slot 272
+START_INFO_MAGIC_PAE = b"xen-3.0-x86_32p"  # a PV32 guest's start-info magic (Xen's guest type)
+PAGE_OFFSET_PAE = 0xC0000000  # 32-bit Linux's direct map: PAE L3 slot 3
 MAX_VCPUS = 32  # vcpu_info areas in the shared-info frame (XEN_LEGACY_MAX_VCPUS)
 
 # Event channel operations (public/event_channel.h; docs/xen.md section 16.3).

@@ -33,7 +33,7 @@ just as much (a second bug that hides the first from the frame's side).
 
 import numpy as np
 
-from .abi import DOMID_XEN, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, INVALID_M2P, INVALID_MFN, L4_SLOT_LINEAR, L4_SLOT_RO_MPT, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
+from .abi import DOMID_XEN, HYPERVISOR_COMPAT_VIRT_START, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, INVALID_M2P, INVALID_MFN, L4_SLOT_LINEAR, L4_SLOT_RO_MPT, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
 from .domain import owned_frames
 from .evtchn import audit as audit_ports
 from .frames import ALLOCATED, NO_OWNER, NR_OWNERS, PARTIAL, PARTIAL_SET, PINNED, VALIDATED, XEN_HEAP
@@ -171,11 +171,14 @@ def _hold_vcpus(hv, scope: _Scope, domains: list, out: list[Finding]) -> None:
                 infos.append(mfn)
                 if frames.type[mfn] != PageType.WRITABLE:
                     out.append((domain.domid, f"dom{domain.domid} vCPU {vcpu.vcpu_id} vcpu_info mfn {mfn:#x} is {PageType(frames.type[mfn]).name}, not WRITABLE"))
+            root = domain.mode.root_type
             for base in (vcpu.guest_table, vcpu.guest_table_user):
                 if base:
                     bases.append(base)
-                    if frames.type[base] != PageType.L4 or not frames.flags[base] & VALIDATED:
-                        out.append((domain.domid, f"dom{domain.domid} vCPU {vcpu.vcpu_id} base mfn {base:#x} is not a validated L4"))
+                    if frames.type[base] != root or not frames.flags[base] & VALIDATED:
+                        out.append((domain.domid, f"dom{domain.domid} vCPU {vcpu.vcpu_id} base mfn {base:#x} is not a validated {root.name}"))
+            if vcpu.compat_l4 and hv.memory.entries(vcpu.compat_l4).item(0) >> PAGE_SHIFT != vcpu.guest_table:
+                out.append((domain.domid, f"dom{domain.domid} vCPU {vcpu.vcpu_id} compat L4 mfn {vcpu.compat_l4:#x} slot 0 does not hold its base mfn {vcpu.guest_table:#x}"))
     scope.add(scope.count, np.array(held + bases + infos, dtype=np.int64))
     scope.add(scope.tcount, np.array(bases + infos, dtype=np.int64))
 
@@ -186,9 +189,9 @@ def _hold_tables(hv, scope: _Scope, tables: np.ndarray, out: list[Finding]) -> N
     frames, memory = hv.frames, hv.memory
     n = frames.nr_frames
     slot_index = np.arange(len(LEVELS[1].guest_slots))
-    types = frames.type[tables]
-    for level in LEVELS.values():
-        for table in tables[types == level.page_type].tolist():
+    for table in tables.tolist():
+        level = hv.pagetables.level_of(table, frames.type.item(table))
+        if level is not None:
             subject = _subject(hv, table)
             words = memory.entries(table)
             present = (words & _P) != 0
@@ -300,8 +303,10 @@ def reachability(hv, domain=None, owned: np.ndarray | None = None) -> list[Findi
 
     The roots are what a vCPU can run on or load cheaply: its kernel and user bases, the
     domain's pinned tables (each walked at its own level), and the translations its TLBs
-    cache. A translation follows entries with PRESENT and USER at every level (the guest runs
-    in ring 3, so Xen's own entries, which lack USER, lead nowhere); every frame it passes
+    cache. A translation follows entries with PRESENT and USER at every level (a 64-bit guest
+    runs in ring 3, so Xen's own entries, which lack USER, lead nowhere; a PV32 guest's kernel
+    runs in ring 1 and follows PRESENT alone, to Xen's read-only compat M2P at most,
+    docs/pv32.md section 2); every frame it passes
     through or ends at must be the domain's own, or, for a privileged domain (which may map
     foreign frames: get_page_from_l1e with a foreign pg_owner, xen/arch/x86/mm.c), any
     domain's, or one of Xen's read-only. A finding names one path from a root to the
@@ -324,7 +329,7 @@ def reachability(hv, domain=None, owned: np.ndarray | None = None) -> list[Findi
     for domain in domains:
         d = domain.domid
         for what, attr in (("kernel base", "guest_table"), ("user base", "guest_table_user")):
-            roots += [(f"dom{d} vCPU {v.vcpu_id} {what}", 4, base, d) for v in domain.vcpus if (base := getattr(v, attr))]
+            roots += [(f"dom{d} vCPU {v.vcpu_id} {what}", domain.mode.root, base, d) for v in domain.vcpus if (base := getattr(v, attr))]
     for mfn in pinned.tolist():
         level = LEVEL_OF_TYPE.get(frames.type.item(mfn))
         if level is not None and frames.owner.item(mfn) in hv.domains:
@@ -380,7 +385,9 @@ class _Reach:
                 children = []
                 continue
             words = np.array([memory.entries(n[0]) for n in node])
-            at, index = np.nonzero((words & _P_US) == _P_US)
+            # The flags a walk needs: PRESENT and USER, or for a PV32 kernel (ring 1) PRESENT.
+            need = np.where(self.frames.pv32[[roots[n[4]][3] for n in node]], _P, _P_US)[:, None]
+            at, index = np.nonzero((words & need) == need)
             entries = words[at, index]
             targets = ((entries & _MFN) >> _SHIFT).astype(np.int64)
             rw = np.array([n[1] for n in node])[at] & ((entries & _RW) != 0)
@@ -414,7 +421,8 @@ class _Reach:
         mfns = np.array([e.mfn for e in cached], np.int64)
         rw = (np.array([e.flags for e in cached], np.int64) & Pte.RW) != 0
         owners = [v for v in vcpus for _ in v.tlb.entries]
-        guest = (vas < np.uint64(1 << 47)) | (vas >= np.uint64(HYPERVISOR_VIRT_END))
+        pv32 = self.frames.pv32[[v.domid for v in owners]]
+        guest = np.where(pv32, vas < np.uint64(HYPERVISOR_COMPAT_VIRT_START), (vas < np.uint64(1 << 47)) | (vas >= np.uint64(HYPERVISOR_VIRT_END)))
         findings = []
         for k in np.flatnonzero(~(guest & self.allowed(mfns, rw, np.array([v.domid for v in owners], np.int64)))).tolist():
             where = "" if guest[k] else " (not a guest address)"

@@ -38,6 +38,11 @@ cost a walk.
 A store the kernel makes through a read-only mapping of one of its validated L1s is emulated
 as a checked entry update (`ptwr`).
 
+A 32-bit PAE guest (docs/pv32.md section 2) walks three levels from its L3 (paging.py), and its
+kernel runs in ring 1, a supervisor ring: its accesses need no USER, its user's do, and Xen
+adjusts none of its L1 or L2 entries. Its hole, from HYPERVISOR_COMPAT_VIRT_START to 4 GiB, is
+Xen's, answered like Xen's range: the compat M2P there is readable by the kernel only.
+
 Argument errors are `XenError(EINVAL)`: a size other than 1, 2, 4 or 8, an access not aligned
 to its size (so a single access never crosses a page; misaligned ones are not modelled), a
 value wider than the access, a block of 0 or more than fits in its page, and a non-canonical
@@ -50,13 +55,28 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from . import ptwr
-from .abi import HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, L4_SLOT_RO_MPT, PAGE_SHIFT, PAGE_SIZE, RO_MPT_VIRT_START, Errno, PFEC_page_present, PFEC_user_mode, PFEC_write_access
+from .abi import (
+    HYPERVISOR_COMPAT_VIRT_START,
+    HYPERVISOR_L4_FIRST,
+    HYPERVISOR_VIRT_END,
+    HYPERVISOR_VIRT_START,
+    L4_SLOT_RO_MPT,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    RO_MPT_VIRT_START,
+    Errno,
+    PFEC_page_present,
+    PFEC_user_mode,
+    PFEC_write_access,
+)
 from .domain import Vcpu
 from .errors import SimulatorBug, XenError
 from .pagetable import RW, US, A, D, G, P, entry_mfn
 from .tlb import TlbEntry
-from .walk import canonical, walk_entries
+from .walk import walk_entries
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -65,7 +85,6 @@ if TYPE_CHECKING:
 _MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 _OFFSET = PAGE_SIZE - 1
 _RW_D = RW | D
-_LEVELS = (4, 3, 2, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,37 +108,45 @@ def _error_code(user: bool, write: bool) -> int:
 def _translate(hv: "Hypervisor", vcpu: Vcpu, va: int, user: bool, write: bool) -> TlbEntry | PageFault:
     """The translation an access uses: a TLB hit (checked by the oracle), or a fresh walk."""
     hit = vcpu.tlb.entries.get(va >> PAGE_SHIFT)
-    if hit is not None and (hit.user == user or hit.is_global) and (not write or hit.flags & _RW_D == _RW_D):
-        root = vcpu.guest_table_user if user else vcpu.guest_table
+    if hit is not None and (hit.user == user or hit.is_global) and (not write or hit.flags & _RW_D == _RW_D) and (not user or hit.flags & US):
+        root = vcpu.base(user)
         if hit.root == root and hv.memory.entries(hit.l1).item(hit.slot) == hit.pte:
             return hit
         return _recheck(hv, vcpu, va, hit, root, user, write)
     return _fill(hv, vcpu, va, user, write)
 
 
-def _walk(hv: "Hypervisor", root: int, va: int, user: bool, write: bool) -> tuple[list, int] | PageFault:
+def _walk(hv: "Hypervisor", vcpu: Vcpu, root: int, va: int, user: bool, write: bool) -> tuple[list, int] | PageFault:
     """What the current tables say about an access, without side effects: the walk's
     (table, slot, entry) per level and the effective P/RW/USER flags, or the fault. In Xen's
-    range it is Xen's own L4 entry that answers, whatever the base holds there."""
+    range it is Xen's own L4 entry that answers, whatever the base holds there (in a PV32
+    guest's hole, Xen's entries of its PAE_XEN_L2)."""
     code = _error_code(user, write)
     if not root:
         return PageFault(va, code, f"the vCPU has no {'user' if user else 'kernel'} base pointer")
-    if not canonical(va):
-        raise XenError(Errno.EINVAL, f"va {va:#x} is not canonical (the CPU raises #GP, which the model does not deliver)")
-    if HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
-        return _xen_range_fault(hv, root, va, code)
-    path = walk_entries(hv.memory, root, va)
+    mode = vcpu.mode
+    if not mode.addressable(va):
+        what = "a 32-bit address" if mode.pv32 else "canonical"
+        raise XenError(Errno.EINVAL, f"va {va:#x} is not {what} (the CPU raises #GP, which the model does not deliver)")
+    if mode.pv32:
+        if va >= HYPERVISOR_COMPAT_VIRT_START:
+            return _compat_hole_fault(hv, va, code)
+        need = (US if user else 0) | (RW if write else 0)  # the kernel runs in ring 1
+    else:
+        if HYPERVISOR_VIRT_START <= va < HYPERVISOR_VIRT_END:
+            return _xen_range_fault(hv, root, va, code)
+        need = US | RW if write else US
+    path = walk_entries(hv.memory, root, va, mode)
     flags = P | RW | US
-    for level, (table, slot, entry) in zip(_LEVELS, path):
+    for level, (table, slot, entry) in zip(mode.walk_levels, path):
         if not entry & P:
             return PageFault(va, code, f"L{level} entry {slot} of mfn {table:#x} is not present")
         flags &= entry
-    if len(path) < 4:
+    if len(path) < len(mode.shifts):
         raise SimulatorBug(f"the walk of va {va:#x} under mfn {root:#x} left machine memory")
-    need = US | RW if write else US
     if flags & need != need:
-        bit = RW if flags & US else US
-        level, (table, slot, _) = next((lv, step) for lv, step in zip(_LEVELS, path) if not step[2] & bit)
+        bit = RW if flags & US or not need & US else US
+        level, (table, slot, _) = next((lv, step) for lv, step in zip(mode.walk_levels, path) if not step[2] & bit)
         what = "is read-only" if bit == RW else "lacks USER"
         return PageFault(va, code | PFEC_page_present, f"L{level} entry {slot} of mfn {table:#x} {what}")
     return path, flags
@@ -140,6 +167,24 @@ def _xen_range_fault(hv: "Hypervisor", root: int, va: int, code: int) -> PageFau
     return PageFault(va, code, f"{where} is not present")
 
 
+def _compat_m2p_bytes(hv: "Hypervisor") -> int:
+    """How far Xen's compat M2P is mapped from HYPERVISOR_COMPAT_VIRT_START: its 2 MiB pages
+    (pagetable.compat_xen_l2_slots)."""
+    return int(np.count_nonzero(hv.pagetables.compat_xen_l2)) << 21
+
+
+def _compat_hole_fault(hv: "Hypervisor", va: int, code: int) -> PageFault:
+    """The fault of a PV32 access in Xen's hole, from HYPERVISOR_COMPAT_VIRT_START up, decided
+    by Xen's entries of the guest's PAE_XEN_L2: the compat M2P's are PRESENT without USER or
+    RW, so a write or a user access faults on them (a kernel read is answered by `_m2p_read`);
+    the rest are empty."""
+    where = f"va {va:#x} is in Xen's hole of a 32-bit guest"
+    if va - HYPERVISOR_COMPAT_VIRT_START >= _compat_m2p_bytes(hv):
+        return PageFault(va, code, f"{where}, where Xen maps nothing")
+    what = "read-only" if code & PFEC_write_access else "without USER"
+    return PageFault(va, code | PFEC_page_present, f"{where}: Xen's compat M2P, mapped {what}")
+
+
 def _maps_ro_mpt(hv: "Hypervisor", root: int) -> bool:
     """Whether Xen has mapped its read-only M2P in slot 256 of base `root` (fill_ro_mpt);
     whatever else the slot holds is not Xen's and answers nothing."""
@@ -151,29 +196,45 @@ def _m2p_read(hv: "Hypervisor", vcpu: Vcpu, va: int, length: int, user: bool) ->
     (machine_to_phys_mapping, docs/xen.md section 22): the M2P entry of mfn (va -
     RO_MPT_VIRT_START) / 8, as MMU_MACHPHYS_UPDATE and memory_op last set it, when the base
     maps the M2P in slot 256; None where it does not (the access faults)."""
+    if vcpu.compat_l4:
+        return _compat_m2p_read(hv, vcpu, va, length, user)
     first = va - RO_MPT_VIRT_START
     if not (0 <= first and first + length <= 8 * hv.nr_frames):
         return None
-    root = vcpu.guest_table_user if user else vcpu.guest_table
+    root = vcpu.base(user)
     if not root or not _maps_ro_mpt(hv, root):
         return None
     words = hv.m2p[first >> 3 : (first + length + 7) >> 3].astype("<u8").tobytes()
     return words[first & 7 : (first & 7) + length]
 
 
+def _compat_m2p_read(hv: "Hypervisor", vcpu: Vcpu, va: int, length: int, user: bool) -> bytes | None:
+    """A PV32 kernel's read of the compat M2P (compat_machine_to_phys_mapping, one u32 pfn per
+    mfn from HYPERVISOR_COMPAT_VIRT_START, the low half of the M2P's entry; INVALID past the
+    machine's frames, as paging_init fills it); None for a user read or outside it (it faults)."""
+    first = va - HYPERVISOR_COMPAT_VIRT_START
+    if user or not vcpu.guest_table or not (0 <= first and first + length <= _compat_m2p_bytes(hv)):
+        return None
+    low, high = first >> 2, (first + length + 3) >> 2
+    pfns = np.full(high - low, 0xFFFFFFFF, dtype="<u4")
+    known = hv.m2p[low:high]
+    pfns[: len(known)] = known.astype("<u4")
+    return pfns.tobytes()[first & 3 : (first & 3) + length]
+
+
 def _fill(hv: "Hypervisor", vcpu: Vcpu, va: int, user: bool, write: bool) -> TlbEntry | PageFault:
     """A TLB miss: walk, set the accessed (and dirty) bits, cache the translation."""
-    root = vcpu.guest_table_user if user else vcpu.guest_table
-    walked = _walk(hv, root, va, user, write)
+    root = vcpu.base(user)
+    walked = _walk(hv, vcpu, root, va, user, write)
     if walked.__class__ is PageFault:
         vcpu.tlb.invlpg(va)
         return walked
     path, flags = walked
     memory = hv.memory
-    for table, slot, entry in path[:3]:
+    for table, slot, entry in path[:-1]:
         if not entry & A:
             memory.frame(table)[slot] = entry | A
-    l1, slot, pte = path[3]
+    l1, slot, pte = path[-1]
     stored = pte | A | (D if write else 0)
     if stored != pte:
         memory.frame(l1)[slot] = stored
@@ -188,12 +249,12 @@ def _recheck(hv: "Hypervisor", vcpu: Vcpu, va: int, hit: TlbEntry, root: int, us
     permissions, the entry is re-based so the next hit is cheap again). Otherwise the hit is
     stale: counted, then used as the CPU would, or in strict mode dropped and faulted (with P
     set when the current tables would translate, which a guest treats as a spurious fault)."""
-    walked = _walk(hv, root, va, user, write)
+    walked = _walk(hv, vcpu, root, va, user, write)
     if walked.__class__ is PageFault:
         current, fault = None, walked
     else:
         path, flags = walked
-        l1, slot, pte = path[3]
+        l1, slot, pte = path[-1]
         current = entry_mfn(pte)
         if current == hit.mfn:
             if not (flags ^ hit.flags) & (RW | US):

@@ -1,9 +1,10 @@
 """Domains and vCPUs, the domain builder, and domain destruction.
 
-The builder plays libxl/libxenguest for a 64-bit PV guest (docs/xen.md section 17): it allocates the
-guest's frames, writes start-info and the P2M list into guest memory, builds a 4-level
-pagetable that maps all lowmem at PAGE_OFFSET (the pagetable frames themselves read-only),
-pins the L4 and loads it as vCPU 0's kernel base, all through the ordinary reference
+The builder plays libxl/libxenguest for a PV guest (docs/xen.md section 17; a 32-bit one:
+docs/pv32.md section 4): it allocates the guest's frames, writes start-info and the P2M list
+into guest memory, builds a pagetable of its paging mode's levels (paging.py) that maps all
+lowmem at the direct map (the pagetable frames themselves read-only), pins the top level (an
+L4, or a PAE L3) and loads it as vCPU 0's kernel base, all through the ordinary reference
 primitives, so a freshly built guest audits clean. Destruction follows docs/xen.md section 12.4.
 """
 
@@ -15,12 +16,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .abi import (
+    DOMID_XEN,
     ENTRIES_PER_TABLE,
     EVTCHN_2L_NR_CHANNELS,
     INVALID_MFN,
+    L2_SLOT_COMPAT_XEN_FIRST,
     MAX_VCPUS,
     NR_VIRQS,
+    PAE_XEN_L3_SLOT,
     PAGE_OFFSET,
+    PAGE_OFFSET_PAE,
     PAGE_SHIFT,
     PAGE_SIZE,
     PERIODIC_DEFAULT_NS,
@@ -28,6 +33,7 @@ from .abi import (
     START_INFO_FIELD_OFFSET,
     START_INFO_FIELDS,
     START_INFO_MAGIC,
+    START_INFO_MAGIC_PAE,
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     Errno,
@@ -41,6 +47,8 @@ from .errors import XenError
 from .evtchn import LIBXL_MAX_EVTCHN_PORT, evtchn_init
 from .evtchn_fifo import EvtchnFifo
 from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, FrameTable
+from .pagetable import XEN_SLOTS as XEN_L4_SLOTS
+from .paging import MODES, PV32, PV64, PagingMode
 from .preempt import Continuation
 from .tlb import Tlb
 
@@ -49,6 +57,11 @@ MIN_PAGES = 16
 # (tools/libs/light/libxl_dom.c, libxl__build_pre; docs/xen.md section 23).
 MAXMEM_SLACK_PAGES = 1024 * 1024 // PAGE_SIZE
 _TABLE_FLAGS = int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY)
+# libxenguest's lvl_prot[1..2] for a PAE guest's L2 and L3 entries (xg_dom_x86.c,
+# alloc_pgtables_x86_32_pae): Xen adds nothing to a PV32 L2 entry, so USER is the builder's.
+_PAE_TABLE_FLAGS = _TABLE_FLAGS | int(Pte.USER)
+# How Xen installs a PV32 vCPU's L3 in slot 0 of its compat L4 (new_guest_cr3, arch_set_info_guest).
+_COMPAT_L4_FLAGS = int(Pte.PRESENT | Pte.RW | Pte.USER | Pte.ACCESSED)
 _DATA_FLAGS = int(Pte.PRESENT | Pte.ACCESSED | Pte.DIRTY)
 
 
@@ -103,6 +116,18 @@ class Vcpu:
     # VCPUOP_register_vcpu_info's area as (mfn, byte offset), holding a general and a writable
     # type reference on the mfn; None = vcpu_info[vcpu_id] of shared info (docs/vcpu-time.md section 7).
     vcpu_info_area: tuple[int, int] | None = None
+    # A PV32 vCPU's compat L4 (setup_compat_l4, xen/arch/x86/pv/domain.c): a Xen frame whose
+    # slot 0 holds `guest_table`, the guest's PAE L3 (docs/pv32.md section 2); 0 for PV64.
+    compat_l4: int = 0
+
+    @property
+    def mode(self) -> PagingMode:
+        return PV32 if self.compat_l4 else PV64
+
+    def base(self, user: bool = False) -> int:
+        """The table the CPU walks from in kernel or user mode: the 64-bit kernel or user
+        base, or PV32's one L3 (its kernel and user share an address space)."""
+        return self.guest_table_user if user and not self.compat_l4 else self.guest_table
 
     def info(self) -> dict:
         return {
@@ -147,6 +172,7 @@ class Domain:
     # 64, or 32 for a PAE guest on the compat ABI: XEN_DOMCTL_set_address_size before the
     # build, fixed for life (docs/pv32.md section 1).
     address_size: int = 64
+    vm_assist: int = 0  # VMASST_TYPE_* bits enabled (d->vm_assist); none: no guest enables one yet
     max_pages: int = 0  # d->max_pages: the reservation memory_op may grow to (docs/xen.md section 23)
     # Its hypercalls by (op, outcome), as Hypervisor.stats counts the machine's: kept with the
     # domain (and gone with it), so a replayed trace counts them too (views.domain_stats).
@@ -166,14 +192,21 @@ class Domain:
             "address_size": self.address_size,
         }
 
+    @property
+    def mode(self) -> PagingMode:
+        return MODES[self.address_size]
 
-def _layout(nr_pages: int, nr_lowmem: int) -> dict:
-    """Where the boot structures go in pfn space: start-info, the P2M list, the pagetable."""
-    p2m_frames = -(-nr_pages * 8 // PAGE_SIZE)
+
+def _layout(nr_pages: int, nr_lowmem: int, mode: PagingMode) -> dict:
+    """Where the boot structures go in pfn space: start-info, the P2M list (u64 mfns, or a
+    PV32 guest's u32 ones: p2m_guest in xg_dom_x86.c), the pagetable: the top level, then for
+    PV64 one L3 (it covers 512 GiB), the L2s and the L1s (a PV32 guest's lowmem fits under
+    slot 3 of its L3, below Xen's hole, so one L2)."""
+    p2m_frames = -(-nr_pages * (4 if mode.pv32 else 8) // PAGE_SIZE)
     nr_l1 = -(-nr_lowmem // ENTRIES_PER_TABLE)
     nr_l2 = -(-nr_l1 // ENTRIES_PER_TABLE)
     pt_base_pfn = 1 + p2m_frames
-    nr_pt = 2 + nr_l2 + nr_l1  # L4, one L3 (covers 512 GiB), L2s, L1s
+    nr_pt = (1 if mode.pv32 else 2) + nr_l2 + nr_l1
     return {
         "p2m_pfn": 1,
         "pt_base_pfn": pt_base_pfn,
@@ -195,12 +228,14 @@ def build(
     highmem_pages: int,
     max_evtchn_port: int = LIBXL_MAX_EVTCHN_PORT,
     address_size: int = 64,
+    xen_l4_entries=None,
 ) -> Domain:
-    """Create a domain the way the toolstack's domain builder does (docs/xen.md section 17)."""
-    if address_size not in (32, 64):  # arch_do_domctl, XEN_DOMCTL_set_address_size
+    """Create a domain the way the toolstack's domain builder does (docs/xen.md section 17;
+    PV32: docs/pv32.md section 4). `xen_l4_entries(mfn)` gives Xen's slots of an L4 (a PV32
+    vCPU's compat L4)."""
+    if address_size not in MODES:  # arch_do_domctl, XEN_DOMCTL_set_address_size
         raise XenError(Errno.EINVAL, f"address_size {address_size} is neither 64 (x86-64 PV) nor 32 (PAE on the compat ABI)")
-    if address_size == 32:
-        raise XenError(Errno.EOPNOTSUPP, "32-bit PV domains are not built yet (i14-core replaces this line)")
+    mode = MODES[address_size]
     if not 1 <= nr_vcpus <= MAX_VCPUS:
         raise XenError(Errno.EINVAL, f"nr_vcpus {nr_vcpus} is outside 1..{MAX_VCPUS}")
     if not 0 <= max_evtchn_port < EVTCHN_2L_NR_CHANNELS:
@@ -208,77 +243,102 @@ def build(
     nr_lowmem = nr_pages - highmem_pages
     if nr_pages < MIN_PAGES or highmem_pages < 0:
         raise XenError(Errno.EINVAL, f"nr_pages {nr_pages} (highmem {highmem_pages}) is below {MIN_PAGES} or negative")
-    layout = _layout(nr_pages, nr_lowmem)
+    layout = _layout(nr_pages, nr_lowmem, mode)
     if layout["first_free_pfn"] + 8 > nr_lowmem:
         raise XenError(Errno.EINVAL, f"{nr_lowmem} lowmem pages cannot hold the boot layout ({layout['first_free_pfn']} pages)")
-    if frames.free_frames() < nr_pages + 1:
-        raise XenError(Errno.ENOMEM, f"{nr_pages + 1} frames wanted, {frames.free_frames()} free")
+    if mode.pv32 and layout["nr_l1"] > L2_SLOT_COMPAT_XEN_FIRST:
+        raise XenError(Errno.EINVAL, f"{nr_lowmem} lowmem pages do not fit between {PAGE_OFFSET_PAE:#x} and Xen's hole (at most {L2_SLOT_COMPAT_XEN_FIRST * ENTRIES_PER_TABLE})")
+    compat_l4s = nr_vcpus if mode.pv32 else 0  # setup_compat_l4: one per vCPU
+    if frames.free_frames() < nr_pages + 1 + compat_l4s:
+        raise XenError(Errno.ENOMEM, f"{nr_pages + 1 + compat_l4s} frames wanted, {frames.free_frames()} free")
+    frames.pv32[domid] = mode.pv32  # switch_compat, before anything of the domain is validated
     mfns = frames.alloc(domid, nr_pages)[::-1].copy()  # pfn != mfn, so translation matters
     m2p[mfns] = np.arange(nr_pages, dtype=np.uint64)
     # A Xen-heap page shared with the guest: permanently writable (share_xen_page_with_guest).
     shared_info = int(frames.alloc(domid, 1, xen_heap=True)[0])
     frames.get_page_type(shared_info, PageType.WRITABLE)
-    domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, [Vcpu(domid, i) for i in range(nr_vcpus)], shared_info, max_evtchn_port=max_evtchn_port, address_size=address_size)
+    vcpus = [Vcpu(domid, i) for i in range(nr_vcpus)]
+    for vcpu, l4 in zip(vcpus, frames.alloc(DOMID_XEN, compat_l4s, xen_heap=True).tolist() if compat_l4s else []):
+        vcpu.compat_l4 = l4  # init_xen_l4_slots: Xen's slots, the guest's slot 0 empty until a base
+        frames.memory.frame(l4)[XEN_L4_SLOTS] = xen_l4_entries(l4)
+    domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, vcpus, shared_info, max_evtchn_port=max_evtchn_port, address_size=address_size)
     domain.max_pages = nr_pages + MAXMEM_SLACK_PAGES  # libxl's setmaxmem
     evtchn_init(domain)
     for vcpu in range(nr_vcpus):  # libxenguest's shared_info_x86_64: no events until the guest enables them
         frames.memory.write(shared_info, SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu + VCPU_INFO_UPCALL_MASK, b"\x01")
 
     memory = frames.memory
-    _write_words(memory, mfns, layout["p2m_pfn"], mfns.astype(np.uint64))
+    _write_words(memory, mfns, layout["p2m_pfn"], mfns.astype(np.uint32 if mode.pv32 else np.uint64))
     pt = layout["pt_base_pfn"]
-    l3_pfn, l2_pfn = pt + 1, pt + 2
+    l2_pfn = pt + (1 if mode.pv32 else 2)
     l1_pfn = l2_pfn + layout["nr_l2"]
     direct = (mfns[:nr_lowmem].astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(_DATA_FLAGS | Pte.RW)
     direct[pt : pt + layout["nr_pt_frames"]] &= ~np.uint64(Pte.RW)  # bootstrap tables are RO
     _write_words(memory, mfns, l1_pfn, direct)
-    _write_words(memory, mfns, l2_pfn, _table_entries(mfns, l1_pfn, layout["nr_l1"]))
-    _write_words(memory, mfns, l3_pfn, _table_entries(mfns, l2_pfn, layout["nr_l2"]))
-    l4_slot = (PAGE_OFFSET >> 39) & 511
-    memory.frame(int(mfns[pt]))[l4_slot] = (int(mfns[l3_pfn]) << PAGE_SHIFT) | _TABLE_FLAGS
+    if mode.pv32:  # the L3 maps PAGE_OFFSET_PAE in slot 3, whose L2 becomes Xen's PAE_XEN_L2
+        page_offset, flags = PAGE_OFFSET_PAE, _PAE_TABLE_FLAGS
+        _write_words(memory, mfns, l2_pfn, _table_entries(mfns, l1_pfn, layout["nr_l1"], flags))
+        memory.frame(int(mfns[pt]))[PAE_XEN_L3_SLOT] = (int(mfns[l2_pfn]) << PAGE_SHIFT) | flags
+    else:
+        page_offset, l3_pfn = PAGE_OFFSET, pt + 1
+        _write_words(memory, mfns, l2_pfn, _table_entries(mfns, l1_pfn, layout["nr_l1"]))
+        _write_words(memory, mfns, l3_pfn, _table_entries(mfns, l2_pfn, layout["nr_l2"]))
+        memory.frame(int(mfns[pt]))[(PAGE_OFFSET >> 39) & 511] = (int(mfns[l3_pfn]) << PAGE_SHIFT) | _TABLE_FLAGS
 
-    l4 = int(mfns[pt])
+    top = int(mfns[pt])
     # The L1s first, all at once (a 4 GiB guest has 2048): the L2s' entries then find them
     # validated and take their references as usual, and the builder drops its own.
     l1s = mfns[l1_pfn : l1_pfn + layout["nr_l1"]]
     frames.get_l1_types_bulk(l1s, domid)
-    frames.get_page_and_type(l4, domid, PageType.L4)  # the toolstack's PIN_L4_TABLE
+    frames.get_page_and_type(top, domid, mode.root_type)  # the toolstack's PIN_L4_TABLE, or PIN_L3_TABLE
     for l1 in l1s.tolist():
         frames.put_page_type(l1)
-    frames.set_pinned(l4, True)
-    frames.get_page_and_type(l4, domid, PageType.L4)  # vCPU 0's kernel base
+    frames.set_pinned(top, True)
+    frames.get_page_and_type(top, domid, mode.root_type)  # vCPU 0's kernel base
     boot = domain.vcpus[0]
-    boot.guest_table, boot.initialised, boot.down = l4, True, False
+    boot.guest_table, boot.initialised, boot.down = top, True, False
+    install_compat_base(memory, boot)
     boot.vgc_flags = VGCF_in_kernel | VGCF_online  # libxenguest's context for vCPU 0
 
     domain.start_info = {
         "nr_pages": nr_pages,
         "shared_info": shared_info << PAGE_SHIFT,
         "flags": 0,
-        "pt_base": PAGE_OFFSET + (pt << PAGE_SHIFT),
+        "pt_base": page_offset + (pt << PAGE_SHIFT),
         "nr_pt_frames": layout["nr_pt_frames"],
-        "mfn_list": PAGE_OFFSET + (layout["p2m_pfn"] << PAGE_SHIFT),
+        "mfn_list": page_offset + (layout["p2m_pfn"] << PAGE_SHIFT),
         "first_free_pfn": layout["first_free_pfn"],
         "nr_vcpus": nr_vcpus,
         "nr_lowmem_pages": nr_lowmem,
-        "pt_base_mfn": l4,
+        "pt_base_mfn": top,
     }
-    record = START_INFO_MAGIC.ljust(START_INFO_FIELD_OFFSET, b"\0") + b"".join(
+    magic = START_INFO_MAGIC_PAE if mode.pv32 else START_INFO_MAGIC
+    record = magic.ljust(START_INFO_FIELD_OFFSET, b"\0") + b"".join(
         domain.start_info[name].to_bytes(8, "little") for name in START_INFO_FIELDS
     )
     memory.write(int(mfns[0]), 0, record)
     return domain
 
 
-def _table_entries(mfns: np.ndarray, first_pfn: int, n: int) -> np.ndarray:
-    return (mfns[first_pfn : first_pfn + n].astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(_TABLE_FLAGS)
+def install_compat_base(memory, vcpu: Vcpu) -> None:
+    """Write a PV32 vCPU's base, its PAE L3, into slot 0 of its compat L4, as new_guest_cr3 and
+    arch_set_info_guest do (empty when it has none). The reference is the base pointer's
+    (docs/pv32.md section 2); nothing for a 64-bit vCPU."""
+    if vcpu.compat_l4:
+        memory.frame(vcpu.compat_l4)[0] = (vcpu.guest_table << PAGE_SHIFT) | _COMPAT_L4_FLAGS if vcpu.guest_table else 0
+
+
+def _table_entries(mfns: np.ndarray, first_pfn: int, n: int, flags: int = _TABLE_FLAGS) -> np.ndarray:
+    return (mfns[first_pfn : first_pfn + n].astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(flags)
 
 
 def _write_words(memory, mfns: np.ndarray, first_pfn: int, words: np.ndarray) -> None:
-    """Write a run of u64 words into consecutive guest pfns starting at `first_pfn`."""
-    for i in range(0, len(words), ENTRIES_PER_TABLE):
-        chunk = words[i : i + ENTRIES_PER_TABLE]
-        memory.frame(int(mfns[first_pfn + i // ENTRIES_PER_TABLE]))[: len(chunk)] = chunk
+    """Write a run of words (u64, or a PV32 P2M's u32) into consecutive guest pfns starting at
+    `first_pfn`."""
+    per_page = PAGE_SIZE // words.itemsize
+    for i in range(0, len(words), per_page):
+        chunk = words[i : i + per_page]
+        memory.frame(int(mfns[first_pfn + i // per_page])).view(words.dtype)[: len(chunk)] = chunk
 
 
 @contextmanager
@@ -331,6 +391,7 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain, owned: np.ndarray
                 with teardown_step(problems, f"vCPU {vcpu.vcpu_id} base pointer mfn {base:#x}"):
                     frames.put_page_and_type(base)
         vcpu.guest_table = vcpu.guest_table_user = 0
+        install_compat_base(frames.memory, vcpu)
         if vcpu.vcpu_info_area is not None:  # unmap_guest_area (docs/vcpu-time.md section 7)
             with teardown_step(problems, f"vCPU {vcpu.vcpu_id} vcpu_info mfn {vcpu.vcpu_info_area[0]:#x}"):
                 frames.put_page_and_type(vcpu.vcpu_info_area[0])
@@ -357,4 +418,7 @@ def relinquish(frames: FrameTable, pagetables, domain: Domain, owned: np.ndarray
                     pagetables.demote(mfn, kind)
     with teardown_step(problems, "release of the allocation references"):
         frames.release(owned)
+    compat_l4s = [vcpu.compat_l4 for vcpu in domain.vcpus if vcpu.compat_l4]
+    with teardown_step(problems, f"release of the compat L4s {compat_l4s}"):  # release_compat_l4
+        frames.release(np.array(compat_l4s, dtype=np.int64))
     return problems

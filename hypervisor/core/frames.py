@@ -60,6 +60,11 @@ XEN_HEAP = 8
 QUARANTINED = 16  # set alone: see quarantine
 PARTIAL = 32  # PGT_partial: (de)validation stopped part-way (see above)
 PARTIAL_SET = 64  # PTF_partial_set in Xen's partial_flags: the entry at nr_validated is partial
+PAE_XEN_L2 = 128  # PGT_pae_xen_l2: an L2 under slot 3 of a PV32 PAE L3, part of its type (docs/pv32.md section 3)
+
+# A type to take with the PGT_pae_xen_l2 bit: `PageType.L2 | PGT_PAE_XEN_L2`, as Xen ORs it into
+# the type it asks get_page_type for. A frame of type L2 without it is another type, and back.
+PGT_PAE_XEN_L2 = 0x10
 
 PAGETABLE_TYPES = (PageType.L1, PageType.L2, PageType.L3, PageType.L4)
 _WRITABLE = int(PageType.WRITABLE)
@@ -100,6 +105,9 @@ class FrameTable:
         # Frames owned, by owner (domid or DOMID_XEN): Xen-heap pages apart, as Xen counts them.
         self.tot_pages = np.zeros(NR_OWNERS, dtype=np.int64)
         self.xenheap_pages = np.zeros(NR_OWNERS, dtype=np.int64)
+        # Per owner: a 32-bit PV domain's (is_pv_32bit_domain), which picks its paging mode
+        # (paging.py); set by the domain builder before it validates anything.
+        self.pv32 = np.zeros(NR_OWNERS, dtype=bool)
         self._alloc_cursor = 0
         # mfn -> why it was quarantined (see quarantine), for audit.
         self.quarantined: dict[int, str] = {}
@@ -266,8 +274,8 @@ class FrameTable:
         else:
             self.flags[mfn] &= ~np.uint8(PARTIAL_SET)
 
-    def is_partial(self, mfn: int, kind: PageType) -> bool:
-        return bool(self.flags.item(mfn) & PARTIAL) and self.type.item(mfn) == kind
+    def is_partial(self, mfn: int, kind: int) -> bool:
+        return bool(self.flags.item(mfn) & PARTIAL) and self.type.item(mfn) == kind & ~PGT_PAE_XEN_L2
 
     def left_partial(self, mfn: int) -> bool:
         """Whether the failure just raised left frame `mfn` partial, its general reference
@@ -304,8 +312,9 @@ class FrameTable:
 
     # -- type references ------------------------------------------------------------------
 
-    def get_page_type(self, mfn: int, want: PageType) -> None:
-        """Take a type reference of type `want`, validating on first use (docs/xen.md section 1.4).
+    def get_page_type(self, mfn: int, want: int) -> None:
+        """Take a type reference of type `want` (a PageType, with PGT_PAE_XEN_L2 for the L2 of
+        a PAE L3's slot 3), validating on first use (docs/xen.md section 1.4).
 
         Raises `XenError(EINVAL)` on a type conflict, or the validation errno. On failure no
         reference is kept, and the type bits are what Xen leaves: a frame whose validation
@@ -355,16 +364,16 @@ class FrameTable:
         self.type[mfn] = want
         self.forget_mappings(mfn)  # Xen's filtered TLB flush on a type change (step 7)
 
-    def _get_page_type(self, mfn: int, want: PageType) -> None:
+    def _get_page_type(self, mfn: int, want: int) -> None:
         count = self.type_count.item(mfn)
-        have = self.type.item(mfn)
         flags = self.flags.item(mfn)
+        have = self.type.item(mfn) | (PGT_PAE_XEN_L2 if flags & PAE_XEN_L2 else 0)
         if count:
             if have != want:
                 raise XenError(
                     Errno.EINVAL,
-                    f"mfn {mfn:#x} has type {PageType(have).name} with {count} type references, "
-                    f"cannot take type {PageType(want).name}",
+                    f"mfn {mfn:#x} has type {type_name(have)} with {count} type references, "
+                    f"cannot take type {type_name(want)}",
                 )
             if flags & VALIDATED:
                 self.type_count[mfn] = count + 1
@@ -381,23 +390,23 @@ class FrameTable:
                 self.put_page(mfn)
             return
         if have != want:
-            self._retype(mfn, want)
-            self.flags[mfn] &= ~np.uint8(VALIDATED)
+            self._retype(mfn, want & ~PGT_PAE_XEN_L2)
+            self.flags[mfn] = (flags & ~(VALIDATED | PAE_XEN_L2)) | (PAE_XEN_L2 if want & PGT_PAE_XEN_L2 else 0)
         self.type_count[mfn] = 1
         if self.flags.item(mfn) & VALIDATED:
             return
-        if want in PAGETABLE_TYPES:
+        if want & ~PGT_PAE_XEN_L2 in PAGETABLE_TYPES:
             self.stop_at(mfn, 0, False)
             self._validate(mfn, want)
         else:
             self.flags[mfn] |= VALIDATED
 
-    def _validate(self, mfn: int, want: PageType) -> None:
+    def _validate(self, mfn: int, want: int) -> None:
         """Xen's validate_page: validated, or partial (stopped, or failed holding entries that
         only a preemptible teardown may drop), or untyped again (failed holding nothing)."""
         self._nested += 1
         try:
-            self.promote(mfn, PageType(want))
+            self.promote(mfn, PageType(want & ~PGT_PAE_XEN_L2))
         except Restart:
             self._leave_partial(mfn)
             raise
@@ -407,6 +416,7 @@ class FrameTable:
             else:
                 self.type_count[mfn] = 0
                 self.type[mfn] = _NONE  # validate_page: type_info = 0
+                self.flags[mfn] &= ~np.uint8(PAE_XEN_L2)
             raise
         finally:
             self._nested -= 1
@@ -446,12 +456,13 @@ class FrameTable:
                 self._nested -= 1
             self.linear[mfn] = 0
             self.type_count[mfn] = 0
+            self.flags[mfn] &= ~np.uint8(PAE_XEN_L2)  # demote_l2_table, once done
             if was_partial:
                 self.put_page(mfn)
             return
         self.type_count[mfn] = count - 1
 
-    def get_page_and_type(self, mfn: int, domid: int, want: PageType, partial_set: bool = False) -> None:
+    def get_page_and_type(self, mfn: int, domid: int, want: int, partial_set: bool = False) -> None:
         """A general and a type reference together (Xen's get_page_and_type_from_mfn). With
         `partial_set` the caller already holds the general reference, and a partial frame's
         work, which this goes on with.
@@ -585,6 +596,11 @@ class FrameTable:
             "xen_heap": bool(flags & XEN_HEAP),
             "quarantined": bool(flags & QUARANTINED),
         }
+
+
+def type_name(kind: int) -> str:
+    """A type as Xen's messages name it, PGT_pae_xen_l2 included."""
+    return PageType(kind & ~PGT_PAE_XEN_L2).name + ("|PAE_XEN_L2" if kind & PGT_PAE_XEN_L2 else "")
 
 
 def _unset(mfn: int, kind: PageType) -> None:

@@ -23,6 +23,7 @@ from .abi import (
     PREEMPT_WORK,
     STEP_WORK,
     Errno,
+    VMASST_TYPE_pae_extended_cr3,
 )
 from .domain import Domain, Vcpu, build, owned_frames, relinquish, teardown_step
 from .errors import Restart, XenError
@@ -159,6 +160,7 @@ class Hypervisor:
         self.budget.per_call = preempt_work
         xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES, xen_heap=True)
         self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]), ro_mpt_l3=int(xen[2]))
+        self.pagetables.high_l3_ok = self._high_l3_ok
         self.frames.forget_mappings = self._forget_mappings
         self.frames.forget_mappings_of = self._forget_mappings_of
         self.m2p = self.frames.m2p
@@ -249,6 +251,13 @@ class Hypervisor:
             raise XenError(Errno.ESRCH, f"no domain {domid}")
         return domain
 
+    def _high_l3_ok(self, domid: int) -> bool:
+        """Whether a PAE L3 of `domid` may lie above 4 GiB (promote_l3_table,
+        docs/pv32.md section 3): with VMASST pae_extended_cr3, or while the toolstack builds the domain
+        (before its vCPU 0 is initialised)."""
+        domain = self.domains.get(domid)
+        return domain is None or not domain.vcpus[0].initialised or bool(domain.vm_assist >> VMASST_TYPE_pae_extended_cr3 & 1)
+
     def _forget_mappings(self, mfn: int) -> None:
         """Xen's safety flush when a frame changes type: no vCPU keeps a translation to it.
         Only the owner's vCPUs can have one (nobody else may map the frame)."""
@@ -277,8 +286,9 @@ class Hypervisor:
         while domid in self.domains:
             domid = domid % (DOMID_FIRST_RESERVED - 1) + 1
         instance = self._instances + 1
-        domain = build(self.frames, self.m2p, domid, instance, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages, max_evtchn_port, address_size)
-        self.pagetables.fill_ro_mpt(domain.vcpus[0].guest_table)  # the toolstack's arch_set_info_guest for vCPU 0
+        domain = build(self.frames, self.m2p, domid, instance, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages, max_evtchn_port, address_size, self.pagetables.xen_l4_entries)
+        if not domain.mode.pv32:
+            self.pagetables.fill_ro_mpt(domain.vcpus[0].guest_table)  # the toolstack's arch_set_info_guest for vCPU 0
         self.domains[domid] = domain
         for vcpu in domain.vcpus:  # vcpu_create: offline since now; vCPU 0 is scheduled at once
             vcpu.runstate.state_entry_time = self.sched.now_ns

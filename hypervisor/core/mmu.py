@@ -25,10 +25,9 @@ from .abi import (
     MmuextCmd,
     PageType,
 )
-from .domain import Domain, Vcpu
+from .domain import Domain, Vcpu, install_compat_base
 from .errors import Restart, XenError
-from .pagetable import LEVEL_OF_TYPE, LEVELS
-from .walk import copy_from_guest, guest_addr_ok, walk_entries
+from .walk import copy_from_guest, walk_entries
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -143,7 +142,7 @@ def _pt_update(hv: "Hypervisor", addr: int, val: int, pt_owner: int, pg_owner: i
         hv.memory.frame(mfn)[slot] = val
         return False
     if kind is not None:
-        level = LEVEL_OF_TYPE.get(kind)
+        level = hv.pagetables.level_of(mfn, kind)
         if level is None:
             raise XenError(Errno.EINVAL, f"target mfn {mfn:#x} has type {PageType(kind).name}")
         hv.pagetables.mod_entry(level, mfn, slot, val, pt_owner, pg_owner, preserve_ad)
@@ -199,6 +198,8 @@ def _mmuext_one(hv: "Hypervisor", vcpu: Vcpu, caller: Domain, pg_owner: int, cmd
     frames = hv.frames
     if cmd in _PIN_LEVEL:
         kind = _PIN_LEVEL[cmd]
+        if kind == PageType.L4 and frames.pv32.item(pg_owner):
+            return  # do_mmuext_op: a 32-bit pg_owner has no L4s of its own; ignored, rc 0 (docs/pv32.md section 3)
         try:
             frames.get_page_and_type(arg1, pg_owner, kind)
         except XenError as e:
@@ -260,18 +261,22 @@ def get_writable(hv: "Hypervisor", mfn: int, owner: int, what: str, type_errno: 
 
 
 def new_guest_cr3(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
-    """Load a new kernel base (docs/xen.md section 8): take the new table's L4 reference (validating an
-    unpinned tree), map the read-only M2P in it, then drop the old one's (devalidating it if
-    that was the last)."""
+    """Load a new kernel base (docs/xen.md section 8): take the new table's reference of the
+    mode's top level, an L4 or a PV32 PAE L3 (validating an unpinned tree), map the read-only
+    M2P in a 64-bit one or put a PAE L3 in the vCPU's compat L4 (docs/pv32.md section 2), then
+    drop the old one's (devalidating it if that was the last)."""
     frames = hv.frames
     old = vcpu.guest_table
     if mfn != old:
         try:
-            frames.get_page_and_type(mfn, vcpu.domid, PageType.L4)
+            frames.get_page_and_type(mfn, vcpu.domid, vcpu.mode.root_type)
         except XenError as e:
             raise XenError(e.errno, f"new base {e.message}") from None
-        hv.pagetables.fill_ro_mpt(mfn)  # the read-only M2P (docs/xen.md section 22)
         vcpu.guest_table = mfn
+        if vcpu.compat_l4:
+            install_compat_base(hv.memory, vcpu)
+        else:
+            hv.pagetables.fill_ro_mpt(mfn)  # the read-only M2P (docs/xen.md section 22)
     vcpu.tlb.flush()
     if old and mfn != old:
         frames.put_page_and_type(old)
@@ -279,6 +284,8 @@ def new_guest_cr3(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
 
 def new_user_baseptr(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
     frames = hv.frames
+    if vcpu.compat_l4:  # compat_mmuext_op: a 32-bit guest has one base (docs/pv32.md section 2)
+        raise XenError(Errno.EINVAL, f"dom{vcpu.domid} is a 32-bit guest: its kernel and user share one base, there is no user base")
     old = vcpu.guest_table_user
     if mfn == old:
         return
@@ -296,7 +303,7 @@ def read_vcpumask(hv: "Hypervisor", vcpu: Vcpu, caller: Domain, va: int) -> list
     """The vCPUs named by the bitmap at guest virtual `va` (docs/xen.md section 10); None on a fault.
     Bits beyond the domain's vCPUs are ignored."""
     words = -(-len(caller.vcpus) // 64)
-    data = copy_from_guest(hv.memory, vcpu.guest_table, va, 8 * words)
+    data = copy_from_guest(hv.memory, vcpu.guest_table, va, 8 * words, vcpu.mode)
     if data is None:
         return None
     mask = int.from_bytes(data, "little")
@@ -313,7 +320,7 @@ def _flush_targets(hv, vcpu, caller, arg2, scope_all: bool) -> list[Vcpu]:
 
 
 def _flush(hv, vcpu, caller, arg1, arg2, *, scope: str, va: bool) -> None:
-    if va and not guest_addr_ok(arg1):
+    if va and not vcpu.mode.guest_addr_ok(arg1):
         return  # a bad address is a silent no-op
     targets = [vcpu] if scope == "local" else _flush_targets(hv, vcpu, caller, arg2, scope == "all")
     for target in targets:
@@ -324,7 +331,7 @@ def _flush(hv, vcpu, caller, arg1, arg2, *, scope: str, va: bool) -> None:
 
 
 def _set_ldt(hv, vcpu, caller, linear_addr, nr_ents) -> None:
-    if nr_ents > MAX_LDT_ENTRIES or (nr_ents and (linear_addr & 0xFFF or not guest_addr_ok(linear_addr))):
+    if nr_ents > MAX_LDT_ENTRIES or (nr_ents and (linear_addr & 0xFFF or not vcpu.mode.guest_addr_ok(linear_addr))):
         raise XenError(Errno.EINVAL, f"bad LDT base {linear_addr:#x} or size {nr_ents}")
 
 
@@ -356,16 +363,17 @@ def update_va_mapping(hv: "Hypervisor", vcpu: Vcpu, va: int, val: int, flags: in
     caller = hv.domains[vcpu.domid]
     pg_owner = caller.domid if domid is None else get_pg_owner(hv, caller, domid)
     _check_foreign_privilege(caller, pg_owner)
-    if not guest_addr_ok(va):
+    mode = vcpu.mode
+    if not mode.guest_addr_ok(va):
         raise XenError(Errno.EINVAL, f"va {va:#x} is not a guest address")
-    path = walk_entries(hv.memory, vcpu.guest_table, va) if vcpu.guest_table else []
-    if len(path) < 4:
+    path = walk_entries(hv.memory, vcpu.guest_table, va, mode) if vcpu.guest_table else []
+    if len(path) < len(mode.shifts):
         raise XenError(Errno.EINVAL, f"no L1 maps va {va:#x} in the current pagetable")
-    l1, slot, _ = path[3]
+    l1, slot, _ = path[-1]
     frames = hv.frames
     if frames.owner.item(l1) != caller.domid or frames.locked_type(l1) != PageType.L1:
         raise XenError(Errno.EINVAL, f"mfn {l1:#x} mapping va {va:#x} is not a validated L1 of dom{caller.domid}")
-    hv.pagetables.mod_entry(LEVELS[1], l1, slot, val, caller.domid, pg_owner)
+    hv.pagetables.mod_entry(mode.levels[1], l1, slot, val, caller.domid, pg_owner)
     kind, scope = flags & UVMF_FLUSHTYPE_MASK, flags & ~UVMF_FLUSHTYPE_MASK
     if kind not in (UVMF_TLB_FLUSH, UVMF_INVLPG):
         return 0

@@ -1,8 +1,9 @@
 """Pagetable entry rules per level: validation (promote), devalidation (demote), mod_lN_entry.
 
-Reference: docs/xen.md sections 2 and 3. The per-level differences (disallowed flags,
-which type an entry's target takes, which slots belong to the guest, how Xen adjusts stored
-entries) are one table, `LEVELS`; the code below is written once for all levels.
+Reference: docs/xen.md sections 2 and 3, docs/pv32.md section 3. The per-level differences
+(disallowed flags, which type an entry's target takes, which slots belong to the guest, how Xen
+adjusts stored entries) are the rows of the owner's paging mode (paging.py; `LEVELS` are the
+64-bit rows); the code below is written once for all levels and both modes.
 
 Validation and devalidation of an L2..L4 go entry by entry and may stop between entries when
 the hypercall's work is spent (Xen's promote_lN_table / demote_lN_table with
@@ -15,20 +16,24 @@ reaches after dropping the references of slots 0..i-1. Upper levels have few pre
 entries and recurse, so they loop in Python.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .abi import (
     ENTRIES_PER_TABLE,
+    HYPERVISOR_COMPAT_VIRT_START,
     HYPERVISOR_L4_FIRST,
     HYPERVISOR_L4_LAST,
     INVALID_MFN,
+    L2_SLOT_COMPAT_XEN_FIRST,
     L4_SLOT_DIRECTMAP,
     L4_SLOT_LINEAR,
     L4_SLOT_PERDOMAIN,
     L4_SLOT_RO_MPT,
     L4_SLOT_XEN,
+    MACH2PHYS_COMPAT_VIRT_END,
+    PAE_L3_MAX_MFN,
+    PAE_L3_SLOTS,
+    PAE_XEN_L3_SLOT,
     PAGE_SHIFT,
     PTE_MFN_MASK,
     STEP_WORK,
@@ -37,7 +42,8 @@ from .abi import (
     Pte,
 )
 from .errors import Restart, SimulatorBug, XenError
-from .frames import PARTIAL_SET, VALIDATED, FrameTable
+from .frames import PAE_XEN_L2, PARTIAL_SET, PGT_PAE_XEN_L2, VALIDATED, FrameTable
+from .paging import PV32, PV64, Level, PagingMode
 
 P, RW, US, A, D, G = (int(f) for f in (Pte.PRESENT, Pte.RW, Pte.USER, Pte.ACCESSED, Pte.DIRTY, Pte.GLOBAL))
 GUEST_KERNEL = int(Pte.GUEST_KERNEL)
@@ -78,36 +84,22 @@ def xen_l4_slots(xen_l3: int, nr_frames: int) -> np.ndarray:
     return slots
 
 
-def _guest_slots(level: int) -> np.ndarray:
-    slots = np.ones(ENTRIES_PER_TABLE, dtype=bool)
-    if level == 4:
-        slots[HYPERVISOR_L4_FIRST : HYPERVISOR_L4_LAST + 1] = False
+def compat_xen_l2_slots(m2p_frame: int, nr_frames: int) -> np.ndarray:
+    """Xen's entries for the slots of a PGT_pae_xen_l2 L2 from COMPAT_L2_PAGETABLE_FIRST_XEN_SLOT
+    (428) to 511, as init_xen_pae_l2_slots (xen/arch/x86/pv/mm.c) copies them from
+    compat_idle_pg_table_l2: from HYPERVISOR_COMPAT_VIRT_START the compat M2P, a 2 MiB superpage
+    (PSE|PRESENT: no USER, no RW, readable by the guest kernel in ring 1 only) per 512Ki mfns the
+    machine has (paging_init, xen/arch/x86/x86_64/mm.c), for which the model has the one frame
+    `m2p_frame`; the rest empty. No walk enters them: the CPU answers Xen's hole itself (cpu.py)."""
+    slots = np.zeros(ENTRIES_PER_TABLE - L2_SLOT_COMPAT_XEN_FIRST, dtype=np.uint64)
+    chunks = min(-(-nr_frames * 4 // (1 << 21)), (MACH2PHYS_COMPAT_VIRT_END - HYPERVISOR_COMPAT_VIRT_START) >> 21)
+    slots[:chunks] = (m2p_frame << PAGE_SHIFT) | P | int(Pte.PSE)
     return slots
 
 
-@dataclass(frozen=True)
-class Level:
-    """What differs between pagetable levels (docs/xen.md sections 2.1, 2.4, 2.5, 3)."""
-
-    level: int
-    page_type: PageType
-    target_type: PageType | None  # the type an entry's target takes; None for leaf entries
-    disallow: int  # present entries with any of these bits fail with EINVAL
-    adjust: int  # flags Xen adds to every present entry it stores (L1 is special, see below)
-    guest_slots: np.ndarray  # slots the guest may write; the rest belong to Xen
-
-    @property
-    def name(self) -> str:
-        return f"L{self.level}"
-
-
-LEVELS: dict[int, Level] = {
-    1: Level(1, PageType.L1, None, int(Pte.PWT | Pte.PCD | Pte.PSE), 0, _guest_slots(1)),
-    2: Level(2, PageType.L2, PageType.L1, int(Pte.PWT | Pte.PCD | Pte.PSE | Pte.GLOBAL), US, _guest_slots(2)),
-    3: Level(3, PageType.L3, PageType.L2, int(Pte.PWT | Pte.PCD | Pte.PSE | Pte.GLOBAL), US, _guest_slots(3)),
-    4: Level(4, PageType.L4, PageType.L3, int(Pte.PWT | Pte.PCD | Pte.PSE | Pte.GLOBAL), A | US, _guest_slots(4)),
-}
+LEVELS: dict[int, Level] = PV64.levels
 LEVEL_OF_TYPE = {lv.page_type: lv for lv in LEVELS.values()}
+PAE_XEN_SLOTS = slice(L2_SLOT_COMPAT_XEN_FIRST, ENTRIES_PER_TABLE)
 
 _U64 = np.uint64
 _MFN_MASK = _U64(PTE_MFN_MASK)
@@ -134,7 +126,7 @@ def adjust_l1e(entry: int) -> int:
 def adjust_entry(level: Level, entry: int) -> int:
     if not entry & P:
         return entry
-    return adjust_l1e(entry) if level.level == 1 else entry | level.adjust
+    return adjust_l1e(entry) if level.adjust_l1 else entry | level.adjust
 
 
 def has_changed(old: int, new: int) -> bool:
@@ -149,12 +141,27 @@ class PageTables:
         self.frames = frames
         self.memory = frames.memory
         self._xen_l4 = xen_l4_slots(xen_l3, frames.nr_frames)
+        self.compat_xen_l2 = compat_xen_l2_slots(ro_mpt_l3, frames.nr_frames)
+        # Whether promote_l3_table lets a PV32 L3 above 4 GiB through for domain `domid`:
+        # before its vCPU 0 is initialised (the toolstack's slack), or with VMASST
+        # pae_extended_cr3. Set by the Hypervisor, which knows the domains.
+        self.high_l3_ok = lambda domid: True
         self.ro_mpt_l3 = ro_mpt_l3  # Xen's frame that stands for the read-only M2P's L3
         self.ro_mpt_entry = (ro_mpt_l3 << PAGE_SHIFT) | PAGE_RO_MPT
         frames.promote = self.promote
         frames.promote_l1s = self.promote_l1s
         frames.demote = self.demote
         self.entries_validated = 0  # counter for benchmarks and stats
+
+    def mode(self, domid: int) -> PagingMode:
+        """The paging mode of domain `domid` (of a frame's owner)."""
+        return PV32 if self.frames.pv32.item(domid) else PV64
+
+    def level_of(self, mfn: int, kind: int) -> Level | None:
+        """The row of table `mfn` of type `kind` (its own) by its owner's mode and its
+        PGT_pae_xen_l2 bit; None for a type that is no pagetable's."""
+        frames = self.frames
+        return self.mode(frames.owner.item(mfn)).level_of(kind, bool(frames.flags.item(mfn) & PAE_XEN_L2))
 
     # -- leaf entries (docs/xen.md section 2.2) ------------------------------------------------------
 
@@ -189,19 +196,20 @@ class PageTables:
 
     # -- upper-level entries (docs/xen.md section 2.3) -------------------------------------------------
 
-    def get_page_from_upper(self, level: Level, entry: int, table: int, domid: int, partial_set: bool = False) -> None:
-        """Take the references an L2..L4 entry of `table` holds: the next level's type on its
-        target, or, failing that with EINVAL, a read-only linear reference to a same-level
-        table (self-references take none). With `partial_set` the entry already holds a
-        partial reference, which this goes on with (Xen's PTF_partial_set)."""
+    def get_page_from_upper(self, level: Level, entry: int, table: int, domid: int, partial_set: bool = False, want: int | None = None) -> None:
+        """Take the references an L2..L4 entry of `table` holds: the next level's type (or
+        `want`) on its target, or, failing that with EINVAL, a read-only linear reference to a
+        same-level table where the level has them (self-references take none). With
+        `partial_set` the entry already holds a partial reference, which this goes on with
+        (Xen's PTF_partial_set)."""
         frames = self.frames
         if entry & level.disallow:
             raise XenError(Errno.EINVAL, f"bad {level.name} flags {flag_names(entry & level.disallow)}")
         mfn = entry_mfn(entry)
         try:
-            frames.get_page_and_type(mfn, domid, level.target_type, partial_set)
+            frames.get_page_and_type(mfn, domid, level.target_type if want is None else want, partial_set)
         except XenError as e:
-            if e.errno != Errno.EINVAL or partial_set or not self._get_linear(level, entry, mfn, table, domid):
+            if e.errno != Errno.EINVAL or partial_set or want is not None or not level.linear or not self._get_linear(level, entry, mfn, table, domid):
                 raise XenError(e.errno, f"points at mfn {mfn:#x}: {e.message}") from None
 
     def _get_linear(self, level: Level, entry: int, mfn: int, table: int, domid: int) -> bool:
@@ -241,7 +249,7 @@ class PageTables:
 
     def promote(self, mfn: int, kind: PageType) -> None:
         """Validate every entry of a frame that is gaining pagetable type `kind` (docs/xen.md section 2.4)."""
-        level = LEVEL_OF_TYPE[kind]
+        level = self.level_of(mfn, kind)
         domid = self.frames.owner.item(mfn)
         if level.level == 1:
             self.promote_l1s(np.array([mfn]), domid)
@@ -258,16 +266,17 @@ class PageTables:
         words = self.memory.entries(int(mfns[0]))[None] if len(mfns) == 1 else np.stack([self.memory.entries(mfn) for mfn in mfns.tolist()])
         present = np.flatnonzero(words.reshape(-1) & _U64(P))
         if len(present):
-            self._get_l1_references(mfns, domid, words, present)
+            self._get_l1_references(mfns, domid, words, present, self.mode(domid).levels[1])
         self.entries_validated += ENTRIES_PER_TABLE * len(mfns)
 
-    def _get_l1_references(self, mfns: np.ndarray, domid: int, words: np.ndarray, present: np.ndarray) -> None:
+    def _get_l1_references(self, mfns: np.ndarray, domid: int, words: np.ndarray, present: np.ndarray, level: Level) -> None:
         """Take the references of the `present` entries (indices into `words` flattened, the
-        contents of `mfns` a row each) and store them adjusted, or raise with none taken."""
+        contents of `mfns` a row each) and store them adjusted (a 64-bit guest's: Xen stores a
+        PV32 guest's L1 entries as written), or raise with none taken."""
         frames = self.frames
         entries = words.reshape(-1)[present]
         targets = ((entries & _MFN_MASK) >> _U64(PAGE_SHIFT)).astype(np.int64)
-        bad_flags = (entries & _U64(LEVELS[1].disallow)) != 0
+        bad_flags = (entries & _U64(level.disallow)) != 0
         outside = targets >= frames.nr_frames
         safe = np.where(outside, 0, targets) if outside.any() else targets
         foreign = (frames.owner[safe] != domid) | (frames.count[safe] == 0)
@@ -290,6 +299,8 @@ class PageTables:
                 raise XenError(e.errno, f"L1 entry {slot} of mfn {mfn:#x} {e.message}") from None
             raise SimulatorBug(f"vectorised L1 check refused entry {slot} of mfn {mfn:#x}, scalar accepted")
         frames.get_pages_bulk(targets, targets[rw], domid)
+        if not level.adjust_l1:
+            return
         kernel = (entries & _U64(US)) == 0
         adjusted = entries | np.where(kernel, _U64(US | GUEST_KERNEL), _U64(0))
         adjusted |= np.where((adjusted & _U64(GUEST_KERNEL)) == 0, _U64(G | US), _U64(0))
@@ -313,12 +324,17 @@ class PageTables:
         unless the validation went on with earlier calls' work (frames.spanning): then, as in
         Xen, the table keeps them, partial, for a preemptible teardown."""
         frames = self.frames
+        pae_l3 = level is PV32.levels[3]
+        if pae_l3:
+            self._pae_l3_start(mfn, domid)
         words = self.memory.entries(mfn)
         present = (words & _U64(P)) != 0
         first = frames.nr_validated.item(mfn)
         resuming = bool(frames.flags.item(mfn) & PARTIAL_SET)
         slots = np.flatnonzero(present & level.guest_slots)
         todo = slots[slots >= first].tolist()
+        if pae_l3 and PAE_XEN_L3_SLOT not in todo and first <= PAE_XEN_L3_SLOT:
+            todo.append(PAE_XEN_L3_SLOT)  # not present: refused below
         done: list[int] = []
         for slot in todo:
             partial_set = resuming and slot == first
@@ -328,7 +344,10 @@ class PageTables:
             frames.budget.charge(STEP_WORK)
             entry = int(words[slot])
             try:
-                self.get_page_from_upper(level, entry, mfn, domid, partial_set)
+                if pae_l3 and slot == PAE_XEN_L3_SLOT:
+                    self._get_pae_xen_l2(level, entry, mfn, domid, partial_set)
+                else:
+                    self.get_page_from_upper(level, entry, mfn, domid, partial_set)
             except Restart:
                 frames.stop_at(mfn, slot, True)
                 raise
@@ -350,6 +369,31 @@ class PageTables:
             table[index] |= _U64(level.adjust)
         if level.level == 4:
             self.memory.frame(mfn)[XEN_SLOTS] = self.xen_l4_entries(mfn)
+        elif level.pae_xen_l2:
+            self.memory.frame(mfn)[PAE_XEN_SLOTS] = self.compat_xen_l2  # init_xen_pae_l2_slots
+
+    def _pae_l3_start(self, mfn: int, domid: int) -> None:
+        """What promote_l3_table does to a PV32 PAE L3 before its entries
+        (docs/pv32.md section 3): refuse one at or above 4 GiB (-ERANGE) unless the domain may have one, then
+        zero entries 4..511, which the MMU sees in compat mode but a PAE guest need not set."""
+        if mfn >= PAE_L3_MAX_MFN and not self.high_l3_ok(domid):
+            raise XenError(Errno.ERANGE, f"PAE L3 mfn {mfn:#x} is at or above 4 GiB and dom{domid} has no VMASST pae_extended_cr3")
+        words = self.memory.entries(mfn)
+        if words[PAE_L3_SLOTS:].any():
+            self.frames.note_write(mfn)
+            self.memory.frame(mfn)[PAE_L3_SLOTS:] = 0
+
+    def _get_pae_xen_l2(self, level: Level, entry: int, table: int, domid: int, partial_set: bool) -> None:
+        """Slot 3 of a PV32 PAE L3 (promote_l3_table): present, and an L2 that takes the type
+        PGT_pae_xen_l2 for this L3 alone (pae_xen_mappings_check: a type count of 1), since
+        Xen's slots in it map what belongs to this L3's address space (docs/pv32.md section 3)."""
+        if not entry & P:
+            raise XenError(Errno.EINVAL, f"is not present: Xen needs slot {PAE_XEN_L3_SLOT}'s L2 for its own mappings")
+        self.get_page_from_upper(level, entry, table, domid, partial_set, want=PageType.L2 | PGT_PAE_XEN_L2)
+        l2 = entry_mfn(entry)
+        if self.frames.type_count.item(l2) != 1:
+            self.frames.put_page_and_type(l2)  # Xen keeps it (a leak); a failed call here changes nothing
+            raise XenError(Errno.EINVAL, f"points at mfn {l2:#x}, the PAE_XEN_L2 of another L3 too (pae_xen_mappings_check)")
 
     def xen_l4_entries(self, l4: int) -> np.ndarray:
         """What Xen's slots 256..271 of L4 `l4` hold once it is validated (`xen_l4_slots`):
@@ -373,7 +417,7 @@ class PageTables:
 
         An L2..L4 goes from its last held entry down (Xen's demote_lN_table) and, like
         `_promote_upper`, stops between entries when the call's work is spent (Restart)."""
-        level = LEVEL_OF_TYPE[kind]
+        level = self.level_of(mfn, kind)
         frames = self.frames
         words = self.memory.entries(mfn)
         if level.level == 1:
@@ -398,6 +442,8 @@ class PageTables:
             except Restart:
                 frames.stop_at(mfn, slot, True)
                 raise
+            if level.unadjust:  # unadjust_guest_l3e: the entry reads as the guest wrote it
+                self.memory.frame(mfn)[slot] &= ~_U64(level.unadjust)
         frames.stop_at(mfn, 0, False)
 
     # -- checked single-entry update (docs/xen.md section 3) -------------------------------------------
@@ -405,8 +451,8 @@ class PageTables:
     def mod_entry(self, level: Level, table: int, slot: int, new: int, pt_owner: int, pg_owner: int, preserve_ad: bool = False) -> None:
         """Xen's mod_lN_entry: write entry `slot` of validated table `table`, taking the new
         entry's references before dropping the old one's. Raises with nothing changed."""
-        if not level.guest_slots[slot]:
-            raise XenError(Errno.EINVAL, f"{level.name} entry {slot} of mfn {table:#x} is in Xen's private area")
+        if not level.update_slots[slot]:
+            raise XenError(level.update_errno, f"{level.name} entry {slot} of mfn {table:#x} is in Xen's private area")
         if level.level > 1 and pg_owner != pt_owner:
             raise XenError(Errno.EINVAL, f"{level.name} update of mfn {table:#x} with a foreign page owner")
         words = self.memory.entries(table)

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from .abi import PAGE_SIZE, PageType
 from .domain import Vcpu
 from .errors import XenError
-from .pagetable import LEVELS, RW, P, entry_mfn
-from .walk import guest_addr_ok, walk_entries
+from .pagetable import RW, P, entry_mfn
+from .walk import walk_entries
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -30,12 +30,13 @@ def emulate(hv: "Hypervisor", vcpu: Vcpu, va: int, modify: Callable[[int], tuple
     access. A cmpxchg whose comparison fails stores nothing, but Xen checks its new entry
     first (taking and dropping its references), so an invalid one faults either way.
     """
-    if not guest_addr_ok(va):
+    mode = vcpu.mode
+    if not mode.guest_addr_ok(va):
         return None  # guest_get_eff_kern_l1e finds no L1 entry outside the guest's range
-    path = walk_entries(hv.memory, vcpu.guest_table, va)
-    if len(path) < 4 or path[3][2] & (P | RW) != P:
+    path = walk_entries(hv.memory, vcpu.guest_table, va, mode)
+    if len(path) < len(mode.shifts) or path[-1][2] & (P | RW) != P:
         return None
-    l1 = entry_mfn(path[3][2])
+    l1 = entry_mfn(path[-1][2])
     frames = hv.frames
     if frames.owner.item(l1) != vcpu.domid or frames.locked_type(l1) != PageType.L1:
         return None
@@ -44,7 +45,7 @@ def emulate(hv: "Hypervisor", vcpu: Vcpu, va: int, modify: Callable[[int], tuple
     pagetables = hv.pagetables
     try:
         if store:
-            pagetables.mod_entry(LEVELS[1], l1, slot, new, vcpu.domid, vcpu.domid)
+            pagetables.mod_entry(mode.levels[1], l1, slot, new, vcpu.domid, vcpu.domid)
         elif new & P:
             pagetables.get_page_from_l1e(new, vcpu.domid)
             pagetables.put_page_from_l1e(new)

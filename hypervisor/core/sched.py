@@ -219,7 +219,7 @@ def update_runstate_area(hv: "Hypervisor", vcpu: "Vcpu") -> None:
     dropped, as Xen drops it (its __copy_to_guest result is not looked at)."""
     runstate = vcpu.runstate
     record = b"".join(value.to_bytes(8, "little") for value in (runstate.state, runstate.state_entry_time, *runstate.time))
-    copy_to_guest(hv.memory, vcpu.guest_table, vcpu.runstate_guest, record)
+    copy_to_guest(hv.memory, vcpu.guest_table, vcpu.runstate_guest, record, vcpu.mode)
 
 
 # -- the periodic timer (docs/vcpu-time.md section 5) -----------------------------------------

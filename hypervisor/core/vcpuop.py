@@ -19,17 +19,17 @@ from .abi import (
     VCPU_INFO_PENDING_SEL,
     VCPU_INFO_SIZE,
     Errno,
-    PageType,
     SHUTDOWN_poweroff,
     VGCF_in_kernel,
     VGCF_online,
 )
+from .domain import install_compat_base
 from .errors import Restart, XenError
 from .evtchn import vcpu_info_words, vcpu_mark_events_pending
 from .mmu import get_writable
 from .sched import domain_shutdown, s_time, update_runstate_area, vcpu_runstate_change, vcpu_runstate_get, vcpu_set_periodic_timer
 from .schedop import SINGLESHOT_TIMER, arm_singleshot_timer, send_timer_event
-from .walk import canonical, guest_addr_ok
+from .walk import canonical
 
 if TYPE_CHECKING:
     from .domain import Domain, Vcpu
@@ -75,7 +75,10 @@ def _set_info_guest(
     for name, va in (("rip", rip), ("rsp", rsp)):
         if not canonical(va):
             raise XenError(Errno.EINVAL, f"{where}: {name} {va:#x} is not canonical")
-    if not flags & VGCF_in_kernel and not ctrlreg1:
+    compat = bool(vcpu.compat_l4)
+    if compat:
+        ctrlreg1 = 0  # arch_set_info_guest takes no user base for a compat guest (docs/pv32.md section 2)
+    elif not flags & VGCF_in_kernel and not ctrlreg1:
         raise XenError(Errno.EINVAL, f"{where}: starts in user mode (no VGCF_in_kernel) without a user pagetable (ctrlreg1)")
     frames = hv.frames
 
@@ -89,8 +92,11 @@ def _set_info_guest(
                 raise
 
     frames.atomically(take_bases)
-    hv.pagetables.fill_ro_mpt(ctrlreg3)  # after the kernel base is taken, as arch_set_info_guest does
     vcpu.guest_table, vcpu.guest_table_user = ctrlreg3, ctrlreg1  # a vCPU that never ran held none
+    if compat:
+        install_compat_base(hv.memory, vcpu)  # slot 0 of its compat L4
+    else:
+        hv.pagetables.fill_ro_mpt(ctrlreg3)  # after the kernel base is taken, as arch_set_info_guest does
     vcpu.initialised = True
     vcpu.vgc_flags, vcpu.rip, vcpu.rsp = flags, rip, rsp
     vcpu.down = not flags & VGCF_online  # VGCF_online clears _VPF_down without waking the vCPU
@@ -99,10 +105,11 @@ def _set_info_guest(
 
 
 def _take_base(hv: "Hypervisor", domain: "Domain", mfn: int, what: str) -> None:
-    """The reference a base pointer holds: a general and an L4 type reference, which validates
-    an unpinned tree (as MMUEXT_NEW_BASEPTR takes it)."""
+    """The reference a base pointer holds: a general and a type reference of the mode's top
+    level (an L4, or a PV32 PAE L3), which validates an unpinned tree (as MMUEXT_NEW_BASEPTR
+    takes it)."""
     try:
-        hv.frames.get_page_and_type(mfn, domain.domid, PageType.L4)
+        hv.frames.get_page_and_type(mfn, domain.domid, domain.mode.root_type)
     except XenError as e:
         raise XenError(e.errno, f"{what}: {e.message}") from None
 
@@ -170,7 +177,7 @@ def register_runstate_memory_area(hv: "Hypervisor", domain: "Domain", vcpu: "Vcp
     48 bytes at `addr` lie in the guest's range (guest_handle_okay: __addr_ok at both ends).
     Whether they are mapped is not checked: a copy that faults is dropped. The copy is the
     runstate as of its last change, as Xen copies it for the calling vCPU (docs/vcpu-time.md section 6)."""
-    if addr and not (guest_addr_ok(addr) and guest_addr_ok(addr + RUNSTATE_INFO_SIZE - 1)):
+    if addr and not (vcpu.mode.guest_addr_ok(addr) and vcpu.mode.guest_addr_ok(addr + RUNSTATE_INFO_SIZE - 1)):
         raise XenError(Errno.EFAULT, f"VCPUOP_register_runstate_memory_area: {RUNSTATE_INFO_SIZE} bytes at {addr:#x} are not all guest addresses (guest_handle_okay)")
     vcpu.runstate_guest = addr
     if addr:

@@ -34,7 +34,7 @@ from .evtchn import ECS, port_is_masked, port_is_pending, vcpu_info_words
 from .evtchn import status as evtchn_status
 from .frames import NO_OWNER, PAGETABLE_TYPES, PINNED, VALIDATED
 from .hypervisor import XEN_VERSION, Hypervisor
-from .pagetable import LEVEL_OF_TYPE, LEVELS
+from .pagetable import LEVELS
 
 _P = np.uint64(Pte.PRESENT)
 _MFN = np.uint64(PTE_MFN_MASK)
@@ -189,7 +189,7 @@ def pagetable(hv: Hypervisor, mfn: int) -> dict:
     kind = hv.frames.type.item(mfn)
     if kind not in _PAGETABLE:
         raise XenError(Errno.EINVAL, f"mfn {mfn:#x} is not a pagetable (type {PageType(kind).name})")
-    level = LEVEL_OF_TYPE[PageType(kind)]
+    level = hv.pagetables.level_of(mfn, kind)  # the owner's mode's row: a PAE_XEN_L2's top slots are Xen's
     words = hv.memory.entries(mfn)
     entries = []
     for slot in np.flatnonzero((words & _P) != 0).tolist():
@@ -235,7 +235,7 @@ def reverse_map(hv: Hypervisor, mfn: int) -> dict:
         slots = np.flatnonzero(((words & _P) != 0) & (((words & _MFN) >> _SHIFT) == mfn))
         if not len(slots):
             continue
-        level = LEVEL_OF_TYPE[PageType(frames.type.item(table))]
+        level = hv.pagetables.level_of(table, frames.type.item(table))
         live = frames.locked_type(table) is not None
         for slot in slots.tolist():
             guest = bool(level.guest_slots[slot])

@@ -16,6 +16,7 @@ from hypervisor.core.abi import (
     EVTCHN_FIFO_MASKED,
     EVTCHN_FIFO_PENDING,
     PAGE_OFFSET,
+    PAGE_OFFSET_PAE,
     PAGE_SHIFT,
     SHARED_INFO_EVTCHN_MASK,
     SHARED_INFO_EVTCHN_PENDING,
@@ -54,7 +55,9 @@ class Guest:
         self.domain = hv.domains[self.domid]
         self.next_pfn = self.start_info["first_free_pfn"]
         self.local_head: dict[tuple[int, int], int] = {}  # FIFO: (vCPU, queue) -> Linux's q->head
-        self.l4 = self.start_info["pt_base_mfn"]
+        self.l4 = self.start_info["pt_base_mfn"]  # the boot top level: a PV32 guest's PAE L3
+        self.pv32 = self.domain.address_size == 32
+        self.page_offset = PAGE_OFFSET_PAE if self.pv32 else PAGE_OFFSET
         if not ticking:
             for vcpu in range(nr_vcpus):
                 self.vcpu_op("stop_periodic_timer", vcpu)
@@ -79,15 +82,15 @@ class Guest:
         return pfn, self.mfn(pfn)
 
     def direct_va(self, pfn: int) -> int:
-        return PAGE_OFFSET + (pfn << PAGE_SHIFT)
+        return self.page_offset + (pfn << PAGE_SHIFT)
 
     def direct_l1(self, pfn: int) -> tuple[int, int]:
         """(mfn of the boot L1 that maps pfn in the direct map, slot), from the boot layout:
-        the L4, one L3, the L2s, then the L1s."""
+        the L4, one L3, the L2s, then the L1s (PV32: the L3, its one L2, the L1s)."""
         nr_l1 = -(-self.start_info["nr_lowmem_pages"] // 512)
         nr_l2 = -(-nr_l1 // 512)
-        pt_base_pfn = (self.start_info["pt_base"] - PAGE_OFFSET) >> PAGE_SHIFT
-        return self.mfn(pt_base_pfn + 2 + nr_l2 + pfn // 512), pfn % 512
+        pt_base_pfn = (self.start_info["pt_base"] - self.page_offset) >> PAGE_SHIFT
+        return self.mfn(pt_base_pfn + (1 if self.pv32 else 2) + nr_l2 + pfn // 512), pfn % 512
 
     # -- hypercalls as vCPU n ------------------------------------------------------------------
 

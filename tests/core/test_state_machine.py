@@ -1,4 +1,5 @@
-"""Random, partly hostile hypercalls from three domains of three vCPUs; audit after every step.
+"""Random, partly hostile hypercalls from three domains of three vCPUs, each 64-bit or 32-bit
+PAE (a mixed machine, docs/pv32.md); audit after every step.
 
 Rules are hypercalls (bad levels, foreign frames, writable mappings of tables, double pins,
 unpins of unpinned frames, Xen's reserved slots, stray commands, foreign-domain tricks), and
@@ -7,7 +8,7 @@ entries naming another domain's frames, Xen's frames or frames past the end of R
 slot, Xen's L4 slots 256..271 included. Invariants: audit finds nothing, of the machine or of
 any one domain (its reachability check included: no translation of any base, pin or TLB
 reaches a frame its domain may not; its frame counts per owner included),
-every access to Xen's range faults, no exception but XenError (or VcpuNotRunning, for a vCPU
+every access to Xen's range (a 32-bit guest's hole) faults, no exception but XenError (or VcpuNotRunning, for a vCPU
 that is down or of a domain that shut down) escapes, and a call that fails before committing
 any entry leaves the model exactly as it was. Domains are destroyed and re-created along the
 way, so destruction is exercised from random states. The work budget is drawn small, so long
@@ -40,11 +41,13 @@ from hypervisor.core.abi import (
     DOMID_IO,
     DOMID_SELF,
     DOMID_XEN,
+    HYPERVISOR_COMPAT_VIRT_START,
     HYPERVISOR_L4_FIRST,
     HYPERVISOR_L4_LAST,
     HYPERVISOR_VIRT_END,
     HYPERVISOR_VIRT_START,
     INVALID_MFN,
+    PAGE_OFFSET_PAE,
     PAGE_SHIFT,
     RO_MPT_VIRT_START,
     MmuCmd,
@@ -55,6 +58,7 @@ from hypervisor.core.hypervisor import HYPERCALLS, RESERVED_FRAMES
 from hypervisor.core.trace import state_digest
 
 from .guest import Guest
+from .test_pv32 import pae_pgd
 
 FLAG_SETS = st.lists(st.sampled_from([int(f) for f in Pte if f.bit_count() == 1]), max_size=5).map(lambda fs: sum(set(fs)))
 TABLE_FLAGS = st.sampled_from([int(Pte.PRESENT | Pte.RW | Pte.ACCESSED | Pte.DIRTY), int(Pte.PRESENT | Pte.ACCESSED)])
@@ -71,6 +75,11 @@ NR_FRAMES = 1 << 12
 # Addresses in Xen's range: its first and last word, the linear map over the boot L3 (present
 # all the way down), and the per-domain and direct-map slots.
 XEN_VAS = [HYPERVISOR_VIRT_START, 0xFFFF810000000000 | 272 << 30, 0xFFFF820000000000, 0xFFFF830000001000, HYPERVISOR_VIRT_END - 8]
+# A 32-bit guest's hole (docs/pv32.md section 2): the compat M2P's first word, its last page,
+# and past it; and its direct map.
+HOLE_VAS = [HYPERVISOR_COMPAT_VIRT_START, HYPERVISOR_COMPAT_VIRT_START + 0x1FF000, 0xFFFFFFF8]
+PAE_VAS = [PAGE_OFFSET_PAE, PAGE_OFFSET_PAE + 0x12008]
+ADDRESS_SIZES = st.lists(st.sampled_from([64, 32]), min_size=NR_DOMAINS, max_size=NR_DOMAINS)
 ENTRY_FLAGS = st.one_of(
     st.sampled_from([int(Pte.PRESENT | Pte.RW | Pte.USER | Pte.ACCESSED | Pte.DIRTY), int(Pte.PRESENT | Pte.USER | Pte.ACCESSED)]),
     FLAG_SETS,
@@ -91,16 +100,20 @@ class HostileGuests(RuleBasedStateMachine):
     tables = Bundle("tables")
     ports = Bundle("ports")
 
-    @initialize(target=frames, budget=st.sampled_from([64, 128, 256, 512, 1 << 13]))
-    def boot(self, budget):
+    @initialize(target=frames, budget=st.sampled_from([64, 128, 256, 512, 1 << 13]), sizes=ADDRESS_SIZES)
+    def boot(self, budget, sizes):
         self.hv = Hypervisor(nr_frames=NR_FRAMES, preempt_work=budget)
         self.parked: dict[tuple[int, int], Continuation] = {}  # (who, vCPU) -> the call it is in
-        self.roots: list[list[int]] = [[] for _ in range(NR_DOMAINS)]  # each guest's L4s from build_tree
-        self.guests = [Guest(self.hv, nr_pages=NR_PAGES, nr_vcpus=NR_VCPUS, online=ONLINE) for _ in range(NR_DOMAINS)]
+        self.roots: list[list[int]] = [[] for _ in range(NR_DOMAINS)]  # each guest's top-level tables from build_tree
+        self.sizes = sizes
+        self.guests = [self.new_guest(who) for who in range(NR_DOMAINS)]
         interesting = {0, 5, self.hv.nr_frames - 1, self.hv.nr_frames + 3}
         for g in self.guests:
             interesting |= {g.mfn(pfn) for pfn in range(g.start_info["first_free_pfn"] + 8)}
         return multiple(*sorted(interesting))
+
+    def new_guest(self, who: int) -> Guest:
+        return Guest(self.hv, nr_pages=NR_PAGES, nr_vcpus=NR_VCPUS, online=ONLINE, address_size=self.sizes[who])
 
     def attempt(self, who: int, op: str, caller: int = 0, **args):
         """Run a hypercall as guest `who`, after the call its vCPU is in; a failure that
@@ -172,11 +185,17 @@ class HostileGuests(RuleBasedStateMachine):
             guest.next_pfn = guest.start_info["first_free_pfn"] + 8
         data = {0x400000: guest.alloc()[1]} if mapped else None
         try:
-            tree = guest.new_pgd(data, l4_entries=junk)
+            if guest.pv32:  # a PAE pgd, its junk left in the L3 (entries 4.. are zeroed, the rest mostly fail)
+                tree = pae_pgd(guest, data)
+                for slot, value in junk.items():
+                    self.hv.memory.frame(tree["l3"])[slot] = value
+                tree["l4"] = tree["l3"]
+            else:
+                tree = guest.new_pgd(data, l4_entries=junk)
         except (XenError, VcpuNotRunning):
             return multiple()
         self.roots[who].append(tree["l4"])
-        return multiple(tree["l4"], tree["l3"], tree["l2"], tree["l1"])
+        return multiple(*(tree[k] for k in ("l4", "l3", "l2", "l1", "kernel_l2") if k in tree))
 
     @rule(who=WHO, frame=st.one_of(tables, frames), words=st.dictionaries(st.one_of(XEN_SLOTS, SLOTS), garbage(frames), min_size=1, max_size=8))
     def scribble(self, who, frame, words):
@@ -213,8 +232,9 @@ class HostileGuests(RuleBasedStateMachine):
         """Issue 10's attack in small, on one of the guest's own trees: each pin validates the
         tree, each unpin devalidates it, so long calls stop inside trees."""
         roots = self.roots[who] or [self.guests[who].l4]
-        l4 = roots[pick % len(roots)]
-        self.attempt(who, "mmuext_op", vcpu, ops=[[MmuextCmd.PIN_L4_TABLE, l4, 0], [MmuextCmd.UNPIN_TABLE, l4, 0]] * pairs)
+        top = roots[pick % len(roots)]
+        pin = MmuextCmd.PIN_L3_TABLE if self.guests[who].pv32 else MmuextCmd.PIN_L4_TABLE
+        self.attempt(who, "mmuext_op", vcpu, ops=[[pin, top, 0], [MmuextCmd.UNPIN_TABLE, top, 0]] * pairs)
 
     @rule(who=WHO, mfn=st.one_of(tables, frames))
     def unpin(self, who, mfn):
@@ -229,10 +249,10 @@ class HostileGuests(RuleBasedStateMachine):
     def any_mmuext(self, who, vcpu, cmd, arg1, arg2):
         self.attempt(who, "mmuext_op", vcpu, ops=[[int(cmd), arg1, arg2]])
 
-    @rule(who=WHO, vcpu=VCPU, va=st.sampled_from([0x400000, 0x401000, 0xFFFF880000000000, 0xFFFF880000010000, *XEN_VAS]), to=st.one_of(tables, frames), flags=FLAG_SETS, uvmf=st.sampled_from([0, 1, 2, 3, 4, 6, 8, XEN_VAS[1]]))
+    @rule(who=WHO, vcpu=VCPU, va=st.sampled_from([0x400000, 0x401000, 0xFFFF880000000000, 0xFFFF880000010000, *XEN_VAS, *PAE_VAS, *HOLE_VAS]), to=st.one_of(tables, frames), flags=FLAG_SETS, uvmf=st.sampled_from([0, 1, 2, 3, 4, 6, 8, XEN_VAS[1]]))
     def update_va_mapping(self, who, vcpu, va, to, flags, uvmf):
         outcome = self.attempt(who, "update_va_mapping", vcpu, va=va, val=(to << PAGE_SHIFT | flags) & 0xFFFFFFFFFFFFFFFF, flags=uvmf)
-        if va in XEN_VAS and not isinstance(outcome, VcpuNotRunning):
+        if (va in XEN_VAS or (self.guests[who].pv32 and va in HOLE_VAS)) and not isinstance(outcome, VcpuNotRunning):
             assert isinstance(outcome, XenError) and outcome.errno.name == "EINVAL", outcome
 
     @rule(who=WHO, mfn=frames, pfn=st.integers(0, NR_PAGES + 2), fd=st.sampled_from([DOMID_SELF, DOMID_IO, DOMID_XEN, 0x1234, "peer"]), peer=WHO)
@@ -273,7 +293,7 @@ class HostileGuests(RuleBasedStateMachine):
         fields = {"context": {"flags": 1, "ctrlreg3": cr3, "ctrlreg1": 0, "rip": 0x1000, "rsp": 0x2000}} if cmd == "initialise" else {}
         self.attempt(who, "vcpu_op", caller, cmd=cmd, vcpuid=vcpuid, **fields)
 
-    @rule(who=WHO, vcpu=VCPU, op=st.sampled_from(["load", "store", "atomic", "read", "write"]), va=st.sampled_from([0x400000, 0x400ff8, 0xFFFF880000000000, 0xFFFF880000012008, 0x7, *XEN_VAS]), user=st.booleans())
+    @rule(who=WHO, vcpu=VCPU, op=st.sampled_from(["load", "store", "atomic", "read", "write"]), va=st.sampled_from([0x400000, 0x400ff8, 0xFFFF880000000000, 0xFFFF880000012008, 0x7, *XEN_VAS, *PAE_VAS, *HOLE_VAS]), user=st.booleans())
     def memory_access(self, who, vcpu, op, va, user):
         args = {"va": va, "user": user}
         if op in ("load", "store", "atomic"):
@@ -287,13 +307,31 @@ class HostileGuests(RuleBasedStateMachine):
         elif op == "write":
             args["data"] = b"\xff" * 8
         outcome = self.attempt(who, op, vcpu, **args)
-        if va in XEN_VAS and not isinstance(outcome, VcpuNotRunning):
+        if isinstance(outcome, VcpuNotRunning):
+            return
+        if self.guests[who].pv32:
+            self.check_hole(op, va, user, outcome)
+        elif va in XEN_VAS:
             if va == RO_MPT_VIRT_START and op in ("load", "read") and "fault" not in outcome:
                 # the read-only M2P, mapped in a kernel base (docs/xen.md section 22): mfn 0's entry
                 value = outcome.get("value", int.from_bytes(outcome.get("data", b""), "little"))
                 assert value == int(self.hv.m2p[0]), f"{op} of the read-only M2P: {outcome}"
             else:
                 assert isinstance(outcome, dict) and "fault" in outcome, f"{op} at {va:#x} in Xen's range: {outcome}"
+
+    def check_hole(self, op, va, user, outcome):
+        """A 32-bit guest's access past 4 GiB is no address (EINVAL); in its hole it faults,
+        but for a kernel read of the compat M2P, which gets the M2P's low words."""
+        if va >> 32:
+            assert isinstance(outcome, XenError) and outcome.errno.name == "EINVAL", f"{op} at {va:#x} of a 32-bit guest: {outcome}"
+        elif va >= HYPERVISOR_COMPAT_VIRT_START:
+            if op in ("load", "read") and not user and "fault" not in outcome:
+                first = (va - HYPERVISOR_COMPAT_VIRT_START) >> 2
+                want = sum((int(self.hv.m2p[first + i]) & 0xFFFFFFFF if first + i < NR_FRAMES else 0xFFFFFFFF) << (32 * i) for i in range(2))
+                value = outcome.get("value", int.from_bytes(outcome.get("data", b""), "little"))
+                assert value == want, f"{op} of the compat M2P at {va:#x}: {outcome}"
+            else:
+                assert isinstance(outcome, dict) and "fault" in outcome, f"{op} at {va:#x} in a 32-bit guest's hole: {outcome}"
 
     # -- memory_op (docs/xen.md section 23) ------------------------------------------------------
 
@@ -359,7 +397,7 @@ class HostileGuests(RuleBasedStateMachine):
         self.hv.toolstack("destroy_domain", domid=self.guests[who].domid)
         self.parked = {key: answer for key, answer in self.parked.items() if key[0] != who}
         self.roots[who] = []
-        self.guests[who] = Guest(self.hv, nr_pages=NR_PAGES, nr_vcpus=NR_VCPUS, online=ONLINE)
+        self.guests[who] = self.new_guest(who)
 
     @invariant()
     def audit_is_clean(self):
