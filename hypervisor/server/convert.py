@@ -18,7 +18,7 @@ from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 
 from hypervisor.core import abi
-from hypervisor.core.abi import DOMID_SELF, MAX_BATCH, PAGE_OFFSET, PAGE_SIZE, START_INFO_MAGIC, Errno
+from hypervisor.core.abi import DOMID_SELF, MAX_BATCH, PAGE_OFFSET, PAGE_OFFSET_PAE, PAGE_SIZE, START_INFO_MAGIC, START_INFO_MAGIC_PAE, Errno
 from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2, toolstack_pb2
 
 from .errors import BadRequest, xen_status
@@ -387,7 +387,11 @@ def faulted(result: Any) -> bool:
 # -- Toolstack records ----------------------------------------------------------------------
 
 
-def start_info(info: dict) -> common_pb2.StartInfo:
+def start_info(info: dict, address_size: int) -> common_pb2.StartInfo:
+    """A domain's start info, its magic the builder's guest type (a 32-bit guest's
+    "xen-3.0-x86_32p", docs/pv32.md section 4) and its direct map where its kernel has it."""
+    if address_size == 32:
+        return common_pb2.StartInfo(magic=START_INFO_MAGIC_PAE.decode(), page_offset=PAGE_OFFSET_PAE, **info)
     return common_pb2.StartInfo(magic=START_INFO_MAGIC.decode(), page_offset=PAGE_OFFSET, **info)
 
 
@@ -420,5 +424,5 @@ def vcpu_started(vcpu, domain) -> hypercalls_pb2.VcpuStarted:
     )
     started = hypercalls_pb2.VcpuStarted(vcpu_id=vcpu.vcpu_id, context=context)
     if vcpu.vcpu_id == 0:
-        started.start_info.CopyFrom(start_info(domain.start_info))
+        started.start_info.CopyFrom(start_info(domain.start_info, domain.address_size))
     return started

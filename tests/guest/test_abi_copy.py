@@ -10,7 +10,7 @@ from guestlib import xen
 from hypervisor.core import abi
 
 # Xen ABI names the guest uses but the hypervisor core has no use for (yet).
-GUEST_ONLY = {"SIF_PRIVILEGED", "SIF_INITDOMAIN", "HYPERVISOR_COMPAT_VIRT_START", "START_INFO_MAGIC_PAE"}
+GUEST_ONLY = {"SIF_PRIVILEGED", "SIF_INITDOMAIN"}
 
 
 def _public(module) -> dict:
