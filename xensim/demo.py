@@ -6,8 +6,9 @@ statistics. `--race` hunts the lazy-TLB unpin race in every drop_mm_ref variant 
 hunt` does (`--runs` seeds each, from --seed) and prints how many seeds fail, how soon, and the
 command that reproduces one. `--evtchn` picks the guest's event-channel ABI; `both` runs the
 demo (or each race-table row) with FIFO and with 2-level and shows the two side by side.
-`--address-size 32` makes the guest a 32-bit PAE kernel on the compat ABI (docs/linux.md
-section 13); with `--race`, `--address-size both` gives the table a row per address size too.
+`--address-size 32` makes the guest a 32-bit PAE kernel on the compat ABI (see
+docs/linux.md section 13); with `--race`, `--address-size both` gives the table a row per
+address size too.
 """
 
 import argparse
