@@ -5,7 +5,9 @@ The Upcall push is only the interrupt; the truth is in the shared-info frame (do
 16.5-16.6), which the guest reads and clears with its own simulated loads, stores and atomics
 through the virtual address where it mapped that frame (Linux: set_fixmap of
 start_info->shared_info). The contract has no physical-memory access, so the frame must be
-mapped writable before events can be handled.
+mapped writable before events can be handled. Where the bits are and how wide the words are
+depends on the guest's address size (`layout`, from its start_info magic: xen.guest_abi;
+docs/pv32.md sections 20-21): a 32-bit guest has 32 words of 32 ports and a u32 selector.
 """
 
 import struct
@@ -14,7 +16,6 @@ from typing import Any
 
 from .hypercalls import Batch, HypercallClient, PageFault, Pending
 from .xen import (
-    BITS_PER_EVTCHN_WORD,
     EVTCHN_FIFO_CONTROL_HEAD,
     EVTCHN_FIFO_CONTROL_READY,
     EVTCHN_FIFO_LINK_MASK,
@@ -22,19 +23,15 @@ from .xen import (
     EVTCHN_FIFO_MASKED,
     EVTCHN_FIFO_MAX_QUEUES,
     EVTCHN_FIFO_PENDING,
+    GUEST_ABI,
     PAGE_SIZE,
-    SHARED_INFO_EVTCHN_MASK,
     SHARED_INFO_EVTCHN_PENDING,
     SHARED_INFO_VCPU_INFO,
-    VCPU_INFO_PENDING_SEL,
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     VCPU_INFO_UPCALL_PENDING,
+    GuestAbi,
 )
-
-WORD_MASK = (1 << BITS_PER_EVTCHN_WORD) - 1
-_BITMAP_BYTES = SHARED_INFO_EVTCHN_MASK - SHARED_INFO_EVTCHN_PENDING
-_BITMAP = f"<{_BITMAP_BYTES // 8}Q"  # evtchn_pending / evtchn_mask: little-endian u64 words
 
 Handler = Callable[[int, Batch], Awaitable[None]]
 Prefetch = Callable[[Batch], Any]
@@ -56,14 +53,22 @@ class EventChannels:
 
     abi = "2l"
 
-    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int, vcpu_info_va: int | None = None):
+    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int, vcpu_info_va: int | None = None, layout: GuestAbi = GUEST_ABI[64]):
         """`vcpu_info_va`: where the vCPU's vcpu_info is mapped if it was moved out of shared
-        info (VCPUOP_register_vcpu_info); shared info's slot for the vCPU otherwise."""
+        info (VCPUOP_register_vcpu_info); shared info's slot for the vCPU otherwise. `layout`:
+        the guest's address size's (xen.guest_abi of its start_info magic)."""
         self._client = client
         self._shared_info = shared_info_va
         self._vcpu_info = shared_info_va + SHARED_INFO_VCPU_INFO + VCPU_INFO_SIZE * vcpu_id if vcpu_info_va is None else vcpu_info_va
         self._handlers: dict[int, Handler] = {}
         self._prefetch: dict[int, Prefetch] = {}
+        self._word, self._bits = layout.word_bytes, layout.bits_per_evtchn_word
+        self._word_mask = (1 << self._bits) - 1
+        self._evtchn_mask = shared_info_va + layout.shared_info_evtchn_mask
+        self._pending_sel = self._vcpu_info + layout.vcpu_info_pending_sel
+        # evtchn_pending and evtchn_mask, back to back: `bits` little-endian words each.
+        self._bitmap = f"<{self._bits}{'Q' if self._word == 8 else 'I'}"
+        self._bitmap_bytes = layout.shared_info_evtchn_mask - SHARED_INFO_EVTCHN_PENDING
 
     def bind(self, port: int, handler: Handler, prefetch: Prefetch | None = None) -> None:
         """Handle port's events on this vCPU (bind_evtchn_to_irqhandler, minus the hypercall).
@@ -77,19 +82,18 @@ class EventChannels:
 
     def mask(self, batch: Batch, port: int) -> None:
         """mask_evtchn: sync_set_bit on the port's mask bit."""
-        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
-        batch.atomic("fetch_or", self._shared_info + SHARED_INFO_EVTCHN_MASK + 8 * word, 1 << bit)
+        word, bit = divmod(port, self._bits)
+        batch.atomic("fetch_or", self._evtchn_mask + self._word * word, 1 << bit, size=self._word)
 
     def unmask(self, batch: Batch, port: int) -> None:
         """unmask_evtchn for a port bound in this boot, which has had no event yet: the mask
         bit cleared (a pending port would also need EVTCHNOP_unmask)."""
-        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
-        batch.atomic("fetch_and", self._shared_info + SHARED_INFO_EVTCHN_MASK + 8 * word, ~(1 << bit) & WORD_MASK)
+        word, bit = divmod(port, self._bits)
+        batch.atomic("fetch_and", self._evtchn_mask + self._word * word, ~(1 << bit) & self._word_mask, size=self._word)
 
     def clear_pending(self, batch: Batch, port: int) -> Pending:
         """clear_evtchn: sync_clear_bit on the port's pending bit; the Pending's value is the old word."""
-        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
-        return batch.atomic("fetch_and", self._shared_info + SHARED_INFO_EVTCHN_PENDING + 8 * word, ~(1 << bit) & WORD_MASK)
+        return self._clear(batch, self._port_words([port]))[port // self._bits]
 
     async def recover(self) -> None:
         """What a process that takes over this vCPU must undo of its predecessor's upcall;
@@ -119,18 +123,18 @@ class EventChannels:
         the handlers queued and the unmask; if an event came in meanwhile the hypervisor
         pushes a new Upcall as soon as the mask is clear.
         """
-        mine = _words(self._handlers)
-        claimed = _words(port for port in hint if port in self._handlers)
+        mine = self._port_words(self._handlers)
+        claimed = self._port_words(port for port in hint if port in self._handlers)
         async with self._client.batch() as first:
             first.store(self._vcpu_info + VCPU_INFO_UPCALL_PENDING, 0, size=1)
-            selector = first.atomic("xchg", self._vcpu_info + VCPU_INFO_PENDING_SEL, 0)
+            selector = first.atomic("xchg", self._pending_sel, 0, size=self._word)
             cleared = self._clear(first, claimed)
-            bitmaps = first.read(self._shared_info + SHARED_INFO_EVTCHN_PENDING, 2 * _BITMAP_BYTES)
+            bitmaps = first.read(self._shared_info + SHARED_INFO_EVTCHN_PENDING, 2 * self._bitmap_bytes)
             prefetched = {port: self._prefetch[port](first) for port in hint if port in self._prefetch}
         ports = self._taken(cleared, claimed)
-        pending, mask = (struct.unpack_from(_BITMAP, self._mapped(bitmaps.result()), offset) for offset in (0, _BITMAP_BYTES))
+        pending, mask = (struct.unpack_from(self._bitmap, self._mapped(bitmaps.result()), offset) for offset in (0, self._bitmap_bytes))
         missed = {}
-        for word in _bits(self._mapped(selector.result())):
+        for word in self._set_bits(self._mapped(selector.result())):
             bits = pending[word] & ~mask[word] & mine.get(word, 0)
             if bits:
                 missed[word] = bits
@@ -158,34 +162,28 @@ class EventChannels:
     def _clear(self, batch: Batch, words: dict[int, int]) -> dict[int, Pending]:
         """Queue sync_clear_bit for each word's bits; each Pending's value is the old word."""
         base = self._shared_info + SHARED_INFO_EVTCHN_PENDING
-        return {word: batch.atomic("fetch_and", base + 8 * word, ~bits & WORD_MASK) for word, bits in words.items()}
+        return {word: batch.atomic("fetch_and", base + self._word * word, ~bits & self._word_mask, size=self._word) for word, bits in words.items()}
 
     def _taken(self, cleared: dict[int, Pending], wanted: dict[int, int]) -> set[int]:
         """The ports whose bit fetch_and found set, i.e. that this vCPU took off the bitmap."""
-        return {
-            word * BITS_PER_EVTCHN_WORD + bit
-            for word, old in cleared.items()
-            for bit in _bits(self._mapped(old.result()) & wanted[word])
-        }
+        return {word * self._bits + bit for word, old in cleared.items() for bit in self._set_bits(self._mapped(old.result()) & wanted[word])}
+
+    def _port_words(self, ports: Iterable[int]) -> dict[int, int]:
+        """Ports as {word index: bit mask}, the 2-level ABI's layout."""
+        words: dict[int, int] = {}
+        for port in ports:
+            word, bit = divmod(port, self._bits)
+            words[word] = words.get(word, 0) | 1 << bit
+        return words
+
+    def _set_bits(self, word: int) -> list[int]:
+        return [bit for bit in range(self._bits) if word >> bit & 1]
 
     def _mapped(self, value):
         """A shared-info access's value; a fault means the guest has not mapped the frame."""
         if isinstance(value, PageFault):
             raise RuntimeError(f"the shared-info frame is not mapped writable at {self._shared_info:#x}: {value}")
         return value
-
-
-def _words(ports: Iterable[int]) -> dict[int, int]:
-    """Ports as {word index: bit mask}, the 2-level ABI's layout."""
-    words: dict[int, int] = {}
-    for port in ports:
-        word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
-        words[word] = words.get(word, 0) | 1 << bit
-    return words
-
-
-def _bits(word: int) -> list[int]:
-    return [bit for bit in range(BITS_PER_EVTCHN_WORD) if word >> bit & 1]
 
 
 U32 = 0xFFFFFFFF
@@ -206,8 +204,8 @@ class FifoEventChannels(EventChannels):
 
     abi = "fifo"
 
-    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int, control_va: int, array_va: int, vcpu_info_va: int | None = None):
-        super().__init__(client, shared_info_va, vcpu_id, vcpu_info_va)
+    def __init__(self, client: HypercallClient, shared_info_va: int, vcpu_id: int, control_va: int, array_va: int, vcpu_info_va: int | None = None, layout: GuestAbi = GUEST_ABI[64]):
+        super().__init__(client, shared_info_va, vcpu_id, vcpu_info_va, layout)
         self._control, self._array = control_va, array_va
 
     def word_va(self, port: int) -> int:

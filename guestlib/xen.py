@@ -6,6 +6,7 @@ than `hypervisor`. Names and grouping follow hypervisor/core/abi.py, and
 tests/guest/test_abi_copy.py checks that every name both define has the same value.
 """
 
+from dataclasses import dataclass
 from enum import IntEnum
 
 
@@ -211,3 +212,44 @@ SHUTDOWN_suspend = 2
 SHUTDOWN_crash = 3
 SHUTDOWN_watchdog = 4
 SHUTDOWN_soft_reset = 5
+
+# struct vcpu_runstate_info (public/vcpu.h): int state padded to 8 bytes, u64 state_entry_time, u64 time[4].
+RUNSTATE_INFO_SIZE = 48
+
+# The compat ABI: what a 32-bit PAE guest sees differently on the wire (docs/pv32.md section 20).
+COMPAT_SHARED_INFO_EVTCHN_MASK = SHARED_INFO_EVTCHN_PENDING + 32 * 4  # u32 evtchn_pending[32], then evtchn_mask[32]
+COMPAT_VCPU_INFO_PENDING_SEL = 4  # u32 evtchn_pending_sel
+COMPAT_RUNSTATE_INFO_SIZE = 44  # the u64s at 4-byte alignment
+
+
+@dataclass(frozen=True)
+class GuestAbi:
+    """The wire layout of one address size, as hypervisor/core/abi.py has it: what a guest
+    reads to find its event bits and the width of its words (docs/pv32.md section 20)."""
+
+    address_size: int
+    word_bytes: int  # xen_ulong_t: an event-channel word, a vcpumask word, a xen_pfn_t
+    shared_info_evtchn_mask: int
+    vcpu_info_pending_sel: int
+    runstate_info_size: int
+    start_info_magic: bytes
+
+    @property
+    def bits_per_evtchn_word(self) -> int:
+        return 8 * self.word_bytes
+
+
+GUEST_ABI = {
+    64: GuestAbi(64, 8, SHARED_INFO_EVTCHN_MASK, VCPU_INFO_PENDING_SEL, RUNSTATE_INFO_SIZE, START_INFO_MAGIC),
+    32: GuestAbi(32, 4, COMPAT_SHARED_INFO_EVTCHN_MASK, COMPAT_VCPU_INFO_PENDING_SEL, COMPAT_RUNSTATE_INFO_SIZE, START_INFO_MAGIC_PAE),
+}
+
+
+def guest_abi(magic: bytes | str) -> GuestAbi:
+    """The layout a guest has by its start_info magic, as a kernel knows what it was built for
+    ("xen-3.0-x86_64", or "xen-3.0-x86_32p" for PAE); ValueError for any other."""
+    magic = magic.encode() if isinstance(magic, str) else magic
+    for row in GUEST_ABI.values():
+        if magic.rstrip(b"\0") == row.start_info_magic:
+            return row
+    raise ValueError(f"start_info magic {magic!r} is neither x86_64 nor x86_32p")

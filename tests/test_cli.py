@@ -22,9 +22,10 @@ def test_bench_core_writes_every_key(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--only", "core", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    for key in ("core.validate_entries_per_s", "core.cr3_unpinned_over_pinned"):
+    for key in ("core.validate_entries_per_s", "core.validate_entries_per_s_pv32", "core.cr3_unpinned_over_pinned"):
         assert report[key]["value"] > 0 and report[key]["unit"]
     assert report["core.validate_entries_per_s"]["entries_per_pin"] == 70 * 512
+    assert report["core.validate_entries_per_s_pv32"]["entries_per_pin"] == 69 * 512  # L3, 3 + 1 L2s, 64 L1s
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:

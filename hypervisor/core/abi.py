@@ -4,6 +4,7 @@ Every constant lives here once, named as Xen names it; reference: docs/xen.md se
 and the section cited beside each group. The proto's enums mirror these (a test checks).
 """
 
+from dataclasses import dataclass
 from enum import IntEnum
 
 
@@ -321,3 +322,52 @@ RUNSTATE_runnable = 1
 RUNSTATE_blocked = 2
 RUNSTATE_offline = 3
 RUNSTATE_INFO_SIZE = 48
+
+
+# The compat ABI: what a 32-bit PAE guest on a 64-bit Xen sees differently on the wire
+# (docs/pv32.md section 20). Its xen_ulong_t, unsigned long and xen_pfn_t are 32 bits, so its
+# shared_info holds 32 words of 32 event bits (evtchn_mask follows 128 bytes of evtchn_pending),
+# its vcpu_info's evtchn_pending_sel is a u32 at byte 4, and its vcpu_runstate_info packs the u64s
+# at 4-byte alignment (44 bytes). Its pointers are 32 bits, and a guest handle must end below
+# HYPERVISOR_COMPAT_VIRT_START (compat_access_ok, xen/arch/x86/include/asm/x86_64/uaccess.h).
+COMPAT_SHARED_INFO_EVTCHN_MASK = SHARED_INFO_EVTCHN_PENDING + 32 * 4
+COMPAT_VCPU_INFO_PENDING_SEL = 4
+COMPAT_RUNSTATE_INFO_SIZE = 44
+
+
+@dataclass(frozen=True)
+class GuestAbi:
+    """One row per address size: the sizes and offsets the wire has for a guest of that size
+    (docs/pv32.md section 20). Code that reads or writes a guest's shared structures, words
+    or pointers takes them from its domain's row (Domain.abi), not from a second code path."""
+
+    address_size: int  # 64, or 32 on the compat ABI
+    word_bytes: int  # xen_ulong_t: an event-channel word, a vcpumask word, a xen_pfn_t
+    shared_info_evtchn_mask: int  # byte offset of evtchn_mask (evtchn_pending is at SHARED_INFO_EVTCHN_PENDING in both)
+    vcpu_info_pending_sel: int  # byte offset of evtchn_pending_sel, word_bytes wide
+    runstate_info_size: int  # struct vcpu_runstate_info: int state, then u64 state_entry_time and time[4]
+    start_info_magic: bytes
+
+    @property
+    def bits_per_evtchn_word(self) -> int:
+        return 8 * self.word_bytes
+
+    @property
+    def evtchn_2l_nr_channels(self) -> int:
+        """The 2-level ABI's ports: BITS_PER_EVTCHN_WORD(d) squared (xen/common/event_channel.h max_evtchns)."""
+        return self.bits_per_evtchn_word**2
+
+    @property
+    def runstate_state_bytes(self) -> int:
+        """Where state_entry_time starts: the int state padded to the u64s' alignment."""
+        return self.runstate_info_size - 5 * 8
+
+    def fits(self, value: int) -> bool:
+        """Whether `value` fits in an unsigned long, pointer or xen_pfn_t of this guest."""
+        return 0 <= value < 1 << self.address_size
+
+
+GUEST_ABI = {
+    64: GuestAbi(64, 8, SHARED_INFO_EVTCHN_MASK, VCPU_INFO_PENDING_SEL, RUNSTATE_INFO_SIZE, START_INFO_MAGIC),
+    32: GuestAbi(32, 4, COMPAT_SHARED_INFO_EVTCHN_MASK, COMPAT_VCPU_INFO_PENDING_SEL, COMPAT_RUNSTATE_INFO_SIZE, START_INFO_MAGIC_PAE),
+}

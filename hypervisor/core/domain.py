@@ -19,6 +19,7 @@ from .abi import (
     DOMID_XEN,
     ENTRIES_PER_TABLE,
     EVTCHN_2L_NR_CHANNELS,
+    GUEST_ABI,
     INVALID_MFN,
     L2_SLOT_COMPAT_XEN_FIRST,
     MAX_VCPUS,
@@ -37,6 +38,7 @@ from .abi import (
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     Errno,
+    GuestAbi,
     PageType,
     Pte,
     RUNSTATE_offline,
@@ -178,6 +180,11 @@ class Domain:
     # domain (and gone with it), so a replayed trace counts them too (views.domain_stats).
     stats: Counter = field(default_factory=Counter)
 
+    @property
+    def abi(self) -> GuestAbi:
+        """The wire layout of its address size (docs/pv32.md section 20)."""
+        return GUEST_ABI[self.address_size]
+
     def info(self) -> dict:
         return {
             "domid": self.domid,
@@ -236,10 +243,10 @@ def build(
     if address_size not in MODES:  # arch_do_domctl, XEN_DOMCTL_set_address_size
         raise XenError(Errno.EINVAL, f"address_size {address_size} is neither 64 (x86-64 PV) nor 32 (PAE on the compat ABI)")
     mode = MODES[address_size]
-    if not 1 <= nr_vcpus <= MAX_VCPUS:
-        raise XenError(Errno.EINVAL, f"nr_vcpus {nr_vcpus} is outside 1..{MAX_VCPUS}")
     if not 0 <= max_evtchn_port < EVTCHN_2L_NR_CHANNELS:
         raise XenError(Errno.EINVAL, f"max_evtchn_port {max_evtchn_port} is outside 0..{EVTCHN_2L_NR_CHANNELS - 1} (2-level ABI)")
+    if not 1 <= nr_vcpus <= MAX_VCPUS:
+        raise XenError(Errno.EINVAL, f"nr_vcpus {nr_vcpus} is outside 1..{MAX_VCPUS}")
     nr_lowmem = nr_pages - highmem_pages
     if nr_pages < MIN_PAGES or highmem_pages < 0:
         raise XenError(Errno.EINVAL, f"nr_pages {nr_pages} (highmem {highmem_pages}) is below {MIN_PAGES} or negative")

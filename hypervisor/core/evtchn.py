@@ -8,8 +8,10 @@ allocation takes the lowest free port up to the domain's `max_evtchn_port`. A po
 unbound (offered to one remote domain), interdomain (joined to a port of another domain, or of
 its own: loopback), bound to a virtual IRQ, or an IPI. That state lives here, as Xen's struct
 evtchn lives in Xen's heap. What the guest sees lives in its shared-info frame, exactly where
-Xen x86-64 puts it (abi.SHARED_INFO_*): a pending and a mask bit per port and, per vCPU, a
-selector word and the upcall-pending and upcall-mask bytes. The guest reads and clears them
+Xen puts it for the guest's address size (Domain.abi; docs/pv32.md section 21): a pending and a
+mask bit per port and, per vCPU, a selector word and the upcall-pending and upcall-mask bytes.
+The bitmaps are little-endian, so port p is bit p % 64 of the frame's u64 word p // 64 from
+evtchn_pending on, whether the guest's words are 64 bits or 32 (the compat ABI's 1,024 ports). The guest reads and clears them
 with its own loads and atomics, as Linux does; Xen writes a mask bit only in EVTCHNOP_unmask.
 
 Delivery (`set_pending`, docs/xen.md section 16.5) sets the port's pending bit and goes on only if that bit
@@ -30,14 +32,12 @@ from . import evtchn_fifo
 from .abi import (
     BITS_PER_EVTCHN_WORD,
     DOMID_SELF,
-    EVTCHN_2L_NR_CHANNELS,
     EVTCHN_FIFO_NR_CHANNELS,
     EVTCHN_FIFO_PRIORITY_DEFAULT,
+    GUEST_ABI,
     NR_VIRQS,
-    SHARED_INFO_EVTCHN_MASK,
     SHARED_INFO_EVTCHN_PENDING,
     SHARED_INFO_VCPU_INFO,
-    VCPU_INFO_PENDING_SEL,
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     VCPU_INFO_UPCALL_PENDING,
@@ -68,15 +68,34 @@ LIBXL_MAX_EVTCHN_PORT = 1023  # libxl's default event_channels (docs/xen.md sect
 # extra_domU_irqs, DEFAULT_EXTRA_DOMU_IRQS = 32.
 NR_PIRQS = 16 + 32
 
-# The shared-info frame as 512 u64 words: where the bitmaps and each vcpu_info start.
+# The shared-info frame as 512 u64 words: where evtchn_pending starts, for either address size
+# (evtchn_mask's word is _mask(domain)).
 _PENDING = SHARED_INFO_EVTCHN_PENDING // 8
-_MASK = SHARED_INFO_EVTCHN_MASK // 8
-_NR_WORDS = EVTCHN_2L_NR_CHANNELS // BITS_PER_EVTCHN_WORD
-_SEL = VCPU_INFO_PENDING_SEL // 8
 # evtchn_upcall_pending and _mask are bytes 0 and 1 of a vcpu_info's first word.
 _UPCALL_PENDING_SHIFT = 8 * VCPU_INFO_UPCALL_PENDING
 _UPCALL_MASK_SHIFT = 8 * VCPU_INFO_UPCALL_MASK
 assert VCPU_INFO_UPCALL_PENDING < 8 and VCPU_INFO_UPCALL_MASK < 8
+
+
+# Per address size, in the frame's u64 words (a hot path: computed once): where evtchn_mask
+# starts, and evtchn_pending_sel's word within a vcpu_info, its first bit, and the ports per
+# bit (the guest's word). A 32-bit guest's selector is the upper half of the first word.
+_TWO_LEVEL = {
+    size: (abi.shared_info_evtchn_mask // 8, abi.vcpu_info_pending_sel // 8, 8 * (abi.vcpu_info_pending_sel % 8), abi.bits_per_evtchn_word)
+    for size, abi in GUEST_ABI.items()
+}
+
+
+def _mask(domain: "Domain") -> int:
+    """The u64 word of the shared-info frame where the domain's evtchn_mask starts."""
+    return _TWO_LEVEL[domain.address_size][0]
+
+
+def _selector(domain: "Domain", port: int) -> tuple[int, int]:
+    """evtchn_pending_sel's bit for the guest word that holds `port`: (u64 word within the
+    vcpu_info, bit of it)."""
+    _, index, first, bits = _TWO_LEVEL[domain.address_size]
+    return index, first + port // bits
 
 
 def vcpu_info_words(hv: "Hypervisor", vcpu: "Vcpu") -> tuple[int, int]:
@@ -180,8 +199,9 @@ def valid_port(domain: "Domain", port: int, op: str) -> Evtchn:
 
 
 def max_evtchns(domain: "Domain") -> int:
-    """max_evtchns: the ports of the ABI the domain speaks (docs/xen.md section 24.5)."""
-    return EVTCHN_2L_NR_CHANNELS if domain.evtchn_fifo is None else EVTCHN_FIFO_NR_CHANNELS
+    """max_evtchns: the ports of the ABI the domain speaks (docs/xen.md section 24.5), 2-level
+    ones for its address size (docs/pv32.md section 22)."""
+    return domain.abi.evtchn_2l_nr_channels if domain.evtchn_fifo is None else EVTCHN_FIFO_NR_CHANNELS
 
 
 def _port_limit(domain: "Domain") -> int:
@@ -255,13 +275,14 @@ def _test_and_clear_bit(words: np.ndarray, index: int, bit: int) -> bool:
     return True
 
 
-def _notify(hv: "Hypervisor", domain: "Domain", vcpu_id: int, word: int) -> None:
-    """The tail of 2-level set_pending and unmask: a selector bit that goes 0->1 marks the
-    vCPU's events pending, and an upcall-pending that goes 0->1 kicks the vCPU
-    (vcpu_mark_events_pending)."""
+def _notify(hv: "Hypervisor", domain: "Domain", vcpu_id: int, port: int) -> None:
+    """The tail of 2-level set_pending and unmask: a selector bit (of the port's word) that
+    goes 0->1 marks the vCPU's events pending, and an upcall-pending that goes 0->1 kicks the
+    vCPU (vcpu_mark_events_pending)."""
     vcpu = domain.vcpus[vcpu_id]
     mfn, info = vcpu_info_words(hv, vcpu)
-    if not _test_and_set_bit(hv.memory.frame(mfn), info + _SEL, word):
+    index, bit = _selector(domain, port)
+    if not _test_and_set_bit(hv.memory.frame(mfn), info + index, bit):
         vcpu_mark_events_pending(hv, vcpu)
 
 
@@ -290,8 +311,8 @@ def set_pending(hv: "Hypervisor", domain: "Domain", vcpu_id: int, port: int) -> 
     word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
     if _test_and_set_bit(words, _PENDING + word, bit):
         return False
-    if not words.item(_MASK + word) >> bit & 1:
-        _notify(hv, domain, vcpu_id, word)
+    if not words.item(_mask(domain) + word) >> bit & 1:
+        _notify(hv, domain, vcpu_id, port)
     check_pollers(hv, domain, port)
     return True
 
@@ -333,7 +354,7 @@ def port_is_masked(hv: "Hypervisor", domain: "Domain", port: int) -> bool:
     if domain.evtchn_fifo is not None:
         return evtchn_fifo.is_masked(hv, domain, port)
     word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
-    return bool(hv.memory.entries(domain.shared_info_mfn).item(_MASK + word) >> bit & 1)
+    return bool(hv.memory.entries(domain.shared_info_mfn).item(_mask(domain) + word) >> bit & 1)
 
 
 def local_events_need_delivery(hv: "Hypervisor", vcpu: "Vcpu") -> bool:
@@ -375,7 +396,8 @@ def deliver_upcall(hv: "Hypervisor", domid: int, vcpu: int) -> list[int] | None:
     if domain.evtchn_fifo is not None:
         return evtchn_fifo.linked_ports(hv, domain, vcpu)
     words = hv.memory.entries(domain.shared_info_mfn)
-    live = words[_PENDING : _PENDING + _NR_WORDS] & ~words[_MASK : _MASK + _NR_WORDS]
+    nr_words, mask = domain.abi.evtchn_2l_nr_channels // BITS_PER_EVTCHN_WORD, _mask(domain)
+    live = words[_PENDING : _PENDING + nr_words] & ~words[mask : mask + nr_words]
     ports = np.flatnonzero(np.unpackbits(live.view(np.uint8), bitorder="little")).tolist()
     table = domain.evtchn
     return [p for p in ports if p < len(table) and table[p].usable and table[p].notify_vcpu_id == vcpu]
@@ -556,8 +578,8 @@ def unmask(hv: "Hypervisor", current: "Vcpu", port: int) -> int:
     elif chn.usable:
         words = hv.memory.frame(domain.shared_info_mfn)
         word, bit = divmod(port, BITS_PER_EVTCHN_WORD)
-        if _test_and_clear_bit(words, _MASK + word, bit) and words.item(_PENDING + word) >> bit & 1:
-            _notify(hv, domain, chn.notify_vcpu_id, word)
+        if _test_and_clear_bit(words, _mask(domain) + word, bit) and words.item(_PENDING + word) >> bit & 1:
+            _notify(hv, domain, chn.notify_vcpu_id, port)
     return 0
 
 

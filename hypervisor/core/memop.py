@@ -115,9 +115,19 @@ def _stopped(done: int, message: str) -> dict:
     return {"result": done, "stopped": message}
 
 
-def _check_reservation(hv, caller, extent_start: list, nr_extents: int, extent_order: int, mem_flags: int, domid: int, null_ok: bool, pod: bool = False):
+def _compat_unreadable(caller: "Domain", extent_start: list, nr_extents: int) -> str | None:
+    """A 32-bit guest's extent list holds compat_pfn_t, u32 (xen/common/compat/memory.c): an
+    entry that does not fit is one it cannot have written, refused as Xen refuses a list it
+    cannot read (docs/pv32.md section 25); None if the list is readable."""
+    if caller.address_size == 32 and not caller.abi.fits(max(extent_start[:nr_extents], default=0)):
+        return f"an entry of dom{caller.domid}'s extent list does not fit a 32-bit guest's compat_pfn_t (compat_handle_okay)"
+    return None
+
+
+def _check_reservation(hv, caller, extent_start: list, nr_extents: int, extent_order: int, mem_flags: int, domid: int, null_ok: bool, pod: bool = False, reads: bool = True):
     """do_memory_op's checks before a reservation op runs, each answered by the count it
-    started from (Xen returns start_extent): the target domain and its limit, or the reason."""
+    started from (Xen returns start_extent): the target domain and its limit, or the reason.
+    `reads`: the op reads the list's entries (all but increase_reservation)."""
     if nr_extents > MAX_EXTENTS:
         return f"nr_extents {nr_extents} exceeds {MAX_EXTENTS} (it could not ride in a continuation)"
     target = _target(hv, caller, domid)
@@ -125,6 +135,9 @@ def _check_reservation(hv, caller, extent_start: list, nr_extents: int, extent_o
         return f"no domain {domid}"
     if len(extent_start) < nr_extents and not (null_ok and not extent_start):
         return f"the extent list has {len(extent_start)} entries, not {nr_extents} (guest_handle_subrange_okay)"
+    unreadable = _compat_unreadable(caller, extent_start, nr_extents) if reads else None
+    if unreadable:
+        return unreadable
     below = _address_limit(hv, mem_flags)
     if below is None:
         return f"address bits {mem_flags & 0xFF} leave no frame (at most {PAGE_SHIFT})"
@@ -153,7 +166,7 @@ def populate_physmap(hv, vcpu, caller, extent_start=(), nr_extents=0, extent_ord
 
 def _allocate(hv, vcpu, caller, extent_start, nr_extents, extent_order, mem_flags, domid, start, out, populate: bool) -> dict:
     pod = populate and bool(mem_flags & XENMEMF_populate_on_demand)
-    checked = _check_reservation(hv, caller, extent_start, nr_extents, extent_order, mem_flags, domid, null_ok=not populate, pod=pod)
+    checked = _check_reservation(hv, caller, extent_start, nr_extents, extent_order, mem_flags, domid, null_ok=not populate, pod=pod, reads=populate)
     listed = out if out is not None else extent_start
     if isinstance(checked, str):
         return {**_stopped(start, checked), "extent_start": listed}
@@ -248,6 +261,9 @@ def exchange(hv, vcpu, caller, input: dict, output: dict, nr_exchanged: int = 0,
         return {"result": 0, "nr_exchanged": done, "extent_start": listed}
     if len(ins["extent_start"]) < n_in or len(listed) < n_out:
         raise fail(Errno.EFAULT, f"the extent lists have {len(ins['extent_start'])} and {len(listed)} entries, not {n_in} and {n_out} (guest_handle_subrange_okay)")
+    unreadable = _compat_unreadable(caller, ins["extent_start"], n_in) or _compat_unreadable(caller, listed, n_out)
+    if unreadable:
+        raise fail(Errno.EFAULT, unreadable)
     below = _address_limit(hv, outs["mem_flags"])
     if below is None:
         raise fail(Errno.EINVAL, f"output address bits {outs['mem_flags'] & 0xFF} leave no frame")

@@ -301,9 +301,11 @@ def new_user_baseptr(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
 
 def read_vcpumask(hv: "Hypervisor", vcpu: Vcpu, caller: Domain, va: int) -> list[Vcpu] | None:
     """The vCPUs named by the bitmap at guest virtual `va` (docs/xen.md section 10); None on a fault.
-    Bits beyond the domain's vCPUs are ignored."""
-    words = -(-len(caller.vcpus) // 64)
-    data = copy_from_guest(hv.memory, vcpu.guest_table, va, 8 * words, vcpu.mode)
+    vcpumask_to_pcpumask reads it in the guest's words, 32-bit ones for a 32-bit guest
+    (docs/pv32.md section 20), as many as the domain's vCPUs need. Bits beyond them are ignored."""
+    word_bytes = caller.abi.word_bytes
+    size = word_bytes * -(-len(caller.vcpus) // (8 * word_bytes))
+    data = copy_from_guest(hv.memory, vcpu.guest_table, va, size, vcpu.mode)
     if data is None:
         return None
     mask = int.from_bytes(data, "little")
@@ -365,7 +367,7 @@ def update_va_mapping(hv: "Hypervisor", vcpu: Vcpu, va: int, val: int, flags: in
     _check_foreign_privilege(caller, pg_owner)
     mode = vcpu.mode
     if not mode.guest_addr_ok(va):
-        raise XenError(Errno.EINVAL, f"va {va:#x} is not a guest address")
+        raise XenError(Errno.EINVAL, f"va {va:#x} is not a guest address of a {mode.address_size}-bit guest")
     path = walk_entries(hv.memory, vcpu.guest_table, va, mode) if vcpu.guest_table else []
     if len(path) < len(mode.shifts):
         raise XenError(Errno.EINVAL, f"no L1 maps va {va:#x} in the current pagetable")

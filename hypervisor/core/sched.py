@@ -214,11 +214,14 @@ def vcpu_runstate_get(hv: "Hypervisor", vcpu: "Vcpu") -> tuple[int, int, list[in
 
 def update_runstate_area(hv: "Hypervisor", vcpu: "Vcpu") -> None:
     """update_runstate_area (xen/common/domain.c): copy struct vcpu_runstate_info to the
-    registered guest address through the vCPU's kernel pagetable: six little-endian u64s, the
-    int state padded to eight bytes, RUNSTATE_INFO_SIZE in all. A copy that faults is
-    dropped, as Xen drops it (its __copy_to_guest result is not looked at)."""
+    registered guest address through the vCPU's kernel pagetable: the int state padded to the
+    u64s' alignment, then five little-endian u64s; 48 bytes for a 64-bit guest, 44 for a
+    32-bit one, whose compat struct aligns u64s to 4 bytes (XLAT_vcpu_runstate_info;
+    docs/pv32.md section 23). A copy that faults is dropped, as Xen drops it (its
+    __copy_to_guest result is not looked at)."""
     runstate = vcpu.runstate
-    record = b"".join(value.to_bytes(8, "little") for value in (runstate.state, runstate.state_entry_time, *runstate.time))
+    state_bytes = hv.domains[vcpu.domid].abi.runstate_state_bytes
+    record = runstate.state.to_bytes(state_bytes, "little") + b"".join(value.to_bytes(8, "little") for value in (runstate.state_entry_time, *runstate.time))
     copy_to_guest(hv.memory, vcpu.guest_table, vcpu.runstate_guest, record, vcpu.mode)
 
 

@@ -14,9 +14,7 @@ from .abi import (
     PAGE_SHIFT,
     PAGE_SIZE,
     PERIODIC_MIN_NS,
-    RUNSTATE_INFO_SIZE,
     STIME_DELTA_MAX,
-    VCPU_INFO_PENDING_SEL,
     VCPU_INFO_SIZE,
     Errno,
     SHUTDOWN_poweroff,
@@ -175,10 +173,13 @@ def register_runstate_memory_area(hv: "Hypervisor", domain: "Domain", vcpu: "Vcp
     """VCPUOP_register_runstate_memory_area: from now on Xen copies the target's runstate to
     guest virtual `addr` whenever it changes, and once now; 0 unregisters. -EFAULT unless the
     48 bytes at `addr` lie in the guest's range (guest_handle_okay: __addr_ok at both ends).
+    A 32-bit guest's handle is a u32 whose 44 bytes end below HYPERVISOR_COMPAT_VIRT_START
+    (compat_vcpu_op: the u64 field must equal its low half, and compat_handle_okay; docs/pv32.md section 23).
     Whether they are mapped is not checked: a copy that faults is dropped. The copy is the
     runstate as of its last change, as Xen copies it for the calling vCPU (docs/vcpu-time.md section 6)."""
-    if addr and not (vcpu.mode.guest_addr_ok(addr) and vcpu.mode.guest_addr_ok(addr + RUNSTATE_INFO_SIZE - 1)):
-        raise XenError(Errno.EFAULT, f"VCPUOP_register_runstate_memory_area: {RUNSTATE_INFO_SIZE} bytes at {addr:#x} are not all guest addresses (guest_handle_okay)")
+    size, mode = domain.abi.runstate_info_size, vcpu.mode
+    if addr and not (mode.guest_addr_ok(addr) and mode.guest_addr_ok(addr + size - 1)):
+        raise XenError(Errno.EFAULT, f"VCPUOP_register_runstate_memory_area: {size} bytes at {addr:#x} are not all {mode.address_size}-bit guest addresses (guest_handle_okay)")
     vcpu.runstate_guest = addr
     if addr:
         update_runstate_area(hv, vcpu)
@@ -227,7 +228,7 @@ def register_vcpu_info(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", mfn: in
     old_mfn, old_index = vcpu_info_words(hv, vcpu)
     hv.memory.write(mfn, offset, hv.memory.read(old_mfn, old_index * 8, VCPU_INFO_SIZE))  # vcpu_info_populate
     vcpu.vcpu_info_area = (mfn, offset)
-    hv.memory.write(mfn, offset + VCPU_INFO_PENDING_SEL, b"\xff" * 8)
+    hv.memory.write(mfn, offset + domain.abi.vcpu_info_pending_sel, b"\xff" * domain.abi.word_bytes)  # a 32-bit guest's u32 (docs/pv32.md section 21)
     vcpu_mark_events_pending(hv, vcpu)
     return 0
 

@@ -4,6 +4,7 @@ The guest keeps its own copy, as Linux does in include/xen/interface/, so the tw
 this test is what stops them. A name that only the guest needs is listed in GUEST_ONLY.
 """
 
+import dataclasses
 from enum import IntEnum
 
 from guestlib import xen
@@ -20,6 +21,10 @@ def _public(module) -> dict:
 def _members(value):
     if isinstance(value, type) and issubclass(value, IntEnum):
         return {member.name: member.value for member in value}
+    if dataclasses.is_dataclass(value):  # a row type (its fields) or a row (its values)
+        return [f.name for f in dataclasses.fields(value)] if isinstance(value, type) else dataclasses.asdict(value)
+    if isinstance(value, dict):  # a table of rows, compared whole
+        return [(key, _members(row)) for key, row in value.items()]
     return value
 
 
