@@ -295,7 +295,7 @@ def _the_tasks_read(path: str, reads: list[tuple[int, bool]], domid: int, vcpu_i
                 return
             returned.append((seq, user))
             vcpu = hv.vcpu(domid, vcpu_id)
-            if translate(hv.memory, vcpu.guest_table_user if user else vcpu.guest_table, va) == mapped:
+            if translate(hv.memory, vcpu.base(user), va, mode=vcpu.mode) == mapped:
                 mapped_then.append((seq, user))
 
     if reads:
@@ -311,7 +311,7 @@ def _read_frame(hv: Hypervisor, domid: int, vcpu_id: int, va: int, user: bool) -
     cached = vcpu.tlb.lookup(va >> PAGE_SHIFT)
     if cached is not None and (cached.user == user or cached.is_global):
         return cached.mfn
-    return translate(hv.memory, vcpu.guest_table_user if user else vcpu.guest_table, va)
+    return translate(hv.memory, vcpu.base(user), va, mode=vcpu.mode)
 
 
 def explain_run(path: str, report: dict, limit: int = DEFAULT_LIMIT) -> list[dict]:

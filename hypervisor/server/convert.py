@@ -387,9 +387,8 @@ def faulted(result: Any) -> bool:
 # -- Toolstack records ----------------------------------------------------------------------
 
 
-def start_info(info: dict, address_size: int) -> common_pb2.StartInfo:
-    """A domain's start info, its magic the builder's guest type (a 32-bit guest's
-    "xen-3.0-x86_32p", docs/pv32.md section 4) and its direct map where its kernel has it."""
+def start_info(info: dict, address_size: int = 64) -> common_pb2.StartInfo:
+    """A domain's start info; a 32-bit PAE guest's magic and direct map are its own (docs/pv32.md section 4)."""
     if address_size == 32:
         return common_pb2.StartInfo(magic=START_INFO_MAGIC_PAE.decode(), page_offset=PAGE_OFFSET_PAE, **info)
     return common_pb2.StartInfo(magic=START_INFO_MAGIC.decode(), page_offset=PAGE_OFFSET, **info)

@@ -87,7 +87,8 @@ class ToolstackServicer(toolstack_pb2_grpc.ToolstackServicer):
             args["address_size"] = request.address_size
         created = self.hv.toolstack("create_domain", **args)
         token = self.tokens.issue(created["domid"], created["instance"])
-        return toolstack_pb2.CreateDomainResponse(domid=created["domid"], token=token, start_info=convert.start_info(created["start_info"], request.address_size or 64))
+        start_info = convert.start_info(created["start_info"], self.hv.domains[created["domid"]].address_size)
+        return toolstack_pb2.CreateDomainResponse(domid=created["domid"], token=token, start_info=start_info)
 
     @_admin("destroy_domain")
     def DestroyDomain(self, request):

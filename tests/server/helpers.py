@@ -20,13 +20,17 @@ PIN = {1: common_pb2.MMUEXT_CMD_PIN_L1_TABLE, 4: common_pb2.MMUEXT_CMD_PIN_L4_TA
 class WireGuest:
     """One domain of a running server, called as vCPU `vcpu` with its own token."""
 
-    def __init__(self, server, nr_pages: int = 2048, nr_vcpus: int = 2):
+    def __init__(self, server, nr_pages: int = 2048, nr_vcpus: int = 2, **kw):
         self.server = server
-        created = server.create_domain(nr_pages=nr_pages, nr_vcpus=nr_vcpus)
+        created = server.create_domain(nr_pages=nr_pages, nr_vcpus=nr_vcpus, **kw)
         self.domid, self.token, self.start_info = created.domid, created.token, created.start_info
         self.hc = server.hypercalls()
         self.ts = server.toolstack()
         self.next_pfn = self.start_info.first_free_pfn
+        # A 32-bit PAE guest's P2M holds u32 mfns, and its boot tables are the L3, one L2,
+        # then the L1s (docs/pv32.md section 4).
+        self.pv32 = self.start_info.magic == "xen-3.0-x86_32p"
+        self.p2m_entry = 4 if self.pv32 else 8
 
     def md(self, vcpu: int = 0):
         return self.server.guest_metadata(self.token, vcpu)
@@ -48,7 +52,7 @@ class WireGuest:
 
     def mfn(self, pfn: int) -> int:
         """The P2M list entry for pfn, read through the kernel's mapping of it."""
-        return self.call("Load", memory_pb2.LoadRequest(va=self.start_info.mfn_list + 8 * pfn, size=8)).value
+        return self.call("Load", memory_pb2.LoadRequest(va=self.start_info.mfn_list + self.p2m_entry * pfn, size=self.p2m_entry)).value
 
     def alloc(self) -> tuple[int, int]:
         pfn = self.next_pfn
@@ -63,7 +67,7 @@ class WireGuest:
         the L4, one L3, the L2s, then the L1s (common.proto StartInfo)."""
         nr_l1 = -(-self.start_info.nr_lowmem_pages // 512)
         pt_base_pfn = (self.start_info.pt_base - self.start_info.page_offset) >> 12
-        return self.mfn(pt_base_pfn + 2 + -(-nr_l1 // 512) + pfn // 512), pfn % 512
+        return self.mfn(pt_base_pfn + (1 if self.pv32 else 2) + -(-nr_l1 // 512) + pfn // 512), pfn % 512
 
     def frame(self, mfn: int) -> toolstack_pb2.Frame:
         return self.toolstack("FrameInfo", toolstack_pb2.FrameInfoRequest(mfn=mfn)).frames[0]
@@ -71,9 +75,10 @@ class WireGuest:
     def frame_runs(self, vcpu: int = 0) -> list[tuple[int, int]]:
         """Every frame the domain owns (its P2M, read through its direct map, and its shared-info
         frame) as (first mfn, count) runs, for FrameInfo."""
-        size, base = 8 * self.start_info.nr_pages, self.start_info.mfn_list
+        entry = self.p2m_entry
+        size, base = entry * self.start_info.nr_pages, self.start_info.mfn_list
         p2m = b"".join(self.call("Read", memory_pb2.ReadRequest(va=base + at, length=min(4096, size - at)), vcpu).data for at in range(0, size, 4096))
-        mfns = sorted([int.from_bytes(p2m[i : i + 8], "little") for i in range(0, len(p2m), 8)] + [self.start_info.shared_info >> 12])
+        mfns = sorted([int.from_bytes(p2m[i : i + entry], "little") for i in range(0, len(p2m), entry)] + [self.start_info.shared_info >> 12])
         runs: list[list[int]] = []
         for mfn in mfns:
             if runs and mfn == runs[-1][0] + runs[-1][1]:

@@ -94,9 +94,9 @@ def _evtchn(guest: WireGuest, **op) -> int:
     return guest.call("EventChannelOp", h.EventChannelOpRequest(**op)).port
 
 
-def build_victim(server) -> Victim:
-    """A with 3 vCPUs (B has 2), and C, a third domain A shares a channel with."""
-    a, c = WireGuest(server, nr_pages=512, nr_vcpus=3), WireGuest(server, nr_pages=64, nr_vcpus=1)
+def build_victim(server, address_size: int = 64) -> Victim:
+    """A with 3 vCPUs (B has 2), 64-bit or 32-bit PAE, and C, a third domain A shares a channel with."""
+    a, c = WireGuest(server, nr_pages=512, nr_vcpus=3, address_size=address_size), WireGuest(server, nr_pages=64, nr_vcpus=1)
     secret_pfn, secret = a.alloc()
     a.call("Store", m.StoreRequest(va=a.direct_va(secret_pfn), size=8, value=SECRET))
     l1_pfn, l1 = a.pinned_table(1, {0: secret << 12 | P | A})
@@ -141,6 +141,14 @@ def own_entry(b: WireGuest) -> int:
 def own_l2(b: WireGuest) -> int:
     """B's direct-map L2 (the builder's layout: L4, L3, then the L2)."""
     return b.mfn(((b.start_info.pt_base - b.start_info.page_offset) >> 12) + 2)
+
+
+def secret_va_in_b(a: Victim, b: WireGuest) -> int:
+    """Where A keeps its secret, as a va of B's own memory: the same va when A is 64-bit as B
+    is (it maps a page of B's that nothing wrote), and in B's direct map past B's first free
+    pfn by as much when A is a 32-bit guest, whose direct map B's space does not have."""
+    va = a.guest.direct_va(a.secret_pfn)
+    return va if not a.guest.pv32 else b.direct_va(own_pfn(b) + a.secret_pfn)
 
 
 def beyond(b: WireGuest) -> int:
@@ -470,8 +478,8 @@ ATTACKS = [
     Attack("xen_version", "XenVersion", lambda a, b: h.XenVersionRequest(), "ok"),
     Attack("echo", "Echo", lambda a, b: h.EchoRequest(payload=b"x"), "ok"),
     # memory: B's address space holds B's frames only (memory.proto)
-    Attack("load at A's secret va reads B's own page", "Load", lambda a, b: m.LoadRequest(va=a.guest.direct_va(a.secret_pfn), size=8), "ok", returns=lambda a, b: m.LoadResponse(value=0)),
-    Attack("read at A's secret va reads B's own page", "Read", lambda a, b: m.ReadRequest(va=a.guest.direct_va(a.secret_pfn), length=8), "ok", returns=lambda a, b: m.ReadResponse(data=bytes(8))),
+    Attack("load at A's secret va reads B's own page", "Load", lambda a, b: m.LoadRequest(va=secret_va_in_b(a, b), size=8), "ok", returns=lambda a, b: m.LoadResponse(value=0)),
+    Attack("read at A's secret va reads B's own page", "Read", lambda a, b: m.ReadRequest(va=secret_va_in_b(a, b), length=8), "ok", returns=lambda a, b: m.ReadResponse(data=bytes(8))),
     Attack("load past B's memory", "Load", lambda a, b: m.LoadRequest(va=beyond(b), size=8), "fault"),
     Attack("store past B's memory", "Store", lambda a, b: m.StoreRequest(va=beyond(b), size=8, value=1), "fault"),
     Attack("atomic past B's memory", "Atomic", lambda a, b: m.AtomicRequest(op=m.ATOMIC_OP_FETCH_ADD, va=beyond(b), size=8, operand=1), "fault"),
@@ -603,10 +611,11 @@ def attempt(server, attack: Attack, victim: Victim, b: WireGuest) -> tuple[Outco
         return error_outcome(error), None
 
 
-@pytest.fixture(scope="module")
-def world():
+@pytest.fixture(scope="module", params=[64, 32], ids=["victim64", "victim32"])
+def world(request):
+    """The machine and A: a 64-bit A, and a 32-bit PAE one on a mixed machine (docs/pv32.md)."""
     with start_server() as server:
-        yield server, build_victim(server)
+        yield server, build_victim(server, request.param)
 
 
 @pytest.fixture
