@@ -13,7 +13,7 @@ no user pgd; PIN_L3; the fixmap is one L1 in the kernel pmd below Xen's compat s
 
 from dataclasses import dataclass
 
-from .xen import HYPERVISOR_COMPAT_VIRT_START, PAGE_OFFSET, PAGE_SHIFT, RO_MPT_VIRT_START, START_INFO_MAGIC, START_INFO_MAGIC_PAE, MmuextCmd
+from .xen import GUEST_ABI, HYPERVISOR_COMPAT_VIRT_START, PAGE_OFFSET, PAGE_SHIFT, RO_MPT_VIRT_START, GuestAbi, MmuextCmd, guest_abi
 
 L2_SHIFT = PAGE_SHIFT + 9
 
@@ -25,7 +25,6 @@ class PagingMode:
     name: str
     address_size: int  # XEN_DOMCTL_set_address_size: 64, or 32 (compat)
     levels: int  # the pgd's level
-    start_info_magic: bytes  # how vCPU 0 tells its mode (the builder's guest type)
     page_offset: int  # the direct map of lowmem
     pin_top: MmuextCmd  # how xen_pgd_pin pins the pgd
     user_pgd: bool  # 64-bit PV's second pgd for user mode
@@ -33,9 +32,23 @@ class PagingMode:
     kernel_slots: range  # those entries (slots of the kernel table at kernel_level)
     fixmap_base: int  # the fixmap's first page: its L1 hangs below kernel_slots[-1]
     m2p_base: int  # machine_to_phys_mapping as the guest sees it
-    word: int  # sizeof(unsigned long): bytes per entry of the P2M list and of the M2P
     entry: int  # where a secondary vCPU starts (VCPUOP_initialise's rip: the kernel's text)
     top_flags: int  # the flags of a pgd entry naming a lower table
+
+    @property
+    def abi(self) -> GuestAbi:
+        """The wire layout of this address size (start-info magic, word width, event bits)."""
+        return GUEST_ABI[self.address_size]
+
+    @property
+    def start_info_magic(self) -> bytes:
+        """How vCPU 0 tells its mode: the builder's guest type."""
+        return self.abi.start_info_magic
+
+    @property
+    def word(self) -> int:
+        """sizeof(unsigned long): bytes per entry of the P2M list and of the M2P."""
+        return self.abi.word_bytes
 
     @staticmethod
     def slot(va: int, level: int) -> int:
@@ -74,17 +87,17 @@ class PagingMode:
 
 # Linux x86-64: __START_KERNEL_map's text (startup_xen); the fixmap in the top L4 slot.
 PV64 = PagingMode(
-    name="x86_64", address_size=64, levels=4, start_info_magic=START_INFO_MAGIC, page_offset=PAGE_OFFSET,
+    name="x86_64", address_size=64, levels=4, page_offset=PAGE_OFFSET,
     pin_top=MmuextCmd.PIN_L4_TABLE, user_pgd=True, kernel_level=4, kernel_slots=range(272, 512),
-    fixmap_base=0xFFFFFF8000000000, m2p_base=RO_MPT_VIRT_START, word=8, entry=0xFFFFFFFF81000000, top_flags=0x67,  # _PAGE_TABLE
+    fixmap_base=0xFFFFFF8000000000, m2p_base=RO_MPT_VIRT_START, entry=0xFFFFFFFF81000000, top_flags=0x67,  # _PAGE_TABLE
 )  # fmt: skip
 # Linux i386 PAE: PAGE_OFFSET 3 GiB, the kernel at 16 MiB above it; the kernel pmd's guest slots
 # end where Xen's compat area begins (init_xen_pae_l2_slots), and the fixmap sits just below.
 _PAE_XEN_L2_SLOT = (HYPERVISOR_COMPAT_VIRT_START - 0xC0000000) >> L2_SHIFT
 PAE = PagingMode(
-    name="pae", address_size=32, levels=3, start_info_magic=START_INFO_MAGIC_PAE, page_offset=0xC0000000,
+    name="pae", address_size=32, levels=3, page_offset=0xC0000000,
     pin_top=MmuextCmd.PIN_L3_TABLE, user_pgd=False, kernel_level=2, kernel_slots=range(0, _PAE_XEN_L2_SLOT),
-    fixmap_base=0xC0000000 + ((_PAE_XEN_L2_SLOT - 1) << L2_SHIFT), m2p_base=HYPERVISOR_COMPAT_VIRT_START, word=4,
+    fixmap_base=0xC0000000 + ((_PAE_XEN_L2_SLOT - 1) << L2_SHIFT), m2p_base=HYPERVISOR_COMPAT_VIRT_START,
     entry=0xC1000000, top_flags=0x1,  # set_pgd: _PAGE_PRESENT only (a PDPTE)
 )  # fmt: skip
 MODES = {mode.address_size: mode for mode in (PV64, PAE)}
@@ -92,10 +105,7 @@ MODES = {mode.address_size: mode for mode in (PV64, PAE)}
 
 def mode_of_magic(magic: str) -> PagingMode:
     """The mode whose start-info magic (the builder's guest type) this is."""
-    for mode in MODES.values():
-        if mode.start_info_magic == magic.encode():
-            return mode
-    raise RuntimeError(f"start info magic {magic!r} is neither x86_64 nor PAE")
+    return MODES[guest_abi(magic).address_size]
 
 
 def mode_of_start(started) -> PagingMode:

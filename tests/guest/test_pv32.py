@@ -13,14 +13,15 @@ from .kernel import audit_after_destroy, run_guest
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.mark.parametrize("highpte", [False, True], ids=["lowmem-pte", "highpte"])
-def test_a_32_bit_guest_boots_pae_and_runs_lifecycles(server, highpte):
+@pytest.mark.parametrize(("highpte", "evtchn"), [(False, "fifo"), (True, "fifo"), (False, "2l")], ids=["lowmem-pte", "highpte", "2-level"])
+def test_a_32_bit_guest_boots_pae_and_runs_lifecycles(server, highpte, evtchn):
     """Four vCPUs fork, fault, migrate and exit on PAE pgds (PIN_L3, an unshared kernel pmd
-    per pgd); every child's heap pte page joins its pinned mm and leaves it again."""
-    args = ["--lifecycles", "6", "--seconds", "60", "--seed", "3", "--migrate", "0.5"] + (["--highpte"] if highpte else [])
+    per pgd); every child's heap pte page joins its pinned mm and leaves it again. Their IPIs
+    go over FIFO event channels, or 2-level ones in the compat layout (u32 words)."""
+    args = ["--lifecycles", "6", "--seconds", "60", "--seed", "3", "--migrate", "0.5", "--evtchn", evtchn] + (["--highpte"] if highpte else [])
     domid, run = run_guest(server, 4, *args, nr_pages=4096, address_size=32)
     assert run.bugs == [] and run.returncodes == [0, 0, 0, 0], run.stderr
-    assert all(r["data_corruptions"] == [] for r in run.reports)
+    assert all(r["data_corruptions"] == [] for r in run.reports) and {r["evtchn"] for r in run.reports} == {evtchn}
     stats = [r["stats"] for r in run.reports]
     assert run.lifecycles >= 4 * 6 and sum(s["migrations"] for s in stats) > 0 and sum(s["cow"] for s in stats) > 0
     assert sum(s["pte_allocs"] for s in stats) == sum(s["forks"] for s in stats)
