@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a 64-bit guest's highmem is a quarter of its memory)")
     parser.add_argument("--address-size", choices=("64", "32", "both"), default="64", help="the guest: 64 (x86-64) or 32 (PAE on the compat ABI); both: each, with --race")
     parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
-    parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant and --trace apply to it")
+    parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant, --address-size and --trace apply to it")
     parser.add_argument("--balloon", type=at_least(1, high=BALLOON_SLOTS), nargs="?", const=16, default=0, metavar="PAGES", help="each vCPU gives PAGES (16) back to Xen and takes them again")
     parser.add_argument("--runs", type=at_least(1), default=3, help="seeds per variant with --race")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
@@ -135,6 +135,7 @@ def _print_report(console: Console, report: dict) -> None:
     if report.get("killed_vcpus"):
         console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
     console.print(f"  seed, variant       {report['seed']}, {report['variant']}")
+    console.print("  guest               " + ", ".join("32-bit PAE (compat ABI)" if size == 32 else "64-bit" for size in dict.fromkeys(report["address_sizes"].values())))
     console.print(f"  schedule            {report['schedule']}" + (f" ({report['steps']} steps, {report['schedule_file']})" if "steps" in report else ""), soft_wrap=True)
     for lost in report.get("lost_determinism", []):
         console.print(f"    determinism lost at step {lost['step']}: {lost['why']}", style="yellow", markup=False)

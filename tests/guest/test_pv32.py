@@ -6,6 +6,7 @@ import json
 import pytest
 
 from tests.test_programs import REPORT_KEYS, xensim
+from xensim.hunt import Hunt
 from xensim.v1 import common_pb2, toolstack_pb2
 
 from .kernel import audit_after_destroy, run_guest
@@ -100,3 +101,19 @@ def test_the_32_bit_kernel_pins_its_boot_l3_and_leaves_the_builders_kernel_pmd_a
     by_type = {t.type: t.count for t in summary.by_type}
     assert by_type.get(common_pb2.PAGE_TYPE_L3) == 1 and by_type.get(common_pb2.PAGE_TYPE_L4, 0) == 0
     assert audit_after_destroy(server, domid) == []
+
+
+def test_demo_runs_a_32_bit_guest_and_says_so(tmp_path):
+    report_file = tmp_path / "demo.json"
+    done = xensim("demo", "--address-size", "32", "--seconds", "3", "--vcpus", "2", "--no-trace", "--json", str(report_file), timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(report_file.read_text())
+    assert list(report["address_sizes"].values()) == [32] and report["process_lifecycles"] > 0
+    assert [report[k] for k in REPORT_KEYS[1:]] == [0, 0, 0, 0] and report["kernel_bugs"] == []
+    assert "--address-size 32" in report["reproduce"] and "32-bit PAE (compat ABI)" in done.stdout
+
+
+def test_a_hunt_of_a_32_bit_guest_reproduces_as_one():
+    """The race table's rows per address size: each row's reproducing command runs its size."""
+    assert Hunt("mask", address_size=32).reproduce(7).endswith("--variant mask --migrate 1 --address-size 32 --schedule pct:7:3 --steps 3000")
+    assert "--address-size" not in Hunt("mask").reproduce(7)
