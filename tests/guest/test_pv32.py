@@ -2,6 +2,7 @@
 64-bit ones: real vCPU processes against a real hypervisor server, each run audited."""
 
 import json
+import re
 
 import pytest
 
@@ -120,3 +121,22 @@ def test_a_hunt_of_a_32_bit_guest_reproduces_as_one():
     """The race table's rows per address size: each row's reproducing command runs its size."""
     assert Hunt("mask", address_size=32).reproduce(7).endswith("--variant mask --migrate 1 --address-size 32 --schedule pct:7:3 --steps 3000")
     assert "--address-size" not in Hunt("mask").reproduce(7)
+
+
+def test_one_guest_replica_runs_the_vcpus_of_a_32_bit_and_a_64_bit_domain(server, tmp_path):
+    """`xensim toolstack create --address-sizes 32,64` and one `xensim guest` replica claiming
+    every vCPU of both: each vCPU process finds its kernel's mode from the hypervisor alone."""
+    tokens = tmp_path / "tokens"
+    made = xensim("toolstack", "create", "--server", server.address, "--domains", "2", "--address-sizes", "32,64", "--vcpus", "2", "--pages", "2048", "--out", str(tokens), timeout=60)
+    assert made.returncode == 0 and "32-bit" in made.stdout and "64-bit" in made.stdout, made.stdout + made.stderr
+    done = xensim("guest", "--tokens", str(tokens), "--vcpus-per-replica", "4", "--seconds", "3", timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["unclaimed"] == 0 and summary["failures"] == [] and summary["lifecycles"] > 0
+    created = {int(domid): int(size) for domid, size in re.findall(r"^dom(\d+): (\d+)-bit", made.stdout, re.M)}
+    assert sorted(created.values()) == [32, 64]
+    assert sorted((r["domid"], r["vcpu"]) for r in summary["ran"]) == sorted((domid, vcpu) for domid in created for vcpu in (0, 1))
+    infos = server.toolstack().ListDomains(toolstack_pb2.ListDomainsRequest(), metadata=server.toolstack_metadata()).domains
+    assert {d.domid: d.address_size for d in infos if d.domid in created} == created
+    for domid in created:
+        assert audit_after_destroy(server, domid) == []
