@@ -13,7 +13,9 @@ quarantined by a domain's teardown (frames.quarantine) holds nothing and is repo
 happened to it, since it is the trace of a bug.
 
 Then isolation, which counts alone miss: every validated L4 holds Xen's entries in Xen's slots
-(pagetable.xen_l4_slots), and every translation a domain can make reaches only frames it may
+(pagetable.xen_l4_slots), every validated PAE_XEN_L2 of a 32-bit guest in its top slots
+(pagetable.compat_xen_l2_slots), each 32-bit vCPU's compat L4 holds its base in slot 0, and
+every translation a domain can make reaches only frames it may
 reach (`reachability`). A partial L4 is not checked for Xen's slots: Xen writes them when
 promote_l4_table has validated the guest's slots (init_xen_l4_slots, xen/arch/x86/mm.c), so
 one stopped on the way up holds what the guest left there, and one stopped on the way down
@@ -36,8 +38,8 @@ import numpy as np
 from .abi import DOMID_XEN, HYPERVISOR_COMPAT_VIRT_START, HYPERVISOR_L4_FIRST, HYPERVISOR_VIRT_END, INVALID_M2P, INVALID_MFN, L4_SLOT_LINEAR, L4_SLOT_RO_MPT, PAGE_SHIFT, PTE_MFN_MASK, PageType, Pte
 from .domain import owned_frames
 from .evtchn import audit as audit_ports
-from .frames import ALLOCATED, NO_OWNER, NR_OWNERS, PARTIAL, PARTIAL_SET, PINNED, VALIDATED, XEN_HEAP
-from .pagetable import LEVEL_OF_TYPE, LEVELS, XEN_SLOTS
+from .frames import ALLOCATED, NO_OWNER, NR_OWNERS, PAE_XEN_L2, PARTIAL, PARTIAL_SET, PINNED, VALIDATED, XEN_HEAP
+from .pagetable import LEVEL_OF_TYPE, LEVELS, PAE_XEN_SLOTS, XEN_SLOTS
 
 _P, _RW = np.uint64(Pte.PRESENT), np.uint64(Pte.RW)
 _P_US = np.uint64(Pte.PRESENT | Pte.USER)
@@ -75,6 +77,7 @@ def audit_domain(hv, domid: int) -> list[str]:
     out += _counters(hv, np.array([domid]), tot, heap)
     out += _p2m(hv, domain)
     out += xen_slots(hv, _live(frames, scope.mfns, PageType.L4))
+    out += pae_xen_slots(hv, _live(frames, scope.mfns, PageType.L2))
     out += reachability(hv, domain, scope.mfns)
     out += [(domid, f) for f in audit_ports(hv, [domain])]
     return [message for subject, message in out if subject == domid]
@@ -100,6 +103,7 @@ def findings(hv) -> list[Finding]:
     for domain in hv.domains.values():
         out += _p2m(hv, domain)
     out += xen_slots(hv, _live(frames, None, PageType.L4))
+    out += pae_xen_slots(hv, _live(frames, None, PageType.L2))
     out += reachability(hv)
     for domain in hv.domains.values():
         out += [(domain.domid, f) for f in audit_ports(hv, [domain])]
@@ -293,6 +297,20 @@ def xen_slots(hv, l4s: np.ndarray) -> list[Finding]:
     return [
         (_subject(hv, int(l4s[i])), f"L4 mfn {int(l4s[i]):#x} slot {HYPERVISOR_L4_FIRST + j} holds {int(held[i, j]):#x}, not Xen's {int(want[i, j]):#x}")
         for i, j in zip(*(a.tolist() for a in np.nonzero(held != want)))
+    ]
+
+
+def pae_xen_slots(hv, l2s: np.ndarray) -> list[Finding]:
+    """Every validated PAE_XEN_L2 (the L2 of a PV32 L3's slot 3) holds Xen's entries in slots
+    428..511 (init_xen_pae_l2_slots wrote them at promotion; mod_l2_entry refuses them,
+    docs/pv32.md section 3)."""
+    l2s = l2s[(hv.frames.flags[l2s] & PAE_XEN_L2) != 0]
+    want = hv.pagetables.compat_xen_l2
+    return [
+        (_subject(hv, l2), f"PAE_XEN_L2 mfn {l2:#x} slot {PAE_XEN_SLOTS.start + j} holds {int(held[j]):#x}, not Xen's {int(want[j]):#x}")
+        for l2 in l2s.tolist()
+        for held in [hv.memory.entries(l2)[PAE_XEN_SLOTS]]
+        for j in np.flatnonzero(held != want).tolist()
     ]
 
 

@@ -204,6 +204,10 @@ def test_a_mixed_machine_traces_and_replays_to_the_same_state():
 
 
 def test_audit_finds_a_compat_l4_that_lost_its_l3_and_a_pae_kernel_reaching_a_foreign_frame(hv, pae, guest):
+    l2 = hv.memory.entries(pae.l4).item(3) >> PAGE_SHIFT & ((1 << 40) - 1)
+    hv.memory.frame(l2)[L2_SLOT_COMPAT_XEN_FIRST] = 0
+    assert any(f"PAE_XEN_L2 mfn {l2:#x} slot {L2_SLOT_COMPAT_XEN_FIRST}" in f for f in audit(hv))
+    hv.memory.frame(l2)[L2_SLOT_COMPAT_XEN_FIRST] = hv.pagetables.compat_xen_l2[0]
     vcpu = pae.domain.vcpus[0]
     hv.memory.frame(vcpu.compat_l4)[0] = 0
     assert any("compat L4" in f for f in audit(hv))

@@ -21,6 +21,7 @@ from guestlib.xen import (
     UVMF_INVLPG,
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_PENDING,
+    GuestAbi,
     guest_abi,
 )
 
@@ -38,6 +39,7 @@ class Compat:
     xen0: HypercallClient  # sends, and reads shared info
     xen1: HypercallClient  # handles
     shared_info: int
+    layout: GuestAbi  # what the guest learnt from its start_info magic
 
     async def peek(self, offset: int, size: int) -> int:
         value = await self.xen0.load(self.shared_info + offset, size)
@@ -57,6 +59,8 @@ async def compat_domain(server):
     async with Toolstack(server.address, server.admin_token) as xl:
         created = await xl.create_domain(nr_pages=NR_PAGES, nr_vcpus=2, address_size=32)
         start = created.start_info
+        layout = guest_abi(start.magic)
+        assert layout is GUEST_ABI[32]
         async with connect(server.address, created.token, 0) as xen0:
             await xen0.wait_started()
             shared_info = PAGE_OFFSET_PAE + (start.first_free_pfn << PAGE_SHIFT)  # a free lowmem page's place
@@ -67,7 +71,7 @@ async def compat_domain(server):
             assert (initialised.result(), up.result()) == (None, None)
             async with connect(server.address, created.token, VCPU) as xen1:
                 await xen1.wait_started()
-                yield Compat(xen0, xen1, shared_info)
+                yield Compat(xen0, xen1, shared_info, layout)
         assert await xl.audit() == []
         await xl.destroy_domain(created.domid)
         assert await xl.audit() == []
@@ -84,7 +88,7 @@ async def test_an_upcall_is_handled_in_the_compat_layout(server):
     the push (bit 2, not in the hint) and is found by the scan of the 32-bit words."""
     with trio.fail_after(TIMEOUT):
         async with compat_domain(server) as dom:
-            events = EventChannels(dom.xen1, dom.shared_info, VCPU, layout=GUEST_ABI[32])
+            events = EventChannels(dom.xen1, dom.shared_info, VCPU, layout=dom.layout)
             ran = []
 
             async def handler(port, tail):
@@ -109,7 +113,7 @@ async def test_an_upcall_is_handled_in_the_compat_layout(server):
 async def test_a_port_masked_in_the_compat_mask_waits_for_its_unmask(server):
     with trio.fail_after(TIMEOUT):
         async with compat_domain(server) as dom:
-            events = EventChannels(dom.xen1, dom.shared_info, VCPU, layout=GUEST_ABI[32])
+            events = EventChannels(dom.xen1, dom.shared_info, VCPU, layout=dom.layout)
             events.bind(40, lambda port, tail: trio.lowlevel.checkpoint())
             async with dom.xen1.batch() as batch:
                 events.mask(batch, 40)
