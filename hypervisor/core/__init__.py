@@ -3,7 +3,8 @@
 Theory of operation. Machine memory is a set of 4 KiB frames; the frame table records for
 each its owner, its type and the references held on it (see `frames` for who holds which).
 A guest may map only frames it owns; a frame is either writable data or a pagetable, never
-both while referenced; loading a base pointer takes an L4 type reference on the table, which
+both while referenced; loading a base pointer takes a type reference of the top level on the
+table (an L4, or a 32-bit PAE guest's L3: each domain has a paging mode, `paging`), which
 validates the whole tree if nothing held it yet, and pinning holds such a reference for as long
 as the guest likes, so that loads of a pinned table cost O(1). Unpinning is never refused,
 even while another vCPU still runs on the table: that is the guest's problem to avoid (Linux's

@@ -107,13 +107,13 @@ def _error_code(user: bool, write: bool) -> int:
 
 def _translate(hv: "Hypervisor", vcpu: Vcpu, va: int, user: bool, write: bool) -> TlbEntry | PageFault:
     """The translation an access uses: a TLB hit (checked by the oracle), or a fresh walk."""
+    root = vcpu.guest_table_user if user and not vcpu.compat_l4 else vcpu.guest_table  # vcpu.base(user)
     hit = vcpu.tlb.entries.get(va >> PAGE_SHIFT)
     if hit is not None and (hit.user == user or hit.is_global) and (not write or hit.flags & _RW_D == _RW_D) and (not user or hit.flags & US):
-        root = vcpu.base(user)
         if hit.root == root and hv.memory.entries(hit.l1).item(hit.slot) == hit.pte:
             return hit
         return _recheck(hv, vcpu, va, hit, root, user, write)
-    return _fill(hv, vcpu, va, user, write)
+    return _fill(hv, vcpu, va, root, user, write)
 
 
 def _walk(hv: "Hypervisor", vcpu: Vcpu, root: int, va: int, user: bool, write: bool) -> tuple[list, int] | PageFault:
@@ -222,9 +222,8 @@ def _compat_m2p_read(hv: "Hypervisor", vcpu: Vcpu, va: int, length: int, user: b
     return pfns.tobytes()[first & 3 : (first & 3) + length]
 
 
-def _fill(hv: "Hypervisor", vcpu: Vcpu, va: int, user: bool, write: bool) -> TlbEntry | PageFault:
-    """A TLB miss: walk, set the accessed (and dirty) bits, cache the translation."""
-    root = vcpu.base(user)
+def _fill(hv: "Hypervisor", vcpu: Vcpu, va: int, root: int, user: bool, write: bool) -> TlbEntry | PageFault:
+    """A TLB miss: walk from `root`, set the accessed (and dirty) bits, cache the translation."""
     walked = _walk(hv, vcpu, root, va, user, write)
     if walked.__class__ is PageFault:
         vcpu.tlb.invlpg(va)

@@ -50,7 +50,7 @@ from .evtchn import LIBXL_MAX_EVTCHN_PORT, evtchn_init
 from .evtchn_fifo import EvtchnFifo
 from .frames import PAGETABLE_TYPES, PARTIAL, PINNED, VALIDATED, FrameTable
 from .pagetable import XEN_SLOTS as XEN_L4_SLOTS
-from .paging import MODES, PV32, PV64, PagingMode
+from .paging import MODES, PV64, PagingMode
 from .preempt import Continuation
 from .tlb import Tlb
 
@@ -121,10 +121,8 @@ class Vcpu:
     # A PV32 vCPU's compat L4 (setup_compat_l4, xen/arch/x86/pv/domain.c): a Xen frame whose
     # slot 0 holds `guest_table`, the guest's PAE L3 (docs/pv32.md section 2); 0 for PV64.
     compat_l4: int = 0
+    mode: PagingMode = PV64  # its domain's (paging.py), kept here for the memory path
 
-    @property
-    def mode(self) -> PagingMode:
-        return PV32 if self.compat_l4 else PV64
 
     def base(self, user: bool = False) -> int:
         """The table the CPU walks from in kernel or user mode: the 64-bit kernel or user
@@ -266,7 +264,7 @@ def build(
     frames.get_page_type(shared_info, PageType.WRITABLE)
     vcpus = [Vcpu(domid, i) for i in range(nr_vcpus)]
     for vcpu, l4 in zip(vcpus, frames.alloc(DOMID_XEN, compat_l4s, xen_heap=True).tolist() if compat_l4s else []):
-        vcpu.compat_l4 = l4  # init_xen_l4_slots: Xen's slots, the guest's slot 0 empty until a base
+        vcpu.compat_l4, vcpu.mode = l4, mode  # init_xen_l4_slots: Xen's slots, the guest's slot 0 empty until a base
         frames.memory.frame(l4)[XEN_L4_SLOTS] = xen_l4_entries(l4)
     domain = Domain(domid, instance, name, nr_pages, nr_lowmem, mfns, vcpus, shared_info, max_evtchn_port=max_evtchn_port, address_size=address_size)
     domain.max_pages = nr_pages + MAXMEM_SLACK_PAGES  # libxl's setmaxmem

@@ -84,13 +84,11 @@ class PagingMode:
     # level of each step (4 3 2 1, or 3 2 1).
     shifts: tuple[int, ...] = (39, 30, 21, 12)
     walk_levels: tuple[int, ...] = field(init=False)
+    pv32: bool = field(init=False)  # address_size 32 (read on every walk: a plain attribute)
 
     def __post_init__(self):
         object.__setattr__(self, "walk_levels", tuple(range(len(self.shifts), 0, -1)))
-
-    @property
-    def pv32(self) -> bool:
-        return self.address_size == 32
+        object.__setattr__(self, "pv32", self.address_size == 32)
 
     @property
     def root_type(self) -> PageType:

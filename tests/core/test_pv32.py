@@ -217,3 +217,36 @@ def test_audit_finds_a_compat_l4_that_lost_its_l3_and_a_pae_kernel_reaching_a_fo
     found = [f for f in audit(hv) if "reaches mfn" in f]
     assert found and "kernel base" in found[0]
     hv.memory.frame(l1)[index] = (pae.mfn(pae.start_info["first_free_pfn"]) << PAGE_SHIFT) | P | RW | A | D
+
+
+def test_a_trace_started_on_a_running_32bit_guest_replays_from_its_snapshot():
+    from io import BytesIO
+
+    from hypervisor.core import Hypervisor
+    from hypervisor.core.trace import TraceWriter, replay, state_digest
+
+    hv = Hypervisor(nr_frames=1 << 13)
+    pae = Guest(hv, address_size=32)
+    tree = pae_pgd(pae, {0x400000: pae.alloc()[1]})
+    out = BytesIO()
+    hv.tracer = writer = TraceWriter(hv, out)  # the 32-bit domain and its compat L4s are only in the snapshot
+    pae.new_baseptr(tree["l3"])
+    pae.store(0x400000, 0x32, user=True)
+    writer.close()
+    report, replayed = replay(BytesIO(out.getvalue()))
+    assert report.ok and report.snapshot and report.digest_matched and state_digest(replayed) == state_digest(hv)
+    assert replayed.domains[pae.domid].vcpus[0].mode.pv32
+
+
+def test_a_pae_kernel_store_into_its_read_only_l1_is_emulated_and_checked(hv, pae, guest):
+    """ptwr (writable pagetables) through the PAE walk: the entry is stored as written (no
+    64-bit adjustment), and one mapping another domain's frame is refused (the #PF stands)."""
+    pfn, mfn = pae.alloc()
+    l1, index = pae.direct_l1(pfn)
+    l1_va = pae.direct_va(int(hv.m2p[l1]))
+    new = (mfn << PAGE_SHIFT) | P | A | D
+    assert pae.store(l1_va + 8 * index, new) is None
+    assert hv.memory.entries(l1).item(index) == new
+    fault = pae.store(l1_va + 8 * index, (guest.mfn(0) << PAGE_SHIFT) | P | A)
+    assert isinstance(fault, PageFault) and fault.error_code == PFEC_page_present | PFEC_write_access
+    assert hv.memory.entries(l1).item(index) == new

@@ -3,7 +3,9 @@
 One table, ATTACKS. Each row names the attack, the RPC that B makes (with B's own credentials
 unless the row gives others), the request (built from the live machine: A's frames and ports,
 B's own tables) and the outcome: Xen's errno, the gRPC code of a refused call, "ok", or
-"fault" (a page-fault result); a Session or Multicall row gives one outcome per call. Each
+"fault" (a page-fault result); a Session or Multicall row gives one outcome per call, and
+`expect32` the outcome when B is a 32-bit PAE guest where that differs (docs/pv32.md). A and B
+are each 64-bit or 32-bit (a mixed machine). Each
 row runs against a fresh B, and A's Audit, DomainInfo, VcpuInfo (cr3s, TLB), FrameInfo of
 every frame A owns, EventChannelStatus of its ports and the contents of its frames must be the
 same after the attack as before it. `test_every_interface_has_a_row` fails when an RPC, a Call
@@ -21,7 +23,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from hypervisor.core.abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, L4_SLOT_LINEAR, RO_MPT_VIRT_START, Errno
+from hypervisor.core.abi import HYPERVISOR_COMPAT_VIRT_START, HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, L4_SLOT_LINEAR, RO_MPT_VIRT_START, Errno
 from hypervisor.server.errors import XEN_CODES
 from tests.support.server import start_server
 from xensim.v1 import common_pb2
@@ -139,16 +141,16 @@ def own_entry(b: WireGuest) -> int:
 
 
 def own_l2(b: WireGuest) -> int:
-    """B's direct-map L2 (the builder's layout: L4, L3, then the L2)."""
-    return b.mfn(((b.start_info.pt_base - b.start_info.page_offset) >> 12) + 2)
+    """B's direct-map L2 (the builder's layout: L4, L3, then the L2; PV32: the L3, then the L2)."""
+    return b.mfn(((b.start_info.pt_base - b.start_info.page_offset) >> 12) + (1 if b.pv32 else 2))
 
 
 def secret_va_in_b(a: Victim, b: WireGuest) -> int:
-    """Where A keeps its secret, as a va of B's own memory: the same va when A is 64-bit as B
-    is (it maps a page of B's that nothing wrote), and in B's direct map past B's first free
-    pfn by as much when A is a 32-bit guest, whose direct map B's space does not have."""
+    """Where A keeps its secret, as a va of B's own memory: the same va when A and B have the
+    same address size (it maps a page of B's that nothing wrote), else in B's direct map past
+    B's first free pfn by as much, since B's space has no direct map where A's is."""
     va = a.guest.direct_va(a.secret_pfn)
-    return va if not a.guest.pv32 else b.direct_va(own_pfn(b) + a.secret_pfn)
+    return va if a.guest.pv32 == b.pv32 else b.direct_va(own_pfn(b) + a.secret_pfn)
 
 
 def beyond(b: WireGuest) -> int:
@@ -251,6 +253,13 @@ def chain_outcome(base: str) -> tuple[str, ...]:
     return ("ok",) * (4 if base == "PIN_L4" else 3) + accesses
 
 
+def chain_outcome32(base: str) -> tuple[str, ...]:
+    """For a 32-bit B (docs/pv32.md sections 2 and 3): its PIN_L4 is ignored, the page is no PAE
+    L3 (slot 3 empty) for NEW_BASEPTR, a compat guest has no user base, and Xen's range is no
+    32-bit address."""
+    return ("ok",) * (3 if base == "PIN_L4" else 2) + ("EINVAL",) * 7
+
+
 def flushes_naming_absent_vcpus(a: Victim, b: WireGuest) -> h.SessionRequest:
     """Bitmaps naming all 64 vCPUs (B has 2; A's are not B's to flush)."""
     mask_va = b.direct_va(b.alloc()[0])
@@ -328,6 +337,7 @@ class Attack:
     expect: Outcome
     creds: Callable[[Victim, WireGuest], Any] = as_b
     returns: Callable[[Victim, WireGuest], Message] | None = None  # the response, when "ok" must say more
+    expect32: Outcome | None = None  # the outcome when B is a 32-bit PAE guest, if it differs
 
 
 def _toolstack_rows() -> list[Attack]:
@@ -389,7 +399,8 @@ ATTACKS = [
     Attack("PIN_L1_TABLE of A's secret", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_PIN_L1_TABLE, a.secret), "EINVAL"),
     Attack("PIN_L2_TABLE of A's plain page", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_PIN_L2_TABLE, a.plain), "EINVAL"),
     Attack("PIN_L3_TABLE of A's plain page", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_PIN_L3_TABLE, a.plain), "EINVAL"),
-    Attack("PIN_L4_TABLE of A's boot L4", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_PIN_L4_TABLE, a.l4), "EINVAL"),
+    # a 32-bit pg_owner's PIN_L4 is ignored before any check (do_mmuext_op; docs/pv32.md section 3)
+    Attack("PIN_L4_TABLE of A's boot L4", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_PIN_L4_TABLE, a.l4), "EINVAL", expect32="ok"),
     Attack("PIN_L1_TABLE with A as foreigndom", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_PIN_L1_TABLE, a.plain, foreigndom=a.domid), "EPERM"),
     Attack("UNPIN_TABLE of A's boot L4", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_UNPIN_TABLE, a.l4), "EINVAL"),
     Attack("UNPIN_TABLE of A's L1 with A as foreigndom", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_UNPIN_TABLE, a.l1, foreigndom=a.domid), "EPERM"),
@@ -452,7 +463,8 @@ ATTACKS = [
     Attack("VCPUOP_down of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, down=h.VcpuDown()), "ENOENT"),
     Attack("VCPUOP_is_up of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, is_up=h.VcpuIsUp()), "ENOENT"),
     Attack("VCPUOP_initialise on A's L4", "VcpuOp", lambda a, b: vcpu_op(1, initialise=init_context(a.l4)), "EINVAL"),
-    Attack("VCPUOP_initialise with A's L4 as user pagetable", "VcpuOp", lambda a, b: vcpu_op(1, initialise=init_context(b.start_info.pt_base_mfn, a.l4)), "EINVAL"),
+    # a compat guest's context has no user base (arch_set_info_guest; docs/pv32.md section 2)
+    Attack("VCPUOP_initialise with A's L4 as user pagetable", "VcpuOp", lambda a, b: vcpu_op(1, initialise=init_context(b.start_info.pt_base_mfn, a.l4)), "EINVAL", expect32="ok"),
     Attack("VCPUOP_down of B's last vCPU shuts B down, not A", "VcpuOp", lambda a, b: vcpu_op(0, down=h.VcpuDown()), "ok"),
     Attack("a VCPUOP number Xen does not know, on a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, cmd=99), "ENOENT"),
     Attack("VCPUOP_set_singleshot_timer of a vCPU only A has", "VcpuOp", lambda a, b: vcpu_op(2, set_singleshot_timer=h.VcpuSetSingleshotTimer(timeout_abs_ns=1)), "ENOENT"),
@@ -484,17 +496,18 @@ ATTACKS = [
     Attack("store past B's memory", "Store", lambda a, b: m.StoreRequest(va=beyond(b), size=8, value=1), "fault"),
     Attack("atomic past B's memory", "Atomic", lambda a, b: m.AtomicRequest(op=m.ATOMIC_OP_FETCH_ADD, va=beyond(b), size=8, operand=1), "fault"),
     Attack("write past B's memory", "Write", lambda a, b: m.WriteRequest(va=beyond(b), data=b"x"), "fault"),
-    # Xen's range: Xen's entries there (L4 slots 256..271) lack USER or are empty (init_xen_l4_slots)
-    Attack("load in Xen's range past the read-only M2P", "Load", lambda a, b: m.LoadRequest(va=XEN_VA + (1 << 38), size=8), "fault"),
-    Attack("user-mode load in Xen's range", "Load", lambda a, b: m.LoadRequest(va=XEN_LAST_VA, size=8, user_mode=True), "fault"),
-    Attack("load through Xen's linear map", "Load", lambda a, b: m.LoadRequest(va=XEN_LINEAR_VA, size=8), "fault"),
-    Attack("store through Xen's linear map", "Store", lambda a, b: m.StoreRequest(va=XEN_LINEAR_VA, size=8, value=0), "fault"),
-    Attack("atomic in Xen's range", "Atomic", lambda a, b: m.AtomicRequest(op=m.ATOMIC_OP_FETCH_OR, va=XEN_LINEAR_VA, size=8, operand=1), "fault"),
-    Attack("read in Xen's range", "Read", lambda a, b: m.ReadRequest(va=XEN_LINEAR_VA, length=4096), "fault"),
-    Attack("write in Xen's range", "Write", lambda a, b: m.WriteRequest(va=XEN_VA, data=b"x"), "fault"),
+    # Xen's range: Xen's entries there (L4 slots 256..271) lack USER or are empty (init_xen_l4_slots);
+    # a 32-bit B cannot name it (no 32-bit address: EINVAL)
+    Attack("load in Xen's range past the read-only M2P", "Load", lambda a, b: m.LoadRequest(va=XEN_VA + (1 << 38), size=8), "fault", expect32="EINVAL"),
+    Attack("user-mode load in Xen's range", "Load", lambda a, b: m.LoadRequest(va=XEN_LAST_VA, size=8, user_mode=True), "fault", expect32="EINVAL"),
+    Attack("load through Xen's linear map", "Load", lambda a, b: m.LoadRequest(va=XEN_LINEAR_VA, size=8), "fault", expect32="EINVAL"),
+    Attack("store through Xen's linear map", "Store", lambda a, b: m.StoreRequest(va=XEN_LINEAR_VA, size=8, value=0), "fault", expect32="EINVAL"),
+    Attack("atomic in Xen's range", "Atomic", lambda a, b: m.AtomicRequest(op=m.ATOMIC_OP_FETCH_OR, va=XEN_LINEAR_VA, size=8, operand=1), "fault", expect32="EINVAL"),
+    Attack("read in Xen's range", "Read", lambda a, b: m.ReadRequest(va=XEN_LINEAR_VA, length=4096), "fault", expect32="EINVAL"),
+    Attack("write in Xen's range", "Write", lambda a, b: m.WriteRequest(va=XEN_VA, data=b"x"), "fault", expect32="EINVAL"),
     Attack("update_va_mapping in Xen's range", "UpdateVaMapping", lambda a, b: uvm(XEN_LINEAR_VA, pte(a.secret)), "EINVAL"),
     Attack("TLB_FLUSH_MULTI with a bitmap in Xen's range", "MmuextOp", lambda a, b: ext(C.MMUEXT_CMD_TLB_FLUSH_MULTI, 0, XEN_LINEAR_VA), "EINVAL"),
-    *(Attack(f"a chain left in Xen's slot 256 before {base}", "Session", chain_in_xen_slot(base), chain_outcome(base)) for base in ("PIN_L4", "NEW_BASEPTR", "NEW_USER_BASEPTR")),
+    *(Attack(f"a chain left in Xen's slot 256 before {base}", "Session", chain_in_xen_slot(base), chain_outcome(base), expect32=chain_outcome32(base)) for base in ("PIN_L4", "NEW_BASEPTR", "NEW_USER_BASEPTR")),
     # memory_op: give back, take for, exchange and read A's reservation (docs/xen.md section 23)
     Attack("decrease_reservation of A's secret frame", "MemoryOp", lambda a, b: memop(decrease_reservation=reservation([a.secret])), "ok", returns=lambda a, b: h.MemoryOpResponse(
         extent_start=[a.secret], stopped=f"ENXIO: extent 0 frame 0: mfn {a.secret:#x} is owned by dom{a.domid}, not dom{b.domid} (get_page)")),
@@ -511,8 +524,13 @@ ATTACKS = [
     Attack("maximum_ram_page", "MemoryOp", lambda a, b: memop(maximum_ram_page=h.XenMaximumRamPage()), "ok"),
     Attack("memory_op add_to_physmap (7)", "MemoryOp", lambda a, b: memop(cmd=7), "ENOSYS"),
     Attack("B reads A's frame's entry in the read-only M2P (Xen's M2P is global)", "Load", lambda a, b: m.LoadRequest(va=RO_MPT_VIRT_START + 8 * a.secret, size=8), "ok",
-           returns=lambda a, b: m.LoadResponse(value=a.secret_pfn)),
-    Attack("B writes A's frame's entry in the read-only M2P", "Store", lambda a, b: m.StoreRequest(va=RO_MPT_VIRT_START + 8 * a.secret, size=8, value=1), "fault"),
+           returns=lambda a, b: m.LoadResponse(value=a.secret_pfn), expect32="EINVAL"),
+    Attack("B writes A's frame's entry in the read-only M2P", "Store", lambda a, b: m.StoreRequest(va=RO_MPT_VIRT_START + 8 * a.secret, size=8, value=1), "fault", expect32="EINVAL"),
+    # a 32-bit B's compat M2P, in its hole (docs/pv32.md section 2): readable by its kernel only
+    Attack("B reads A's frame's entry in the compat M2P", "Load", lambda a, b: m.LoadRequest(va=HYPERVISOR_COMPAT_VIRT_START + 4 * a.secret, size=4), "fault",
+           returns=lambda a, b: m.LoadResponse(value=a.secret_pfn), expect32="ok"),
+    Attack("B writes A's frame's entry in the compat M2P", "Store", lambda a, b: m.StoreRequest(va=HYPERVISOR_COMPAT_VIRT_START + 4 * a.secret, size=4, value=1), "fault"),
+    Attack("B's user mode reads the compat M2P", "Load", lambda a, b: m.LoadRequest(va=HYPERVISOR_COMPAT_VIRT_START + 4 * a.secret, size=4, user_mode=True), "fault"),
     # several at once: a Session message, a multicall
     Attack("loads and stores through B's own tables that point at A's frames", "Session", rogue_table, ("ok", "ok", "ok", "EBUSY", "EBUSY", "fault", "fault", "fault", "fault", "fault")),
     Attack("TLB_FLUSH_MULTI, INVLPG_MULTI and UVMF bitmaps naming absent vCPUs", "Session", flushes_naming_absent_vcpus, ("ok", "ok", "ok", "ok")),
@@ -618,11 +636,11 @@ def world(request):
         yield server, build_victim(server, request.param)
 
 
-@pytest.fixture
-def attacker(world):
+@pytest.fixture(params=[64, 32], ids=["b64", "b32"])
+def attacker(world, request):
     """A fresh B (2 vCPUs) per row, destroyed after it; the machine's audit stays clean."""
     server, _ = world
-    b = WireGuest(server, nr_pages=512, nr_vcpus=2)
+    b = WireGuest(server, nr_pages=512, nr_vcpus=2, address_size=request.param)
     yield b
     b.toolstack("DestroyDomain", t.DestroyDomainRequest(domid=b.domid))
     assert not b.toolstack("Audit", t.AuditRequest()).findings
@@ -634,8 +652,9 @@ def test_attack_fails_as_xen_says_and_leaves_a_unchanged(world, attacker, attack
     before = victim.state()
     assert not before[0].findings, before[0]
     outcome, response = attempt(server, attack, victim, attacker)
-    assert outcome == attack.expect, attack.name
-    if attack.returns is not None:
+    expect = attack.expect32 if attacker.pv32 and attack.expect32 is not None else attack.expect
+    assert outcome == expect, attack.name
+    if attack.returns is not None and outcome == "ok":
         assert response == attack.returns(victim, attacker)
     assert victim.state() == before, f"{attack.name} changed domain A"
 
