@@ -25,6 +25,7 @@ from .kernel.boot import EVTCHN_ABIS, answer_pending_calls, attach, booted, star
 from .kernel.layout import BALLOON_SLOTS
 from .kernel.shootdown import VARIANTS
 from .kernel.workload import WorkloadConfig, run
+from .paging import mode_of_start
 from .transport import SessionClosed
 
 
@@ -47,10 +48,10 @@ async def claim_and_run(server: str, tokens: list[str], *args) -> dict:
 
 async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadConfig, scenario: str | None, progress: float, evtchn: str, controlled: bool = False) -> dict:
     client.controlled = controlled
-    await client.wait_started()
-    if vcpu == 0 and not await booted(client):
-        await start_of_day(client, variant, highpte, evtchn)
-    kernel = await attach(client, vcpu)
+    mode = mode_of_start(await client.wait_started())
+    if vcpu == 0 and not await booted(client, mode):
+        await start_of_day(client, mode, variant, highpte, evtchn)
+    kernel = await attach(client, mode, vcpu)
     async with trio.open_nursery() as nursery:
         await nursery.start(kernel.smp.upcall_loop)
         await kernel.smp.events.local_irq_enable()

@@ -6,6 +6,9 @@ statistics. `--race` hunts the lazy-TLB unpin race in every drop_mm_ref variant 
 hunt` does (`--runs` seeds each, from --seed) and prints how many seeds fail, how soon, and the
 command that reproduces one. `--evtchn` picks the guest's event-channel ABI; `both` runs the
 demo (or each race-table row) with FIFO and with 2-level and shows the two side by side.
+`--address-size 32` makes the guest a 32-bit PAE kernel on the compat ABI (see
+docs/linux.md section 13); with `--race`, `--address-size both` gives the table a row per
+address size too.
 """
 
 import argparse
@@ -44,9 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vcpus", type=at_least(1), default=4, help="the guest's vCPUs, each a process")
     parser.add_argument("--pages", type=at_least(MIN_PAGES), default=16384, help="guest memory in 4 KiB pages")
     parser.add_argument("--variant", choices=VARIANTS, default="modern", metavar="VARIANT", help="the guest's drop_mm_ref (the variants are below)")
-    parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a quarter of the guest's memory)")
+    parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a 64-bit guest's highmem is a quarter of its memory)")
+    parser.add_argument("--address-size", choices=("64", "32", "both"), default="64", help="the guest: 64 (x86-64) or 32 (PAE on the compat ABI); both: each, with --race")
     parser.add_argument("--race", action="store_true", help="run every drop_mm_ref variant and print the race table")
-    parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant and --trace apply to it")
+    parser.add_argument("--scenario", choices=scenario.SCENARIOS, metavar="NAME", help="a scripted interleaving, told step by step (below); only --variant, --address-size and --trace apply to it")
     parser.add_argument("--balloon", type=at_least(1, high=BALLOON_SLOTS), nargs="?", const=16, default=0, metavar="PAGES", help="each vCPU gives PAGES (16) back to Xen and takes them again")
     parser.add_argument("--runs", type=at_least(1), default=3, help="seeds per variant with --race")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
@@ -131,6 +135,7 @@ def _print_report(console: Console, report: dict) -> None:
     if report.get("killed_vcpus"):
         console.print(f"  vCPUs killed/restarted {report['killed_vcpus']}/{report['restarted_vcpus']}")
     console.print(f"  seed, variant       {report['seed']}, {report['variant']}")
+    console.print("  guest               " + ", ".join("32-bit PAE (compat ABI)" if size == 32 else "64-bit" for size in dict.fromkeys(report["address_sizes"].values())))
     console.print(f"  schedule            {report['schedule']}" + (f" ({report['steps']} steps, {report['schedule_file']})" if "steps" in report else ""), soft_wrap=True)
     for lost in report.get("lost_determinism", []):
         console.print(f"    determinism lost at step {lost['step']}: {lost['why']}", style="yellow", markup=False)
@@ -163,24 +168,26 @@ def _reproduce(args: argparse.Namespace, trace: str | None, plan: schedule.Sched
     """The command line that runs this demo again with the same settings (and a new trace);
     a controlled run's reproduces the same interleaving."""
     words = ["xensim", "demo", "--seconds", f"{plan.seconds:g}", "--vcpus", str(args.vcpus), "--pages", str(args.pages), "--variant", args.variant, *plan.words()]
+    words += [] if args.address_size == "64" else ["--address-size", args.address_size]
     words += ["--evtchn", args.evtchn] + ([] if args.migrate == 0.5 else ["--migrate", f"{args.migrate:g}"])
     words += ["--highpte"] * args.highpte + (["--balloon", str(args.balloon)] if args.balloon else []) + ([] if trace else ["--no-trace"])
     return shlex.join(words)
 
 
-def race_table(runs: int, seed: int, console: Console, abis: tuple[str, ...] = ("fifo",)) -> dict:
+def race_table(runs: int, seed: int, console: Console, abis: tuple[str, ...] = ("fifo",), sizes: tuple[int, ...] = (64,)) -> dict:
     """Each variant hunted as `xensim hunt` does (docs/schedule.md section 8) under each
-    event-channel ABI: of `runs` seeds from `seed`, how many fail, through which window, the
-    median steps and wall seconds to the failure, and the command that reproduces the first
-    failing seed. The table's rows are keyed "variant" for one ABI, "variant/abi" for several."""
+    event-channel ABI and guest address size: of `runs` seeds from `seed`, how many fail,
+    through which window, the median steps and wall seconds to the failure, and the command
+    that reproduces the first failing seed. The table's rows are keyed "variant", then
+    "/abi" when there are several ABIs and "/NN-bit" when there are several sizes."""
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant, abi in ((v, a) for v in VARIANTS for a in abis):
-            row = variant if len(abis) == 1 else f"{variant}/{abi}"
-            hunt = Hunt(variant, evtchn=abi)
+        for variant, size, abi in ((v, z, a) for v in VARIANTS for z in sizes for a in abis):
+            row = variant + (f"/{abi}" if len(abis) > 1 else "") + (f"/{size}-bit" if len(sizes) > 1 else "")
+            hunt = Hunt(variant, evtchn=abi, address_size=size)
             failing: dict[int, Run] = {}
             for s in range(seed, seed + runs):
-                run = hunt.run(s, os.path.join(tmp, f"{variant}-{abi}-{s}.json"))
+                run = hunt.run(s, os.path.join(tmp, f"{variant}-{size}-{abi}-{s}.json"))
                 if run.report["interrupted"]:  # Ctrl-C: the table of a part of the runs would mislead
                     raise KeyboardInterrupt
                 if run.failed:
@@ -188,18 +195,19 @@ def race_table(runs: int, seed: int, console: Console, abis: tuple[str, ...] = (
                 console.print(f"  {row:<17} seed {s}: {'FAILED ' + failure(run.report)['message'] if run.failed else 'ok'} ({run.steps} steps)", overflow="ellipsis", no_wrap=True)
             first = min(failing, default=None)
             table[row] = {
-                "variant": variant, "evtchn": abi, "strategy": hunt.strategy, "seeds": runs, "first_seed": seed, "failed": len(failing),
+                "variant": variant, "address_size": size, "evtchn": abi, "strategy": hunt.strategy, "seeds": runs, "first_seed": seed, "failed": len(failing),
                 "stale_cr3_failures": sum(any("stale-cr3 window" in b for b in r.report["kernel_bugs"]) for r in failing.values()),
                 "median_steps_to_failure": statistics.median(r.steps for r in failing.values()) if failing else None,
                 "median_seconds_to_failure": statistics.median(r.seconds for r in failing.values()) if failing else None,
                 "failing_seed": first, "reproduce": hunt.reproduce(first) if failing else None,
             }  # fmt: skip
-    shown = Table(title=f"the lazy-TLB unpin race hunted, by variant and event-channel ABI ({hunt.strategy}, {hunt.steps} steps a seed)")
-    for column in ("variant", "evtchn", "seeds failed", "stale-cr3", "median steps", "median s"):
+    shown = Table(title=f"the lazy-TLB unpin race hunted, by variant, guest address size and event-channel ABI ({hunt.strategy}, {hunt.steps} steps a seed)")
+    for column in ("variant", "guest", "evtchn", "seeds failed", "stale-cr3", "median steps", "median s"):
         shown.add_column(column)
     for r in table.values():
         median_s = f"{r['median_seconds_to_failure']:.2f}" if r["failed"] else "-"
-        shown.add_row(r["variant"], r["evtchn"], f"{r['failed']}/{r['seeds']}", str(r["stale_cr3_failures"]), f"{r['median_steps_to_failure']:g}" if r["failed"] else "-", median_s)
+        median_steps = f"{r['median_steps_to_failure']:g}" if r["failed"] else "-"
+        shown.add_row(r["variant"], f"{r['address_size']}-bit", r["evtchn"], f"{r['failed']}/{r['seeds']}", str(r["stale_cr3_failures"]), median_steps, median_s)
     console.print(shown)
     for row, r in table.items():
         if r["reproduce"]:
@@ -216,11 +224,14 @@ def main(args: argparse.Namespace) -> int:
     trace = None if args.no_trace else (args.trace or default_trace())
     plan = schedule.resolve(args, trace)
     abis = EVTCHN_ABIS if args.evtchn == "both" else (args.evtchn,)
+    sizes = (64, 32) if args.address_size == "both" else (int(args.address_size),)
     if args.race:
         if plan.controlled:
             raise UsageError("--race hunts with pct seeds from --seed, a fresh hypervisor each; leave --schedule out (one seed's run: xensim hunt or the command the table prints)")
-        _write_json(args, console, {"race": race_table(args.runs, plan.seed, console, abis)})
+        _write_json(args, console, {"race": race_table(args.runs, plan.seed, console, abis, sizes)})
         return 0
+    if len(sizes) > 1:
+        raise UsageError("--address-size both is for --race; a demo runs one guest: pick 64 or 32")
     serve_args = (("--trace", trace) if trace else ()) + plan.server_args()
     with hypervisor_server(*serve_args, frames=machine_frames(1, args.pages)) as server:
         console.print(f"hypervisor on {server.address}; {'tracing to ' + trace if trace else 'no trace'}")
@@ -228,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
         for abi in abis:
             config = StressConfig(
                 domains=1, vcpus=args.vcpus, seconds=plan.seconds, seed=plan.seed, variants=[args.variant], pages=args.pages,
-                highmem_pages=args.pages // 4 if args.highpte else 0, migrate=args.migrate, balloon=args.balloon, evtchn=abi, controlled=plan.controlled,
+                highpte=args.highpte, address_sizes=list(sizes), migrate=args.migrate, balloon=args.balloon, evtchn=abi, controlled=plan.controlled,
             )  # fmt: skip
             console.print(f"[bold]event channels: {abi}[/bold]")
             reports[abi] = trio.run(_run_once, server.address, config, console)

@@ -80,6 +80,14 @@ def at_least(low: float, kind: type = int, high: float | None = None) -> Callabl
     return parse
 
 
+def address_sizes(text: str) -> list[int]:
+    """A `type=` for a comma-separated list of guest address sizes: 64 (x86-64) or 32 (PAE)."""
+    sizes = [size.strip() for size in text.split(",")]
+    if not all(size in ("32", "64") for size in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of address sizes such as 64, 32 or 32,64")
+    return [int(size) for size in sizes]
+
+
 def fraction(text: str) -> float:
     """A `type=` for a chance, 0..1."""
     value = at_least(0.0, float)(text)

@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=at_least(100), default=STEPS, help="steps per run")
     parser.add_argument("--vcpus", type=at_least(2), default=VCPUS, help="the guest's vCPUs, each a process")
     parser.add_argument("--workers", type=at_least(1, high=MAX_WORKERS), default=1, help="runs at once, each its own hypervisor and vCPU processes; the seed found is the one of 1 worker")
+    parser.add_argument("--address-size", type=int, choices=(64, 32), default=64, help="the guest's: 64 (x86-64) or 32 (PAE on the compat ABI)")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the result as JSON")
     parser.add_argument("--schedule-file", metavar="FILE", type=writable_file, help="where the failing run's schedule goes (default: hunt-VARIANT-SCHEDULE.schedule.json here)")
     parser.add_argument("--shrink-seconds", type=at_least(0.0, float), default=30.0, metavar="S", help="search S seconds for a shorter failing schedule (0: do not; docs/schedule.md section 9)")
@@ -67,6 +68,7 @@ class Hunt:
     steps: int = STEPS
     vcpus: int = VCPUS
     evtchn: str = "fifo"
+    address_size: int = 64
 
     def schedule(self, seed: int) -> str:
         return f"pct:{seed}:{self.depth}" if self.strategy == "pct" else f"random:{seed}"
@@ -75,6 +77,7 @@ class Hunt:
         """The demo command that runs this hunt's run of `seed` again."""
         words = ["xensim", "demo", "--vcpus", str(self.vcpus), "--pages", str(MIN_PAGES), "--variant", self.variant, "--migrate", f"{MIGRATE:g}"]
         words += [] if self.evtchn == "fifo" else ["--evtchn", self.evtchn]
+        words += [] if self.address_size == 64 else ["--address-size", str(self.address_size)]
         return shlex.join(words + ["--schedule", self.schedule(seed), "--steps", str(self.steps)])
 
     def run(self, seed: int, schedule_file: str, schedule: str | None = None, steps: int | None = None, trace: str | None = None, wall_seconds: float = math.inf) -> "Run":
@@ -91,7 +94,9 @@ class Hunt:
         """`run` inside a trio run, with its own hypervisor and vCPU processes, so that many can
         run at once (`interrupt`: run_stress's, when the caller takes the signals)."""
         steps = steps or self.steps
-        config = StressConfig(1, self.vcpus, steps * STEP_QUANTUM_NS / 1e9, seed, [self.variant], pages=MIN_PAGES, migrate=MIGRATE, evtchn=self.evtchn, controlled=True)
+        config = StressConfig(
+            1, self.vcpus, steps * STEP_QUANTUM_NS / 1e9, seed, [self.variant], pages=MIN_PAGES, migrate=MIGRATE, evtchn=self.evtchn, controlled=True, address_sizes=[self.address_size]
+        )
         server_args = ("--schedule", schedule or self.schedule(seed), "--schedule-file", schedule_file, "--schedule-steps", str(steps)) + (("--trace", trace) if trace else ())
         started = time.monotonic()
         report = None
@@ -243,7 +248,7 @@ class Progress:
 
 
 def main(args: argparse.Namespace) -> int:
-    hunt = Hunt(args.variant, args.strategy, args.depth, args.steps, args.vcpus)
+    hunt = Hunt(args.variant, args.strategy, args.depth, args.steps, args.vcpus, address_size=args.address_size)
     started = time.monotonic()
     result: dict = {"found": False, "variant": args.variant, "strategy": args.strategy, "seed": None, "runs": 0, "seconds": 0.0, "failure": None, "reproduce": None, "workers": args.workers}
     progress = Progress(args.runs, sys.stdout)

@@ -13,6 +13,8 @@ import json
 import textwrap
 from dataclasses import dataclass
 
+from guestlib.paging import lowmem_pages
+from xensim.errors import UsageError
 from xensim.launch import VCPU_TIMEOUT, create_domain, default_trace, destroy_and_audit, hypervisor_server, run_processes, started, vcpu_command
 
 PAGES = 4096
@@ -107,9 +109,13 @@ def main(args: argparse.Namespace) -> int:
     scenario = SCENARIOS[args.scenario]
     trace = None if args.no_trace else (args.trace or default_trace())
     vcpu_args = ["--variant", args.variant, "--scenario", args.scenario] + (["--highpte"] if args.scenario == "kmap-readonly" else [])
+    if args.address_size == "both":
+        raise UsageError("--address-size both is for --race; a scenario runs one guest: pick 64 or 32")
+    size = int(args.address_size)
+    highmem = PAGES - lowmem_pages(size, PAGES) if size == 32 else PAGES // 4 if args.scenario == "kmap-readonly" else 0
     with hypervisor_server(*(("--trace", trace) if trace else ())) as server:
-        domain = create_domain(server, PAGES, scenario.vcpus, highmem_pages=PAGES // 4 if args.scenario == "kmap-readonly" else 0)
-        print(f"scenario {args.scenario}, drop_mm_ref variant {args.variant}: dom{domain.domid}, {scenario.vcpus} vCPU processes\n")
+        domain = create_domain(server, PAGES, scenario.vcpus, highmem_pages=highmem, address_size=size)
+        print(f"scenario {args.scenario}, drop_mm_ref variant {args.variant}: dom{domain.domid} ({size}-bit), {scenario.vcpus} vCPU processes\n")
         _say(f"What happens: {scenario.story}")
         reports = _run_vcpus(server.address, domain.token, args.scenario, vcpu_args)
         findings = destroy_and_audit(server.toolstack(), server.metadata(), domain.domid)

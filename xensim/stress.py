@@ -4,7 +4,8 @@ Each vCPU is a real `guestlib.vcpu` process running the kernel's workload; this 
 only starts them, reads their progress and reports, kills random ones with SIGKILL and
 restarts them (a restarted vCPU re-attaches with the domain token and carries on from guest
 memory), and at the end audits every domain, destroys them and audits the whole machine.
-The run fails (exit status 1) on any audit finding, data corruption, leaked frame, kernel BUG,
+`--address-sizes 32,64` mixes 32-bit PAE and 64-bit domains on one machine (cycled over the
+domains, as `--variant` is). The run fails (exit status 1) on any audit finding, data corruption, leaked frame, kernel BUG,
 unexpected hypercall error or vCPU that did not finish.
 """
 
@@ -24,10 +25,11 @@ from guestlib import Toolstack
 from guestlib.kernel.boot import EVTCHN_ABIS
 from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
+from guestlib.paging import lowmem_pages
 from hypervisor.core.policy import STEP_QUANTUM_NS
 from hypervisor.server.config import ADMIN_TOKEN_ENV
 from xensim import schedule
-from xensim.errors import EXIT_INTERRUPTED, UsageError, address, at_least, fraction, writable_file
+from xensim.errors import EXIT_INTERRUPTED, UsageError, address, address_sizes, at_least, fraction, writable_file
 from xensim.launch import AsyncChild, hypervisor_server, machine_frames, opened, vcpu_command
 
 GRACE_SECONDS = 60.0  # how long past --seconds the vCPUs get to wind down
@@ -61,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kill-vcpus", type=at_least(0.0, float), default=0.0, metavar="RATE", help="SIGKILLs per vCPU per second (of Xen time, by the schedule, if controlled); killed vCPUs restart")
     parser.add_argument("--migrate", type=fraction, default=0.5, help="chance a child finishes on another vCPU")
     parser.add_argument("--balloon", type=at_least(0, high=BALLOON_SLOTS), default=0, metavar="PAGES", help="pages each vCPU gives back to Xen and takes again between process lifecycles (0: none)")
+    parser.add_argument("--address-sizes", type=address_sizes, default=[64], metavar="SIZES", help="each domain's address size, cycled: 64 (x86-64), 32 (PAE, compat ABI), or a list: 32,64")
+    parser.add_argument("--highpte", action="store_true", help="pte pages from highmem (a 64-bit domain gets a quarter of its memory as highmem)")
     parser.add_argument("--evtchn", choices=EVTCHN_ABIS, default="fifo", help="the guests' event channels: FIFO (as Linux picks when Xen offers it) or 2-level")
     parser.add_argument("--json", metavar="FILE", type=writable_file, help="write the report as JSON")
     parser.add_argument("--trace", metavar="FILE", type=writable_file, help="record every hypercall (only when the hypervisor is started here)")
@@ -78,11 +82,20 @@ class StressConfig:
     variants: list[str] = field(default_factory=lambda: ["modern"])  # one per domain, cycled
     kill_rate: float = 0.0  # SIGKILLs per vCPU per second
     pages: int = 16384
-    highmem_pages: int = 0
+    highpte: bool = False  # pte pages from highmem (guestlib.vcpu --highpte)
     migrate: float = 0.5
     controlled: bool = False  # the hypervisor schedules the vCPUs; `seconds` is Xen system time (docs/schedule.md)
     balloon: int = 0  # pages each vCPU balloons (guestlib/kernel/balloon.py)
     evtchn: str = "fifo"  # the guest kernel's event-channel ABI (guestlib.vcpu --evtchn)
+    address_sizes: list[int] = field(default_factory=lambda: [64])  # one per domain, cycled
+
+    def highmem_pages(self, address_size: int) -> int:
+        """A domain's highmem: PAE's share above the scaled 896 MiB direct map (always some,
+        docs/linux.md section 13); a 64-bit domain's a quarter of its memory with --highpte
+        (its pte pages need some), else none."""
+        if address_size == 32:
+            return self.pages - lowmem_pages(32, self.pages)
+        return self.pages // 4 if self.highpte else 0
 
 
 @dataclass
@@ -102,6 +115,7 @@ class StressRun:
     config: StressConfig
     vcpus: list[VcpuState] = field(default_factory=list)
     domains: dict[int, str] = field(default_factory=dict)  # domid -> variant
+    address_sizes: dict[int, int] = field(default_factory=dict)  # domid -> address size
     started: float = field(default_factory=time.monotonic)
     interrupted: bool = False
 
@@ -126,9 +140,11 @@ async def run_stress(address: str, admin_token: str | None, config: StressConfig
         tokens = {}
         for i in range(config.domains):
             variant = config.variants[i % len(config.variants)]
-            created = await xl.create_domain(nr_pages=config.pages, nr_vcpus=config.vcpus, highmem_pages=config.highmem_pages, name=f"stress{i}")
+            size = config.address_sizes[i % len(config.address_sizes)]
+            created = await xl.create_domain(nr_pages=config.pages, nr_vcpus=config.vcpus, highmem_pages=config.highmem_pages(size), name=f"stress{i}", address_size=size)
             tokens[created.domid] = created.token
             run.domains[created.domid] = variant
+            run.address_sizes[created.domid] = size
             run.vcpus += [VcpuState(created.domid, v) for v in range(config.vcpus)]
         deadline = run.started + config.seconds
         workload = trio.CancelScope(deadline=trio.current_time() + wall_bound(config))
@@ -163,7 +179,7 @@ async def _keep_running(address: str, token: str, variant: str, state: VcpuState
             args.append("--controlled")
             if state.starts:  # a restarted vCPU ends with the run, at its Xen system time
                 args += ["--until", f"{config.seconds:.6f}"]
-        if config.highmem_pages:
+        if config.highpte:
             args.append("--highpte")
         if config.balloon:
             args += ["--balloon", str(config.balloon)]
@@ -215,11 +231,13 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         stale += sum(v.stale_tlb_hits for v in await xl.vcpu_info(domid))
     stats = await xl.stats()
     # Every frame accounted for: a domain's destruction frees what it owned (tot_pages and its
-    # shared-info page), and those frames, no more, no fewer, are free afterwards.
+    # shared-info page), and those frames, no more, no fewer, are free afterwards, with the
+    # compat L4 of each vCPU of a 32-bit domain, which Xen owns (docs/pv32.md section 2).
     owned = {domid: (await xl.domain_info(domid)).tot_pages + 1 for domid in run.domains}
+    compat_l4s = sum(run.config.vcpus for size in run.address_sizes.values() if size == 32)
     free_before = (await xl.host_info()).free_frames
     freed = {domid: await xl.destroy_domain(domid) for domid in run.domains}
-    unaccounted = sum(abs(freed[d] - owned[d]) for d in run.domains) + abs((await xl.host_info()).free_frames - free_before - sum(freed.values()))
+    unaccounted = sum(abs(freed[d] - owned[d]) for d in run.domains) + abs((await xl.host_info()).free_frames - free_before - sum(freed.values()) - compat_l4s)
     machine = await xl.audit()
     leaked = [f for f in machine if "does not exist" in f]
     # A vCPU without a report (Ctrl-C, or it never finished) counts what its last progress line said.
@@ -249,6 +267,7 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         "totals": totals,
         "findings": {str(d): f for d, f in per_domain.items() if f} | ({"machine": machine} if machine else {}),
         "domains": {str(d): v for d, v in run.domains.items()},
+        "address_sizes": {str(d): size for d, size in run.address_sizes.items()},
         "interrupted": run.interrupted,
         "evtchn": run.config.evtchn,
     }
@@ -290,7 +309,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--schedule is the hypervisor's: start it with `xensim serve --schedule ...`, or leave out --server")
     config = StressConfig(
         args.domains, args.vcpus, plan.seconds, plan.seed, args.variant or ["modern"], args.kill_vcpus, args.pages,
-        migrate=args.migrate, balloon=args.balloon, evtchn=args.evtchn, controlled=plan.controlled,
+        highpte=args.highpte, migrate=args.migrate, balloon=args.balloon, evtchn=args.evtchn, controlled=plan.controlled, address_sizes=args.address_sizes,
     )  # fmt: skip
     if args.server:
         report = trio.run(_run_with_progress, args.server, args.admin_token, config)
@@ -298,7 +317,8 @@ def main(args: argparse.Namespace) -> int:
         with hypervisor_server(*(("--trace", args.trace) if args.trace else ()), *plan.server_args(), frames=machine_frames(args.domains, args.pages)) as server:
             report = trio.run(_run_with_progress, server.address, None, config)
     report |= plan.report(None if args.server else args.trace)
-    print(f"{report['process_lifecycles']} process lifecycles in {report['seconds']:.1f} s on {config.domains} domains of {config.vcpus} vCPUs")
+    sizes = "/".join(f"{size}-bit" for size in dict.fromkeys(config.address_sizes))
+    print(f"{report['process_lifecycles']} process lifecycles in {report['seconds']:.1f} s on {config.domains} {sizes} domains of {config.vcpus} vCPUs")
     for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus"):
         print(f"  {key.replace('_', ' '):<18} {report[key]}")
     for bug in report["kernel_bugs"]:

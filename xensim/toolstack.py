@@ -13,8 +13,9 @@ from pathlib import Path
 import trio
 
 from guestlib import Toolstack
+from guestlib.paging import lowmem_pages
 from hypervisor.server.config import ADMIN_TOKEN_ENV
-from xensim.errors import address, at_least
+from xensim.errors import address, address_sizes, at_least
 
 TOKEN_FILES = "dom*.json"
 
@@ -28,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--domains", type=at_least(1), default=1, help="how many domains")
     create.add_argument("--vcpus", type=at_least(1), default=4, help="vCPUs per domain")
     create.add_argument("--pages", type=at_least(1), default=8192, help="memory per domain in 4 KiB pages")
-    create.add_argument("--highmem", type=at_least(0), default=0, metavar="PAGES", help="how many of the pages are highmem")
+    create.add_argument("--highmem", type=at_least(0), metavar="PAGES", help="how many of the pages are highmem (default: none for a 64-bit domain, a 32-bit one's share above its direct map)")
+    create.add_argument("--address-sizes", type=address_sizes, default=[64], metavar="SIZES", help="each domain's address size, cycled: 64, 32 (PAE, compat ABI), or a list: 32,64")
     create.add_argument("--out", required=True, metavar="DIR", help="where the token files go (stale ones are removed)")
     create.set_defaults(run=lambda args: _run(_create, args))
     destroy = sub.add_parser("destroy", parents=[common], help="destroy domains")
@@ -57,9 +59,11 @@ async def _create(xl: Toolstack, args) -> int:
         stale.unlink()
     async with xl:
         for i in range(args.domains):
-            created = await xl.create_domain(nr_pages=args.pages, nr_vcpus=args.vcpus, highmem_pages=args.highmem, name=f"guest{i}")
+            size = args.address_sizes[i % len(args.address_sizes)]
+            highmem = args.highmem if args.highmem is not None else args.pages - lowmem_pages(size, args.pages)
+            created = await xl.create_domain(nr_pages=args.pages, nr_vcpus=args.vcpus, highmem_pages=highmem, name=f"guest{i}", address_size=size)
             path = write_token_file(out, {"server": args.server, "domid": created.domid, "token": created.token, "nr_vcpus": args.vcpus, "nr_pages": args.pages})
-            print(f"dom{created.domid}: {args.vcpus} vCPUs, {args.pages} pages, token in {path}", flush=True)
+            print(f"dom{created.domid}: {size}-bit, {args.vcpus} vCPUs, {args.pages} pages, token in {path}", flush=True)
     return 0
 
 

@@ -32,10 +32,11 @@ The messages of one process lifecycle (`workload`), and the dependency that forc
 5. switch_mm to the child: as 2; its cr3 multicall leads 6.
 6. the child's user writes, and the fault handler's read of the L1. Which writes fault is
    known only from their results.
-7. the faults handled (copies, fresh pages, mmu_update, INVLPG_LOCAL, the old pages put) and
-   the writes retried. Needs 6's answers.
-8. exit, part one: the task's verify reads, munmap (read, clear, INVLPG_MULTI), exit's read
-   of the L1, drop_mm_ref (leave_mm, and the cpumask and every CPU's xen_current_cr3 read).
+7. the faults handled (copies, fresh pages, the heap's pte page joining the pinned mm,
+   mmu_update, INVLPG_LOCAL, the old pages put) and the writes retried. Needs 6's answers.
+8. exit, part one: the task's verify reads, munmap (read, clear, INVLPG_MULTI), the heap's
+   munmap (its pte page read, its pmd entry cleared, TLB_FLUSH_MULTI, xen_release_pt), exit's
+   read of the L1, drop_mm_ref (leave_mm, and the cpumask and every CPU's xen_current_cr3 read).
    Whom to shoot down is known only from these reads; a shootdown adds its IPI message, and
    polls until every target has acknowledged.
 9. exit, part two: UNPIN and the tables made writable again, PG_pinned, `users`. Xen refuses
@@ -50,6 +51,9 @@ stored; the task's mm and generation; the mm struct), switch_mm, then 8 and 9; t
 next switch to its parent leaves lazy mode and puts the borrowed mm in the next message. So a
 local lifecycle is 9 messages and a migrated one 14, plus, now and then, a page-pool refill
 (a bitmap read, then fetch_and on the words chosen from it) or a slot claim that lost a race.
+
+The kernel is written once for both PV paging modes, x86-64 and 32-bit PAE, against their
+description in `guestlib.paging` (docs/linux.md section 13).
 
 Modules: `layout` (where everything lives), `cpu` (one vCPU: its client, per-CPU mirror,
 interrupt flag and multicall batch), `pgtable` (pfn-to-mfn entries, pin and unpin walks,

@@ -30,8 +30,6 @@ from .alloc import alloc_pages
 from .cpu import Cpu, checked
 from .pgtable import PAGE_KERNEL, PageTables
 
-INVALID_P2M_ENTRY = (1 << 64) - 1
-
 
 def pattern(pfn: int, generation: int) -> bytes:
     return struct.pack("<2Q", pfn, generation) * (PAGE_SIZE // 16)
@@ -71,6 +69,11 @@ class Balloon:
     def _field(self, name: str) -> int:
         return self.cpu.kl.percpu(self.cpu.id, name)[0]
 
+    def _set_p2m_entry(self, batch, pfn: int, mfn: int) -> None:
+        """The P2M list's entry for pfn in guest memory (an unsigned long)."""
+        word = self.pt.mode.word
+        batch.store(self.pt.boot.start_info.mfn_list + word * pfn, mfn, size=word)
+
     def _record(self, batch) -> None:
         """The balloon's state, in the message that makes it so."""
         batch.store(self._field("balloon_state"), self.generation << 1 | self.given_back)
@@ -89,7 +92,7 @@ class Balloon:
         batch.mmu_update([(boot.direct_entry(pfn) | MmuCmd.NORMAL_PT_UPDATE, 0) for pfn in self.pages])
         batch.mmuext_op([(MmuextCmd.TLB_FLUSH_ALL,)])
         for pfn in self.pages:
-            batch.store(boot.start_info.mfn_list + 8 * pfn, INVALID_P2M_ENTRY)
+            self._set_p2m_entry(batch, pfn, pt.mode.invalid_p2m)
         done = batch.decrease_reservation(mfns)
         self.given_back = True
         self._record(batch)
@@ -100,7 +103,7 @@ class Balloon:
         if checked(cpu, "balloon", done) != len(mfns):
             raise cpu.bug("balloon", f"decrease_reservation gave back {done.result()} of {len(mfns)} frames")
         for pfn in self.pages:
-            pt.set_p2m(pfn, INVALID_P2M_ENTRY)
+            pt.set_p2m(pfn, pt.mode.invalid_p2m)
         cpu.count("ballooned_out", len(mfns))
 
     async def take_back(self) -> None:
@@ -113,7 +116,7 @@ class Balloon:
         batch = cpu.msg()
         for pfn, mfn in zip(self.pages, mfns, strict=True):
             pt.set_p2m(pfn, mfn)
-            batch.store(boot.start_info.mfn_list + 8 * pfn, mfn)
+            self._set_p2m_entry(batch, pfn, mfn)
         batch.mmu_update([(mfn << PAGE_SHIFT | MmuCmd.MACHPHYS_UPDATE, pfn) for pfn, mfn in zip(self.pages, mfns, strict=True)])
         batch.mmu_update([(boot.direct_entry(pfn) | MmuCmd.NORMAL_PT_UPDATE, pt.make(pfn, PAGE_KERNEL)) for pfn in self.pages])
         scrubbed = [batch.read(pt.direct_va(pfn), PAGE_SIZE) for pfn in self.pages]

@@ -3,7 +3,8 @@
 Reference: docs/linux.md sections 7.1 and 9. vCPU 0 boots from start-info: it reads the P2M,
 builds the page allocator's bitmap, marks the boot pagetable's pages PG_pinned (Linux's hook
 once the allocator exists: they were pinned by the domain builder), builds the fixmap (a kernel
-L3/L2/L1 under the swapper pgd's top slot) holding the shared-info frame and one kmap slot per
+L3/L2/L1 under the swapper pgd's top slot; PAE: an L1 in swapper's kernel pmd, below Xen's
+slots, docs/linux.md section 13) holding the shared-info frame and one kmap slot per
 CPU, takes the FIFO event-channel ABI (docs/linux.md section 12) in the message that binds every
 CPU's IPI ports, stops every vCPU's periodic timer and moves its vcpu_info into
 its per-CPU page (docs/linux.md section 11), and brings the other vCPUs up with
@@ -17,12 +18,13 @@ from types import SimpleNamespace
 from ..events import EventChannels, FifoEventChannels
 from ..hypercalls import Batch, HypercallClient, Pending, ops
 from ..layout import BootLayout
-from ..xen import EVTCHN_FIFO_MASKED, PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, START_INFO_MAGIC, Errno, MmuCmd, VGCF_in_kernel
+from ..paging import PagingMode
+from ..xen import EVTCHN_FIFO_MASKED, PAGE_SHIFT, PAGE_SIZE, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, Errno, MmuCmd, VGCF_in_kernel
 from .alloc import load_pool
 from .cpu import Cpu, Hook, _no_hook, checked
-from .layout import FIX_SHARED_INFO, FIXMAP_L4_SLOT, KERNEL_MAGIC, OFFLINE, PG_PINNED, PG_TABLE, KernelLayout
+from .layout import FIX_SHARED_INFO, KERNEL_MAGIC, OFFLINE, PG_PINNED, PG_TABLE, KernelLayout
 from .mm import read_mm
-from .pgtable import KERNPG_TABLE, PAGE_KERNEL, PageTables
+from .pgtable import KERNPG_TABLE, PAGE_KERNEL, PageTables, slot
 from .sched import load_cr3
 from .shootdown import VARIANTS
 from .smp import IPI_KINDS, Smp
@@ -42,28 +44,28 @@ class Kernel:
         cpu.kernel = self
 
 
-async def read_start_info(client: HypercallClient) -> SimpleNamespace:
+async def read_start_info(client: HypercallClient, mode: PagingMode) -> SimpleNamespace:
     """The start-info record, from pfn 0 through the direct map (where every vCPU finds it)."""
-    data = await client.read(PAGE_OFFSET, START_INFO_FIELD_OFFSET + 8 * len(START_INFO_FIELDS))
-    if not data.startswith(START_INFO_MAGIC):
-        raise RuntimeError("no start-info record at the direct map's first page")
+    data = await client.read(mode.page_offset, START_INFO_FIELD_OFFSET + 8 * len(START_INFO_FIELDS))
+    if not data.startswith(mode.start_info_magic):
+        raise RuntimeError(f"no {mode.name} start-info record at the direct map's first page")
     values = struct.unpack_from(f"<{len(START_INFO_FIELDS)}Q", data, START_INFO_FIELD_OFFSET)
-    return SimpleNamespace(**dict(zip(START_INFO_FIELDS, values)))
+    return SimpleNamespace(**dict(zip(START_INFO_FIELDS, values)), magic=mode.start_info_magic.decode())
 
 
 EVTCHN_ABIS = ("fifo", "2l")
 
 
-async def start_of_day(client: HypercallClient, variant: str, highpte: bool, evtchn: str = "fifo") -> None:
+async def start_of_day(client: HypercallClient, mode: PagingMode, variant: str, highpte: bool, evtchn: str = "fifo") -> None:
     """vCPU 0's boot, up to bringing the other vCPUs up. `evtchn` "fifo" takes the FIFO ABI
     if Xen offers it, "2l" stays on 2-level (Linux's xen.fifo_events=0)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown drop_mm_ref variant {variant!r}; one of {', '.join(VARIANTS)}")
     if evtchn not in EVTCHN_ABIS:
         raise ValueError(f"unknown event-channel ABI {evtchn!r}; one of {', '.join(EVTCHN_ABIS)}")
-    info = await read_start_info(client)
+    info = await read_start_info(client, mode)
     boot = await BootLayout.read(client, info)
-    kl = KernelLayout(info)
+    kl = KernelLayout(info, mode)
     cpu = Cpu(client, kl, 0)
     pt = PageTables(boot, kl)
     batch = cpu.msg()
@@ -73,13 +75,13 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool, evt
     boot_tables = range(pt.swapper_pfn, pt.swapper_pfn + info.nr_pt_frames)
     for pfn in [*boot_tables, *kl.fixmap_pfns]:  # the post-allocator hook: mark them pinned
         batch.store(kl.pageinfo(pfn)[0], PG_PINNED | PG_TABLE, size=4)
-    l3, l2, l1 = kl.fixmap_pfns
+    chain = kl.fixmap_pfns  # top first, the L1 last
     shared_info_mfn = info.shared_info >> PAGE_SHIFT
-    pt.write_new(cpu, batch, l1, {FIX_SHARED_INFO: (shared_info_mfn << PAGE_SHIFT) | PAGE_KERNEL})
-    pt.write_new(cpu, batch, l2, {0: pt.make(l1, KERNPG_TABLE)})
-    pt.write_new(cpu, batch, l3, {0: pt.make(l2, KERNPG_TABLE)})
-    batch.mmu_update(pt.remap_direct(list(kl.fixmap_pfns), writable=False))
-    batch.mmu_update([(pt.maddr(pt.swapper_pfn, FIXMAP_L4_SLOT) | MmuCmd.NORMAL_PT_UPDATE, pt.make(l3, KERNPG_TABLE))])
+    pt.write_new(cpu, batch, chain[-1], {FIX_SHARED_INFO: (shared_info_mfn << PAGE_SHIFT) | PAGE_KERNEL})
+    for level, table, below in zip(range(mode.kernel_level - 1, 1, -1), chain, chain[1:]):
+        pt.write_new(cpu, batch, table, {slot(mode.fixmap_base, level): pt.make(below, KERNPG_TABLE)})
+    batch.mmu_update(pt.remap_direct(list(chain), writable=False))
+    batch.mmu_update([(pt.maddr(pt.swapper_kernel_pfn, pt.fixmap_slot) | MmuCmd.NORMAL_PT_UPDATE, pt.make(chain[0], KERNPG_TABLE))])
     fifo_setup = _evtchn_fifo_init(batch, kl, pt) if evtchn == "fifo" else []
     ports = [[batch.evtchn_bind_ipi(c) for _ in IPI_KINDS] for c in range(kl.nr_cpus)]
     await batch.flush()
@@ -102,7 +104,7 @@ async def start_of_day(client: HypercallClient, variant: str, highpte: bool, evt
         checked_later.append(batch.vcpu_stop_periodic_timer(c))
         pfn, offset = kl.pfn_offset(kl.percpu(c, "vcpu_info")[0])
         again.append(batch.vcpu_register_vcpu_info(c, pt.mfn(pfn), offset))
-    again += [batch.vcpu_initialise(c, pt.mfn(pt.swapper_pfn), flags=VGCF_in_kernel) for c in range(1, kl.nr_cpus)]
+    again += [batch.vcpu_initialise(c, pt.mfn(pt.swapper_pfn), flags=VGCF_in_kernel, rip=mode.entry) for c in range(1, kl.nr_cpus)]
     batch.store(kl.kglobal("magic")[0], KERNEL_MAGIC)
     checked_later += [batch.vcpu_up(c) for c in range(1, kl.nr_cpus)]
     await batch.flush()
@@ -138,11 +140,11 @@ def _took_fifo(cpu: Cpu, setup: list[Pending]) -> bool:
 
 def event_channels(client: HypercallClient, kl: KernelLayout, vcpu_id: int, fifo: bool) -> EventChannels:
     """This CPU's event dispatch in the ABI the boot CPU chose, on the vcpu_info boot moved
-    into its per-CPU page."""
-    shared_info, vcpu_info = kl.fixmap_va(FIX_SHARED_INFO), kl.percpu(vcpu_id, "vcpu_info")[0]
+    into its per-CPU page, in its address size's layout (docs/pv32.md section 21)."""
+    shared_info, vcpu_info, layout = kl.fixmap_va(FIX_SHARED_INFO), kl.percpu(vcpu_id, "vcpu_info")[0], kl.mode.abi
     if fifo:
-        return FifoEventChannels(client, shared_info, vcpu_id, kl.evtchn_control.va(vcpu_id), kl.evtchn_array.va(0), vcpu_info)
-    return EventChannels(client, shared_info, vcpu_id, vcpu_info)
+        return FifoEventChannels(client, shared_info, vcpu_id, kl.evtchn_control.va(vcpu_id), kl.evtchn_array.va(0), vcpu_info, layout)
+    return EventChannels(client, shared_info, vcpu_id, vcpu_info, layout)
 
 
 def _write_bitmap(batch, kl: KernelLayout) -> None:
@@ -154,19 +156,19 @@ def _write_bitmap(batch, kl: KernelLayout) -> None:
         batch.write(kl.bitmap.va(offset), bytes(bits[offset : offset + PAGE_SIZE]))
 
 
-async def booted(client: HypercallClient) -> bool:
+async def booted(client: HypercallClient, mode: PagingMode) -> bool:
     """Whether vCPU 0 has already booted the kernel (a restarted vCPU 0 must not again)."""
-    kl = KernelLayout(await read_start_info(client))
+    kl = KernelLayout(await read_start_info(client, mode), mode)
     return await client.load(kl.kglobal("magic")[0]) == KERNEL_MAGIC
 
 
-async def attach(client: HypercallClient, vcpu_id: int, hook: Hook = _no_hook) -> Kernel:
+async def attach(client: HypercallClient, mode: PagingMode, vcpu_id: int, hook: Hook = _no_hook) -> Kernel:
     """Join the running kernel as vCPU `vcpu_id`: wait for its magic, read the P2M, the
     layout, the kernel half of swapper and the IPI ports, bind this CPU's handlers, and take
     this CPU's own state back from its per-CPU area (all zero for a first start; a restarted
     process carries on from where the killed one left guest memory)."""
-    info = await read_start_info(client)
-    kl = KernelLayout(info)
+    info = await read_start_info(client, mode)
+    kl = KernelLayout(info, mode)
     while await client.load(kl.kglobal("magic")[0]) != KERNEL_MAGIC:
         await client.sched_yield()
         await client.relax(0.01)

@@ -2,26 +2,25 @@
 
 Every vCPU process derives the same map, so they agree on addresses without telling each other
 anything. All regions are in lowmem after the boot layout and are reached through the direct
-map. A struct is a table of named fields (offset, size); `Region` gives each instance's
-address.
+map, at the paging mode's page_offset. A struct is a table of named fields (offset, size);
+`Region` gives each instance's address.
 """
 
 from dataclasses import dataclass
 
-from ..xen import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE
+from ..paging import PagingMode
+from ..xen import PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE
 
 MAX_MMS = 256
 MAX_TASKS = 512
 POOL_SLOTS = 120  # pfns a CPU keeps in each of its page pools
 BALLOON_SLOTS = 128  # pages a CPU's balloon may hold (balloon.py)
 RING_SLOTS = 28  # tasks in flight from one CPU's run queue to another's
-MAX_TABLES = 24  # L3, L2 and L1 pages an mm may own (its pgds are separate)
+MAX_TABLES = 23  # pages below its pgds an mm has from its start (L3, L2, L1; PAE: pmds, L1)
 KERNEL_MAGIC = 0x58454E53494D4B31  # "XENSIMK1": the kernel has booted
 OFFLINE = 3  # the per-CPU `online` value of a CPU that went offline (see boot)
 
-# The fixmap: the top L4 slot, one L1 of kernel-only slots (Linux's FIXADDR area).
-FIXMAP_L4_SLOT = 511
-FIXMAP_BASE = 0xFFFFFF8000000000
+# The fixmap: one L1 of kernel-only slots (Linux's FIXADDR area) at the mode's fixmap_base.
 FIX_SHARED_INFO = 0  # the shared-info frame, mapped writable for event channels
 FIX_KMAP_BEGIN = 1  # then one kmap_atomic slot per CPU (highpte)
 
@@ -64,7 +63,7 @@ PERCPU = Struct(
 )  # fmt: skip
 MM = Struct(
     ("state", 8), ("pgd", 8), ("user_pgd", 8), ("cpumask", 8), ("users", 8), ("count", 8),
-    ("nr_tables", 8), ("owner", 8), ("tables", 8 * MAX_TABLES),
+    ("nr_tables", 8), ("owner", 8), ("heap", 8), ("tables", 8 * MAX_TABLES),  # heap: the pfn of the heap's pte page, 0 = none
     size=256,
 )  # fmt: skip
 TASK = Struct(
@@ -78,7 +77,7 @@ PAGEINFO_SIZE = 4  # u32 per pfn: flags in the low byte, map count above (PAGE_C
 PG_PINNED, PG_TABLE, PG_RESERVED = 1, 2, 4
 PAGE_COUNT_ONE = 1 << 8
 
-STATS = ("lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs", "ballooned_out", "ballooned_in")
+STATS = ("lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs", "ballooned_out", "ballooned_in", "pte_allocs")
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,7 @@ class Region:
     first_pfn: int
     struct_size: int
     count: int
+    page_offset: int  # the direct map's base
 
     @property
     def pages(self) -> int:
@@ -95,13 +95,14 @@ class Region:
 
     def va(self, index: int, struct: Struct | None = None, field: str | None = None) -> int:
         offset = struct[field][0] if field else 0
-        return PAGE_OFFSET + (self.first_pfn << PAGE_SHIFT) + index * self.struct_size + offset
+        return self.page_offset + (self.first_pfn << PAGE_SHIFT) + index * self.struct_size + offset
 
 
 class KernelLayout:
     """The kernel's regions for a domain (from its start-info), after the boot layout's pfns."""
 
-    def __init__(self, info):
+    def __init__(self, info, mode: PagingMode):
+        self.mode = mode
         self.nr_cpus = info.nr_vcpus
         self.nr_pages, self.nr_lowmem = info.nr_pages, info.nr_lowmem_pages
         pfn = info.first_free_pfn
@@ -118,11 +119,11 @@ class KernelLayout:
             ("evtchn_control", PAGE_SIZE, self.nr_cpus),  # a FIFO control block per CPU, at offset 0
             ("evtchn_array", PAGE_SIZE, 1),  # the FIFO event array: ports below 1024
         ):
-            regions[name] = Region(pfn, size, count)
+            regions[name] = Region(pfn, size, count, mode.page_offset)
             pfn += regions[name].pages
         self.regions = regions
-        self.fixmap_pfns = (pfn, pfn + 1, pfn + 2)  # its L3, L2 and L1
-        self.first_free_pfn = pfn + 3
+        self.fixmap_pfns = tuple(range(pfn, pfn + mode.fixmap_tables))  # its chain, top first: L3, L2, L1 (PAE: the L1)
+        self.first_free_pfn = pfn + mode.fixmap_tables
         if self.first_free_pfn + 64 > self.nr_lowmem:
             raise MemoryError(f"{self.nr_lowmem} lowmem pages cannot hold the kernel ({self.first_free_pfn} used at boot)")
 
@@ -140,7 +141,7 @@ class KernelLayout:
 
     def pfn_offset(self, va: int) -> tuple[int, int]:
         """The (pfn, byte offset) of a direct-map address."""
-        return (va - PAGE_OFFSET) >> PAGE_SHIFT, va & (PAGE_SIZE - 1)
+        return (va - self.mode.page_offset) >> PAGE_SHIFT, va & (PAGE_SIZE - 1)
 
     def mm(self, mm: int, field: str) -> tuple[int, int]:
         return self.regions["mms"].va(mm, MM, field), MM[field][1]
@@ -159,7 +160,7 @@ class KernelLayout:
         return self.regions["pageinfo"].va(pfn), PAGEINFO_SIZE
 
     def fixmap_va(self, index: int) -> int:
-        return FIXMAP_BASE + (index << PAGE_SHIFT)
+        return self.mode.fixmap_base + (index << PAGE_SHIFT)
 
     def is_lowmem(self, pfn: int) -> bool:
         return pfn < self.nr_lowmem

@@ -1,7 +1,7 @@
 """Address spaces: creation, fork with copy-on-write, page faults, munmap, teardown.
 
-Reference: docs/linux.md sections 2, 8 and 10. An mm lives in guest memory (`layout.MM`): its
-two pgds (kernel and user, 64-bit PV), the L3/L2/L1 pages it owns, its cpumask (which doubles
+Reference: docs/linux.md sections 2, 8, 10 and 13. An mm lives in guest memory (`layout.MM`): its
+pgds (kernel and user, 64-bit PV; one for PAE), the table pages below them it owns, its cpumask (which doubles
 as the vCPU bitmap TLB_FLUSH_MULTI reads from guest memory) and two counts: `users` (tasks
 using it) and `count` (one for all users, plus one per CPU borrowing it lazily). "Late pin,
 early unpin": a new mm is built while its pages are plain memory and pinned at the end of
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..hypercalls import PageFault, Pending, ops
-from ..xen import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE, PTE_MFN_MASK, MmuextCmd
+from ..xen import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE, PTE_MFN_MASK, MmuCmd, MmuextCmd
 from .alloc import alloc_pages, free_pages
 from .cpu import Cpu, add, checked
 from .layout import MAX_MMS, MAX_TABLES, MAX_TASKS, MM, PAGE_COUNT_ONE
@@ -24,7 +24,8 @@ PAGE_USER = P | RW | US | 0x60  # present, writable, user, accessed, dirty
 MM_FREE, MM_LIVE = 0, 1
 PFEC_PRESENT, PFEC_WRITE = 1, 2
 _U32 = 0xFFFFFFFF
-_MM_FORMAT = f"<8Q{MAX_TABLES}Q"
+_MM_FORMAT = f"<9Q{MAX_TABLES}Q"
+HEAP_FIRST = ENTRIES_PER_TABLE  # page indexes from here are the heap's: the next pmd entry's region
 
 
 @dataclass
@@ -34,15 +35,22 @@ class Mm:
     id: int
     pgd: int = 0
     user_pgd: int = 0
-    tables: list[int] = field(default_factory=list)  # L3, L2, L1 pfns
+    tables: list[int] = field(default_factory=list)  # the pfns below its pgds from its start, the L1 last
+    heap: int = 0  # the heap's pte page, which joins the pinned mm at its first fault (0: none)
 
     @property
     def l1(self) -> int:
         return self.tables[-1]
 
     @property
+    def pagetables(self) -> list[int]:
+        """Every table page below its pgds now."""
+        return self.tables + [self.heap] if self.heap else self.tables
+
+    @property
     def pgds(self) -> list[int]:
-        return [self.pgd, self.user_pgd]
+        """The kernel pgd, and the user pgd of a 64-bit PV mm."""
+        return [self.pgd, self.user_pgd] if self.user_pgd else [self.pgd]
 
 
 def mm_va(cpu: Cpu, mm_id: int, name: str) -> int:
@@ -65,7 +73,7 @@ async def read_mm(cpu: Cpu, mm_id: int) -> Mm:
     fields = struct.unpack_from(_MM_FORMAT, checked(cpu, "read_mm", data))
     if fields[0] != MM_LIVE:
         raise cpu.bug("read_mm", f"mm {mm_id} is not live (state {fields[0]})")
-    return Mm(mm_id, fields[1], fields[2], list(fields[8 : 8 + fields[6]]))
+    return Mm(mm_id, fields[1], fields[2], list(fields[9 : 9 + fields[6]]), heap=fields[8])
 
 
 _SLOTS = {"mm": (MAX_MMS, lambda cpu, i: mm_va(cpu, i, "state")), "task": (MAX_TASKS, lambda cpu, i: cpu.kl.task(i, "state")[0])}
@@ -116,39 +124,50 @@ def free_task(cpu: Cpu, task: int) -> None:
 
 
 async def mm_alloc(cpu: Cpu, pt: PageTables, batch, mm_id: int, user_ptes: dict[int, int]) -> Mm:
-    """pgd_alloc and the user tables, filled while still plain memory (docs/linux.md sections 2.2, 2.3): the
-    kernel half copied from swapper, the user half one L3 -> L2 -> L1 chain (the L1 from
-    highmem with highpte), and the mm struct."""
-    pgd, user_pgd, l3, l2 = await alloc_pages(cpu, 4)
+    """pgd_alloc and the user tables, filled while still plain memory (docs/linux.md sections
+    2.2, 2.3, 13): the kernel entries copied from swapper's (PAE: into the pgd's own kernel
+    pmd), the user path one table per level down to the L1 (from highmem with highpte), PAE's
+    other user pmds preallocated empty, and the mm struct."""
+    mode = pt.mode
+    user_slot = slot(USER_BASE, mode.levels)
+    pmd_slots = [s for s in mode.user_pmd_slots() if s != user_slot] + ([mode.kernel_pgd_slot] if mode.own_kernel_pmd else [])
+    pages = iter(await alloc_pages(cpu, 1 + mode.user_pgd + mode.levels - 2 + len(pmd_slots)))
     (l1,) = await alloc_pages(cpu, 1, highmem=bool(cpu.mirror.get("highpte")))
-    mm = Mm(mm_id, pgd, user_pgd, [l3, l2, l1])
-    user_l4 = {slot(USER_BASE, 4): pt.make(l3, USER_TABLE)}
-    pt.write_new(cpu, batch, pgd, {**user_l4, **pt.kernel_half})
-    pt.write_new(cpu, batch, user_pgd, user_l4)
-    pt.write_new(cpu, batch, l3, {slot(USER_BASE, 3): pt.make(l2, USER_TABLE)})
-    pt.write_new(cpu, batch, l2, {slot(USER_BASE, 2): pt.make(l1, USER_TABLE)})
+    pgd = next(pages)
+    user_pgds = [next(pages) for _ in range(mode.user_pgd)]
+    path = [*(next(pages) for _ in range(mode.levels - 2)), l1]  # below the pgd: L3, L2 (PAE: the user pmd), then the L1
+    pmds = dict(zip(pmd_slots, pages))
+    top = {s: pt.make(table, mode.top_flags) for s, table in {user_slot: path[0], **pmds}.items()}
+    pt.write_new(cpu, batch, pgd, top if mode.own_kernel_pmd else {**top, **pt.kernel_half})
+    for user_pgd in user_pgds:
+        pt.write_new(cpu, batch, user_pgd, top)
+    for s, pmd in pmds.items():
+        pt.write_new(cpu, batch, pmd, pt.kernel_half if s == mode.kernel_pgd_slot else {})
+    for level, table, below in zip(range(mode.levels - 1, 1, -1), path, path[1:]):
+        pt.write_new(cpu, batch, table, {slot(USER_BASE, level): pt.make(below, USER_TABLE)})
     pt.write_new(cpu, batch, l1, user_ptes)
+    mm = Mm(mm_id, pgd, user_pgds[0] if user_pgds else 0, [*path[:-1], *pmds.values(), l1])
     tables = mm.tables + [0] * (MAX_TABLES - len(mm.tables))
-    batch.write(mm_va(cpu, mm_id, "state"), struct.pack(_MM_FORMAT, MM_LIVE, pgd, user_pgd, 0, 1, 1, len(mm.tables), 0, *tables))
+    batch.write(mm_va(cpu, mm_id, "state"), struct.pack(_MM_FORMAT, MM_LIVE, pgd, mm.user_pgd, 0, 1, 1, len(mm.tables), 0, 0, *tables))
     return mm
 
 
 def pin(cpu: Cpu, pt: PageTables, batch, mm: Mm) -> None:
     """xen_pgd_pin: queue it in the lazy-MMU batch and flush that into `batch`."""
-    for call in pt.pin_ops(mm.pgds, mm.tables):
+    for call in pt.pin_ops(mm.pgds, mm.pagetables):
         cpu.queue(call)
     cpu.flush_into(batch)
-    pt.mark_pinned(batch, mm.pgds + mm.tables, True)
+    pt.mark_pinned(batch, mm.pgds + mm.pagetables, True)
     cpu.count("pins")
 
 
-def read_l1(cpu: Cpu, pt: PageTables, mm: Mm, batch, operation: str) -> Callable[[], tuple[int, ...]]:
-    """Read an mm's L1 in `batch` (through a read-only kmap when it is a highmem page); the
-    returned function gives its entries once `batch` is answered."""
-    if cpu.kl.is_lowmem(mm.l1):
-        data = batch.read(pt.direct_va(mm.l1), PAGE_SIZE)
+def read_l1(cpu: Cpu, pt: PageTables, l1: int, batch, operation: str) -> Callable[[], tuple[int, ...]]:
+    """Read a pinned pte page in `batch` (through a read-only kmap when it is a highmem page,
+    pte_offset_map); the returned function gives its entries once `batch` is answered."""
+    if cpu.kl.is_lowmem(l1):
+        data = batch.read(pt.direct_va(l1), PAGE_SIZE)
     else:
-        add(batch, pt.kmap_op(cpu, mm.l1, writable=False))
+        add(batch, pt.kmap_op(cpu, l1, pinned=True))
         data = batch.read(pt.kmap_va(cpu), PAGE_SIZE)
         add(batch, pt.kunmap_op(cpu))
     return lambda: struct.unpack(f"<{ENTRIES_PER_TABLE}Q", checked(cpu, operation, data))
@@ -201,33 +220,61 @@ async def fork(cpu: Cpu, pt: PageTables, parent: Mm, child_id: int, shared: list
     return child
 
 
+def user_pmd(pt: PageTables, mm: Mm) -> int:
+    """The table whose entries name the user pte pages (the L2; PAE: the first user pmd)."""
+    return mm.tables[pt.mode.levels - 3]
+
+
+def pte_alloc(cpu: Cpu, pt: PageTables, batch, mm: Mm, pfn: int) -> None:
+    """__pte_alloc for the heap in the pinned mm, in `batch` (docs/linux.md section 14): the
+    page zeroed as plain memory (clear_highpage, through a writable kmap for a highmem page,
+    unmapped again at once), then xen_alloc_pt and pmd_populate's entry by mmu_update on the
+    pinned pmd, which makes Xen validate the page as an L1, in the lazy-MMU multicall (a
+    failure is a kernel BUG); PG_pinned and the mm struct record it."""
+    pt.write_new(cpu, batch, pfn, {})
+    for call in pt.alloc_pt_ops(pfn):
+        cpu.queue(call)
+    cpu.queue(ops.mmu_update([(pt.maddr(user_pmd(pt, mm), slot(user_va(HEAP_FIRST), 2)) | MmuCmd.NORMAL_PT_UPDATE, pt.make(pfn, USER_TABLE))]))
+    cpu.flush_into(batch, "page fault")
+    pt.mark_pinned(batch, [pfn], True)
+    batch.store(mm_va(cpu, mm.id, "heap"), pfn)
+    mm.heap = pfn
+    cpu.count("pte_allocs")
+
+
 async def touch(cpu: Cpu, pt: PageTables, mm: Mm, task: int, generation: int, indexes: list[int]) -> None:
     """The running task writes its pattern into pages `indexes` as user code, and the fault
     handler's read of the L1 follows in the same message. The faults are handled as Linux's,
-    in one message: not present maps a fresh page (mmu_update on the pinned L1), a write to a
-    copy-on-write page copies it and puts the old one after the local flush (do_wp_page
-    without its reuse shortcut, which would need the page's count first: a message more);
-    then the writes are retried."""
+    in one message: not present maps a fresh page (mmu_update on the pinned L1; a first heap
+    page allocates the heap's pte page, `pte_alloc`), a write to a copy-on-write page copies
+    it and puts the old one after the local flush (do_wp_page without its reuse shortcut,
+    which would need the page's count first: a message more); then the writes are retried."""
     writes = {i: pattern(task, i, generation) for i in indexes}
     batch = cpu.msg()
     results = [batch.write(user_va(i), data, user=True) for i, data in writes.items()]
-    l1 = read_l1(cpu, pt, mm, batch, "page fault")
+    l1 = read_l1(cpu, pt, mm.l1, batch, "page fault")
     await batch.flush()
     faults = {i: r.result() for i, r in zip(writes, results) if isinstance(checked(cpu, "user write", r), PageFault)}
     if not faults:
         return
     fresh = [i for i, f in faults.items() if not f.error_code & PFEC_PRESENT]
     cow = [i for i, f in faults.items() if f.error_code & (PFEC_PRESENT | PFEC_WRITE) == PFEC_PRESENT | PFEC_WRITE]
-    if len(fresh) + len(cow) != len(faults):
+    if len(fresh) + len(cow) != len(faults) or any(i >= HEAP_FIRST for i in cow):
         raise cpu.bug("page fault", f"faults the kernel cannot explain: {faults}")
     entries = l1()
     pages = dict(zip(cow + fresh, await alloc_pages(cpu, len(faults))))
+    heap = [] if mm.heap or all(i < HEAP_FIRST for i in fresh) else await alloc_pages(cpu, 1, highmem=bool(cpu.mirror.get("highpte")))
     batch = cpu.msg()
+    for pfn in heap:
+        pte_alloc(cpu, pt, batch, mm, pfn)
     for index in cow:
         batch.mmuext_op([(MmuextCmd.COPY_PAGE, pt.mfn(pages[index]), (entries[index] & PTE_MFN_MASK) >> PAGE_SHIFT)])
     for pfn in pages.values():
         batch.store(cpu.kl.pageinfo(pfn)[0], PAGE_COUNT_ONE, size=4)
-    pt.set_entries(cpu, batch, mm.l1, {i: pt.make(pfn, PAGE_USER) for i, pfn in pages.items()}, pinned=True)
+    for table, first in ((mm.l1, 0), (mm.heap, HEAP_FIRST)):
+        mapped = {i - first: pt.make(pfn, PAGE_USER) for i, pfn in pages.items() if first <= i < first + ENTRIES_PER_TABLE}
+        if mapped:
+            pt.set_entries(cpu, batch, table, mapped, pinned=True)
     for index in cow:  # the old read-only translation may still be in this CPU's TLB
         batch.mmuext_op([(MmuextCmd.INVLPG_LOCAL, user_va(index))])
     put_pages(cpu, pt, [entries[i] for i in cow], "cow fault")
@@ -268,7 +315,7 @@ def munmap(cpu: Cpu, pt: PageTables, mm: Mm, index: int, batch) -> Callable[[], 
     """zap one page in `batch`: read its entry, clear it, flush it on every CPU in the mm's
     cpumask with INVLPG_MULTI (flush_tlb_others: no IPI, Xen flushes them); the page is put
     in this CPU's next message (put_pages). Returns the L1 as read before the zap."""
-    l1 = read_l1(cpu, pt, mm, batch, "munmap")
+    l1 = read_l1(cpu, pt, mm.l1, batch, "munmap")
     pt.set_entries(cpu, batch, mm.l1, {index: 0}, pinned=True)
     batch.mmuext_op([(MmuextCmd.INVLPG_MULTI, user_va(index), mm_va(cpu, mm.id, "cpumask"))])
     batch.callback(lambda: put_pages(cpu, pt, [l1()[index]], "munmap"))
@@ -276,9 +323,34 @@ def munmap(cpu: Cpu, pt: PageTables, mm: Mm, index: int, batch) -> Callable[[], 
     return l1
 
 
+def munmap_heap(cpu: Cpu, pt: PageTables, mm: Mm, batch) -> Callable[[], tuple[int, ...]]:
+    """munmap of the whole heap in `batch`, with the pte page it frees (unmap_region and
+    free_pgtables, docs/linux.md section 14): read the pte page, clear its pmd entry (Xen drops
+    the page's L1 type), flush the TLBs of the mm's CPUs (TLB_FLUSH_MULTI on the cpumask),
+    then xen_release_pt, in the lazy-MMU multicall; its pages and the pte page itself are put
+    in this CPU's next message. Returns the pte page's entries as read before."""
+    heap, mm.heap = mm.heap, 0
+    entries = read_l1(cpu, pt, heap, batch, "munmap")
+    cpu.queue(ops.mmu_update([(pt.maddr(user_pmd(pt, mm), slot(user_va(HEAP_FIRST), 2)) | MmuCmd.NORMAL_PT_UPDATE, 0)]))
+    cpu.queue(ops.mmuext_op([(MmuextCmd.TLB_FLUSH_MULTI, 0, mm_va(cpu, mm.id, "cpumask"))]))
+    for call in pt.release_pt_ops(heap):
+        cpu.queue(call)
+    cpu.flush_into(batch, "munmap")
+    pt.mark_pinned(batch, [heap], False)
+    batch.store(mm_va(cpu, mm.id, "heap"), 0)
+
+    def put() -> None:
+        put_pages(cpu, pt, entries(), "munmap")
+        free_pages(cpu, [heap])
+
+    batch.callback(put)
+    cpu.count("munmaps")
+    return entries
+
+
 def release_tables(cpu: Cpu, mm: Mm) -> None:
-    """free_pgtables: the L3/L2/L1 pages go back to the allocator (they were unpinned)."""
-    free_pages(cpu, mm.tables)
+    """free_pgtables: the table pages below the pgds go back to the allocator (they were unpinned)."""
+    free_pages(cpu, mm.pagetables)
 
 
 def free_mm(cpu: Cpu, mm: Mm) -> None:

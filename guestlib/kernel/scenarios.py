@@ -80,16 +80,16 @@ async def _kmap_readonly(kernel) -> dict:
         pin(cpu, pt, batch, mm)
         await batch.flush()
         va = pt.kmap_va(cpu)
-        writable_while_pinned = await cpu.send(pt.kmap_op(cpu, mm.l1, writable=True))
+        writable_while_pinned = await cpu.send(pt.kmap_op(cpu, mm.l1, pinned=False))
         readonly = await cpu.send(
-            pt.kmap_op(cpu, mm.l1, writable=False),
+            pt.kmap_op(cpu, mm.l1, pinned=True),
             ops.store(va + 8 * 5, 0),  # a valid (empty) entry: emulated
             ops.store(va, pt.make(mm.l1, PAGE_KERNEL)),  # the table mapping itself writable: refused
             pt.kunmap_op(cpu),
         )
         await switch_mm(cpu, mm)
         await exit_mmap(cpu, mm)
-        after_unpin = await cpu.send(pt.kmap_op(cpu, mm.l1, writable=True), ops.store(va, 0), pt.kunmap_op(cpu))
+        after_unpin = await cpu.send(pt.kmap_op(cpu, mm.l1, pinned=False), ops.store(va, 0), pt.kunmap_op(cpu))
     refused = writable_while_pinned[0].exception()
     fault = readonly[2].result()
     return {

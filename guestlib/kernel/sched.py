@@ -3,7 +3,7 @@
 Reference: docs/linux.md sections 2.5 and 5. A context switch is two steps, as in Linux under
 Xen: first the plain memory writes that other CPUs may read at once (the cpumask bits,
 `loaded_mm`, `xen_cr3`), in a message of their own; then, at the end of the switch, the
-lazy-CPU multicall with NEW_BASEPTR and NEW_USER_BASEPTR, followed by `xen_current_cr3`, which
+lazy-CPU multicall with NEW_BASEPTR (and NEW_USER_BASEPTR, 64-bit), followed by `xen_current_cr3`, which
 is only written once Xen has the new base. That multicall leads the next message the CPU sends
 (`Cpu.msg`), the first one of the task switched to, as arch_end_context_switch flushes it just
 before that task runs. Between the two the switch is visible in memory but not yet at Xen: the
@@ -21,14 +21,14 @@ _ALL = 2**64 - 1
 
 
 def load_cr3(cpu: Cpu, mm: Mm | None) -> None:
-    """xen_write_cr3: xen_cr3 at once (by the caller), NEW_BASEPTR and NEW_USER_BASEPTR in
-    the lazy batch, and set_current_cr3 after it."""
+    """xen_write_cr3: xen_cr3 at once (by the caller), NEW_BASEPTR and (64-bit PV)
+    NEW_USER_BASEPTR in the lazy batch, and set_current_cr3 after it."""
     pt = cpu.kernel.pt
     pgd = mm.pgd if mm else pt.swapper_pfn
-    cpu.queue(
-        ops.mmuext_op([(MmuextCmd.NEW_BASEPTR, pt.mfn(pgd)), (MmuextCmd.NEW_USER_BASEPTR, pt.mfn(mm.user_pgd) if mm else 0)]),
-        after=ops.store(cpu.kl.percpu(cpu.id, "xen_current_cr3")[0], pgd),
-    )
+    bases = [(MmuextCmd.NEW_BASEPTR, pt.mfn(pgd))]
+    if pt.mode.user_pgd:
+        bases.append((MmuextCmd.NEW_USER_BASEPTR, pt.mfn(mm.user_pgd) if mm else 0))
+    cpu.queue(ops.mmuext_op(bases), after=ops.store(cpu.kl.percpu(cpu.id, "xen_current_cr3")[0], pgd))
     cpu.mirror["xen_current_cr3"] = pgd  # as of the flush
 
 

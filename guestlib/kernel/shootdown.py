@@ -59,7 +59,7 @@ async def drop_mm_ref(cpu: Cpu, mm: Mm, batch) -> None:
 async def exit_mmap(cpu: Cpu, mm: Mm, batch=None) -> None:
     """xen_exit_mmap then the generic teardown, in two messages (and the shootdown's IPIs, if
     any, between them). The first (`batch`, when the caller has begun one with the task's
-    last calls) reads the L1, which unmap_vmas will zap, and runs drop_mm_ref. The second
+    last calls) reads the pte pages, which unmap_vmas will zap, and runs drop_mm_ref. The second
     unpins (the pgds first, then every table page made writable again: a vCPU still on the
     pgd makes that -EBUSY, a kernel BUG) and clears `users`. Only once that has worked are the
     pages and the mm's count put, in this CPU's next message (put_pages, mmdrop): an exit
@@ -67,10 +67,10 @@ async def exit_mmap(cpu: Cpu, mm: Mm, batch=None) -> None:
     kernel = cpu.kernel
     pt = kernel.pt
     batch = batch if batch is not None else cpu.msg()
-    l1 = read_l1(cpu, pt, mm, batch, "exit_mmap")
+    l1s = [read_l1(cpu, pt, table, batch, "exit_mmap") for table in (mm.l1, mm.heap) if table]
     await drop_mm_ref(cpu, mm, batch)
     batch = cpu.msg()
-    for call in pt.unpin_ops(mm.pgds, mm.tables):
+    for call in pt.unpin_ops(mm.pgds, mm.pagetables):
         cpu.queue(call)
     pgd_mfns = ", ".join(f"{pt.mfn(pgd):#x}" for pgd in mm.pgds)
     in_mask, on_pgd = cpu.last_shootdown
@@ -81,13 +81,14 @@ async def exit_mmap(cpu: Cpu, mm: Mm, batch=None) -> None:
         f"after UNPIN_TABLE of pgds {pgd_mfns}, making the pagetable pages writable again failed "
         f"({window}vCPUs {sorted(on_pgd)} had the pgd as cr3 at Xen, cpumask {sorted(in_mask)})",
     )
-    pt.mark_pinned(batch, mm.pgds + mm.tables, False)
+    pt.mark_pinned(batch, mm.pgds + mm.pagetables, False)
     batch.store(mm_va(cpu, mm.id, "users"), 0)
     try:
         await batch.flush()
     finally:
         await cpu.hook("exit_mmap:done", cpu)
     cpu.count("unpins")
-    put_pages(cpu, pt, l1(), "exit_mmap")
+    for l1 in l1s:
+        put_pages(cpu, pt, l1(), "exit_mmap")
     release_tables(cpu, mm)
     mmdrop(cpu, mm)

@@ -3,7 +3,7 @@
 Each CPU runs a long-lived parent process with a few data pages. A lifecycle forks a child
 from it (the parent's pages shared copy-on-write), switches to the child, which writes its
 pattern into fresh pages and into some inherited ones (copy-on-write faults), then either
-finishes here (verify, munmap a page, exit) or migrates: it is handed to another CPU through a
+finishes here (verify, munmap a page and its heap, exit) or migrates: it is handed to another CPU through a
 run-queue ring in guest memory, and this CPU runs a kernel thread that borrows the child's mm
 lazily before going back to the parent. The other CPU switches to the child, verifies its data
 (written on another CPU), and exits it, while the first CPU may still hold its pgd lazily, or be
@@ -21,13 +21,14 @@ from .balloon import Balloon
 from .boot import OFFLINE, ONLINE, STOPPED, answer_pending_calls
 from .cpu import Cpu, KernelBug, Panicked, checked
 from .layout import RING_SLOTS
-from .mm import Mm, claim, describe_corruption, fork, free_task, mm_alloc, munmap, new_id, pin, read_l1, read_mm, touch, user_va, verify
+from .mm import HEAP_FIRST, Mm, claim, describe_corruption, fork, free_task, mm_alloc, munmap, munmap_heap, new_id, pin, read_l1, read_mm, touch, user_va, verify
 from .sched import enter_lazy, leave_lazy, switch_mm
 from .shootdown import exit_mmap
 
 SHARED_PAGES = 4  # the parent's pages a child inherits
-FRESH_PAGES = 8  # pages a child faults in
-WRITTEN = [0, 1] + list(range(SHARED_PAGES, SHARED_PAGES + FRESH_PAGES))  # two inherited, all fresh
+FRESH_PAGES = 8  # pages a child faults in, in its heap (whose pte page joins the pinned mm)
+WRITTEN = [0, 1] + list(range(HEAP_FIRST, HEAP_FIRST + FRESH_PAGES))  # two inherited, all fresh
+UNMAPPED = 3  # the inherited page a child unmaps on its own
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Workload:
         await self._run_user(parent)  # the parent forks: copy_process claims the slots
         batch = cpu.msg()  # as dup_mmap reads the parent's L1
         task_id, mm_id = claim(cpu, batch, "task"), claim(cpu, batch, "mm")
-        parent_l1 = read_l1(cpu, k.pt, parent, batch, "fork")
+        parent_l1 = read_l1(cpu, k.pt, parent.l1, batch, "fork")
         await batch.flush()
         child = await fork(cpu, k.pt, parent, await mm_id(), list(range(SHARED_PAGES)), parent_l1())
         task = Task(await task_id(), child, self.rng.randrange(1 << 32))
@@ -152,15 +153,18 @@ class Workload:
 
     async def _finish_task(self, task: Task) -> None:
         """The child's last steps, on whichever CPU it ended up: check its data, unmap a
-        page (flush_tlb_others), exit (exit_mmap with this kernel's drop_mm_ref)."""
+        page (flush_tlb_others) and the heap with its pte page, exit (exit_mmap with this
+        kernel's drop_mm_ref)."""
         cpu, k = self.cpu, self.k
         await self._run_user(task.mm)
-        batch = cpu.msg()  # the task's last user reads, its munmap, and exit's first message
+        batch = cpu.msg()  # the task's last user reads, its munmaps, and exit's first message
         wrong = verify(cpu, batch, task.id, task.generation, WRITTEN)
-        l1 = munmap(cpu, k.pt, task.mm, SHARED_PAGES, batch)  # read after the pages, in the same message
+        l1 = munmap(cpu, k.pt, task.mm, UNMAPPED, batch)  # read after the pages, in the same message
+        heap = munmap_heap(cpu, k.pt, task.mm, batch) if task.mm.heap else None
         await exit_mmap(cpu, task.mm, batch)
         for index, data in wrong().items():
-            self.corruptions.append(describe_corruption(cpu.id, task.id, task.generation, index, user_va(index), l1()[index], data))
+            entry = heap()[index - HEAP_FIRST] if heap and index >= HEAP_FIRST else l1()[index]
+            self.corruptions.append(describe_corruption(cpu.id, task.id, task.generation, index, user_va(index), entry, data))
         free_task(cpu, task.id)
         self.lifecycles += 1
         cpu.count("lifecycles")
