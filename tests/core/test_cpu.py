@@ -2,6 +2,7 @@
 access (docs/xen.md sections 2.5, 7, 9.2, 10, 17; pv/ro-page-fault.c)."""
 
 import io
+from dataclasses import asdict
 
 import pytest
 
@@ -406,9 +407,5 @@ def test_atomics_return_the_old_value_and_wrap_at_their_size(hv, guest, size):
 def test_a_fault_record_is_the_dataclass_as_a_dict():
     """The dispatch answers a fault with PageFault.record, a hand-written asdict (asdict's
     recursive copy cost 5.9 us a fault): it must keep every field the dataclass has."""
-    from dataclasses import asdict
-
-    from hypervisor.core.cpu import PageFault
-
     fault = PageFault(va=0x1000, error_code=0x7, detail="L1 entry 1 of mfn 0x42 not present")
     assert fault.record() == asdict(fault)
