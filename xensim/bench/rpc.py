@@ -147,7 +147,7 @@ _ANSWER = hypercalls_pb2.SessionResponse(
 ).SerializeToString()
 
 
-def _process_cpu_s(pid: int) -> float:
+def process_cpu_s(pid: int) -> float:
     """CPU (user + system, every thread, exited ones included) that process `pid` has used."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -172,12 +172,12 @@ def _server_cpu(server) -> dict:
         for _ in range(SERVER_ROUNDS):
             for kind, results in rounds.items():
                 pid, where = targets[kind]
-                before = _process_cpu_s(pid)
+                before = process_cpu_s(pid)
                 done = launch.run(command("floor", where, token, 0, SERVER_MESSAGES), timeout=300)
                 if done.returncode:
                     raise RuntimeError(f"a client_cpu process failed (exit status {done.returncode}): {done.stderr[-2000:]}")
                 messages = json.loads(done.stdout)["messages"] + 1 + WARMUP  # the first message, then the warm-up's
-                results.append((_process_cpu_s(pid) - before) / messages * 1e6)
+                results.append((process_cpu_s(pid) - before) / messages * 1e6)
     server_us, floor_us = statistics.median(rounds["server"]), statistics.median(rounds["floor"])
     return {
         "rpc.server_cpu_us_per_msg_over_grpc_floor": {
