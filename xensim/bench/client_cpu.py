@@ -9,8 +9,8 @@ prints the process CPU (every thread: `time.process_time`) and wall time per mes
 with `--seconds` it prints how many messages it made in that time. With N it also prints each
 thread's share (`threads_cpu_us`: `main`, then the others by their name in /proc, where
 `python` is every other Python thread (the guest's stream thread; the bare client's request
-consumer and channel threads) and `event_engine` grpc core's pollers; docs/transport.md
-section 7 reads them).
+consumer and channel threads) and `event_engine` grpc core's pollers; read in
+docs/transport.md section 7).
 """
 
 import json
