@@ -10,8 +10,8 @@ MMUEXT_TLB_FLUSH_LOCAL a message, answered before the next) drives each in turn,
 round, and each server's CPU (every thread, from /proc) over a client's run is divided by its
 messages. It prints the medians, each tree over the floor, and this tree over the base, both
 as the ratio of medians and as the median of the rounds' own ratios: on a loaded machine a
-round's figures move together, so the paired ratio is the steadier one (docs/transport.md
-section 7).
+round's figures move together, so the paired ratio is the steadier one (read in
+docs/transport.md section 7).
 """
 
 import argparse
