@@ -91,7 +91,8 @@ class FrameTable:
         # owns; freeing a frame resets its entry (free_heap_pages, xen/common/page_alloc.c).
         self.m2p = np.full(nr_frames, INVALID_M2P, dtype=np.uint64)
         # Preemption: the vCPU whose hypercall may stop part-way (Xen's `current` on a
-        # preemptible path; None while work must finish in one go), and the work budget.
+        # preemptible path, set by Hypervisor._dispatch; None while work must finish in one
+        # go), and the work budget.
         self.current = None
         self.budget = Budget()
         self._nested = 0  # depth of (de)validation in progress: puts and gets inside it are not the call's own
@@ -242,15 +243,6 @@ class FrameTable:
         self.linear[mfns] = 0
 
     # -- preemption -------------------------------------------------------------------------
-
-    @contextmanager
-    def preemptible(self, vcpu):
-        """Run a hypercall of `vcpu` whose (de)validation may stop part-way (Restart)."""
-        self.current = vcpu
-        try:
-            yield
-        finally:
-            self.current = None
 
     @contextmanager
     def atomic(self):

@@ -56,7 +56,7 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results
                 raise XenError(Errno.EINVAL, f"multicall entry {i} is itself a multicall: do_multicall refuses reentry (xen/common/multicall.c)")
             if op not in HYPERCALLS:
                 raise XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")
-            result = run(hv, vcpu, inner if i == start and inner is not None else Continuation(op, args))
+            result = run(hv, vcpu, op, args, inner if i == start else None)
             if isinstance(result, Continuation):
                 raise Restart(start=i, results=results, inner=result)
             if result is BLOCKED:
@@ -77,32 +77,33 @@ def multicall(hv: "Hypervisor", vcpu: Vcpu, calls: list, start: int = 0, results
 PREEMPTIBLE = frozenset({"mmu_update", "mmuext_op", "multicall", "vcpu_op", "memory_op"})
 
 
-def run(hv: "Hypervisor", vcpu: Vcpu, call: Continuation) -> Any:
-    """Run a hypercall, or go on with one that stopped: its result, or a `Continuation`.
+def run(hv: "Hypervisor", vcpu: Vcpu, op: str, args: dict, resumed: Continuation | None = None) -> Any:
+    """Run hypercall `op`, or go on with one that stopped (`resumed`): its result, or a
+    `Continuation`. A call that is over at once, as most are, makes no Continuation.
 
     A preemptible call first goes on tearing down what an earlier put of this vCPU left
     part-way (put_old_guest_table), runs, and is not over until that teardown is: its answer
     waits in the continuation meanwhile, as Xen passes rc through its last continuation."""
-    handler = HYPERCALLS[call.op]
-    if call.op not in PREEMPTIBLE:
-        return handler(hv, vcpu, **call.args)
+    handler = HYPERCALLS[op]
+    if op not in PREEMPTIBLE:
+        return handler(hv, vcpu, **args)
     if not hv.frames.put_old_guest_tables(vcpu):
-        return call
-    if call.outcome is not None:
-        kind, value = call.outcome
+        return resumed or Continuation(op, args)
+    if resumed is not None and resumed.outcome is not None:
+        kind, value = resumed.outcome
         if kind == "error":
             raise value
         return value
     try:
-        result = handler(hv, vcpu, **call.args, **call.at)
+        result = handler(hv, vcpu, **args) if resumed is None else handler(hv, vcpu, **args, **resumed.at)
     except Restart as stop:
-        return Continuation(call.op, call.args, stop.at)
+        return Continuation(op, args, stop.at)
     except XenError as e:
         if vcpu.old_guest_tables:
-            return Continuation(call.op, call.args, outcome=("error", e))
+            return Continuation(op, args, outcome=("error", e))
         raise
     if vcpu.old_guest_tables:
-        return Continuation(call.op, call.args, outcome=("result", result))
+        return Continuation(op, args, outcome=("result", result))
     return result
 
 
@@ -210,8 +211,11 @@ class Hypervisor:
                 if handler is None:
                     raise XenError(Errno.ENOSYS, f"unknown hypercall {op!r}")
                 if op in PREEMPTIBLE:
-                    with self.frames.preemptible(vcpu):
-                        result = run(self, vcpu, resumed or Continuation(op, args))
+                    self.frames.current = vcpu  # (de)validation may stop part-way (Restart) from here on
+                    try:
+                        result = run(self, vcpu, op, args, resumed)
+                    finally:
+                        self.frames.current = None
                     if isinstance(result, Continuation):
                         vcpu.continuation = result  # parked in the core until it goes on (trace.snapshot)
                 else:

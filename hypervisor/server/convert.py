@@ -54,11 +54,12 @@ def _count(items, path: str, field: str, limit: int) -> None:
         raise BadRequest(f"{path}{field}", f"{len(items)} entries; 0 to {limit} allowed")
 
 
-def _enum(value: int, enum: EnumDescriptor, path: str) -> int:
+def _enum(value: int, enum: EnumDescriptor, path: str, field: str) -> int:
     """A named, specified value of an enum of the simulator's own (proto3 enums are open:
-    grpcurl sends any number)."""
+    grpcurl sends any number). As the checks below, it names `path` + `field` only when it
+    fails: formatting it for every call cost more than the check."""
     if value == 0 or value not in enum.values_by_number:
-        raise BadRequest(path, f"{value} is not a named {enum.name} value (0 means unset)")
+        raise BadRequest(f"{path}{field}", f"{value} is not a named {enum.name} value (0 means unset)")
     return value
 
 
@@ -85,15 +86,15 @@ def _size(request, path: str) -> int:
     return _SIZES[request.size]
 
 
-def _fits(value: int, mask: int, path: str) -> int:
+def _fits(value: int, mask: int, path: str, field: str) -> int:
     if value & ~mask:
-        raise BadRequest(path, f"{value:#x} has bits above the access size")
+        raise BadRequest(f"{path}{field}", f"{value:#x} has bits above the access size")
     return value
 
 
-def _within_page(va: int, length: int, path: str) -> None:
+def _within_page(va: int, length: int, path: str, field: str) -> None:
     if not 1 <= length <= PAGE_SIZE - va % PAGE_SIZE:
-        raise BadRequest(path, f"{length} bytes at {va:#x} do not lie within one 4 KiB page (1 to 4096 bytes)")
+        raise BadRequest(f"{path}{field}", f"{length} bytes at {va:#x} do not lie within one 4 KiB page (1 to 4096 bytes)")
 
 
 def _set_fields(msg: Message) -> dict:
@@ -246,31 +247,35 @@ def _load_args(msg, path, clock) -> dict:
 
 def _store_args(msg, path, clock) -> dict:
     mask = _size(msg, path)
-    return {"va": msg.va, "size": msg.size, "value": _fits(msg.value, mask, f"{path}value"), "user": msg.user_mode}
+    return {"va": msg.va, "size": msg.size, "value": _fits(msg.value, mask, path, "value"), "user": msg.user_mode}
+
+
+# The core's name of each AtomicOp (ATOMIC_OP_CMPXCHG -> "cmpxchg"), looked up once.
+_ATOMIC_OPERATIONS = {v.number: v.name.removeprefix("ATOMIC_OP_").lower() for v in memory_pb2.AtomicOp.DESCRIPTOR.values if v.number}
 
 
 def _atomic_args(msg, path, clock) -> dict:
-    op = _enum(msg.op, memory_pb2.AtomicOp.DESCRIPTOR, f"{path}op")
+    op = _enum(msg.op, memory_pb2.AtomicOp.DESCRIPTOR, path, "op")
     mask = _size(msg, path)
     args = {
-        "operation": memory_pb2.AtomicOp.Name(op).removeprefix("ATOMIC_OP_").lower(),
+        "operation": _ATOMIC_OPERATIONS[op],
         "va": msg.va,
         "size": msg.size,
-        "operand": _fits(msg.operand, mask, f"{path}operand"),
+        "operand": _fits(msg.operand, mask, path, "operand"),
         "user": msg.user_mode,
     }
     if op == memory_pb2.ATOMIC_OP_CMPXCHG:
-        args["expected"] = _fits(msg.expected, mask, f"{path}expected")
+        args["expected"] = _fits(msg.expected, mask, path, "expected")
     return args
 
 
 def _read_args(msg, path, clock) -> dict:
-    _within_page(msg.va, msg.length, f"{path}length")
+    _within_page(msg.va, msg.length, path, "length")
     return {"va": msg.va, "length": msg.length, "user": msg.user_mode}
 
 
 def _write_args(msg, path, clock) -> dict:
-    _within_page(msg.va, len(msg.data), f"{path}data")
+    _within_page(msg.va, len(msg.data), path, "data")
     return {"va": msg.va, "data": msg.data, "user": msg.user_mode}
 
 

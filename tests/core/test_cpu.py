@@ -2,6 +2,7 @@
 access (docs/xen.md sections 2.5, 7, 9.2, 10, 17; pv/ro-page-fault.c)."""
 
 import io
+from dataclasses import asdict
 
 import pytest
 
@@ -401,3 +402,10 @@ def test_atomics_return_the_old_value_and_wrap_at_their_size(hv, guest, size):
     neighbours = guest.access("read", va=guest.direct_va(pfn), length=16)
     assert neighbours[:size] == b"\x5a" * size and neighbours[2 * size :] == b"\x5a" * (16 - 2 * size)
 
+
+
+def test_a_fault_record_is_the_dataclass_as_a_dict():
+    """The dispatch answers a fault with PageFault.record, a hand-written asdict (asdict's
+    recursive copy cost 5.9 us a fault): it must keep every field the dataclass has."""
+    fault = PageFault(va=0x1000, error_code=0x7, detail="L1 entry 1 of mfn 0x42 not present")
+    assert fault.record() == asdict(fault)

@@ -201,3 +201,26 @@ def test_a_continued_call_whose_foreign_domain_died_meanwhile_fails_with_the_ent
     with pytest.raises(XenError) as failed:
         guest.go_on(first)
     assert (failed.value.errno, failed.value.done) == (Errno.ESRCH, 31)
+
+
+def test_a_preemptible_call_over_at_once_makes_no_continuation(monkeypatch):
+    """Most preemptible calls (a TLB flush, one mmu_update) finish in their first run: they
+    cost no Continuation, which is made only for a call that stops (the per-call Python path,
+    docs/transport.md section 5)."""
+    from hypervisor.core import hypervisor as dispatch
+
+    made = []
+
+    class Counted(Continuation):
+        def __init__(self, op, *args, **kwargs):
+            made.append(op)
+            super().__init__(op, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "Continuation", Counted)
+    _, guest, _ = machine(AT_ONCE)
+    assert guest.mmuext((FLUSH,)) == 1
+    assert guest.call("multicall", calls=[{"op": "mmuext_op", "args": {"ops": [[int(FLUSH), 0, 0]]}}]) == [{"result": 1}]
+    assert made == []
+    _, guest, _ = machine(SMALL)  # a call that stops still makes one
+    assert isinstance(guest.mmuext((PIN, guest.l4)), Continuation)
+    assert made

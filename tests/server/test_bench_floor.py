@@ -11,5 +11,5 @@ def test_the_bare_server_answers_the_hypervisors_bytes(vcpu0):
     vcpu0.send(rpc.SERVER_MESSAGES, TLB_FLUSH_LOCAL)
     answer = vcpu0.answer()
     assert answer.system_time_ns > 0
-    answer.system_time_ns = hypercalls_pb2.SessionResponse.FromString(rpc._ANSWER).system_time_ns
-    assert answer.SerializeToString() == rpc._ANSWER
+    answer.system_time_ns = hypercalls_pb2.SessionResponse.FromString(rpc.ANSWER).system_time_ns
+    assert answer.SerializeToString() == rpc.ANSWER

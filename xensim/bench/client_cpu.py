@@ -6,10 +6,15 @@ client sending the same request bytes (serialized beforehand, answers left unpar
 sync-stub bidi stream fed from a queue, the cheapest plain grpcio client measured
 (benchmarks/guest_transport.py). Both wait for each answer before the next request. With N it
 prints the process CPU (every thread: `time.process_time`) and wall time per message as JSON;
-with `--seconds` it prints how many messages it made in that time.
+with `--seconds` it prints how many messages it made in that time. With N it also prints each
+thread's share (`threads_cpu_us`: `main`, then the others by their name in /proc, where
+`python` is every other Python thread (the guest's stream thread; the bare client's request
+consumer and channel threads) and `event_engine` grpc core's pollers; read in
+docs/transport.md section 7).
 """
 
 import json
+import os
 import queue
 import sys
 import time
@@ -32,6 +37,7 @@ class _Meter:
         self.count, self.seconds, self.done = count, seconds, -WARMUP
 
     def start(self) -> None:
+        self.threads = _threads_cpu_s()
         self.cpu, self.wall = time.process_time(), time.perf_counter()
         self.deadline = self.wall + self.seconds
 
@@ -44,7 +50,32 @@ class _Meter:
     def report(self) -> dict:
         if not self.count:
             return {"messages": self.done}
-        return {"cpu_us": (time.process_time() - self.cpu) / self.done * 1e6, "wall_us": (time.perf_counter() - self.wall) / self.done * 1e6, "messages": self.done}
+        cpu, wall, threads = time.process_time() - self.cpu, time.perf_counter() - self.wall, _threads_cpu_s()
+        by_name: dict[str, float] = {}
+        for (name, tid), seconds in threads.items():
+            by_name[name] = by_name.get(name, 0.0) + (seconds - self.threads.get((name, tid), 0.0)) / self.done * 1e6
+        return {"cpu_us": cpu / self.done * 1e6, "wall_us": wall / self.done * 1e6, "messages": self.done, "threads_cpu_us": by_name}
+
+
+def stat_cpu_s(stat: str) -> float:
+    """CPU seconds (user + system) that a /proc/.../stat file accounts: a process's (every
+    thread, exited ones included) or one thread's. Clock ticks: meaningful over a few thousand messages."""
+    with open(stat) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _threads_cpu_s() -> dict[tuple[str, str], float]:
+    """`stat_cpu_s` of each live thread of this process, by (name, tid); the main thread's
+    name is `main` (Python does not name its threads in /proc)."""
+    threads, main = {}, str(os.getpid())
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                threads["main" if tid == main else comm.read().strip(), tid] = stat_cpu_s(f"/proc/self/task/{tid}/stat")
+        except OSError:  # the thread ended meanwhile
+            continue
+    return threads
 
 
 def floor(address: str, token: str, vcpu: int, meter: _Meter) -> dict:
