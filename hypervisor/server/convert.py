@@ -374,6 +374,7 @@ CALLS: dict[str, Op] = {
     "read": Op("read", _read_args, _access),
     "write": Op("write", _write_args, _access),
     "memory_op": Op("memory_op", _memory_op_args, _memory_op_result),
+    "vm_assist": Op("vm_assist", lambda msg, path, clock: {"cmd": msg.cmd, "type": msg.type}, _empty),
     "echo": Op(None, lambda msg, path, clock: {"payload": msg.payload}, _echo_result),
 }
 CASE_OF_OP = {op.name: case for case, op in CALLS.items() if op.name}
