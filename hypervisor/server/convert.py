@@ -413,7 +413,7 @@ def pagetable(table: dict) -> toolstack_pb2.PagetableFrame:
         if e["frame"] is not None:
             entry.target.CopyFrom(frame(e["frame"]))
         entries.append(entry)
-    return toolstack_pb2.PagetableFrame(level=table["level"], frame=frame(table["frame"]), entries=entries)
+    return toolstack_pb2.PagetableFrame(level=table["level"], frame=frame(table["frame"]), entries=entries, address_size=table["address_size"])
 
 
 def vcpu_started(vcpu, domain) -> hypercalls_pb2.VcpuStarted:
