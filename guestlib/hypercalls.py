@@ -376,6 +376,11 @@ class Hypercalls:
         """The XenVersionResponse: version, capabilities, virt_start, pagesize."""
         return self._issue(Op("xen_version", hypercalls_pb2.XenVersionRequest(), _field("xen_version")))
 
+    def vm_assist(self, cmd: int, type: int):
+        """Turn VM assist `type` (VMASST_TYPE_*) of the domain on or off (`cmd`,
+        VMASST_CMD_*; docs/xen.md section 25)."""
+        return self._issue(Op("vm_assist", hypercalls_pb2.VmAssistRequest(cmd=cmd, type=type), _nothing))
+
     # -- HYPERVISOR_memory_op (docs/xen.md section 23) ----------------------------------------------
 
     def _memory_op(self, decode: Callable, **op):

@@ -111,6 +111,11 @@ UVMF_FLUSHTYPE_MASK = 3
 UVMF_LOCAL = 0
 UVMF_ALL = 4
 
+# HYPERVISOR_vm_assist (public/xen.h): the assists a Linux kernel turns on at boot.
+VMASST_CMD_enable = 0
+VMASST_TYPE_writable_pagetables = 2
+VMASST_TYPE_pae_extended_cr3 = 3
+
 # The start-info page at pfn 0 (xensim's layout, common.proto StartInfo): the magic, then these
 # fields as little-endian u64 in this order from START_INFO_FIELD_OFFSET.
 START_INFO_MAGIC = b"xen-3.0-x86_64"

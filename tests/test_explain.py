@@ -26,7 +26,7 @@ from xensim.v1 import memory_pb2 as m
 from xensim.v1 import toolstack_pb2 as t
 
 from .core.guest import Guest
-from .test_timeline import race_trace
+from .test_timeline import pae_server_trace, race_trace
 
 
 def test_the_ebusy_is_explained_by_the_vcpu_still_on_the_table(tmp_path):
@@ -191,3 +191,15 @@ def test_an_audit_finding_points_at_the_call_that_last_changed_its_frame(tmp_pat
     capsys.readouterr()
     assert main(["trace", "explain", str(path), "--finding", domain_findings[0], "--after", str(unpin + 1)]) == 0
     assert capsys.readouterr().out.strip() == explained[0]["text"]
+
+
+def test_a_32_bit_domains_failure_names_its_pae_l3_and_pae_xen_l2(tmp_path):
+    """The frames of a 32-bit domain's failed call as they were: the pae_xen_l2 the EPERM
+    names, held by entry 3 of the PAE L3 that is vCPU 0's cr3."""
+    path = tmp_path / "pae.trace"
+    run = pae_server_trace(path)
+    (failure,) = explain(str(path))
+    (l2,) = failure["data"]["frames"]
+    assert l2["frame"]["mfn"] == hex(run["l2"]) and l2["frame"]["pae_xen_l2"]
+    assert [(e["table"], e["level"], e["slot"], e["address_size"]) for e in l2["entries"] if e["holds_reference"] and e["level"] > 1] == [(hex(run["l3"]), 3, 3, 32)]
+    assert "type L2|PAE_XEN_L2, type count 1" in failure["text"] and f"PAE L3 entry 3 of mfn {run['l3']:#x}" in failure["text"], failure["text"]

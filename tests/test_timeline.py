@@ -7,15 +7,20 @@ import shutil
 import struct
 import subprocess
 
+import grpc
 import pytest
 
 from hypervisor.core import Hypervisor, XenError
-from hypervisor.core.abi import ENTRIES_PER_TABLE, MmuextCmd
+from hypervisor.core.abi import ENTRIES_PER_TABLE, L2_SLOT_COMPAT_XEN_FIRST, PAGE_SHIFT, MmuextCmd
 from hypervisor.core.trace import Records, TraceWriter, frame
+from hypervisor.server.tracing import read_trace
 from xensim.cli import main
 from xensim.timeline import focus, scan
+from xensim.v1 import toolstack_pb2
 
 from .core.guest import Guest
+from .server.helpers import WireGuest, error_info, status_of
+from .support.server import start_server
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_TIMEOUT = 90
@@ -47,6 +52,21 @@ def race_trace() -> tuple[bytes, dict]:
     guest.call("multicall", calls=[{"op": "mmuext_op", "args": {"ops": [[3, other.l4, 0]]}}])
     hv.tracer.close()
     return out.getvalue(), {"l4": tree["l4"], "boot_l4": guest.l4, "domid": guest.domid}
+
+
+def pae_server_trace(path) -> dict:
+    """A real server's trace of a 32-bit domain (docs/pv32.md section 4): its boot PAE L3 is
+    vCPU 0's cr3, and a write into a Xen slot of the L2 under the L3's slot 3 (its
+    pae_xen_l2) fails with -EPERM naming that L2. Returns the domid and both mfns."""
+    with start_server("--trace", str(path)) as server:
+        guest = WireGuest(server, nr_pages=2048, nr_vcpus=1, address_size=32)
+        l3 = guest.start_info.pt_base_mfn
+        l2 = guest.toolstack("DumpPagetable", toolstack_pb2.DumpPagetableRequest(mfn=l3)).tables[0].entries[0].mfn
+        with pytest.raises(grpc.RpcError) as refused:
+            guest.mmu_update(((l2 << PAGE_SHIFT) + 8 * L2_SLOT_COMPAT_XEN_FIRST, 0))
+        assert error_info(status_of(refused.value)).reason == "EPERM"
+        guest.toolstack("StopTrace", toolstack_pb2.StopTraceRequest())
+    return {"domid": guest.domid, "l3": l3, "l2": l2}
 
 
 def test_scan_follows_each_vcpus_cr3_and_finds_the_ipi_and_every_failed_call():
@@ -183,3 +203,20 @@ def test_a_controlled_runs_step_records_are_not_calls():
     stepped = header + b"\n" + frame({"sched": [1, 1, 0]}) + frame({"sched": {"lost_determinism": {"step": 1, "vcpus": [[1, 0]], "why": "x"}}}) + rest
     timeline = scan(records(stepped))
     assert timeline.total == plain.total and [c.seq for c in timeline.calls] == [c.seq for c in plain.calls]
+
+
+def test_a_32_bit_domains_lanes_run_on_its_pae_l3(tmp_path):
+    """A 32-bit domain's cr3 is its PAE L3, not an L4: the band says so, and the lane is
+    marked 32-bit; its failed call names the pae_xen_l2."""
+    path = tmp_path / "pae.trace"
+    run = pae_server_trace(path)
+    d = run["domid"]
+    timeline = scan(read_trace(str(path)))
+    assert timeline.address_sizes == {d: 32}
+    assert [(lane, mfn) for lane, _, _, mfn in timeline.bands] == [((d, 0), run["l3"])]
+    (failed,) = timeline.failures
+    assert f"EPERM: mmu_update entry 0: L2 entry {L2_SLOT_COMPAT_XEN_FIRST} of mfn {run['l2']:#x}" in failed.errors[0] and run["l2"] in failed.mfns
+    page = tmp_path / "pae.html"
+    assert main(["timeline", str(path), "--html", str(page)]) == 0
+    text = page.read_text()
+    assert f"<div>dom{d} vCPU0 (32-bit)</div>" in text and '"tops":["","PAE L3"]' in text

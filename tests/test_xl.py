@@ -20,7 +20,7 @@ from tests.support.server import start_server
 from tests.test_timeline import CHROMIUM, CHROMIUM_TIMEOUT, chromium
 from xensim.cli import main
 from xensim.launch import run, xensim_command
-from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2
+from xensim.v1 import common_pb2, hypercalls_pb2, memory_pb2, toolstack_pb2
 from xensim.xl import EXIT_AUTH, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, read_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -338,3 +338,59 @@ def test_every_command_without_a_server_is_one_line_and_exit_3(capsys, argv):
 
 def _name(argv: list[str]) -> str:
     return " ".join(argv[:2]) if argv[0] == "mfndump" else argv[0]
+
+
+# -- a 32-bit PAE domain: three levels, a PAE L3 at the top and its pae_xen_l2 ------------------
+
+
+@pytest.fixture(scope="module")
+def pae_machine():
+    """A server with one 32-bit domain as the builder left it: its boot PAE L3 pinned, the L2
+    under slot 3 typed PGT_pae_xen_l2 (docs/pv32.md sections 3 and 4)."""
+    with start_server(admin_token="xl-test-token") as server:
+        guest = WireGuest(server, nr_pages=2048, nr_vcpus=1, address_size=32)
+        l3 = guest.start_info.pt_base_mfn
+        l2 = guest.toolstack("DumpPagetable", toolstack_pb2.DumpPagetableRequest(mfn=l3)).tables[0].entries[0].mfn
+        yield {"server": server, "guest": guest, "l3": hex(l3), "l2": hex(l2)}
+
+
+def test_create_of_a_32_bit_domain_names_its_boot_pae_l3(pae_machine, capsys, tmp_path):
+    status, out, _ = xl(pae_machine, capsys, "create", "--address-size", "32")
+    assert status == 0 and re.search(r"1 vCPUs, 32-bit, boot PAE L3 0x[0-9a-f]+$", out.splitlines()[0]), out
+    config = tmp_path / "pae.cfg"
+    config.write_text("name = pae\naddress_size = 32\n")
+    created = xl_json(pae_machine, capsys, "create", str(config))
+    assert (created["address_size"], created["pt_base_level"]) == (32, "PAE L3")
+    assert "boot L4 0x" in xl(pae_machine, capsys, "create", str(config), "--address-size", "64", "--name", "wide")[1]
+    sizes = {d["name"]: d["address_size"] for d in xl_json(pae_machine, capsys, "list", "-l")}
+    assert (sizes["pae"], sizes["wide"]) == (32, 64) and re.search(r"^pae\s+\d+\s+2048\s+8\s+1/1\s+running\s+\d+\s+32\s", xl(pae_machine, capsys, "list", "-l")[1], re.M)
+    config.write_text("address_size = 16\n")
+    status, out, err = xl(pae_machine, capsys, "create", str(config))
+    assert status == EXIT_USAGE and out == "" and err.strip().endswith("address_size must be 64 (x86-64) or 32 (PAE on the compat ABI), got 16"), err
+
+
+def test_dump_ptes_and_who_maps_name_the_pae_l3_and_its_pae_xen_l2(pae_machine, capsys):
+    l3, l2 = pae_machine["l3"], pae_machine["l2"]
+    table = xl_json(pae_machine, capsys, "mfndump", "dump-ptes", l3)
+    assert (table["name"], table["address_size"], [e["slot"] for e in table["entries"]]) == ("PAE L3", 32, [3])
+    assert table["entries"][0]["target"]["pae_xen_l2"] and not table["frame"]["pae_xen_l2"]
+    out = xl(pae_machine, capsys, "mfndump", "dump-ptes", l3)[1]
+    assert out.startswith(f"PAE L3 mfn {l3} (dom") and f"-> mfn {l2} pfn 0x4  L2|PAE_XEN_L2 tc 1" in out, out
+    out = xl(pae_machine, capsys, "mfndump", "dump-ptes", l2)[1]
+    assert out.startswith(f"L2 mfn {l2} (dom") and ": type L2|PAE_XEN_L2, type count 1" in out and "(Xen slot)" in out.splitlines()[-1], out
+    out = xl(pae_machine, capsys, "who-maps", l2)[1]
+    assert f"PAE L3 entry 3 of mfn {l3} (dom" in out and "[holds a reference]" in out, out
+    found = xl_json(pae_machine, capsys, "who-maps", l3)
+    assert found["bases"] == [{"domid": pae_machine["guest"].domid, "vcpu": 0, "base": "kernel"}] and found["frame"]["type_count"] == 2  # the base and the builder's pin
+
+
+def test_pagetable_of_a_32_bit_domain_draws_its_three_levels(pae_machine, capsys, tmp_path):
+    l3, l2 = pae_machine["l3"], pae_machine["l2"]
+    data, svg = draw(pae_machine, capsys, tmp_path)
+    assert data["roots"] == [{"mfn": l3, "label": "vCPU0 kernel"}] and data["tables"] == 1 + 1 + 4  # the L3, its L2, four L1s
+    assert re.findall(r'font-weight="bold">([^<]+)</text>', svg) == ["PAE L3", "L2", "L1"]  # no L4 column
+    boxes = dict((m, c) for c, m in re.findall(r'<g class="table ([^"]*)" data-mfn="(0x[0-9a-f]+)"', svg))
+    assert "pae-xen-l2" in boxes[l2] and "pae-xen-l2" not in boxes[l3] and "root" in boxes[l3]
+    assert re.search(rf'data-mfn="{l3}"><title>[^<]*</title><rect x="30" ', svg)  # the leftmost column
+    assert f">PAE L3 {l3}  [vCPU0 kernel]<" in svg and f">L2 {l2} pae_xen_l2<" in svg
+    assert len(re.findall(rf'<g class="edge rw" data-target="{l2}"', svg)) == 1  # slot 3, adjusted with RW

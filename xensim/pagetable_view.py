@@ -1,7 +1,8 @@
 """`xensim xl pagetable`: the tree under a base pointer drawn as a picture.
 
-One box per table frame, in a column per level (L4 on the left, L1 on the right), each with
-its mfn, type count, general count, and whether it is pinned and validated. An arrow per
+One box per table frame, in a column per level (the top level on the left: an L4, or a 32-bit
+domain's PAE L3, whose slot-3 L2 is marked pae_xen_l2; L1 on the right), each with its mfn,
+type count, general count, and whether it is pinned and validated. An arrow per
 present entry that leads to a table, labelled with its slot: solid when the entry is
 writable (RW), dashed when read-only. Trees are drawn together and every frame once, so a
 kernel subtree that several L4s share (Linux copies the kernel half of the pgd into every
@@ -18,7 +19,7 @@ import json
 from pathlib import Path
 
 from xensim.v1 import toolstack_pb2
-from xensim.xl import EXIT_REFUSED, EXIT_USAGE, Failed, mfn_arg, pagetable_record
+from xensim.xl import EXIT_REFUSED, EXIT_USAGE, Failed, level_name, mfn_arg, pagetable_record
 
 BOX_W, BOX_H, GAP_Y, COL_W, MARGIN = 230, 80, 14, 320, 30  # a box holds five lines
 RW = 0x2
@@ -79,6 +80,8 @@ class Picture:
 
     def __init__(self, tables: dict[str, dict], roots: list[tuple[str, str]], highlight: str | None):
         self.tables, self.roots, self.highlight = tables, roots, highlight
+        self.top = max((t["level"] for t in tables.values()), default=4)  # 4, or 3 for a PAE domain: its leftmost column
+        self.address_size = next((t["address_size"] for t in tables.values()), 64)
         self.y: dict[str, float] = {}
         self._cursor = {level: MARGIN + 30 for level in (1, 2, 3, 4)}
         for mfn, _ in roots:
@@ -106,15 +109,15 @@ class Picture:
         self._cursor[level] = y + BOX_H + GAP_Y
 
     def x(self, mfn: str) -> float:
-        return MARGIN + (4 - self.tables[mfn]["level"]) * COL_W
+        return MARGIN + (self.top - self.tables[mfn]["level"]) * COL_W
 
     def svg(self) -> str:
         self.hits = []
         height = max(self._cursor.values()) + MARGIN
-        width = MARGIN * 2 + 3 * COL_W + BOX_W
+        width = MARGIN * 2 + (self.top - 1) * COL_W + BOX_W
         parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" font-family="monospace" font-size="12">', _DEFS]
-        for level in (4, 3, 2, 1):
-            parts.append(f'<text x="{MARGIN + (4 - level) * COL_W}" y="{MARGIN}" font-weight="bold">L{level}</text>')
+        for level in range(self.top, 0, -1):
+            parts.append(f'<text x="{MARGIN + (self.top - level) * COL_W}" y="{MARGIN}" font-weight="bold">{level_name(level, self.address_size)}</text>')
         for mfn in self.y:
             for entry, child in self.children(mfn):
                 parts.append(self._edge(mfn, entry, child))
@@ -142,8 +145,8 @@ class Picture:
         x, y = self.x(mfn), self.y[mfn]
         state = f"{'pinned' if f['pinned'] else 'not pinned'}, {'validated' if f['validated'] else 'not validated'}"
         root = [label for m, label in self.roots if m == mfn]
-        lines = [f"L{t['level']} {mfn}" + (f"  [{root[0]}]" if root else ""), f"tc {f['type_count']}  c {f['count']}  dom{f['owner']}", state]
-        classes = ["table", f"l{t['level']}"] + (["pinned"] if f["pinned"] else []) + (["root"] if root else [])
+        lines = [f"{t['name']} {mfn}" + (" pae_xen_l2" if f["pae_xen_l2"] else "") + (f"  [{root[0]}]" if root else ""), f"tc {f['type_count']}  c {f['count']}  dom{f['owner']}", state]
+        classes = ["table", f"l{t['level']}"] + (["pinned"] if f["pinned"] else []) + (["root"] if root else []) + (["pae-xen-l2"] if f["pae_xen_l2"] else [])
         if mfn == self.highlight:
             classes.append("hot")
             self.hits.append({"where": "table", "table": mfn})
@@ -159,7 +162,7 @@ class Picture:
                 shown = ", ".join(f"[{e['slot']}]{' RW' if int(e['entry'], 16) & RW else ''}" for e in mapped[:3])
                 lines.append(f"maps {self.highlight} at {shown}" + (f" +{len(mapped) - 3}" if len(mapped) > 3 else ""))
         text = "".join(f'<text x="{x + 8}" y="{y + 16 + 14 * i:.0f}">{html.escape(line)}</text>' for i, line in enumerate(lines))
-        title = html.escape(json.dumps({k: f[k] for k in ("mfn", "type", "type_count", "count", "pinned", "validated", "owner", "pfn")}))
+        title = html.escape(json.dumps({k: f[k] for k in ("mfn", "type", "type_count", "count", "pinned", "validated", "owner", "pfn", "pae_xen_l2")}))
         return f'<g class="{" ".join(classes)}" data-mfn="{mfn}"><title>{title}</title><rect x="{x}" y="{y:.0f}" width="{BOX_W}" height="{BOX_H}" rx="6"/>{text}</g>'
 
     def page(self, title: str) -> str:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypervisor.core.abi import PAGE_SHIFT, PTE_MFN_MASK, MmuextCmd
+from hypervisor.core.paging import MODES
 from hypervisor.core.trace import TraceError
 from hypervisor.server.tracing import read_trace
 from xensim.errors import at_least, reading, writable_file
-from xensim.xl import mfn_arg
+from xensim.xl import level_name, mfn_arg
 
 DEFAULT_COUNT = 50_000  # more than this makes a page browsers draw slowly
 FOCUS_BEFORE, FOCUS_COUNT = 200, 400  # the window --focus draws around its call, unless --first/--count say
@@ -99,6 +100,7 @@ class Timeline:
     focus: int | None = None  # the call --focus is about, and the frames its errors name
     hot_mfns: set = field(default_factory=set)
     folded: int = 0  # loads and stores left out by --focus
+    address_sizes: dict = field(default_factory=dict)  # domid -> 64, or 32 (PAE: its cr3 is a PAE L3), from create_domain
 
 
 class _Scanner:
@@ -178,6 +180,7 @@ class _Scanner:
         call.domid = args.get("domid", (result or {}).get("domid") if isinstance(result, dict) else None)
         if op == "create_domain" and result:
             domid = result["domid"]
+            self.t.address_sizes[domid] = args.get("address_size", 64)
             self.t.lanes.update((domid, v) for v in range(args["nr_vcpus"]))
             self.load_cr3((domid, 0), result["start_info"]["pt_base_mfn"], call.seq)
         elif op == "destroy_domain" and "error" not in record:
@@ -279,6 +282,7 @@ def focus(timeline: Timeline, seq: int, memory: bool = False, mfns: set[int] = f
         focus=seq,
         hot_mfns=hot,
         folded=len(mine) - len(kept),
+        address_sizes=timeline.address_sizes,
     )
 
 
@@ -306,6 +310,14 @@ def _lane_name(lane: tuple | None) -> str:
     return XEN_LANE if lane is None else f"dom{lane[0]} vCPU{lane[1]}"
 
 
+def _top(timeline: Timeline, lane: tuple | None) -> str:
+    """What a lane's cr3 names: an L4, or a 32-bit domain's PAE L3 (docs/pv32.md section 2)."""
+    if lane is None:
+        return ""
+    size = timeline.address_sizes.get(lane[0], 64)
+    return level_name(MODES[size].root, size)
+
+
 def render(timeline: Timeline, title: str) -> str:
     """The page: summary, legend, lanes and failed calls as HTML, the calls as JSON for the
     script that draws them."""
@@ -317,6 +329,7 @@ def render(timeline: Timeline, title: str) -> str:
         "first": timeline.first,
         "last": timeline.last,
         "lanes": [_lane_name(lane) for lane in lanes],
+        "tops": [_top(timeline, lane) for lane in lanes],
         "calls": [
             [
                 c.seq,
@@ -344,7 +357,8 @@ def render(timeline: Timeline, title: str) -> str:
         summary += f"; focused on #{timeline.focus}: its domain only, {named} marked in red wherever a band or call names it, {timeline.folded} loads and stores folded away"
     legend = "".join(f'<label class="k-{k}"><input type="checkbox" checked data-kind="{k}"><i></i>{k} ({kinds[k]})</label>' for k in KINDS if kinds[k])
     page = PAGE.replace("@TITLE@", html.escape(title)).replace("@SUMMARY@", html.escape(summary)).replace("@LEGEND@", legend)
-    page = page.replace("@LANES@", "".join(f"<div>{html.escape(name)}</div>" for name in data["lanes"]))
+    bits = [" (32-bit)" if lane is not None and timeline.address_sizes.get(lane[0]) == 32 else "" for lane in lanes]
+    page = page.replace("@LANES@", "".join(f"<div>{html.escape(name)}{suffix}</div>" for name, suffix in zip(data["lanes"], bits)))
     page = page.replace("@FAILURES@", failures or '<tr><td colspan="3">none</td></tr>')
     return page.replace("@DATA@", json.dumps(data, separators=(",", ":")).replace("</", "<\\/"))
 
@@ -413,8 +427,8 @@ function draw() {
   for (const [lane, from, to, mfn, hot] of D.bands) {
     const left = x(from), w = Math.max(x(to) - left, 1), top = AXIS + lane * LANE;
     add("rect", {x: left, y: top + 2, width: w, height: LANE - 4, fill: mfnColour(mfn), "fill-opacity": 0.25, class: hot ? "hot" : "band"},
-        D.lanes[lane] + ": cr3 = mfn 0x" + mfn.toString(16) + " from #" + from + " to #" + (to - 1));
-    for (let at = left; at < left + w - 50; at += 400) add("text", {x: at + 3, y: top + 12, class: "mfn"}).textContent = "cr3 0x" + mfn.toString(16);
+        D.lanes[lane] + ": cr3 = mfn 0x" + mfn.toString(16) + " (" + D.tops[lane] + ") from #" + from + " to #" + (to - 1));
+    for (let at = left; at < left + w - 50; at += 400) add("text", {x: at + 3, y: top + 12, class: "mfn"}).textContent = "cr3 " + D.tops[lane] + " 0x" + mfn.toString(16);
   }
   const thin = Math.max(1, Math.min(scale * 0.7, 3));
   for (const [seq, lane, kind, multicall, target, title, hot] of D.calls) {

@@ -24,6 +24,7 @@ import grpc
 
 from guestlib.toolstack import _rpc_error as rpc_error  # the Toolstack client's decoding of a failed call
 from hypervisor.core.abi import INVALID_M2P, PAGE_SHIFT, Pte
+from hypervisor.core.paging import MODES
 from hypervisor.server.config import ADMIN_TOKEN_ENV
 from xensim.v1 import common_pb2, toolstack_pb2, toolstack_pb2_grpc
 
@@ -104,14 +105,20 @@ def frame_record(frame: toolstack_pb2.Frame | dict) -> dict:
         "validated": f["validated"],
         "allocated": f["allocated"],
         "xen_heap": f["xen_heap"],
+        "pae_xen_l2": f["pae_xen_l2"],
         "pfn": None if f["m2p"] == INVALID_M2P else hexa(f["m2p"]),
     }
+
+
+def frame_type(f: dict) -> str:
+    """A frame's type as Xen's messages name it, PGT_pae_xen_l2 included (docs/pv32.md section 3)."""
+    return f["type"] + ("|PAE_XEN_L2" if f["pae_xen_l2"] else "")
 
 
 def describe_frame(f: dict) -> str:
     owner = "free" if f["owner"] is None else f"dom{f['owner']}"
     state = ", ".join(s for s in ("pinned" if f["pinned"] else "not pinned", "validated" if f["validated"] else "", "xen heap" if f["xen_heap"] else "") if s)
-    return f"mfn {f['mfn']} ({owner}, pfn {f['pfn'] or '-'}): type {f['type']}, type count {f['type_count']}, count {f['count']}, {state}"
+    return f"mfn {f['mfn']} ({owner}, pfn {f['pfn'] or '-'}): type {frame_type(f)}, type count {f['type_count']}, count {f['count']}, {state}"
 
 
 def yn(flag: bool) -> str:
@@ -140,6 +147,7 @@ def domain_record(d: toolstack_pb2.Domain, long: bool) -> dict:
     }
     if long:
         record |= {
+            "address_size": d.address_size,
             "lowmem_pages": d.nr_lowmem_pages,
             "shared_info_mfn": hexa(d.shared_info_mfn),
             "max_evtchn_port": d.max_evtchn_port,
@@ -166,9 +174,9 @@ def cmd_list(xl: Xl, args) -> tuple:
     header = ["Name", "ID", "Pages", "MiB", "vCPUs", "State", "Hypercalls"]
     rows = [[d["name"], d["domid"], d["pages"], d["pages"] // PAGES_PER_MIB, f"{d['vcpus_online']}/{d['vcpus']}", d["state"], d["hypercalls"]] for d in domains]
     if args.long:
-        header += ["Lowmem", "Shared-info", "Max port", "Shutdown"]
+        header += ["Bits", "Lowmem", "Shared-info", "Max port", "Shutdown"]
         for row, d in zip(rows, domains):
-            row += [d["lowmem_pages"], d["shared_info_mfn"], d["max_evtchn_port"], d["shutdown_reason"]]
+            row += [d["address_size"], d["lowmem_pages"], d["shared_info_mfn"], d["max_evtchn_port"], d["shutdown_reason"]]
     return domains, table(rows, header)
 
 
@@ -266,7 +274,7 @@ def read_config(path: str) -> dict:
             raise Failed(f"{path}:{number}: expected `key = value`, got {line!r}", EXIT_USAGE)
         key, *quoted = match.groups()
         value = quoted[0] if quoted[0] is not None else quoted[1] if quoted[1] is not None else quoted[2]
-        if key in ("memory", "vcpus"):
+        if key in ("memory", "vcpus", "address_size"):
             if not value.isdecimal():
                 raise Failed(f"{path}:{number}: {key} must be a whole number, got {value!r}", EXIT_USAGE)
             value = int(value)
@@ -279,9 +287,15 @@ def cmd_create(xl: Xl, args) -> tuple:
     name = args.name or config.get("name", "")
     memory = args.memory or config.get("memory", 8)
     vcpus = args.vcpus or config.get("vcpus", 1)
-    created = xl("CreateDomain", toolstack_pb2.CreateDomainRequest(nr_pages=memory * PAGES_PER_MIB, nr_vcpus=vcpus, name=name))
-    data = {"domid": created.domid, "name": name, "memory_mib": memory, "vcpus": vcpus, "token": created.token, "pt_base_mfn": hexa(created.start_info.pt_base_mfn)}
-    return data, f"dom{created.domid} created: {name or '-'}, {memory} MiB, {vcpus} vCPUs, boot L4 {data['pt_base_mfn']}\ndomain token: {created.token}"
+    address_size = args.address_size or config.get("address_size", 64)
+    if address_size not in MODES:
+        raise Failed(f"address_size must be 64 (x86-64) or 32 (PAE on the compat ABI), got {address_size}", EXIT_USAGE)
+    created = xl("CreateDomain", toolstack_pb2.CreateDomainRequest(nr_pages=memory * PAGES_PER_MIB, nr_vcpus=vcpus, name=name, address_size=address_size))
+    top = level_name(MODES[address_size].root, address_size)  # the table the builder pinned (docs/pv32.md section 4)
+    data = {"domid": created.domid, "name": name, "memory_mib": memory, "vcpus": vcpus, "address_size": address_size, "token": created.token}
+    data |= {"pt_base_mfn": hexa(created.start_info.pt_base_mfn), "pt_base_level": top}
+    bits = "" if address_size == 64 else ", 32-bit"
+    return data, f"dom{created.domid} created: {name or '-'}, {memory} MiB, {vcpus} vCPUs{bits}, boot {top} {data['pt_base_mfn']}\ndomain token: {created.token}"
 
 
 _EVTCHN = {"UNBOUND": "unbound", "INTERDOMAIN": "interdomain", "PIRQ": "pirq", "VIRQ": "virq", "IPI": "ipi", "CLOSED": "closed"}
@@ -356,17 +370,23 @@ def entry_record(e: toolstack_pb2.PagetableEntry) -> dict:
     }
 
 
+def level_name(level: int, address_size: int) -> str:
+    """A table's level as a reader knows it: a 32-bit domain's top level is a PAE L3
+    (docs/pv32.md section 2); every other level is Ln."""
+    return "PAE L3" if address_size == 32 and level == 3 else f"L{level}"
+
+
 def pagetable_record(t: toolstack_pb2.PagetableFrame) -> dict:
-    return {"level": t.level, "frame": frame_record(t.frame), "entries": [entry_record(e) for e in t.entries]}
+    return {"level": t.level, "name": level_name(t.level, t.address_size), "address_size": t.address_size, "frame": frame_record(t.frame), "entries": [entry_record(e) for e in t.entries]}
 
 
 def cmd_dump_ptes(xl: Xl, args) -> tuple:
     (t,) = xl("DumpPagetable", toolstack_pb2.DumpPagetableRequest(mfn=args.mfn)).tables
     data = pagetable_record(t)
-    lines = [f"L{data['level']} {describe_frame(data['frame'])}; {len(data['entries'])} present entries"]
+    lines = [f"{data['name']} {describe_frame(data['frame'])}; {len(data['entries'])} present entries"]
     for e in data["entries"]:
         target = e["target"]
-        what = f"{target['type']} tc {target['type_count']} c {target['count']}{' pinned' if target['pinned'] else ''}" if target else "outside memory"
+        what = f"{frame_type(target)} tc {target['type_count']} c {target['count']}{' pinned' if target['pinned'] else ''}" if target else "outside memory"
         lines.append(f"  [{e['slot']:3}] {e['entry']:>18}  {e['flags']:<24} -> mfn {e['mfn']} pfn {e['pfn'] or '-'}  {what}{'  (Xen slot)' if e['xen_slot'] else ''}")
     return data, "\n".join(lines)
 
@@ -389,6 +409,7 @@ def who_maps(frame: dict, references: list[dict], base_pointers: list[dict]) -> 
             "owner": e["owner"],
             "holds_reference": e["holds_reference"],
             "xen_slot": e["xen_slot"],
+            "address_size": e["address_size"],
         }
         for e in references
     ]
@@ -401,7 +422,7 @@ def who_maps(frame: dict, references: list[dict], base_pointers: list[dict]) -> 
         lines.append(f"  {b['base']} base pointer (cr3) of dom{b['domid']} vCPU {b['vcpu']}")
     for e in entries:
         note = "holds a reference" if e["holds_reference"] else "Xen's slot, no reference" if e["xen_slot"] else "table not in use, no reference"
-        lines.append(f"  L{e['level']} entry {e['slot']} of mfn {e['table']} (dom{e['owner']}): {e['entry']} {e['flags']}  [{note}]")
+        lines.append(f"  {level_name(e['level'], e['address_size'])} entry {e['slot']} of mfn {e['table']} (dom{e['owner']}): {e['entry']} {e['flags']}  [{note}]")
     if not bases and not entries:
         lines.append("  no pagetable entry and no base pointer refers to it")
     return data, "\n".join(lines)
@@ -409,9 +430,10 @@ def who_maps(frame: dict, references: list[dict], base_pointers: list[dict]) -> 
 
 def type_holders(frame: dict, entries: list[dict], bases: list[dict]) -> dict:
     """Who holds the frame's type references, the holder table Xen's counts follow (pins and
-    base pointers hold the L4 type, an upper-level entry its target's type, a writable L1
-    entry WRITABLE, a Xen-heap page one permanent WRITABLE): a reader compares the sum with
-    the type count to see whether anything else (a bug) holds one."""
+    base pointers hold the top level's type, an L4 or a 32-bit domain's PAE L3; an upper-level
+    entry its target's type, a writable L1 entry WRITABLE, a Xen-heap page one permanent
+    WRITABLE): a reader compares the sum with the type count to see whether anything else (a
+    bug) holds one."""
     typed = [e for e in entries if e["holds_reference"] and (e["level"] > 1 or "RW" in e["flags"].split("|"))]
     return {"pin": int(frame["pinned"]), "base pointers": len(bases), "pagetable entries": len(typed), "xen heap": int(frame["xen_heap"])}
 
@@ -497,10 +519,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ):
         command(name, _lifecycle(method, request, verb), f"{name} a domain").add_argument("domid", type=int, metavar="DOMID", help="the domain")
     create = command("create", cmd_create, "build a domain from an xl.cfg-like file and/or options; prints its token")
-    create.add_argument("config", nargs="?", metavar="CFG", help="a file of `key = value` lines: name, memory (MiB), vcpus")
+    create.add_argument("config", nargs="?", metavar="CFG", help="a file of `key = value` lines: name, memory (MiB), vcpus, address_size")
     create.add_argument("--name", help="overrides the file's name")
     create.add_argument("--memory", type=int, metavar="MIB", help="overrides the file's memory (default 8)")
     create.add_argument("--vcpus", type=int, metavar="N", help="overrides the file's vcpus (default 1)")
+    create.add_argument("--address-size", type=int, choices=tuple(MODES), help="overrides the file's address_size: 64 (x86-64, default) or 32 (PAE on the compat ABI)")
     command("lsevtchn", cmd_lsevtchn, "a domain's event channels: port, state, peer, vCPU, pending, masked").add_argument("domid", type=int, metavar="DOMID", help="the domain")
     keys = command("debug-keys", cmd_debug_keys, "q DOMID: a domain's frames by type, pinned and validated tables, writable mappings; e: every port")
     keys.add_argument("key", choices=("q", "e"), help="q: a domain's frame-table summary; e: event channels of every domain")

@@ -19,7 +19,19 @@ from ..events import EventChannels, FifoEventChannels
 from ..hypercalls import Batch, HypercallClient, Pending, ops
 from ..layout import BootLayout
 from ..paging import PagingMode
-from ..xen import EVTCHN_FIFO_MASKED, PAGE_SHIFT, PAGE_SIZE, START_INFO_FIELD_OFFSET, START_INFO_FIELDS, Errno, MmuCmd, VGCF_in_kernel
+from ..xen import (
+    EVTCHN_FIFO_MASKED,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    START_INFO_FIELD_OFFSET,
+    START_INFO_FIELDS,
+    Errno,
+    MmuCmd,
+    VGCF_in_kernel,
+    VMASST_CMD_enable,
+    VMASST_TYPE_pae_extended_cr3,
+    VMASST_TYPE_writable_pagetables,
+)
 from .alloc import load_pool
 from .cpu import Cpu, Hook, _no_hook, checked
 from .layout import FIX_SHARED_INFO, KERNEL_MAGIC, OFFLINE, PG_PINNED, PG_TABLE, KernelLayout
@@ -54,6 +66,9 @@ async def read_start_info(client: HypercallClient, mode: PagingMode) -> SimpleNa
 
 
 EVTCHN_ABIS = ("fifo", "2l")
+# What xen_pvmmu_arch_setup (arch/x86/xen/setup.c) enables, by address size: writable
+# pagetables always, and a 32-bit kernel's PAE L3s may lie above 4 GiB (docs/xen.md section 25).
+VM_ASSISTS = {64: (VMASST_TYPE_writable_pagetables,), 32: (VMASST_TYPE_writable_pagetables, VMASST_TYPE_pae_extended_cr3)}
 
 
 async def start_of_day(client: HypercallClient, mode: PagingMode, variant: str, highpte: bool, evtchn: str = "fifo") -> None:
@@ -69,6 +84,8 @@ async def start_of_day(client: HypercallClient, mode: PagingMode, variant: str, 
     cpu = Cpu(client, kl, 0)
     pt = PageTables(boot, kl)
     batch = cpu.msg()
+    for assist in VM_ASSISTS[mode.address_size]:  # first: the stores below may go through ptwr
+        batch.vm_assist(VMASST_CMD_enable, assist)
     for field, value in (("nr_cpus", kl.nr_cpus), ("variant", VARIANTS.index(variant)), ("highpte", int(highpte)), ("swapper_pfn", pt.swapper_pfn)):
         batch.store(kl.kglobal(field)[0], value)
     _write_bitmap(batch, kl)

@@ -106,7 +106,23 @@ PAE_XEN_L3_SLOT = 3  # the slot whose L2 carries Xen's mappings
 L2_SLOT_COMPAT_XEN_FIRST = (HYPERVISOR_COMPAT_VIRT_START >> 21) & 511  # COMPAT_L2_PAGETABLE_FIRST_XEN_SLOT: 428
 PAE_L3_DISALLOW = 0x198 | (0xFFF << 52)  # 0xFFFFF198 as l3e flags: PWT, PCD, PSE, G, bits 52..63
 PAE_L3_MAX_MFN = 1 << 20  # a PAE L3 at or above 4 GiB needs VMASST pae_extended_cr3
+
+# HYPERVISOR_vm_assist (docs/xen.md section 25; xen/include/public/xen.h): its commands, the
+# assists, and which of them a PV domain of each address size may turn on
+# (PV32_VM_ASSIST_MASK / PV64_VM_ASSIST_MASK, xen/arch/x86/include/asm/domain.h).
+VMASST_CMD_enable = 0
+VMASST_CMD_disable = 1
+VMASST_TYPE_4gb_segments = 0
+VMASST_TYPE_4gb_segments_notify = 1
+VMASST_TYPE_writable_pagetables = 2
 VMASST_TYPE_pae_extended_cr3 = 3
+VMASST_TYPE_architectural_iopl = 4
+VMASST_TYPE_runstate_update_flag = 5
+VMASST_TYPE_m2p_strict = 32
+PV32_VM_ASSIST_MASK = sum(1 << t for t in (VMASST_TYPE_4gb_segments, VMASST_TYPE_4gb_segments_notify, VMASST_TYPE_writable_pagetables,
+                                           VMASST_TYPE_pae_extended_cr3, VMASST_TYPE_architectural_iopl, VMASST_TYPE_runstate_update_flag))
+PV64_VM_ASSIST_MASK = PV32_VM_ASSIST_MASK | 1 << VMASST_TYPE_m2p_strict
+VM_ASSIST_VALID = {32: PV32_VM_ASSIST_MASK, 64: PV64_VM_ASSIST_MASK}  # arch_vm_assist_valid_mask by address size
 
 
 class MmuCmd(IntEnum):

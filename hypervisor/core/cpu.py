@@ -71,6 +71,7 @@ from .abi import (
     PFEC_page_present,
     PFEC_user_mode,
     PFEC_write_access,
+    VMASST_TYPE_writable_pagetables,
 )
 from .domain import Vcpu
 from .errors import SimulatorBug, XenError
@@ -354,9 +355,11 @@ def _modify(word: int, shift: int, mask: int, op: Callable[[int, int], int], ope
 
 def _fixup_page_fault(hv: "Hypervisor", vcpu: Vcpu, fault: PageFault, va: int, user: bool, modify: Callable[[int], tuple[int, int, bool]]) -> int | PageFault:
     """Xen's fixup_page_fault for a PV guest: a kernel-mode write that faulted on a present
-    page may be a write to a read-only mapped L1, which ptwr emulates; otherwise the fault
-    stands."""
+    page may be a write to a read-only mapped L1, which ptwr emulates if the domain enabled
+    VMASST writable_pagetables (docs/xen.md section 25); otherwise the fault stands."""
     if user or fault.error_code != PFEC_page_present | PFEC_write_access:
+        return fault
+    if not hv.domains[vcpu.domid].vm_assist >> VMASST_TYPE_writable_pagetables & 1:
         return fault
     old = ptwr.emulate(hv, vcpu, va, modify)
     return fault if old is None else old

@@ -587,6 +587,7 @@ class FrameTable:
             "pinned": bool(flags & PINNED),
             "xen_heap": bool(flags & XEN_HEAP),
             "quarantined": bool(flags & QUARANTINED),
+            "pae_xen_l2": bool(flags & PAE_XEN_L2),
         }
 
 

@@ -22,7 +22,10 @@ from .abi import (
     PAGE_SIZE,
     PREEMPT_WORK,
     STEP_WORK,
+    VM_ASSIST_VALID,
     Errno,
+    VMASST_CMD_disable,
+    VMASST_CMD_enable,
     VMASST_TYPE_pae_extended_cr3,
 )
 from .domain import Domain, Vcpu, build, owned_frames, relinquish, teardown_step
@@ -131,6 +134,23 @@ def xen_version(hv: "Hypervisor", vcpu: Vcpu) -> dict:
     return dict(XEN_VERSION)
 
 
+def vm_assist(hv: "Hypervisor", vcpu: Vcpu, cmd: int, type: int) -> int:
+    """HYPERVISOR_vm_assist (docs/xen.md section 25; xen/common/domain.c, do_vm_assist): turn
+    one assist of the caller's domain on or off. The type is checked first, against what the
+    domain's address size allows (arch_vm_assist_valid_mask): EINVAL whatever the cmd; then a
+    cmd other than enable or disable is ENOSYS. Nothing changes on failure."""
+    domain = hv.domain(vcpu.domid)
+    if type >= 64 or not VM_ASSIST_VALID[domain.address_size] >> type & 1:
+        raise XenError(Errno.EINVAL, f"VMASST type {type} is not one a {domain.address_size}-bit PV dom{domain.domid} may set (arch_vm_assist_valid_mask)")
+    if cmd == VMASST_CMD_enable:
+        domain.vm_assist |= 1 << type
+    elif cmd == VMASST_CMD_disable:
+        domain.vm_assist &= ~(1 << type)
+    else:
+        raise XenError(Errno.ENOSYS, f"VMASST cmd {cmd} is neither enable ({VMASST_CMD_enable}) nor disable ({VMASST_CMD_disable})")
+    return 0
+
+
 HYPERCALLS: dict[str, Callable[..., Any]] = {
     "mmu_update": mmu.mmu_update,
     "mmuext_op": mmu.mmuext_op,
@@ -142,6 +162,7 @@ HYPERCALLS: dict[str, Callable[..., Any]] = {
     "set_timer_op": schedop.set_timer_op,
     "xen_version": xen_version,
     "memory_op": memop.memory_op,
+    "vm_assist": vm_assist,
     # The vCPU's memory path (cpu.py): load, store, atomic, read, write.
     # Their arguments and results carry bytes, which the trace writes hex-encoded.
     **cpu.HYPERCALLS,

@@ -1,7 +1,8 @@
 """Writable pagetables: a guest kernel's store into its own read-only mapped L1 (docs/xen.md section 17).
 
-With VMASST writable_pagetables (always on for our guests) Xen does not deliver the #PF of such
-a store: it emulates the store as a checked L1 entry update (pv/ro-page-fault.c).
+With VMASST writable_pagetables, which the guest kernel enables at boot (docs/xen.md section 25),
+Xen does not deliver the #PF of such a store: it emulates the store as a checked L1 entry update
+(pv/ro-page-fault.c).
 """
 
 from collections.abc import Callable

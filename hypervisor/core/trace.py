@@ -348,7 +348,7 @@ def state_digest(hv: Hypervisor) -> str:
     sched = hv.sched
     for domid in sorted(hv.domains):
         domain = hv.domains[domid]
-        h.update(repr((domain.info(), domain.p2m.tobytes(), sorted(domain.guest_m2p), domain.evtchn, sorted(domain.poll_mask), domain.evtchn_fifo)).encode())
+        h.update(repr((domain.info(), domain.p2m.tobytes(), sorted(domain.guest_m2p), domain.evtchn, sorted(domain.poll_mask), domain.evtchn_fifo, domain.vm_assist)).encode())
         for vcpu in domain.vcpus:
             timers = [sched.timer_expires(vcpu, kind) for kind in (SINGLESHOT_TIMER, POLL_TIMER, PERIODIC_TIMER)]
             timers += [vcpu in sched.parked.get(domid, ()), vcpu in sched.unbound]

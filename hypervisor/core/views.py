@@ -195,7 +195,7 @@ def pagetable(hv: Hypervisor, mfn: int) -> dict:
     for slot in np.flatnonzero((words & _P) != 0).tolist():
         entry = words.item(slot)
         entries.append({"slot": slot, "entry": entry, "xen_slot": not level.guest_slots[slot], **_target(hv, (entry & PTE_MFN_MASK) >> PAGE_SHIFT)})
-    return {"level": level.level, "frame": hv.frame_info(mfn), "entries": entries}
+    return {"level": level.level, "frame": hv.frame_info(mfn), "entries": entries, "address_size": hv.pagetables.mode(hv.frames.owner.item(mfn)).address_size}
 
 
 def pagetable_tree(hv: Hypervisor, root: int) -> list[dict]:
@@ -248,6 +248,7 @@ def reverse_map(hv: Hypervisor, mfn: int) -> dict:
                     "owner": frames.owner.item(table),
                     "holds_reference": live and guest and not (level.level > 1 and table == mfn),
                     "xen_slot": not guest,
+                    "address_size": hv.pagetables.mode(frames.owner.item(table)).address_size,
                 }
             )
     bases = [

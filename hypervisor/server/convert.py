@@ -379,6 +379,7 @@ CALLS: dict[str, Op] = {
     "read": Op("read", _read_args, _access),
     "write": Op("write", _write_args, _access),
     "memory_op": Op("memory_op", _memory_op_args, _memory_op_result),
+    "vm_assist": Op("vm_assist", lambda msg, path, clock: {"cmd": msg.cmd, "type": msg.type}, _empty),
     "echo": Op(None, lambda msg, path, clock: {"payload": msg.payload}, _echo_result),
 }
 CASE_OF_OP = {op.name: case for case, op in CALLS.items() if op.name}
@@ -417,7 +418,7 @@ def pagetable(table: dict) -> toolstack_pb2.PagetableFrame:
         if e["frame"] is not None:
             entry.target.CopyFrom(frame(e["frame"]))
         entries.append(entry)
-    return toolstack_pb2.PagetableFrame(level=table["level"], frame=frame(table["frame"]), entries=entries)
+    return toolstack_pb2.PagetableFrame(level=table["level"], frame=frame(table["frame"]), entries=entries, address_size=table["address_size"])
 
 
 def vcpu_started(vcpu, domain) -> hypercalls_pb2.VcpuStarted:

@@ -29,6 +29,8 @@ from hypervisor.core.abi import (
     Pte,
     VGCF_in_kernel,
     VGCF_online,
+    VMASST_CMD_enable,
+    VMASST_TYPE_writable_pagetables,
 )
 from hypervisor.core.cpu import PageFault
 
@@ -47,7 +49,8 @@ class Guest:
         """`online`: how many vCPUs (from 0) run, the others left down; all of them by default,
         since only a running vCPU makes calls (sched.check_running). Unless `ticking`, every
         vCPU's periodic timer is stopped at once, as a Linux guest stops it at boot, so that
-        only the timers a test arms are armed."""
+        only the timers a test arms are armed. VMASST writable_pagetables is on, as Linux
+        turns it on at boot (docs/xen.md section 25)."""
         self.hv = hv
         created = hv.toolstack("create_domain", nr_pages=nr_pages, nr_vcpus=nr_vcpus, **kw)
         self.domid = created["domid"]
@@ -58,6 +61,7 @@ class Guest:
         self.l4 = self.start_info["pt_base_mfn"]  # the boot top level: a PV32 guest's PAE L3
         self.pv32 = self.domain.address_size == 32
         self.page_offset = PAGE_OFFSET_PAE if self.pv32 else PAGE_OFFSET
+        self.call("vm_assist", cmd=VMASST_CMD_enable, type=VMASST_TYPE_writable_pagetables)
         if not ticking:
             for vcpu in range(nr_vcpus):
                 self.vcpu_op("stop_periodic_timer", vcpu)

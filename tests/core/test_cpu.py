@@ -7,7 +7,7 @@ from dataclasses import asdict
 import pytest
 
 from hypervisor.core import Hypervisor
-from hypervisor.core.abi import L4_SLOT_LINEAR, PAGE_SHIFT, Errno, MmuextCmd
+from hypervisor.core.abi import L4_SLOT_LINEAR, PAGE_SHIFT, Errno, MmuextCmd, VMASST_CMD_disable, VMASST_CMD_enable, VMASST_TYPE_writable_pagetables
 from hypervisor.core.abi import PFEC_page_present as PF_P
 from hypervisor.core.abi import PFEC_user_mode as PF_U
 from hypervisor.core.abi import PFEC_write_access as PF_W
@@ -310,6 +310,22 @@ def test_ptwr_store_into_read_only_l1_is_a_checked_update(hv, guest):
     assert counts(hv, c) == (c_before[0] + 1, c_before[1] + 1)
     assert guest.load(USER_VA, user=True) == 0xC
     assert guest.load(l1_va(guest, tree)) == (c << PAGE_SHIFT) | LEAF | G
+
+
+def test_ptwr_needs_vmasst_writable_pagetables(hv, guest):
+    """fix_page_fault (xen/arch/x86/traps.c) emulates only for a domain that enabled
+    writable_pagetables (docs/xen.md section 25): without it the store's #PF stands and the
+    L1 is untouched; enabled again, the same store is emulated."""
+    _, a = guest.new_data_page(0xA)
+    _, c = guest.new_data_page(0xC)
+    tree = user_space(guest, {USER_VA: a})
+    before = entry(hv, tree["l1"], 0)
+    assert guest.call("vm_assist", cmd=VMASST_CMD_disable, type=VMASST_TYPE_writable_pagetables) == 0
+    assert guest.store(l1_va(guest, tree), (c << PAGE_SHIFT) | LEAF).error_code == PF_P | PF_W
+    assert entry(hv, tree["l1"], 0) == before
+    assert guest.call("vm_assist", cmd=VMASST_CMD_enable, type=VMASST_TYPE_writable_pagetables) == 0
+    assert guest.store(l1_va(guest, tree), (c << PAGE_SHIFT) | LEAF) is None
+    assert guest.load(USER_VA, user=True) == 0xC
 
 
 def test_ptwr_sub_word_store_is_merged_into_its_entry(hv, guest):

@@ -29,6 +29,8 @@ def test_a_32_bit_guest_boots_pae_and_runs_lifecycles(server, highpte, evtchn):
     assert sum(s["pte_allocs"] for s in stats) == sum(s["forks"] for s in stats)
     info = server.toolstack().DomainInfo(toolstack_pb2.DomainInfoRequest(domid=domid), metadata=server.toolstack_metadata()).domain
     assert info.address_size == 32 and 0 < info.nr_lowmem_pages < info.nr_pages
+    counts = server.toolstack().DomainStats(toolstack_pb2.DomainStatsRequest(domid=domid), metadata=server.toolstack_metadata()).counts
+    assert [(c.errno, c.count) for c in counts if c.op == "vm_assist"] == [(0, 2)]  # writable_pagetables, pae_extended_cr3: once, at boot
     assert audit_after_destroy(server, domid) == []
 
 

@@ -488,6 +488,8 @@ ATTACKS = [
     Attack("a SCHEDOP number Xen does not know", "SchedOp", lambda a, b: sched(cmd=99), "ENOSYS"),
     Attack("set_timer_op fires on B only", "SetTimerOp", lambda a, b: h.SetTimerOpRequest(timeout_ns=1), "ok"),
     Attack("xen_version", "XenVersion", lambda a, b: h.XenVersionRequest(), "ok"),
+    Attack("vm_assist sets B's own assist, A's stay", "VmAssist", lambda a, b: h.VmAssistRequest(cmd=0, type=3), "ok"),
+    Attack("a VMASST type no PV domain may set", "VmAssist", lambda a, b: h.VmAssistRequest(cmd=0, type=6), "EINVAL"),
     Attack("echo", "Echo", lambda a, b: h.EchoRequest(payload=b"x"), "ok"),
     # memory: B's address space holds B's frames only (memory.proto)
     Attack("load at A's secret va reads B's own page", "Load", lambda a, b: m.LoadRequest(va=secret_va_in_b(a, b), size=8), "ok", returns=lambda a, b: m.LoadResponse(value=0)),

@@ -441,8 +441,20 @@ class EchoResponse(_message.Message):
     payload: bytes
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
 
+class VmAssistRequest(_message.Message):
+    __slots__ = ("cmd", "type")
+    CMD_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    cmd: int
+    type: int
+    def __init__(self, cmd: _Optional[int] = ..., type: _Optional[int] = ...) -> None: ...
+
+class VmAssistResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class MulticallEntry(_message.Message):
-    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "multicall", "memory_op")
+    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "multicall", "memory_op", "vm_assist")
     MMU_UPDATE_FIELD_NUMBER: _ClassVar[int]
     MMUEXT_OP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_VA_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -453,6 +465,7 @@ class MulticallEntry(_message.Message):
     XEN_VERSION_FIELD_NUMBER: _ClassVar[int]
     MULTICALL_FIELD_NUMBER: _ClassVar[int]
     MEMORY_OP_FIELD_NUMBER: _ClassVar[int]
+    VM_ASSIST_FIELD_NUMBER: _ClassVar[int]
     mmu_update: MmuUpdateRequest
     mmuext_op: MmuextOpRequest
     update_va_mapping: UpdateVaMappingRequest
@@ -463,7 +476,8 @@ class MulticallEntry(_message.Message):
     xen_version: XenVersionRequest
     multicall: MulticallRequest
     memory_op: MemoryOpRequest
-    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpRequest, _Mapping]] = ...) -> None: ...
+    vm_assist: VmAssistRequest
+    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpRequest, _Mapping]] = ..., vm_assist: _Optional[_Union[VmAssistRequest, _Mapping]] = ...) -> None: ...
 
 class MulticallRequest(_message.Message):
     __slots__ = ("entries",)
@@ -478,7 +492,7 @@ class MulticallResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[CallResult, _Mapping]]] = ...) -> None: ...
 
 class Call(_message.Message):
-    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo", "memory_op")
+    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo", "memory_op", "vm_assist")
     MMU_UPDATE_FIELD_NUMBER: _ClassVar[int]
     MMUEXT_OP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_VA_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -495,6 +509,7 @@ class Call(_message.Message):
     WRITE_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
     MEMORY_OP_FIELD_NUMBER: _ClassVar[int]
+    VM_ASSIST_FIELD_NUMBER: _ClassVar[int]
     mmu_update: MmuUpdateRequest
     mmuext_op: MmuextOpRequest
     update_va_mapping: UpdateVaMappingRequest
@@ -511,10 +526,11 @@ class Call(_message.Message):
     write: _memory_pb2.WriteRequest
     echo: EchoRequest
     memory_op: MemoryOpRequest
-    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadRequest, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreRequest, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicRequest, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadRequest, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteRequest, _Mapping]] = ..., echo: _Optional[_Union[EchoRequest, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpRequest, _Mapping]] = ...) -> None: ...
+    vm_assist: VmAssistRequest
+    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateRequest, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpRequest, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingRequest, _Mapping]] = ..., multicall: _Optional[_Union[MulticallRequest, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpRequest, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpRequest, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpRequest, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpRequest, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionRequest, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadRequest, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreRequest, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicRequest, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadRequest, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteRequest, _Mapping]] = ..., echo: _Optional[_Union[EchoRequest, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpRequest, _Mapping]] = ..., vm_assist: _Optional[_Union[VmAssistRequest, _Mapping]] = ...) -> None: ...
 
 class CallResult(_message.Message):
-    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo", "memory_op", "status")
+    __slots__ = ("mmu_update", "mmuext_op", "update_va_mapping", "multicall", "event_channel_op", "vcpu_op", "sched_op", "set_timer_op", "xen_version", "load", "store", "atomic", "read", "write", "echo", "memory_op", "vm_assist", "status")
     MMU_UPDATE_FIELD_NUMBER: _ClassVar[int]
     MMUEXT_OP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_VA_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -531,6 +547,7 @@ class CallResult(_message.Message):
     WRITE_FIELD_NUMBER: _ClassVar[int]
     ECHO_FIELD_NUMBER: _ClassVar[int]
     MEMORY_OP_FIELD_NUMBER: _ClassVar[int]
+    VM_ASSIST_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     mmu_update: MmuUpdateResponse
     mmuext_op: MmuextOpResponse
@@ -548,8 +565,9 @@ class CallResult(_message.Message):
     write: _memory_pb2.WriteResponse
     echo: EchoResponse
     memory_op: MemoryOpResponse
+    vm_assist: VmAssistResponse
     status: _status_pb2.Status
-    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateResponse, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpResponse, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingResponse, _Mapping]] = ..., multicall: _Optional[_Union[MulticallResponse, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpResponse, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpResponse, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpResponse, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpResponse, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionResponse, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadResponse, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreResponse, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicResponse, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadResponse, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteResponse, _Mapping]] = ..., echo: _Optional[_Union[EchoResponse, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpResponse, _Mapping]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    def __init__(self, mmu_update: _Optional[_Union[MmuUpdateResponse, _Mapping]] = ..., mmuext_op: _Optional[_Union[MmuextOpResponse, _Mapping]] = ..., update_va_mapping: _Optional[_Union[UpdateVaMappingResponse, _Mapping]] = ..., multicall: _Optional[_Union[MulticallResponse, _Mapping]] = ..., event_channel_op: _Optional[_Union[EventChannelOpResponse, _Mapping]] = ..., vcpu_op: _Optional[_Union[VcpuOpResponse, _Mapping]] = ..., sched_op: _Optional[_Union[SchedOpResponse, _Mapping]] = ..., set_timer_op: _Optional[_Union[SetTimerOpResponse, _Mapping]] = ..., xen_version: _Optional[_Union[XenVersionResponse, _Mapping]] = ..., load: _Optional[_Union[_memory_pb2.LoadResponse, _Mapping]] = ..., store: _Optional[_Union[_memory_pb2.StoreResponse, _Mapping]] = ..., atomic: _Optional[_Union[_memory_pb2.AtomicResponse, _Mapping]] = ..., read: _Optional[_Union[_memory_pb2.ReadResponse, _Mapping]] = ..., write: _Optional[_Union[_memory_pb2.WriteResponse, _Mapping]] = ..., echo: _Optional[_Union[EchoResponse, _Mapping]] = ..., memory_op: _Optional[_Union[MemoryOpResponse, _Mapping]] = ..., vm_assist: _Optional[_Union[VmAssistResponse, _Mapping]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("request_id", "calls", "stop_on_error")

@@ -141,6 +141,11 @@ class HypercallsStub:
                 request_serializer=xensim_dot_v1_dot_hypercalls__pb2.MemoryOpRequest.SerializeToString,
                 response_deserializer=xensim_dot_v1_dot_hypercalls__pb2.MemoryOpResponse.FromString,
                 _registered_method=True)
+        self.VmAssist = channel.unary_unary(
+                '/xensim.v1.Hypercalls/VmAssist',
+                request_serializer=xensim_dot_v1_dot_hypercalls__pb2.VmAssistRequest.SerializeToString,
+                response_deserializer=xensim_dot_v1_dot_hypercalls__pb2.VmAssistResponse.FromString,
+                _registered_method=True)
 
 
 class HypercallsServicer:
@@ -317,6 +322,15 @@ class HypercallsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VmAssist(self, request, context):
+        """HYPERVISOR_vm_assist (hypercall 21; docs/xen.md section 25): turn one VM assist of the
+        caller's domain on or off. EINVAL (a type its address size does not allow), ENOSYS (a cmd
+        other than enable and disable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HypercallsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -404,6 +418,11 @@ def add_HypercallsServicer_to_server(servicer, server):
                     servicer.MemoryOp,
                     request_deserializer=xensim_dot_v1_dot_hypercalls__pb2.MemoryOpRequest.FromString,
                     response_serializer=xensim_dot_v1_dot_hypercalls__pb2.MemoryOpResponse.SerializeToString,
+            ),
+            'VmAssist': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmAssist,
+                    request_deserializer=xensim_dot_v1_dot_hypercalls__pb2.VmAssistRequest.FromString,
+                    response_serializer=xensim_dot_v1_dot_hypercalls__pb2.VmAssistResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -886,6 +905,33 @@ class Hypercalls:
             '/xensim.v1.Hypercalls/MemoryOp',
             xensim_dot_v1_dot_hypercalls__pb2.MemoryOpRequest.SerializeToString,
             xensim_dot_v1_dot_hypercalls__pb2.MemoryOpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmAssist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xensim.v1.Hypercalls/VmAssist',
+            xensim_dot_v1_dot_hypercalls__pb2.VmAssistRequest.SerializeToString,
+            xensim_dot_v1_dot_hypercalls__pb2.VmAssistResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -195,7 +195,7 @@ class FrameInfoResponse(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("mfn", "owner", "type", "type_count", "count", "allocated", "pinned", "validated", "m2p", "xen_heap", "quarantined")
+    __slots__ = ("mfn", "owner", "type", "type_count", "count", "allocated", "pinned", "validated", "m2p", "xen_heap", "quarantined", "pae_xen_l2")
     MFN_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,7 @@ class Frame(_message.Message):
     M2P_FIELD_NUMBER: _ClassVar[int]
     XEN_HEAP_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    PAE_XEN_L2_FIELD_NUMBER: _ClassVar[int]
     mfn: int
     owner: int
     type: _common_pb2.PageType
@@ -218,7 +219,8 @@ class Frame(_message.Message):
     m2p: int
     xen_heap: bool
     quarantined: bool
-    def __init__(self, mfn: _Optional[int] = ..., owner: _Optional[int] = ..., type: _Optional[_Union[_common_pb2.PageType, str]] = ..., type_count: _Optional[int] = ..., count: _Optional[int] = ..., allocated: _Optional[bool] = ..., pinned: _Optional[bool] = ..., validated: _Optional[bool] = ..., m2p: _Optional[int] = ..., xen_heap: _Optional[bool] = ..., quarantined: _Optional[bool] = ...) -> None: ...
+    pae_xen_l2: bool
+    def __init__(self, mfn: _Optional[int] = ..., owner: _Optional[int] = ..., type: _Optional[_Union[_common_pb2.PageType, str]] = ..., type_count: _Optional[int] = ..., count: _Optional[int] = ..., allocated: _Optional[bool] = ..., pinned: _Optional[bool] = ..., validated: _Optional[bool] = ..., m2p: _Optional[int] = ..., xen_heap: _Optional[bool] = ..., quarantined: _Optional[bool] = ..., pae_xen_l2: _Optional[bool] = ...) -> None: ...
 
 class EventChannelStatusRequest(_message.Message):
     __slots__ = ("domid",)
@@ -377,14 +379,16 @@ class DumpPagetableResponse(_message.Message):
     def __init__(self, tables: _Optional[_Iterable[_Union[PagetableFrame, _Mapping]]] = ...) -> None: ...
 
 class PagetableFrame(_message.Message):
-    __slots__ = ("level", "frame", "entries")
+    __slots__ = ("level", "frame", "entries", "address_size")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_SIZE_FIELD_NUMBER: _ClassVar[int]
     level: int
     frame: Frame
     entries: _containers.RepeatedCompositeFieldContainer[PagetableEntry]
-    def __init__(self, level: _Optional[int] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., entries: _Optional[_Iterable[_Union[PagetableEntry, _Mapping]]] = ...) -> None: ...
+    address_size: int
+    def __init__(self, level: _Optional[int] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., entries: _Optional[_Iterable[_Union[PagetableEntry, _Mapping]]] = ..., address_size: _Optional[int] = ...) -> None: ...
 
 class PagetableEntry(_message.Message):
     __slots__ = ("slot", "entry", "mfn", "pfn", "target", "xen_slot")
@@ -419,7 +423,7 @@ class ReverseMapResponse(_message.Message):
     def __init__(self, frame: _Optional[_Union[Frame, _Mapping]] = ..., entries: _Optional[_Iterable[_Union[PagetableReference, _Mapping]]] = ..., bases: _Optional[_Iterable[_Union[BasePointer, _Mapping]]] = ...) -> None: ...
 
 class PagetableReference(_message.Message):
-    __slots__ = ("table", "level", "slot", "entry", "owner", "holds_reference", "xen_slot")
+    __slots__ = ("table", "level", "slot", "entry", "owner", "holds_reference", "xen_slot", "address_size")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -427,6 +431,7 @@ class PagetableReference(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     HOLDS_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     XEN_SLOT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_SIZE_FIELD_NUMBER: _ClassVar[int]
     table: int
     level: int
     slot: int
@@ -434,7 +439,8 @@ class PagetableReference(_message.Message):
     owner: int
     holds_reference: bool
     xen_slot: bool
-    def __init__(self, table: _Optional[int] = ..., level: _Optional[int] = ..., slot: _Optional[int] = ..., entry: _Optional[int] = ..., owner: _Optional[int] = ..., holds_reference: _Optional[bool] = ..., xen_slot: _Optional[bool] = ...) -> None: ...
+    address_size: int
+    def __init__(self, table: _Optional[int] = ..., level: _Optional[int] = ..., slot: _Optional[int] = ..., entry: _Optional[int] = ..., owner: _Optional[int] = ..., holds_reference: _Optional[bool] = ..., xen_slot: _Optional[bool] = ..., address_size: _Optional[int] = ...) -> None: ...
 
 class BasePointer(_message.Message):
     __slots__ = ("domid", "vcpu", "user")
