@@ -7,7 +7,7 @@ through the virtual address where it mapped that frame (Linux: set_fixmap of
 start_info->shared_info). The contract has no physical-memory access, so the frame must be
 mapped writable before events can be handled. Where the bits are and how wide the words are
 depends on the guest's address size (`layout`, from its start_info magic: xen.guest_abi;
-docs/pv32.md sections 20-21): a 32-bit guest has 32 words of 32 ports and a u32 selector.
+docs/pv32.md sections 6-7): a 32-bit guest has 32 words of 32 ports and a u32 selector.
 """
 
 import struct

@@ -221,7 +221,7 @@ SHUTDOWN_soft_reset = 5
 # struct vcpu_runstate_info (public/vcpu.h): int state padded to 8 bytes, u64 state_entry_time, u64 time[4].
 RUNSTATE_INFO_SIZE = 48
 
-# The compat ABI: what a 32-bit PAE guest sees differently on the wire (docs/pv32.md section 20).
+# The compat ABI: what a 32-bit PAE guest sees differently on the wire (docs/pv32.md section 6).
 COMPAT_SHARED_INFO_EVTCHN_MASK = SHARED_INFO_EVTCHN_PENDING + 32 * 4  # u32 evtchn_pending[32], then evtchn_mask[32]
 COMPAT_VCPU_INFO_PENDING_SEL = 4  # u32 evtchn_pending_sel
 COMPAT_RUNSTATE_INFO_SIZE = 44  # the u64s at 4-byte alignment
@@ -230,7 +230,7 @@ COMPAT_RUNSTATE_INFO_SIZE = 44  # the u64s at 4-byte alignment
 @dataclass(frozen=True)
 class GuestAbi:
     """The wire layout of one address size, as hypervisor/core/abi.py has it: what a guest
-    reads to find its event bits and the width of its words (docs/pv32.md section 20)."""
+    reads to find its event bits and the width of its words (docs/pv32.md section 6)."""
 
     address_size: int
     word_bytes: int  # xen_ulong_t: an event-channel word, a vcpumask word, a xen_pfn_t

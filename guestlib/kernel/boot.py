@@ -157,7 +157,7 @@ def _took_fifo(cpu: Cpu, setup: list[Pending]) -> bool:
 
 def event_channels(client: HypercallClient, kl: KernelLayout, vcpu_id: int, fifo: bool) -> EventChannels:
     """This CPU's event dispatch in the ABI the boot CPU chose, on the vcpu_info boot moved
-    into its per-CPU page, in its address size's layout (docs/pv32.md section 21)."""
+    into its per-CPU page, in its address size's layout (docs/pv32.md section 7)."""
     shared_info, vcpu_info, layout = kl.fixmap_va(FIX_SHARED_INFO), kl.percpu(vcpu_id, "vcpu_info")[0], kl.mode.abi
     if fifo:
         return FifoEventChannels(client, shared_info, vcpu_id, kl.evtchn_control.va(vcpu_id), kl.evtchn_array.va(0), vcpu_info, layout)

@@ -341,7 +341,7 @@ RUNSTATE_INFO_SIZE = 48
 
 
 # The compat ABI: what a 32-bit PAE guest on a 64-bit Xen sees differently on the wire
-# (docs/pv32.md section 20). Its xen_ulong_t, unsigned long and xen_pfn_t are 32 bits, so its
+# (docs/pv32.md section 6). Its xen_ulong_t, unsigned long and xen_pfn_t are 32 bits, so its
 # shared_info holds 32 words of 32 event bits (evtchn_mask follows 128 bytes of evtchn_pending),
 # its vcpu_info's evtchn_pending_sel is a u32 at byte 4, and its vcpu_runstate_info packs the u64s
 # at 4-byte alignment (44 bytes). Its pointers are 32 bits, and a guest handle must end below
@@ -354,7 +354,7 @@ COMPAT_RUNSTATE_INFO_SIZE = 44
 @dataclass(frozen=True)
 class GuestAbi:
     """One row per address size: the sizes and offsets the wire has for a guest of that size
-    (docs/pv32.md section 20). Code that reads or writes a guest's shared structures, words
+    (docs/pv32.md section 6). Code that reads or writes a guest's shared structures, words
     or pointers takes them from its domain's row (Domain.abi), not from a second code path."""
 
     address_size: int  # 64, or 32 on the compat ABI

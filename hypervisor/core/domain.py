@@ -180,7 +180,7 @@ class Domain:
 
     @property
     def abi(self) -> GuestAbi:
-        """The wire layout of its address size (docs/pv32.md section 20)."""
+        """The wire layout of its address size (docs/pv32.md section 6)."""
         return GUEST_ABI[self.address_size]
 
     def info(self) -> dict:

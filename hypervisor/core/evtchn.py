@@ -8,7 +8,7 @@ allocation takes the lowest free port up to the domain's `max_evtchn_port`. A po
 unbound (offered to one remote domain), interdomain (joined to a port of another domain, or of
 its own: loopback), bound to a virtual IRQ, or an IPI. That state lives here, as Xen's struct
 evtchn lives in Xen's heap. What the guest sees lives in its shared-info frame, exactly where
-Xen puts it for the guest's address size (Domain.abi; docs/pv32.md section 21): a pending and a
+Xen puts it for the guest's address size (Domain.abi; docs/pv32.md section 7): a pending and a
 mask bit per port and, per vCPU, a selector word and the upcall-pending and upcall-mask bytes.
 The bitmaps are little-endian, so port p is bit p % 64 of the frame's u64 word p // 64 from
 evtchn_pending on, whether the guest's words are 64 bits or 32 (the compat ABI's 1,024 ports). The guest reads and clears them
@@ -200,7 +200,7 @@ def valid_port(domain: "Domain", port: int, op: str) -> Evtchn:
 
 def max_evtchns(domain: "Domain") -> int:
     """max_evtchns: the ports of the ABI the domain speaks (docs/xen.md section 24.5), 2-level
-    ones for its address size (docs/pv32.md section 22)."""
+    ones for its address size (docs/pv32.md section 8)."""
     return domain.abi.evtchn_2l_nr_channels if domain.evtchn_fifo is None else EVTCHN_FIFO_NR_CHANNELS
 
 

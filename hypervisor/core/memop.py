@@ -118,7 +118,7 @@ def _stopped(done: int, message: str) -> dict:
 def _compat_unreadable(caller: "Domain", extent_start: list, nr_extents: int) -> str | None:
     """A 32-bit guest's extent list holds compat_pfn_t, u32 (xen/common/compat/memory.c): an
     entry that does not fit is one it cannot have written, refused as Xen refuses a list it
-    cannot read (docs/pv32.md section 25); None if the list is readable."""
+    cannot read (docs/pv32.md section 11); None if the list is readable."""
     if caller.address_size == 32 and not caller.abi.fits(max(extent_start[:nr_extents], default=0)):
         return f"an entry of dom{caller.domid}'s extent list does not fit a 32-bit guest's compat_pfn_t (compat_handle_okay)"
     return None

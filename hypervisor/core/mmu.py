@@ -302,7 +302,7 @@ def new_user_baseptr(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
 def read_vcpumask(hv: "Hypervisor", vcpu: Vcpu, caller: Domain, va: int) -> list[Vcpu] | None:
     """The vCPUs named by the bitmap at guest virtual `va` (docs/xen.md section 10); None on a fault.
     vcpumask_to_pcpumask reads it in the guest's words, 32-bit ones for a 32-bit guest
-    (docs/pv32.md section 20), as many as the domain's vCPUs need. Bits beyond them are ignored."""
+    (docs/pv32.md section 6), as many as the domain's vCPUs need. Bits beyond them are ignored."""
     word_bytes = caller.abi.word_bytes
     size = word_bytes * -(-len(caller.vcpus) // (8 * word_bytes))
     data = copy_from_guest(hv.memory, vcpu.guest_table, va, size, vcpu.mode)

@@ -217,7 +217,7 @@ def update_runstate_area(hv: "Hypervisor", vcpu: "Vcpu") -> None:
     registered guest address through the vCPU's kernel pagetable: the int state padded to the
     u64s' alignment, then five little-endian u64s; 48 bytes for a 64-bit guest, 44 for a
     32-bit one, whose compat struct aligns u64s to 4 bytes (XLAT_vcpu_runstate_info;
-    docs/pv32.md section 23). A copy that faults is dropped, as Xen drops it (its
+    docs/pv32.md section 9). A copy that faults is dropped, as Xen drops it (its
     __copy_to_guest result is not looked at)."""
     runstate = vcpu.runstate
     state_bytes = hv.domains[vcpu.domid].abi.runstate_state_bytes

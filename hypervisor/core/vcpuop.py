@@ -174,7 +174,7 @@ def register_runstate_memory_area(hv: "Hypervisor", domain: "Domain", vcpu: "Vcp
     guest virtual `addr` whenever it changes, and once now; 0 unregisters. -EFAULT unless the
     48 bytes at `addr` lie in the guest's range (guest_handle_okay: __addr_ok at both ends).
     A 32-bit guest's handle is a u32 whose 44 bytes end below HYPERVISOR_COMPAT_VIRT_START
-    (compat_vcpu_op: the u64 field must equal its low half, and compat_handle_okay; docs/pv32.md section 23).
+    (compat_vcpu_op: the u64 field must equal its low half, and compat_handle_okay; docs/pv32.md section 9).
     Whether they are mapped is not checked: a copy that faults is dropped. The copy is the
     runstate as of its last change, as Xen copies it for the calling vCPU (docs/vcpu-time.md section 6)."""
     size, mode = domain.abi.runstate_info_size, vcpu.mode
@@ -228,7 +228,7 @@ def register_vcpu_info(hv: "Hypervisor", domain: "Domain", vcpu: "Vcpu", mfn: in
     old_mfn, old_index = vcpu_info_words(hv, vcpu)
     hv.memory.write(mfn, offset, hv.memory.read(old_mfn, old_index * 8, VCPU_INFO_SIZE))  # vcpu_info_populate
     vcpu.vcpu_info_area = (mfn, offset)
-    hv.memory.write(mfn, offset + domain.abi.vcpu_info_pending_sel, b"\xff" * domain.abi.word_bytes)  # a 32-bit guest's u32 (docs/pv32.md section 21)
+    hv.memory.write(mfn, offset + domain.abi.vcpu_info_pending_sel, b"\xff" * domain.abi.word_bytes)  # a 32-bit guest's u32 (docs/pv32.md section 7)
     vcpu_mark_events_pending(hv, vcpu)
     return 0
 

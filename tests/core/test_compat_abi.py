@@ -1,4 +1,4 @@
-"""The compat ABI where it differs on the wire (docs/pv32.md sections 20-25): a 32-bit
+"""The compat ABI where it differs on the wire (docs/pv32.md sections 6-11): a 32-bit
 guest's vCPU bitmaps are 32-bit words, its shared_info and vcpu_info have the compat layout, its
 2-level event channels are 32 x 32, its runstate area is the packed compat struct, and its
 pointers and extent-list entries are 32 bits.

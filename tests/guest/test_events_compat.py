@@ -1,4 +1,4 @@
-"""The guest's 2-level upcall handler on a 32-bit guest (docs/pv32.md section 21), end to end:
+"""The guest's 2-level upcall handler on a 32-bit guest (docs/pv32.md section 7), end to end:
 a PAE domain on the real server, its shared-info frame mapped over a direct-map page at
 PAGE_OFFSET_PAE (update_va_mapping), IPI ports 1..70 on vCPU 1, and EventChannels with the
 compat layout (xen.guest_abi of the start_info magic): 32-bit event words, evtchn_mask at byte
