@@ -87,7 +87,10 @@ class Cpu:
     def _complete(self, batch: Batch) -> None:
         """Close a message with what this CPU owes guest memory. The pools go in the same
         message as the calls that used their pages: a message runs whole or not at all, so
-        a vCPU killed at any point comes back with pools that match what it did."""
+        a vCPU killed at any point comes back with pools that match what it did. (One whose
+        process dies while it sleeps in Xen loses what follows the sleep, as
+        docs/transport.md section 8 says: after call_function_many's poll come only these
+        writes, whose loss leaks the pages and counts they give back, never hands one out twice.)"""
         deferred, self._deferred = self._deferred, []
         for op, then in deferred:
             pending = add(batch, op)

@@ -130,6 +130,7 @@ class HypercallsServicer(hypercalls_pb2_grpc.HypercallsServicer):
                             break
                 finally:
                     slot.lock.release()
+                self.runtime.end_orphan(stream.task)  # its process died during it: no answer, the Session ends
             await stream.write(response)
             if stepped:  # a message that raises ends its Session, whose detach ends the step
                 gate.done(slot)

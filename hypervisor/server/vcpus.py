@@ -182,6 +182,7 @@ class Runtime:
         self._tasks: dict[int | None, set[asyncio.Task]] = {}
         self._endings: dict[asyncio.Task, Exception] = {}
         self._writing: set[asyncio.Task] = set()  # handlers inside a Session write (see send)
+        self._orphans: set[asyncio.Task] = set()  # handlers going on with a dead process's message (see _give_way)
         self.observe: Callable[[str, float], None] | None = None  # observe.Metrics, with --metrics-port
         self._yielded_at = hv.budget.work  # the core's work count when calls last gave way
         self.gate: Gate | None = None  # a controlled run's scheduler (schedule.py); None: free
@@ -330,7 +331,9 @@ class Runtime:
     async def _sleep(self, slot: VcpuSlot, stepped: bool) -> int:
         """A call that blocked: it answers 0 once its vCPU is woken and its domain unpaused (and,
         if it blocked inside a controlled run's step, once the gate gives the rest of its message
-        a step of its own, docs/schedule.md section 1)."""
+        a step of its own, docs/schedule.md section 1). A message whose process died on the way
+        (`_give_way`) ends here: the vCPU stays asleep, free for a new process."""
+        self.end_orphan(asyncio.current_task())
         while slot.vcpu.blocked:
             slot.wake.clear()
             await slot.wake.wait()
@@ -371,9 +374,30 @@ class Runtime:
             await slot.wake.wait()
 
     async def _give_way(self) -> None:
-        """A preemption point: every call that is ready runs before this one goes on."""
+        """A preemption point: every call that is ready runs before this one goes on.
+
+        It is no point at which a message may end (docs/transport.md section 8): grpc cancels
+        the handler of a process that died at its next await, which is usually here, in the
+        middle of a message, and the guest relies on a message running whole (its page pools
+        are written at the end of the message that uses their pages). So the message goes on
+        to its end, or to a call that sleeps (`end_orphan`); an ending from outside
+        (`end_task`) still ends it here."""
         self._yielded_at = self.hv.budget.work
-        await asyncio.sleep(0)
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task in self._endings:
+                raise
+            task.uncancel()
+            self._orphans.add(task)
+
+    def end_orphan(self, task: asyncio.Task) -> None:
+        """End the message that handler `task` runs here if its process died during it (the
+        cancellation `_give_way` held back): after its last call, or where it sleeps."""
+        if task in self._orphans:
+            self._orphans.discard(task)
+            raise asyncio.CancelledError
 
     async def _unpaused(self, domid: int) -> None:
         gate = self.paused.get(domid)
@@ -431,6 +455,7 @@ class Runtime:
         finally:
             tasks.discard(task)
             self._endings.pop(task, None)
+            self._orphans.discard(task)
 
     def end_task(self, task: asyncio.Task, exc: Exception) -> None:
         """End a registered handler: it raises `exc` (see `guard`), once any Session message it

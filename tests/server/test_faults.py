@@ -193,3 +193,54 @@ def test_a_client_killed_while_the_server_waits_to_write_its_answer_is_no_intern
     wait_until(lambda: not domain.vcpu0().session_open, "the server ends the dead client's stream")
     assert "INTERNAL" not in server.stderr()
     assert VcpuProcess(processes, server, domain, MID_STREAM, count=3).finish()["messages"] == 3
+
+
+DYING_CLIENT = """
+import sys, time, grpc
+from xensim.v1 import hypercalls_pb2 as h, hypercalls_pb2_grpc, memory_pb2 as m
+address, token, l1, mfns, marks, flips, poll = sys.argv[1], sys.argv[2], int(sys.argv[3]), [int(a) for a in sys.argv[4:6]], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
+flip = h.Call(mmu_update=h.MmuUpdateRequest(reqs=[h.MmuUpdate(ptr=l1 << 12, val=mfn << 12 | 0x63) for mfn in mfns] * 2048))
+mark = lambda i: h.Call(store=m.StoreRequest(va=marks + 8 * i, size=8, value=1))
+sleep = [h.Call(sched_op=h.SchedOpRequest(poll=h.SchedPoll(ports=[int(poll)])))] if poll != "-" else []
+calls = [mark(0), *[flip] * flips, mark(1), *[flip] * flips, *sleep, mark(2)]
+def requests():
+    yield h.SessionRequest(request_id=1, calls=calls)
+    time.sleep(60)
+stub = hypercalls_pb2_grpc.HypercallsStub(grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]))
+call = stub.Session(requests(), metadata=(("authorization", "Bearer " + token), ("x-xen-vcpu", "0")))
+print("sent", flush=True)
+time.sleep(60)
+"""
+FLIPS = 16  # mmu_updates of 4,096 entries in each half of the message: hundreds of preemption points
+
+
+@pytest.mark.parametrize("sleeps", [False, True], ids=["whole", "up to its poll"])
+def test_a_message_runs_on_when_its_process_dies_at_a_preemption_point(server, processes, sleeps):
+    """Regression (stress --kill-vcpus, free run: "pin as L4: mfn 0x7b0 has type WRITABLE"): a
+    message gives way to other calls every PREEMPT_WORK, and grpc cancels the handler of a
+    process that died at the next await, which dropped the rest of the message there. The guest
+    kernel relies on a message running whole (its page pool is written at the message's end,
+    after the calls that use the pages), so a restarted vCPU took pages the half-run message had
+    mapped. Now the message runs to its end, or to the call where the vCPU sleeps (and stays
+    asleep, as a killed sleeper does); the Session then ends as before. The message marks its
+    start, its middle and its end; the process dies after the middle, while its second half runs."""
+    domain = Domain.build(server)
+    guest = domain.guest
+    marks = guest.direct_va(guest.next_pfn)
+    mfns = [domain.sets[1][0], domain.sets[0][0]]  # entry 0 maps the first, then what it mapped, 2,048 times a call
+    runs = guest.frame_runs(vcpu=1)
+    frames = guest.frames(runs)
+    args = [server.address, guest.token, str(domain.l1), *map(str, mfns), str(marks), str(FLIPS), str(domain.port) if sleeps else "-"]
+    client = processes.enter_context(started(python("-c", DYING_CLIENT, *args)))
+    assert client.process.stdout.readline().strip() == "sent", client.log()
+
+    def mark(i: int) -> int:
+        return guest.call("Load", m.LoadRequest(va=marks + 8 * i, size=8), vcpu=1).value
+
+    wait_until(lambda: mark(1), "the message is halfway")
+    client.stop(signal.SIGKILL)
+    wait_until(lambda: not domain.vcpu0().session_open, "the server ends the dead process's stream")
+    assert (mark(0), mark(1), mark(2)) == (1, 1, 0 if sleeps else 1)
+    assert domain.vcpu0().blocked == sleeps
+    assert guest.frames(runs) == frames  # entry 0 of the L1 maps what it mapped before
+    assert not guest.toolstack("Audit", t.AuditRequest()).findings
