@@ -46,30 +46,6 @@ def test_32_bit_highpte_kmap_slot_is_readonly_while_pinned(server):
     assert audit_after_destroy(server, domid) == []
 
 
-@pytest.mark.parametrize(
-    "scenario,variant,fails",
-    [
-        ("lazy-exit", "none", True),
-        ("lazy-exit", "mask", False),
-        ("stale-cr3", "mask", True),
-        ("stale-cr3", "current-cr3", False),
-        ("stale-cr3", "modern", False),
-    ],
-)
-def test_32_bit_unpin_race_by_drop_mm_ref_variant(server, scenario, variant, fails):
-    """The lazy-TLB unpin race on PAE, as on x86-64: Xen refuses the writable remap after
-    UNPIN of an L3 that a vCPU still has as its cr3 (-EBUSY) unless drop_mm_ref shot it down.
-    (A vCPU killed in the window: test_kernel.py's killed-between-switch_mm-messages test.)"""
-    domid, run = run_guest(server, 2, "--variant", variant, "--scenario", scenario, nr_pages=4096, address_size=32)
-    exiter, victim = run.reports
-    assert victim["bug"] is None
-    if fails:
-        assert "in exit_mmap: after UNPIN_TABLE" in exiter["bug"] and "-EBUSY from mmu_update" in exiter["bug"]
-    else:
-        assert exiter["bug"] is None and exiter["lifecycles"] == 1 and run.returncodes == [0, 0]
-    assert audit_after_destroy(server, domid) == []
-
-
 @pytest.mark.parametrize("variant", ["current-cr3", "modern"])
 def test_a_32_bit_guest_runs_lifecycles_in_each_correct_variant(server, variant):
     """Half the children exit on the other vCPU. (`none` and `mask` hit the race here too, as
