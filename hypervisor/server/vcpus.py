@@ -28,7 +28,8 @@ as an await that blocks nothing else:
   next deadline fires, after which the kicks are drained.
 - Pause (toolstack.proto PauseDomain): calls of a paused domain wait before they run, and no
   push is made for it, until UnpauseDomain. Calls already sleeping stay asleep; one that wakes
-  while paused answers after the unpause.
+  while paused answers after the unpause. A message whose process dies while it waits goes on
+  after the unpause all the same, its vCPU free for a new process meanwhile (`_take_back`).
 - A vCPU that Xen does not run (down, or of a domain that shut down) gets no push, and the
   core refuses its calls (VcpuNotRunning, answered FAILED_PRECONDITION by errors.py). A call
   already asleep when that happens answers when it is woken, as any sleeping call does; one
@@ -41,8 +42,9 @@ as an await that blocks nothing else:
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
+from functools import partial
 from time import perf_counter
 
 import grpc
@@ -138,6 +140,8 @@ class Stream:
         domain = hv.domains.get(slot.domid)
         if slot.stream is not self or domain is None or domain.instance != slot.instance:  # detached or destroyed: being ended
             return []
+        if slot.orphan is not None:  # the vCPU is still inside its dead process's message (Runtime._take_back)
+            return []
         if vcpu.down:
             self.started_sent = False
             return []
@@ -166,6 +170,7 @@ class VcpuSlot:
         self.stream: Stream | None = None
         self.wake = asyncio.Event()
         self.lock = asyncio.Lock()
+        self.orphan: asyncio.Task | None = None  # the handler running on with a dead process's message (Runtime._take_back)
 
 
 class Runtime:
@@ -182,7 +187,7 @@ class Runtime:
         self._tasks: dict[int | None, set[asyncio.Task]] = {}
         self._endings: dict[asyncio.Task, Exception] = {}
         self._writing: set[asyncio.Task] = set()  # handlers inside a Session write (see send)
-        self._orphans: set[asyncio.Task] = set()  # handlers going on with a dead process's message (see _give_way)
+        self._orphans: set[asyncio.Task] = set()  # handlers going on with a dead process's message (see _take_back)
         self.observe: Callable[[str, float], None] | None = None  # observe.Metrics, with --metrics-port
         self._yielded_at = hv.budget.work  # the core's work count when calls last gave way
         self.gate: Gate | None = None  # a controlled run's scheduler (schedule.py); None: free
@@ -243,12 +248,20 @@ class Runtime:
         return slot.stream
 
     def detach(self, stream: Stream) -> None:
-        """The stream is gone; the vCPU's state stays for the next process that attaches."""
-        if stream.slot.stream is stream:
-            stream.slot.stream = None
+        """The stream is gone; the vCPU's state stays for the next process that attaches. Called
+        again once its handler has unwound: a dead process's message that ran on (`_take_back`)
+        is then over, and the vCPU's next process hears from it."""
+        slot = stream.slot
+        if slot.stream is stream:
+            slot.stream = None
             if self.gate is not None:
-                self.gate.detached(stream.slot)
-            log.info("dom%d vCPU %d: Session closed", stream.slot.domid, stream.slot.vcpu_id)
+                self.gate.detached(slot)
+            log.info("dom%d vCPU %d: Session closed", slot.domid, slot.vcpu_id)
+        elif slot.orphan is stream.task:
+            slot.orphan = None
+            log.info("dom%d vCPU %d: the message of its dead process is over", slot.domid, slot.vcpu_id)
+            if slot.stream is not None:
+                slot.stream.attention.set()
 
     def end_session(self, domid: int, vcpu_id: int, exc: Exception) -> bool:
         """End the vCPU's Session, if one is open, with `exc` (DetachSession). The vCPU is free
@@ -296,9 +309,9 @@ class Runtime:
 
     async def _when_ready(self, slot: VcpuSlot, op: str, args: dict):
         """`call`, once the domain is unpaused and calls have given way."""
-        await self._unpaused(slot.domid)
+        await self._whole(slot, partial(self._unpaused, slot.domid))
         if self.hv.budget.work - self._yielded_at >= self.hv.budget.per_call:
-            await self._give_way()
+            await self._give_way(slot)
         result = self.call(slot, op, args)
         return await result if isinstance(result, Later) else result
 
@@ -306,8 +319,8 @@ class Runtime:
         """Go on with a call that stopped at a preemption point, after every other call."""
         try:
             while isinstance(result, Continuation):
-                await self._give_way()
-                await self._may_go_on(slot)
+                await self._give_way(slot)
+                await self._whole(slot, partial(self._may_go_on, slot))
                 result = self._run(in_core, self.hv.resume, slot.domid, slot.vcpu_id, result)
         except BaseException:
             self._over(op, in_core)
@@ -320,7 +333,7 @@ class Runtime:
         self._over(op, in_core)
         if result is not BLOCKED:
             return result
-        stepped = self.gate is not None and self.gate.done(slot)  # a controlled run's step ends here
+        stepped = self.gate is not None and slot.orphan is None and self.gate.done(slot)  # a controlled run's step ends here (an orphan's, at its death)
         return Later(self._sleep(slot, stepped))
 
     def _over(self, op: str, in_core: list[float] | None) -> None:
@@ -332,7 +345,7 @@ class Runtime:
         """A call that blocked: it answers 0 once its vCPU is woken and its domain unpaused (and,
         if it blocked inside a controlled run's step, once the gate gives the rest of its message
         a step of its own, docs/schedule.md section 1). A message whose process died on the way
-        (`_give_way`) ends here: the vCPU stays asleep, free for a new process."""
+        (`_take_back`) ends here: the vCPU stays asleep, free for a new process."""
         self.end_orphan(asyncio.current_task())
         while slot.vcpu.blocked:
             slot.wake.clear()
@@ -373,28 +386,49 @@ class Runtime:
             slot.wake.clear()
             await slot.wake.wait()
 
-    async def _give_way(self) -> None:
-        """A preemption point: every call that is ready runs before this one goes on.
-
-        It is no point at which a message may end (docs/transport.md section 8): grpc cancels
-        the handler of a process that died at its next await, which is usually here, in the
-        middle of a message, and the guest relies on a message running whole (its page pools
-        are written at the end of the message that uses their pages). So the message goes on
-        to its end, or to a call that sleeps (`end_orphan`); an ending from outside
-        (`end_task`) still ends it here."""
+    async def _give_way(self, slot: VcpuSlot) -> None:
+        """A preemption point: every call that is ready runs before this one goes on."""
         self._yielded_at = self.hv.budget.work
-        try:
-            await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task in self._endings:
-                raise
-            task.uncancel()
-            self._orphans.add(task)
+        await self._whole(slot, partial(asyncio.sleep, 0))
+
+    async def _whole(self, slot: VcpuSlot, wait: Callable[[], Awaitable]) -> None:
+        """Await `wait()` in the middle of `slot`'s call: a give-way, or the wait for its
+        domain's unpause or its vCPU's VCPUOP_up. None of these is a point at which a message
+        may end (docs/transport.md section 8): grpc cancels the handler of a process that died
+        at its next await, which is usually one of these, and the guest relies on a message
+        running whole (its page pools are written at the end of the message that uses their
+        pages). So a death is taken back (`_take_back`) and the wait begins again, as a paused
+        vCPU's hypercall goes on at the unpause in Xen; an ending from outside (`end_task`)
+        still ends the message here."""
+        while True:
+            try:
+                return await wait()
+            except asyncio.CancelledError:
+                if not self._take_back(slot):
+                    raise
+
+    def _take_back(self, slot: VcpuSlot) -> bool:
+        """A cancellation of the running handler in the middle of `slot`'s call: False if it is
+        an ending from outside. Otherwise the process died: its message goes on, an orphan, to
+        its end or to a call that sleeps (`end_orphan`). Its vCPU is free for a new process at
+        once, since the orphan may wait long for an unpause: the new process's messages wait
+        for the vCPU's lock, which the orphan holds to its end, and it hears nothing from the
+        vCPU until then (`Stream._due`: a VcpuStarted would show registers the orphan may
+        still change)."""
+        task = asyncio.current_task()
+        if task in self._endings:
+            return False
+        task.uncancel()
+        self._orphans.add(task)
+        stream = slot.stream
+        if stream is not None and stream.task is task:
+            self.detach(stream)
+            slot.orphan = task
+        return True
 
     def end_orphan(self, task: asyncio.Task) -> None:
         """End the message that handler `task` runs here if its process died during it (the
-        cancellation `_give_way` held back): after its last call, or where it sleeps."""
+        cancellation `_take_back` held back): after its last call, or where it sleeps."""
         if task in self._orphans:
             self._orphans.discard(task)
             raise asyncio.CancelledError

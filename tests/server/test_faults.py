@@ -222,8 +222,9 @@ def test_a_message_runs_on_when_its_process_dies_at_a_preemption_point(server, p
     kernel relies on a message running whole (its page pool is written at the message's end,
     after the calls that use the pages), so a restarted vCPU took pages the half-run message had
     mapped. Now the message runs to its end, or to the call where the vCPU sleeps (and stays
-    asleep, as a killed sleeper does); the Session then ends as before. The message marks its
-    start, its middle and its end; the process dies after the middle, while its second half runs."""
+    asleep, as a killed sleeper does); its vCPU is free for a new process meanwhile. The
+    message marks its start, its middle and its end; the process dies after the middle, while
+    its second half runs."""
     domain = Domain.build(server)
     guest = domain.guest
     marks = guest.direct_va(guest.next_pfn)
@@ -239,8 +240,79 @@ def test_a_message_runs_on_when_its_process_dies_at_a_preemption_point(server, p
 
     wait_until(lambda: mark(1), "the message is halfway")
     client.stop(signal.SIGKILL)
-    wait_until(lambda: not domain.vcpu0().session_open, "the server ends the dead process's stream")
+    wait_until(lambda: not domain.vcpu0().session_open, "the server frees the vCPU for a new process")
+    wait_until(lambda: domain.vcpu0().blocked if sleeps else mark(2), "the message runs on to its poll or its end")
     assert (mark(0), mark(1), mark(2)) == (1, 1, 0 if sleeps else 1)
     assert domain.vcpu0().blocked == sleeps
     assert guest.frames(runs) == frames  # entry 0 of the L1 maps what it mapped before
+    assert not guest.toolstack("Audit", t.AuditRequest()).findings
+
+
+NEXT_CLIENT = """
+import sys, grpc
+from xensim.v1 import hypercalls_pb2 as h, hypercalls_pb2_grpc, memory_pb2 as m
+address, token, va = sys.argv[1], sys.argv[2], int(sys.argv[3])
+stub = hypercalls_pb2_grpc.HypercallsStub(grpc.insecure_channel(address))
+call = stub.Session(iter([h.SessionRequest(request_id=1, calls=[h.Call(load=m.LoadRequest(va=va, size=8))])]), metadata=(("authorization", "Bearer " + token), ("x-xen-vcpu", "0")))
+try:
+    print(next(r for r in call if r.request_id == 1).results[0].load.value, flush=True)
+except grpc.RpcError as error:
+    print(error.code().name, flush=True)
+"""
+
+
+def completed(guest: WireGuest, op: str) -> int:
+    """How many `op` calls the server has run to their end (Stats)."""
+    return sum(c.count for c in guest.toolstack("Stats", t.StatsRequest()).counts if c.op == op)
+
+
+@pytest.mark.parametrize("then", ["unpause", "destroy"])
+def test_a_message_runs_on_when_its_process_dies_while_its_domain_is_paused(server, processes, then):
+    """Regression (docs/transport.md section 8): a message stopped at a preemption point while
+    the toolstack paused its domain waits there for the unpause, and grpc cancelled that wait
+    when the process died, cutting the message as a give-way did before. In Xen the paused
+    vCPU's hypercall goes on when the domain is unpaused. Now the message goes on after the
+    unpause, to its end, and its vCPU is free for a new process meanwhile, whose message runs
+    only after the dead one's (it loads the last mark the dead message stores); a DestroyDomain
+    meanwhile ends both at once. The process dies in the message's second half: the test pauses
+    the domain there (Stats shows it stopped between its marks), then kills it."""
+    flips = 4 * FLIPS  # a second half long enough for the pause to land in it
+    domain = Domain.build(server)
+    guest = domain.guest
+    marks = guest.direct_va(guest.next_pfn)
+    runs = guest.frame_runs(vcpu=1)
+    frames = guest.frames(runs)
+    stores, updates = completed(guest, "store"), completed(guest, "mmu_update")
+    args = [server.address, guest.token, str(domain.l1), str(domain.sets[1][0]), str(domain.sets[0][0]), str(marks), str(flips), "-"]
+    client = processes.enter_context(started(python("-c", DYING_CLIENT, *args)))
+    assert client.process.stdout.readline().strip() == "sent", client.log()
+    wait_until(lambda: guest.call("Load", m.LoadRequest(va=marks + 8, size=8), vcpu=1).value, "the message is halfway")
+    guest.toolstack("PauseDomain", t.PauseDomainRequest(domid=guest.domid))
+    assert completed(guest, "store") - stores == 2  # marks 0 and 1: the last one waits
+    assert completed(guest, "mmu_update") - updates < 2 * flips, "the message ended before the pause"
+    client.stop(signal.SIGKILL)
+    wait_until(lambda: not domain.vcpu0().session_open, "the dead process's Session is gone")
+
+    following = processes.enter_context(started(python("-c", NEXT_CLIENT, server.address, guest.token, str(marks + 16))))
+    wait_until(lambda: domain.vcpu0().session_open, "a new process opened the vCPU's Session")
+    over = f"dom{guest.domid} vCPU 0: the message of its dead process is over"  # Runtime.detach's log
+
+    def ended() -> int:
+        return server.stderr().count(over)
+
+    before = ended()
+    time.sleep(0.2)
+    assert ended() == before, "the dead process's message ended while its domain is paused"
+    if then == "destroy":
+        freed = guest.toolstack("DestroyDomain", t.DestroyDomainRequest(domid=guest.domid)).freed_frames
+        assert freed == guest.start_info.nr_pages + 1  # every page and the shared-info frame
+        assert following.finish(10).strip() == "ABORTED"
+        wait_until(lambda: ended() > before, "DestroyDomain ends the dead process's message")
+        assert not guest.toolstack("Audit", t.AuditRequest()).findings
+        return
+    guest.toolstack("UnpauseDomain", t.UnpauseDomainRequest(domid=guest.domid))
+    assert following.finish(10).strip() == "1", "the dead process's message did not run to its end before the new process's"
+    wait_until(lambda: ended() > before, "the dead process's message is over")
+    assert completed(guest, "store") - stores == 3
+    assert guest.frames(runs) == frames  # the message's flips ran whole
     assert not guest.toolstack("Audit", t.AuditRequest()).findings
