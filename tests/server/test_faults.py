@@ -252,12 +252,14 @@ NEXT_CLIENT = """
 import sys, grpc
 from xensim.v1 import hypercalls_pb2 as h, hypercalls_pb2_grpc, memory_pb2 as m
 address, token, va = sys.argv[1], sys.argv[2], int(sys.argv[3])
-stub = hypercalls_pb2_grpc.HypercallsStub(grpc.insecure_channel(address))
-call = stub.Session(iter([h.SessionRequest(request_id=1, calls=[h.Call(load=m.LoadRequest(va=va, size=8))])]), metadata=(("authorization", "Bearer " + token), ("x-xen-vcpu", "0")))
+channel = grpc.insecure_channel(address)
+request = h.SessionRequest(request_id=1, calls=[h.Call(load=m.LoadRequest(va=va, size=8))])
+call = hypercalls_pb2_grpc.HypercallsStub(channel).Session(iter([request]), metadata=(("authorization", "Bearer " + token), ("x-xen-vcpu", "0")))
 try:
     print(next(r for r in call if r.request_id == 1).results[0].load.value, flush=True)
 except grpc.RpcError as error:
     print(error.code().name, flush=True)
+channel.close()  # a stream left open held the interpreter's exit past the test's timeout, now and then
 """
 
 
