@@ -34,18 +34,6 @@ def test_a_32_bit_guest_boots_pae_and_runs_lifecycles(server, highpte, evtchn):
     assert audit_after_destroy(server, domid) == []
 
 
-def test_32_bit_highpte_kmap_slot_is_readonly_while_pinned(server):
-    """xen_kmap_atomic_pte on PAE: the pinned mm's highmem pte page is reached through a
-    read-only kmap slot; Xen refuses a writable one (-EBUSY), which it would allow were the
-    pgd not really pinned at L3."""
-    domid, run = run_guest(server, 1, "--highpte", "--scenario", "kmap-readonly", nr_pages=4096, address_size=32)
-    (report,) = run.reports
-    assert report["highmem_l1"] and report["writable_kmap_while_pinned"] == "EBUSY"
-    assert report["valid_entry_store_emulated"] and report["invalid_entry_store_fault"] == 3  # P|W
-    assert report["writable_kmap_after_unpin"]
-    assert audit_after_destroy(server, domid) == []
-
-
 @pytest.mark.parametrize("variant", ["current-cr3", "modern"])
 def test_a_32_bit_guest_runs_lifecycles_in_each_correct_variant(server, variant):
     """Half the children exit on the other vCPU. (`none` and `mask` hit the race here too, as
