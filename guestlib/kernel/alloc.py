@@ -76,7 +76,8 @@ def _scan_order(lo: int, hi: int, start: int) -> list[tuple[int, int]]:
 async def _refill(cpu: Cpu, highmem: bool, want: int) -> list[int]:
     """Claim up to `want` free pages: read the bitmap a page's worth of words per message
     from this CPU's own part on (fewer races, and a large guest costs no more than a small
-    one), then take the chosen bits of each word with one fetch_and."""
+    one), then take the chosen bits of each word with one fetch_and. Only bits of the zone
+    are chosen, so every bit cleared is a page returned."""
     kl = cpu.kl
     first, last = (kl.nr_lowmem, kl.nr_pages) if highmem else (kl.first_free_pfn, kl.nr_lowmem)
     lo, hi = first // _WORD, -(-last // _WORD)
@@ -91,6 +92,7 @@ async def _refill(cpu: Cpu, highmem: bool, want: int) -> list[int]:
         reads = await cpu.send(*(ops.read(kl.bitmap.va(8 * a), 8 * (b - a)) for a, b in batch))
         for (a, b), read in zip(batch, reads):
             for w, word in enumerate(struct.unpack(f"<{b - a}Q", checked(cpu, "alloc_pages", read)), a):
+                word &= _zone_mask(w, first, last)
                 while word and count < want:
                     low = word & -word  # the lowest free page of the word
                     claim[w] = claim.get(w, 0) | low
@@ -102,5 +104,12 @@ async def _refill(cpu: Cpu, highmem: bool, want: int) -> list[int]:
     got = []
     for (w, bits), old in zip(claim.items(), olds):
         mine = checked(cpu, "alloc_pages", old) & bits
-        got += [w * _WORD + b for b in range(_WORD) if mine >> b & 1 and first <= w * _WORD + b < last]
+        got += [w * _WORD + b for b in range(_WORD) if mine >> b & 1]
     return got
+
+
+def _zone_mask(w: int, first: int, last: int) -> int:
+    """The bits of bitmap word `w` that are pfns in [first, last): the word holding the
+    lowmem/highmem boundary belongs to both zones, and a refill clears only bits it returns."""
+    lo, hi = max(first - w * _WORD, 0), min(last - w * _WORD, _WORD)
+    return (1 << hi) - (1 << lo)
