@@ -9,8 +9,8 @@ import trio
 
 from guestlib import Toolstack, connect
 from guestlib.kernel.alloc import REFILL_TRIES, _refill, alloc_pages, pcp_limits
-from guestlib.kernel.cpu import KernelBug
 from guestlib.kernel.boot import attach, start_of_day
+from guestlib.kernel.cpu import KernelBug
 from guestlib.paging import mode_of_start
 
 from .domain import TIMEOUT
