@@ -91,8 +91,9 @@ async def test_a_cpu_takes_the_pages_another_cpu_holds_in_its_pool_and_bugs_only
 
 
 def test_a_guest_whose_highmem_is_truly_gone_still_bugs_and_says_so(server):
-    """Three highmem pages for two vCPUs: the parents' pte pages take two, a child's the third,
-    and its heap's pte page finds none anywhere, drained pools included."""
-    domid, run = run_guest(server, 2, "--highpte", "--lifecycles", "2", "--seconds", "60", nr_pages=4096, highmem_pages=3)
-    assert run.bugs and all("in alloc_pages: out of highmem" in bug for bug in run.bugs), run.bugs
+    """Two highmem pages: the parent's pte page takes one, its child's the other, and the
+    child's heap pte page finds none (one vCPU, so the outcome does not depend on timing; the
+    drained case is the test above)."""
+    domid, run = run_guest(server, 1, "--highpte", "--lifecycles", "2", "--seconds", "60", nr_pages=4096, highmem_pages=2)
+    assert len(run.bugs) == 1 and "in alloc_pages: out of highmem: 1 pages wanted, 0 in this CPU's pool" in run.bugs[0], run.bugs
     assert audit_after_destroy(server, domid) == []
