@@ -24,7 +24,7 @@ from .smp import call_function
 
 _WORD = 64
 _WORDS_PER_PAGE = PAGE_SIZE // 8
-REFILL_TRIES = 8  # empty refills in a row, each after draining every CPU's pools, before a BUG
+REFILL_TRIES = 8  # empty refills in a row, with every CPU's pools drained between them, before a BUG
 DRAIN_PAGES = 2  # the call-function number of drain_local_pages
 
 
