@@ -77,7 +77,10 @@ PAGEINFO_SIZE = 4  # u32 per pfn: flags in the low byte, map count above (PAGE_C
 PG_PINNED, PG_TABLE, PG_RESERVED = 1, 2, 4
 PAGE_COUNT_ONE = 1 << 8
 
-STATS = ("lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs", "ballooned_out", "ballooned_in", "pte_allocs")
+STATS = (
+    "lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs",
+    "ballooned_out", "ballooned_in", "pte_allocs", "drains",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from ..hypercalls import ops
+from .alloc import drain_pages
 from .balloon import Balloon
 from .boot import OFFLINE, ONLINE, STOPPED, answer_pending_calls
 from .cpu import Cpu, KernelBug, Panicked, checked
@@ -233,6 +234,7 @@ class Workload:
             await self._drain_incoming()
             await self._run_user(parent)
             await exit_mmap(cpu, parent)  # this CPU is on swapper from here on
+            drain_pages(cpu)  # page_alloc_cpu_dead: an offline CPU's pools go back (docs/linux.md section 15)
             batch = cpu.msg()
             cpu.set_percpu(batch, "online", OFFLINE)
             await batch.flush()
