@@ -91,6 +91,8 @@ class Smp:
         """generic_smp_call_function_interrupt: run every slot addressed to this CPU, then
         acknowledge each (`done`) and kick its initiator, in the upcall's last message."""
         cpu, kl = self.cpu, self.cpu.kl
+        if cpu.mirror.get("online") == OFFLINE:  # given up by their initiators (docs/linux.md section 15)
+            return
         data = checked(cpu, "call_function", slots)
         for src in range(kl.nr_cpus):
             func, arg, seq, done = struct.unpack_from("<4Q", data, CSD.size * src)
