@@ -55,10 +55,10 @@ async def _run(client, vcpu: int, variant: str, highpte: bool, config: WorkloadC
     async with trio.open_nursery() as nursery:
         await nursery.start(kernel.smp.upcall_loop)
         await kernel.smp.events.local_irq_enable()
-        if kernel.restarted:
+        if kernel.restarted and not kernel.offline:
             async with kernel.cpu.irq:
                 await kernel.smp.events.recover()
-            await answer_pending_calls(kernel)
+                await answer_pending_calls(kernel)
         if progress:
             nursery.start_soon(_report_progress, kernel, progress)
         report = await (scenarios.run(kernel, scenario) if scenario else run(kernel, config))

@@ -68,6 +68,20 @@ SCENARIOS = {
         "the restarted vCPU 1 finished its interrupted switch as it attached, so by the time "
         "exit_mmap ran, no cr3 held T's pgd, whatever the variant.",
     ),
+    "offline-call": Scenario(
+        2,
+        "a CPU going offline with a drop_mm_ref addressed to it: the call runs before it leaves",
+        "vCPU 1 runs T, hands it over and stays lazy on T's mm; then it reaches the end of its "
+        "work and goes offline with interrupts off. vCPU 0 exits T meanwhile, and its drop_mm_ref "
+        "asks vCPU 1 to leave T's pgd, then waits for vCPU 1's acknowledgement or for it to be "
+        "offline. Once T is freed, vCPU 0 asks the now offline vCPU 1 to drop T once more.",
+        ("none",),
+        "`none` sent vCPU 1 no IPI, and Xen still had T's pgd as its cr3 when exit_mmap unpinned "
+        "it: -EBUSY on the remap, a kernel BUG.",
+        "vCPU 1 ran the drop_mm_ref before it counted as offline (Linux's dying CPU flushes its "
+        "call queue first), so exit_mmap found no cr3 on T's pgd; the second call, which found "
+        "vCPU 1 offline, never ran, so nothing read T's freed mm.",
+    ),
     "kmap-readonly": Scenario(
         1,
         "highpte: a pinned pte page is reachable only through a read-only kmap slot",

@@ -53,6 +53,7 @@ class Kernel:
     def __init__(self, cpu: Cpu, pt: PageTables, smp: Smp, variant: str, highpte: bool):
         self.cpu, self.pt, self.smp, self.variant, self.highpte = cpu, pt, smp, variant, highpte
         self.restarted = False  # this process took over a vCPU whose process had died
+        self.offline = False  # ... and that vCPU had gone offline (see _restore)
         cpu.kernel = self
 
 
@@ -223,11 +224,9 @@ async def _restore(kernel: Kernel) -> None:
         load_cr3(cpu, cpu.loaded)
         await cpu.flush_lazy()
     kernel.restarted = bool(cpu.mirror["online"])
-    if cpu.mirror["online"] == OFFLINE:  # killed after going offline: it had counted as stopped
-        cpu.mirror["online"] = STOPPED
-        batch = cpu.msg()
-        cpu.set_percpu(batch, "online", STOPPED)
-        await batch.flush()
+    # Killed after going offline: it stays offline, runs no call and does no work, since the
+    # calls still addressed to it were given up by their initiators (docs/linux.md section 16).
+    kernel.offline = cpu.mirror["online"] == OFFLINE
     if not kernel.restarted:
         batch = cpu.msg()
         cpu.set_percpu(batch, "online", ONLINE)
@@ -235,12 +234,13 @@ async def _restore(kernel: Kernel) -> None:
 
 
 async def answer_pending_calls(kernel: Kernel) -> None:
-    """A restarted CPU runs the calls its predecessor took off the event bitmap but died
-    before acknowledging, or their initiators would wait forever."""
-    async with kernel.cpu.irq:
-        batch = kernel.cpu.msg()
-        slots = kernel.smp._read_slots(batch)
-        await batch.flush()
-        tail = kernel.cpu.msg()
-        await kernel.smp._callfunc(0, tail, slots)
-        await tail.flush()
+    """Run every call addressed to this CPU that it has not acknowledged, with interrupts off
+    (the caller holds them): a restarted CPU's, whose predecessor took them off the event
+    bitmap but died first, or their initiators would wait forever; a CPU's about to go offline
+    (Workload.go_offline)."""
+    batch = kernel.cpu.msg()
+    slots = kernel.smp._read_slots(batch)
+    await batch.flush()
+    tail = kernel.cpu.msg()
+    await kernel.smp._callfunc(0, tail, slots)
+    await tail.flush()

@@ -13,6 +13,10 @@ any (docs/xen.md section 11: -EBUSY on the writable remap of the pgd after UNPIN
 - `killed-mid-switch`: as `stale-cr3`, but vCPU 1's process SIGKILLs itself in the window; a
   new process for vCPU 1 must finish the switch when it attaches (memory names the new pgd,
   Xen still has T's), so every variant succeeds once it is back.
+- `offline-call`: vCPU 1, lazy on T's mm, goes offline (the end of its workload) while vCPU 0's
+  drop_mm_ref for T is addressed to it; the call must run before vCPU 1 counts as offline,
+  and a call that finds it offline must never run, since its initiator stopped waiting and
+  freed T (docs/linux.md section 16). Every variant that sends IPIs succeeds.
 """
 
 import os
@@ -25,15 +29,15 @@ import trio
 from ..hypercalls import ops
 from ..xen import MmuextCmd
 from .cpu import Cpu, KernelBug, checked
-from .mm import fork, mm_alloc, new_id, pin, touch
+from .mm import MM_FREE, Mm, fork, mm_alloc, mm_va, new_id, pin, touch
 from .pgtable import PAGE_KERNEL
 from .sched import leave_lazy, switch_mm
-from .shootdown import exit_mmap
+from .shootdown import DROP_MM_REF, exit_mmap
 from .smp import call_function
 from .workload import WRITTEN, Task, Workload, WorkloadConfig
 
-SCENARIOS = ("lazy-exit", "stale-cr3", "killed-mid-switch", "kmap-readonly", "ipi-rtt")
-NOP = 2  # a call function that does nothing: the IPI round trip alone
+SCENARIOS = ("lazy-exit", "stale-cr3", "killed-mid-switch", "offline-call", "kmap-readonly", "ipi-rtt")
+NOP = 3  # a call function that does nothing: the IPI round trip alone (1 and 2 are the kernel's)
 IPI_ROUNDS = 60
 HANDED_OVER, SWITCH_QUEUED, RELEASE, FINISHED = 1, 2, 3, 4  # barrier words in the control area
 
@@ -42,18 +46,19 @@ def _barrier_va(cpu: Cpu, barrier: int) -> int:
     return cpu.kl.kglobal("control")[0] + 8 * barrier
 
 
-async def signal(cpu: Cpu, barrier: int) -> None:
-    """Set `barrier`. The barriers are the test's, not the kernel's: their messages go
-    straight to the client, so they do not flush a cr3 switch queued in the lazy batch."""
-    await cpu.client.submit([ops.store(_barrier_va(cpu, barrier), 1)])
+async def signal(cpu: Cpu, barrier: int, value: int = 1) -> None:
+    """Set `barrier` (to a nonzero `value` the waiter gets). The barriers are the test's, not
+    the kernel's: their messages go straight to the client, so they do not flush a cr3 switch
+    queued in the lazy batch."""
+    await cpu.client.submit([ops.store(_barrier_va(cpu, barrier), value)])
 
 
-async def wait_for(cpu: Cpu, barrier: int) -> None:
-    """Spin (yielding the vCPU) until another vCPU signals `barrier`."""
+async def wait_for(cpu: Cpu, barrier: int) -> int:
+    """Spin (yielding the vCPU) until another vCPU signals `barrier`; its value."""
     while True:
         loaded, _ = await cpu.client.submit([ops.load(_barrier_va(cpu, barrier)), ops.sched_yield()])
-        if checked(cpu, "wait_for", loaded):
-            return
+        if value := checked(cpu, "wait_for", loaded):
+            return value
         await trio.sleep(0.01)
 
 
@@ -131,14 +136,10 @@ async def _ipi_rtt(kernel) -> dict:
     return {"vcpu": 0, "scenario": "ipi-rtt", "ipi_rtt_us": ipi_us, "hypercall_rtt_us": hypercall_us, "rounds": IPI_ROUNDS, "bug": None}
 
 
-async def _victim(kernel, scenario: str) -> dict:
-    """vCPU 1: run T, hand it over, then sit in the window the scenario is about."""
+async def _hand_over(kernel, workload: Workload) -> tuple[Mm, Mm]:
+    """vCPU 1 runs a task T in a child of its own parent, then hands T to vCPU 0 and stays
+    lazy on T's mm (a kernel thread runs here now, borrowing it): the parent and T's mm."""
     cpu, pt = kernel.cpu, kernel.pt
-    if kernel.restarted:  # killed-mid-switch, second life: attach has finished the switch
-        await signal(cpu, SWITCH_QUEUED)
-        await wait_for(cpu, FINISHED)
-        return {"vcpu": 1, "scenario": scenario, "bug": None}
-    workload = Workload(kernel, WorkloadConfig())
     async with cpu.irq:
         batch = cpu.msg()
         parent = await mm_alloc(cpu, pt, batch, await new_id(cpu, "mm"), {})
@@ -148,7 +149,23 @@ async def _victim(kernel, scenario: str) -> dict:
         task = Task(await new_id(cpu, "task"), child, 42)
         await switch_mm(cpu, child)
         await touch(cpu, pt, child, task.id, task.generation, WRITTEN)
-        await workload._migrate(task, 0)  # a kernel thread runs here now, borrowing T's mm
+        await workload._migrate(task, 0)
+    return parent, child
+
+
+async def _victim(kernel, scenario: str) -> dict:
+    """vCPU 1: run T, hand it over, then sit in the window the scenario is about."""
+    cpu = kernel.cpu
+    if kernel.offline:  # offline-call, second life: an offline CPU stays offline
+        return {"vcpu": 1, "scenario": scenario, "bug": None}
+    if kernel.restarted:  # killed-mid-switch, second life: attach has finished the switch
+        await signal(cpu, SWITCH_QUEUED)
+        await wait_for(cpu, FINISHED)
+        return {"vcpu": 1, "scenario": scenario, "bug": None}
+    workload = Workload(kernel, WorkloadConfig())
+    parent, t_mm = await _hand_over(kernel, workload)
+    if scenario == "offline-call":
+        return await _go_offline_asked_to_drop(kernel, workload, parent, t_mm)
     if scenario == "lazy-exit":  # idle with interrupts on, still on T's pgd
         await signal(cpu, HANDED_OVER)
         await wait_for(cpu, FINISHED)
@@ -170,6 +187,39 @@ async def _victim(kernel, scenario: str) -> dict:
     return {"vcpu": 1, "scenario": scenario, "bug": None}
 
 
+async def _go_offline_asked_to_drop(kernel, workload: Workload, parent: Mm, t_mm: Mm) -> dict:
+    """offline-call, vCPU 1: goes offline (Workload.go_offline) while lazy on T's mm, with
+    vCPU 0's drop_mm_ref for T posted just after its interrupts went off; it takes interrupts
+    again only once vCPU 0 has freed T and posted it one more drop_mm_ref for T."""
+    cpu = kernel.cpu
+
+    async def hold(point: str, cpu: Cpu) -> None:
+        if point == "finish:irqs_off":  # still on T's pgd: vCPU 0's shootdown asks this CPU
+            await signal(cpu, HANDED_OVER, t_mm.id)
+            await wait_for(cpu, RELEASE)
+        elif point == "finish:offline":
+            await wait_for(cpu, FINISHED)
+
+    cpu.hook = hold
+    async with cpu.irq:
+        await workload.go_offline(parent)
+    async with cpu.irq:  # the lock is fair: the upcall that waited for it runs first
+        pass
+    return {"vcpu": 1, "scenario": "offline-call", "bug": None, "calls_run": cpu.stats["ipis_handled"]}
+
+
+async def _call_the_offline_cpu(kernel, t_mm: int) -> None:
+    """offline-call, vCPU 0, after exiting T: wait until T is freed (mmdrop, then pgd_free, in
+    this CPU's next messages), then ask vCPU 1, offline by now, to drop T once more, as an
+    initiator that chose it just before it went offline would."""
+    cpu = kernel.cpu
+    while True:
+        (state,) = await cpu.send(ops.load(mm_va(cpu, t_mm, "state")))
+        if checked(cpu, "offline-call", state) == MM_FREE:
+            break
+    await kernel.smp.call_function_many([1], DROP_MM_REF, t_mm, wait=True)
+
+
 async def _exiter(kernel, scenario: str) -> dict:
     """vCPU 0: take T once vCPU 1 is in its window, finish it, report what exit_mmap did."""
     cpu = kernel.cpu
@@ -178,13 +228,15 @@ async def _exiter(kernel, scenario: str) -> dict:
         if point in ("call_function:sent", "exit_mmap:done"):
             await signal(cpu, RELEASE)
 
-    await wait_for(cpu, HANDED_OVER if scenario == "lazy-exit" else SWITCH_QUEUED)
+    handed_over = await wait_for(cpu, HANDED_OVER if scenario in ("lazy-exit", "offline-call") else SWITCH_QUEUED)
     cpu.hook = release_victim
     workload = Workload(kernel, WorkloadConfig())
     bug = None
     try:
         async with cpu.irq:
             await workload._drain_incoming()
+            if scenario == "offline-call":
+                await _call_the_offline_cpu(kernel, handed_over)
     except KernelBug as e:
         bug = str(e)
     await signal(cpu, FINISHED)

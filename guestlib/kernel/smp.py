@@ -28,9 +28,13 @@ FUNCTIONS: dict[int, CallFunc] = {}
 
 
 def call_function(number: int):
-    """Register a function other CPUs may run here (its number travels in the csd slot)."""
+    """Register a function other CPUs may run here (its number travels in the csd slot). The
+    modules that register one choose its number; a second claim of a number is refused at
+    import, or one module's calls would silently run the other's function."""
 
     def register(fn: CallFunc) -> CallFunc:
+        if number in FUNCTIONS:
+            raise ValueError(f"call-function number {number} is {FUNCTIONS[number].__qualname__}'s, not free for {fn.__qualname__}")
         FUNCTIONS[number] = fn
         return fn
 
@@ -91,6 +95,8 @@ class Smp:
         """generic_smp_call_function_interrupt: run every slot addressed to this CPU, then
         acknowledge each (`done`) and kick its initiator, in the upcall's last message."""
         cpu, kl = self.cpu, self.cpu.kl
+        if cpu.mirror.get("online") == OFFLINE:  # given up by their initiators (docs/linux.md section 16)
+            return
         data = checked(cpu, "call_function", slots)
         for src in range(kl.nr_cpus):
             func, arg, seq, done = struct.unpack_from("<4Q", data, CSD.size * src)

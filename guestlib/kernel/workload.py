@@ -75,6 +75,8 @@ class Workload:
 
     async def run(self) -> None:
         cpu = self.cpu
+        if self.k.offline:  # its process died after the CPU went offline: its work is done
+            return
         deadline = cpu.client.clock() + self.config.seconds if self.config.until is None else self.config.until
         async with cpu.irq:
             await self._load_rings()
@@ -231,14 +233,24 @@ class Workload:
                 break
             await cpu.client.relax(0.005)
         async with cpu.irq:
-            await self._drain_incoming()
-            await self._run_user(parent)
-            await exit_mmap(cpu, parent)  # this CPU is on swapper from here on
-            drain_pages(cpu)  # page_alloc_cpu_dead: an offline CPU's pools go back (docs/linux.md section 15)
-            batch = cpu.msg()
-            cpu.set_percpu(batch, "online", OFFLINE)
-            await batch.flush()
-        await answer_pending_calls(self.k)  # calls posted before it went offline
+            await self.go_offline(parent)
+
+    async def go_offline(self, parent: Mm) -> None:
+        """This CPU's last work, with interrupts off (the caller holds them): finish what was
+        handed over, exit its own parent, run every call still addressed to it, and only then
+        count as offline. An initiator stops waiting for an offline CPU and may free what its
+        call names, so from OFFLINE on this CPU runs no call (docs/linux.md section 16)."""
+        cpu = self.cpu
+        await cpu.hook("finish:irqs_off", cpu)
+        await self._drain_incoming()
+        await self._run_user(parent)
+        await exit_mmap(cpu, parent)  # this CPU is on swapper from here on
+        await answer_pending_calls(self.k)  # smpcfd_dying_cpu: nothing left pending when it goes
+        drain_pages(cpu)  # page_alloc_cpu_dead: an offline CPU's pools go back (docs/linux.md section 15)
+        batch = cpu.msg()
+        cpu.set_percpu(batch, "online", OFFLINE)
+        await batch.flush()
+        await cpu.hook("finish:offline", cpu)
 
 
 async def run(kernel, config: WorkloadConfig) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from guestlib.paging import lowmem_pages
 from hypervisor.core.hypervisor import RESERVED_FRAMES
 from tests.support.server import start_server
-from xensim.launch import run, started, vcpu_command
+from xensim.launch import run, run_vcpus, started, vcpu_command
 from xensim.v1 import common_pb2, toolstack_pb2
 
 from .kernel import VCPU_TIMEOUT, audit_after_destroy, run_guest
@@ -85,6 +85,24 @@ def test_a_vcpu_killed_between_switch_mm_messages_finishes_the_switch_on_restart
     victim, report = (json.loads(text.strip().splitlines()[-1]) for text in (second.stdout, out))
     assert victim["restarted"] and victim["bug"] is None and second.returncode == 0, second.stderr
     assert report["bug"] is None and report["lifecycles"] == 1 and exiter.process.returncode == 0, err
+    assert audit_after_destroy(server, domain.domid) == []
+
+
+@pytest.mark.parametrize("variant", ["mask", "current-cr3", "modern"])
+def test_a_cpu_going_offline_runs_its_pending_calls_first_and_none_after(server, variant):
+    """offline-call (docs/linux.md section 16): vCPU 1 goes offline with vCPU 0's drop_mm_ref
+    for T addressed to it. It must run the call before it writes OFFLINE: vCPU 0 stops waiting
+    for an offline CPU and frees T. A second drop_mm_ref for the freed T, which finds vCPU 1
+    offline, must never run (its IPI arrives once vCPU 1's interrupts are on again), and a new
+    process for the offline vCPU 1 must not run it either: either would BUG in read_mm."""
+    domain = server.create_domain(nr_pages=4096, nr_vcpus=2)
+    args = ("--variant", variant, "--scenario", "offline-call")
+    first = run_vcpus(server.address, domain.token, 2, *args)
+    assert first.bugs == [] and first.returncodes == [0, 0], first.stderr
+    assert first.reports[0]["lifecycles"] == 1 and first.reports[1]["calls_run"] == 1
+    again = run(vcpu_command(server.address, domain.token, 1, *args), timeout=VCPU_TIMEOUT)
+    report = json.loads(again.stdout.strip().splitlines()[-1]) if again.stdout.strip() else {}
+    assert again.returncode == 0 and report.get("restarted") and report.get("bug") is None, again.stderr
     assert audit_after_destroy(server, domain.domid) == []
 
 
