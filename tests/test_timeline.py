@@ -193,6 +193,17 @@ def test_scan_draws_a_preempted_call_where_it_ends_and_its_stops_as_such():
     assert [b for b in timeline.bands if b[3] == guest.l4][0][0] == (guest.domid, 0)
 
 
+def test_a_vm_assist_line_names_its_command_and_assist():
+    """The kernel's first call at boot reads as what it does, not as its numbers."""
+    hv = Hypervisor(nr_frames=1 << 14)
+    out = io.BytesIO()
+    hv.tracer = TraceWriter(hv, out)
+    guest = Guest(hv, nr_pages=1024)  # turns writable_pagetables on, as Linux does at boot
+    hv.tracer.close()
+    lines = [line for c in scan(records(out.getvalue())).calls if c.lane == (guest.domid, 0) for line in c.lines]
+    assert "vm_assist enable writable_pagetables" in lines
+
+
 def test_a_controlled_runs_step_records_are_not_calls():
     """A controlled run's trace holds {"sched": ...} records beside the calls (docs/schedule.md
     section 5): the timeline (and `trace export`, which scans with it) skips them, counting

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypervisor.core.abi import PAGE_SHIFT, PTE_MFN_MASK, MmuextCmd
+from hypervisor.core.abi import PAGE_SHIFT, PTE_MFN_MASK, VMASST_TYPE_NAMES, MmuextCmd, VMASST_CMD_disable, VMASST_CMD_enable
 from hypervisor.core.paging import MODES
 from hypervisor.core.trace import TraceError
 from hypervisor.server.tracing import read_trace
@@ -28,6 +28,7 @@ FOCUS_BEFORE, FOCUS_COUNT = 200, 400  # the window --focus draws around its call
 MFN_ARG_CMDS = {MmuextCmd.UNPIN_TABLE, MmuextCmd.NEW_BASEPTR, MmuextCmd.NEW_USER_BASEPTR, MmuextCmd.CLEAR_PAGE, MmuextCmd.COPY_PAGE}
 MMUEXT_NAMES = {cmd.value: cmd.name for cmd in MmuextCmd}
 MEMORY_OPS = {"load", "store", "atomic", "read", "write"}
+_VMASST_CMDS = {VMASST_CMD_enable: "enable", VMASST_CMD_disable: "disable"}
 PIN_CMDS = {MmuextCmd.PIN_L1_TABLE, MmuextCmd.PIN_L2_TABLE, MmuextCmd.PIN_L3_TABLE, MmuextCmd.PIN_L4_TABLE}
 FLUSH_CMDS = {MmuextCmd.TLB_FLUSH_LOCAL, MmuextCmd.INVLPG_LOCAL, MmuextCmd.TLB_FLUSH_MULTI, MmuextCmd.INVLPG_MULTI, MmuextCmd.TLB_FLUSH_ALL, MmuextCmd.INVLPG_ALL}
 # What a call's marker shows when it did several things, most telling first.
@@ -234,7 +235,12 @@ class _Scanner:
                 call.mfns.update((ptr >> PAGE_SHIFT, (val & PTE_MFN_MASK) >> PAGE_SHIFT))
             if op == "update_va_mapping":
                 call.mfns.add((args["val"] & PTE_MFN_MASK) >> PAGE_SHIFT)
-            size = f" ({len(args['reqs'])} entries)" if op == "mmu_update" else f" {args['cmd']}" if "cmd" in args else ""
+            if op == "mmu_update":
+                size = f" ({len(args['reqs'])} entries)"
+            elif op == "vm_assist":  # enable writable_pagetables, not "0"
+                size = f" {_VMASST_CMDS.get(args['cmd'], args['cmd'])} {VMASST_TYPE_NAMES.get(args['type'], args['type'])}"
+            else:
+                size = f" {args['cmd']}" if "cmd" in args else ""
             call.lines.append(f"{indent}{op}{size}")
         if error:
             self._failed(call, error, op)

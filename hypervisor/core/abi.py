@@ -119,6 +119,7 @@ VMASST_TYPE_pae_extended_cr3 = 3
 VMASST_TYPE_architectural_iopl = 4
 VMASST_TYPE_runstate_update_flag = 5
 VMASST_TYPE_m2p_strict = 32
+VMASST_TYPE_NAMES = {value: name.removeprefix("VMASST_TYPE_") for name, value in dict(globals()).items() if name.startswith("VMASST_TYPE_")}
 PV32_VM_ASSIST_MASK = sum(1 << t for t in (VMASST_TYPE_4gb_segments, VMASST_TYPE_4gb_segments_notify, VMASST_TYPE_writable_pagetables,
                                            VMASST_TYPE_pae_extended_cr3, VMASST_TYPE_architectural_iopl, VMASST_TYPE_runstate_update_flag))
 PV64_VM_ASSIST_MASK = PV32_VM_ASSIST_MASK | 1 << VMASST_TYPE_m2p_strict
