@@ -20,7 +20,6 @@ def _stress(tmp_path, *args: str) -> tuple[dict, int]:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("size", ["64", "32"])
-@pytest.mark.xfail(strict=True, reason="a restarted vCPU does not yet take over its predecessor's mms: leaked_mms > 0")
 def test_a_killed_vcpus_mms_are_exited_by_its_restarted_process(tmp_path, size):
     report, status = _stress(tmp_path, "--schedule", "pct:3", "--address-sizes", size)
     assert report["killed_vcpus"] >= 1 and report["kernel_bugs"] == [] and report["unfinished_vcpus"] == 0
