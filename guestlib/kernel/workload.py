@@ -156,14 +156,8 @@ class Workload:
 
     async def _lifecycle(self, parent: Mm) -> None:
         cpu, k = self.cpu, self.k
-        await self._run_user(parent)  # the parent forks: copy_process claims the slots
-        batch = cpu.msg()  # as dup_mmap reads the parent's L1
-        task_id, mm_id = claim(cpu, batch, "task"), claim(cpu, batch, "mm")
-        parent_l1 = read_l1(cpu, k.pt, parent.l1, batch, "fork")
-        await batch.flush()
-        child_id = await mm_id()
-        task = Task(await task_id(), Mm(child_id), self.rng.randrange(1 << 32))
-        task.mm = await fork(cpu, k.pt, parent, child_id, list(range(SHARED_PAGES)), parent_l1(), record=lambda batch: self._record(batch, task))
+        await self._run_user(parent)
+        task = await self._fork_child(parent)
         await self._preempt()
         await self._run_user(task.mm)
         await touch(cpu, k.pt, task.mm, task.id, task.generation, WRITTEN)
@@ -171,6 +165,19 @@ class Workload:
         others = [c for c in range(cpu.kl.nr_cpus) if c != cpu.id]
         if not (others and self.rng.random() < self.config.migrate and await self._migrate(task, self.rng.choice(others))):
             await self._finish_task(task)
+
+    async def _fork_child(self, parent: Mm) -> Task:
+        """The parent forks: copy_process claims a task and an mm slot as dup_mmap reads the
+        parent's L1, then fork builds the child (`_record` names the task in its message)."""
+        cpu, k = self.cpu, self.k
+        batch = cpu.msg()
+        task_id, mm_id = claim(cpu, batch, "task"), claim(cpu, batch, "mm")
+        parent_l1 = read_l1(cpu, k.pt, parent.l1, batch, "fork")
+        await batch.flush()
+        child_id = await mm_id()
+        task = Task(await task_id(), Mm(child_id), self.rng.randrange(1 << 32))
+        task.mm = await fork(cpu, k.pt, parent, child_id, list(range(SHARED_PAGES)), parent_l1(), record=lambda batch: self._record(batch, task))
+        return task
 
     def _record(self, batch, task: Task) -> None:
         """copy_process's task, running here, in the message that makes its mm live: the task
