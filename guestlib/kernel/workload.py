@@ -131,6 +131,7 @@ class Workload:
         had forked or taken and not yet freed, as a killed process's exit ends them: from
         whatever step it reached, with no data to check."""
         cpu, kl = self.cpu, self.cpu.kl
+        await self.k.smp.wait_posted()
         await release_claims(cpu)
         for field in ("task", "incoming"):
             task_id = cpu.mirror.get(field)

@@ -10,12 +10,13 @@ import pytest
 import trio
 
 from guestlib import Toolstack, connect
+from guestlib.kernel.alloc import DRAIN_PAGES
 from guestlib.kernel.boot import attach, start_of_day
 from guestlib.kernel.layout import MAX_MMS, MAX_TASKS
 from guestlib.kernel.mm import MM_FREE, claim, touch
 from guestlib.kernel.shootdown import exit_mmap
 from guestlib.kernel.workload import WRITTEN, Workload, WorkloadConfig
-from guestlib.paging import MODES, lowmem_pages
+from guestlib.paging import MODES, lowmem_pages, mode_of_start
 
 from .domain import TIMEOUT
 
@@ -88,3 +89,49 @@ async def test_a_restarted_vcpu_ends_what_its_predecessor_was_killed_holding(ser
             assert (await xl.domain_summary(created.domid)).pinned_pagetables == 1
             await xl.destroy_domain(created.domid)
             assert await xl.audit() == []
+
+
+async def test_a_restarted_vcpu_waits_for_the_calls_its_predecessor_posted(server):
+    """vCPU 0's first process posts a call to vCPU 1, which has interrupts off, and dies before
+    the acknowledgement. Its restart may free what the call names (the task whose exit was
+    waiting), so it waits for the acknowledgement first, as its predecessor was waiting."""
+    with trio.fail_after(3 * TIMEOUT):
+        async with Toolstack(server.address, server.admin_token) as xl:
+            created = await xl.create_domain(nr_pages=2048, nr_vcpus=2)
+            async with connect(server.address, created.token, 1) as client1, trio.open_nursery() as nursery:
+                async with connect(server.address, created.token, 0) as client:
+                    mode = mode_of_start(await client.wait_started())
+                    await start_of_day(client, mode, "modern", highpte=False)
+                    first = await attach(client, mode, 0)
+                    await first.smp.call_function_many([1], DRAIN_PAGES, 0, wait=False)
+                await client1.wait_started()
+                cpu1 = (await _running(nursery, client1, mode, 1, irqs_off=True)).cpu  # the call waits
+                async with connect(server.address, created.token, 0) as client:
+                    second = await _running(nursery, client, mode, 0)
+                    assert second.restarted and second.smp.seq[1] == 1
+                    waited = trio.Event()
+
+                    async def wait() -> None:
+                        async with second.cpu.irq:
+                            await second.smp.wait_posted()
+                        waited.set()
+
+                    nursery.start_soon(wait)
+                    await trio.sleep(0.3)
+                    assert not waited.is_set()
+                    cpu1.irq.release()
+                    await waited.wait()
+                    nursery.cancel_scope.cancel()
+            await xl.destroy_domain(created.domid)
+            assert await xl.audit() == []
+
+
+async def _running(nursery, client, mode, vcpu: int, irqs_off: bool = False):
+    """vCPU `vcpu` attached, its upcall loop running and upcalls unmasked (with `irqs_off`,
+    holding its interrupt lock, so no handler runs until the caller releases it)."""
+    kernel = await attach(client, mode, vcpu)
+    if irqs_off:
+        await kernel.cpu.irq.acquire()
+    await nursery.start(kernel.smp.upcall_loop)
+    await kernel.smp.events.local_irq_enable()
+    return kernel
