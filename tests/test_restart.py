@@ -14,7 +14,7 @@ SMALL = ("stress", "--domains", "1", "--vcpus", "2", "--pages", "1024", "--steps
 def _stress(tmp_path, *args: str) -> tuple[dict, int]:
     """A small controlled stress run with scheduled kills; its report and exit status."""
     report_file = tmp_path / "report.json"
-    done = run(xensim_command(*SMALL, *args, "--json", str(report_file)), timeout=240)
+    done = run(xensim_command(*SMALL, *args, "--json", str(report_file), "--schedule-file", str(tmp_path / "schedule.json")), timeout=240)
     return json.loads(report_file.read_text()), done.returncode
 
 
