@@ -136,8 +136,8 @@ class Workload:
         for field in ("task", "incoming"):
             task_id = cpu.mirror.get(field)
             if task_id:
-                (task,) = await cpu.send(ops.read(kl.task(task_id, "state")[0], 8 * 6))
-                state, mm_id, _, _, _, _ = struct.unpack("<6Q", checked(cpu, "take over", task))
+                (task,) = await cpu.send(ops.read(kl.task(task_id, "state")[0], 16))
+                state, mm_id = struct.unpack("<2Q", checked(cpu, "take over", task))  # TASK's first two fields
                 if state != MM_LIVE:
                     raise cpu.bug("take over", f"task {task_id}, this CPU's {field}, is not live (state {state:#x})")
                 await self._end_exit(await read_mm(cpu, mm_id), field)
