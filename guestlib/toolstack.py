@@ -74,6 +74,10 @@ class Toolstack:
         """Every inconsistency the hypervisor finds in its own bookkeeping; [] when healthy."""
         return [f.message for f in (await self._call("Audit", toolstack_pb2.AuditRequest(domid=domid))).findings]
 
+    async def domain_summary(self, domid: int) -> toolstack_pb2.DomainSummaryResponse:
+        """Debug key 'q' condensed: the domain's frames by type, its pagetables, validated and pinned."""
+        return await self._call("DomainSummary", toolstack_pb2.DomainSummaryRequest(domid=domid))
+
     async def detach_session(self, domid: int, vcpu: int) -> bool:
         """End the vCPU's Session so another process can claim the vCPU; False if it had none."""
         return (await self._call("DetachSession", toolstack_pb2.DetachSessionRequest(domid=domid, vcpu=vcpu))).detached

@@ -198,7 +198,8 @@ def failure(report: dict) -> dict:
     message = next(iter(report["kernel_bugs"]), None) or next(iter(report["corruptions"]), None)
     if message is None:
         problems = [f for found in report["findings"].values() for f in found] or [f"{n} x {key}" for key, n in report["hypercall_errors"].items()]
-        message = problems[0] if problems else "vCPUs that did not finish"
+        leaked = [f"dom{d}: {n} mms still live after every vCPU finished" for d, n in report.get("leaked_mms", {}).items() if n]
+        message = problems[0] if problems else leaked[0] if leaked else "vCPUs that did not finish"
     vcpus = sorted({int(v) for v in re.findall(r"vCPUs? \[?(\d+)", message)} | {int(v) for group in re.findall(r"vCPUs \[([\d, ]+)\]", message) for v in group.split(",")})
     return {"message": message, "vcpus": vcpus, "hypercall_errors": report["hypercall_errors"]}
 

@@ -6,6 +6,7 @@ restarts them (a restarted vCPU re-attaches with the domain token and carries on
 memory), and at the end audits every domain, destroys them and audits the whole machine.
 `--address-sizes 32,64` mixes 32-bit PAE and 64-bit domains on one machine (cycled over the
 domains, as `--variant` is). The run fails (exit status 1) on any audit finding, data corruption, leaked frame, kernel BUG,
+mm still live in a domain whose vCPUs all finished cleanly (`leaked_mms`),
 unexpected hypercall error or vCPU that did not finish.
 """
 
@@ -25,7 +26,7 @@ from guestlib import Toolstack
 from guestlib.kernel.boot import EVTCHN_ABIS
 from guestlib.kernel.layout import BALLOON_SLOTS
 from guestlib.kernel.shootdown import VARIANTS
-from guestlib.paging import lowmem_pages
+from guestlib.paging import MODES, lowmem_pages
 from hypervisor.core.policy import STEP_QUANTUM_NS
 from hypervisor.server.config import ADMIN_TOKEN_ENV
 from xensim import schedule
@@ -230,6 +231,7 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
     for domid in run.domains:
         stale += sum(v.stale_tlb_hits for v in await xl.vcpu_info(domid))
     stats = await xl.stats()
+    leaked_mms = {str(domid): await _leaked_mms(xl, run, domid) for domid in run.domains if _finished_cleanly(run, domid)}
     # Every frame accounted for: a domain's destruction frees what it owned (tot_pages and its
     # shared-info page), and those frames, no more, no fewer, are free afterwards, with the
     # compat L4 of each vCPU of a 32-bit domain, which Xen owns (docs/pv32.md section 2).
@@ -256,6 +258,8 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         "kernel_bugs": [r["bug"] for r in reports if r.get("bug")],
         "first_bug_after_s": min((r["bug_after_s"] for r in reports if r.get("bug_after_s") is not None), default=None),
         "stale_tlb_hits": stale,
+        "leaked_mms": leaked_mms,  # by domid, of the domains whose vCPUs all finished cleanly
+        "leaked_mms_total": sum(leaked_mms.values()),
         "unfinished_vcpus": sum(1 for v in run.vcpus if v.report is None),
         "unfinished": [{"domid": v.domid, "vcpu": v.vcpu, "starts": v.starts, "progress": v.progress, "stderr": v.stderr_tail} for v in run.vcpus if v.report is None],
         "vcpu_reports": [{"domid": v.domid, "vcpu": v.vcpu, "starts": v.starts, "kills": v.kills, **(v.report or {})} for v in run.vcpus],
@@ -271,6 +275,26 @@ async def _finish(xl: Toolstack, run: StressRun) -> dict:
         "interrupted": run.interrupted,
         "evtchn": run.config.evtchn,
     }
+
+
+# The pagetables a domain's kernel keeps pinned once every process has exited: the boot
+# pagetable's top, pinned by the domain builder (64-bit: swapper's L4; PAE: its L3), measured
+# on clean runs of each size (docs/linux.md section 17).
+KERNEL_PINNED = {64: 1, 32: 1}
+
+
+def _finished_cleanly(run: StressRun, domid: int) -> bool:
+    """Whether every vCPU of the domain reported without a BUG: then its kernel exited every mm."""
+    return all(v.report is not None and not v.report.get("bug") for v in run.vcpus if v.domid == domid)
+
+
+async def _leaked_mms(xl: Toolstack, run: StressRun, domid: int) -> int:
+    """The mms a cleanly finished domain still holds: its pinned pagetables past the kernel's
+    own, one per pgd of an mm (64-bit PV pins a kernel and a user pgd, PAE one L3)."""
+    size = run.address_sizes[domid]
+    extra = (await xl.domain_summary(domid)).pinned_pagetables - KERNEL_PINNED[size]
+    per_mm = 1 + MODES[size].user_pgd
+    return -(-extra // per_mm)
 
 
 def wall_bound(config: StressConfig) -> float:
@@ -297,7 +321,7 @@ def failed(report: dict) -> bool:
     """The stress run's verdict: anything wrong at all."""
     return bool(
         report["audit_findings"] or report["data_corruptions"] or report["leaked_frames"] or report.get("unaccounted_frames") or report["unexpected_errors"]
-        or report["kernel_bugs"] or report["unfinished_vcpus"]
+        or report["kernel_bugs"] or report.get("leaked_mms_total") or report["unfinished_vcpus"]
     )  # fmt: skip
 
 
@@ -319,7 +343,7 @@ def main(args: argparse.Namespace) -> int:
     report |= plan.report(None if args.server else args.trace)
     sizes = "/".join(f"{size}-bit" for size in dict.fromkeys(config.address_sizes))
     print(f"{report['process_lifecycles']} process lifecycles in {report['seconds']:.1f} s on {config.domains} {sizes} domains of {config.vcpus} vCPUs")
-    for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus"):
+    for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "leaked_mms_total", "unfinished_vcpus", "killed_vcpus", "restarted_vcpus"):
         print(f"  {key.replace('_', ' '):<18} {report[key]}")
     for bug in report["kernel_bugs"]:
         print(f"  kernel BUG: {bug}")
@@ -334,9 +358,10 @@ def main(args: argparse.Namespace) -> int:
         report["explained"] = [e["data"] for e in explained]
         for e in explained:
             print(e["text"])
-    wrong = [key.replace("_", " ") for key in ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "kernel_bugs", "unfinished_vcpus") if report[key]]
+    verdict_keys = ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "leaked_mms_total", "kernel_bugs", "unfinished_vcpus")
+    wrong = [key.replace("_", " ") for key in verdict_keys if report[key]]
     print("verdict: " + ("INTERRUPTED (the report so far)" if report["interrupted"] else f"FAILED: {', '.join(wrong)}" if wrong else "OK"))
-    shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames")
+    shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "leaked_mms")
     shown += ("unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted", "schedule", "seed", "final_state_digest")
     print(json.dumps({k: report[k] for k in shown}))
     if args.json:

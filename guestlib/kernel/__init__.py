@@ -46,8 +46,9 @@ The messages of one process lifecycle (`workload`), and the dependency that forc
 
 A task that migrates instead ends after 7 with one message (task struct, ring slot and tail,
 the reschedule IPI, and this CPU's kernel thread borrowing the mm), after a preemption point.
-The CPU that takes it over needs three dependent reads (the ring slot, with its new head
-stored; the task's mm and generation; the mm struct), switch_mm, then 8 and 9; the first CPU's
+The CPU that takes it over needs three dependent reads (the ring slot; its new head stored,
+naming the task this CPU's, with the task's mm and generation read; the mm struct), switch_mm,
+then 8 and 9; the first CPU's
 next switch to its parent leaves lazy mode and puts the borrowed mm in the next message. So a
 local lifecycle is 9 messages and a migrated one 14, plus, now and then, a page-pool refill
 (a bitmap read, then fetch_and on the words chosen from it) or a slot claim that lost a race.

@@ -202,7 +202,7 @@ async def attach(client: HypercallClient, mode: PagingMode, vcpu_id: int, hook: 
     return kernel
 
 
-RESTORED = ("loaded_mm", "active_mm", "tlbstate", "xen_cr3", "xen_current_cr3", "online")
+RESTORED = ("loaded_mm", "active_mm", "tlbstate", "xen_cr3", "xen_current_cr3", "online", "parent_mm", "task", "incoming")
 
 
 async def _restore(kernel: Kernel) -> None:

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..hypercalls import Batch, HypercallClient, Op, Pending, XenError
+from ..hypercalls import Batch, HypercallClient, Op, Pending, XenError, ops
 from .layout import STATS, KernelLayout
 
 
@@ -176,6 +176,11 @@ class Cpu:
         self.mirror[field] = value
         va, size = self.kl.percpu(self.id, field)
         batch.store(va, value, size)
+
+    def set_percpu_later(self, field: str, value: int) -> None:
+        """A per-CPU field changed in this CPU's next message (with what it defers)."""
+        self.mirror[field] = value
+        self.defer(ops.store(self.kl.percpu(self.id, field)[0], value))
 
     def count(self, stat: str, n: int = 1) -> None:
         self.stats[stat] += n

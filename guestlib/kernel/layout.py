@@ -59,6 +59,9 @@ PERCPU = Struct(
     ("pool", 8 * POOL_SLOTS), ("hipool", 8 * POOL_SLOTS),
     ("vcpu_info", VCPU_INFO_SIZE),  # this vCPU's vcpu_info, registered at boot (xen_vcpu_setup)
     ("balloon_count", 8), ("balloon_state", 8), ("balloon", 8 * BALLOON_SLOTS),  # balloon.py: its pages, generation << 1 | given back
+    # What a restarted process of this CPU takes over (docs/linux.md section 17): its parent's mm
+    # id, the task it forked and runs, the task it took from a run queue (task ids; 0 = none).
+    ("parent_mm", 8), ("task", 8), ("incoming", 8),
     size=PAGE_SIZE,
 )  # fmt: skip
 MM = Struct(
@@ -79,7 +82,7 @@ PAGE_COUNT_ONE = 1 << 8
 
 STATS = (
     "lifecycles", "forks", "faults", "cow", "munmaps", "ipis_sent", "ipis_handled", "switches", "lazy", "migrations", "pins", "unpins", "bugs",
-    "ballooned_out", "ballooned_in", "pte_allocs", "drains",
+    "ballooned_out", "ballooned_in", "pte_allocs", "drains", "killed_tasks",
 )  # fmt: skip
 
 

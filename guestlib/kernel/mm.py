@@ -12,7 +12,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ..hypercalls import PageFault, Pending, ops
+from ..hypercalls import Batch, PageFault, Pending, ops
 from ..xen import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE, PTE_MFN_MASK, MmuCmd, MmuextCmd
 from .alloc import alloc_pages, free_pages
 from .cpu import Cpu, add, checked
@@ -21,7 +21,8 @@ from .pgtable import RW, US, USER_BASE, USER_TABLE, PageTables, slot
 
 P = 1
 PAGE_USER = P | RW | US | 0x60  # present, writable, user, accessed, dirty
-MM_FREE, MM_LIVE = 0, 1
+MM_FREE, MM_LIVE = 0, 1  # an mm or task slot's state (a task's LIVE is TASK_RUNNING)
+CLAIMED = 0x100  # | the claiming CPU: claimed, not yet recorded (docs/linux.md section 17)
 PFEC_PRESENT, PFEC_WRITE = 1, 2
 _U32 = 0xFFFFFFFF
 _MM_FORMAT = f"<9Q{MAX_TABLES}Q"
@@ -37,6 +38,7 @@ class Mm:
     user_pgd: int = 0
     tables: list[int] = field(default_factory=list)  # the pfns below its pgds from its start, the L1 last
     heap: int = 0  # the heap's pte page, which joins the pinned mm at its first fault (0: none)
+    users: int = 1  # as read from memory: 0 once exit_mmap has unpinned it
 
     @property
     def l1(self) -> int:
@@ -73,7 +75,7 @@ async def read_mm(cpu: Cpu, mm_id: int) -> Mm:
     fields = struct.unpack_from(_MM_FORMAT, checked(cpu, "read_mm", data))
     if fields[0] != MM_LIVE:
         raise cpu.bug("read_mm", f"mm {mm_id} is not live (state {fields[0]})")
-    return Mm(mm_id, fields[1], fields[2], list(fields[9 : 9 + fields[6]]), heap=fields[8])
+    return Mm(mm_id, fields[1], fields[2], list(fields[9 : 9 + fields[6]]), heap=fields[8], users=fields[4])
 
 
 _SLOTS = {"mm": (MAX_MMS, lambda cpu, i: mm_va(cpu, i, "state")), "task": (MAX_TASKS, lambda cpu, i: cpu.kl.task(i, "state")[0])}
@@ -81,8 +83,9 @@ _SLOTS = {"mm": (MAX_MMS, lambda cpu, i: mm_va(cpu, i, "state")), "task": (MAX_T
 
 def claim(cpu: Cpu, batch, kind: str) -> Callable[[], Awaitable[int]]:
     """Claim a free mm or task slot (1..limit-1) in `batch`: a candidate is ours only if
-    cmpxchg moves its state from free to live (a slot whose mm a lazy CPU still holds is
-    skipped). Candidates come round-robin from a cursor of this CPU's, started where the other
+    cmpxchg moves its state from free to CLAIMED by this CPU (a slot whose mm a lazy CPU
+    still holds is live, and skipped); the message that records it makes it live, and a
+    restarted CPU frees what its predecessor claimed but never recorded (`release_claims`). Candidates come round-robin from a cursor of this CPU's, started where the other
     CPUs' are farthest away, so the first try seldom fails and costs no message of its own.
     Await the returned function once `batch` is answered: it tries further candidates, one
     message each, until one is free."""
@@ -92,7 +95,7 @@ def claim(cpu: Cpu, batch, kind: str) -> Callable[[], Awaitable[int]]:
         cursor = cpu.slot_cursor.setdefault(kind, cpu.id * (limit - 1) // cpu.kl.nr_cpus)
         cpu.slot_cursor[kind] = cursor + 1
         candidate = cursor % (limit - 1) + 1
-        return candidate, batch.atomic("cmpxchg", state_va(cpu, candidate), MM_LIVE, expected=MM_FREE)
+        return candidate, batch.atomic("cmpxchg", state_va(cpu, candidate), CLAIMED | cpu.id, expected=MM_FREE)
 
     first = attempt(batch)
 
@@ -117,6 +120,25 @@ async def new_id(cpu: Cpu, kind: str) -> int:
     claimed = claim(cpu, batch, kind)
     await batch.flush()
     return await claimed()
+
+
+async def release_claims(cpu: Cpu) -> int:
+    """A restarted CPU frees the slots its dead process claimed and had not recorded (their
+    state still CLAIMED by this CPU: the claimer learns its slot only from the answer, so
+    nothing else names them): one message reading the mm and task arrays, one freeing them.
+    Returns how many."""
+    regions = {"mm": cpu.kl.mms, "task": cpu.kl.tasks}
+    batch = cpu.msg()
+    pages = {kind: [batch.read(region.va(0) + p * PAGE_SIZE, PAGE_SIZE) for p in range(region.pages)] for kind, region in regions.items()}
+    await batch.flush()
+    mine = []
+    for kind, region in regions.items():
+        data = b"".join(checked(cpu, "release_claims", page) for page in pages[kind])
+        limit, state_va = _SLOTS[kind]
+        mine += [state_va(cpu, i) for i in range(1, limit) if struct.unpack_from("<Q", data, i * region.struct_size)[0] == CLAIMED | cpu.id]
+    if mine:
+        await cpu.send(*(ops.store(va, MM_FREE) for va in mine))
+    return len(mine)
 
 
 def free_task(cpu: Cpu, task: int) -> None:
@@ -194,13 +216,14 @@ def put_pages(cpu: Cpu, pt: PageTables, entries, operation: str) -> None:
                 cpu.defer(pt.m2p_op(entry), then=lambda m2p, entry=entry: put(pt.pfn_of(cpu, entry, m2p)))
 
 
-async def fork(cpu: Cpu, pt: PageTables, parent: Mm, child_id: int, shared: list[int], parent_l1: tuple[int, ...] = ()) -> Mm:
+async def fork(cpu: Cpu, pt: PageTables, parent: Mm, child_id: int, shared: list[int], parent_l1: tuple[int, ...] = (), record: Callable[[Batch], None] | None = None) -> Mm:
     """dup_mmap, from the parent's L1 entries (`parent_l1`, read in the caller's last message;
     needed only when `shared` names slots): a child sharing the parent's pages in L1 slots
     `shared` copy-on-write. Both entries lose RW, the
     parent's through mmu_update (its tables are pinned) then flush_tlb_others on the parent's
     cpumask (TLB_FLUSH_MULTI reading it from guest memory); each page's count goes up. The
-    child is pinned at the end, in the same message."""
+    child is pinned at the end, in the same message, which `record` also writes into (the
+    task that owns the child, named where a restarted process finds it)."""
     cow = {i: parent_l1[i] & ~RW for i in shared if parent_l1[i] & P}
     unknown = [entry for entry in cow.values() if pt.known_pfn(entry) is None]
     if unknown:  # the pages' pfns, for their counts: the M2P's answers (docs/xen.md section 22)
@@ -215,6 +238,8 @@ async def fork(cpu: Cpu, pt: PageTables, parent: Mm, child_id: int, shared: list
         for pfn in pfns:
             batch.atomic("fetch_add", cpu.kl.pageinfo(pfn)[0], PAGE_COUNT_ONE, size=4)
     pin(cpu, pt, batch, child)
+    if record is not None:
+        record(batch)
     await batch.flush()
     cpu.count("forks")
     return child

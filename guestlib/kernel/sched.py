@@ -71,8 +71,7 @@ async def leave_lazy(cpu: Cpu, next_mm: Mm | None) -> None:
     the next message, after the cr3 switch that leads it."""
     borrowed, cpu.borrowed = cpu.borrowed, None
     await switch_mm(cpu, next_mm)
-    cpu.mirror["active_mm"] = next_mm.id if next_mm else 0
-    cpu.defer(ops.store(cpu.kl.percpu(cpu.id, "active_mm")[0], cpu.mirror["active_mm"]))
+    cpu.set_percpu_later("active_mm", next_mm.id if next_mm else 0)
     if borrowed:
         mmdrop(cpu, borrowed)
 

@@ -88,7 +88,23 @@ async def exit_mmap(cpu: Cpu, mm: Mm, batch=None) -> None:
     finally:
         await cpu.hook("exit_mmap:done", cpu)
     cpu.count("unpins")
+    _put_mm(cpu, mm, l1s)
+
+
+def _put_mm(cpu: Cpu, mm: Mm, l1s) -> None:
+    """exit_mmap's end, in this CPU's next message: the pages the pte pages map, the table
+    pages and the users' count of the mm."""
     for l1 in l1s:
-        put_pages(cpu, pt, l1(), "exit_mmap")
+        put_pages(cpu, cpu.kernel.pt, l1(), "exit_mmap")
     release_tables(cpu, mm)
     mmdrop(cpu, mm)
+
+
+async def exit_unpinned(cpu: Cpu, mm: Mm) -> None:
+    """The end of an exit_mmap whose unpin ran (`users` is 0) but whose process died before
+    its next message put what the mm held (docs/linux.md section 17): read its pte pages
+    again, plain memory now but not yet reused, and put the rest as exit_mmap does."""
+    batch = cpu.msg()
+    l1s = [read_l1(cpu, cpu.kernel.pt, table, batch, "exit_mmap") for table in (mm.l1, mm.heap) if table]
+    await batch.flush()
+    _put_mm(cpu, mm, l1s)

@@ -125,6 +125,22 @@ class Smp:
             batch.evtchn_send(self.ports["callfunc"][t])
         cpu.count("ipis_sent", len(targets))
         await cpu.hook("call_function:sent", cpu)
+        await self._wait_for(targets, batch, wait)
+
+    async def wait_posted(self) -> None:
+        """A restarted CPU waits, as its dead process was waiting, for the calls that process
+        posted and no target has acknowledged: the restart may free what they name (ending the
+        task whose exit was waiting, docs/linux.md section 17), and a target that left the mm
+        before it took the IPI is not asked again, so it would run the call on a freed mm."""
+        targets = [t for t, seq in self.seq.items() if seq and t != self.cpu.id]
+        if targets:
+            await self._wait_for(targets, self.cpu.msg())
+
+    async def _wait_for(self, targets: list[int], batch: Batch, wait: bool = True) -> None:
+        """Poll this CPU's kick port in `batch` and read the acknowledgements after it, until
+        every target has run this CPU's last call to it or is offline (without `wait`: one
+        look, sent with `batch`)."""
+        cpu, kl = self.cpu, self.cpu.kl
         kick = self.ports["kick"][cpu.id]
         cpu.phase = f"call_function_many waiting for {targets}"
         while True:

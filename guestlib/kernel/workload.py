@@ -22,9 +22,9 @@ from .balloon import Balloon
 from .boot import OFFLINE, ONLINE, STOPPED, answer_pending_calls
 from .cpu import Cpu, KernelBug, Panicked, checked
 from .layout import RING_SLOTS
-from .mm import HEAP_FIRST, Mm, claim, describe_corruption, fork, free_task, mm_alloc, munmap, munmap_heap, new_id, pin, read_l1, read_mm, touch, user_va, verify
+from .mm import HEAP_FIRST, MM_LIVE, Mm, claim, describe_corruption, fork, free_task, mm_alloc, munmap, munmap_heap, new_id, pin, read_l1, read_mm, release_claims, touch, user_va, verify
 from .sched import enter_lazy, leave_lazy, switch_mm
-from .shootdown import exit_mmap
+from .shootdown import exit_mmap, exit_unpinned
 
 SHARED_PAGES = 4  # the parent's pages a child inherits
 FRESH_PAGES = 8  # pages a child faults in, in its heap (whose pte page joins the pinned mm)
@@ -80,6 +80,8 @@ class Workload:
         deadline = cpu.client.clock() + self.config.seconds if self.config.until is None else self.config.until
         async with cpu.irq:
             await self._load_rings()
+            if self.k.restarted:
+                await self._take_over()
             parent = await self._make_parent()
             if self.balloon:
                 await self.balloon.start()
@@ -103,32 +105,89 @@ class Workload:
         return (limit and self.lifecycles >= limit) or self.cpu.client.clock() >= deadline
 
     async def _make_parent(self) -> Mm:
+        """This CPU's parent process, named in the per-CPU area by the message that builds and
+        pins it; a restarted process takes its predecessor's over (its pages touched again:
+        a page already written faults no more) unless that one had begun to exit."""
         cpu, k = self.cpu, self.k
-        mm_id = await new_id(cpu, "mm")
-        batch = cpu.msg()
-        mm = await mm_alloc(cpu, k.pt, batch, mm_id, {})
-        pin(cpu, k.pt, batch, mm)
-        await batch.flush()
-        await switch_mm(cpu, mm)
+        mm = await read_mm(cpu, cpu.mirror["parent_mm"]) if cpu.mirror.get("parent_mm") else None
+        if mm is not None and not mm.users:  # killed between go_offline's unpin and its puts
+            await self._end_exit(mm, "parent_mm")
+            mm = None
+        if mm is None:
+            mm_id = await new_id(cpu, "mm")
+            batch = cpu.msg()
+            mm = await mm_alloc(cpu, k.pt, batch, mm_id, {})
+            pin(cpu, k.pt, batch, mm)
+            cpu.set_percpu(batch, "parent_mm", mm_id)
+            await batch.flush()
+        await self._run_user(mm)
         await touch(cpu, k.pt, mm, 0, cpu.id, list(range(SHARED_PAGES)))
         return mm
 
+    # -- a restarted process: what its predecessor owned (docs/linux.md section 17) ------------
+
+    async def _take_over(self) -> None:
+        """Free the slots the dead process claimed and never recorded, and end the tasks it
+        had forked or taken and not yet freed, as a killed process's exit ends them: from
+        whatever step it reached, with no data to check."""
+        cpu, kl = self.cpu, self.cpu.kl
+        await self.k.smp.wait_posted()
+        await release_claims(cpu)
+        for field in ("task", "incoming"):
+            task_id = cpu.mirror.get(field)
+            if task_id:
+                (task,) = await cpu.send(ops.read(kl.task(task_id, "state")[0], 16))
+                state, mm_id = struct.unpack("<2Q", checked(cpu, "take over", task))  # TASK's first two fields
+                if state != MM_LIVE:
+                    raise cpu.bug("take over", f"task {task_id}, this CPU's {field}, is not live (state {state:#x})")
+                await self._end_exit(await read_mm(cpu, mm_id), field)
+                free_task(cpu, task_id)
+                cpu.count("killed_tasks")
+
+    async def _end_exit(self, mm: Mm, field: str) -> None:
+        """Exit mm, which the per-CPU `field` names, from where its dead process left it: a
+        pinned one (`users` still 1: its exit's second message never ran) exits whole (its
+        first message, if it ran, only left the pgd, which drop_mm_ref does again); an unpinned
+        one only puts what it holds. The field is cleared with those puts."""
+        if mm.users:
+            await exit_mmap(self.cpu, mm)
+        else:
+            await exit_unpinned(self.cpu, mm)
+        self.cpu.set_percpu_later(field, 0)
+
     async def _lifecycle(self, parent: Mm) -> None:
         cpu, k = self.cpu, self.k
-        await self._run_user(parent)  # the parent forks: copy_process claims the slots
-        batch = cpu.msg()  # as dup_mmap reads the parent's L1
-        task_id, mm_id = claim(cpu, batch, "task"), claim(cpu, batch, "mm")
-        parent_l1 = read_l1(cpu, k.pt, parent.l1, batch, "fork")
-        await batch.flush()
-        child = await fork(cpu, k.pt, parent, await mm_id(), list(range(SHARED_PAGES)), parent_l1())
-        task = Task(await task_id(), child, self.rng.randrange(1 << 32))
+        await self._run_user(parent)
+        task = await self._fork_child(parent)
         await self._preempt()
-        await self._run_user(child)
-        await touch(cpu, k.pt, child, task.id, task.generation, WRITTEN)
+        await self._run_user(task.mm)
+        await touch(cpu, k.pt, task.mm, task.id, task.generation, WRITTEN)
         await self._preempt()
         others = [c for c in range(cpu.kl.nr_cpus) if c != cpu.id]
         if not (others and self.rng.random() < self.config.migrate and await self._migrate(task, self.rng.choice(others))):
             await self._finish_task(task)
+
+    async def _fork_child(self, parent: Mm) -> Task:
+        """The parent forks: copy_process claims a task and an mm slot as dup_mmap reads the
+        parent's L1, then fork builds the child (`_record` names the task in its message)."""
+        cpu, k = self.cpu, self.k
+        batch = cpu.msg()
+        task_id, mm_id = claim(cpu, batch, "task"), claim(cpu, batch, "mm")
+        parent_l1 = read_l1(cpu, k.pt, parent.l1, batch, "fork")
+        await batch.flush()
+        child_id = await mm_id()
+        task = Task(await task_id(), Mm(child_id), self.rng.randrange(1 << 32))
+        task.mm = await fork(cpu, k.pt, parent, child_id, list(range(SHARED_PAGES)), parent_l1(), record=lambda batch: self._record(batch, task))
+        return task
+
+    def _record(self, batch, task: Task) -> None:
+        """copy_process's task, running here, in the message that makes its mm live: the task
+        struct made live, with its mm and generation, and named as this CPU's `task`, which
+        a restarted process of this CPU ends (`_take_over`)."""
+        kl = self.cpu.kl
+        batch.write(kl.task(task.id, "state")[0], struct.pack("<4Q", MM_LIVE, task.mm.id, task.mm.id, self.cpu.id))
+        batch.store(kl.task(task.id, "generation")[0], task.generation)
+        self.cpu.set_percpu(batch, "task", task.id)
 
     async def _preempt(self) -> None:
         """A preemption point: after a reschedule IPI, run the tasks handed to this CPU."""
@@ -154,10 +213,11 @@ class Workload:
         finally:
             await self.cpu.irq.acquire()
 
-    async def _finish_task(self, task: Task) -> None:
+    async def _finish_task(self, task: Task, field: str = "task") -> None:
         """The child's last steps, on whichever CPU it ended up: check its data, unmap a
         page (flush_tlb_others) and the heap with its pte page, exit (exit_mmap with this
-        kernel's drop_mm_ref)."""
+        kernel's drop_mm_ref). The task is freed, and the per-CPU `field` naming it cleared,
+        in the message that puts what its mm held."""
         cpu, k = self.cpu, self.k
         await self._run_user(task.mm)
         batch = cpu.msg()  # the task's last user reads, its munmaps, and exit's first message
@@ -169,6 +229,7 @@ class Workload:
             entry = heap()[index - HEAP_FIRST] if heap and index >= HEAP_FIRST else l1()[index]
             self.corruptions.append(describe_corruption(cpu.id, task.id, task.generation, index, user_va(index), entry, data))
         free_task(cpu, task.id)
+        cpu.set_percpu_later(field, 0)
         self.lifecycles += 1
         cpu.count("lifecycles")
 
@@ -185,6 +246,7 @@ class Workload:
         batch.store(kl.ring(cpu.id, dst, "slots")[0] + 8 * (tail % RING_SLOTS), task.id)
         batch.store(kl.ring(cpu.id, dst, "tail")[0], tail + 1)
         batch.evtchn_send(self.k.smp.ports["resched"][dst])  # ttwu: wake it on its CPU
+        cpu.set_percpu(batch, "task", 0)  # dst's now
         enter_lazy(cpu, batch)  # the child is gone: a kernel thread runs, borrowing its mm
         await batch.flush()
         self.ring_tail[dst] = tail + 1
@@ -208,12 +270,17 @@ class Workload:
             tail = checked(cpu, "drain", tail)
             while self.ring_head[src] < tail:
                 slot = kl.ring(src, cpu.id, "slots")[0] + 8 * (self.ring_head[src] % RING_SLOTS)
-                self.ring_head[src] += 1  # taken before it runs: a killed vCPU loses it, never runs it twice
-                (task_id, _) = await cpu.send(ops.load(slot), ops.store(kl.ring(src, cpu.id, "head")[0], self.ring_head[src]))
+                (task_id,) = await cpu.send(ops.load(slot))
                 task_id = checked(cpu, "drain", task_id)
-                mm_field, gen = await cpu.send(ops.load(kl.task(task_id, "mm")[0]), ops.load(kl.task(task_id, "generation")[0]))
+                # taken, in the message that names it this CPU's: a restarted process ends it
+                self.ring_head[src] += 1
+                batch = cpu.msg()
+                batch.store(kl.ring(src, cpu.id, "head")[0], self.ring_head[src])
+                cpu.set_percpu(batch, "incoming", task_id)
+                mm_field, gen = batch.load(kl.task(task_id, "mm")[0]), batch.load(kl.task(task_id, "generation")[0])
+                await batch.flush()
                 mm = await read_mm(cpu, checked(cpu, "drain", mm_field))
-                await self._finish_task(Task(task_id, mm, checked(cpu, "drain", gen)))
+                await self._finish_task(Task(task_id, mm, checked(cpu, "drain", gen)), "incoming")
                 done += 1
         return done
 
@@ -245,6 +312,7 @@ class Workload:
         await self._drain_incoming()
         await self._run_user(parent)
         await exit_mmap(cpu, parent)  # this CPU is on swapper from here on
+        cpu.set_percpu_later("parent_mm", 0)  # with the puts of what the parent held
         await answer_pending_calls(self.k)  # smpcfd_dying_cpu: nothing left pending when it goes
         drain_pages(cpu)  # page_alloc_cpu_dead: an offline CPU's pools go back (docs/linux.md section 15)
         batch = cpu.msg()
