@@ -26,6 +26,8 @@ GIB_16 = 1 << 22  # frames
 
 
 def _ms(fn, repeat: int = 1, clock=time.process_time) -> float:
+    """xensim/bench/scale.py's timer, repeated here on purpose: the child runs against the
+    imports of the tree measured, which may have no scale module."""
     times = []
     for _ in range(repeat):
         start = clock()
