@@ -26,6 +26,7 @@ from .abi import (
     Errno,
     VMASST_CMD_disable,
     VMASST_CMD_enable,
+    VMASST_TYPE_m2p_strict,
     VMASST_TYPE_pae_extended_cr3,
 )
 from .domain import Domain, Vcpu, build, owned_frames, relinquish, teardown_step
@@ -183,6 +184,7 @@ class Hypervisor:
         xen = self.frames.alloc(DOMID_XEN, RESERVED_FRAMES, xen_heap=True)
         self.pagetables = PageTables(self.frames, xen_l3=int(xen[1]), ro_mpt_l3=int(xen[2]))
         self.pagetables.high_l3_ok = self._high_l3_ok
+        self.pagetables.m2p_strict = self._m2p_strict
         self.frames.forget_mappings = self._forget_mappings
         self.frames.forget_mappings_of = self._forget_mappings_of
         self.m2p = self.frames.m2p
@@ -283,6 +285,10 @@ class Hypervisor:
         domain = self.domains.get(domid)
         return domain is None or not domain.vcpus[0].initialised or bool(domain.vm_assist >> VMASST_TYPE_pae_extended_cr3 & 1)
 
+    def _m2p_strict(self, domid: int) -> bool:
+        domain = self.domains.get(domid)
+        return domain is not None and bool(domain.vm_assist >> VMASST_TYPE_m2p_strict & 1)
+
     def _forget_mappings(self, mfn: int) -> None:
         """Xen's safety flush when a frame changes type: no vCPU keeps a translation to it.
         Only the owner's vCPUs can have one (nobody else may map the frame)."""
@@ -313,7 +319,7 @@ class Hypervisor:
         instance = self._instances + 1
         domain = build(self.frames, self.m2p, domid, instance, name or f"dom{domid}", nr_pages, nr_vcpus, highmem_pages, max_evtchn_port, address_size, self.pagetables.xen_l4_entries)
         if not domain.mode.pv32:
-            self.pagetables.fill_ro_mpt(domain.vcpus[0].guest_table)  # the toolstack's arch_set_info_guest for vCPU 0
+            self.pagetables.fill_ro_mpt(domain.vcpus[0].guest_table, domid)  # the toolstack's arch_set_info_guest for vCPU 0
         self.domains[domid] = domain
         for vcpu in domain.vcpus:  # vcpu_create: offline since now; vCPU 0 is scheduled at once
             vcpu.runstate.state_entry_time = self.sched.now_ns

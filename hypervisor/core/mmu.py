@@ -276,7 +276,7 @@ def new_guest_cr3(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
         if vcpu.compat_l4:
             install_compat_base(hv.memory, vcpu)
         else:
-            hv.pagetables.fill_ro_mpt(mfn)  # the read-only M2P (docs/xen.md section 22)
+            hv.pagetables.fill_ro_mpt(mfn, vcpu.domid)  # the read-only M2P (docs/xen.md section 22)
     vcpu.tlb.flush()
     if old and mfn != old:
         frames.put_page_and_type(old)
@@ -295,6 +295,8 @@ def new_user_baseptr(hv: "Hypervisor", vcpu: Vcpu, mfn: int) -> None:
         except XenError as e:
             raise XenError(e.errno, f"new user base {e.message}") from None
     vcpu.guest_table_user = mfn
+    if mfn:
+        hv.pagetables.zap_ro_mpt(mfn, vcpu.domid)
     if old:
         frames.put_page_and_type(old)
 

@@ -67,9 +67,9 @@ def xen_l4_slots(xen_l3: int, nr_frames: int) -> np.ndarray:
     (xen/arch/x86/mm.c) writes them when promote_l4_table has validated the guest's slots, with
     the linear slot's frame left 0 (each L4 maps itself there).
 
-    Slot by slot: 256, the read-only M2P, is empty (Xen fills it at promotion only for
-    m2p_strict guests, which xensim does not model; `PageTables.fill_ro_mpt` fills it when the
-    table becomes a kernel base, docs/xen.md section 22); 257, PCI MMCONFIG, is
+    Slot by slot: 256, the read-only M2P, is empty (promotion fills it only for an m2p_strict
+    guest, `_promote_upper`; `PageTables.fill_ro_mpt` fills it when the table becomes a kernel
+    base, docs/xen.md section 22); 257, PCI MMCONFIG, is
     empty (the model has no PCI); 258 maps the L4 itself; 259, the shadow linear map, is empty
     for a PV guest; 260 (per-domain area), 261 (Xen's text, M2P, frame table) and the
     direct-map slots from 262 that cover the machine's RAM hold Xen's own L3s, for which the
@@ -146,6 +146,8 @@ class PageTables:
         # before its vCPU 0 is initialised (the toolstack's slack), or with VMASST
         # pae_extended_cr3. Set by the Hypervisor, which knows the domains.
         self.high_l3_ok = lambda domid: True
+        # Whether domain `domid` has VMASST m2p_strict (docs/xen.md section 22). Set likewise.
+        self.m2p_strict = lambda domid: False
         self.ro_mpt_l3 = ro_mpt_l3  # Xen's frame that stands for the read-only M2P's L3
         self.ro_mpt_entry = (ro_mpt_l3 << PAGE_SHIFT) | PAGE_RO_MPT
         frames.promote = self.promote
@@ -367,8 +369,10 @@ class PageTables:
             table = self.memory.frame(mfn)
             index = np.asarray(slots)
             table[index] |= _U64(level.adjust)
-        if level.level == 4:
+        if level.level == 4:  # init_xen_l4_slots: the read-only M2P now only for m2p_strict
             self.memory.frame(mfn)[XEN_SLOTS] = self.xen_l4_entries(mfn)
+            if self.m2p_strict(domid):
+                self.memory.frame(mfn)[L4_SLOT_RO_MPT] = self.ro_mpt_entry
         elif level.pae_xen_l2:
             self.memory.frame(mfn)[PAE_XEN_SLOTS] = self.compat_xen_l2  # init_xen_pae_l2_slots
 
@@ -403,14 +407,21 @@ class PageTables:
         entries[L4_SLOT_LINEAR - HYPERVISOR_L4_FIRST] |= _U64(l4 << PAGE_SHIFT)
         return entries
 
-    def fill_ro_mpt(self, l4: int) -> None:
+    def fill_ro_mpt(self, l4: int, domid: int) -> None:
         """Map the read-only M2P in slot 256 of a validated L4 that becomes a kernel base, if
         it is empty (fill_ro_mpt, xen/arch/x86/mm.c, called by new_guest_cr3 and
-        arch_set_info_guest for a guest without m2p_strict; docs/xen.md section 22). The entry
-        stays until the table is promoted again, which empties the slot (init_xen_l4_slots)."""
+        arch_set_info_guest for a guest without m2p_strict, whose L4s have it from promotion;
+        docs/xen.md section 22). The entry stays until the table is promoted again."""
         words = self.memory.frame(l4)
-        if not words.item(L4_SLOT_RO_MPT):
+        if not self.m2p_strict(domid) and not words.item(L4_SLOT_RO_MPT):
             words[L4_SLOT_RO_MPT] = self.ro_mpt_entry
+
+    def zap_ro_mpt(self, l4: int, domid: int) -> None:
+        """Empty slot 256 of a validated L4 that becomes a user base of an m2p_strict guest, so
+        its user mode cannot read the M2P (zap_ro_mpt, xen/arch/x86/mm.c, called by
+        MMUEXT_NEW_USER_BASEPTR and arch_set_info_guest; docs/xen.md section 22)."""
+        if self.m2p_strict(domid):
+            self.memory.frame(l4)[L4_SLOT_RO_MPT] = 0
 
     def demote(self, mfn: int, kind: PageType) -> None:
         """Drop the references every entry of a table holds (docs/xen.md section 1.6); cannot fail.

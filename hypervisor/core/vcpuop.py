@@ -94,7 +94,9 @@ def _set_info_guest(
     if compat:
         install_compat_base(hv.memory, vcpu)  # slot 0 of its compat L4
     else:
-        hv.pagetables.fill_ro_mpt(ctrlreg3)  # after the kernel base is taken, as arch_set_info_guest does
+        hv.pagetables.fill_ro_mpt(ctrlreg3, domain.domid)  # after the bases are taken, as arch_set_info_guest does
+        if ctrlreg1:
+            hv.pagetables.zap_ro_mpt(ctrlreg1, domain.domid)
     vcpu.initialised = True
     vcpu.vgc_flags, vcpu.rip, vcpu.rsp = flags, rip, rsp
     vcpu.down = not flags & VGCF_online  # VGCF_online clears _VPF_down without waking the vCPU

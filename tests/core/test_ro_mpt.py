@@ -5,7 +5,7 @@ reflecting every M2P change at once; a table never loaded as a kernel base has i
 
 import pytest
 
-from hypervisor.core.abi import INVALID_M2P, INVALID_MFN, L4_SLOT_RO_MPT, RO_MPT_VIRT_START, MmuextCmd
+from hypervisor.core.abi import INVALID_M2P, INVALID_MFN, L4_SLOT_RO_MPT, RO_MPT_VIRT_START, MmuextCmd, VMASST_CMD_enable, VMASST_TYPE_m2p_strict
 from hypervisor.core.abi import PFEC_page_present as PF_P
 from hypervisor.core.abi import PFEC_user_mode as PF_U
 from hypervisor.core.abi import PFEC_write_access as PF_W
@@ -98,3 +98,35 @@ def test_vcpu_initialise_fills_the_kernel_base(hv, guest):
 
 def test_the_builder_maps_it_for_vcpu_0(hv, guest):
     assert hv.memory.entries(guest.l4).item(L4_SLOT_RO_MPT) == hv.pagetables.ro_mpt_entry
+
+
+def test_m2p_strict_maps_it_at_promotion_and_zaps_it_in_user_bases(hv, guest):
+    """VMASST m2p_strict (docs/xen.md section 22): init_xen_l4_slots fills slot 256 when it
+    promotes an L4, MMUEXT_NEW_USER_BASEPTR zaps it in the new user base, so user mode cannot
+    read the M2P while the kernel can, and NEW_BASEPTR fills nothing (the table has it)."""
+    guest.call("vm_assist", cmd=VMASST_CMD_enable, type=VMASST_TYPE_m2p_strict)
+    kernel, user = fresh_l4(guest), fresh_l4(guest)
+    guest.pin(4, kernel)
+    guest.pin(4, user)
+    assert hv.memory.entries(kernel).item(L4_SLOT_RO_MPT) == hv.memory.entries(user).item(L4_SLOT_RO_MPT) == hv.pagetables.ro_mpt_entry
+    guest.mmuext((MmuextCmd.NEW_USER_BASEPTR, user))
+    assert hv.memory.entries(user).item(L4_SLOT_RO_MPT) == 0
+    assert guest.load(RO_MPT_VIRT_START, user=True) == PageFault(RO_MPT_VIRT_START, PF_U, f"va {RO_MPT_VIRT_START:#x} is in Xen's range: L4 entry 256 of mfn {user:#x} is not present")
+    guest.new_baseptr(kernel)
+    assert guest.load(RO_MPT_VIRT_START) == int(hv.m2p[0])
+    guest.new_baseptr(guest.l4)
+    guest.mmuext((MmuextCmd.NEW_USER_BASEPTR, 0))
+
+
+def test_m2p_strict_zaps_the_user_base_vcpu_initialise_gives(hv, guest):
+    """arch_set_info_guest does as NEW_BASEPTR and NEW_USER_BASEPTR do: slot 256 of its
+    ctrlreg1 is emptied for an m2p_strict guest, and its ctrlreg3 keeps the entry promotion
+    wrote."""
+    from .guest import Guest
+
+    two = Guest(hv, nr_vcpus=2, online=1)
+    two.call("vm_assist", cmd=VMASST_CMD_enable, type=VMASST_TYPE_m2p_strict)
+    kernel, user = fresh_l4(two), fresh_l4(two)
+    two.vcpu_op("initialise", 1, context={"flags": 1 << 2 | 1 << 5, "ctrlreg3": kernel, "ctrlreg1": user})
+    assert hv.memory.entries(kernel).item(L4_SLOT_RO_MPT) == hv.pagetables.ro_mpt_entry
+    assert hv.memory.entries(user).item(L4_SLOT_RO_MPT) == 0
