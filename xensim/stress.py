@@ -317,12 +317,13 @@ def named_problems(report: dict, limit: int = 5) -> list[str]:
     return lines
 
 
+# What fails a run, in the order the verdict line names them.
+VERDICT_KEYS = ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "leaked_mms_total", "kernel_bugs", "unfinished_vcpus")
+
+
 def failed(report: dict) -> bool:
     """The stress run's verdict: anything wrong at all."""
-    return bool(
-        report["audit_findings"] or report["data_corruptions"] or report["leaked_frames"] or report.get("unaccounted_frames") or report["unexpected_errors"]
-        or report["kernel_bugs"] or report.get("leaked_mms_total") or report["unfinished_vcpus"]
-    )  # fmt: skip
+    return any(report.get(key) for key in VERDICT_KEYS)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -358,8 +359,7 @@ def main(args: argparse.Namespace) -> int:
         report["explained"] = [e["data"] for e in explained]
         for e in explained:
             print(e["text"])
-    verdict_keys = ("audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "leaked_mms_total", "kernel_bugs", "unfinished_vcpus")
-    wrong = [key.replace("_", " ") for key in verdict_keys if report[key]]
+    wrong = [key.replace("_", " ") for key in VERDICT_KEYS if report[key]]
     print("verdict: " + ("INTERRUPTED (the report so far)" if report["interrupted"] else f"FAILED: {', '.join(wrong)}" if wrong else "OK"))
     shown = ("process_lifecycles", "audit_findings", "data_corruptions", "unexpected_errors", "leaked_frames", "unaccounted_frames", "leaked_mms")
     shown += ("unfinished_vcpus", "killed_vcpus", "restarted_vcpus", "interrupted", "schedule", "seed", "final_state_digest")

@@ -85,7 +85,8 @@ def claim(cpu: Cpu, batch, kind: str) -> Callable[[], Awaitable[int]]:
     """Claim a free mm or task slot (1..limit-1) in `batch`: a candidate is ours only if
     cmpxchg moves its state from free to CLAIMED by this CPU (a slot whose mm a lazy CPU
     still holds is live, and skipped); the message that records it makes it live, and a
-    restarted CPU frees what its predecessor claimed but never recorded (`release_claims`). Candidates come round-robin from a cursor of this CPU's, started where the other
+    restarted CPU frees what its predecessor claimed but never recorded (`release_claims`).
+    Candidates come round-robin from a cursor of this CPU's, started where the other
     CPUs' are farthest away, so the first try seldom fails and costs no message of its own.
     Await the returned function once `batch` is answered: it tries further candidates, one
     message each, until one is free."""

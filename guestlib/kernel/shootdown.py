@@ -67,7 +67,7 @@ async def exit_mmap(cpu: Cpu, mm: Mm, batch=None) -> None:
     kernel = cpu.kernel
     pt = kernel.pt
     batch = batch if batch is not None else cpu.msg()
-    l1s = [read_l1(cpu, pt, table, batch, "exit_mmap") for table in (mm.l1, mm.heap) if table]
+    l1s = _read_pte_pages(cpu, mm, batch)
     await drop_mm_ref(cpu, mm, batch)
     batch = cpu.msg()
     for call in pt.unpin_ops(mm.pgds, mm.pagetables):
@@ -105,6 +105,11 @@ async def exit_unpinned(cpu: Cpu, mm: Mm) -> None:
     its next message put what the mm held (docs/linux.md section 17): read its pte pages
     again, plain memory now but not yet reused, and put the rest as exit_mmap does."""
     batch = cpu.msg()
-    l1s = [read_l1(cpu, cpu.kernel.pt, table, batch, "exit_mmap") for table in (mm.l1, mm.heap) if table]
+    l1s = _read_pte_pages(cpu, mm, batch)
     await batch.flush()
     _put_mm(cpu, mm, l1s)
+
+
+def _read_pte_pages(cpu: Cpu, mm: Mm, batch) -> list:
+    """Reads of the mm's pte pages (its L1 and its heap's) in `batch`, for the puts of what they map."""
+    return [read_l1(cpu, cpu.kernel.pt, table, batch, "exit_mmap") for table in (mm.l1, mm.heap) if table]
